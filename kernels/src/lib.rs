@@ -1,0 +1,24 @@
+//! Device runtimes and the kernels tensorferry runs where the data lives.
+//!
+//! The entry point today is [`runtime::HostReport::probe`]: what this host has
+//! (the CPU, CUDA devices through cudarc, wgpu adapters) or why a runtime found
+//! nothing, and the [`Inventory`](tensorferry_device_map::Inventory) device maps
+//! resolve against. CUDA is loaded at run time, so no build needs the toolkit;
+//! with a feature off, its runtime still answers, with the reason.
+//!
+//! # Examples
+//!
+//! ```
+//! use tensorferry_kernels::runtime::HostReport;
+//!
+//! let host = HostReport::probe();
+//! assert!(host.inventory().contains(tensorferry_device_map::Device::Cpu));
+//! if let Some(why) = &host.cuda.unavailable {
+//!     println!("no CUDA: {why}");
+//! }
+//! ```
+
+mod error;
+pub mod runtime;
+
+pub use error::{Error, Result};

@@ -1,0 +1,78 @@
+//! `tensorferry check-map`: validate a configuration and show each resolved table.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tensorferry_device_map::{check, Inventory};
+use tensorferry_kernels::runtime::HostReport;
+
+use super::{print_json, Outcome, EXIT_INVALID};
+
+/// Options of `tensorferry check-map`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The channel configuration file (JSON: {"channels": {NAME: {"pattern", "device_map", "fallback"}}}).
+    file: PathBuf,
+
+    /// Check against these devices instead of this host's, e.g.
+    /// `cpu,cuda:0,cuda:1,wgpu:0` (to validate a configuration meant for another machine).
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
+
+    /// Print one JSON object: {"valid", "errors": [{"channel", "path", "message"}],
+    /// "channels": {NAME: {"resolved": {SOURCE: {"target", "reason", "detail"}}}}}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: &Args) -> Outcome {
+    let inventory = match &args.devices {
+        Some(list) => list
+            .parse::<Inventory>()
+            .map_err(|e| format!("--devices: {e}"))?,
+        None => HostReport::probe().inventory(),
+    };
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| format!("cannot read `{}`: {e}", args.file.display()))?;
+    let report = check(&text, &inventory);
+    let code = if report.is_valid() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    };
+    if args.json {
+        print_json(&report.to_json());
+        return Ok(code);
+    }
+    let source = match &args.devices {
+        Some(_) => "the stated devices",
+        None => "this host",
+    };
+    println!(
+        "{}: resolved against {source}: {inventory}",
+        args.file.display()
+    );
+    for channel in &report.channels {
+        println!(
+            "\n{}  ({}, fallback {})",
+            channel.name, channel.spec.pattern, channel.spec.fallback
+        );
+        for (source, r) in &channel.resolved {
+            println!(
+                "  {:<8} -> {:<8} {}",
+                source.to_string(),
+                r.target.to_string(),
+                r.reason
+            );
+        }
+    }
+    if report.is_valid() {
+        println!("\nvalid: {} channel(s)", report.channels.len());
+    } else {
+        for e in &report.errors {
+            eprintln!("error: {e}");
+        }
+        eprintln!("{}: {} error(s)", args.file.display(), report.errors.len());
+    }
+    Ok(code)
+}

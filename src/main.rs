@@ -1,0 +1,9 @@
+//! The `tensorferry` command-line tool.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    cli::run()
+}

@@ -1,0 +1,181 @@
+//! The `tensorferry` binary as a user runs it: exit codes, output and errors.
+
+use std::process::{Command, Output};
+
+fn tensorferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tensorferry"))
+        .args(args)
+        .output()
+        .expect("the tensorferry binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tensorferry-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write temp file");
+    path
+}
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/channels.json");
+
+#[test]
+fn check_map_resolves_the_shipped_example_against_a_stated_inventory() {
+    let out = tensorferry(&[
+        "check-map",
+        EXAMPLE,
+        "--devices",
+        "cpu,cuda:0,cuda:1,cuda:2,cuda:3,wgpu:0",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["errors"], serde_json::json!([]));
+    let r = &v["channels"]["/notify/exchange"]["resolved"];
+    assert_eq!(r["cuda:0"]["target"], "cuda:1");
+    assert_eq!(r["cuda:1"]["target"], "cuda:0");
+    assert_eq!(r["cuda:1"]["reason"], "explicit");
+    assert_eq!(r["cuda:2"]["target"], "cpu");
+    assert_eq!(r["cuda:2"]["reason"], "default");
+    assert_eq!(
+        v["channels"]["/detect"]["resolved"]["cuda:0"]["target"],
+        "cuda:1"
+    );
+}
+
+#[test]
+fn check_map_passes_on_this_host_whatever_it_has() {
+    let out = tensorferry(&["check-map", EXAMPLE]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("/notify/exchange"));
+}
+
+#[test]
+fn check_map_lists_every_error_with_its_place_and_exits_2() {
+    let bad = temp_file(
+        "bad.json",
+        r#"{"channels": {
+            "/a": {"pattern": "reqrep", "device_map": {"cuda:0": "cpu", "gpu:1": "cpu"}},
+            "/b": {"device_map": {"cuda:1": "cuda:0", "1": "cpu"}, "fallbak": "cpu"}
+        }}"#,
+    );
+    let path = bad.to_str().expect("utf-8 path");
+    let out = tensorferry(&["check-map", path, "--devices", "cpu,cuda:0,cuda:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(r#"channels["/a"].device_map["gpu:1"]"#),
+        "{err}"
+    );
+    assert!(err.contains(r#"channels["/b"].device_map["1"]"#), "{err}");
+    assert!(err.contains(r#"channels["/b"].fallbak"#), "{err}");
+    assert!(err.contains("3 error(s)"), "{err}");
+
+    let out = tensorferry(&["check-map", path, "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON even when invalid");
+    assert_eq!(v["valid"], false);
+    let errors = v["errors"].as_array().expect("errors array");
+    assert_eq!(errors.len(), 3, "{v}");
+    assert_eq!(errors[0]["channel"], "/a");
+    assert!(errors[0]["message"]
+        .as_str()
+        .expect("message")
+        .contains("`cuda:0` and `gpu:1` both map to cpu"));
+}
+
+#[test]
+fn check_map_reports_a_missing_target_naming_what_the_host_has() {
+    let file = temp_file(
+        "missing.json",
+        r#"{"channels": {"/a": {"device_map": {"cuda:0": "cuda:5"}}}}"#,
+    );
+    let out = tensorferry(&[
+        "check-map",
+        file.to_str().expect("utf-8"),
+        "--devices",
+        "cuda:0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cuda:5") && err.contains("cpu, cuda:0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_map_gives_line_and_column_for_malformed_json() {
+    let file = temp_file(
+        "broken.json",
+        "{\"channels\": {\n  \"/a\": {\"pattern\": }\n}}",
+    );
+    let out = tensorferry(&[
+        "check-map",
+        file.to_str().expect("utf-8"),
+        "--devices",
+        "cpu",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("line 2, column 21"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn check_map_rejects_bad_arguments_with_exit_2() {
+    let out = tensorferry(&["check-map", EXAMPLE, "--devices", "cpu,tpu:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("`tpu:0` is not a device"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = tensorferry(&["check-map", "/nonexistent/channels.json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot read"), "{}", stderr(&out));
+
+    let out = tensorferry(&["check-map"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn devices_reports_the_cpu_and_a_reason_for_each_missing_runtime() {
+    let out = tensorferry(&["devices", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert!(v["cpu"]["cores"].as_u64().expect("cores") >= 1);
+    assert_eq!(v["inventory"][0], "cpu");
+    for runtime in ["cuda", "wgpu"] {
+        let devices = v[runtime]["devices"].as_array().expect("devices array");
+        if devices.is_empty() {
+            let why = v[runtime]["unavailable"]
+                .as_str()
+                .expect("a reason when there are no devices");
+            assert!(!why.is_empty());
+        }
+    }
+    let out = tensorferry(&["devices"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).starts_with("cpu "));
+}
+
+#[test]
+fn help_explains_each_subcommand() {
+    let out = tensorferry(&["--help"]);
+    assert!(stdout(&out).contains("check-map") && stdout(&out).contains("devices"));
+    let out = tensorferry(&["check-map", "--help"]);
+    assert!(stdout(&out).contains("--devices") && stdout(&out).contains("cuda:0"));
+}
