@@ -17,6 +17,24 @@ pub enum Error {
         reason: String,
     },
 
+    /// A dtype name that is not known.
+    #[error("`{text}` is not a dtype; write one of: {}", crate::DType::ACCEPTED)]
+    UnknownDType {
+        /// The text as written.
+        text: String,
+    },
+
+    /// A strided view that does not fit its storage, or whose sizes overflow.
+    #[error("invalid tensor layout: {0}")]
+    BadLayout(String),
+
+    /// A checksum that is not 16 hex digits.
+    #[error("`{text}` is not a checksum (16 hexadecimal digits)")]
+    BadChecksumText {
+        /// The text as written.
+        text: String,
+    },
+
     /// A device index the runtime does not have.
     #[error("{runtime}:{index} does not exist; this host has {count} {runtime} device(s) (see `tensorferry devices`)")]
     NoSuchDevice {

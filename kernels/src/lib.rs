@@ -18,7 +18,12 @@
 //! }
 //! ```
 
+pub mod cpu;
+mod dtype;
 mod error;
+mod layout;
 pub mod runtime;
 
+pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use layout::{contiguous_strides, element_count, Layout};
