@@ -1,6 +1,45 @@
-//! The tensorferry engine: tensors, messages, the wire format, transports and
-//! channels. It builds on `tensorferry-kernels` (device runtimes and kernels)
-//! and `tensorferry-device-map` (where each tensor lands).
+//! The tensorferry engine: tensors, messages, the wire format and transports.
 //!
-//! The message model and the wire format are the next layer to land here; see
-//! `docs/ARCHITECTURE.md` for what exists today.
+//! The main type is [`Message`]: JSON fields plus an ordered list of named
+//! [`Tensor`]s (and values of your own types through a [`Codec`]). A tensor's
+//! host bytes are a [`HostBuffer`]: aligned, reference-counted, and possibly a
+//! view into a received frame or a mapped file. [`wire::encode`] turns a
+//! message into header bytes plus a list of buffers for one vectored write;
+//! [`wire::decode`] turns a frame back into a message whose tensors view the
+//! frame without copying, after checking every length against the bytes
+//! present and the configured [`wire::Limits`]. [`file`] records and replays
+//! frames (`file://`).
+//!
+//! # Examples
+//!
+//! ```
+//! use tensorferry_engine::wire::{self, EncodeOptions, FrameMeta, Limits};
+//! use tensorferry_engine::{HostBuffer, Message, Tensor};
+//!
+//! let image = Tensor::from_slice(&[0.25f32; 6], &[2, 3])?;
+//! let msg = Message::new().field("step", 17).tensor("image", image.transpose(0, 1)?);
+//! let frame = wire::encode(&msg, &FrameMeta::message("/camera", 17), EncodeOptions { checksums: true })?;
+//! let mut bytes = Vec::new();
+//! frame.write_to(&mut bytes)?; // one vectored write of head + buffers
+//!
+//! let got = wire::decode(&HostBuffer::copy_from(&bytes), &Limits::default())?;
+//! assert_eq!(got.meta.channel, "/camera");
+//! assert_eq!(got.verify_checksums()?, 1);
+//! assert_eq!(got.message.get("image").map(|t| t.shape().to_vec()), Some(vec![3, 2]));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod buffer;
+mod codec;
+mod error;
+pub mod file;
+mod message;
+mod tensor;
+pub mod wire;
+
+pub use buffer::{Backing, HostBuffer, HostBufferMut, ALIGN};
+pub use codec::{Codec, CodecRegistry};
+pub use error::{Error, Result};
+pub use message::{Message, Object};
+pub use tensor::{packed_bytes, Storage, Tensor};
+pub use tensorferry_kernels::{DType, Element};

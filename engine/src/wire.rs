@@ -1,0 +1,718 @@
+//! The wire format (see `docs/wire-format.md`): [`encode`] a [`Message`] into
+//! header bytes plus a list of buffers ready for a vectored write, and
+//! [`decode`] a frame from a contiguous region into tensors that view it.
+
+use std::collections::HashSet;
+use std::io::{self, IoSlice, Write};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tensorferry_device_map::Device;
+use tensorferry_kernels::cpu::{checksum, Checksum};
+use tensorferry_kernels::{element_count, DType, Layout};
+
+use crate::buffer::{HostBuffer, ALIGN};
+use crate::error::{Error, Result};
+use crate::message::{Message, Object};
+use crate::tensor::Tensor;
+
+/// The first four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"TFRM";
+/// The format version this build writes and reads.
+pub const VERSION: u16 = 1;
+/// Bytes of the fixed prelude.
+pub const PRELUDE_BYTES: usize = 32;
+
+static ZEROS: [u8; ALIGN] = [0; ALIGN];
+
+fn align_up(x: u64, to: u64) -> Option<u64> {
+    x.checked_add(to - 1).map(|v| v / to * to)
+}
+
+/// What a frame is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A published message.
+    Message,
+    /// A request to a service.
+    Request,
+    /// A service's reply.
+    Reply,
+    /// A service's error reply.
+    Error,
+}
+
+/// Decoder limits, enforced before anything is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest JSON header, in bytes. Default 16 MiB.
+    pub max_header_bytes: u32,
+    /// Most tensors (plus objects) per message. Default 65 536.
+    pub max_tensors: usize,
+    /// Most buffers per message. Default 65 536.
+    pub max_buffers: u32,
+    /// Largest frame, in bytes. Default 64 GiB.
+    pub max_message_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 << 20,
+            max_tensors: 65_536,
+            max_buffers: 65_536,
+            max_message_bytes: 64 << 30,
+        }
+    }
+}
+
+/// The routing part of a frame: channel, sequence number, kind and request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameMeta {
+    /// Channel name.
+    pub channel: String,
+    /// The sender's sequence number on the channel.
+    pub seq: u64,
+    /// What the frame is for.
+    pub kind: Kind,
+    /// Correlates a reply with its request.
+    pub id: Option<u64>,
+}
+
+impl FrameMeta {
+    /// A published message on `channel` with sequence number `seq`.
+    pub fn message(channel: impl Into<String>, seq: u64) -> Self {
+        Self {
+            channel: channel.into(),
+            seq,
+            kind: Kind::Message,
+            id: None,
+        }
+    }
+}
+
+/// What the header says about one tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Name, unique in the message.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Strides in elements, when the buffer is not contiguous row-major.
+    pub strides: Option<Vec<usize>>,
+    /// The device the tensor was on at the sender.
+    pub device: Device,
+    /// Index into the frame's buffers.
+    pub buffer: usize,
+    /// Bytes of the buffer.
+    pub bytes: u64,
+    /// The sender's checksum of the bytes, if it sent one.
+    pub checksum: Option<Checksum>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    channel: String,
+    seq: u64,
+    kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    fields: Map<String, Value>,
+    tensors: Vec<TensorDesc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    objects: Vec<ObjectDesc>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TensorDesc {
+    name: String,
+    dtype: String,
+    shape: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    strides: Option<Vec<u64>>,
+    device: String,
+    buffer: u64,
+    bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checksum: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectDesc {
+    name: String,
+    tag: String,
+    value: Value,
+    buffers: Vec<u64>,
+}
+
+/// Encoding options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EncodeOptions {
+    /// Compute and send each tensor's checksum. Default: off.
+    pub checksums: bool,
+}
+
+/// An encoded frame: the bytes before the first buffer, then the buffers,
+/// never concatenated.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    head: Vec<u8>,
+    buffers: Vec<HostBuffer>,
+    frame_len: u64,
+}
+
+impl Encoded {
+    /// Prelude, header, buffer table and padding: everything before the first buffer.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The payload buffers, in table order.
+    pub fn buffers(&self) -> &[HostBuffer] {
+        &self.buffers
+    }
+
+    /// Bytes of the whole frame, padding included.
+    pub fn frame_len(&self) -> u64 {
+        self.frame_len
+    }
+
+    /// The frame as slices for one vectored write: head, then each buffer and its padding.
+    pub fn io_slices(&self) -> Vec<IoSlice<'_>> {
+        let mut slices = Vec::with_capacity(1 + 2 * self.buffers.len());
+        slices.push(IoSlice::new(&self.head));
+        for b in &self.buffers {
+            if !b.is_empty() {
+                slices.push(IoSlice::new(b.as_slice()));
+            }
+            let pad = pad_to_align(b.len());
+            if pad > 0 {
+                slices.push(IoSlice::new(&ZEROS[..pad]));
+            }
+        }
+        slices
+    }
+
+    /// Writes the whole frame with vectored writes.
+    ///
+    /// # Errors
+    ///
+    /// The writer's errors.
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let mut slices = self.io_slices();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match w.write_vectored(rest) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "writer accepted no bytes",
+                    ))
+                }
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn pad_to_align(len: usize) -> usize {
+    (ALIGN - len % ALIGN) % ALIGN
+}
+
+/// Encodes `message` for `meta`. Strided tensors are packed (only their visible
+/// elements travel); contiguous ones are shared, not copied.
+///
+/// # Errors
+///
+/// Duplicate names, tensors not on the host, or a header too large for the format.
+///
+/// # Examples
+///
+/// ```
+/// use tensorferry_engine::wire::{decode, encode, EncodeOptions, FrameMeta, Limits};
+/// use tensorferry_engine::{HostBuffer, Message, Tensor};
+///
+/// let m = Message::new().field("step", 3).tensor("x", Tensor::from_slice(&[1u8, 2, 3], &[3])?);
+/// let frame = encode(&m, &FrameMeta::message("/demo", 0), EncodeOptions::default())?;
+/// let mut bytes = Vec::new();
+/// frame.write_to(&mut bytes)?;
+/// let back = decode(&HostBuffer::copy_from(&bytes), &Limits::default())?;
+/// assert_eq!(back.message.get("x").map(|t| t.as_slice::<u8>().map(<[u8]>::to_vec)).transpose()?, Some(vec![1, 2, 3]));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Result<Encoded> {
+    message.check_names()?;
+    let mut buffers = Vec::with_capacity(message.tensors().len());
+    let mut tensors = Vec::with_capacity(message.tensors().len());
+    for (name, t) in message.tensors() {
+        let packed = t.packed().map_err(|e| Error::tensor(name, e.to_string()))?;
+        tensors.push(TensorDesc {
+            name: name.to_string(),
+            dtype: t.dtype().name().to_string(),
+            shape: t.shape().iter().map(|&d| d as u64).collect(),
+            strides: None,
+            device: t.device().to_string(),
+            buffer: buffers.len() as u64,
+            bytes: packed.len() as u64,
+            checksum: options
+                .checksums
+                .then(|| checksum(packed.as_slice()).to_string()),
+        });
+        buffers.push(packed);
+    }
+    let mut objects = Vec::new();
+    for (name, o) in message.objects() {
+        let first = buffers.len() as u64;
+        buffers.extend(o.buffers.iter().cloned());
+        objects.push(ObjectDesc {
+            name: name.to_string(),
+            tag: o.tag.clone(),
+            value: o.value.clone(),
+            buffers: (first..buffers.len() as u64).collect(),
+        });
+    }
+    let header = Header {
+        channel: meta.channel.clone(),
+        seq: meta.seq,
+        kind: meta.kind,
+        id: meta.id,
+        fields: message.fields().clone(),
+        tensors,
+        objects,
+    };
+    let json = serde_json::to_vec(&header).map_err(|e| Error::Header {
+        what: e.to_string(),
+    })?;
+    let header_len = u32::try_from(json.len()).map_err(|_| {
+        Error::Invalid(format!(
+            "the header is {} bytes; the format allows 4 GiB",
+            json.len()
+        ))
+    })?;
+    let count = u32::try_from(buffers.len())
+        .map_err(|_| Error::Invalid("too many buffers in one message".into()))?;
+    let table_start = align_up(PRELUDE_BYTES as u64 + u64::from(header_len), 8).expect("small");
+    let data_start = align_up(table_start + 8 * u64::from(count), ALIGN as u64).expect("small");
+    let frame_len = buffers.iter().try_fold(data_start, |acc, b| {
+        acc.checked_add(b.len() as u64)
+            .and_then(|v| align_up(v, ALIGN as u64))
+    });
+    let frame_len = frame_len.ok_or_else(|| Error::Invalid("the message size overflows".into()))?;
+
+    let mut head = Vec::with_capacity(data_start as usize);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&VERSION.to_le_bytes());
+    head.extend_from_slice(&0u16.to_le_bytes());
+    head.extend_from_slice(&header_len.to_le_bytes());
+    head.extend_from_slice(&count.to_le_bytes());
+    head.extend_from_slice(&frame_len.to_le_bytes());
+    head.extend_from_slice(&0u64.to_le_bytes());
+    head.extend_from_slice(&json);
+    head.resize(table_start as usize, 0);
+    for b in &buffers {
+        head.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    }
+    head.resize(data_start as usize, 0);
+    Ok(Encoded {
+        head,
+        buffers,
+        frame_len,
+    })
+}
+
+/// The fixed prelude of a frame, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prelude {
+    /// Bytes of the JSON header.
+    pub header_len: u32,
+    /// Number of buffers.
+    pub buffer_count: u32,
+    /// Bytes of the whole frame.
+    pub frame_len: u64,
+    /// Where the buffer table starts.
+    pub table_start: u64,
+    /// Where the first buffer starts (the end of the head).
+    pub data_start: u64,
+}
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl Prelude {
+    /// Checks the first 32 bytes of a frame against the format and `limits`;
+    /// `base` is the frame's offset, for error messages. A stream reader calls
+    /// this before allocating anything for the frame.
+    ///
+    /// # Errors
+    ///
+    /// Truncation, a wrong magic, an unknown version, set flags, or a limit exceeded.
+    pub fn parse(bytes: &[u8], limits: &Limits, base: u64) -> Result<Prelude> {
+        if bytes.len() < PRELUDE_BYTES {
+            return Err(Error::Truncated {
+                offset: base,
+                needed: PRELUDE_BYTES as u64,
+                available: bytes.len() as u64,
+            });
+        }
+        let frame = |at: u64, what: String| Error::Frame {
+            offset: base + at,
+            what,
+        };
+        if bytes[..4] != MAGIC {
+            return Err(frame(
+                0,
+                format!(
+                    "not a tensorferry frame: magic bytes {:02x?}, expected \"TFRM\"",
+                    &bytes[..4]
+                ),
+            ));
+        }
+        let version = le_u16(bytes, 4);
+        if version != VERSION {
+            return Err(Error::UnknownVersion {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        let flags = le_u16(bytes, 6);
+        if flags != 0 {
+            return Err(frame(
+                6,
+                format!("flags {flags:#06x} are set; version {VERSION} defines none"),
+            ));
+        }
+        let header_len = le_u32(bytes, 8);
+        let buffer_count = le_u32(bytes, 12);
+        let frame_len = le_u64(bytes, 16);
+        if le_u64(bytes, 24) != 0 {
+            return Err(frame(24, "reserved bytes are not zero".into()));
+        }
+        let limit = |what, value: u64, limit: u64| {
+            if value > limit {
+                Err(Error::Limit { what, value, limit })
+            } else {
+                Ok(())
+            }
+        };
+        limit(
+            "header size",
+            header_len.into(),
+            limits.max_header_bytes.into(),
+        )?;
+        limit(
+            "buffer count",
+            buffer_count.into(),
+            limits.max_buffers.into(),
+        )?;
+        limit("frame size", frame_len, limits.max_message_bytes)?;
+        if frame_len % ALIGN as u64 != 0 {
+            return Err(frame(
+                16,
+                format!("frame length {frame_len} is not a multiple of {ALIGN}"),
+            ));
+        }
+        let table_start =
+            align_up(PRELUDE_BYTES as u64 + u64::from(header_len), 8).expect("below 2^33");
+        let data_start =
+            align_up(table_start + 8 * u64::from(buffer_count), ALIGN as u64).expect("below 2^36");
+        if frame_len < data_start {
+            return Err(frame(
+                16,
+                format!("frame length {frame_len} is smaller than its header and buffer table ({data_start} bytes)"),
+            ));
+        }
+        Ok(Prelude {
+            header_len,
+            buffer_count,
+            frame_len,
+            table_start,
+            data_start,
+        })
+    }
+}
+
+/// A decoded frame: routing, the message (tensors view the frame's bytes), and
+/// what the header said about each tensor.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Channel, sequence number, kind and id.
+    pub meta: FrameMeta,
+    /// The message; its tensors are host views into the frame.
+    pub message: Message,
+    /// Each tensor's descriptor, in message order (source device, checksum, …).
+    pub tensors: Vec<TensorInfo>,
+    /// Bytes the frame occupies.
+    pub frame_len: u64,
+}
+
+impl Frame {
+    /// Verifies every checksum the sender sent; returns how many were checked.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tensor`] naming the first tensor whose bytes do not match.
+    pub fn verify_checksums(&self) -> Result<usize> {
+        let mut checked = 0;
+        for info in &self.tensors {
+            let Some(want) = info.checksum else { continue };
+            let t = self
+                .message
+                .get(&info.name)
+                .expect("every descriptor has its tensor");
+            let got = checksum(t.packed()?.as_slice());
+            if got != want {
+                return Err(Error::tensor(
+                    &info.name,
+                    format!("checksum mismatch: the sender computed {want}, the bytes received give {got}"),
+                ));
+            }
+            checked += 1;
+        }
+        Ok(checked)
+    }
+}
+
+/// Decodes the frame at the start of `region` (which may hold more bytes after it).
+///
+/// Every length, offset, count and shape product is checked against the bytes
+/// present and against `limits` before use; tensors view `region` without copying.
+///
+/// # Errors
+///
+/// An error naming what is wrong and where (byte offset or tensor name).
+pub fn decode(region: &HostBuffer, limits: &Limits) -> Result<Frame> {
+    decode_at(region, limits, 0)
+}
+
+/// [`decode`], with error offsets counted from `base` (the frame's place in a file or stream).
+///
+/// # Errors
+///
+/// As [`decode`].
+pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Frame> {
+    let bytes = region.as_slice();
+    let p = Prelude::parse(bytes, limits, base)?;
+    if (bytes.len() as u64) < p.frame_len {
+        return Err(Error::Truncated {
+            offset: base,
+            needed: p.frame_len,
+            available: bytes.len() as u64,
+        });
+    }
+    let frame = |at: u64, what: String| Error::Frame {
+        offset: base + at,
+        what,
+    };
+
+    // Buffer places, from the table, each checked against the frame's end.
+    let mut ranges = Vec::with_capacity(p.buffer_count as usize);
+    let mut at = p.data_start;
+    for i in 0..p.buffer_count as usize {
+        let entry = p.table_start + 8 * i as u64;
+        let len = le_u64(bytes, entry as usize);
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= p.frame_len)
+            .ok_or_else(|| {
+                frame(
+                    entry,
+                    format!(
+                        "buffer {i} of {len} bytes at byte {at} reaches past the frame's end ({})",
+                        p.frame_len
+                    ),
+                )
+            })?;
+        ranges.push(at as usize..end as usize);
+        at = align_up(end, ALIGN as u64).expect("end is at most frame_len");
+    }
+    if at != p.frame_len {
+        return Err(frame(
+            16,
+            format!(
+                "frame length is {} but its buffers end at {at}",
+                p.frame_len
+            ),
+        ));
+    }
+
+    let header_bytes = &bytes[PRELUDE_BYTES..PRELUDE_BYTES + p.header_len as usize];
+    let text = std::str::from_utf8(header_bytes).map_err(|e| {
+        frame(
+            PRELUDE_BYTES as u64 + e.valid_up_to() as u64,
+            "the header is not UTF-8".into(),
+        )
+    })?;
+    let header: Header = serde_json::from_str(text).map_err(|e| Error::Header {
+        what: format!(
+            "{e} (the header starts at byte {})",
+            base + PRELUDE_BYTES as u64
+        ),
+    })?;
+    let count = header.tensors.len() + header.objects.len();
+    if count > limits.max_tensors {
+        return Err(Error::Limit {
+            what: "tensor count",
+            value: count as u64,
+            limit: limits.max_tensors as u64,
+        });
+    }
+
+    let mut used = vec![false; ranges.len()];
+    let mut take = |name: &str, index: u64| -> Result<std::ops::Range<usize>> {
+        let i = usize::try_from(index)
+            .ok()
+            .filter(|&i| i < ranges.len())
+            .ok_or_else(|| {
+                Error::tensor(
+                    name,
+                    format!(
+                        "buffer index {index} is out of range ({} buffers)",
+                        ranges.len()
+                    ),
+                )
+            })?;
+        if std::mem::replace(&mut used[i], true) {
+            return Err(Error::tensor(name, format!("buffer {i} is used twice")));
+        }
+        Ok(ranges[i].clone())
+    };
+    let mut names = HashSet::new();
+    let mut tensors = Vec::with_capacity(header.tensors.len());
+    let mut infos = Vec::with_capacity(header.tensors.len());
+    for d in header.tensors {
+        let name = d.name.as_str();
+        if !names.insert(d.name.clone()) {
+            return Err(Error::DuplicateName { name: d.name });
+        }
+        let dtype: DType = d
+            .dtype
+            .parse()
+            .map_err(|e| Error::tensor(name, format!("{e}")))?;
+        let device: Device = d
+            .device
+            .parse()
+            .map_err(|e| Error::tensor(name, format!("{e}")))?;
+        let to_usize = |v: &[u64], what: &str| -> Result<Vec<usize>> {
+            v.iter()
+                .map(|&x| {
+                    usize::try_from(x)
+                        .map_err(|_| Error::tensor(name, format!("{what} value {x} overflows")))
+                })
+                .collect()
+        };
+        let shape = to_usize(&d.shape, "shape")?;
+        let numel = element_count(&shape).ok_or_else(|| {
+            Error::tensor(
+                name,
+                format!("shape {shape:?} has more elements than fit in memory"),
+            )
+        })?;
+        let range = take(name, d.buffer)?;
+        let buffer_len = range.len() as u64;
+        if d.bytes != buffer_len {
+            return Err(Error::tensor(
+                name,
+                format!("says {} bytes but its buffer has {buffer_len}", d.bytes),
+            ));
+        }
+        let view = region
+            .slice(range)
+            .expect("ranges were checked against the frame");
+        let strides = d
+            .strides
+            .as_deref()
+            .map(|s| to_usize(s, "stride"))
+            .transpose()?;
+        let tensor = match &strides {
+            None => {
+                let want = numel
+                    .checked_mul(dtype.size_bytes())
+                    .filter(|&b| b as u64 == d.bytes);
+                if want.is_none() {
+                    return Err(Error::tensor(
+                        name,
+                        format!("{dtype} × {shape:?} is not {} bytes", d.bytes),
+                    ));
+                }
+                Tensor::from_host(dtype, &shape, view)
+            }
+            Some(strides) => {
+                let layout = Layout::new(shape.clone(), strides.clone(), 0)
+                    .map_err(|e| Error::tensor(name, e.to_string()))?;
+                Tensor::from_host_strided(dtype, layout, view)
+            }
+        }
+        .map_err(|e| Error::tensor(name, e.to_string()))?;
+        let checksum = d
+            .checksum
+            .as_deref()
+            .map(str::parse::<Checksum>)
+            .transpose()
+            .map_err(|e| Error::tensor(name, e.to_string()))?;
+        infos.push(TensorInfo {
+            name: d.name.clone(),
+            dtype,
+            shape,
+            strides,
+            device,
+            buffer: d.buffer as usize,
+            bytes: d.bytes,
+            checksum,
+        });
+        tensors.push((d.name, tensor));
+    }
+    let mut objects = Vec::with_capacity(header.objects.len());
+    for o in header.objects {
+        if !names.insert(o.name.clone()) {
+            return Err(Error::DuplicateName { name: o.name });
+        }
+        let buffers = o
+            .buffers
+            .iter()
+            .map(|&i| take(&o.name, i).map(|r| region.slice(r).expect("checked")))
+            .collect::<Result<Vec<_>>>()?;
+        objects.push((
+            o.name,
+            Object {
+                tag: o.tag,
+                value: o.value,
+                buffers,
+            },
+        ));
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        return Err(frame(
+            p.table_start + 8 * unused as u64,
+            format!("buffer {unused} is not used by any tensor or object"),
+        ));
+    }
+    Ok(Frame {
+        meta: FrameMeta {
+            channel: header.channel,
+            seq: header.seq,
+            kind: header.kind,
+            id: header.id,
+        },
+        message: Message::from_parts(header.fields, tensors, objects),
+        tensors: infos,
+        frame_len: p.frame_len,
+    })
+}
