@@ -179,3 +179,109 @@ fn help_explains_each_subcommand() {
     let out = tensorferry(&["check-map", "--help"]);
     assert!(stdout(&out).contains("--devices") && stdout(&out).contains("cuda:0"));
 }
+
+fn scratch(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("tensorferry-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name).to_str().expect("utf-8 path").to_string()
+}
+
+fn send_file(path: &str, extra: &[&str]) {
+    let to = format!("file://{path}");
+    let mut args = vec!["send", "--to", &to, "--channel", "/cam", "--tensor", "x=f32:64x33", "--tensor", "flag=bool:5"];
+    args.extend_from_slice(extra);
+    let out = tensorferry(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn send_records_and_recv_replays_verifying_every_byte() {
+    let path = scratch("rec.tfm");
+    send_file(&path, &["--count", "4", "--seed", "9", "--checksum", "--field", "step=17", "--field", "note=hello"]);
+    let from = format!("file://{path}");
+    let out = tensorferry(&["recv", "--from", &from, "--verify", "--seed", "9", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["messages"], 4);
+    assert_eq!(v["bytes"], 4 * (64 * 33 * 4 + 5));
+    assert_eq!(v["verified"], true);
+    assert!(v["gbps"].as_f64().is_some() && v["seconds"].as_f64().is_some());
+    assert_eq!(v["tensors"][0], serde_json::json!({"name": "x", "dtype": "f32", "shape": [64, 33], "device": "cpu"}));
+
+    // The wrong seed is caught, by tensor and offset.
+    let out = tensorferry(&["recv", "--from", &from, "--verify", "--seed", "8", "--quiet", "--count", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("message 0 tensor `x`: byte 0 of 8448"), "{}", stderr(&out));
+
+    // Asking for more messages than the file holds is an error.
+    let out = tensorferry(&["recv", "--from", &from, "--count", "5", "--quiet"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("expected 5 messages"), "{}", stderr(&out));
+}
+
+#[test]
+fn recv_and_inspect_report_a_flipped_byte_and_a_truncated_file() {
+    let path = scratch("flip.tfm");
+    send_file(&path, &["--count", "2", "--checksum"]);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let frame_len = bytes.len() / 2;
+    bytes[frame_len - 64 * 3] ^= 0x10; // inside tensor x of message 0
+    std::fs::write(&path, &bytes).expect("write");
+    let out = tensorferry(&["recv", "--from", &format!("file://{path}"), "--verify", "--quiet"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("checksum mismatch") && err.contains("tensor `x`: byte"), "{err}");
+    let out = tensorferry(&["inspect", &path]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stdout(&out).contains("MISMATCH"), "{}", stdout(&out));
+
+    let cut = scratch("cut.tfm");
+    std::fs::write(&cut, &bytes[..frame_len + 100]).expect("write");
+    let out = tensorferry(&["inspect", &cut, "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["frames"].as_array().map(Vec::len), Some(1), "the intact frame is shown");
+    assert!(v["error"].as_str().expect("error").contains("frame 1: truncated"), "{v}");
+    std::fs::write(&cut, b"garbage that is not a frame at all, longer than a prelude").expect("write");
+    let out = tensorferry(&["inspect", &cut]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not a tensorferry frame"), "{}", stderr(&out));
+}
+
+#[test]
+fn convert_round_trips_through_safetensors() {
+    let tfm = scratch("conv.tfm");
+    send_file(&tfm, &["--count", "3", "--seed", "4", "--field", "step=2"]);
+    let st = scratch("conv.safetensors");
+    let out = tensorferry(&["convert", &tfm, &st]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let back = scratch("back.tfm");
+    let out = tensorferry(&["convert", &st, &back]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = tensorferry(&["recv", "--from", &format!("file://{back}"), "--verify", "--seed", "4", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!((v["messages"].as_u64(), v["verified"].as_bool()), (Some(3), Some(true)));
+    let out = tensorferry(&["inspect", &back, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["frames"][2]["channel"], "/cam");
+    assert_eq!(v["frames"][2]["seq"], 2);
+    assert_eq!(v["frames"][2]["fields"]["step"], 2);
+    let out = tensorferry(&["convert", &tfm, &scratch("x.npy")]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn send_rejects_bad_options_with_exit_2() {
+    let to = format!("file://{}", scratch("never.tfm"));
+    for args in [
+        vec!["send", "--to", &to, "--tensor", "x=f33:4"],
+        vec!["send", "--to", &to, "--tensor", "x=f32:4@tpu:0"],
+        vec!["send", "--to", "tcpx://h:1", "--tensor", "x=f32:4"],
+        vec!["send", "--to", &to, "--tensor", "x=f32:4", "--rate", "-1"],
+        vec!["send", "--to", &to],
+    ] {
+        let out = tensorferry(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}

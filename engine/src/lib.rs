@@ -29,14 +29,18 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod address;
 mod buffer;
 mod codec;
 mod error;
 pub mod file;
 mod message;
+pub mod pattern;
+pub mod safetensors;
 mod tensor;
 pub mod wire;
 
+pub use address::Address;
 pub use buffer::{Backing, HostBuffer, HostBufferMut, ALIGN};
 pub use codec::{Codec, CodecRegistry};
 pub use error::{Error, Result};

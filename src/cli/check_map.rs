@@ -48,17 +48,19 @@ pub fn run(args: &Args) -> Outcome {
         Some(_) => "the stated devices",
         None => "this host",
     };
-    println!(
+    say!(
         "{}: resolved against {source}: {inventory}",
         args.file.display()
     );
     for channel in &report.channels {
-        println!(
+        say!(
             "\n{}  ({}, fallback {})",
-            channel.name, channel.spec.pattern, channel.spec.fallback
+            channel.name,
+            channel.spec.pattern,
+            channel.spec.fallback
         );
         for (source, r) in &channel.resolved {
-            println!(
+            say!(
                 "  {:<8} -> {:<8} {}",
                 source.to_string(),
                 r.target.to_string(),
@@ -67,7 +69,7 @@ pub fn run(args: &Args) -> Outcome {
         }
     }
     if report.is_valid() {
-        println!("\nvalid: {} channel(s)", report.channels.len());
+        say!("\nvalid: {} channel(s)", report.channels.len());
     } else {
         for e in &report.errors {
             eprintln!("error: {e}");

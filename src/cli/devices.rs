@@ -27,15 +27,16 @@ pub fn run(args: &Args) -> Outcome {
         .cpu
         .memory_bytes
         .map_or_else(|| "memory unknown".to_string(), human_bytes);
-    println!(
+    say!(
         "cpu      {} ({} cores, {memory})",
-        host.cpu.model, host.cpu.cores
+        host.cpu.model,
+        host.cpu.cores
     );
     match &host.cuda.unavailable {
-        Some(why) if host.cuda.devices.is_empty() => println!("cuda     none: {why}"),
+        Some(why) if host.cuda.devices.is_empty() => say!("cuda     none: {why}"),
         _ => {
             for d in &host.cuda.devices {
-                println!(
+                say!(
                     "cuda:{:<3} {} ({})",
                     d.index,
                     d.name,
@@ -45,7 +46,7 @@ pub fn run(args: &Args) -> Outcome {
         }
     }
     match &host.wgpu.unavailable {
-        Some(why) if host.wgpu.devices.is_empty() => println!("wgpu     none: {why}"),
+        Some(why) if host.wgpu.devices.is_empty() => say!("wgpu     none: {why}"),
         _ => {
             for a in &host.wgpu.devices {
                 let driver = if a.driver.is_empty() {
@@ -53,13 +54,16 @@ pub fn run(args: &Args) -> Outcome {
                 } else {
                     format!(", {}", a.driver)
                 };
-                println!(
+                say!(
                     "wgpu:{:<3} {} ({}, {}{driver})",
-                    a.index, a.name, a.backend, a.device_type
+                    a.index,
+                    a.name,
+                    a.backend,
+                    a.device_type
                 );
             }
         }
     }
-    println!("inventory: {inventory}");
+    say!("inventory: {inventory}");
     Ok(ExitCode::SUCCESS)
 }

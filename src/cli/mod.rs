@@ -1,8 +1,5 @@
 //! Subcommands, one module each.
 
-mod check_map;
-mod devices;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +24,17 @@ enum Command {
     /// Validate a channel configuration file and show where each source device's
     /// tensors land. Exit 0 when valid, 2 when not (every error is listed).
     CheckMap(check_map::Args),
+    /// Send messages of generated tensors (content from --seed, so a receiver
+    /// can verify every byte). `--to file://run.tfm` records them.
+    Send(send::Args),
+    /// Receive messages, print a line for each and a throughput summary.
+    /// `--from file://run.tfm` replays a record file.
+    Recv(recv::Args),
+    /// Print every frame of a record file (channel, fields, tensors) and check
+    /// its lengths and checksums. Exit 2 on a damaged file.
+    Inspect(inspect::Args),
+    /// Convert a record file to safetensors (to open it in PyTorch or NumPy), or back.
+    Convert(convert::Args),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -35,6 +43,10 @@ pub fn run() -> ExitCode {
     let result = match cli.command {
         Command::Devices(args) => devices::run(&args),
         Command::CheckMap(args) => check_map::run(&args),
+        Command::Send(args) => send::run(&args),
+        Command::Recv(args) => recv::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
+        Command::Convert(args) => convert::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -64,10 +76,86 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Writes one line to stdout. A reader that went away (`tensorferry … | head`)
+/// ends the program quietly instead of failing it.
+pub fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(i32::from(EXIT_INVALID));
+    }
+}
+
+/// `println!` through [`emit`].
+macro_rules! say {
+    ($($arg:tt)*) => { $crate::cli::emit(format_args!($($arg)*)) };
+}
+
+mod check_map;
+mod convert;
+mod devices;
+mod inspect;
+mod recv;
+mod send;
+mod tensor_spec;
+
 /// Prints a JSON value to stdout, pretty.
 pub fn print_json(value: &serde_json::Value) {
-    println!(
+    say!(
         "{}",
         serde_json::to_string_pretty(value).expect("a serde_json::Value always serializes")
     );
+}
+
+/// Messages, bytes and time of a send or receive run.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Messages counted.
+    pub messages: u64,
+    /// Tensor and object payload bytes.
+    pub bytes: u64,
+    seconds: f64,
+    last_tensors: Vec<serde_json::Value>,
+}
+
+impl Summary {
+    /// Counts `message`, which completed `at` after the run started.
+    pub fn record(&mut self, message: &tensorferry::engine::Message, at: std::time::Duration) {
+        self.messages += 1;
+        self.bytes += message.payload_bytes();
+        self.seconds = at.as_secs_f64();
+        self.last_tensors = message
+            .tensors()
+            .map(|(n, t)| serde_json::json!({"name": n, "dtype": t.dtype(), "shape": t.shape(), "device": t.device()}))
+            .collect();
+    }
+
+    fn gbps(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+
+    /// `{"messages", "bytes", "seconds", "gbps", "tensors"}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"messages": self.messages, "bytes": self.bytes, "seconds": self.seconds,
+                           "gbps": self.gbps(), "tensors": self.last_tensors})
+    }
+
+    /// `3 messages, 12.0 MiB in 0.010 s (1.26 GB/s)`.
+    pub fn line(&self) -> String {
+        format!(
+            "{} message(s), {} in {:.3} s ({:.2} GB/s)",
+            self.messages,
+            human_bytes(self.bytes),
+            self.seconds,
+            self.gbps()
+        )
+    }
 }
