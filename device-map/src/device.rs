@@ -120,6 +120,15 @@ impl FromStr for Device {
     type Err = Error;
 
     fn from_str(text: &str) -> Result<Self> {
+        // Canonical names (what the wire carries) parse without allocating.
+        if text == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if let Some(digits) = text.strip_prefix("cuda:") {
+            if let Ok(i) = parse_index(text, digits) {
+                return Ok(Device::Cuda(i));
+            }
+        }
         let trimmed = text.trim();
         if trimmed.is_empty() {
             return Err(invalid(text, "the name is empty"));

@@ -2,6 +2,7 @@
 //! header bytes plus a list of buffers ready for a vectored write, and
 //! [`decode`] a frame from a contiguous region into tensors that view it.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::io::{self, IoSlice, Write};
 
@@ -92,17 +93,14 @@ impl FrameMeta {
     }
 }
 
-/// What the header says about one tensor.
+/// What the header says about one tensor besides its dtype, shape and strides
+/// (which the decoded [`Tensor`] carries).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
     /// Name, unique in the message.
     pub name: String,
     /// Element type.
     pub dtype: DType,
-    /// Dimensions.
-    pub shape: Vec<usize>,
-    /// Strides in elements, when the buffer is not contiguous row-major.
-    pub strides: Option<Vec<usize>>,
     /// The device the tensor was on at the sender.
     pub device: Device,
     /// Index into the frame's buffers.
@@ -113,33 +111,38 @@ pub struct TensorInfo {
     pub checksum: Option<Checksum>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The header as the decoder reads it: strings borrow from the frame where they can.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Header {
+struct Header<'a> {
     channel: String,
     seq: u64,
     kind: Kind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     id: Option<u64>,
     fields: Map<String, Value>,
-    tensors: Vec<TensorDesc>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(borrow)]
+    tensors: Vec<TensorDesc<'a>>,
+    #[serde(default)]
     objects: Vec<ObjectDesc>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TensorDesc {
-    name: String,
-    dtype: String,
-    shape: Vec<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    strides: Option<Vec<u64>>,
-    device: String,
+struct TensorDesc<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow)]
+    dtype: Cow<'a, str>,
+    shape: Vec<usize>,
+    #[serde(default)]
+    strides: Option<Vec<usize>>,
+    #[serde(borrow)]
+    device: Cow<'a, str>,
     buffer: u64,
     bytes: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    checksum: Option<String>,
+    #[serde(default, borrow)]
+    checksum: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -149,6 +152,32 @@ struct ObjectDesc {
     tag: String,
     value: Value,
     buffers: Vec<u64>,
+}
+
+/// The header as the encoder writes it: everything borrowed from the message.
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    channel: &'a str,
+    seq: u64,
+    kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    fields: &'a Map<String, Value>,
+    tensors: Vec<TensorDescOut<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    objects: Vec<ObjectDesc>,
+}
+
+#[derive(Serialize)]
+struct TensorDescOut<'a> {
+    name: &'a str,
+    dtype: &'static str,
+    shape: &'a [usize],
+    device: Device,
+    buffer: u64,
+    bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checksum: Option<String>,
 }
 
 /// Encoding options.
@@ -255,12 +284,11 @@ pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Re
     let mut tensors = Vec::with_capacity(message.tensors().len());
     for (name, t) in message.tensors() {
         let packed = t.packed().map_err(|e| Error::tensor(name, e.to_string()))?;
-        tensors.push(TensorDesc {
-            name: name.to_string(),
-            dtype: t.dtype().name().to_string(),
-            shape: t.shape().iter().map(|&d| d as u64).collect(),
-            strides: None,
-            device: t.device().to_string(),
+        tensors.push(TensorDescOut {
+            name,
+            dtype: t.dtype().name(),
+            shape: t.shape(),
+            device: t.device(),
             buffer: buffers.len() as u64,
             bytes: packed.len() as u64,
             checksum: options
@@ -280,12 +308,12 @@ pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Re
             buffers: (first..buffers.len() as u64).collect(),
         });
     }
-    let header = Header {
-        channel: meta.channel.clone(),
+    let header = HeaderOut {
+        channel: &meta.channel,
         seq: meta.seq,
         kind: meta.kind,
         id: meta.id,
-        fields: message.fields().clone(),
+        fields: message.fields(),
         tensors,
         objects,
     };
@@ -594,13 +622,15 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
         }
         Ok(ranges[i].clone())
     };
-    let mut names = HashSet::new();
+    let mut names = HashSet::with_capacity(count);
     let mut tensors = Vec::with_capacity(header.tensors.len());
     let mut infos = Vec::with_capacity(header.tensors.len());
-    for d in header.tensors {
-        let name = d.name.as_str();
-        if !names.insert(d.name.clone()) {
-            return Err(Error::DuplicateName { name: d.name });
+    for d in &header.tensors {
+        let name: &str = &d.name;
+        if !names.insert(name) {
+            return Err(Error::DuplicateName {
+                name: name.to_string(),
+            });
         }
         let dtype: DType = d
             .dtype
@@ -610,16 +640,8 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
             .device
             .parse()
             .map_err(|e| Error::tensor(name, format!("{e}")))?;
-        let to_usize = |v: &[u64], what: &str| -> Result<Vec<usize>> {
-            v.iter()
-                .map(|&x| {
-                    usize::try_from(x)
-                        .map_err(|_| Error::tensor(name, format!("{what} value {x} overflows")))
-                })
-                .collect()
-        };
-        let shape = to_usize(&d.shape, "shape")?;
-        let numel = element_count(&shape).ok_or_else(|| {
+        let shape = &d.shape;
+        let numel = element_count(shape).ok_or_else(|| {
             Error::tensor(
                 name,
                 format!("shape {shape:?} has more elements than fit in memory"),
@@ -636,12 +658,7 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
         let view = region
             .slice(range)
             .expect("ranges were checked against the frame");
-        let strides = d
-            .strides
-            .as_deref()
-            .map(|s| to_usize(s, "stride"))
-            .transpose()?;
-        let tensor = match &strides {
+        let tensor = match &d.strides {
             None => {
                 let want = numel
                     .checked_mul(dtype.size_bytes())
@@ -652,7 +669,7 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
                         format!("{dtype} × {shape:?} is not {} bytes", d.bytes),
                     ));
                 }
-                Tensor::from_host(dtype, &shape, view)
+                Tensor::from_host(dtype, shape, view)
             }
             Some(strides) => {
                 let layout = Layout::new(shape.clone(), strides.clone(), 0)
@@ -668,21 +685,21 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
             .transpose()
             .map_err(|e| Error::tensor(name, e.to_string()))?;
         infos.push(TensorInfo {
-            name: d.name.clone(),
+            name: name.to_string(),
             dtype,
-            shape,
-            strides,
             device,
             buffer: d.buffer as usize,
             bytes: d.bytes,
             checksum,
         });
-        tensors.push((d.name, tensor));
+        tensors.push((name.to_string(), tensor));
     }
     let mut objects = Vec::with_capacity(header.objects.len());
-    for o in header.objects {
-        if !names.insert(o.name.clone()) {
-            return Err(Error::DuplicateName { name: o.name });
+    for o in &header.objects {
+        if !names.insert(o.name.as_str()) {
+            return Err(Error::DuplicateName {
+                name: o.name.clone(),
+            });
         }
         let buffers = o
             .buffers
@@ -690,10 +707,10 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
             .map(|&i| take(&o.name, i).map(|r| region.slice(r).expect("checked")))
             .collect::<Result<Vec<_>>>()?;
         objects.push((
-            o.name,
+            o.name.clone(),
             Object {
-                tag: o.tag,
-                value: o.value,
+                tag: o.tag.clone(),
+                value: o.value.clone(),
                 buffers,
             },
         ));

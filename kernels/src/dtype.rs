@@ -159,6 +159,10 @@ impl FromStr for DType {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
+        // Canonical names (what the wire carries) need no allocation.
+        if let Some(d) = DType::ALL.into_iter().find(|d| d.name() == s) {
+            return Ok(d);
+        }
         let lower = s.trim().to_ascii_lowercase();
         let name = lower.strip_prefix("torch.").unwrap_or(&lower);
         Ok(match name {

@@ -24,8 +24,9 @@ fn frame_json(offset: u64, f: &Frame, checksum_error: &Option<String>) -> Value 
     let tensors: Vec<Value> = f
         .tensors
         .iter()
-        .map(|t| {
-            json!({"name": t.name, "dtype": t.dtype, "shape": t.shape, "strides": t.strides,
+        .zip(f.message.tensors())
+        .map(|(t, (_, tensor))| {
+            json!({"name": t.name, "dtype": t.dtype, "shape": tensor.shape(),
                    "device": t.device, "bytes": t.bytes, "checksum": t.checksum.map(|c| c.to_string())})
         })
         .collect();
@@ -64,7 +65,7 @@ pub fn run(args: &Args) -> Outcome {
             if !frame.message.fields().is_empty() {
                 say!("  fields {}", Value::Object(frame.message.fields().clone()));
             }
-            for t in &frame.tensors {
+            for (t, (_, tensor)) in frame.tensors.iter().zip(frame.message.tensors()) {
                 let check = match (&t.checksum, &checksum_error) {
                     (None, _) => "no checksum".to_string(),
                     (Some(c), Some(e)) if e.contains(&format!("`{}`", t.name)) => {
@@ -76,7 +77,7 @@ pub fn run(args: &Args) -> Outcome {
                     "  {:<16} {:<6} {:?} from {}, {} bytes, {check}",
                     t.name,
                     t.dtype,
-                    t.shape,
+                    tensor.shape(),
                     t.device,
                     t.bytes
                 );
