@@ -188,7 +188,17 @@ fn scratch(name: &str) -> String {
 
 fn send_file(path: &str, extra: &[&str]) {
     let to = format!("file://{path}");
-    let mut args = vec!["send", "--to", &to, "--channel", "/cam", "--tensor", "x=f32:64x33", "--tensor", "flag=bool:5"];
+    let mut args = vec![
+        "send",
+        "--to",
+        &to,
+        "--channel",
+        "/cam",
+        "--tensor",
+        "x=f32:64x33",
+        "--tensor",
+        "flag=bool:5",
+    ];
     args.extend_from_slice(extra);
     let out = tensorferry(&args);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -197,7 +207,20 @@ fn send_file(path: &str, extra: &[&str]) {
 #[test]
 fn send_records_and_recv_replays_verifying_every_byte() {
     let path = scratch("rec.tfm");
-    send_file(&path, &["--count", "4", "--seed", "9", "--checksum", "--field", "step=17", "--field", "note=hello"]);
+    send_file(
+        &path,
+        &[
+            "--count",
+            "4",
+            "--seed",
+            "9",
+            "--checksum",
+            "--field",
+            "step=17",
+            "--field",
+            "note=hello",
+        ],
+    );
     let from = format!("file://{path}");
     let out = tensorferry(&["recv", "--from", &from, "--verify", "--seed", "9", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -206,17 +229,30 @@ fn send_records_and_recv_replays_verifying_every_byte() {
     assert_eq!(v["bytes"], 4 * (64 * 33 * 4 + 5));
     assert_eq!(v["verified"], true);
     assert!(v["gbps"].as_f64().is_some() && v["seconds"].as_f64().is_some());
-    assert_eq!(v["tensors"][0], serde_json::json!({"name": "x", "dtype": "f32", "shape": [64, 33], "device": "cpu"}));
+    assert_eq!(
+        v["tensors"][0],
+        serde_json::json!({"name": "x", "dtype": "f32", "shape": [64, 33], "device": "cpu"})
+    );
 
     // The wrong seed is caught, by tensor and offset.
-    let out = tensorferry(&["recv", "--from", &from, "--verify", "--seed", "8", "--quiet", "--count", "1"]);
+    let out = tensorferry(&[
+        "recv", "--from", &from, "--verify", "--seed", "8", "--quiet", "--count", "1",
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("message 0 tensor `x`: byte 0 of 8448"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("message 0 tensor `x`: byte 0 of 8448"),
+        "{}",
+        stderr(&out)
+    );
 
     // Asking for more messages than the file holds is an error.
     let out = tensorferry(&["recv", "--from", &from, "--count", "5", "--quiet"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("expected 5 messages"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("expected 5 messages"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -227,10 +263,19 @@ fn recv_and_inspect_report_a_flipped_byte_and_a_truncated_file() {
     let frame_len = bytes.len() / 2;
     bytes[frame_len - 64 * 3] ^= 0x10; // inside tensor x of message 0
     std::fs::write(&path, &bytes).expect("write");
-    let out = tensorferry(&["recv", "--from", &format!("file://{path}"), "--verify", "--quiet"]);
+    let out = tensorferry(&[
+        "recv",
+        "--from",
+        &format!("file://{path}"),
+        "--verify",
+        "--quiet",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("checksum mismatch") && err.contains("tensor `x`: byte"), "{err}");
+    assert!(
+        err.contains("checksum mismatch") && err.contains("tensor `x`: byte"),
+        "{err}"
+    );
     let out = tensorferry(&["inspect", &path]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stdout(&out).contains("MISMATCH"), "{}", stdout(&out));
@@ -240,12 +285,30 @@ fn recv_and_inspect_report_a_flipped_byte_and_a_truncated_file() {
     let out = tensorferry(&["inspect", &cut, "--json"]);
     assert_eq!(out.status.code(), Some(2));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
-    assert_eq!(v["frames"].as_array().map(Vec::len), Some(1), "the intact frame is shown");
-    assert!(v["error"].as_str().expect("error").contains("frame 1: truncated"), "{v}");
-    std::fs::write(&cut, b"garbage that is not a frame at all, longer than a prelude").expect("write");
+    assert_eq!(
+        v["frames"].as_array().map(Vec::len),
+        Some(1),
+        "the intact frame is shown"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .expect("error")
+            .contains("frame 1: truncated"),
+        "{v}"
+    );
+    std::fs::write(
+        &cut,
+        b"garbage that is not a frame at all, longer than a prelude",
+    )
+    .expect("write");
     let out = tensorferry(&["inspect", &cut]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("not a tensorferry frame"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a tensorferry frame"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -258,10 +321,21 @@ fn convert_round_trips_through_safetensors() {
     let back = scratch("back.tfm");
     let out = tensorferry(&["convert", &st, &back]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = tensorferry(&["recv", "--from", &format!("file://{back}"), "--verify", "--seed", "4", "--json"]);
+    let out = tensorferry(&[
+        "recv",
+        "--from",
+        &format!("file://{back}"),
+        "--verify",
+        "--seed",
+        "4",
+        "--json",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
-    assert_eq!((v["messages"].as_u64(), v["verified"].as_bool()), (Some(3), Some(true)));
+    assert_eq!(
+        (v["messages"].as_u64(), v["verified"].as_bool()),
+        (Some(3), Some(true))
+    );
     let out = tensorferry(&["inspect", &back, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
     assert_eq!(v["frames"][2]["channel"], "/cam");
