@@ -7,6 +7,14 @@ use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// A name that occurs twice, if any. Sorting keeps the check O(n log n) even
+/// for names a peer chose to collide in a hash table.
+pub(crate) fn first_duplicate<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut sorted: Vec<&str> = names.collect();
+    sorted.sort_unstable();
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+}
+
 /// A value encoded by a [`Codec`]: its tag, JSON part and buffers.
 #[derive(Debug, Clone)]
 pub struct Object {
@@ -132,18 +140,13 @@ impl Message {
     ///
     /// [`Error::DuplicateName`] naming the first repeated name.
     pub fn check_names(&self) -> Result<()> {
-        let mut seen = std::collections::HashSet::new();
-        for name in self
-            .tensors
-            .iter()
-            .map(|(n, _)| n)
-            .chain(self.objects.iter().map(|(n, _)| n))
-        {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::DuplicateName { name: name.clone() });
-            }
+        let names = self.tensors.iter().map(|(n, _)| n.as_str());
+        match first_duplicate(names.chain(self.objects.iter().map(|(n, _)| n.as_str()))) {
+            Some(name) => Err(Error::DuplicateName {
+                name: name.to_string(),
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub(crate) fn from_parts(

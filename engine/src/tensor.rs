@@ -343,7 +343,7 @@ mod tests {
         assert!(Tensor::from_slice(&[1f32, 2.0], &[3]).is_err());
         assert!(Tensor::zeros(DType::F64, &[usize::MAX, 2]).is_err());
         let buf = HostBuffer::copy_from(&[0u8; 8]);
-        let layout = Layout::new(vec![3], vec![2], 0).expect("layout");
+        let layout = Layout::new(&[3], &[2], 0).expect("layout");
         assert!(Tensor::from_host_strided(DType::U16, layout, buf).is_err());
     }
 }

@@ -3,18 +3,17 @@
 //! [`decode`] a frame from a contiguous region into tensors that view it.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::io::{self, IoSlice, Write};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tensorferry_device_map::Device;
 use tensorferry_kernels::cpu::{checksum, Checksum};
-use tensorferry_kernels::{element_count, DType, Layout};
+use tensorferry_kernels::{element_count, DType, Dims, Layout};
 
 use crate::buffer::{HostBuffer, ALIGN};
 use crate::error::{Error, Result};
-use crate::message::{Message, Object};
+use crate::message::{first_duplicate, Message, Object};
 use crate::tensor::Tensor;
 
 /// The first four bytes of every frame.
@@ -93,12 +92,11 @@ impl FrameMeta {
     }
 }
 
-/// What the header says about one tensor besides its dtype, shape and strides
-/// (which the decoded [`Tensor`] carries).
+/// What the header says about one tensor besides its name, dtype, shape and
+/// strides (which the message and the decoded [`Tensor`] carry).
+/// [`Frame::tensors`] holds one per tensor, in message order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
-    /// Name, unique in the message.
-    pub name: String,
     /// Element type.
     pub dtype: DType,
     /// The device the tensor was on at the sender.
@@ -122,27 +120,104 @@ struct Header<'a> {
     id: Option<u64>,
     fields: Map<String, Value>,
     #[serde(borrow)]
-    tensors: Vec<TensorDesc<'a>>,
+    tensors: Columns<'a>,
     #[serde(default)]
     objects: Vec<ObjectDesc>,
 }
 
+/// A JSON string borrowed from the frame when it has no escapes, owned otherwise.
+/// (`Cow<str>` inside a `Vec` always deserializes owned.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Tensor descriptors, column-wise: one array per key, one entry per tensor,
+/// so a message's keys are parsed once rather than once per tensor.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TensorDesc<'a> {
+struct Columns<'a> {
     #[serde(borrow)]
-    name: Cow<'a, str>,
+    name: Vec<Text<'a>>,
     #[serde(borrow)]
-    dtype: Cow<'a, str>,
-    shape: Vec<usize>,
+    dtype: Vec<Text<'a>>,
+    shape: Vec<Dims>,
     #[serde(default)]
-    strides: Option<Vec<usize>>,
+    strides: Option<Vec<Option<Dims>>>,
     #[serde(borrow)]
-    device: Cow<'a, str>,
+    device: Vec<Text<'a>>,
+    buffer: Vec<u64>,
+    bytes: Vec<u64>,
+    #[serde(default, borrow)]
+    checksum: Option<Vec<Option<Text<'a>>>>,
+}
+
+/// One row of [`Columns`].
+struct TensorDesc<'c> {
+    name: &'c str,
+    dtype: &'c str,
+    shape: &'c [usize],
+    strides: Option<&'c [usize]>,
+    device: &'c str,
     buffer: u64,
     bytes: u64,
-    #[serde(default, borrow)]
-    checksum: Option<Cow<'a, str>>,
+    checksum: Option<&'c str>,
+}
+
+impl Columns<'_> {
+    /// The rows, after checking every column has one entry per tensor.
+    fn rows(&self) -> Result<Vec<TensorDesc<'_>>> {
+        let n = self.name.len();
+        let lens = [
+            ("dtype", self.dtype.len()),
+            ("shape", self.shape.len()),
+            ("device", self.device.len()),
+            ("buffer", self.buffer.len()),
+            ("bytes", self.bytes.len()),
+            ("strides", self.strides.as_ref().map_or(n, Vec::len)),
+            ("checksum", self.checksum.as_ref().map_or(n, Vec::len)),
+        ];
+        if let Some((key, len)) = lens.iter().find(|(_, len)| *len != n) {
+            return Err(Error::Header {
+                what: format!("tensors.{key} has {len} entries but tensors.name has {n}"),
+            });
+        }
+        Ok((0..n)
+            .map(|i| TensorDesc {
+                name: &self.name[i],
+                dtype: &self.dtype[i],
+                shape: &self.shape[i],
+                strides: self.strides.as_ref().and_then(|s| s[i].as_deref()),
+                device: &self.device[i],
+                buffer: self.buffer[i],
+                bytes: self.bytes[i],
+                checksum: self.checksum.as_ref().and_then(|c| c[i].as_deref()),
+            })
+            .collect())
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -163,21 +238,21 @@ struct HeaderOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<u64>,
     fields: &'a Map<String, Value>,
-    tensors: Vec<TensorDescOut<'a>>,
+    tensors: ColumnsOut<'a>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     objects: Vec<ObjectDesc>,
 }
 
-#[derive(Serialize)]
-struct TensorDescOut<'a> {
-    name: &'a str,
-    dtype: &'static str,
-    shape: &'a [usize],
-    device: Device,
-    buffer: u64,
-    bytes: u64,
+#[derive(Serialize, Default)]
+struct ColumnsOut<'a> {
+    name: Vec<&'a str>,
+    dtype: Vec<&'static str>,
+    shape: Vec<&'a [usize]>,
+    device: Vec<Device>,
+    buffer: Vec<u64>,
+    bytes: Vec<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    checksum: Option<String>,
+    checksum: Option<Vec<String>>,
 }
 
 /// Encoding options.
@@ -280,21 +355,28 @@ fn pad_to_align(len: usize) -> usize {
 /// ```
 pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Result<Encoded> {
     message.check_names()?;
-    let mut buffers = Vec::with_capacity(message.tensors().len());
-    let mut tensors = Vec::with_capacity(message.tensors().len());
+    let n = message.tensors().len();
+    let mut buffers = Vec::with_capacity(n);
+    let mut tensors = ColumnsOut {
+        name: Vec::with_capacity(n),
+        dtype: Vec::with_capacity(n),
+        shape: Vec::with_capacity(n),
+        device: Vec::with_capacity(n),
+        buffer: Vec::with_capacity(n),
+        bytes: Vec::with_capacity(n),
+        checksum: options.checksums.then(|| Vec::with_capacity(n)),
+    };
     for (name, t) in message.tensors() {
         let packed = t.packed().map_err(|e| Error::tensor(name, e.to_string()))?;
-        tensors.push(TensorDescOut {
-            name,
-            dtype: t.dtype().name(),
-            shape: t.shape(),
-            device: t.device(),
-            buffer: buffers.len() as u64,
-            bytes: packed.len() as u64,
-            checksum: options
-                .checksums
-                .then(|| checksum(packed.as_slice()).to_string()),
-        });
+        tensors.name.push(name);
+        tensors.dtype.push(t.dtype().name());
+        tensors.shape.push(t.shape());
+        tensors.device.push(t.device());
+        tensors.buffer.push(buffers.len() as u64);
+        tensors.bytes.push(packed.len() as u64);
+        if let Some(sums) = &mut tensors.checksum {
+            sums.push(checksum(packed.as_slice()).to_string());
+        }
         buffers.push(packed);
     }
     let mut objects = Vec::new();
@@ -485,7 +567,8 @@ pub struct Frame {
     pub meta: FrameMeta,
     /// The message; its tensors are host views into the frame.
     pub message: Message,
-    /// Each tensor's descriptor, in message order (source device, checksum, …).
+    /// Each tensor's descriptor (source device, checksum, …), in the order of
+    /// `message.tensors()`.
     pub tensors: Vec<TensorInfo>,
     /// Bytes the frame occupies.
     pub frame_len: u64,
@@ -499,16 +582,12 @@ impl Frame {
     /// [`Error::Tensor`] naming the first tensor whose bytes do not match.
     pub fn verify_checksums(&self) -> Result<usize> {
         let mut checked = 0;
-        for info in &self.tensors {
+        for ((name, t), info) in self.message.tensors().zip(&self.tensors) {
             let Some(want) = info.checksum else { continue };
-            let t = self
-                .message
-                .get(&info.name)
-                .expect("every descriptor has its tensor");
             let got = checksum(t.packed()?.as_slice());
             if got != want {
                 return Err(Error::tensor(
-                    &info.name,
+                    name,
                     format!("checksum mismatch: the sender computed {want}, the bytes received give {got}"),
                 ));
             }
@@ -594,7 +673,7 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
             base + PRELUDE_BYTES as u64
         ),
     })?;
-    let count = header.tensors.len() + header.objects.len();
+    let count = header.tensors.name.len() + header.objects.len();
     if count > limits.max_tensors {
         return Err(Error::Limit {
             what: "tensor count",
@@ -622,16 +701,18 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
         }
         Ok(ranges[i].clone())
     };
-    let mut names = HashSet::with_capacity(count);
-    let mut tensors = Vec::with_capacity(header.tensors.len());
-    let mut infos = Vec::with_capacity(header.tensors.len());
-    for d in &header.tensors {
-        let name: &str = &d.name;
-        if !names.insert(name) {
-            return Err(Error::DuplicateName {
-                name: name.to_string(),
-            });
-        }
+    let rows = header.tensors.rows()?;
+    let names = rows.iter().map(|d| d.name);
+    if let Some(name) = first_duplicate(names.chain(header.objects.iter().map(|o| o.name.as_str())))
+    {
+        return Err(Error::DuplicateName {
+            name: name.to_string(),
+        });
+    }
+    let mut tensors = Vec::with_capacity(rows.len());
+    let mut infos = Vec::with_capacity(rows.len());
+    for d in &rows {
+        let name = d.name;
         let dtype: DType = d
             .dtype
             .parse()
@@ -640,7 +721,7 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
             .device
             .parse()
             .map_err(|e| Error::tensor(name, format!("{e}")))?;
-        let shape = &d.shape;
+        let shape = d.shape;
         let numel = element_count(shape).ok_or_else(|| {
             Error::tensor(
                 name,
@@ -658,7 +739,7 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
         let view = region
             .slice(range)
             .expect("ranges were checked against the frame");
-        let tensor = match &d.strides {
+        let tensor = match d.strides {
             None => {
                 let want = numel
                     .checked_mul(dtype.size_bytes())
@@ -672,7 +753,7 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
                 Tensor::from_host(dtype, shape, view)
             }
             Some(strides) => {
-                let layout = Layout::new(shape.clone(), strides.clone(), 0)
+                let layout = Layout::new(shape, strides, 0)
                     .map_err(|e| Error::tensor(name, e.to_string()))?;
                 Tensor::from_host_strided(dtype, layout, view)
             }
@@ -680,12 +761,10 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
         .map_err(|e| Error::tensor(name, e.to_string()))?;
         let checksum = d
             .checksum
-            .as_deref()
             .map(str::parse::<Checksum>)
             .transpose()
             .map_err(|e| Error::tensor(name, e.to_string()))?;
         infos.push(TensorInfo {
-            name: name.to_string(),
             dtype,
             device,
             buffer: d.buffer as usize,
@@ -696,11 +775,6 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
     }
     let mut objects = Vec::with_capacity(header.objects.len());
     for o in &header.objects {
-        if !names.insert(o.name.as_str()) {
-            return Err(Error::DuplicateName {
-                name: o.name.clone(),
-            });
-        }
         let buffers = o
             .buffers
             .iter()

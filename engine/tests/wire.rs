@@ -55,9 +55,40 @@ fn frame_with_header(header: &str, buffers: &[&[u8]]) -> Vec<u8> {
     f
 }
 
-fn header_with(tensor: serde_json::Value) -> String {
-    json!({"channel": "/t", "seq": 1, "kind": "message", "fields": {}, "tensors": [tensor]})
+/// Per-tensor descriptors turned into the format's columns: every key seen
+/// becomes an array with one entry per tensor (null where a tensor lacks it).
+fn columns(descs: &[serde_json::Value]) -> serde_json::Value {
+    let mut keys: Vec<String> = Vec::new();
+    for d in descs {
+        for k in d.as_object().expect("object").keys() {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for k in keys {
+        let column = descs
+            .iter()
+            .map(|d| d.get(&k).cloned().unwrap_or(json!(null)))
+            .collect();
+        out.insert(k.clone(), column);
+    }
+    if descs.is_empty() {
+        for k in ["name", "dtype", "shape", "device", "buffer", "bytes"] {
+            out.insert(k.into(), json!([]));
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+fn header_of(descs: &[serde_json::Value]) -> String {
+    json!({"channel": "/t", "seq": 1, "kind": "message", "fields": {}, "tensors": columns(descs)})
         .to_string()
+}
+
+fn header_with(tensor: serde_json::Value) -> String {
+    header_of(&[tensor])
 }
 
 fn good_desc() -> serde_json::Value {
@@ -290,10 +321,7 @@ fn rejects_overflowing_and_inconsistent_descriptors() {
 
 #[test]
 fn rejects_duplicate_names_unused_buffers_and_reused_buffers() {
-    let two = |a: serde_json::Value, b: serde_json::Value| {
-        json!({"channel": "/t", "seq": 1, "kind": "message", "fields": {}, "tensors": [a, b]})
-            .to_string()
-    };
+    let two = |a: serde_json::Value, b: serde_json::Value| header_of(&[a, b]);
     let mut second = good_desc();
     second["buffer"] = json!(1);
     let dup = frame_with_header(&two(good_desc(), second.clone()), &[&[0u8; 8], &[0u8; 8]]);
@@ -325,10 +353,13 @@ fn rejects_headers_that_are_not_the_expected_json() {
         "not json".to_string(),
         "[]".to_string(),
         "{\"channel\": \"/t\"".to_string(),
-        json!({"channel": "/t", "seq": 1, "kind": "message", "fields": {}, "tensors": [], "extra": 1}).to_string(),
-        json!({"channel": "/t", "seq": 1, "kind": "message", "tensors": []}).to_string(),
-        json!({"channel": "/t", "seq": -1, "kind": "message", "fields": {}, "tensors": []}).to_string(),
-        json!({"channel": "/t", "seq": 1, "kind": "shout", "fields": {}, "tensors": []}).to_string(),
+        json!({"channel": "/t", "seq": 1, "kind": "message", "fields": {}, "tensors": columns(&[]), "extra": 1}).to_string(),
+        json!({"channel": "/t", "seq": 1, "kind": "message", "tensors": columns(&[])}).to_string(),
+        json!({"channel": "/t", "seq": -1, "kind": "message", "fields": {}, "tensors": columns(&[])}).to_string(),
+        json!({"channel": "/t", "seq": 1, "kind": "shout", "fields": {}, "tensors": columns(&[])}).to_string(),
+        json!({"channel": "/t", "seq": 1, "kind": "message", "fields": {}, "tensors": []}).to_string(),
+        json!({"channel": "/t", "seq": 1, "kind": "message", "fields": {},
+               "tensors": {"name": ["x"], "dtype": [], "shape": [[2]], "device": ["cpu"], "buffer": [0], "bytes": [8]}}).to_string(),
         header_with(json!({"name": "x", "dtype": "f32", "shape": [2], "device": "cpu", "buffer": 0, "bytes": 8, "more": 1})),
         header_with(json!({"name": "x", "dtype": "f32", "shape": [2], "buffer": 0, "bytes": 8})),
         "{\"channel\": \"/t\", \"channel\": \"/u\", \"seq\": 1, \"kind\": \"message\", \"fields\": {}, \"tensors\": []}".to_string(),

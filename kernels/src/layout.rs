@@ -1,6 +1,11 @@
 //! [`Layout`]: shape, strides and offset of a strided view, with checked arithmetic.
 
+use smallvec::SmallVec;
+
 use crate::error::{Error, Result};
+
+/// Dimensions or strides: up to six kept inline, more on the heap.
+pub type Dims = SmallVec<[usize; 6]>;
 
 /// Where the elements of a (possibly strided) view sit in its storage, in elements.
 ///
@@ -21,14 +26,14 @@ use crate::error::{Error, Result};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Layout {
-    shape: Vec<usize>,
-    strides: Vec<usize>,
+    shape: Dims,
+    strides: Dims,
     offset: usize,
 }
 
 /// Row-major strides for `shape`, or `None` if the element count overflows.
-pub fn contiguous_strides(shape: &[usize]) -> Option<Vec<usize>> {
-    let mut strides = vec![0; shape.len()];
+pub fn contiguous_strides(shape: &[usize]) -> Option<Dims> {
+    let mut strides: Dims = smallvec::smallvec![0; shape.len()];
     let mut acc: usize = 1;
     for (i, &dim) in shape.iter().enumerate().rev() {
         strides[i] = acc;
@@ -51,7 +56,7 @@ impl Layout {
     pub fn contiguous(shape: &[usize]) -> Self {
         let strides = contiguous_strides(shape).expect("shape element count overflows usize");
         Self {
-            shape: shape.to_vec(),
+            shape: Dims::from_slice(shape),
             strides,
             offset: 0,
         }
@@ -62,7 +67,7 @@ impl Layout {
     /// # Errors
     ///
     /// [`Error::BadLayout`] naming the problem.
-    pub fn new(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Result<Self> {
+    pub fn new(shape: &[usize], strides: &[usize], offset: usize) -> Result<Self> {
         if shape.len() != strides.len() {
             return Err(Error::BadLayout(format!(
                 "shape has {} dimensions but strides have {}",
@@ -71,8 +76,8 @@ impl Layout {
             )));
         }
         let layout = Self {
-            shape,
-            strides,
+            shape: Dims::from_slice(shape),
+            strides: Dims::from_slice(strides),
             offset,
         };
         layout.required_elems()?;

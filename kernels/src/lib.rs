@@ -26,4 +26,4 @@ pub mod runtime;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
-pub use layout::{contiguous_strides, element_count, Layout};
+pub use layout::{contiguous_strides, element_count, Dims, Layout};

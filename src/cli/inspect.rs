@@ -25,8 +25,8 @@ fn frame_json(offset: u64, f: &Frame, checksum_error: &Option<String>) -> Value 
         .tensors
         .iter()
         .zip(f.message.tensors())
-        .map(|(t, (_, tensor))| {
-            json!({"name": t.name, "dtype": t.dtype, "shape": tensor.shape(),
+        .map(|(t, (name, tensor))| {
+            json!({"name": name, "dtype": t.dtype, "shape": tensor.shape(),
                    "device": t.device, "bytes": t.bytes, "checksum": t.checksum.map(|c| c.to_string())})
         })
         .collect();
@@ -65,17 +65,17 @@ pub fn run(args: &Args) -> Outcome {
             if !frame.message.fields().is_empty() {
                 say!("  fields {}", Value::Object(frame.message.fields().clone()));
             }
-            for (t, (_, tensor)) in frame.tensors.iter().zip(frame.message.tensors()) {
+            for (t, (name, tensor)) in frame.tensors.iter().zip(frame.message.tensors()) {
                 let check = match (&t.checksum, &checksum_error) {
                     (None, _) => "no checksum".to_string(),
-                    (Some(c), Some(e)) if e.contains(&format!("`{}`", t.name)) => {
+                    (Some(c), Some(e)) if e.contains(&format!("`{name}`")) => {
                         format!("checksum {c} MISMATCH")
                     }
                     (Some(c), _) => format!("checksum {c} ok"),
                 };
                 say!(
                     "  {:<16} {:<6} {:?} from {}, {} bytes, {check}",
-                    t.name,
+                    name,
                     t.dtype,
                     tensor.shape(),
                     t.device,

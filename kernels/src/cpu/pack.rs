@@ -138,8 +138,8 @@ mod tests {
                 .transposed(0, 1)
                 .expect("t"),
             base.narrowed(0, 3, 3).expect("empty"),
-            Layout::new(vec![], vec![], 7).expect("scalar"),
-            Layout::new(vec![3, 1, 2], vec![7, 99, 2], 1).expect("odd strides"),
+            Layout::new(&[], &[], 7).expect("scalar"),
+            Layout::new(&[3, 1, 2], &[7, 99, 2], 1).expect("odd strides"),
         ];
         for l in &views {
             let want = naive(&storage, 2, l);
@@ -158,6 +158,6 @@ mod tests {
         let l = Layout::contiguous(&[3, 4]);
         assert!(pack(&storage, 1, &l, &mut [0u8; 12]).is_err());
         assert!(pack(&[0u8; 12], 1, &l, &mut [0u8; 11]).is_err());
-        assert!(Layout::new(vec![2, usize::MAX], vec![1, 2], 0).is_err());
+        assert!(Layout::new(&[2, usize::MAX], &[1, 2], 0).is_err());
     }
 }
