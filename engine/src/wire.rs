@@ -755,6 +755,18 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
             Some(strides) => {
                 let layout = Layout::new(shape, strides, 0)
                     .map_err(|e| Error::tensor(name, e.to_string()))?;
+                // A view may show less than its buffer, never more: packing
+                // allocates its visible bytes, and strides of 0 would let a
+                // few bytes claim terabytes (or overflow the byte count).
+                let visible = numel
+                    .checked_mul(dtype.size_bytes())
+                    .filter(|&b| b as u64 <= d.bytes);
+                if visible.is_none() {
+                    return Err(Error::tensor(
+                        name,
+                        format!("{dtype} × {shape:?} is more than its {} bytes", d.bytes),
+                    ));
+                }
                 Tensor::from_host_strided(dtype, layout, view)
             }
         }
