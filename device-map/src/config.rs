@@ -66,7 +66,53 @@ impl FromStr for Pattern {
     }
 }
 
-/// One channel's settings: pattern, device map and fallback policy.
+/// What a publisher does when a subscriber's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Overflow {
+    /// Wait until the subscriber takes a message (backpressure reaches the publisher).
+    #[default]
+    Block,
+    /// Drop the oldest queued message and count the drop.
+    DropOldest,
+}
+
+impl Overflow {
+    /// The name used in configuration files.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Overflow::Block => "block",
+            Overflow::DropOldest => "drop_oldest",
+        }
+    }
+
+    const EXPECTED: &'static str = "\"block\" or \"drop_oldest\"";
+}
+
+impl fmt::Display for Overflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Overflow {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "block" => Ok(Overflow::Block),
+            "drop_oldest" => Ok(Overflow::DropOldest),
+            _ => Err(Error::InvalidValue {
+                value: s.to_string(),
+                expected: Self::EXPECTED,
+            }),
+        }
+    }
+}
+
+/// Messages a subscriber's queue holds when the configuration does not say.
+pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+
+/// One channel's settings: pattern, device map, fallback and queue policy.
 ///
 /// # Examples
 ///
@@ -82,7 +128,7 @@ impl FromStr for Pattern {
 /// assert_eq!(spec.reply_map()?.get(Device::cuda(1)), Some(Device::cuda(0)));
 /// # Ok::<(), tensorferry_device_map::Error>(())
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelSpec {
     /// Publish/subscribe or request/reply. Default: pubsub.
     pub pattern: Pattern,
@@ -90,6 +136,22 @@ pub struct ChannelSpec {
     pub device_map: DeviceMap,
     /// What to do when a target is missing on the receiving host. Default: error.
     pub fallback: Fallback,
+    /// Messages each subscriber's queue holds. Default: [`DEFAULT_QUEUE_DEPTH`].
+    pub queue_depth: usize,
+    /// What a publisher does when a subscriber's queue is full. Default: block.
+    pub overflow: Overflow,
+}
+
+impl Default for ChannelSpec {
+    fn default() -> Self {
+        Self {
+            pattern: Pattern::default(),
+            device_map: DeviceMap::default(),
+            fallback: Fallback::default(),
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            overflow: Overflow::default(),
+        }
+    }
 }
 
 impl ChannelSpec {
@@ -110,6 +172,13 @@ impl ChannelSpec {
     /// Sets the fallback policy.
     pub fn with_fallback(mut self, fallback: Fallback) -> Self {
         self.fallback = fallback;
+        self
+    }
+
+    /// Sets the subscriber queue depth (messages, at least 1) and overflow policy.
+    pub fn with_queue(mut self, depth: usize, overflow: Overflow) -> Self {
+        self.queue_depth = depth.max(1);
+        self.overflow = overflow;
         self
     }
 
@@ -489,7 +558,15 @@ impl Walk<'_> {
 }
 
 const ROOT_KEYS: &str = "\"channels\"";
-const CHANNEL_KEYS: &str = "\"pattern\", \"device_map\", \"fallback\"";
+const CHANNEL_KEYS: &str =
+    "\"pattern\", \"device_map\", \"fallback\", \"queue_depth\", \"overflow\"";
+const CHANNEL_KEY_LIST: &[&str] = &[
+    "pattern",
+    "device_map",
+    "fallback",
+    "queue_depth",
+    "overflow",
+];
 
 fn parse_root(raw: Raw, parsed: &mut Parsed) {
     let mut walk = Walk {
@@ -567,13 +644,7 @@ fn parse_channel(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<ChannelSpe
     let mut spec = ChannelSpec::default();
     let mut seen = Vec::new();
     for (key, value) in pairs {
-        if !walk.accept(
-            path,
-            &key,
-            &["pattern", "device_map", "fallback"],
-            CHANNEL_KEYS,
-            &mut seen,
-        ) {
+        if !walk.accept(path, &key, CHANNEL_KEY_LIST, CHANNEL_KEYS, &mut seen) {
             continue;
         }
         let here = field_path(path, &key);
@@ -595,6 +666,31 @@ fn parse_channel(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<ChannelSpe
                 }
             }
             "device_map" => spec.device_map = parse_map(walk, value, &here),
+            "overflow" => {
+                if let Some(s) = walk.string(value, here.clone(), Overflow::EXPECTED) {
+                    match s.parse() {
+                        Ok(o) => spec.overflow = o,
+                        Err(e) => walk.error(here, e),
+                    }
+                }
+            }
+            "queue_depth" => match value {
+                Raw::Number(n) if n.as_u64().is_some_and(|d| d >= 1) => {
+                    spec.queue_depth =
+                        usize::try_from(n.as_u64().unwrap_or(1)).unwrap_or(usize::MAX);
+                }
+                other => walk.error(
+                    here,
+                    Error::InvalidValue {
+                        value: match other {
+                            Raw::Number(n) => n.to_string(),
+                            Raw::String(s) => s,
+                            other => other.type_name().to_string(),
+                        },
+                        expected: "a whole number of messages, at least 1",
+                    },
+                ),
+            },
             _ => unreachable!("walk.accept passes known keys only"),
         }
     }
@@ -765,6 +861,29 @@ mod tests {
             assert_eq!(errors_of(text).len(), 1, "{text}: {:?}", errors_of(text));
         }
         assert!(errors_of(r#"{"channels": {}}"#).is_empty());
+    }
+
+    #[test]
+    fn queue_settings_parse_and_bad_ones_are_errors() {
+        let config = ChannelConfig::from_json_str(
+            r#"{"channels": {"/a": {"queue_depth": 4, "overflow": "drop_oldest"}, "/b": {}}}"#,
+        )
+        .expect("valid");
+        let a = config.channel("/a").expect("a");
+        assert_eq!((a.queue_depth, a.overflow), (4, Overflow::DropOldest));
+        let b = config.channel("/b").expect("b");
+        assert_eq!(
+            (b.queue_depth, b.overflow),
+            (DEFAULT_QUEUE_DEPTH, Overflow::Block)
+        );
+        let bad = r#"{"channels": {"/a": {"queue_depth": 0, "overflow": "drop_newest"}}}"#;
+        assert_eq!(
+            paths(bad),
+            [
+                r#"channels["/a"].queue_depth"#,
+                r#"channels["/a"].overflow"#
+            ]
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ mod map;
 mod resolve;
 
 pub use check::{check, ChannelReport, CheckReport};
-pub use config::{ChannelConfig, ChannelSpec, Parsed, Pattern};
+pub use config::{ChannelConfig, ChannelSpec, Overflow, Parsed, Pattern, DEFAULT_QUEUE_DEPTH};
 pub use device::{Device, ACCEPTED_FORMS};
 pub use error::{Error, Located, Result};
 pub use map::{is_default_key, DeviceMap, DeviceMapBuilder, Entry, DEFAULT_KEY};

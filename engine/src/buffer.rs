@@ -11,7 +11,7 @@ pub const ALIGN: usize = 64;
 
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C, align(64))]
-struct Block([u8; ALIGN]);
+pub(crate) struct Block(pub(crate) [u8; ALIGN]);
 
 /// Where a [`HostBuffer`]'s bytes live. Implement it to wrap memory the engine
 /// does not own (a mapped segment, a foreign allocation).
@@ -123,8 +123,8 @@ impl AsRef<[u8]> for HostBuffer {
 
 /// Owned, writable, 64-byte-aligned host bytes; [`freeze`](HostBufferMut::freeze) makes them shareable.
 pub struct HostBufferMut {
-    blocks: Vec<Block>,
-    len: usize,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) len: usize,
 }
 
 impl HostBufferMut {

@@ -124,6 +124,39 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// Nothing arrived in time.
+    #[error("timed out after {ms} ms {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        ms: u64,
+    },
+
+    /// The connection a subscription or request depended on was lost.
+    #[error("connection to {peer} lost: {reason}")]
+    PeerLost {
+        /// The peer's address.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// A service answered with an error.
+    #[error("service `{channel}` replied with error `{code}`: {message}")]
+    Remote {
+        /// The service channel.
+        channel: String,
+        /// The error code.
+        code: String,
+        /// The service's message.
+        message: String,
+    },
+
+    /// The node was shut down.
+    #[error("the node is shut down")]
+    Closed,
+
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {

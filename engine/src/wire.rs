@@ -41,6 +41,10 @@ pub enum Kind {
     Reply,
     /// A service's error reply.
     Error,
+    /// Control: the sender wants the messages of this channel (`*`: every channel).
+    Subscribe,
+    /// Control: the sender no longer wants the messages of this channel.
+    Unsubscribe,
 }
 
 /// Decoder limits, enforced before anything is allocated.
@@ -581,20 +585,32 @@ impl Frame {
     ///
     /// [`Error::Tensor`] naming the first tensor whose bytes do not match.
     pub fn verify_checksums(&self) -> Result<usize> {
-        let mut checked = 0;
-        for ((name, t), info) in self.message.tensors().zip(&self.tensors) {
-            let Some(want) = info.checksum else { continue };
-            let got = checksum(t.packed()?.as_slice());
-            if got != want {
-                return Err(Error::tensor(
-                    name,
-                    format!("checksum mismatch: the sender computed {want}, the bytes received give {got}"),
-                ));
-            }
-            checked += 1;
-        }
-        Ok(checked)
+        verify_checksums(&self.message, &self.tensors)
     }
+}
+
+/// Verifies every checksum in `infos` (one per tensor of `message`, in order);
+/// returns how many were checked.
+///
+/// # Errors
+///
+/// [`Error::Tensor`] naming the first tensor whose bytes do not match.
+pub fn verify_checksums(message: &Message, infos: &[TensorInfo]) -> Result<usize> {
+    let mut checked = 0;
+    for ((name, t), info) in message.tensors().zip(infos) {
+        let Some(want) = info.checksum else { continue };
+        let got = checksum(t.packed()?.as_slice());
+        if got != want {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "checksum mismatch: the sender computed {want}, the bytes received give {got}"
+                ),
+            ));
+        }
+        checked += 1;
+    }
+    Ok(checked)
 }
 
 /// Decodes the frame at the start of `region` (which may hold more bytes after it).

@@ -134,6 +134,18 @@ impl Summary {
             .collect();
     }
 
+    /// Counts a message of `bytes` payload bytes whose tensors are not kept.
+    pub fn record_bytes(&mut self, bytes: u64, at: std::time::Duration) {
+        self.messages += 1;
+        self.bytes += bytes;
+        self.seconds = at.as_secs_f64();
+    }
+
+    /// Sets the run's end (e.g. after the last message was flushed).
+    pub fn seconds_to(&mut self, at: std::time::Duration) {
+        self.seconds = at.as_secs_f64();
+    }
+
     fn gbps(&self) -> f64 {
         if self.seconds > 0.0 {
             self.bytes as f64 / self.seconds / 1e9

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tensorferry::device_map::Device;
 use tensorferry::engine::file::FileWriter;
-use tensorferry::engine::wire::{encode, EncodeOptions, FrameMeta};
-use tensorferry::engine::{pattern, Address, Message};
+use tensorferry::engine::wire::{encode, EncodeOptions, Encoded, FrameMeta};
+use tensorferry::engine::{pattern, Address, Message, Node, Publisher};
 
 use super::tensor_spec::TensorSpec;
 use super::{print_json, Outcome, Summary};
@@ -15,9 +15,28 @@ use super::{print_json, Outcome, Summary};
 /// Options of `tensorferry send`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where to send: `file://PATH` records the frames to a file.
+    /// Where to send: `tcp://HOST:PORT` connects to a receiver that listens
+    /// (`recv --listen`); `file://PATH` records the frames to a file.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        required_unless_present = "listen",
+        conflicts_with = "listen"
+    )]
+    to: Option<String>,
+
+    /// Listen here instead and send to every receiver that connects
+    /// (`recv --from tcp://…`), once --subscribers of them have.
     #[arg(long, value_name = "ADDR")]
-    to: String,
+    listen: Option<String>,
+
+    /// Receivers to wait for before sending (network transports).
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+
+    /// Seconds to wait for receivers and for the last message to be written.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    wait: f64,
 
     /// Channel name carried in every message.
     #[arg(long, default_value = "/tensorferry")]
@@ -69,8 +88,83 @@ fn parse_field(text: &str) -> Result<(String, Value), String> {
     Ok((key.trim().to_string(), value))
 }
 
+/// Where messages go.
+enum Sink {
+    File(FileWriter),
+    Net { _node: Node, publisher: Publisher },
+}
+
+impl Sink {
+    fn open(args: &Args, wait: Duration) -> Result<(Sink, Address), String> {
+        if let Some(text) = &args.listen {
+            let addr: Address = text.parse().map_err(|e| format!("--listen: {e}"))?;
+            if matches!(addr, Address::File(_)) {
+                return Err(
+                    "--listen takes a network address; record a file with --to file://PATH".into(),
+                );
+            }
+            let node = Node::builder()
+                .name("send")
+                .listen_public(text)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let bound = node.listen_addrs().first().cloned().unwrap_or(addr);
+            eprintln!("listening on {bound}");
+            let publisher = node.publisher(args.channel.clone());
+            publisher
+                .wait_for_subscribers(args.subscribers, wait)
+                .map_err(|e| e.to_string())?;
+            return Ok((
+                Sink::Net {
+                    _node: node,
+                    publisher,
+                },
+                bound,
+            ));
+        }
+        let text = args.to.as_deref().expect("clap requires --to or --listen");
+        let addr: Address = text.parse().map_err(|e| format!("--to: {e}"))?;
+        match &addr {
+            Address::File(path) => {
+                let writer = if args.append { FileWriter::append(path) } else { FileWriter::create(path) }
+                    .map_err(|e| e.to_string())?;
+                Ok((Sink::File(writer), addr))
+            }
+            Address::Inproc(_) => Err(format!("--to {addr}: inproc:// reaches nodes in this process only; use tcp:// between processes")),
+            _ => {
+                let node = Node::builder()
+                    .name("send")
+                    .connect_timeout_ms(wait.as_millis() as u64)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                node.connect(text).map_err(|e| e.to_string())?;
+                let publisher = node.publisher(args.channel.clone());
+                publisher.wait_for_subscribers(args.subscribers, wait).map_err(|e| e.to_string())?;
+                Ok((Sink::Net { _node: node, publisher }, addr))
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        message: Message,
+        frame: impl FnOnce(&Message) -> Result<Encoded, String>,
+    ) -> Result<(), String> {
+        match self {
+            Sink::File(w) => w.write(&frame(&message)?).map_err(|e| e.to_string()),
+            Sink::Net { publisher, .. } => publisher.send(message).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn finish(&mut self, wait: Duration) -> Result<(), String> {
+        match self {
+            Sink::File(w) => w.sync().map_err(|e| e.to_string()),
+            Sink::Net { publisher, .. } => publisher.flush(wait).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 pub fn run(args: &Args) -> Outcome {
-    let address: Address = args.to.parse().map_err(|e| format!("--to: {e}"))?;
     let fields = args
         .fields
         .iter()
@@ -91,15 +185,14 @@ pub fn run(args: &Args) -> Outcome {
         }
         None => None,
     };
-    let Address::File(path) = &address else {
-        return Err(format!("--to {address}: this transport cannot send yet"));
-    };
-    let mut writer = if args.append {
-        FileWriter::append(path)
-    } else {
-        FileWriter::create(path)
+    if !(args.wait > 0.0 && args.wait.is_finite()) {
+        return Err(format!(
+            "--wait {}: give a positive number of seconds",
+            args.wait
+        ));
     }
-    .map_err(|e| e.to_string())?;
+    let wait = Duration::from_secs_f64(args.wait);
+    let (mut sink, address) = Sink::open(args, wait)?;
     let options = EncodeOptions {
         checksums: args.checksum,
     };
@@ -108,8 +201,8 @@ pub fn run(args: &Args) -> Outcome {
     for seq in 0..args.count {
         if let Some(every) = interval {
             let due = start + every.mul_f64(seq as f64);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
+            if let Some(pause) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(pause);
             }
         }
         let mut message = Message::new();
@@ -121,16 +214,16 @@ pub fn run(args: &Args) -> Outcome {
                 .map_err(|e| e.to_string())?;
             message = message.tensor(t.name.clone(), tensor);
         }
-        let frame = encode(
-            &message,
-            &FrameMeta::message(args.channel.clone(), seq),
-            options,
-        )
-        .map_err(|e| e.to_string())?;
-        writer.write(&frame).map_err(|e| e.to_string())?;
-        summary.record(&message, start.elapsed());
+        let channel = args.channel.clone();
+        let record = |m: &Message| {
+            encode(m, &FrameMeta::message(channel, seq), options).map_err(|e| e.to_string())
+        };
+        let bytes = message.payload_bytes();
+        sink.send(message, record)?;
+        summary.record_bytes(bytes, start.elapsed());
     }
-    writer.sync().map_err(|e| e.to_string())?;
+    sink.finish(wait)?;
+    summary.seconds_to(start.elapsed());
     if args.json {
         let mut v = summary.to_json();
         v["to"] = json!(address.to_string());

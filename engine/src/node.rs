@@ -1,0 +1,1436 @@
+//! [`Node`]: owns connections and channels; publishes, subscribes, serves and requests.
+//!
+//! A node listens on any number of addresses and connects to others. Every
+//! connection (a *peer*) carries all channels in both directions. A
+//! subscription on a node asks every peer for its channel; a publisher sends
+//! to the node's own subscriptions and to every peer that asked. Each
+//! subscriber has a bounded queue with the channel's overflow policy (`block`
+//! the publisher, or `drop_oldest` and count), so memory never grows without
+//! bound. A lost connection is reported to the subscriptions and requests that
+//! depended on it; the node and its other peers carry on.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use serde_json::json;
+use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow};
+
+use crate::address::Address;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::pool::BufferPool;
+use crate::service::{Handler, Schema, Service, ServiceError};
+use crate::stream::FrameReader;
+use crate::wire::{encode, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits, TensorInfo};
+
+/// The channel name that subscribes to every channel.
+pub const ALL_CHANNELS: &str = "*";
+
+/// A message as a subscriber receives it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The channel it was published on.
+    pub channel: String,
+    /// The publisher's sequence number.
+    pub seq: u64,
+    /// The message. Tensors that crossed a socket view a pooled receive buffer.
+    pub message: Message,
+    /// What the sender's header said of each tensor (source device, checksum),
+    /// in message order; empty for messages that never left the process.
+    pub tensors: Vec<TensorInfo>,
+    /// Who sent it: the peer's address, or `local`.
+    pub from: String,
+    /// When its first byte arrived (for a local message: when it was published).
+    pub first_byte: Instant,
+}
+
+type Delivery = std::result::Result<Received, Error>;
+
+/// A bounded queue with an overflow policy: what sits between a publisher and one subscriber.
+struct Queue<T> {
+    tx: Sender<T>,
+    rx: Receiver<T>,
+    overflow: Overflow,
+    dropped: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl<T> Queue<T> {
+    fn new(spec: &ChannelSpec) -> Self {
+        let (tx, rx) = bounded(spec.queue_depth.max(1));
+        Self {
+            tx,
+            rx,
+            overflow: spec.overflow,
+            dropped: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues `item` by the policy; `false` when the queue was closed meanwhile.
+    fn push(&self, mut item: T) -> bool {
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            match self.overflow {
+                Overflow::Block => match self.tx.send_timeout(item, Duration::from_millis(50)) {
+                    Ok(()) => return true,
+                    Err(e) => item = e.into_inner(),
+                },
+                Overflow::DropOldest => match self.tx.try_send(item) {
+                    Ok(()) => return true,
+                    Err(TrySendError::Full(back)) => {
+                        if self.rx.try_recv().is_ok() {
+                            self.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        item = back;
+                    }
+                    Err(TrySendError::Disconnected(_)) => return false,
+                },
+            }
+        }
+    }
+
+    /// Pushes regardless of the policy (for events that must not be lost, such as a lost peer).
+    fn force(&self, item: T) {
+        let mut item = item;
+        while let Err(TrySendError::Full(back)) = self.tx.try_send(item) {
+            let _ = self.rx.try_recv();
+            item = back;
+        }
+    }
+}
+
+/// The queue of one remote subscription and the thread that drains it into the socket.
+struct Outlet {
+    queue: Queue<Arc<Encoded>>,
+    /// Frames queued or being written.
+    inflight: AtomicU64,
+}
+
+enum Link {
+    Stream {
+        writer: Mutex<Box<dyn Write + Send>>,
+        stream: TcpStream,
+    },
+    Inproc {
+        remote: Weak<NodeInner>,
+        twin: OnceLock<Weak<Peer>>,
+    },
+}
+
+struct Peer {
+    id: u64,
+    label: String,
+    link: Link,
+    alive: AtomicBool,
+    /// Channels the remote end subscribed to.
+    wants: Mutex<HashMap<String, Option<Arc<Outlet>>>>,
+    /// Subscriptions made through `subscribe(addr, …)` to this peer, told when it is lost.
+    origin: Mutex<Vec<Weak<Queue<Delivery>>>>,
+    dialed: Option<Address>,
+}
+
+impl Peer {
+    fn wants(&self, channel: &str) -> Option<Option<Arc<Outlet>>> {
+        let wants = self.wants.lock().expect("peer lock is never poisoned");
+        wants
+            .get(channel)
+            .or_else(|| wants.get(ALL_CHANNELS))
+            .cloned()
+    }
+
+    /// Writes one frame now (control frames, requests, replies).
+    fn write(&self, frame: &Encoded) -> Result<()> {
+        match &self.link {
+            Link::Stream { writer, .. } => {
+                let mut w = writer.lock().expect("writer lock is never poisoned");
+                frame
+                    .write_to(&mut *w)
+                    .map_err(|e| Error::io(format!("writing to {}", self.label), e))
+            }
+            Link::Inproc { .. } => Err(Error::Invalid(
+                "inproc peers take messages, not frames".into(),
+            )),
+        }
+    }
+
+    fn close(&self) {
+        self.alive.store(false, Ordering::Release);
+        if let Link::Stream { stream, .. } = &self.link {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        for outlet in self
+            .wants
+            .lock()
+            .expect("peer lock is never poisoned")
+            .values()
+            .flatten()
+        {
+            outlet.queue.closed.store(true, Ordering::Release);
+        }
+    }
+}
+
+struct ServiceSlot {
+    input: Schema,
+    queue: Sender<(Message, ReplyTo)>,
+}
+
+struct ReplyTo {
+    peer: Arc<Peer>,
+    channel: String,
+    id: u64,
+}
+
+struct Pending {
+    peer: u64,
+    tx: Sender<std::result::Result<Message, Error>>,
+}
+
+struct NodeInner {
+    name: String,
+    config: ChannelConfig,
+    limits: Limits,
+    pool: BufferPool,
+    connect_timeout: Duration,
+    bound: Mutex<Vec<Address>>,
+    subs: Mutex<HashMap<String, Vec<Arc<Queue<Delivery>>>>>,
+    peers: Mutex<Vec<Arc<Peer>>>,
+    services: Mutex<HashMap<String, ServiceSlot>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+}
+
+fn inproc_registry() -> &'static Mutex<HashMap<String, Weak<NodeInner>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<NodeInner>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// Shuts the node down when the last user-facing handle is dropped.
+struct Guard(Arc<NodeInner>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+/// Builds a [`Node`]; everything is checked in [`build`](NodeBuilder::build).
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    name: String,
+    listen: Vec<(String, bool)>,
+    config: ChannelConfig,
+    limits: Limits,
+    connect_timeout: Duration,
+    pool_idle_bytes: usize,
+}
+
+/// Owns connections and channels.
+///
+/// # Examples
+///
+/// ```
+/// use tensorferry_engine::{Message, Node, Tensor};
+///
+/// let server = Node::builder().name("camera").listen("tcp://127.0.0.1:0").build()?;
+/// let addr = server.listen_addrs()[0].to_string(); // the port picked
+/// let client = Node::builder().name("viewer").build()?;
+/// let frames = client.subscribe(&addr, "/camera")?;
+/// let publisher = server.publisher("/camera");
+/// publisher.wait_for_subscribers(1, std::time::Duration::from_secs(5))?;
+/// publisher.send(Message::new().tensor("image", Tensor::from_slice(&[1u8, 2, 3], &[3])?))?;
+/// let got = frames.recv()?;
+/// assert_eq!(got.message.get("image").map(|t| t.shape().to_vec()), Some(vec![3]));
+/// # Ok::<(), tensorferry_engine::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+    guard: Arc<Guard>,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        Self {
+            name: "tensorferry".into(),
+            listen: Vec::new(),
+            config: ChannelConfig::new(),
+            limits: Limits::default(),
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_bytes: 1 << 30,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// The node's name, shown to peers and in logs. Default `tensorferry`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Listens on `addr` (`inproc://NAME`, `tcp://HOST:PORT`). TCP must be a
+    /// loopback address; use [`listen_public`](Self::listen_public) to accept other hosts.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen.push((addr.into(), false));
+        self
+    }
+
+    /// Listens on `addr`, which may be reachable from other hosts (e.g. `tcp://0.0.0.0:7070`).
+    pub fn listen_public(mut self, addr: impl Into<String>) -> Self {
+        self.listen.push((addr.into(), true));
+        self
+    }
+
+    /// Per-channel settings (queue depth, overflow policy, device maps). Default: none,
+    /// so every channel gets [`ChannelSpec::default`].
+    pub fn channels(mut self, config: ChannelConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Decoder limits for frames from peers. Default [`Limits::default`].
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How long connecting retries (with backoff) before giving up, in ms. Default 5000.
+    pub fn connect_timeout_ms(mut self, ms: u64) -> Self {
+        self.connect_timeout = Duration::from_millis(ms);
+        self
+    }
+
+    /// Most bytes of receive buffers kept for reuse. Default 1 GiB.
+    pub fn pool_idle_bytes(mut self, bytes: usize) -> Self {
+        self.pool_idle_bytes = bytes;
+        self
+    }
+
+    /// Binds every listen address and starts the node.
+    ///
+    /// # Errors
+    ///
+    /// A malformed address, a non-loopback address given to `listen`, an
+    /// inproc name already taken, or a socket that cannot be bound.
+    pub fn build(self) -> Result<Node> {
+        let inner = Arc::new(NodeInner {
+            name: self.name,
+            config: self.config,
+            limits: self.limits,
+            pool: BufferPool::new(self.pool_idle_bytes),
+            connect_timeout: self.connect_timeout,
+            bound: Mutex::new(Vec::new()),
+            subs: Mutex::new(HashMap::new()),
+            peers: Mutex::new(Vec::new()),
+            services: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        });
+        let node = Node {
+            guard: Arc::new(Guard(Arc::clone(&inner))),
+            inner,
+        };
+        for (text, public) in &self.listen {
+            let addr: Address = text.parse()?;
+            node.inner.bind(&addr, *public)?;
+        }
+        Ok(node)
+    }
+}
+
+impl Node {
+    /// Starts building a node.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The addresses the node listens on, with ports resolved (`tcp://…:0` becomes the port picked).
+    pub fn listen_addrs(&self) -> Vec<Address> {
+        self.inner
+            .bound
+            .lock()
+            .expect("lock is never poisoned")
+            .clone()
+    }
+
+    /// A publisher on `channel`.
+    pub fn publisher(&self, channel: impl Into<String>) -> Publisher {
+        Publisher {
+            node: Arc::clone(&self.inner),
+            _guard: Arc::clone(&self.guard),
+            channel: channel.into(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// A subscription to `channel` ([`ALL_CHANNELS`] for every channel) from
+    /// every peer, present and future, and from this node's own publishers.
+    pub fn subscriber(&self, channel: impl Into<String>) -> Subscription {
+        let channel = channel.into();
+        let queue = Arc::new(Queue::new(&self.inner.spec(&channel)));
+        let first = {
+            let mut subs = self.inner.subs.lock().expect("lock is never poisoned");
+            let list = subs.entry(channel.clone()).or_default();
+            list.push(Arc::clone(&queue));
+            list.len() == 1
+        };
+        if first {
+            for peer in self.inner.live_peers() {
+                self.inner.announce(&peer, &channel, Kind::Subscribe);
+            }
+        }
+        Subscription {
+            node: Arc::clone(&self.inner),
+            _guard: Arc::clone(&self.guard),
+            channel,
+            queue,
+        }
+    }
+
+    /// Connects to `addr` (if not yet connected) and subscribes to `channel`.
+    /// If that connection is lost, the subscription reports it.
+    ///
+    /// # Errors
+    ///
+    /// When `addr` cannot be reached within the connect timeout.
+    pub fn subscribe(&self, addr: &str, channel: impl Into<String>) -> Result<Subscription> {
+        let addr: Address = addr.parse()?;
+        let peer = self.inner.connect(&addr)?;
+        let sub = self.subscriber(channel);
+        peer.origin
+            .lock()
+            .expect("lock is never poisoned")
+            .push(Arc::downgrade(&sub.queue));
+        if !peer.alive.load(Ordering::Acquire) {
+            return Err(Error::PeerLost {
+                peer: peer.label.clone(),
+                reason: "closed while subscribing".into(),
+            });
+        }
+        Ok(sub)
+    }
+
+    /// Connects to `addr`, retrying with backoff up to the connect timeout;
+    /// returns the existing connection when there is one.
+    ///
+    /// # Errors
+    ///
+    /// A malformed or unreachable address.
+    pub fn connect(&self, addr: &str) -> Result<()> {
+        let addr: Address = addr.parse()?;
+        self.inner.connect(&addr).map(drop)
+    }
+
+    /// Registers a request/reply service on `channel`, running its `init` now
+    /// and its `fini` when the node shuts down.
+    ///
+    /// # Errors
+    ///
+    /// When a service already serves `channel`, or `init` fails.
+    pub fn serve(&self, channel: impl Into<String>, service: Service) -> Result<()> {
+        let channel = channel.into();
+        let Service {
+            input,
+            output,
+            mut handler,
+        } = service;
+        let mut services = self.inner.services.lock().expect("lock is never poisoned");
+        if services.contains_key(&channel) {
+            return Err(Error::Invalid(format!(
+                "a service already serves `{channel}`"
+            )));
+        }
+        handler.init().map_err(|e| Error::Remote {
+            channel: channel.clone(),
+            code: e.code,
+            message: format!("init failed: {}", e.message),
+        })?;
+        let (tx, rx) = bounded::<(Message, ReplyTo)>(self.inner.spec(&channel).queue_depth.max(1));
+        let node = Arc::downgrade(&self.inner);
+        let name = channel.clone();
+        thread::Builder::new()
+            .name(format!("tf-service{channel}"))
+            .spawn(move || run_service(&name, handler, &output, &rx, &node))
+            .map_err(|e| Error::io("starting a service thread", e))?;
+        services.insert(channel, ServiceSlot { input, queue: tx });
+        Ok(())
+    }
+
+    /// Sends `request` to the service on `channel` at `addr` and waits for its reply.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when no reply comes in `timeout`; [`Error::Remote`] for
+    /// an error reply (a schema mismatch, a handler error, no such service);
+    /// [`Error::PeerLost`] when the connection drops first.
+    pub fn request(
+        &self,
+        addr: &str,
+        channel: &str,
+        request: Message,
+        timeout: Duration,
+    ) -> Result<Message> {
+        let addr: Address = addr.parse()?;
+        let peer = self.inner.connect(&addr)?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = bounded(1);
+        self.inner
+            .pending
+            .lock()
+            .expect("lock is never poisoned")
+            .insert(id, Pending { peer: peer.id, tx });
+        let sent = match &peer.link {
+            Link::Stream { .. } => {
+                let meta = FrameMeta {
+                    channel: channel.to_string(),
+                    seq: 0,
+                    kind: Kind::Request,
+                    id: Some(id),
+                };
+                encode(&request, &meta, EncodeOptions::default()).and_then(|f| peer.write(&f))
+            }
+            Link::Inproc { remote, twin } => {
+                match (remote.upgrade(), twin.get().and_then(Weak::upgrade)) {
+                    (Some(remote), Some(twin)) => {
+                        remote.dispatch_request(&twin, channel, id, request);
+                        Ok(())
+                    }
+                    _ => Err(Error::PeerLost {
+                        peer: peer.label.clone(),
+                        reason: "the node is gone".into(),
+                    }),
+                }
+            }
+        };
+        let outcome = sent.and_then(|()| match rx.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
+                what: format!("waiting for the reply of `{channel}` at {addr}"),
+                ms: timeout.as_millis() as u64,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Closed),
+        });
+        self.inner
+            .pending
+            .lock()
+            .expect("lock is never poisoned")
+            .remove(&id);
+        outcome
+    }
+
+    /// Number of live connections.
+    pub fn peer_count(&self) -> usize {
+        self.inner.live_peers().len()
+    }
+
+    /// Closes every connection and listener and stops every service (running its `fini`).
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+impl NodeInner {
+    fn spec(&self, channel: &str) -> ChannelSpec {
+        self.config.get(channel).cloned().unwrap_or_default()
+    }
+
+    fn live_peers(&self) -> Vec<Arc<Peer>> {
+        self.peers
+            .lock()
+            .expect("lock is never poisoned")
+            .iter()
+            .filter(|p| p.alive.load(Ordering::Acquire))
+            .cloned()
+            .collect()
+    }
+
+    fn bind(self: &Arc<Self>, addr: &Address, public: bool) -> Result<()> {
+        match addr {
+            Address::Inproc(name) => {
+                let mut reg = inproc_registry().lock().expect("lock is never poisoned");
+                if reg.get(name).is_some_and(|w| w.strong_count() > 0) {
+                    return Err(Error::Invalid(format!(
+                        "{addr} is already taken in this process"
+                    )));
+                }
+                reg.insert(name.clone(), Arc::downgrade(self));
+                self.bound
+                    .lock()
+                    .expect("lock is never poisoned")
+                    .push(addr.clone());
+                Ok(())
+            }
+            Address::Tcp(_) => {
+                if !public && !addr.is_local_only()? {
+                    return Err(Error::Invalid(format!(
+                        "{addr} is reachable from other hosts; bind it with listen_public (the CLI: write the address explicitly) or use 127.0.0.1"
+                    )));
+                }
+                let sock = addr.socket_addrs()?;
+                let listener = TcpListener::bind(&sock[..])
+                    .map_err(|e| Error::io(format!("binding {addr}"), e))?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|e| Error::io("reading the bound address", e))?;
+                self.bound
+                    .lock()
+                    .expect("lock is never poisoned")
+                    .push(Address::Tcp(local.to_string()));
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| Error::io("configuring the listener", e))?;
+                let node = Arc::downgrade(self);
+                thread::Builder::new()
+                    .name("tf-accept".into())
+                    .spawn(move || accept_loop(&listener, &node))
+                    .map_err(|e| Error::io("starting the accept thread", e))?;
+                Ok(())
+            }
+            Address::Shm(_) | Address::File(_) => Err(Error::Invalid(format!(
+                "a node cannot listen on {addr} in this build; use inproc:// or tcp://"
+            ))),
+        }
+    }
+
+    fn connect(self: &Arc<Self>, addr: &Address) -> Result<Arc<Peer>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if let Some(p) = self
+            .live_peers()
+            .into_iter()
+            .find(|p| p.dialed.as_ref() == Some(addr))
+        {
+            return Ok(p);
+        }
+        match addr {
+            Address::Inproc(name) => {
+                let remote = inproc_registry()
+                    .lock()
+                    .expect("lock is never poisoned")
+                    .get(name)
+                    .and_then(Weak::upgrade)
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("nothing listens on {addr} in this process"))
+                    })?;
+                let here = self.add_peer(
+                    addr.to_string(),
+                    Link::Inproc {
+                        remote: Arc::downgrade(&remote),
+                        twin: OnceLock::new(),
+                    },
+                    Some(addr.clone()),
+                );
+                let there = remote.add_peer(
+                    format!("inproc peer {}", self.name),
+                    Link::Inproc {
+                        remote: Arc::downgrade(self),
+                        twin: OnceLock::new(),
+                    },
+                    None,
+                );
+                link_twins(&here, &there);
+                self.greet(&here);
+                remote.greet(&there);
+                Ok(here)
+            }
+            Address::Tcp(_) => {
+                let stream = dial(addr, self.connect_timeout)?;
+                self.start_stream_peer(stream, addr.to_string(), Some(addr.clone()))
+            }
+            Address::Shm(_) | Address::File(_) => Err(Error::Invalid(format!(
+                "cannot connect to {addr} in this build; use inproc:// or tcp://"
+            ))),
+        }
+    }
+
+    fn add_peer(&self, label: String, link: Link, dialed: Option<Address>) -> Arc<Peer> {
+        let peer = Arc::new(Peer {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            label,
+            link,
+            alive: AtomicBool::new(true),
+            wants: Mutex::new(HashMap::new()),
+            origin: Mutex::new(Vec::new()),
+            dialed,
+        });
+        self.peers
+            .lock()
+            .expect("lock is never poisoned")
+            .push(Arc::clone(&peer));
+        peer
+    }
+
+    /// Tells a new peer every channel this node subscribes to.
+    fn greet(&self, peer: &Arc<Peer>) {
+        let channels: Vec<String> = self
+            .subs
+            .lock()
+            .expect("lock is never poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        for ch in channels {
+            self.announce(peer, &ch, Kind::Subscribe);
+        }
+    }
+
+    fn start_stream_peer(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        label: String,
+        dialed: Option<Address>,
+    ) -> Result<Arc<Peer>> {
+        tune(&stream);
+        let reader = stream
+            .try_clone()
+            .map_err(|e| Error::io("cloning the socket", e))?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| Error::io("cloning the socket", e))?;
+        let peer = self.add_peer(
+            label,
+            Link::Stream {
+                writer: Mutex::new(Box::new(writer)),
+                stream,
+            },
+            dialed,
+        );
+        let node = Arc::downgrade(self);
+        let p = Arc::clone(&peer);
+        let frames = FrameReader::new(reader, self.pool.clone(), self.limits);
+        thread::Builder::new()
+            .name("tf-read".into())
+            .spawn(move || read_loop(frames, &p, &node))
+            .map_err(|e| Error::io("starting a reader thread", e))?;
+        self.greet(&peer);
+        Ok(peer)
+    }
+
+    /// Sends a subscribe or unsubscribe to `peer`.
+    fn announce(&self, peer: &Arc<Peer>, channel: &str, kind: Kind) {
+        match &peer.link {
+            Link::Stream { .. } => {
+                let meta = FrameMeta {
+                    channel: channel.to_string(),
+                    seq: 0,
+                    kind,
+                    id: None,
+                };
+                if let Ok(frame) = encode(&Message::new(), &meta, EncodeOptions::default()) {
+                    if peer.write(&frame).is_err() {
+                        self.lose(peer, "write failed");
+                    }
+                }
+            }
+            Link::Inproc { remote, twin } => {
+                if let (Some(remote), Some(twin)) =
+                    (remote.upgrade(), twin.get().and_then(Weak::upgrade))
+                {
+                    remote.on_control(&twin, channel, kind);
+                }
+            }
+        }
+    }
+
+    /// A peer asked for (or dropped) a channel.
+    fn on_control(&self, peer: &Arc<Peer>, channel: &str, kind: Kind) {
+        let mut wants = peer.wants.lock().expect("lock is never poisoned");
+        match kind {
+            Kind::Subscribe if !wants.contains_key(channel) => {
+                let outlet = match &peer.link {
+                    Link::Stream { .. } => Some(spawn_outlet(peer, &self.spec(channel))),
+                    Link::Inproc { .. } => None,
+                };
+                wants.insert(channel.to_string(), outlet);
+            }
+            Kind::Unsubscribe => {
+                if let Some(Some(outlet)) = wants.remove(channel) {
+                    outlet.queue.closed.store(true, Ordering::Release);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Delivers a message to this node's subscriptions of `channel` (and of `*`).
+    fn deliver(&self, received: Received) {
+        let queues: Vec<Arc<Queue<Delivery>>> = {
+            let subs = self.subs.lock().expect("lock is never poisoned");
+            subs.get(&received.channel)
+                .into_iter()
+                .chain(subs.get(ALL_CHANNELS))
+                .flatten()
+                .cloned()
+                .collect()
+        };
+        if let Some((last, rest)) = queues.split_last() {
+            for q in rest {
+                q.push(Ok(received.clone()));
+            }
+            last.push(Ok(received));
+        }
+    }
+
+    fn dispatch_request(&self, peer: &Arc<Peer>, channel: &str, id: u64, request: Message) {
+        let reply_to = ReplyTo {
+            peer: Arc::clone(peer),
+            channel: channel.to_string(),
+            id,
+        };
+        let services = self.services.lock().expect("lock is never poisoned");
+        let Some(slot) = services.get(channel) else {
+            drop(services);
+            let err = ServiceError::new(
+                "no_service",
+                format!("no service is registered on `{channel}` at {}", self.name),
+            );
+            send_reply(&reply_to, Err(err));
+            return;
+        };
+        if let Err(why) = slot.input.check(&request) {
+            drop(services);
+            send_reply(&reply_to, Err(ServiceError::new("bad_request", why)));
+            return;
+        }
+        let queue = slot.queue.clone();
+        drop(services);
+        if let Err(e) = queue.send((request, reply_to)) {
+            let (_, reply_to) = e.into_inner();
+            send_reply(
+                &reply_to,
+                Err(ServiceError::new(
+                    "shutting_down",
+                    "the service is stopping",
+                )),
+            );
+        }
+    }
+
+    fn complete(&self, id: u64, result: std::result::Result<Message, Error>) {
+        if let Some(p) = self
+            .pending
+            .lock()
+            .expect("lock is never poisoned")
+            .remove(&id)
+        {
+            let _ = p.tx.try_send(result);
+        }
+    }
+
+    /// Marks `peer` lost: tells the subscriptions and requests that depended on it.
+    fn lose(&self, peer: &Arc<Peer>, reason: &str) {
+        if !peer.alive.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        peer.close();
+        self.peers
+            .lock()
+            .expect("lock is never poisoned")
+            .retain(|p| p.id != peer.id);
+        for q in peer
+            .origin
+            .lock()
+            .expect("lock is never poisoned")
+            .iter()
+            .filter_map(Weak::upgrade)
+        {
+            q.force(Err(Error::PeerLost {
+                peer: peer.label.clone(),
+                reason: reason.to_string(),
+            }));
+        }
+        let failed: Vec<Pending> = {
+            let mut pending = self.pending.lock().expect("lock is never poisoned");
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.peer == peer.id)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| pending.remove(&id))
+                .collect()
+        };
+        for p in failed {
+            let _ = p.tx.try_send(Err(Error::PeerLost {
+                peer: peer.label.clone(),
+                reason: reason.to_string(),
+            }));
+        }
+        if let Link::Inproc { remote, twin } = &peer.link {
+            if let (Some(remote), Some(twin)) =
+                (remote.upgrade(), twin.get().and_then(Weak::upgrade))
+            {
+                remote.lose(&twin, "the other node shut down");
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        inproc_registry()
+            .lock()
+            .expect("lock is never poisoned")
+            .retain(|_, w| {
+                w.upgrade()
+                    .is_some_and(|n| !std::ptr::eq(Arc::as_ptr(&n), self))
+            });
+        let peers: Vec<Arc<Peer>> = self
+            .peers
+            .lock()
+            .expect("lock is never poisoned")
+            .drain(..)
+            .collect();
+        for p in &peers {
+            self.lose(p, "this node shut down");
+        }
+        // Dropping the queues' senders lets each service thread run `fini` and end.
+        self.services
+            .lock()
+            .expect("lock is never poisoned")
+            .clear();
+        for q in self
+            .subs
+            .lock()
+            .expect("lock is never poisoned")
+            .values()
+            .flatten()
+        {
+            q.closed.store(true, Ordering::Release);
+        }
+    }
+}
+
+fn link_twins(a: &Arc<Peer>, b: &Arc<Peer>) {
+    if let Link::Inproc { twin, .. } = &a.link {
+        let _ = twin.set(Arc::downgrade(b));
+    }
+    if let Link::Inproc { twin, .. } = &b.link {
+        let _ = twin.set(Arc::downgrade(a));
+    }
+}
+
+/// Socket options for throughput and latency: no Nagle delay, large buffers.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    let _ = sock.set_recv_buffer_size(4 << 20);
+}
+
+/// Connects, retrying with exponential backoff until `timeout`.
+fn dial(addr: &Address, timeout: Duration) -> Result<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    let mut wait = Duration::from_millis(10);
+    loop {
+        let last = match addr.socket_addrs() {
+            Ok(sock) => match TcpStream::connect(&sock[..]) {
+                Ok(s) => return Ok(s),
+                Err(e) => e,
+            },
+            Err(e) => return Err(e),
+        };
+        if Instant::now() + wait > deadline {
+            return Err(Error::io(
+                format!(
+                    "connecting to {addr} (retried for {} ms)",
+                    timeout.as_millis()
+                ),
+                last,
+            ));
+        }
+        thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_millis(500));
+    }
+}
+
+fn accept_loop(listener: &TcpListener, node: &Weak<NodeInner>) {
+    loop {
+        let Some(inner) = node.upgrade() else { return };
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        match listener.accept() {
+            Ok((stream, from)) => {
+                let _ = stream.set_nonblocking(false);
+                if let Err(e) = inner.start_stream_peer(stream, format!("tcp://{from}"), None) {
+                    eprintln!(
+                        "tensorferry: {}: dropping connection from {from}: {e}",
+                        inner.name
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                drop(inner);
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                eprintln!("tensorferry: {}: accept failed: {e}", inner.name);
+                drop(inner);
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn read_loop(mut frames: FrameReader<TcpStream>, peer: &Arc<Peer>, node: &Weak<NodeInner>) {
+    let reason = loop {
+        let result = frames.read_frame();
+        let first_byte = Instant::now();
+        let Some(inner) = node.upgrade() else { return };
+        let frame = match result {
+            Ok(Some(f)) => f,
+            Ok(None) => break "the peer closed the connection".to_string(),
+            Err(e) => {
+                if peer.alive.load(Ordering::Acquire) && !inner.closed.load(Ordering::Acquire) {
+                    eprintln!("tensorferry: {}: closing {}: {e}", inner.name, peer.label);
+                }
+                break e.to_string();
+            }
+        };
+        handle_frame(&inner, peer, frame, first_byte);
+    };
+    if let Some(inner) = node.upgrade() {
+        inner.lose(peer, &reason);
+    }
+}
+
+fn handle_frame(inner: &Arc<NodeInner>, peer: &Arc<Peer>, frame: Frame, first_byte: Instant) {
+    let Frame {
+        meta,
+        message,
+        tensors,
+        ..
+    } = frame;
+    match meta.kind {
+        Kind::Message => inner.deliver(Received {
+            channel: meta.channel,
+            seq: meta.seq,
+            message,
+            tensors,
+            from: peer.label.clone(),
+            first_byte,
+        }),
+        Kind::Subscribe | Kind::Unsubscribe => inner.on_control(peer, &meta.channel, meta.kind),
+        Kind::Request => match meta.id {
+            Some(id) => inner.dispatch_request(peer, &meta.channel, id, message),
+            None => eprintln!(
+                "tensorferry: {}: request without id from {}",
+                inner.name, peer.label
+            ),
+        },
+        Kind::Reply => {
+            if let Some(id) = meta.id {
+                inner.complete(id, Ok(message));
+            }
+        }
+        Kind::Error => {
+            if let Some(id) = meta.id {
+                let text = |k: &str| {
+                    message
+                        .get_field(k)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                inner.complete(
+                    id,
+                    Err(Error::Remote {
+                        channel: meta.channel.clone(),
+                        code: text("code"),
+                        message: text("message"),
+                    }),
+                );
+            }
+        }
+    }
+}
+
+fn spawn_outlet(peer: &Arc<Peer>, spec: &ChannelSpec) -> Arc<Outlet> {
+    let outlet = Arc::new(Outlet {
+        queue: Queue::new(spec),
+        inflight: AtomicU64::new(0),
+    });
+    let o = Arc::clone(&outlet);
+    let p = Arc::downgrade(peer);
+    let spawned = thread::Builder::new()
+        .name("tf-write".into())
+        .spawn(move || loop {
+            let frame = match o.queue.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(f) => f,
+                Err(RecvTimeoutError::Timeout) if !o.queue.closed.load(Ordering::Acquire) => {
+                    continue
+                }
+                Err(_) => return,
+            };
+            let Some(peer) = p.upgrade() else { return };
+            let ok = peer.alive.load(Ordering::Acquire) && peer.write(&frame).is_ok();
+            o.inflight.fetch_sub(1, Ordering::AcqRel);
+            if !ok {
+                peer.close();
+                // Drain what is queued so publishers waiting on a flush are released.
+                while o.queue.rx.try_recv().is_ok() {
+                    o.inflight.fetch_sub(1, Ordering::AcqRel);
+                }
+                return;
+            }
+        });
+    if spawned.is_err() {
+        outlet.queue.closed.store(true, Ordering::Release);
+    }
+    outlet
+}
+
+fn run_service(
+    channel: &str,
+    mut handler: Box<dyn Handler>,
+    output: &Schema,
+    requests: &Receiver<(Message, ReplyTo)>,
+    _node: &Weak<NodeInner>,
+) {
+    for (request, reply_to) in requests {
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handler.exec(request)
+        })) {
+            Ok(Ok(reply)) => match output.check(&reply) {
+                Ok(()) => Ok(reply),
+                Err(why) => Err(ServiceError::new(
+                    "bad_reply",
+                    format!("the handler's reply {why}"),
+                )),
+            },
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ServiceError::new(
+                "handler_panicked",
+                format!("the handler of `{channel}` panicked"),
+            )),
+        };
+        send_reply(&reply_to, result);
+    }
+    handler.fini();
+}
+
+fn send_reply(to: &ReplyTo, result: std::result::Result<Message, ServiceError>) {
+    match &to.peer.link {
+        Link::Stream { .. } => {
+            let (kind, message) = match result {
+                Ok(m) => (Kind::Reply, m),
+                Err(e) => (
+                    Kind::Error,
+                    Message::new()
+                        .field("code", e.code)
+                        .field("message", e.message),
+                ),
+            };
+            let meta = FrameMeta {
+                channel: to.channel.clone(),
+                seq: 0,
+                kind,
+                id: Some(to.id),
+            };
+            match encode(&message, &meta, EncodeOptions::default()) {
+                Ok(frame) => {
+                    let _ = to.peer.write(&frame);
+                }
+                Err(e) => {
+                    let fallback = Message::new().field("code", "bad_reply").field(
+                        "message",
+                        json!(format!("the reply cannot be encoded: {e}")),
+                    );
+                    if let Ok(frame) = encode(
+                        &fallback,
+                        &FrameMeta {
+                            kind: Kind::Error,
+                            ..meta
+                        },
+                        EncodeOptions::default(),
+                    ) {
+                        let _ = to.peer.write(&frame);
+                    }
+                }
+            }
+        }
+        Link::Inproc { remote, .. } => {
+            if let Some(remote) = remote.upgrade() {
+                let result = result.map_err(|e| Error::Remote {
+                    channel: to.channel.clone(),
+                    code: e.code,
+                    message: e.message,
+                });
+                remote.complete(to.id, result);
+            }
+        }
+    }
+}
+
+/// Publishes messages on one channel.
+pub struct Publisher {
+    node: Arc<NodeInner>,
+    _guard: Arc<Guard>,
+    channel: String,
+    seq: AtomicU64,
+}
+
+impl Publisher {
+    /// The channel.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Sends `message` to every subscriber: this node's by reference, each
+    /// peer's through its queue (encoded once for all of them). Under the
+    /// channel's `block` policy this waits while a subscriber's queue is full.
+    ///
+    /// # Errors
+    ///
+    /// When the message cannot be encoded (duplicate names, a tensor not on the host).
+    pub fn send(&self, message: Message) -> Result<()> {
+        if self.node.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut encoded: Option<Arc<Encoded>> = None;
+        for peer in self.node.live_peers() {
+            let Some(outlet) = peer.wants(&self.channel) else {
+                continue;
+            };
+            match (&peer.link, outlet) {
+                (Link::Stream { .. }, Some(outlet)) => {
+                    let frame = match &encoded {
+                        Some(f) => Arc::clone(f),
+                        None => {
+                            let f = Arc::new(encode(
+                                &message,
+                                &FrameMeta::message(self.channel.clone(), seq),
+                                EncodeOptions::default(),
+                            )?);
+                            encoded = Some(Arc::clone(&f));
+                            f
+                        }
+                    };
+                    outlet.inflight.fetch_add(1, Ordering::AcqRel);
+                    if !outlet.queue.push(frame) {
+                        outlet.inflight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                (Link::Inproc { remote, .. }, _) => {
+                    message.check_names()?;
+                    if let Some(remote) = remote.upgrade() {
+                        remote.deliver(Received {
+                            channel: self.channel.clone(),
+                            seq,
+                            message: message.clone(),
+                            tensors: Vec::new(),
+                            from: format!("inproc peer {}", self.node.name),
+                            first_byte: now,
+                        });
+                    }
+                }
+                (Link::Stream { .. }, None) => {}
+            }
+        }
+        self.node.deliver(Received {
+            channel: self.channel.clone(),
+            seq,
+            message,
+            tensors: Vec::new(),
+            from: "local".into(),
+            first_byte: now,
+        });
+        Ok(())
+    }
+
+    /// Subscribers reached: this node's own plus every peer that asked for the channel.
+    pub fn subscribers(&self) -> usize {
+        let local = {
+            let subs = self.node.subs.lock().expect("lock is never poisoned");
+            subs.get(&self.channel).map_or(0, Vec::len) + subs.get(ALL_CHANNELS).map_or(0, Vec::len)
+        };
+        local
+            + self
+                .node
+                .live_peers()
+                .iter()
+                .filter(|p| p.wants(&self.channel).is_some())
+                .count()
+    }
+
+    /// Waits until at least `n` subscribers are reached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when fewer than `n` have subscribed after `timeout`.
+    pub fn wait_for_subscribers(&self, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.subscribers() < n {
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "waiting for {n} subscriber(s) of `{}` ({} so far)",
+                        self.channel,
+                        self.subscribers()
+                    ),
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued message has been written to its socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when messages are still queued after `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let queued: u64 = self
+                .node
+                .live_peers()
+                .iter()
+                .filter_map(|p| p.wants(&self.channel).flatten())
+                .map(|o| o.inflight.load(Ordering::Acquire))
+                .sum();
+            if queued == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("flushing {queued} message(s) of `{}`", self.channel),
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Messages dropped by `drop_oldest` in the queues of peers subscribed to this channel.
+    pub fn dropped(&self) -> u64 {
+        self.node
+            .live_peers()
+            .iter()
+            .filter_map(|p| p.wants(&self.channel).flatten())
+            .map(|o| o.queue.dropped.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Receives the messages of one channel.
+pub struct Subscription {
+    node: Arc<NodeInner>,
+    _guard: Arc<Guard>,
+    channel: String,
+    queue: Arc<Queue<Delivery>>,
+}
+
+impl Subscription {
+    /// The channel.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// The next message, waiting as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PeerLost`] when the connection this subscription was made
+    /// through is lost (once; later calls wait for other peers); [`Error::Closed`]
+    /// when the node shut down.
+    pub fn recv(&self) -> Result<Received> {
+        loop {
+            match self.queue.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(d) => return d,
+                Err(RecvTimeoutError::Timeout) if self.node.closed.load(Ordering::Acquire) => {
+                    return Err(Error::Closed)
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(Error::Closed),
+            }
+        }
+    }
+
+    /// The next message if one is queued.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Self::recv).
+    pub fn try_recv(&self) -> Result<Option<Received>> {
+        match self.queue.rx.try_recv() {
+            Ok(d) => d.map(Some),
+            Err(_) if self.node.closed.load(Ordering::Acquire) => Err(Error::Closed),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The next message, waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when nothing arrives in time; otherwise as [`recv`](Self::recv).
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Received> {
+        match self.queue.rx.recv_timeout(timeout) {
+            Ok(d) => d,
+            Err(_) if self.node.closed.load(Ordering::Acquire) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout {
+                what: format!("waiting for a message on `{}`", self.channel),
+                ms: timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// Messages as they arrive; ends when the node shuts down.
+    pub fn iter(&self) -> impl Iterator<Item = Result<Received>> + '_ {
+        std::iter::from_fn(move || match self.recv() {
+            Err(Error::Closed) => None,
+            other => Some(other),
+        })
+    }
+
+    /// Messages this subscription's queue dropped under `drop_oldest`.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Ordering::Release);
+        let last = {
+            let mut subs = self.node.subs.lock().expect("lock is never poisoned");
+            let list = subs.entry(self.channel.clone()).or_default();
+            list.retain(|q| !Arc::ptr_eq(q, &self.queue));
+            let empty = list.is_empty();
+            if empty {
+                subs.remove(&self.channel);
+            }
+            empty
+        };
+        if last && !self.node.closed.load(Ordering::Acquire) {
+            for peer in self.node.live_peers() {
+                self.node.announce(&peer, &self.channel, Kind::Unsubscribe);
+            }
+        }
+    }
+}

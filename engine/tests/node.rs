@@ -1,0 +1,331 @@
+//! Nodes in one process: publish/subscribe and request/reply over inproc and TCP,
+//! queue policies, lost peers and hostile peers.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow};
+use tensorferry_engine::{
+    pattern, DType, Error, Message, Node, Schema, Service, ServiceError, Tensor,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn tensor(seq: u64) -> Tensor {
+    pattern::tensor(DType::F32, &[64, 33], 5, seq, "x").expect("tensor")
+}
+
+fn tcp_pair() -> (Node, Node, String) {
+    let server = Node::builder()
+        .name("server")
+        .listen("tcp://127.0.0.1:0")
+        .build()
+        .expect("server");
+    let addr = server.listen_addrs()[0].to_string();
+    let client = Node::builder().name("client").build().expect("client");
+    (server, client, addr)
+}
+
+#[test]
+fn tcp_fan_out_keeps_order_and_every_byte() {
+    let (server, client, addr) = tcp_pair();
+    let other = Node::builder().name("other").build().expect("node");
+    let subs = [
+        client.subscribe(&addr, "/cam").expect("sub"),
+        other.subscribe(&addr, "/cam").expect("sub"),
+    ];
+    let publisher = server.publisher("/cam");
+    publisher
+        .wait_for_subscribers(2, WAIT)
+        .expect("two subscribers");
+    for seq in 0..20 {
+        publisher
+            .send(Message::new().field("i", seq).tensor("x", tensor(seq)))
+            .expect("send");
+    }
+    for sub in &subs {
+        for seq in 0..20u64 {
+            let got = sub.recv_timeout(WAIT).expect("message");
+            assert_eq!(got.seq, seq, "per-publisher order");
+            assert_eq!(got.message.get_field("i"), Some(&serde_json::json!(seq)));
+            let bytes = got.message.get("x").expect("x").packed().expect("host");
+            assert_eq!(
+                pattern::first_mismatch(DType::F32, 5, seq, "x", bytes.as_slice()),
+                None
+            );
+            assert!(got.from.starts_with("tcp://"));
+        }
+    }
+}
+
+#[test]
+fn inproc_moves_messages_by_reference() {
+    let server = Node::builder()
+        .listen("inproc://by-ref")
+        .build()
+        .expect("server");
+    let client = Node::builder().build().expect("client");
+    let sub = client.subscribe("inproc://by-ref", "/t").expect("sub");
+    let publisher = server.publisher("/t");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let t = tensor(0);
+    let ptr = t.contiguous_bytes().expect("host").as_ptr();
+    publisher.send(Message::new().tensor("x", t)).expect("send");
+    let got = sub.recv_timeout(WAIT).expect("message");
+    assert_eq!(
+        got.message
+            .get("x")
+            .expect("x")
+            .contiguous_bytes()
+            .expect("host")
+            .as_ptr(),
+        ptr
+    );
+    assert!(
+        Node::builder().listen("inproc://by-ref").build().is_err(),
+        "a name is taken once"
+    );
+}
+
+#[test]
+fn a_local_subscriber_gets_local_publications() {
+    let node = Node::builder().build().expect("node");
+    let all = node.subscriber("*");
+    node.publisher("/a")
+        .send(Message::new().field("k", 1))
+        .expect("send");
+    assert_eq!(all.recv_timeout(WAIT).expect("message").channel, "/a");
+    assert!(matches!(all.try_recv(), Ok(None)));
+}
+
+fn config(depth: usize, overflow: Overflow) -> ChannelConfig {
+    let mut c = ChannelConfig::new();
+    c.insert("/q", ChannelSpec::default().with_queue(depth, overflow))
+        .expect("valid");
+    c
+}
+
+#[test]
+fn drop_oldest_keeps_the_newest_and_counts_drops() {
+    let node = Node::builder()
+        .channels(config(4, Overflow::DropOldest))
+        .build()
+        .expect("node");
+    let sub = node.subscriber("/q");
+    let publisher = node.publisher("/q");
+    for i in 0..10 {
+        publisher
+            .send(Message::new().field("i", i))
+            .expect("never blocks");
+    }
+    assert_eq!(sub.dropped(), 6);
+    let kept: Vec<u64> = std::iter::from_fn(|| sub.try_recv().expect("ok"))
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(kept, [6, 7, 8, 9]);
+}
+
+#[test]
+fn block_makes_the_publisher_wait_for_a_slow_subscriber() {
+    let node = Node::builder()
+        .channels(config(2, Overflow::Block))
+        .build()
+        .expect("node");
+    let sub = node.subscriber("/q");
+    let publisher = node.publisher("/q");
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&sent);
+    let writer = std::thread::spawn(move || {
+        for i in 0..5 {
+            publisher.send(Message::new().field("i", i)).expect("send");
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        2,
+        "the third send waits for room"
+    );
+    for seq in 0..5 {
+        assert_eq!(sub.recv_timeout(WAIT).expect("message").seq, seq);
+    }
+    writer.join().expect("publisher finishes");
+    assert_eq!(sub.dropped(), 0);
+}
+
+fn detect_service(fini: Arc<AtomicUsize>) -> Service {
+    struct Detect {
+        calls: usize,
+        fini: Arc<AtomicUsize>,
+    }
+    impl tensorferry_engine::Handler for Detect {
+        fn exec(&mut self, request: Message) -> Result<Message, ServiceError> {
+            self.calls += 1;
+            if request.get_field("fail").is_some() {
+                return Err(ServiceError::new("no_luck", "asked to fail"));
+            }
+            let image = request.get("image").expect("the schema guarantees it");
+            Ok(Message::new()
+                .field("calls", self.calls)
+                .field("rows", image.shape()[0]))
+        }
+        fn fini(&mut self) {
+            self.fini.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    Service::new(Detect { calls: 0, fini })
+        .input(
+            Schema::new()
+                .tensor("image", DType::U8, "*,4")
+                .expect("pattern"),
+        )
+        .output(Schema::new().field("rows"))
+}
+
+#[test]
+fn services_check_schemas_report_errors_and_run_fini() {
+    for transport in ["tcp://127.0.0.1:0", "inproc://detect-svc"] {
+        let fini = Arc::new(AtomicUsize::new(0));
+        let server = Node::builder().listen(transport).build().expect("server");
+        server
+            .serve("/detect", detect_service(Arc::clone(&fini)))
+            .expect("serve");
+        let addr = server.listen_addrs()[0].to_string();
+        let client = Node::builder().build().expect("client");
+        let image = Tensor::zeros(DType::U8, &[3, 4]).expect("t");
+
+        let reply = client
+            .request(
+                &addr,
+                "/detect",
+                Message::new().tensor("image", image.clone()),
+                WAIT,
+            )
+            .expect("reply");
+        assert_eq!(reply.get_field("rows"), Some(&serde_json::json!(3)));
+        assert_eq!(reply.get_field("calls"), Some(&serde_json::json!(1)));
+
+        let bad = Message::new().tensor("image", Tensor::zeros(DType::U8, &[3, 5]).expect("t"));
+        match client.request(&addr, "/detect", bad, WAIT) {
+            Err(Error::Remote { code, message, .. }) => {
+                assert_eq!(code, "bad_request");
+                assert!(message.contains("[*, 4]"), "{message}");
+            }
+            other => panic!("{transport}: {other:?}"),
+        }
+        let failing = Message::new()
+            .field("fail", true)
+            .tensor("image", image.clone());
+        assert!(
+            matches!(client.request(&addr, "/detect", failing, WAIT), Err(Error::Remote { code, .. }) if code == "no_luck")
+        );
+        assert!(
+            matches!(client.request(&addr, "/nothing", Message::new(), WAIT), Err(Error::Remote { code, .. }) if code == "no_service")
+        );
+        let reply = client
+            .request(
+                &addr,
+                "/detect",
+                Message::new().tensor("image", image),
+                WAIT,
+            )
+            .expect("reply");
+        assert_eq!(
+            reply.get_field("calls"),
+            Some(&serde_json::json!(3)),
+            "bad requests never reached the handler"
+        );
+        server.shutdown();
+        let deadline = Instant::now() + WAIT;
+        while fini.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            fini.load(Ordering::SeqCst),
+            1,
+            "{transport}: fini runs at shutdown"
+        );
+    }
+}
+
+#[test]
+fn a_request_without_reply_times_out() {
+    let (server, client, addr) = tcp_pair();
+    server
+        .serve(
+            "/slow",
+            Service::new(|m: Message| {
+                std::thread::sleep(Duration::from_millis(500));
+                Ok(m)
+            }),
+        )
+        .expect("serve");
+    let start = Instant::now();
+    let err = client
+        .request(&addr, "/slow", Message::new(), Duration::from_millis(100))
+        .expect_err("timeout");
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(start.elapsed() < Duration::from_millis(450));
+}
+
+#[test]
+fn a_lost_connection_is_reported_to_its_subscription_only() {
+    let (server, client, addr) = tcp_pair();
+    let sub = client.subscribe(&addr, "/cam").expect("sub");
+    let local = client.subscriber("/local");
+    server
+        .publisher("/cam")
+        .wait_for_subscribers(1, WAIT)
+        .expect("subscribed");
+    server.shutdown();
+    match sub.recv_timeout(WAIT) {
+        Err(Error::PeerLost { peer, .. }) => assert_eq!(peer, addr),
+        other => panic!("{other:?}"),
+    }
+    client
+        .publisher("/local")
+        .send(Message::new())
+        .expect("the node carries on");
+    assert!(local.recv_timeout(WAIT).is_ok());
+    assert!(client
+        .request(&addr, "/x", Message::new(), Duration::from_millis(200))
+        .is_err());
+}
+
+#[test]
+fn garbage_from_one_peer_closes_it_and_others_carry_on() {
+    let (server, client, addr) = tcp_pair();
+    let sub = server.subscriber("/cam");
+    let host = addr.trim_start_matches("tcp://");
+    let mut raw = std::net::TcpStream::connect(host).expect("raw connect");
+    raw.write_all(&[0xAB; 4096]).expect("write garbage");
+    let mut half = std::net::TcpStream::connect(host).expect("raw connect");
+    let frame = tensorferry_engine::wire::encode(
+        &Message::new().tensor("x", tensor(0)),
+        &tensorferry_engine::wire::FrameMeta::message("/cam", 0),
+        Default::default(),
+    )
+    .expect("encode");
+    half.write_all(&frame.head()[..40]).expect("half a frame");
+    drop(half);
+    let publisher = client.publisher("/cam");
+    client.connect(&addr).expect("connect");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscribed");
+    publisher
+        .send(Message::new().tensor("x", tensor(7)))
+        .expect("send");
+    let got = sub
+        .recv_timeout(WAIT)
+        .expect("the good peer's message arrives");
+    assert_eq!(got.seq, 0);
+    // The server greeted the raw peer (its subscriptions), then closed it: EOF, not a timeout.
+    let mut rest = Vec::new();
+    raw.set_read_timeout(Some(WAIT)).expect("timeout");
+    assert!(
+        std::io::Read::read_to_end(&mut raw, &mut rest).is_ok(),
+        "the garbage peer was closed"
+    );
+}

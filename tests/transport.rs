@@ -1,0 +1,227 @@
+//! Real processes talking over TCP: `send` and `recv` as a user runs them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tensorferry"))
+}
+
+/// Starts a `tensorferry` process that prints `listening on ADDR` on stderr; returns it and ADDR.
+fn spawn_listening(args: &[&str]) -> (Child, String) {
+    let mut child = bin()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tensorferry");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let line = lines.next().expect("a line").expect("utf-8");
+    let addr = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected: {line}"))
+        .to_string();
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+fn finish(child: Child) -> (Output, serde_json::Value) {
+    let out = child.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (out, json)
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run tensorferry")
+}
+
+#[test]
+fn tcp_send_to_a_listening_receiver_verifies_every_byte() {
+    let (recv, addr) = spawn_listening(&[
+        "recv",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--count",
+        "5",
+        "--verify",
+        "--seed",
+        "3",
+        "--json",
+        "--idle-timeout",
+        "30",
+    ]);
+    let send = run(&[
+        "send",
+        "--to",
+        &addr,
+        "--channel",
+        "/cam",
+        "--tensor",
+        "x=f32:256x257",
+        "--tensor",
+        "m=u8:7",
+        "--count",
+        "5",
+        "--seed",
+        "3",
+        "--checksum",
+    ]);
+    assert_eq!(
+        send.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let (out, v) = finish(recv);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(v["messages"], 5);
+    assert_eq!(v["bytes"], 5 * (256 * 257 * 4 + 7));
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["tensors"][0]["shape"], serde_json::json!([256, 257]));
+    assert_eq!(v["tensors"][0]["device"], "cpu");
+}
+
+#[test]
+fn a_listening_sender_fans_out_to_several_receivers() {
+    let (send, addr) = spawn_listening(&[
+        "send",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--subscribers",
+        "3",
+        "--channel",
+        "/fan",
+        "--tensor",
+        "x=bf16:64x64",
+        "--count",
+        "10",
+        "--seed",
+        "9",
+        "--json",
+    ]);
+    let receivers: Vec<Child> = (0..3)
+        .map(|_| {
+            bin()
+                .args([
+                    "recv",
+                    "--from",
+                    &addr,
+                    "--channel",
+                    "/fan",
+                    "--count",
+                    "10",
+                    "--verify",
+                    "--seed",
+                    "9",
+                    "--json",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn recv")
+        })
+        .collect();
+    for r in receivers {
+        let (out, v) = finish(r);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{v} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            (v["messages"].as_u64(), v["verified"].as_bool()),
+            (Some(10), Some(true))
+        );
+    }
+    let (out, v) = finish(send);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(v["messages"], 10);
+}
+
+#[test]
+fn a_sender_killed_mid_message_leaves_the_receiver_serving_others() {
+    let (recv, addr) = spawn_listening(&[
+        "recv",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--channel",
+        "/k",
+        "--count",
+        "3",
+        "--verify",
+        "--json",
+        "--idle-timeout",
+        "60",
+    ]);
+    // 64 MiB messages, sent without pause: killed, it stops inside one.
+    let mut big = bin()
+        .args([
+            "send",
+            "--to",
+            &addr,
+            "--channel",
+            "/other",
+            "--tensor",
+            "x=u8:67108864",
+            "--count",
+            "1000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sender");
+    std::thread::sleep(Duration::from_millis(1500));
+    big.kill().expect("kill");
+    let _ = big.wait();
+    let good = run(&[
+        "send",
+        "--to",
+        &addr,
+        "--channel",
+        "/k",
+        "--tensor",
+        "y=f64:100",
+        "--count",
+        "3",
+    ]);
+    assert_eq!(
+        good.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let (out, v) = finish(recv);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(
+        (v["messages"].as_u64(), v["verified"].as_bool()),
+        (Some(3), Some(true))
+    );
+}
+
+#[test]
+fn unreachable_and_malformed_addresses_fail_cleanly() {
+    let start = Instant::now();
+    let out = run(&[
+        "send",
+        "--to",
+        "tcp://127.0.0.1:1",
+        "--tensor",
+        "x=u8:4",
+        "--wait",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to tcp://127.0.0.1:1"));
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let out = run(&["recv", "--listen", "tcp://127.0.0.1", "--count", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["send", "--to", "inproc://x", "--tensor", "x=u8:4"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["recv"]);
+    assert_eq!(out.status.code(), Some(2), "a source is required");
+}
