@@ -1,0 +1,191 @@
+//! Writes the seed corpus: frames made by `wire::encode` into
+//! `corpus/decode_frame/`, and their headers and buffers (in the input format
+//! of `decode_header`) into `corpus/decode_header/`.
+//!
+//! Run from `fuzz/`: `cargo run --example seed` (or pass the corpus folder).
+
+use std::error::Error as StdError;
+use std::fs;
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use tensorferry_engine::wire::{
+    decode, encode, EncodeOptions, FrameMeta, Kind, Limits, PRELUDE_BYTES,
+};
+use tensorferry_engine::{Codec, DType, HostBuffer, Message, Result, Tensor};
+use tensorferry_fuzz::{build_frame, check_frame, header_input, set_tensor_key};
+
+/// A codec with a JSON part and two buffers, for an object in a seed.
+struct PoseCodec;
+
+impl Codec for PoseCodec {
+    type Value = (String, [f32; 3], Vec<u8>);
+
+    fn tag(&self) -> &str {
+        "seed.pose/1"
+    }
+
+    fn encode(&self, v: &Self::Value) -> Result<(Value, Vec<HostBuffer>)> {
+        let xyz: Vec<u8> = v.1.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Ok((
+            json!({"frame": v.0}),
+            vec![HostBuffer::copy_from(&xyz), HostBuffer::copy_from(&v.2)],
+        ))
+    }
+
+    fn decode(&self, _: &Value, _: &[HostBuffer]) -> Result<Self::Value> {
+        Err(tensorferry_engine::Error::Invalid(
+            "seed codec only encodes".into(),
+        ))
+    }
+}
+
+/// A seed: a frame's header and buffers.
+struct Seed {
+    name: &'static str,
+    header: Vec<u8>,
+    buffers: Vec<HostBuffer>,
+}
+
+fn encoded(name: &'static str, m: &Message, meta: FrameMeta, checksums: bool) -> Result<Seed> {
+    let enc = encode(m, &meta, EncodeOptions { checksums })?;
+    let len = u32::from_le_bytes([enc.head()[8], enc.head()[9], enc.head()[10], enc.head()[11]]);
+    Ok(Seed {
+        name,
+        header: enc.head()[PRELUDE_BYTES..PRELUDE_BYTES + len as usize].to_vec(),
+        buffers: enc.buffers().to_vec(),
+    })
+}
+
+fn seeds() -> std::result::Result<Vec<Seed>, Box<dyn StdError>> {
+    let grid = Tensor::from_slice(&(0..12).map(|i| i as f32).collect::<Vec<_>>(), &[3, 4])?;
+    let halves: Vec<u8> = (0u8..16).collect();
+    let full = Message::new()
+        .field("step", 17)
+        .field("note", "seed")
+        .field(
+            "nested",
+            json!({"a": [1, 2.5, null, true], "b": {"c": "d"}}),
+        )
+        .tensor("grid", grid.clone())
+        .tensor("grid_t", grid.transpose(0, 1)?.narrow(0, 1, 3)?)
+        .tensor(
+            "mask",
+            Tensor::from_host(DType::Bool, &[3], HostBuffer::copy_from(&[1, 0, 1]))?,
+        )
+        .tensor("ids", Tensor::from_slice(&[7i64, -1], &[2])?)
+        .tensor("scalar", Tensor::from_slice(&[3u16], &[])?)
+        .tensor(
+            "half",
+            Tensor::from_host(DType::BF16, &[2, 4], HostBuffer::copy_from(&halves))?,
+        )
+        .tensor("empty", Tensor::zeros(DType::F16, &[0, 5])?)
+        .object(
+            "pose",
+            &PoseCodec,
+            &("map".into(), [1.0, 2.0, 3.0], vec![9; 5]),
+        )?;
+    let request = Message::new()
+        .field("q", "sum")
+        .tensor("x", Tensor::from_slice(&[0.5f64, 1.5, -2.0], &[3])?)
+        .tensor(
+            "f8",
+            Tensor::from_host(DType::F8E4M3, &[2], HostBuffer::copy_from(&[0x38, 0xb8]))?,
+        );
+    let reply =
+        Message::new().object("pose", &PoseCodec, &("odom".into(), [0.0; 3], Vec::new()))?;
+
+    let mut out = vec![
+        encoded("message", &full, FrameMeta::message("/camera", 17), true)?,
+        encoded(
+            "request",
+            &request,
+            FrameMeta {
+                channel: "/svc/sum".into(),
+                seq: 3,
+                kind: Kind::Request,
+                id: Some(41),
+            },
+            false,
+        )?,
+        encoded(
+            "reply",
+            &reply,
+            FrameMeta {
+                channel: "/svc/pose".into(),
+                seq: 4,
+                kind: Kind::Reply,
+                id: Some(41),
+            },
+            true,
+        )?,
+        encoded(
+            "error",
+            &Message::new().field("error", "no such service"),
+            FrameMeta {
+                channel: "/svc/none".into(),
+                seq: 0,
+                kind: Kind::Error,
+                id: Some(2),
+            },
+            false,
+        )?,
+    ];
+
+    // Senders never write `strides`, but decoders accept them: the message
+    // header again, with the first tensor described as a transposed view.
+    let mut header: Value = serde_json::from_slice(&out[0].header)?;
+    let edited = set_tensor_key(&mut header, 0, "shape", Some(json!([4, 3])))
+        && set_tensor_key(&mut header, 0, "strides", Some(json!([1, 4])))
+        && set_tensor_key(&mut header, 0, "checksum", None);
+    if !edited {
+        return Err("the message seed has no tensor 0".into());
+    }
+    // And as a broadcast: every row of a 4 × 3 view is the first row (a
+    // stride of 0), 12 elements shown out of 12 sent.
+    let mut broadcast = header.clone();
+    if !set_tensor_key(&mut broadcast, 0, "strides", Some(json!([0, 1]))) {
+        return Err("the message seed has no tensor 0".into());
+    }
+    out.push(Seed {
+        name: "broadcast",
+        header: serde_json::to_vec(&broadcast)?,
+        buffers: out[0].buffers.clone(),
+    });
+    out.push(Seed {
+        name: "strided",
+        header: serde_json::to_vec(&header)?,
+        buffers: out[0].buffers.clone(),
+    });
+    Ok(out)
+}
+
+fn main() -> std::result::Result<(), Box<dyn StdError>> {
+    let corpus = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus"));
+    let frames = corpus.join("decode_frame");
+    let headers = corpus.join("decode_header");
+    fs::create_dir_all(&frames)?;
+    fs::create_dir_all(&headers)?;
+    for seed in seeds()? {
+        let buffers: Vec<&[u8]> = seed.buffers.iter().map(HostBuffer::as_slice).collect();
+        let frame = build_frame(&seed.header, &buffers);
+        // Every seed must decode and pass the targets' checks.
+        let decoded = decode(&HostBuffer::copy_from(&frame), &Limits::default())?;
+        check_frame(&decoded, frame.len());
+        fs::write(frames.join(format!("seed-{}", seed.name)), &frame)?;
+        fs::write(
+            headers.join(format!("seed-{}", seed.name)),
+            header_input(&seed.header, &buffers),
+        )?;
+        println!(
+            "seed-{}: frame {} bytes, header {} bytes",
+            seed.name,
+            frame.len(),
+            seed.header.len()
+        );
+    }
+    Ok(())
+}

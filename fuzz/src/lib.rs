@@ -1,0 +1,299 @@
+//! Shared pieces of the fuzz targets: the frame builder used by `decode_header`,
+//! the input format it reads, and the checks run on every frame that decodes.
+//!
+//! The checks panic on purpose: a panic here is a finding for libFuzzer.
+
+use serde_json::Value;
+use tensorferry_engine::wire::{
+    decode, encode, EncodeOptions, Frame, Limits, MAGIC, PRELUDE_BYTES, VERSION,
+};
+use tensorferry_engine::{HostBuffer, ALIGN};
+
+/// Most buffers a `decode_header` input describes.
+pub const MAX_HEADER_INPUT_BUFFERS: usize = 12;
+
+/// Small limits, so that the limit checks themselves are exercised.
+pub fn small_limits() -> Limits {
+    Limits {
+        max_header_bytes: 512,
+        max_tensors: 4,
+        max_buffers: 4,
+        max_message_bytes: 4096,
+    }
+}
+
+/// No limits at all: for re-decoding a frame this crate encoded itself.
+pub fn no_limits() -> Limits {
+    Limits {
+        max_header_bytes: u32::MAX,
+        max_tensors: usize::MAX,
+        max_buffers: u32::MAX,
+        max_message_bytes: u64::MAX,
+    }
+}
+
+fn align(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// A frame laid out by the rules of `docs/wire-format.md` around `header`
+/// and `buffers`: header_len, buffer_count and frame_len are right, the
+/// buffer table matches and every buffer starts on a 64-byte boundary.
+pub fn build_frame(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
+    let table = align(PRELUDE_BYTES + header.len(), 8);
+    let data = align(table + 8 * buffers.len(), ALIGN);
+    let mut starts = Vec::with_capacity(buffers.len());
+    let mut end = data;
+    for b in buffers {
+        starts.push(end);
+        end = align(end + b.len(), ALIGN);
+    }
+    let mut f = vec![0u8; end];
+    f[..4].copy_from_slice(&MAGIC);
+    f[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    // Headers and buffer counts come from fuzz inputs of a few KiB at most.
+    let header_len = u32::try_from(header.len()).unwrap_or(u32::MAX);
+    let count = u32::try_from(buffers.len()).unwrap_or(u32::MAX);
+    f[8..12].copy_from_slice(&header_len.to_le_bytes());
+    f[12..16].copy_from_slice(&count.to_le_bytes());
+    f[16..24].copy_from_slice(&(end as u64).to_le_bytes());
+    f[PRELUDE_BYTES..PRELUDE_BYTES + header.len()].copy_from_slice(header);
+    for (i, (b, &start)) in buffers.iter().zip(&starts).enumerate() {
+        let entry = table + 8 * i;
+        f[entry..entry + 8].copy_from_slice(&(b.len() as u64).to_le_bytes());
+        f[start..start + b.len()].copy_from_slice(b);
+    }
+    f
+}
+
+/// Splits a `decode_header` input into a header and buffers.
+///
+/// The input is: one byte `n` (buffer count, taken modulo
+/// `MAX_HEADER_INPUT_BUFFERS + 1`), `n` little-endian `u16` buffer lengths,
+/// the buffers' bytes back to back (zero-filled where the input runs out),
+/// and then the header: every byte that is left. The header comes last so
+/// that inserting or removing bytes in it keeps the rest in place.
+pub fn split_header_input(data: &[u8]) -> (&[u8], Vec<Vec<u8>>) {
+    let Some((&n, mut rest)) = data.split_first() else {
+        return (&[], Vec::new());
+    };
+    let n = usize::from(n) % (MAX_HEADER_INPUT_BUFFERS + 1);
+    let mut lens = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (len, tail) = match rest {
+            [a, b, tail @ ..] => (usize::from(u16::from_le_bytes([*a, *b])), tail),
+            _ => (0, &[][..]),
+        };
+        lens.push(len);
+        rest = tail;
+    }
+    let mut buffers = Vec::with_capacity(n);
+    for len in lens {
+        let take = len.min(rest.len());
+        let mut b = rest[..take].to_vec();
+        b.resize(len, 0);
+        buffers.push(b);
+        rest = &rest[take..];
+    }
+    (rest, buffers)
+}
+
+/// The inverse of [`split_header_input`], for writing seeds.
+///
+/// # Panics
+///
+/// With more than `MAX_HEADER_INPUT_BUFFERS` buffers or one longer than `u16::MAX`.
+pub fn header_input(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
+    assert!(
+        buffers.len() <= MAX_HEADER_INPUT_BUFFERS,
+        "too many buffers"
+    );
+    let mut out = vec![buffers.len() as u8];
+    for b in buffers {
+        let len = u16::try_from(b.len()).expect("a seed buffer of at most 64 KiB");
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    for b in buffers {
+        out.extend_from_slice(b);
+    }
+    out.extend_from_slice(header);
+    out
+}
+
+/// Sets `key` of tensor `index` in a header: `tensors` is either an array
+/// of descriptors or an object of columns (one array per key). `None`
+/// removes the key (writes `null` in a column). Returns false when the
+/// header has no such tensor.
+pub fn set_tensor_key(header: &mut Value, index: usize, key: &str, value: Option<Value>) -> bool {
+    match header.get_mut("tensors") {
+        Some(Value::Array(descs)) => match descs.get_mut(index).and_then(Value::as_object_mut) {
+            Some(d) => {
+                match value {
+                    Some(v) => d.insert(key.into(), v),
+                    None => d.remove(key),
+                };
+                true
+            }
+            None => false,
+        },
+        Some(Value::Object(columns)) => {
+            let n = columns
+                .get("name")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            if index >= n {
+                return false;
+            }
+            let column = columns
+                .entry(key)
+                .or_insert_with(|| Value::Array(vec![Value::Null; n]));
+            match column.as_array_mut().and_then(|c| c.get_mut(index)) {
+                Some(slot) => {
+                    *slot = value.unwrap_or(Value::Null);
+                    true
+                }
+                None => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Decodes `data` with the default and with small limits, and checks every
+/// frame that decodes.
+pub fn decode_and_check(data: &[u8]) {
+    let region = HostBuffer::copy_from(data);
+    for limits in [Limits::default(), small_limits()] {
+        if let Ok(frame) = decode(&region, &limits) {
+            check_frame(&frame, data.len());
+        }
+    }
+}
+
+/// What must hold for every frame `decode` accepts: its tensors can be read,
+/// its checksums checked, and it survives `encode` and `decode` again with the
+/// same channel, sequence number, names, dtypes, shapes and bytes.
+///
+/// # Panics
+///
+/// When any of that fails: a bug in the decoder (or the encoder).
+pub fn check_frame(frame: &Frame, input_len: usize) {
+    assert!(frame.frame_len <= input_len as u64, "frame past the input");
+    assert_eq!(frame.tensors.len(), frame.message.tensors().len());
+    let _ = frame.verify_checksums();
+
+    let mut packed = Vec::with_capacity(frame.tensors.len());
+    for ((name, t), info) in frame.message.tensors().zip(&frame.tensors) {
+        assert_eq!(t.dtype(), info.dtype, "dtype of `{name}`");
+        // Packing allocates the visible bytes: a frame must never make the
+        // receiver allocate more than the frame itself carries.
+        assert!(
+            t.size_bytes() as u64 <= info.bytes,
+            "`{name}` shows {} bytes of its {}-byte buffer",
+            t.size_bytes(),
+            info.bytes
+        );
+        let p = t.packed().expect("a decoded tensor packs");
+        assert_eq!(p.len(), t.size_bytes(), "packed size of `{name}`");
+        // Read every byte, so that the sanitizer sees any bad view.
+        std::hint::black_box(p.as_slice().iter().fold(0u8, |a, &b| a ^ b));
+        packed.push(p);
+    }
+    for (_, o) in frame.message.objects() {
+        for b in &o.buffers {
+            std::hint::black_box(b.as_slice().iter().fold(0u8, |a, &b| a ^ b));
+        }
+    }
+
+    let encoded = encode(
+        &frame.message,
+        &frame.meta,
+        EncodeOptions { checksums: true },
+    )
+    .expect("a decoded message encodes again");
+    let mut bytes = Vec::new();
+    encoded
+        .write_to(&mut bytes)
+        .expect("writing to a Vec cannot fail");
+    assert_eq!(bytes.len() as u64, encoded.frame_len());
+    let again =
+        decode(&HostBuffer::copy_from(&bytes), &no_limits()).expect("a re-encoded frame decodes");
+    assert_eq!(again.meta, frame.meta, "channel, seq, kind and id");
+    assert_eq!(
+        again
+            .verify_checksums()
+            .expect("checksums of a re-encoded frame"),
+        frame.tensors.len()
+    );
+    assert_eq!(again.message.tensors().len(), frame.message.tensors().len());
+    for (((name, t), (name2, t2)), p) in frame
+        .message
+        .tensors()
+        .zip(again.message.tensors())
+        .zip(&packed)
+    {
+        assert_eq!(name, name2);
+        assert_eq!(t.dtype(), t2.dtype(), "dtype of `{name}`");
+        assert_eq!(t.shape(), t2.shape(), "shape of `{name}`");
+        let p2 = t2.packed().expect("a re-decoded tensor packs");
+        assert_eq!(p.as_slice(), p2.as_slice(), "bytes of `{name}`");
+    }
+    assert_eq!(again.message.objects().len(), frame.message.objects().len());
+    for ((name, o), (name2, o2)) in frame.message.objects().zip(again.message.objects()) {
+        assert_eq!(name, name2);
+        assert_eq!(o.tag, o2.tag);
+        assert_eq!(o.buffers.len(), o2.buffers.len());
+        for (b, b2) in o.buffers.iter().zip(&o2.buffers) {
+            assert_eq!(b.as_slice(), b2.as_slice(), "buffer of object `{name}`");
+        }
+    }
+    assert!(
+        frame
+            .message
+            .fields()
+            .keys()
+            .eq(again.message.fields().keys()),
+        "field names"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_inputs_split_back_into_their_parts() {
+        let a = [1u8, 2, 3];
+        let b = [9u8; 70];
+        let input = header_input(b"{}", &[&a, &[], &b]);
+        let (header, buffers) = split_header_input(&input);
+        assert_eq!(header, b"{}");
+        assert_eq!(buffers, vec![a.to_vec(), Vec::new(), b.to_vec()]);
+        assert_eq!(split_header_input(&[]).0, b"");
+        let (header, buffers) = split_header_input(&[2, 5, 0]);
+        assert!(header.is_empty());
+        assert_eq!(buffers, vec![vec![0; 5], Vec::new()]);
+    }
+
+    #[test]
+    fn built_frames_match_what_encode_writes() {
+        use tensorferry_engine::wire::FrameMeta;
+        use tensorferry_engine::{Message, Tensor};
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).expect("tensor");
+        let m = Message::new()
+            .field("step", 1)
+            .tensor("t", t.clone())
+            .tensor("tt", t.transpose(0, 1).expect("transpose"))
+            .tensor("b", Tensor::from_slice(&[1u8], &[1]).expect("tensor"));
+        let enc =
+            encode(&m, &FrameMeta::message("/x", 3), EncodeOptions::default()).expect("encode");
+        let mut bytes = Vec::new();
+        enc.write_to(&mut bytes).expect("write");
+        let header_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+        let header = &bytes[PRELUDE_BYTES..PRELUDE_BYTES + header_len];
+        let buffers: Vec<&[u8]> = enc.buffers().iter().map(HostBuffer::as_slice).collect();
+        assert_eq!(build_frame(header, &buffers), bytes);
+        let frame = decode(&HostBuffer::copy_from(&bytes), &Limits::default()).expect("decode");
+        check_frame(&frame, bytes.len());
+    }
+}
