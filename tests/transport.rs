@@ -225,3 +225,71 @@ fn unreachable_and_malformed_addresses_fail_cleanly() {
     let out = run(&["recv"]);
     assert_eq!(out.status.code(), Some(2), "a source is required");
 }
+
+fn dev_shm() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn shm_between_processes_verifies_and_leaves_nothing_behind() {
+    let before = dev_shm();
+    let name = format!("tf-e2e-{}", std::process::id());
+    let addr = format!("shm://{name}");
+    let (recv, shown) = spawn_listening(&[
+        "recv",
+        "--listen",
+        &addr,
+        "--count",
+        "20",
+        "--verify",
+        "--seed",
+        "2",
+        "--json",
+        "--idle-timeout",
+        "30",
+    ]);
+    assert_eq!(shown, addr);
+    let send = run(&[
+        "send",
+        "--to",
+        &addr,
+        "--tensor",
+        "x=f32:512x513",
+        "--tensor",
+        "y=i64:3",
+        "--count",
+        "20",
+        "--seed",
+        "2",
+        "--checksum",
+    ]);
+    assert_eq!(
+        send.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    let (out, v) = finish(recv);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(
+        (v["messages"].as_u64(), v["verified"].as_bool()),
+        (Some(20), Some(true))
+    );
+    assert_eq!(
+        dev_shm(),
+        before,
+        "no shared-memory file may outlive its processes"
+    );
+    let sockets = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    assert!(
+        !sockets.contains(&name),
+        "the socket must vanish with its process"
+    );
+}

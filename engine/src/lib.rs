@@ -40,6 +40,7 @@ pub mod pattern;
 mod pool;
 pub mod safetensors;
 mod service;
+mod shm;
 pub mod stream;
 mod tensor;
 pub mod wire;

@@ -9,9 +9,11 @@
 //! bound. A lost connection is reported to the subscriptions and requests that
 //! depended on it; the node and its other peers carry on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread;
@@ -26,8 +28,11 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
+use crate::shm::{self, FdReader, MappedSlot, SlotPool, SlotUse};
 use crate::stream::FrameReader;
-use crate::wire::{encode, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits, TensorInfo};
+use crate::wire::{
+    decode_at, encode, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits, TensorInfo,
+};
 
 /// The channel name that subscribes to every channel.
 pub const ALL_CHANNELS: &str = "*";
@@ -108,9 +113,23 @@ impl<T> Queue<T> {
     }
 }
 
+/// What waits in a remote subscription's queue.
+enum Outgoing {
+    /// A whole frame, for a TCP peer.
+    Frame(Arc<Encoded>),
+    /// A frame already in a shared slot, for a shm peer; the hold is given
+    /// back when the peer releases it (or when the item is dropped unsent).
+    Shm {
+        held: SlotUse,
+        len: u64,
+        channel: String,
+        seq: u64,
+    },
+}
+
 /// The queue of one remote subscription and the thread that drains it into the socket.
 struct Outlet {
-    queue: Queue<Arc<Encoded>>,
+    queue: Queue<Outgoing>,
     /// Frames queued or being written.
     inflight: AtomicU64,
 }
@@ -123,6 +142,14 @@ enum Link {
     Inproc {
         remote: Weak<NodeInner>,
         twin: OnceLock<Weak<Peer>>,
+    },
+    Unix {
+        writer: Mutex<UnixStream>,
+        stream: UnixStream,
+        /// Slots whose descriptor this peer has received.
+        known: Mutex<HashSet<u32>>,
+        /// Holds on slots until this peer releases the frame in them.
+        awaiting: Mutex<HashMap<(u32, u64), SlotUse>>,
     },
 }
 
@@ -156,6 +183,12 @@ impl Peer {
                     .write_to(&mut *w)
                     .map_err(|e| Error::io(format!("writing to {}", self.label), e))
             }
+            Link::Unix { writer, .. } => {
+                let mut w = writer.lock().expect("writer lock is never poisoned");
+                frame
+                    .write_to(&mut *w)
+                    .map_err(|e| Error::io(format!("writing to {}", self.label), e))
+            }
             Link::Inproc { .. } => Err(Error::Invalid(
                 "inproc peers take messages, not frames".into(),
             )),
@@ -164,8 +197,17 @@ impl Peer {
 
     fn close(&self) {
         self.alive.store(false, Ordering::Release);
-        if let Link::Stream { stream, .. } = &self.link {
-            let _ = stream.shutdown(Shutdown::Both);
+        match &self.link {
+            Link::Stream { stream, .. } => {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Link::Unix {
+                stream, awaiting, ..
+            } => {
+                let _ = stream.shutdown(Shutdown::Both);
+                awaiting.lock().expect("lock is never poisoned").clear();
+            }
+            Link::Inproc { .. } => {}
         }
         for outlet in self
             .wants
@@ -208,6 +250,7 @@ struct NodeInner {
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    slots: SlotPool,
 }
 
 fn inproc_registry() -> &'static Mutex<HashMap<String, Weak<NodeInner>>> {
@@ -337,6 +380,7 @@ impl NodeBuilder {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            slots: SlotPool::new(),
         });
         let node = Node {
             guard: Arc::new(Guard(Arc::clone(&inner))),
@@ -497,7 +541,7 @@ impl Node {
             .expect("lock is never poisoned")
             .insert(id, Pending { peer: peer.id, tx });
         let sent = match &peer.link {
-            Link::Stream { .. } => {
+            Link::Stream { .. } | Link::Unix { .. } => {
                 let meta = FrameMeta {
                     channel: channel.to_string(),
                     seq: 0,
@@ -603,8 +647,25 @@ impl NodeInner {
                     .map_err(|e| Error::io("starting the accept thread", e))?;
                 Ok(())
             }
-            Address::Shm(_) | Address::File(_) => Err(Error::Invalid(format!(
-                "a node cannot listen on {addr} in this build; use inproc:// or tcp://"
+            Address::Shm(name) => {
+                let listener = shm::bind(name)?;
+                self.bound
+                    .lock()
+                    .expect("lock is never poisoned")
+                    .push(addr.clone());
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| Error::io("configuring the listener", e))?;
+                let node = Arc::downgrade(self);
+                let label = addr.to_string();
+                thread::Builder::new()
+                    .name("tf-accept-shm".into())
+                    .spawn(move || accept_unix_loop(&listener, &node, &label))
+                    .map_err(|e| Error::io("starting the accept thread", e))?;
+                Ok(())
+            }
+            Address::File(_) => Err(Error::Invalid(format!(
+                "a node cannot listen on {addr}; use inproc://, shm:// or tcp://"
             ))),
         }
     }
@@ -655,8 +716,12 @@ impl NodeInner {
                 let stream = dial(addr, self.connect_timeout)?;
                 self.start_stream_peer(stream, addr.to_string(), Some(addr.clone()))
             }
-            Address::Shm(_) | Address::File(_) => Err(Error::Invalid(format!(
-                "cannot connect to {addr} in this build; use inproc:// or tcp://"
+            Address::Shm(name) => {
+                let stream = retry(addr, self.connect_timeout, || shm::connect(name))?;
+                self.start_unix_peer(stream, addr.to_string(), Some(addr.clone()))
+            }
+            Address::File(_) => Err(Error::Invalid(format!(
+                "cannot connect to {addr}; use inproc://, shm:// or tcp://"
             ))),
         }
     }
@@ -724,10 +789,48 @@ impl NodeInner {
         Ok(peer)
     }
 
+    fn start_unix_peer(
+        self: &Arc<Self>,
+        stream: UnixStream,
+        label: String,
+        dialed: Option<Address>,
+    ) -> Result<Arc<Peer>> {
+        let clone = |s: &UnixStream| {
+            s.try_clone()
+                .map_err(|e| Error::io("cloning the socket", e))
+        };
+        let reader = clone(&stream)?;
+        let writer = clone(&stream)?;
+        let peer = self.add_peer(
+            label,
+            Link::Unix {
+                writer: Mutex::new(writer),
+                stream,
+                known: Mutex::new(HashSet::new()),
+                awaiting: Mutex::new(HashMap::new()),
+            },
+            dialed,
+        );
+        let fds = Arc::new(Mutex::new(VecDeque::new()));
+        let frames = FrameReader::new(
+            FdReader::new(reader, Arc::clone(&fds)),
+            self.pool.clone(),
+            self.limits,
+        );
+        let node = Arc::downgrade(self);
+        let p = Arc::clone(&peer);
+        thread::Builder::new()
+            .name("tf-read-shm".into())
+            .spawn(move || unix_read_loop(frames, &fds, &p, &node))
+            .map_err(|e| Error::io("starting a reader thread", e))?;
+        self.greet(&peer);
+        Ok(peer)
+    }
+
     /// Sends a subscribe or unsubscribe to `peer`.
     fn announce(&self, peer: &Arc<Peer>, channel: &str, kind: Kind) {
         match &peer.link {
-            Link::Stream { .. } => {
+            Link::Stream { .. } | Link::Unix { .. } => {
                 let meta = FrameMeta {
                     channel: channel.to_string(),
                     seq: 0,
@@ -756,7 +859,9 @@ impl NodeInner {
         match kind {
             Kind::Subscribe if !wants.contains_key(channel) => {
                 let outlet = match &peer.link {
-                    Link::Stream { .. } => Some(spawn_outlet(peer, &self.spec(channel))),
+                    Link::Stream { .. } | Link::Unix { .. } => {
+                        Some(spawn_outlet(peer, &self.spec(channel)))
+                    }
                     Link::Inproc { .. } => None,
                 };
                 wants.insert(channel.to_string(), outlet);
@@ -939,15 +1044,22 @@ fn tune(stream: &TcpStream) {
 
 /// Connects, retrying with exponential backoff until `timeout`.
 fn dial(addr: &Address, timeout: Duration) -> Result<TcpStream> {
+    let sock = addr.socket_addrs()?;
+    retry(addr, timeout, || TcpStream::connect(&sock[..]))
+}
+
+/// Calls `connect` with exponential backoff until it succeeds or `timeout` passes.
+fn retry<T>(
+    addr: &Address,
+    timeout: Duration,
+    mut connect: impl FnMut() -> std::io::Result<T>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut wait = Duration::from_millis(10);
     loop {
-        let last = match addr.socket_addrs() {
-            Ok(sock) => match TcpStream::connect(&sock[..]) {
-                Ok(s) => return Ok(s),
-                Err(e) => e,
-            },
-            Err(e) => return Err(e),
+        let last = match connect() {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
         };
         if Instant::now() + wait > deadline {
             return Err(Error::io(
@@ -992,6 +1104,147 @@ fn accept_loop(listener: &TcpListener, node: &Weak<NodeInner>) {
     }
 }
 
+fn accept_unix_loop(listener: &UnixListener, node: &Weak<NodeInner>, label: &str) {
+    loop {
+        let Some(inner) = node.upgrade() else { return };
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                if let Err(e) = inner.start_unix_peer(stream, format!("{label} peer"), None) {
+                    eprintln!(
+                        "tensorferry: {}: dropping a connection on {label}: {e}",
+                        inner.name
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                drop(inner);
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                eprintln!("tensorferry: {}: accept on {label} failed: {e}", inner.name);
+                drop(inner);
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Reads a shm peer: control frames inline, messages from shared slots.
+fn unix_read_loop(
+    mut frames: FrameReader<FdReader>,
+    fds: &Arc<Mutex<VecDeque<OwnedFd>>>,
+    peer: &Arc<Peer>,
+    node: &Weak<NodeInner>,
+) {
+    let mut mapped: HashMap<u32, Arc<MappedSlot>> = HashMap::new();
+    let reason = loop {
+        let result = frames.read_frame();
+        let first_byte = Instant::now();
+        let Some(inner) = node.upgrade() else { return };
+        let frame = match result {
+            Ok(Some(f)) => f,
+            Ok(None) => break "the peer closed the connection".to_string(),
+            Err(e) => break report(&inner, peer, &e),
+        };
+        match frame.meta.kind {
+            Kind::Shm => match open_slot_frame(&inner, peer, &frame, fds, &mut mapped) {
+                Ok(f) => handle_frame(&inner, peer, f, first_byte),
+                Err(e) => break report(&inner, peer, &e),
+            },
+            Kind::Release => {
+                let slot = frame
+                    .message
+                    .get_field("slot")
+                    .and_then(serde_json::Value::as_u64);
+                let offset = frame
+                    .message
+                    .get_field("offset")
+                    .and_then(serde_json::Value::as_u64);
+                if let (Some(slot), Some(offset), Link::Unix { awaiting, .. }) =
+                    (slot, offset, &peer.link)
+                {
+                    if let Ok(slot) = u32::try_from(slot) {
+                        awaiting
+                            .lock()
+                            .expect("lock is never poisoned")
+                            .remove(&(slot, offset));
+                    }
+                }
+            }
+            _ => handle_frame(&inner, peer, frame, first_byte),
+        }
+    };
+    if let Some(inner) = node.upgrade() {
+        inner.lose(peer, &reason);
+    }
+}
+
+fn report(inner: &NodeInner, peer: &Peer, e: &Error) -> String {
+    if peer.alive.load(Ordering::Acquire) && !inner.closed.load(Ordering::Acquire) {
+        eprintln!("tensorferry: {}: closing {}: {e}", inner.name, peer.label);
+    }
+    e.to_string()
+}
+
+/// Decodes the message frame a `shm` frame points to, in place in the shared slot.
+fn open_slot_frame(
+    inner: &NodeInner,
+    peer: &Arc<Peer>,
+    pointer: &Frame,
+    fds: &Mutex<VecDeque<OwnedFd>>,
+    mapped: &mut HashMap<u32, Arc<MappedSlot>>,
+) -> Result<Frame> {
+    let field = |k: &str| pointer.message.get_field(k);
+    let number = |k: &str| {
+        field(k)
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| Error::Invalid(format!("a shm frame without a valid `{k}`")))
+    };
+    let (slot, offset, len) = (number("slot")?, number("offset")?, number("len")?);
+    let slot = u32::try_from(slot)
+        .map_err(|_| Error::Invalid(format!("shm slot {slot} is out of range")))?;
+    if field("fd").and_then(serde_json::Value::as_bool) == Some(true) {
+        let fd = fds
+            .lock()
+            .expect("fd queue lock is never poisoned")
+            .pop_front()
+            .ok_or_else(|| {
+                Error::Invalid("a shm frame announced a descriptor that did not arrive".into())
+            })?;
+        mapped.insert(slot, Arc::new(MappedSlot::map(fd)?));
+    }
+    let map = mapped
+        .get(&slot)
+        .ok_or_else(|| Error::Invalid(format!("shm slot {slot} was never sent")))?;
+    let weak = Arc::downgrade(peer);
+    let release = Box::new(move || {
+        if let Some(peer) = weak.upgrade() {
+            let fields = Message::new().field("slot", slot).field("offset", offset);
+            let meta = FrameMeta {
+                channel: String::new(),
+                seq: 0,
+                kind: Kind::Release,
+                id: None,
+            };
+            if let Ok(f) = encode(&fields, &meta, EncodeOptions::default()) {
+                let _ = peer.write(&f);
+            }
+        }
+    });
+    let region = shm::view(map, offset, len, release)?;
+    let frame = decode_at(&region, &inner.limits, 0)?;
+    if frame.meta.kind != Kind::Message {
+        return Err(Error::Invalid(
+            "a shared slot held a frame that is not a message".into(),
+        ));
+    }
+    Ok(frame)
+}
+
 fn read_loop(mut frames: FrameReader<TcpStream>, peer: &Arc<Peer>, node: &Weak<NodeInner>) {
     let reason = loop {
         let result = frames.read_frame();
@@ -1031,6 +1284,13 @@ fn handle_frame(inner: &Arc<NodeInner>, peer: &Arc<Peer>, frame: Frame, first_by
             first_byte,
         }),
         Kind::Subscribe | Kind::Unsubscribe => inner.on_control(peer, &meta.channel, meta.kind),
+        // Only shm links carry these, and their reader handles them before here.
+        Kind::Shm | Kind::Release => {
+            eprintln!(
+                "tensorferry: {}: ignoring a shm frame from {}",
+                inner.name, peer.label
+            );
+        }
         Kind::Request => match meta.id {
             Some(id) => inner.dispatch_request(peer, &meta.channel, id, message),
             None => eprintln!(
@@ -1083,7 +1343,7 @@ fn spawn_outlet(peer: &Arc<Peer>, spec: &ChannelSpec) -> Arc<Outlet> {
                 Err(_) => return,
             };
             let Some(peer) = p.upgrade() else { return };
-            let ok = peer.alive.load(Ordering::Acquire) && peer.write(&frame).is_ok();
+            let ok = peer.alive.load(Ordering::Acquire) && write_outgoing(&peer, frame).is_ok();
             o.inflight.fetch_sub(1, Ordering::AcqRel);
             if !ok {
                 peer.close();
@@ -1098,6 +1358,68 @@ fn spawn_outlet(peer: &Arc<Peer>, spec: &ChannelSpec) -> Arc<Outlet> {
         outlet.queue.closed.store(true, Ordering::Release);
     }
     outlet
+}
+
+/// Writes one queued item to its peer.
+fn write_outgoing(peer: &Peer, item: Outgoing) -> Result<()> {
+    match item {
+        Outgoing::Frame(frame) => peer.write(&frame),
+        Outgoing::Shm {
+            held,
+            len,
+            channel,
+            seq,
+        } => {
+            let Link::Unix {
+                writer,
+                known,
+                awaiting,
+                ..
+            } = &peer.link
+            else {
+                return Err(Error::Invalid(
+                    "a shared-memory frame for a peer without shared memory".into(),
+                ));
+            };
+            let id = held.0.id;
+            let first = known.lock().expect("lock is never poisoned").insert(id);
+            let pointer = Message::new()
+                .field("slot", id)
+                .field("offset", 0)
+                .field("len", len)
+                .field("fd", first);
+            let meta = FrameMeta {
+                channel,
+                seq,
+                kind: Kind::Shm,
+                id: None,
+            };
+            let frame = encode(&pointer, &meta, EncodeOptions::default())?;
+            let mut bytes = Vec::with_capacity(frame.frame_len() as usize);
+            frame
+                .write_to(&mut bytes)
+                .map_err(|e| Error::io("encoding a shm frame", e))?;
+            awaiting
+                .lock()
+                .expect("lock is never poisoned")
+                .insert((id, 0), held);
+            let mut w = writer.lock().expect("writer lock is never poisoned");
+            shm::write_with_fd(
+                &mut w,
+                &bytes,
+                first.then(|| held_fd(awaiting, id)).flatten(),
+            )
+            .map_err(|e| Error::io(format!("writing to {}", peer.label), e))
+        }
+    }
+}
+
+fn held_fd(awaiting: &Mutex<HashMap<(u32, u64), SlotUse>>, id: u32) -> Option<std::os::fd::RawFd> {
+    awaiting
+        .lock()
+        .expect("lock is never poisoned")
+        .get(&(id, 0))
+        .map(|h| h.0.fd())
 }
 
 fn run_service(
@@ -1131,7 +1453,7 @@ fn run_service(
 
 fn send_reply(to: &ReplyTo, result: std::result::Result<Message, ServiceError>) {
     match &to.peer.link {
-        Link::Stream { .. } => {
+        Link::Stream { .. } | Link::Unix { .. } => {
             let (kind, message) = match result {
                 Ok(m) => (Kind::Reply, m),
                 Err(e) => (
@@ -1210,26 +1532,35 @@ impl Publisher {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut encoded: Option<Arc<Encoded>> = None;
+        let mut in_slot: Option<(SlotUse, u64)> = None;
         for peer in self.node.live_peers() {
             let Some(outlet) = peer.wants(&self.channel) else {
                 continue;
             };
             match (&peer.link, outlet) {
-                (Link::Stream { .. }, Some(outlet)) => {
-                    let frame = match &encoded {
-                        Some(f) => Arc::clone(f),
-                        None => {
-                            let f = Arc::new(encode(
-                                &message,
-                                &FrameMeta::message(self.channel.clone(), seq),
-                                EncodeOptions::default(),
-                            )?);
-                            encoded = Some(Arc::clone(&f));
-                            f
+                (Link::Stream { .. } | Link::Unix { .. }, Some(outlet)) => {
+                    if encoded.is_none() {
+                        let meta = FrameMeta::message(self.channel.clone(), seq);
+                        encoded =
+                            Some(Arc::new(encode(&message, &meta, EncodeOptions::default())?));
+                    }
+                    let frame = encoded.as_ref().expect("encoded above");
+                    let item = if matches!(peer.link, Link::Unix { .. }) {
+                        if in_slot.is_none() {
+                            in_slot = Some(self.copy_to_slot(frame)?);
                         }
+                        let (held, len) = in_slot.as_ref().expect("filled above");
+                        Outgoing::Shm {
+                            held: held.share(),
+                            len: *len,
+                            channel: self.channel.clone(),
+                            seq,
+                        }
+                    } else {
+                        Outgoing::Frame(Arc::clone(frame))
                     };
                     outlet.inflight.fetch_add(1, Ordering::AcqRel);
-                    if !outlet.queue.push(frame) {
+                    if !outlet.queue.push(item) {
                         outlet.inflight.fetch_sub(1, Ordering::AcqRel);
                     }
                 }
@@ -1246,7 +1577,7 @@ impl Publisher {
                         });
                     }
                 }
-                (Link::Stream { .. }, None) => {}
+                (Link::Stream { .. } | Link::Unix { .. }, None) => {}
             }
         }
         self.node.deliver(Received {
@@ -1258,6 +1589,19 @@ impl Publisher {
             first_byte: now,
         });
         Ok(())
+    }
+
+    /// Copies an encoded frame into a free shared slot (the one copy of the shm path).
+    fn copy_to_slot(&self, frame: &Encoded) -> Result<(SlotUse, u64)> {
+        let len = frame.frame_len();
+        let held = self
+            .node
+            .slots
+            .take(usize::try_from(len).map_err(|_| Error::Invalid("frame too large".into()))?)?;
+        held.0
+            .with_bytes(|bytes| frame.write_to(&mut &mut bytes[..]))
+            .map_err(|e| Error::io("writing into shared memory", e))?;
+        Ok((held, len))
     }
 
     /// Subscribers reached: this node's own plus every peer that asked for the channel.

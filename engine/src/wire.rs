@@ -45,6 +45,10 @@ pub enum Kind {
     Subscribe,
     /// Control: the sender no longer wants the messages of this channel.
     Unsubscribe,
+    /// Shared memory: a `message` frame lies in a shared slot (`fields`: `slot`, `offset`, `len`, `fd`).
+    Shm,
+    /// Shared memory: the receiver is done with the frame at `slot`, `offset`.
+    Release,
 }
 
 /// Decoder limits, enforced before anything is allocated.

@@ -329,3 +329,76 @@ fn garbage_from_one_peer_closes_it_and_others_carry_on() {
         "the garbage peer was closed"
     );
 }
+
+#[test]
+fn shm_fan_out_delivers_every_byte_and_reuses_slots() {
+    let name = format!("tf-test-{}", std::process::id());
+    let server = Node::builder()
+        .listen(format!("shm://{name}"))
+        .build()
+        .expect("server");
+    let addr = server.listen_addrs()[0].to_string();
+    let a = Node::builder().build().expect("a");
+    let b = Node::builder().build().expect("b");
+    let subs = [
+        a.subscribe(&addr, "/cam").expect("sub"),
+        b.subscribe(&addr, "/cam").expect("sub"),
+    ];
+    let publisher = server.publisher("/cam");
+    publisher
+        .wait_for_subscribers(2, WAIT)
+        .expect("two subscribers");
+    for seq in 0..30 {
+        publisher
+            .send(Message::new().field("i", seq).tensor("x", tensor(seq)))
+            .expect("send");
+        for sub in &subs {
+            let got = sub.recv_timeout(WAIT).expect("message");
+            assert_eq!(got.seq, seq);
+            let bytes = got.message.get("x").expect("x").packed().expect("host");
+            assert_eq!(
+                pattern::first_mismatch(DType::F32, 5, seq, "x", bytes.as_slice()),
+                None
+            );
+        }
+    }
+    // Every message was released as soon as it was dropped, so one or two slots served all 30.
+    let slots = std::fs::read_dir("/proc/self/fd")
+        .expect("fd table")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.to_string_lossy().contains("tensorferry-slot"))
+        .count();
+    assert!(
+        slots <= 6,
+        "{slots} slot descriptors open: slots are not being reused"
+    );
+}
+
+#[test]
+fn shm_requests_and_replies_work_like_tcp() {
+    let name = format!("tf-svc-{}", std::process::id());
+    let server = Node::builder()
+        .listen(format!("shm://{name}"))
+        .build()
+        .expect("server");
+    server
+        .serve(
+            "/echo",
+            Service::new(|m: Message| Ok(m.field("seen", true))),
+        )
+        .expect("serve");
+    let client = Node::builder().build().expect("client");
+    let reply = client
+        .request(
+            &format!("shm://{name}"),
+            "/echo",
+            Message::new().tensor("x", tensor(1)),
+            WAIT,
+        )
+        .expect("reply");
+    assert_eq!(reply.get_field("seen"), Some(&serde_json::json!(true)));
+    assert_eq!(
+        reply.get("x").map(|t| t.shape().to_vec()),
+        Some(vec![64, 33])
+    );
+}

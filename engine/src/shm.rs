@@ -1,0 +1,282 @@
+//! Shared memory between processes on one host: sealed memfd *slots* holding
+//! whole frames, passed once per connection as file descriptors over a Unix
+//! socket, then referred to by `(slot, offset, length)`.
+//!
+//! A sender writes a frame into a slot (one copy, or none through a loan); the
+//! receiver maps the slot read-only and decodes the frame in place, with every
+//! check of [`wire::decode`](crate::wire::decode), so its tensors view shared
+//! memory. When the receiver drops the last view it sends a release, and the
+//! slot is reused. memfds are anonymous and the socket lives in the abstract
+//! namespace, so nothing outlives the processes: no file in /dev/shm or anywhere.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+
+use crate::buffer::{Backing, HostBuffer};
+use crate::error::{Error, Result};
+
+/// The abstract socket address of `shm://NAME`.
+fn socket_addr(name: &str) -> Result<SocketAddr> {
+    SocketAddr::from_abstract_name(format!("tensorferry/{name}").as_bytes())
+        .map_err(|e| Error::io(format!("naming shm://{name}"), e))
+}
+
+/// Binds `shm://NAME`.
+pub(crate) fn bind(name: &str) -> Result<UnixListener> {
+    UnixListener::bind_addr(&socket_addr(name)?)
+        .map_err(|e| Error::io(format!("binding shm://{name}"), e))
+}
+
+/// Connects to `shm://NAME`.
+pub(crate) fn connect(name: &str) -> io::Result<UnixStream> {
+    let addr = socket_addr(name).map_err(|e| io::Error::other(e.to_string()))?;
+    UnixStream::connect_addr(&addr)
+}
+
+/// A shared-memory region that holds one frame at a time.
+pub(crate) struct Slot {
+    pub(crate) id: u32,
+    file: File,
+    map: Mutex<memmap2::MmapMut>,
+    size: usize,
+    /// Holders: the sender while writing, plus one per receiver until it releases.
+    users: AtomicUsize,
+}
+
+impl Slot {
+    fn create(id: u32, size: usize) -> Result<Slot> {
+        let fd = memfd_create(
+            c"tensorferry-slot",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| Error::io("creating shared memory (memfd_create)", e.into()))?;
+        let file = File::from(fd);
+        file.set_len(size as u64)
+            .map_err(|e| Error::io("sizing shared memory", e))?;
+        // Receivers require these seals: the segment can never shrink under
+        // their mapping (which would fault), nor be resized at all.
+        fcntl(
+            &file,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .map_err(|e| Error::io("sealing shared memory", e.into()))?;
+        // SAFETY: the memfd was just created by this process, sized and sealed
+        // against shrinking, so the mapping stays valid for its whole length.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file) }
+            .map_err(|e| Error::io("mapping shared memory", e))?;
+        Ok(Slot {
+            id,
+            file,
+            map: Mutex::new(map),
+            size,
+            users: AtomicUsize::new(0),
+        })
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Runs `f` on the slot's bytes (the sender writing a frame).
+    pub(crate) fn with_bytes<T>(&self, f: impl FnOnce(&mut [u8]) -> T) -> T {
+        let mut map = self.map.lock().expect("slot lock is never poisoned");
+        f(&mut map[..])
+    }
+}
+
+/// One hold on a slot; dropping it gives the hold back.
+pub(crate) struct SlotUse(pub(crate) Arc<Slot>);
+
+impl SlotUse {
+    fn new(slot: &Arc<Slot>) -> SlotUse {
+        slot.users.fetch_add(1, Ordering::AcqRel);
+        SlotUse(Arc::clone(slot))
+    }
+
+    /// Another hold on the same slot (one per receiver of a frame).
+    pub(crate) fn share(&self) -> SlotUse {
+        SlotUse::new(&self.0)
+    }
+}
+
+impl Drop for SlotUse {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The slots of one node, reused once every receiver has released them.
+pub(crate) struct SlotPool {
+    slots: Mutex<Vec<Arc<Slot>>>,
+}
+
+impl SlotPool {
+    pub(crate) fn new() -> Self {
+        Self {
+            slots: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A free slot of at least `len` bytes, held for writing.
+    pub(crate) fn take(&self, len: usize) -> Result<SlotUse> {
+        let mut slots = self.slots.lock().expect("pool lock is never poisoned");
+        if let Some(s) = slots
+            .iter()
+            .filter(|s| s.size >= len && s.users.load(Ordering::Acquire) == 0)
+            .min_by_key(|s| s.size)
+        {
+            return Ok(SlotUse::new(s));
+        }
+        let id = u32::try_from(slots.len())
+            .map_err(|_| Error::Invalid("too many shared-memory slots".into()))?;
+        let size = len.max(1).div_ceil(1 << 20) << 20;
+        let slot = Arc::new(Slot::create(id, size)?);
+        let held = SlotUse::new(&slot);
+        slots.push(slot);
+        Ok(held)
+    }
+}
+
+/// Reads a Unix socket with `recvmsg`, keeping the file descriptors that arrive.
+pub(crate) struct FdReader {
+    stream: UnixStream,
+    fds: Arc<Mutex<VecDeque<OwnedFd>>>,
+}
+
+impl FdReader {
+    pub(crate) fn new(stream: UnixStream, fds: Arc<Mutex<VecDeque<OwnedFd>>>) -> Self {
+        Self { stream, fds }
+    }
+}
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = recvmsg::<UnixAddr>(
+            self.stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let n = msg.bytes;
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                let mut q = self.fds.lock().expect("fd queue lock is never poisoned");
+                for fd in fds {
+                    // SAFETY: SCM_RIGHTS installed this descriptor in our table
+                    // for this message; nothing else owns it.
+                    q.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Writes `bytes` to `stream`, attaching `fd` to the first write when given.
+pub(crate) fn write_with_fd(
+    stream: &mut UnixStream,
+    bytes: &[u8],
+    fd: Option<RawFd>,
+) -> io::Result<()> {
+    let mut done = 0;
+    if let Some(fd) = fd {
+        let fds = [fd];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        done = sendmsg::<UnixAddr>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(io::Error::from)?;
+    }
+    stream.write_all(&bytes[done..])
+}
+
+/// A slot mapped read-only on the receiving side.
+pub(crate) struct MappedSlot {
+    map: memmap2::Mmap,
+}
+
+impl MappedSlot {
+    /// Maps a received slot descriptor after checking its seals.
+    pub(crate) fn map(fd: OwnedFd) -> Result<MappedSlot> {
+        let file = File::from(fd);
+        let seals = fcntl(&file, FcntlArg::F_GET_SEALS)
+            .map_err(|e| Error::io("reading shared-memory seals", e.into()))?;
+        let required = SealFlag::F_SEAL_SHRINK;
+        if SealFlag::from_bits_truncate(seals) & required != required {
+            return Err(Error::Invalid(
+                "the peer sent shared memory that can shrink under our mapping; refusing it".into(),
+            ));
+        }
+        // SAFETY: read-only mapping of a memfd sealed against shrinking (checked
+        // above), so every page of its current length stays mapped. The peer may
+        // still write to it: its bytes are treated as untrusted input.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| Error::io("mapping shared memory", e))?;
+        Ok(MappedSlot { map })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// A received frame in a mapped slot; when dropped, tells the sender the slot is free.
+pub(crate) struct SlotView {
+    pub(crate) slot: Arc<MappedSlot>,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    pub(crate) release: Box<dyn FnMut() + Send + Sync>,
+}
+
+impl Backing for SlotView {
+    fn bytes(&self) -> &[u8] {
+        &self.slot.map[self.start..self.start + self.len]
+    }
+}
+
+impl Drop for SlotView {
+    fn drop(&mut self) {
+        (self.release)();
+    }
+}
+
+/// The region `start..start+len` of a mapped slot as a [`HostBuffer`], checked.
+pub(crate) fn view(
+    slot: &Arc<MappedSlot>,
+    start: u64,
+    len: u64,
+    release: Box<dyn FnMut() + Send + Sync>,
+) -> Result<HostBuffer> {
+    let end = start.checked_add(len).filter(|&e| e <= slot.len() as u64);
+    let (Some(_), Ok(start), Ok(len)) = (end, usize::try_from(start), usize::try_from(len)) else {
+        return Err(Error::Invalid(format!(
+            "the peer referred to bytes {start}..+{len} of a {}-byte shared slot",
+            slot.len()
+        )));
+    };
+    Ok(HostBuffer::from_backing(SlotView {
+        slot: Arc::clone(slot),
+        start,
+        len,
+        release,
+    }))
+}
