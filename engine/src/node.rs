@@ -30,9 +30,12 @@ use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::shm::{self, FdReader, MappedSlot, SlotPool, SlotUse};
 use crate::stream::FrameReader;
+use crate::wire::layout;
 use crate::wire::{
     decode_at, encode, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits, TensorInfo,
 };
+use crate::HostBuffer;
+use tensorferry_kernels::DType;
 
 /// The channel name that subscribes to every channel.
 pub const ALL_CHANNELS: &str = "*";
@@ -1530,26 +1533,86 @@ impl Publisher {
             return Err(Error::Closed);
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.dispatch(seq, Some(message), None)
+    }
+
+    /// Lays out a message of `fields` (a message whose tensors are ignored) and
+    /// the host tensors `(name, dtype, shape)` directly in shared memory: fill
+    /// each tensor in place with [`Loan::fill`], then [`Loan::send`]. Subscribers
+    /// over `shm://` get it with no copy at all; others get one copy.
+    ///
+    /// # Errors
+    ///
+    /// Duplicate names, sizes that overflow, or shared memory that cannot be created.
+    pub fn loan(&self, fields: &Message, tensors: &[(&str, DType, &[usize])]) -> Result<Loan<'_>> {
+        if self.node.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let layout = layout(
+            &FrameMeta::message(self.channel.clone(), seq),
+            fields.fields(),
+            tensors,
+        )?;
+        let len = usize::try_from(layout.frame_len)
+            .map_err(|_| Error::Invalid("frame too large".into()))?;
+        let held = self.node.slots.take(len)?;
+        held.0
+            .with_bytes(|bytes| bytes[..layout.head.len()].copy_from_slice(&layout.head));
+        Ok(Loan {
+            publisher: self,
+            held,
+            seq,
+            frame_len: layout.frame_len,
+            names: tensors.iter().map(|(n, _, _)| n.to_string()).collect(),
+            spans: layout.spans,
+        })
+    }
+
+    /// Hands a message to every subscriber. `message` is the message itself
+    /// when the caller has one; `slot` holds the encoded frame when it is
+    /// already in shared memory (a loan).
+    fn dispatch(
+        &self,
+        seq: u64,
+        mut message: Option<Message>,
+        mut slot: Option<(SlotUse, u64)>,
+    ) -> Result<()> {
         let now = Instant::now();
+        let peers = self.node.live_peers();
+        let needs_message = peers
+            .iter()
+            .any(|p| !matches!(p.link, Link::Unix { .. }) && p.wants(&self.channel).is_some())
+            || self.has_local_subscribers();
+        if message.is_none() && needs_message {
+            // A loan reaching non-shm subscribers: decode a copy of the frame.
+            let (held, len) = slot.as_ref().expect("a loan always has its slot");
+            let bytes = held
+                .0
+                .with_bytes(|b| HostBuffer::copy_from(&b[..*len as usize]));
+            message = Some(decode_at(&bytes, &self.node.limits, 0)?.message);
+        }
         let mut encoded: Option<Arc<Encoded>> = None;
-        let mut in_slot: Option<(SlotUse, u64)> = None;
-        for peer in self.node.live_peers() {
+        for peer in peers {
             let Some(outlet) = peer.wants(&self.channel) else {
                 continue;
             };
             match (&peer.link, outlet) {
                 (Link::Stream { .. } | Link::Unix { .. }, Some(outlet)) => {
-                    if encoded.is_none() {
+                    let unix = matches!(peer.link, Link::Unix { .. });
+                    if encoded.is_none() && (!unix || slot.is_none()) {
                         let meta = FrameMeta::message(self.channel.clone(), seq);
-                        encoded =
-                            Some(Arc::new(encode(&message, &meta, EncodeOptions::default())?));
+                        let m = message
+                            .as_ref()
+                            .expect("a message is at hand when no slot is");
+                        encoded = Some(Arc::new(encode(m, &meta, EncodeOptions::default())?));
                     }
-                    let frame = encoded.as_ref().expect("encoded above");
-                    let item = if matches!(peer.link, Link::Unix { .. }) {
-                        if in_slot.is_none() {
-                            in_slot = Some(self.copy_to_slot(frame)?);
+                    let item = if unix {
+                        if slot.is_none() {
+                            slot =
+                                Some(self.copy_to_slot(encoded.as_ref().expect("encoded above"))?);
                         }
-                        let (held, len) = in_slot.as_ref().expect("filled above");
+                        let (held, len) = slot.as_ref().expect("filled above");
                         Outgoing::Shm {
                             held: held.share(),
                             len: *len,
@@ -1557,7 +1620,7 @@ impl Publisher {
                             seq,
                         }
                     } else {
-                        Outgoing::Frame(Arc::clone(frame))
+                        Outgoing::Frame(Arc::clone(encoded.as_ref().expect("encoded above")))
                     };
                     outlet.inflight.fetch_add(1, Ordering::AcqRel);
                     if !outlet.queue.push(item) {
@@ -1565,12 +1628,13 @@ impl Publisher {
                     }
                 }
                 (Link::Inproc { remote, .. }, _) => {
-                    message.check_names()?;
+                    let m = message.as_ref().expect("decoded above for non-shm peers");
+                    m.check_names()?;
                     if let Some(remote) = remote.upgrade() {
                         remote.deliver(Received {
                             channel: self.channel.clone(),
                             seq,
-                            message: message.clone(),
+                            message: m.clone(),
                             tensors: Vec::new(),
                             from: format!("inproc peer {}", self.node.name),
                             first_byte: now,
@@ -1580,15 +1644,22 @@ impl Publisher {
                 (Link::Stream { .. } | Link::Unix { .. }, None) => {}
             }
         }
-        self.node.deliver(Received {
-            channel: self.channel.clone(),
-            seq,
-            message,
-            tensors: Vec::new(),
-            from: "local".into(),
-            first_byte: now,
-        });
+        if let Some(message) = message {
+            self.node.deliver(Received {
+                channel: self.channel.clone(),
+                seq,
+                message,
+                tensors: Vec::new(),
+                from: "local".into(),
+                first_byte: now,
+            });
+        }
         Ok(())
+    }
+
+    fn has_local_subscribers(&self) -> bool {
+        let subs = self.node.subs.lock().expect("lock is never poisoned");
+        subs.contains_key(&self.channel) || subs.contains_key(ALL_CHANNELS)
     }
 
     /// Copies an encoded frame into a free shared slot (the one copy of the shm path).
@@ -1678,6 +1749,56 @@ impl Publisher {
             .filter_map(|p| p.wants(&self.channel).flatten())
             .map(|o| o.queue.dropped.load(Ordering::Relaxed))
             .sum()
+    }
+}
+
+/// A message laid out in shared memory by [`Publisher::loan`], filled in place.
+pub struct Loan<'p> {
+    publisher: &'p Publisher,
+    held: SlotUse,
+    seq: u64,
+    frame_len: u64,
+    names: Vec<String>,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+impl Loan<'_> {
+    /// Lets `fill` write the bytes of tensor `name` in place (they start zeroed
+    /// or with a previous message's bytes: write all of them).
+    ///
+    /// # Errors
+    ///
+    /// When the loan has no tensor `name`.
+    pub fn fill<T>(&mut self, name: &str, fill: impl FnOnce(&mut [u8]) -> T) -> Result<T> {
+        let i = self.names.iter().position(|n| n == name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the loan has no tensor `{name}`; it has: {}",
+                self.names.join(", ")
+            ))
+        })?;
+        let span = self.spans[i].clone();
+        Ok(self.held.0.with_bytes(|b| fill(&mut b[span])))
+    }
+
+    /// The sequence number the message will carry.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Sends the message to every subscriber.
+    ///
+    /// # Errors
+    ///
+    /// When the node shut down, or a non-shm subscriber's copy cannot be made.
+    pub fn send(self) -> Result<()> {
+        let Loan {
+            publisher,
+            held,
+            seq,
+            frame_len,
+            ..
+        } = self;
+        publisher.dispatch(seq, None, Some((held, frame_len)))
     }
 }
 

@@ -407,7 +407,19 @@ pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Re
         tensors,
         objects,
     };
-    let json = serde_json::to_vec(&header).map_err(|e| Error::Header {
+    let lens: Vec<u64> = buffers.iter().map(|b| b.len() as u64).collect();
+    let (head, frame_len) = assemble(&header, &lens)?;
+    Ok(Encoded {
+        head,
+        buffers,
+        frame_len,
+    })
+}
+
+/// Prelude, header, buffer table and padding for a header and buffer lengths;
+/// returns the head and the frame length.
+fn assemble(header: &HeaderOut<'_>, lens: &[u64]) -> Result<(Vec<u8>, u64)> {
+    let json = serde_json::to_vec(header).map_err(|e| Error::Header {
         what: e.to_string(),
     })?;
     let header_len = u32::try_from(json.len()).map_err(|_| {
@@ -416,16 +428,16 @@ pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Re
             json.len()
         ))
     })?;
-    let count = u32::try_from(buffers.len())
+    let count = u32::try_from(lens.len())
         .map_err(|_| Error::Invalid("too many buffers in one message".into()))?;
     let table_start = align_up(PRELUDE_BYTES as u64 + u64::from(header_len), 8).expect("small");
     let data_start = align_up(table_start + 8 * u64::from(count), ALIGN as u64).expect("small");
-    let frame_len = buffers.iter().try_fold(data_start, |acc, b| {
-        acc.checked_add(b.len() as u64)
-            .and_then(|v| align_up(v, ALIGN as u64))
-    });
-    let frame_len = frame_len.ok_or_else(|| Error::Invalid("the message size overflows".into()))?;
-
+    let frame_len = lens
+        .iter()
+        .try_fold(data_start, |acc, &len| {
+            acc.checked_add(len).and_then(|v| align_up(v, ALIGN as u64))
+        })
+        .ok_or_else(|| Error::Invalid("the message size overflows".into()))?;
     let mut head = Vec::with_capacity(data_start as usize);
     head.extend_from_slice(&MAGIC);
     head.extend_from_slice(&VERSION.to_le_bytes());
@@ -436,14 +448,78 @@ pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Re
     head.extend_from_slice(&0u64.to_le_bytes());
     head.extend_from_slice(&json);
     head.resize(table_start as usize, 0);
-    for b in &buffers {
-        head.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    for len in lens {
+        head.extend_from_slice(&len.to_le_bytes());
     }
     head.resize(data_start as usize, 0);
-    Ok(Encoded {
+    Ok((head, frame_len))
+}
+
+/// Where each tensor of a frame goes, before its bytes exist: what a loan
+/// needs to lay a message out in place.
+#[derive(Debug, Clone)]
+pub struct FrameLayout {
+    /// Prelude, header, table and padding.
+    pub head: Vec<u8>,
+    /// Bytes of the whole frame.
+    pub frame_len: u64,
+    /// Byte range of each tensor within the frame, in the order given.
+    pub spans: Vec<std::ops::Range<usize>>,
+}
+
+/// Lays out a frame of `fields` and host tensors `(name, dtype, shape)` without their bytes.
+///
+/// # Errors
+///
+/// Duplicate names, sizes that overflow, or a header too large for the format.
+pub fn layout(
+    meta: &FrameMeta,
+    fields: &Map<String, Value>,
+    tensors: &[(&str, DType, &[usize])],
+) -> Result<FrameLayout> {
+    if let Some(name) = first_duplicate(tensors.iter().map(|(n, _, _)| *n)) {
+        return Err(Error::DuplicateName {
+            name: name.to_string(),
+        });
+    }
+    let mut lens = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape) in tensors {
+        let bytes = element_count(shape)
+            .and_then(|n| n.checked_mul(dtype.size_bytes()))
+            .ok_or_else(|| Error::tensor(name, "its size overflows"))?;
+        lens.push(bytes as u64);
+    }
+    let header = HeaderOut {
+        channel: &meta.channel,
+        seq: meta.seq,
+        kind: meta.kind,
+        id: meta.id,
+        fields,
+        tensors: ColumnsOut {
+            name: tensors.iter().map(|(n, _, _)| *n).collect(),
+            dtype: tensors.iter().map(|(_, d, _)| d.name()).collect(),
+            shape: tensors.iter().map(|(_, _, s)| *s).collect(),
+            device: vec![Device::Cpu; tensors.len()],
+            buffer: (0..tensors.len() as u64).collect(),
+            bytes: lens.clone(),
+            checksum: None,
+        },
+        objects: Vec::new(),
+    };
+    let (head, frame_len) = assemble(&header, &lens)?;
+    let mut at = head.len();
+    let spans = lens
+        .iter()
+        .map(|&len| {
+            let span = at..at + len as usize;
+            at = (at + len as usize).div_ceil(ALIGN) * ALIGN;
+            span
+        })
+        .collect();
+    Ok(FrameLayout {
         head,
-        buffers,
         frame_len,
+        spans,
     })
 }
 

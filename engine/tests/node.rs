@@ -402,3 +402,91 @@ fn shm_requests_and_replies_work_like_tcp() {
         Some(vec![64, 33])
     );
 }
+
+/// True when `addr` lies in a mapping of a tensorferry shared slot.
+fn in_shared_slot(addr: usize) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .expect("maps")
+        .lines()
+        .any(|l| {
+            let Some((range, rest)) = l.split_once(' ') else {
+                return false;
+            };
+            let Some((lo, hi)) = range.split_once('-') else {
+                return false;
+            };
+            let (lo, hi) = (
+                usize::from_str_radix(lo, 16).unwrap_or(0),
+                usize::from_str_radix(hi, 16).unwrap_or(0),
+            );
+            rest.contains("tensorferry-slot") && (lo..hi).contains(&addr)
+        })
+}
+
+#[test]
+fn a_loan_is_filled_in_place_and_reaches_shm_and_local_subscribers() {
+    let name = format!("tf-loan-{}", std::process::id());
+    let server = Node::builder()
+        .listen(format!("shm://{name}"))
+        .build()
+        .expect("server");
+    let client = Node::builder().build().expect("client");
+    let remote = client
+        .subscribe(&format!("shm://{name}"), "/img")
+        .expect("sub");
+    let local = server.subscriber("/img");
+    let publisher = server.publisher("/img");
+    publisher
+        .wait_for_subscribers(2, WAIT)
+        .expect("subscribers");
+    for round in 0..3u8 {
+        let mut loan = publisher
+            .loan(
+                &Message::new().field("round", round),
+                &[
+                    ("image", DType::U8, &[480, 640, 3]),
+                    ("k", DType::F32, &[3]),
+                ],
+            )
+            .expect("loan");
+        loan.fill("image", |b| {
+            b.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = (i as u8) ^ round)
+        })
+        .expect("fill");
+        loan.fill("k", |b| {
+            b.copy_from_slice(bytemuck::cast_slice(&[1.5f32, 2.5, round as f32]))
+        })
+        .expect("fill");
+        assert!(loan.fill("nope", |_| ()).is_err());
+        loan.send().expect("send");
+        for sub in [&remote, &local] {
+            let got = sub.recv_timeout(WAIT).expect("message");
+            assert_eq!(
+                got.message.get_field("round"),
+                Some(&serde_json::json!(round))
+            );
+            let image = got.message.get("image").expect("image");
+            let bytes = image.as_slice::<u8>().expect("u8");
+            assert!(bytes
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == (i as u8) ^ round));
+            assert_eq!(
+                got.message
+                    .get("k")
+                    .expect("k")
+                    .as_slice::<f32>()
+                    .expect("f32"),
+                &[1.5, 2.5, round as f32]
+            );
+            if std::ptr::eq(sub, &remote) {
+                assert!(
+                    in_shared_slot(bytes.as_ptr() as usize),
+                    "shm tensors view the shared slot"
+                );
+            }
+        }
+    }
+}
