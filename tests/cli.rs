@@ -359,3 +359,46 @@ fn send_rejects_bad_options_with_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn bench_reports_every_row_beside_its_baseline() {
+    let out = tensorferry(&[
+        "bench",
+        "--transport",
+        "inproc,shm,tcp",
+        "--sizes",
+        "4KiB,64KiB",
+        "--duration",
+        "0.2",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 6);
+    for r in rows {
+        assert!(r["messages"].as_u64().expect("messages") > 0, "{r}");
+        assert!(r["gbps"].as_f64().expect("gbps") > 0.0, "{r}");
+        assert!(r["baseline_gbps"].as_f64().expect("baseline") > 0.0, "{r}");
+        assert!(
+            r["ratio"].as_f64().is_some() && r["p99_us"].as_f64().is_some(),
+            "{r}"
+        );
+        let want = if r["transport"] == "tcp" {
+            "raw tcp"
+        } else {
+            "memcpy"
+        };
+        assert_eq!(r["baseline"], want);
+    }
+    assert!(v["machine"]["cores"].as_u64().expect("cores") >= 1);
+    assert_eq!(v["settings"]["dtype"], "f32");
+    for bad in [
+        ["--sizes", "4XB"],
+        ["--transport", "udp"],
+        ["--duration", "-1"],
+    ] {
+        let out = tensorferry(&["bench", bad[0], bad[1]]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
+}

@@ -18,6 +18,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Measure throughput and latency of each transport (inproc, shm, tcp) for
+    /// several message sizes, each row beside a baseline measured in the same
+    /// run (memcpy, or a raw socket stream), with the ratio.
+    Bench(bench::Args),
     /// List this host's devices: the CPU, CUDA devices (or why there are none)
     /// and wgpu adapters.
     Devices(devices::Args),
@@ -41,6 +45,7 @@ enum Command {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => bench::run(&args),
         Command::Devices(args) => devices::run(&args),
         Command::CheckMap(args) => check_map::run(&args),
         Command::Send(args) => send::run(&args),
@@ -95,6 +100,7 @@ macro_rules! say {
     ($($arg:tt)*) => { $crate::cli::emit(format_args!($($arg)*)) };
 }
 
+mod bench;
 mod check_map;
 mod convert;
 mod devices;
