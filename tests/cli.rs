@@ -402,3 +402,34 @@ fn bench_reports_every_row_beside_its_baseline() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
     }
 }
+
+#[test]
+fn bench_reqrep_measures_round_trips_against_a_raw_ping_pong() {
+    let out = tensorferry(&[
+        "bench",
+        "--pattern",
+        "reqrep",
+        "--transport",
+        "shm,tcp",
+        "--sizes",
+        "4KiB",
+        "--duration",
+        "0.2",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert!(r["messages"].as_u64().expect("requests") > 0, "{r}");
+        assert!(r["p50_us"].as_f64().expect("p50") > 0.0, "{r}");
+        assert!(
+            r["baseline_p50_us"].as_f64().expect("baseline") > 0.0,
+            "{r}"
+        );
+    }
+    assert_eq!(rows[0]["baseline"], "raw unix");
+    assert_eq!(rows[1]["baseline"], "raw tcp");
+    assert_eq!(v["settings"]["pattern"], "reqrep");
+}

@@ -36,6 +36,11 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     duration: f64,
 
+    /// `pubsub` streams messages one way; `reqrep` measures request/reply round
+    /// trips (an echo service in the other process) against a raw ping-pong.
+    #[arg(long, default_value = "pubsub")]
+    pattern: BenchPattern,
+
     /// Print one JSON object with every setting, the machine and every row.
     #[arg(long)]
     json: bool,
@@ -47,6 +52,26 @@ pub struct Args {
     /// Internal: where the receiving process listens.
     #[arg(long, hide = true)]
     listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BenchPattern {
+    PubSub,
+    ReqRep,
+}
+
+impl FromStr for BenchPattern {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "pubsub" => Ok(BenchPattern::PubSub),
+            "reqrep" => Ok(BenchPattern::ReqRep),
+            other => Err(format!(
+                "`{other}` is not a pattern; write pubsub or reqrep"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,9 +316,149 @@ fn run_role(role: &str, listen: &str) -> Outcome {
             }
             say!("{}", m.to_json());
         }
+        "responder" => {
+            let node = Node::builder()
+                .name("bench-echo")
+                .listen(listen)
+                .build()
+                .map_err(|e| e.to_string())?;
+            node.serve(
+                "/bench",
+                tensorferry::engine::Service::new(|m: Message| Ok(m)),
+            )
+            .map_err(|e| e.to_string())?;
+            let sub = node.subscriber("/bench-stop");
+            let bound = node
+                .listen_addrs()
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            say!("listening {bound}");
+            sub.recv_timeout(Duration::from_secs(600))
+                .map_err(|e| e.to_string())?;
+            say!("{{}}");
+        }
+        "raw-echo" => {
+            let mut stream: Box<dyn ReadWrite> = if let Some(name) = listen.strip_prefix("unix://")
+            {
+                let addr = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                let l = std::os::unix::net::UnixListener::bind_addr(&addr)
+                    .map_err(|e| e.to_string())?;
+                say!("listening unix://{name}");
+                Box::new(l.accept().map_err(|e| e.to_string())?.0)
+            } else {
+                let l = TcpListener::bind(listen.trim_start_matches("tcp://"))
+                    .map_err(|e| e.to_string())?;
+                say!(
+                    "listening tcp://{}",
+                    l.local_addr().map_err(|e| e.to_string())?
+                );
+                let s = l.accept().map_err(|e| e.to_string())?.0;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            };
+            let mut size = [0u8; 8];
+            stream.read_exact(&mut size).map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; u64::from_le_bytes(size) as usize];
+            while stream.read_exact(&mut buf).is_ok() {
+                stream.write_all(&buf).map_err(|e| e.to_string())?;
+            }
+            say!("{{}}");
+        }
         other => return Err(format!("unknown role `{other}`")),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A stream that reads and writes (TCP or Unix).
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Round trips of `size` bytes to an echo process over a raw socket: the reqrep baseline.
+fn raw_ping_pong(
+    t: Transport,
+    size: u64,
+    duration: Duration,
+    row: usize,
+) -> Result<Measured, String> {
+    let listen = match t {
+        Transport::Shm => format!("unix://tf-bench-echo-{}-{row}", std::process::id()),
+        _ => "tcp://127.0.0.1:0".to_string(),
+    };
+    let (child, addr) = spawn_role("raw-echo", &listen)?;
+    let mut stream: Box<dyn ReadWrite> = if let Some(name) = addr.strip_prefix("unix://") {
+        let a = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes())
+            .map_err(|e| e.to_string())?;
+        Box::new(std::os::unix::net::UnixStream::connect_addr(&a).map_err(|e| e.to_string())?)
+    } else {
+        let s = TcpStream::connect(addr.trim_start_matches("tcp://")).map_err(|e| e.to_string())?;
+        let _ = s.set_nodelay(true);
+        Box::new(s)
+    };
+    stream
+        .write_all(&size.to_le_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = vec![3u8; size as usize];
+    let mut back = vec![0u8; size as usize];
+    let mut m = Measured::default();
+    let start = Instant::now();
+    while start.elapsed() < duration || m.messages == 0 {
+        let t0 = Instant::now();
+        stream.write_all(&out).map_err(|e| e.to_string())?;
+        stream.read_exact(&mut back).map_err(|e| e.to_string())?;
+        m.latencies_ns.push(t0.elapsed().as_nanos() as u64);
+        m.messages += 1;
+        m.bytes += 2 * size;
+    }
+    m.seconds = start.elapsed().as_secs_f64();
+    drop(stream);
+    finish_role(child)?;
+    Ok(m)
+}
+
+/// Round trips of a `size`-byte tensor to an echo service in another process.
+fn request_reply(t: Transport, size: u64, args: &Args, row: usize) -> Result<Measured, String> {
+    let duration = Duration::from_secs_f64(args.duration);
+    let listen = match t {
+        Transport::Shm => format!("shm://tf-bench-svc-{}-{row}", std::process::id()),
+        Transport::Tcp => "tcp://127.0.0.1:0".to_string(),
+        Transport::Inproc => {
+            return Err(
+                "--pattern reqrep measures shm and tcp; drop inproc from --transport".into(),
+            )
+        }
+    };
+    let (child, addr) = spawn_role("responder", &listen)?;
+    let node = Node::builder().build().map_err(|e| e.to_string())?;
+    let elems = (size as usize / args.dtype.size_bytes()).max(1);
+    let tensor = pattern::tensor(args.dtype, &[elems], 1, 0, "x").map_err(|e| e.to_string())?;
+    let mut m = Measured::default();
+    let start = Instant::now();
+    while start.elapsed() < duration || m.messages == 0 {
+        let t0 = Instant::now();
+        let reply = node
+            .request(
+                &addr,
+                "/bench",
+                Message::new().tensor("x", tensor.clone()),
+                Duration::from_secs(30),
+            )
+            .map_err(|e| e.to_string())?;
+        m.latencies_ns.push(t0.elapsed().as_nanos() as u64);
+        m.messages += 1;
+        m.bytes += 2 * reply.payload_bytes();
+    }
+    m.seconds = start.elapsed().as_secs_f64();
+    node.connect(&addr).map_err(|e| e.to_string())?;
+    let p = node.publisher("/bench-stop");
+    let _ = p.wait_for_subscribers(1, Duration::from_secs(5));
+    p.send(Message::new().field("stop", true))
+        .map_err(|e| e.to_string())?;
+    p.flush(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    finish_role(child)?;
+    Ok(m)
 }
 
 /// One memcpy of `size` bytes, repeated: the baseline for inproc and shm.
@@ -334,6 +499,17 @@ fn measure(
 ) -> Result<(Measured, f64, &'static str), String> {
     let duration = Duration::from_secs_f64(args.duration);
     let baseline_time = duration / 5;
+    if args.pattern == BenchPattern::ReqRep {
+        let m = request_reply(t, size, args, row)?;
+        let mut raw = raw_ping_pong(t, size, duration / 2, row)?;
+        let name = if t == Transport::Shm {
+            "raw unix"
+        } else {
+            "raw tcp"
+        };
+        // For round trips the baseline is the raw median round trip, in µs.
+        return Ok((m, raw.percentile_us(0.5), name));
+    }
     match t {
         Transport::Inproc => {
             let name = format!("bench-{}-{row}", std::process::id());
@@ -404,6 +580,17 @@ pub fn run(args: &Args) -> Outcome {
             bar.set_message(format!("{} {}", t.name(), human_bytes(size.0)));
             let (mut m, base, base_name) = measure(*t, size.0, args, i * args.sizes.len() + j)?;
             let gbps = m.gbps();
+            if args.pattern == BenchPattern::ReqRep {
+                let p50 = m.percentile_us(0.5);
+                rows.push(json!({
+                    "transport": t.name(), "size_bytes": size.0, "messages": m.messages, "gbps": gbps,
+                    "messages_per_s": if m.seconds > 0.0 { m.messages as f64 / m.seconds } else { 0.0 },
+                    "p50_us": p50, "p99_us": m.percentile_us(0.99),
+                    "baseline": base_name, "baseline_p50_us": base, "ratio": if base > 0.0 { p50 / base } else { 0.0 },
+                }));
+                bar.inc(1);
+                continue;
+            }
             rows.push(json!({
                 "transport": t.name(), "size_bytes": size.0, "messages": m.messages, "gbps": gbps,
                 "messages_per_s": if m.seconds > 0.0 { m.messages as f64 / m.seconds } else { 0.0 },
@@ -417,9 +604,44 @@ pub fn run(args: &Args) -> Outcome {
     let cpu = CpuInfo::probe();
     let settings = json!({"transports": args.transport.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "sizes_bytes": args.sizes.iter().map(|s| s.0).collect::<Vec<_>>(), "dtype": args.dtype,
-        "duration_s": args.duration, "src": "cpu", "dst": "cpu", "pattern": "pubsub", "subscribers": 1});
+        "duration_s": args.duration, "src": "cpu", "dst": "cpu",
+        "pattern": if args.pattern == BenchPattern::ReqRep { "reqrep" } else { "pubsub" }, "subscribers": 1});
     if args.json {
         print_json(&json!({"settings": settings, "machine": cpu, "rows": rows}));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.pattern == BenchPattern::ReqRep {
+        say!(
+            "tensorferry bench --pattern reqrep: {} tensor echoed, cpu -> cpu, {} s per row; machine: {} ({} cores)",
+            args.dtype, args.duration, cpu.model, cpu.cores
+        );
+        say!(
+            "{:<8} {:>9} {:>9} {:>10} {:>10} {:>10}  {:<9} {:>10} {:>6}",
+            "transport",
+            "size",
+            "requests",
+            "req/s",
+            "RTT p50",
+            "RTT p99",
+            "baseline",
+            "RTT p50",
+            "ratio"
+        );
+        for r in &rows {
+            say!(
+                "{:<8} {:>9} {:>9} {:>10.0} {:>8.1} µs {:>8.1} µs  {:<9} {:>7.1} µs {:>6.2}",
+                r["transport"].as_str().unwrap_or(""),
+                human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
+                r["messages"],
+                r["messages_per_s"].as_f64().unwrap_or(0.0),
+                r["p50_us"].as_f64().unwrap_or(0.0),
+                r["p99_us"].as_f64().unwrap_or(0.0),
+                r["baseline"].as_str().unwrap_or(""),
+                r["baseline_p50_us"].as_f64().unwrap_or(0.0),
+                r["ratio"].as_f64().unwrap_or(0.0),
+            );
+        }
+        say!("ratio: median round trip over the raw socket's median round trip (lower is better)");
         return Ok(ExitCode::SUCCESS);
     }
     say!(
