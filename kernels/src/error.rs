@@ -46,6 +46,55 @@ pub enum Error {
         count: usize,
     },
 
+    /// A cast between two dtypes that no kernel implements.
+    #[error(
+        "casting {from} to {to} is not supported; supported: {}",
+        crate::cast::SUPPORTED
+    )]
+    UnsupportedCast {
+        /// The source dtype.
+        from: crate::DType,
+        /// The target dtype.
+        to: crate::DType,
+    },
+
+    /// A buffer whose length does not match what the operation needs.
+    #[error("{op}: {what} has {actual} bytes but {expected} are needed; allocate it with the size the operation states")]
+    SizeMismatch {
+        /// The operation (`cast`, `copy`, `download`, …).
+        op: &'static str,
+        /// Which buffer.
+        what: &'static str,
+        /// Bytes needed.
+        expected: usize,
+        /// Bytes present.
+        actual: usize,
+    },
+
+    /// A buffer that lives on another device than the runtime asked to use it.
+    #[error("{op} on {runtime}: the {what} buffer lives on {found}; copy it to {runtime} first (DeviceBuffer::copy_from)")]
+    WrongDevice {
+        /// The operation.
+        op: &'static str,
+        /// Which buffer.
+        what: &'static str,
+        /// The runtime's device.
+        runtime: tensorferry_device_map::Device,
+        /// The buffer's device.
+        found: tensorferry_device_map::Device,
+    },
+
+    /// An operation this backend cannot perform on these arguments.
+    #[error("{op} on {backend}: {reason}")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// `cpu`, `cuda` or `wgpu`.
+        backend: &'static str,
+        /// What is not supported and what to do instead.
+        reason: String,
+    },
+
     /// A failure reported by a backend library (the CUDA driver, NVRTC, wgpu).
     #[error("{op} failed: {source}")]
     Backend {
@@ -54,4 +103,18 @@ pub enum Error {
         /// The backend's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+impl Error {
+    /// A [`Error::Backend`] from any error value.
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+    pub(crate) fn backend(
+        op: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Backend {
+            op,
+            source: source.into(),
+        }
+    }
 }

@@ -18,6 +18,7 @@
 //! }
 //! ```
 
+pub mod cast;
 pub mod cpu;
 mod dtype;
 mod error;
