@@ -1,8 +1,29 @@
-//! Device runtimes: what each one finds on this host, and why not.
+//! Device runtimes: what each one finds on this host, and the kernels on
+//! whichever device holds the data.
 //!
 //! [`HostReport::probe`] asks every runtime compiled in; a runtime that is not
 //! compiled in, or whose libraries or devices are absent, reports the reason
 //! instead of devices. Nothing here panics on a host without GPU libraries.
+//!
+//! [`Runtime`] is one device (`cpu`, `cuda:N`, `wgpu:N`) and [`DeviceBuffer`]
+//! bytes on one; the same calls allocate, move bytes and run the kernels on
+//! any of them, and every backend computes the CPU's bits.
+//!
+//! # Examples
+//!
+//! ```
+//! use tensorferry_device_map::Device;
+//! use tensorferry_kernels::runtime::Runtime;
+//! use tensorferry_kernels::{cpu, DType};
+//!
+//! let rt = Runtime::open(Device::Cpu)?;
+//! let src = rt.upload(&1.5f32.to_le_bytes())?;
+//! let mut half = rt.alloc(2)?;
+//! rt.cast(&src, DType::F32, &mut half, DType::BF16)?;
+//! assert_eq!(rt.to_vec(&half)?, [0xc0, 0x3f]);
+//! assert_eq!(rt.checksum(&src)?, cpu::checksum(&1.5f32.to_le_bytes()));
+//! # Ok::<(), tensorferry_kernels::Error>(())
+//! ```
 
 pub mod cpu;
 pub mod cuda;
@@ -10,6 +31,311 @@ pub mod wgpu;
 
 use serde::Serialize;
 use tensorferry_device_map::{Device, Inventory};
+
+use self::cuda::{CudaBuffer, CudaRuntime};
+use self::wgpu::{WgpuBuffer, WgpuRuntime};
+use crate::cpu::{AlignedBuffer, Checksum};
+use crate::error::{Error, Result};
+use crate::{DType, Layout};
+
+/// One device that holds bytes and runs the kernels.
+#[derive(Clone, Debug)]
+pub enum Runtime {
+    /// The host: [`crate::cpu`] kernels on [`AlignedBuffer`]s.
+    Cpu,
+    /// A CUDA device.
+    Cuda(CudaRuntime),
+    /// A wgpu adapter.
+    Wgpu(WgpuRuntime),
+}
+
+/// Bytes on one device.
+#[derive(Debug)]
+pub enum DeviceBuffer {
+    /// Host memory.
+    Host(AlignedBuffer),
+    /// CUDA device memory.
+    Cuda(CudaBuffer),
+    /// A wgpu storage buffer.
+    Wgpu(WgpuBuffer),
+}
+
+impl DeviceBuffer {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceBuffer::Host(b) => b.len(),
+            DeviceBuffer::Cuda(b) => b.len(),
+            DeviceBuffer::Wgpu(b) => b.len(),
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device the bytes are on.
+    pub fn device(&self) -> Device {
+        match self {
+            DeviceBuffer::Host(_) => Device::Cpu,
+            DeviceBuffer::Cuda(b) => b.device(),
+            DeviceBuffer::Wgpu(b) => b.device(),
+        }
+    }
+
+    /// Copies all of `src`, on any device, into this buffer of the same
+    /// length: directly within a device, peer to peer between CUDA devices
+    /// that allow it, through the host otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] for different lengths; a backend's errors.
+    pub fn copy_from(&mut self, src: &DeviceBuffer) -> Result<()> {
+        if src.len() != self.len() {
+            return Err(Error::SizeMismatch {
+                op: "copy",
+                what: "destination",
+                expected: src.len(),
+                actual: self.len(),
+            });
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        match (src, self) {
+            (DeviceBuffer::Host(s), DeviceBuffer::Host(d)) => {
+                d.as_mut_slice().copy_from_slice(s.as_slice());
+                Ok(())
+            }
+            (DeviceBuffer::Cuda(s), DeviceBuffer::Cuda(d)) => d.owner()?.copy(s, d),
+            (DeviceBuffer::Wgpu(s), DeviceBuffer::Wgpu(d)) => d.owner()?.copy(s, d),
+            (DeviceBuffer::Host(s), DeviceBuffer::Cuda(d)) => d.owner()?.write(d, 0, s.as_slice()),
+            (DeviceBuffer::Host(s), DeviceBuffer::Wgpu(d)) => d.owner()?.write(d, 0, s.as_slice()),
+            (DeviceBuffer::Cuda(s), DeviceBuffer::Host(d)) => {
+                s.owner()?.read(s, 0, d.as_mut_slice())
+            }
+            (DeviceBuffer::Wgpu(s), DeviceBuffer::Host(d)) => {
+                s.owner()?.read(s, 0, d.as_mut_slice())
+            }
+            (s, d) => {
+                let mut host = DeviceBuffer::Host(AlignedBuffer::zeroed(s.len()));
+                host.copy_from(s)?;
+                d.copy_from(&host)
+            }
+        }
+    }
+}
+
+impl Runtime {
+    /// Opens `device`: the host always; a CUDA device or wgpu adapter when
+    /// this build and host have it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] or [`Error::NoSuchDevice`] saying why not.
+    pub fn open(device: Device) -> Result<Self> {
+        Ok(match device {
+            Device::Cpu => Runtime::Cpu,
+            Device::Cuda(i) => Runtime::Cuda(CudaRuntime::new(i)?),
+            Device::Wgpu(i) => Runtime::Wgpu(WgpuRuntime::new(i)?),
+        })
+    }
+
+    /// The device this runtime runs on.
+    pub fn device(&self) -> Device {
+        match self {
+            Runtime::Cpu => Device::Cpu,
+            Runtime::Cuda(rt) => rt.device(),
+            Runtime::Wgpu(rt) => rt.device(),
+        }
+    }
+
+    fn wrong(&self, op: &'static str, what: &'static str, buf: &DeviceBuffer) -> Error {
+        Error::WrongDevice {
+            op,
+            what,
+            runtime: self.device(),
+            found: buf.device(),
+        }
+    }
+
+    /// `len` zero bytes on this device.
+    ///
+    /// # Errors
+    ///
+    /// A backend's allocation error.
+    pub fn alloc(&self, len: usize) -> Result<DeviceBuffer> {
+        Ok(match self {
+            Runtime::Cpu => DeviceBuffer::Host(AlignedBuffer::zeroed(len)),
+            Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.alloc(len)?),
+            Runtime::Wgpu(rt) => DeviceBuffer::Wgpu(rt.alloc(len)?),
+        })
+    }
+
+    /// A copy of `bytes` on this device.
+    ///
+    /// # Errors
+    ///
+    /// A backend's allocation or copy error.
+    pub fn upload(&self, bytes: &[u8]) -> Result<DeviceBuffer> {
+        Ok(match self {
+            Runtime::Cpu => DeviceBuffer::Host(AlignedBuffer::copy_from(bytes)),
+            Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.upload(bytes)?),
+            Runtime::Wgpu(rt) => DeviceBuffer::Wgpu(rt.upload(bytes)?),
+        })
+    }
+
+    /// Copies all of `buf` (on this device) into `out`, which must be as long.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`], [`Error::WrongDevice`], a backend's errors.
+    pub fn download(&self, buf: &DeviceBuffer, out: &mut [u8]) -> Result<()> {
+        if out.len() != buf.len() {
+            return Err(Error::SizeMismatch {
+                op: "download",
+                what: "host destination",
+                expected: buf.len(),
+                actual: out.len(),
+            });
+        }
+        match (self, buf) {
+            (Runtime::Cpu, DeviceBuffer::Host(b)) => {
+                out.copy_from_slice(b.as_slice());
+                Ok(())
+            }
+            (Runtime::Cuda(rt), DeviceBuffer::Cuda(b)) => rt.read(b, 0, out),
+            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(b)) => rt.read(b, 0, out),
+            _ => Err(self.wrong("download", "source", buf)),
+        }
+    }
+
+    /// All of `buf`'s bytes, in a new vector.
+    ///
+    /// # Errors
+    ///
+    /// As [`Runtime::download`].
+    pub fn to_vec(&self, buf: &DeviceBuffer) -> Result<Vec<u8>> {
+        let mut out = vec![0; buf.len()];
+        self.download(buf, &mut out)?;
+        Ok(out)
+    }
+
+    /// Casts `src` (dtype `from`) into `dst` (dtype `to`); see [`crate::cast`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::cpu::cast`], plus [`Error::WrongDevice`] and a backend's errors.
+    pub fn cast(
+        &self,
+        src: &DeviceBuffer,
+        from: DType,
+        dst: &mut DeviceBuffer,
+        to: DType,
+    ) -> Result<()> {
+        match (self, src, dst) {
+            (Runtime::Cpu, DeviceBuffer::Host(s), DeviceBuffer::Host(d)) => {
+                crate::cpu::cast(s.as_slice(), from, d.as_mut_slice(), to)
+            }
+            (Runtime::Cuda(rt), DeviceBuffer::Cuda(s), DeviceBuffer::Cuda(d)) => {
+                rt.cast(s, from, d, to)
+            }
+            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(s), DeviceBuffer::Wgpu(d)) => {
+                rt.cast(s, from, d, to)
+            }
+            (_, s, d) => Err(self.misplaced("cast", s, d)),
+        }
+    }
+
+    fn misplaced(&self, op: &'static str, a: &DeviceBuffer, b: &DeviceBuffer) -> Error {
+        if a.device().kind() != self.device().kind() {
+            self.wrong(op, "source", a)
+        } else {
+            self.wrong(op, "destination", b)
+        }
+    }
+
+    /// The checksum of `buf`'s bytes (see `docs/wire-format.md`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WrongDevice`]; a backend's errors.
+    pub fn checksum(&self, buf: &DeviceBuffer) -> Result<Checksum> {
+        match (self, buf) {
+            (Runtime::Cpu, DeviceBuffer::Host(b)) => Ok(crate::cpu::checksum(b.as_slice())),
+            (Runtime::Cuda(rt), DeviceBuffer::Cuda(b)) => rt.checksum(b),
+            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(b)) => rt.checksum(b),
+            _ => Err(self.wrong("checksum", "input", buf)),
+        }
+    }
+
+    /// Packs the view `layout` of `storage` into `out` (see [`crate::cpu::pack`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::cpu::pack`], plus [`Error::WrongDevice`] and a backend's errors.
+    pub fn pack(
+        &self,
+        storage: &DeviceBuffer,
+        elem_bytes: usize,
+        layout: &Layout,
+        out: &mut DeviceBuffer,
+    ) -> Result<()> {
+        match (self, storage, out) {
+            (Runtime::Cpu, DeviceBuffer::Host(s), DeviceBuffer::Host(o)) => {
+                crate::cpu::pack(s.as_slice(), elem_bytes, layout, o.as_mut_slice())
+            }
+            (Runtime::Cuda(rt), DeviceBuffer::Cuda(s), DeviceBuffer::Cuda(o)) => {
+                rt.pack(s, elem_bytes, layout, o)
+            }
+            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(s), DeviceBuffer::Wgpu(o)) => {
+                rt.pack(s, elem_bytes, layout, o)
+            }
+            (_, s, o) => Err(self.misplaced("pack", s, o)),
+        }
+    }
+
+    /// Unpacks `packed` into the view `layout` of `storage` (see [`crate::cpu::unpack`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::cpu::unpack`]; on CUDA and wgpu also
+    /// [`Error::Unsupported`] for views whose elements may overlap.
+    pub fn unpack(
+        &self,
+        packed: &DeviceBuffer,
+        elem_bytes: usize,
+        layout: &Layout,
+        storage: &mut DeviceBuffer,
+    ) -> Result<()> {
+        match (self, packed, storage) {
+            (Runtime::Cpu, DeviceBuffer::Host(p), DeviceBuffer::Host(s)) => {
+                crate::cpu::unpack(p.as_slice(), elem_bytes, layout, s.as_mut_slice())
+            }
+            (Runtime::Cuda(rt), DeviceBuffer::Cuda(p), DeviceBuffer::Cuda(s)) => {
+                rt.unpack(p, elem_bytes, layout, s)
+            }
+            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(p), DeviceBuffer::Wgpu(s)) => {
+                rt.unpack(p, elem_bytes, layout, s)
+            }
+            (_, p, s) => Err(self.misplaced("unpack", p, s)),
+        }
+    }
+
+    /// Waits for the work queued on this runtime.
+    ///
+    /// # Errors
+    ///
+    /// A backend's errors, including those of earlier asynchronous work.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Runtime::Cpu => Ok(()),
+            Runtime::Cuda(rt) => rt.synchronize(),
+            Runtime::Wgpu(rt) => rt.synchronize(),
+        }
+    }
+}
 
 /// Devices one runtime found, or the reason it found none.
 #[derive(Debug, Clone, Serialize)]

@@ -1,0 +1,803 @@
+//! The CUDA runtime proper (feature `cuda`): per-device contexts, streams,
+//! events, device buffers, the pinned staging pools and the NVRTC kernels.
+//!
+//! Unsafe code here is limited to what cudarc marks unsafe: allocating pinned
+//! memory (uninitialised until we zero it), kernel launches (argument lists
+//! must match the CUDA signatures) and the two driver calls cudarc does not
+//! wrap (peer access).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+
+use cudarc::driver::{
+    self as cu, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
+};
+use cudarc::nvrtc::{self, CompileOptions, Ptx};
+
+use super::{KERNELS_SOURCE, PINNED_CHUNKS, PINNED_CHUNK_BYTES};
+use crate::cast;
+use crate::cpu::pack::{self, Plan};
+use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
+use crate::error::{Error, Result};
+use crate::{DType, Layout};
+
+fn driver(op: &'static str) -> impl FnOnce(cu::DriverError) -> Error {
+    move |e| Error::backend(op, e)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves the data consistent
+    // (each critical section is a push or a pop), so poisoning is ignored.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Every kernel in `kernels.cu`.
+const KERNEL_NAMES: [&str; 19] = [
+    "tf_cast_f32_f16",
+    "tf_cast_f32_bf16",
+    "tf_cast_f32_f64",
+    "tf_cast_f32_f8e4m3",
+    "tf_cast_f32_f8e5m2",
+    "tf_cast_f16_f32",
+    "tf_cast_f16_bf16",
+    "tf_cast_f16_f64",
+    "tf_cast_bf16_f32",
+    "tf_cast_bf16_f16",
+    "tf_cast_bf16_f64",
+    "tf_cast_f64_f32",
+    "tf_cast_f64_f16",
+    "tf_cast_f64_bf16",
+    "tf_cast_f8e4m3_f32",
+    "tf_cast_f8e5m2_f32",
+    "tf_checksum_blocks",
+    "tf_pack",
+    "tf_unpack",
+];
+
+/// The PTX of `kernels.cu`, compiled by NVRTC once per process (the first
+/// runtime to need a kernel pays for it; the outcome, success or the
+/// compiler's log, is kept).
+fn ptx() -> Result<Ptx> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let compiled = PTX.get_or_init(|| {
+        if !super::nvrtc_present() {
+            return Err("libnvrtc not found: install NVRTC (the CUDA runtime compiler, e.g. the cuda-nvrtc package) or add its directory to LD_LIBRARY_PATH".to_string());
+        }
+        let opts = CompileOptions {
+            name: Some("tensorferry_kernels.cu".to_string()),
+            ..Default::default()
+        };
+        nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, opts)
+            .map(|p| p.to_src())
+            .map_err(|e| e.to_string())
+    });
+    match compiled {
+        Ok(src) => Ok(Ptx::from_src(src.clone())),
+        Err(log) => Err(Error::backend(
+            "compiling the CUDA kernels with NVRTC",
+            log.clone(),
+        )),
+    }
+}
+
+/// The kernels loaded into one context.
+struct Kernels {
+    functions: HashMap<&'static str, CudaFunction>,
+    _module: Arc<CudaModule>,
+}
+
+/// Makes a context current on this thread and restores the previous one on
+/// drop, around driver calls that cudarc does not wrap.
+struct ContextGuard;
+
+impl ContextGuard {
+    fn push(ctx: &CudaContext) -> Result<Self> {
+        // SAFETY: `cu_ctx` is the live context owned by `ctx`, which outlives
+        // the guard (the guard is dropped before `ctx` in every caller).
+        unsafe { sys::cuCtxPushCurrent_v2(ctx.cu_ctx()) }
+            .result()
+            .map_err(driver("making the device's context current"))?;
+        Ok(ContextGuard)
+    }
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        let mut previous = std::ptr::null_mut();
+        // SAFETY: pops the context pushed in `push` on this thread; the
+        // out-pointer is a valid local.
+        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut previous) };
+    }
+}
+
+/// A pinned host chunk and the event after the last copy that used it.
+struct Chunk {
+    mem: PinnedHostSlice<u8>,
+    done: Option<cu::CudaEvent>,
+}
+
+impl Chunk {
+    /// Waits until no copy still reads or writes the chunk.
+    fn settle(&mut self) -> Result<()> {
+        if let Some(done) = self.done.take() {
+            done.synchronize()
+                .map_err(driver("waiting for a pinned chunk's copy"))?;
+        }
+        Ok(())
+    }
+
+    fn host(&mut self) -> Result<&mut [u8]> {
+        self.settle()?;
+        self.mem
+            .as_mut_slice()
+            .map_err(driver("reaching a pinned chunk"))
+    }
+}
+
+/// Pinned host chunks of one device and direction: allocated together on
+/// first use, handed out in least-recently-used order, never freed while a
+/// runtime on the device lives.
+struct PinnedPool {
+    flags: u32,
+    chunks: Mutex<Option<VecDeque<Chunk>>>,
+    returned: Condvar,
+}
+
+/// A chunk taken from a pool; it goes back on drop.
+struct Taken<'a> {
+    pool: &'a PinnedPool,
+    chunk: Option<Chunk>,
+}
+
+impl Taken<'_> {
+    fn chunk(&mut self) -> &mut Chunk {
+        self.chunk.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(chunk) = self.chunk.take() {
+            if let Some(free) = lock(&self.pool.chunks).as_mut() {
+                free.push_back(chunk);
+            }
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+impl PinnedPool {
+    fn new(flags: u32) -> Self {
+        Self {
+            flags,
+            chunks: Mutex::new(None),
+            returned: Condvar::new(),
+        }
+    }
+
+    fn allocate(&self, ctx: &Arc<CudaContext>) -> Result<VecDeque<Chunk>> {
+        (0..PINNED_CHUNKS)
+            .map(|_| {
+                // SAFETY: the memory is uninitialised; it is zeroed below
+                // before anything reads it.
+                let mut mem =
+                    unsafe { ctx.alloc_pinned_with_flags::<u8>(PINNED_CHUNK_BYTES, self.flags) }
+                        .map_err(driver("allocating pinned host memory"))?;
+                let ptr = mem
+                    .as_mut_ptr()
+                    .map_err(driver("reaching pinned host memory"))?;
+                // SAFETY: `ptr` is valid for PINNED_CHUNK_BYTES bytes (just
+                // allocated with that length) and nothing else refers to it.
+                unsafe { std::ptr::write_bytes(ptr, 0, PINNED_CHUNK_BYTES) };
+                Ok(Chunk { mem, done: None })
+            })
+            .collect()
+    }
+
+    /// A chunk, waiting for one to come back when all are taken (by callers
+    /// that hold no other chunk, so the wait always ends).
+    fn take(&self, ctx: &Arc<CudaContext>) -> Result<Taken<'_>> {
+        let mut chunks = lock(&self.chunks);
+        if chunks.is_none() {
+            *chunks = Some(self.allocate(ctx)?);
+        }
+        loop {
+            if let Some(chunk) = chunks.as_mut().and_then(VecDeque::pop_front) {
+                return Ok(Taken {
+                    pool: self,
+                    chunk: Some(chunk),
+                });
+            }
+            chunks = self
+                .returned
+                .wait(chunks)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// A chunk if one is free now.
+    fn try_take(&self, ctx: &Arc<CudaContext>) -> Result<Option<Taken<'_>>> {
+        let mut chunks = lock(&self.chunks);
+        if chunks.is_none() {
+            *chunks = Some(self.allocate(ctx)?);
+        }
+        Ok(chunks
+            .as_mut()
+            .and_then(VecDeque::pop_front)
+            .map(|chunk| Taken {
+                pool: self,
+                chunk: Some(chunk),
+            }))
+    }
+}
+
+/// What every runtime on one device shares.
+struct DeviceState {
+    index: u32,
+    ctx: Arc<CudaContext>,
+    kernels: OnceLock<std::result::Result<Kernels, String>>,
+    /// Host-to-device staging: write-combined (fast for the device to read,
+    /// slow for the CPU to read, which it never does).
+    h2d: PinnedPool,
+    /// Device-to-host staging: ordinary pinned memory the CPU reads quickly.
+    d2h: PinnedPool,
+    /// Devices whose memory this one's context may access directly.
+    peers: Mutex<Vec<u32>>,
+}
+
+impl DeviceState {
+    /// The state of `cuda:index`: one per device per process while any
+    /// runtime on it lives.
+    fn get(index: u32) -> Result<Arc<Self>> {
+        static DEVICES: Mutex<Vec<(u32, Weak<DeviceState>)>> = Mutex::new(Vec::new());
+        let mut devices = lock(&DEVICES);
+        devices.retain(|(_, weak)| weak.strong_count() > 0);
+        if let Some(state) = devices
+            .iter()
+            .find(|(i, _)| *i == index)
+            .and_then(|(_, weak)| weak.upgrade())
+        {
+            return Ok(state);
+        }
+        // Check the ordinal before cudarc sees it: the driver must list it.
+        if !super::driver_present() {
+            return Err(Error::Unavailable {
+                runtime: "cuda",
+                reason: "libcuda not found (no NVIDIA driver on this host)".to_string(),
+            });
+        }
+        cu::result::init().map_err(driver("cuInit"))?;
+        let count = cu::result::device::get_count().map_err(driver("cuDeviceGetCount"))?;
+        let count = usize::try_from(count).unwrap_or(0);
+        if index as usize >= count {
+            return Err(Error::NoSuchDevice {
+                runtime: "cuda",
+                index,
+                count,
+            });
+        }
+        let ctx = CudaContext::new(index as usize).map_err(driver("creating a CUDA context"))?;
+        let state = Arc::new(DeviceState {
+            index,
+            ctx,
+            kernels: OnceLock::new(),
+            h2d: PinnedPool::new(
+                sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+            ),
+            d2h: PinnedPool::new(sys::CU_MEMHOSTALLOC_PORTABLE),
+            peers: Mutex::new(Vec::new()),
+        });
+        devices.push((index, Arc::downgrade(&state)));
+        Ok(state)
+    }
+
+    /// The kernel `name`, loading the module into this context on first use.
+    fn kernel(&self, name: &str) -> Result<&CudaFunction> {
+        let loaded = self.kernels.get_or_init(|| {
+            let ptx = ptx().map_err(|e| e.to_string())?;
+            let module = self
+                .ctx
+                .load_module(ptx)
+                .map_err(|e| format!("loading the kernels: {e}"))?;
+            let functions = KERNEL_NAMES
+                .iter()
+                .map(|&n| {
+                    module
+                        .load_function(n)
+                        .map(|f| (n, f))
+                        .map_err(|e| format!("finding kernel {n}: {e}"))
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            Ok(Kernels {
+                functions,
+                _module: module,
+            })
+        });
+        match loaded {
+            Ok(k) => k.functions.get(name).ok_or_else(|| {
+                Error::backend("finding a CUDA kernel", format!("no kernel named {name}"))
+            }),
+            Err(e) => Err(Error::backend("loading the CUDA kernels", e.clone())),
+        }
+    }
+
+    /// Lets this device read `other`'s memory directly, if the hardware can.
+    fn peer_with(&self, other: &DeviceState) -> Result<bool> {
+        let mut peers = lock(&self.peers);
+        if peers.contains(&other.index) {
+            return Ok(true);
+        }
+        let mut can = 0i32;
+        // SAFETY: both devices are valid handles from live contexts; `can` is
+        // a valid out-pointer.
+        unsafe {
+            sys::cuDeviceCanAccessPeer(&mut can, self.ctx.cu_device(), other.ctx.cu_device())
+        }
+        .result()
+        .map_err(driver("cuDeviceCanAccessPeer"))?;
+        if can == 0 {
+            return Ok(false);
+        }
+        let _current = ContextGuard::push(&self.ctx)?;
+        // SAFETY: `other.ctx` is a live context; this context is current.
+        match unsafe { sys::cuCtxEnablePeerAccess(other.ctx.cu_ctx(), 0) } {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {
+            }
+            e => return Err(Error::backend("cuCtxEnablePeerAccess", cu::DriverError(e))),
+        }
+        peers.push(other.index);
+        Ok(true)
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Runtime {
+    dev: Arc<DeviceState>,
+    stream: Arc<CudaStream>,
+}
+
+pub(super) struct Buffer {
+    dev: Arc<DeviceState>,
+    /// `None` for an empty buffer: the driver allocates no zero-byte memory.
+    mem: Option<CudaSlice<u8>>,
+}
+
+pub(super) struct Event {
+    event: cu::CudaEvent,
+}
+
+impl Buffer {
+    pub(super) fn len(&self) -> usize {
+        self.mem.as_ref().map_or(0, |m| m.len())
+    }
+    pub(super) fn index(&self) -> u32 {
+        self.dev.index
+    }
+    /// A runtime on the stream the buffer was allocated on.
+    pub(super) fn owner(&self) -> Result<Runtime> {
+        Ok(Runtime {
+            dev: Arc::clone(&self.dev),
+            stream: Arc::clone(self.mem()?.stream()),
+        })
+    }
+    fn mem(&self) -> Result<&CudaSlice<u8>> {
+        self.mem
+            .as_ref()
+            .ok_or_else(|| Error::backend("using a CUDA buffer", "the buffer is empty".to_string()))
+    }
+    fn mem_mut(&mut self) -> Result<&mut CudaSlice<u8>> {
+        self.mem
+            .as_mut()
+            .ok_or_else(|| Error::backend("using a CUDA buffer", "the buffer is empty".to_string()))
+    }
+}
+
+impl Event {
+    pub(super) fn synchronize(&self) -> Result<()> {
+        self.event
+            .synchronize()
+            .map_err(driver("cuEventSynchronize"))
+    }
+}
+
+/// Threads per block and a grid that covers `n` items with grid-stride loops.
+fn grid(n: u64) -> LaunchConfig {
+    const THREADS: u32 = 256;
+    let blocks = n.div_ceil(u64::from(THREADS)).clamp(1, 1 << 20) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn range_check(op: &'static str, offset: usize, len: usize, buffer: usize) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= buffer => Ok(()),
+        _ => Err(Error::SizeMismatch {
+            op,
+            what: "device buffer",
+            expected: offset.saturating_add(len),
+            actual: buffer,
+        }),
+    }
+}
+
+impl Runtime {
+    pub(super) fn open(index: u32) -> Result<Self> {
+        let dev = DeviceState::get(index)?;
+        let stream = dev
+            .ctx
+            .new_stream()
+            .map_err(driver("creating a CUDA stream"))?;
+        Ok(Self { dev, stream })
+    }
+
+    pub(super) fn fork(&self) -> Result<Self> {
+        let stream = self
+            .dev
+            .ctx
+            .new_stream()
+            .map_err(driver("creating a CUDA stream"))?;
+        Ok(Self {
+            dev: Arc::clone(&self.dev),
+            stream,
+        })
+    }
+
+    pub(super) fn index(&self) -> u32 {
+        self.dev.index
+    }
+
+    fn same_device(&self, op: &'static str, what: &'static str, buf: &Buffer) -> Result<()> {
+        if buf.dev.index == self.dev.index {
+            Ok(())
+        } else {
+            Err(Error::WrongDevice {
+                op,
+                what,
+                runtime: tensorferry_device_map::Device::cuda(self.dev.index),
+                found: tensorferry_device_map::Device::cuda(buf.dev.index),
+            })
+        }
+    }
+
+    pub(super) fn alloc(&self, len: usize) -> Result<Buffer> {
+        let mem = if len == 0 {
+            None
+        } else {
+            Some(
+                self.stream
+                    .alloc_zeros::<u8>(len)
+                    .map_err(driver("allocating device memory"))?,
+            )
+        };
+        Ok(Buffer {
+            dev: Arc::clone(&self.dev),
+            mem,
+        })
+    }
+
+    pub(super) fn write(&self, dst: &mut Buffer, offset: usize, src: &[u8]) -> Result<()> {
+        self.same_device("write", "destination", dst)?;
+        range_check("write", offset, src.len(), dst.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        let mem = dst.mem_mut()?;
+        for (i, part) in src.chunks(PINNED_CHUNK_BYTES).enumerate() {
+            // One chunk at a time is held, so waiting for one cannot deadlock;
+            // the pool hands out the least recently used, whose copy has had
+            // the longest to finish.
+            let mut taken = self.dev.h2d.take(&self.dev.ctx)?;
+            let chunk = taken.chunk();
+            let host = chunk.host()?;
+            host[..part.len()].copy_from_slice(part);
+            let at = offset + i * PINNED_CHUNK_BYTES;
+            let mut view = mem.slice_mut(at..at + part.len());
+            self.stream
+                .memcpy_htod(&host[..part.len()], &mut view)
+                .map_err(driver("copying host to device"))?;
+            chunk.done = Some(
+                self.stream
+                    .record_event(None)
+                    .map_err(driver("recording an event"))?,
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) fn read(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.same_device("read", "source", src)?;
+        range_check("read", offset, dst.len(), src.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let mem = src.mem()?;
+        // Up to PINNED_CHUNKS copies in flight; the host drains them in order.
+        let mut in_flight: VecDeque<(Taken<'_>, usize, usize)> = VecDeque::new();
+        let drain =
+            |(mut taken, at, len): (Taken<'_>, usize, usize), dst: &mut [u8]| -> Result<()> {
+                let host = taken.chunk().host()?;
+                dst[at..at + len].copy_from_slice(&host[..len]);
+                Ok(())
+            };
+        let mut at = 0;
+        while at < dst.len() {
+            let len = (dst.len() - at).min(PINNED_CHUNK_BYTES);
+            // Holding chunks, never block on the pool: finish our oldest copy
+            // and reuse its chunk instead.
+            let taken = if in_flight.is_empty() {
+                self.dev.d2h.take(&self.dev.ctx)?
+            } else if let Some(t) = self.dev.d2h.try_take(&self.dev.ctx)? {
+                t
+            } else {
+                let oldest = in_flight.pop_front().expect("not empty");
+                let (mut taken, a, l) = oldest;
+                let host = taken.chunk().host()?;
+                dst[a..a + l].copy_from_slice(&host[..l]);
+                taken
+            };
+            let mut taken = taken;
+            let chunk = taken.chunk();
+            chunk.settle()?;
+            let host = chunk
+                .mem
+                .as_mut_slice()
+                .map_err(driver("reaching a pinned chunk"))?;
+            let view = mem.slice(offset + at..offset + at + len);
+            self.stream
+                .memcpy_dtoh(&view, &mut host[..len])
+                .map_err(driver("copying device to host"))?;
+            chunk.done = Some(
+                self.stream
+                    .record_event(None)
+                    .map_err(driver("recording an event"))?,
+            );
+            in_flight.push_back((taken, at, len));
+            at += len;
+        }
+        while let Some(item) = in_flight.pop_front() {
+            drain(item, dst)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(Error::SizeMismatch {
+                op: "copy",
+                what: "destination",
+                expected: src.len(),
+                actual: dst.len(),
+            });
+        }
+        if src.len() == 0 {
+            return Ok(());
+        }
+        if src.dev.index == dst.dev.index || dst.dev.peer_with(&src.dev)? {
+            // Same device, or peers: one copy on the destination's stream
+            // (cudarc issues cuMemcpyPeerAsync when the contexts differ).
+            let stream = Arc::clone(dst.mem()?.stream());
+            let from = src.mem()?;
+            return stream
+                .memcpy_dtod(from, dst.mem_mut()?)
+                .map_err(driver("copying device to device"));
+        }
+        // No peer path: through pinned host chunks (portable, so either
+        // context may use them), one chunk at a time.
+        let src_stream = Arc::clone(src.mem()?.stream());
+        let dst_stream = Arc::clone(dst.mem()?.stream());
+        let from = src.mem()?;
+        let to = dst.mem_mut()?;
+        let len = from.len();
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(PINNED_CHUNK_BYTES);
+            let mut taken = src.dev.d2h.take(&src.dev.ctx)?;
+            let chunk = taken.chunk();
+            let host = chunk.host()?;
+            src_stream
+                .memcpy_dtoh(&from.slice(at..at + n), &mut host[..n])
+                .map_err(driver("copying device to host"))?;
+            src_stream
+                .synchronize()
+                .map_err(driver("waiting for a device-to-host copy"))?;
+            let mut view = to.slice_mut(at..at + n);
+            dst_stream
+                .memcpy_htod(&host[..n], &mut view)
+                .map_err(driver("copying host to device"))?;
+            chunk.done = Some(
+                dst_stream
+                    .record_event(None)
+                    .map_err(driver("recording an event"))?,
+            );
+            at += n;
+        }
+        Ok(())
+    }
+
+    pub(super) fn cast(
+        &self,
+        src: &Buffer,
+        from: DType,
+        dst: &mut Buffer,
+        to: DType,
+    ) -> Result<()> {
+        let n = cast::check_sizes(src.len(), from, dst.len(), to)?;
+        self.same_device("cast", "source", src)?;
+        self.same_device("cast", "destination", dst)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if from == to {
+            return self
+                .stream
+                .memcpy_dtod(src.mem()?, dst.mem_mut()?)
+                .map_err(driver("copying device to device"));
+        }
+        let name = format!("tf_cast_{from}_{to}");
+        let f = self.dev.kernel(&name)?;
+        let n64 = n as u64;
+        let (input, output) = (src.mem()?, dst.mem_mut()?);
+        let mut launch = self.stream.launch_builder(f);
+        launch.arg(input).arg(output).arg(&n64);
+        // SAFETY: `tf_cast_<from>_<to>(const S* src, D* dst, u64 n)`: the
+        // buffers hold exactly n elements of each dtype (check_sizes above),
+        // and device allocations are aligned for every element type.
+        unsafe { launch.launch(grid(n64)) }.map_err(driver("launching the cast kernel"))?;
+        Ok(())
+    }
+
+    pub(super) fn checksum(&self, buf: &Buffer) -> Result<Checksum> {
+        self.same_device("checksum", "input", buf)?;
+        let len = buf.len() as u64;
+        if len == 0 {
+            return Ok(finish_checksum(0, 0, 0));
+        }
+        let blocks = len.div_ceil(CHECKSUM_BLOCK_BYTES as u64);
+        let mut sums = self
+            .stream
+            .alloc_zeros::<u32>(2)
+            .map_err(driver("allocating device memory"))?;
+        let f = self.dev.kernel("tf_checksum_blocks")?;
+        let first = 0u64;
+        let data = buf.mem()?;
+        let mut launch = self.stream.launch_builder(f);
+        launch
+            .arg(data)
+            .arg(&len)
+            .arg(&first)
+            .arg(&blocks)
+            .arg(&mut sums);
+        // SAFETY: `tf_checksum_blocks(const u8* data, u64 len, u64 first,
+        // u64 blocks, u32* sums)`: data holds len bytes, blocks covers exactly
+        // them, sums holds two u32.
+        unsafe { launch.launch(grid(blocks)) }.map_err(driver("launching the checksum kernel"))?;
+        let host = self
+            .stream
+            .clone_dtoh(&sums)
+            .map_err(driver("reading the checksum"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver("waiting for the checksum"))?;
+        Ok(finish_checksum(host[0], host[1], len))
+    }
+
+    /// The plan's `(size, stride)` pairs on the device.
+    fn dims(&self, plan: &Plan) -> Result<CudaSlice<u64>> {
+        let dims: Vec<u64> = plan
+            .dims
+            .iter()
+            .flat_map(|&(n, s)| [n as u64, s as u64])
+            .collect();
+        self.stream
+            .clone_htod(&dims)
+            .map_err(driver("copying a layout to the device"))
+    }
+
+    pub(super) fn pack(
+        &self,
+        storage: &Buffer,
+        elem: usize,
+        layout: &Layout,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        pack::check(layout, elem, storage.len(), out.len())?;
+        self.same_device("pack", "storage", storage)?;
+        self.same_device("pack", "output", out)?;
+        self.run_pack(
+            "tf_pack",
+            storage.mem.as_ref(),
+            elem,
+            layout,
+            out.mem.as_mut(),
+        )
+    }
+
+    pub(super) fn unpack(
+        &self,
+        packed: &Buffer,
+        elem: usize,
+        layout: &Layout,
+        storage: &mut Buffer,
+    ) -> Result<()> {
+        pack::check(layout, elem, storage.len(), packed.len())?;
+        self.same_device("unpack", "packed", packed)?;
+        self.same_device("unpack", "storage", storage)?;
+        if layout.numel() > 1 && pack::overlaps(&Plan::new(layout)) {
+            return Err(Error::Unsupported {
+                op: "unpack",
+                backend: "cuda",
+                reason: "the view's elements may overlap, and only the CPU defines which write wins; unpack on the CPU".to_string(),
+            });
+        }
+        self.run_pack(
+            "tf_unpack",
+            packed.mem.as_ref(),
+            elem,
+            layout,
+            storage.mem.as_mut(),
+        )
+    }
+
+    fn run_pack(
+        &self,
+        kernel: &str,
+        from: Option<&CudaSlice<u8>>,
+        elem: usize,
+        layout: &Layout,
+        to: Option<&mut CudaSlice<u8>>,
+    ) -> Result<()> {
+        let n = layout.numel() as u64;
+        let (Some(from), Some(to)) = (from, to) else {
+            // Checked above: an empty view moves nothing.
+            return Ok(());
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let plan = Plan::new(layout);
+        let dims = self.dims(&plan)?;
+        let elem32 = u32::try_from(elem)
+            .map_err(|_| Error::BadLayout(format!("element size {elem} is too large")))?;
+        let rank = plan.dims.len() as u32;
+        let offset = plan.offset as u64;
+        let f = self.dev.kernel(kernel)?;
+        let mut launch = self.stream.launch_builder(f);
+        launch
+            .arg(from)
+            .arg(to)
+            .arg(&n)
+            .arg(&elem32)
+            .arg(&rank)
+            .arg(&dims)
+            .arg(&offset);
+        // SAFETY: `tf_pack`/`tf_unpack(const u8* from, u8* to, u64 n, u32
+        // elem, u32 rank, const u64* dims, u64 offset)`; pack::check verified
+        // that every element of the view lies inside the storage and that the
+        // packed buffer holds n × elem bytes; dims holds 2 × rank values.
+        unsafe { launch.launch(grid(n)) }.map_err(driver("launching the pack kernel"))?;
+        Ok(())
+    }
+
+    pub(super) fn record_event(&self) -> Result<Event> {
+        self.stream
+            .record_event(None)
+            .map(|event| Event { event })
+            .map_err(driver("recording an event"))
+    }
+
+    pub(super) fn wait_event(&self, event: &Event) -> Result<()> {
+        self.stream
+            .wait(&event.event)
+            .map_err(driver("waiting for an event"))
+    }
+
+    pub(super) fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))
+    }
+}

@@ -1,0 +1,767 @@
+//! The wgpu runtime proper (feature `wgpu`): one logical device per adapter
+//! per process, buffers, staging through mapped buffers, and the WGSL
+//! kernels, each compiled into a pipeline once and cached.
+//!
+//! Every operation runs inside wgpu error scopes, and an uncaptured-error
+//! handler is installed, so a validation or memory error becomes an
+//! [`Error::Backend`] instead of wgpu's default panic.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use super::{CAST_WGSL, CHECKSUM_WGSL, PACK_WGSL};
+use crate::cast;
+use crate::cpu::pack::{self, Plan};
+use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
+use crate::error::{Error, Result};
+use crate::{DType, Layout};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections here are single inserts or reads; a panic cannot
+    // leave the data half-updated, so poisoning is ignored.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Invocations per workgroup in every shader.
+const WORKGROUP: u32 = 64;
+/// wgpu's alignment for copies and mapped ranges.
+const WORD: usize = 4;
+/// Largest staging buffer used for one upload or download step.
+const STAGING_BYTES: usize = 32 << 20;
+
+fn padded(len: usize) -> u64 {
+    (len.div_ceil(WORD) * WORD).max(WORD) as u64
+}
+
+/// What every runtime on one adapter shares.
+struct DeviceState {
+    index: u32,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    limits: wgpu::Limits,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// An error wgpu reported outside any error scope (should not happen;
+    /// kept rather than panicking).
+    uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+impl DeviceState {
+    fn get(index: u32) -> Result<Arc<Self>> {
+        static DEVICES: Mutex<Vec<(u32, Weak<DeviceState>)>> = Mutex::new(Vec::new());
+        let mut devices = lock(&DEVICES);
+        devices.retain(|(_, weak)| weak.strong_count() > 0);
+        if let Some(state) = devices
+            .iter()
+            .find(|(i, _)| *i == index)
+            .and_then(|(_, weak)| weak.upgrade())
+        {
+            return Ok(state);
+        }
+        let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        let backends = desc.backends;
+        let instance = wgpu::Instance::new(desc);
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+        let count = adapters.len();
+        if index as usize >= count {
+            return Err(if count == 0 {
+                Error::Unavailable {
+                    runtime: "wgpu",
+                    reason: "no adapter found (install a Vulkan driver, e.g. mesa-vulkan-drivers, or try WGPU_BACKEND=gl)".to_string(),
+                }
+            } else {
+                Error::NoSuchDevice {
+                    runtime: "wgpu",
+                    index,
+                    count,
+                }
+            });
+        }
+        let adapter = adapters.swap_remove(index as usize);
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("tensorferry"),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::backend("opening the wgpu device", e))?;
+        let uncaptured = Arc::new(Mutex::new(None));
+        let sink = Arc::clone(&uncaptured);
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = lock(&sink);
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        let state = Arc::new(DeviceState {
+            index,
+            device,
+            queue,
+            limits,
+            pipelines: Mutex::new(HashMap::new()),
+            uncaptured,
+        });
+        devices.push((index, Arc::downgrade(&state)));
+        Ok(state)
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes.
+    fn scoped<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let result = f();
+        let oom = pollster::block_on(memory.pop());
+        let invalid = pollster::block_on(validation.pop());
+        if let Some(e) = oom.or(invalid) {
+            return Err(Error::backend(op, e.to_string()));
+        }
+        if let Some(e) = lock(&self.uncaptured).take() {
+            return Err(Error::backend(op, e));
+        }
+        result
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::backend("waiting for the wgpu queue", e))
+    }
+
+    /// The pipeline `name`, built from `source()` the first time it is asked for.
+    fn pipeline(
+        &self,
+        name: &str,
+        source: impl FnOnce() -> String,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = lock(&self.pipelines).get(name) {
+            return Ok(Arc::clone(p));
+        }
+        let pipeline = self.scoped("building a WGSL pipeline", || {
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(name),
+                    source: wgpu::ShaderSource::Wgsl(source().into()),
+                });
+            Ok(self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(name),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: Default::default(),
+                    cache: None,
+                }))
+        })?;
+        let pipeline = Arc::new(pipeline);
+        lock(&self.pipelines).insert(name.to_string(), Arc::clone(&pipeline));
+        Ok(pipeline)
+    }
+
+    fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("tensorferry params"),
+            size: (words.len() * 4) as u64,
+            usage: wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: true,
+        });
+        if let Ok(mut view) = buffer.get_mapped_range_mut(..) {
+            view.copy_from_slice(bytemuck::cast_slice(words));
+        }
+        buffer.unmap();
+        buffer
+    }
+
+    /// The largest byte range one storage binding may cover, rounded down to
+    /// the binding-offset alignment.
+    fn max_binding(&self) -> u64 {
+        let align = u64::from(self.limits.min_storage_buffer_offset_alignment).max(256);
+        let max = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(u64::from(u32::MAX));
+        max / align * align
+    }
+}
+
+/// Workgroups covering `units` invocations, as a 2-D grid when one row
+/// would exceed the per-dimension limit.
+fn workgroups(units: u64) -> (u32, u32) {
+    let groups = units.div_ceil(u64::from(WORKGROUP)).max(1);
+    let x = groups.min(65_535);
+    let y = groups.div_ceil(x);
+    (x as u32, y as u32)
+}
+
+fn entry(buffer: &wgpu::Buffer, binding: u32, offset: u64, size: u64) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer,
+            offset,
+            size: wgpu::BufferSize::new(size),
+        }),
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Runtime {
+    dev: Arc<DeviceState>,
+}
+
+pub(super) struct Buffer {
+    dev: Arc<DeviceState>,
+    buffer: wgpu::Buffer,
+    len: usize,
+}
+
+impl Buffer {
+    pub(super) fn owner(&self) -> Result<Runtime> {
+        Ok(Runtime {
+            dev: Arc::clone(&self.dev),
+        })
+    }
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+    pub(super) fn index(&self) -> u32 {
+        self.dev.index
+    }
+}
+
+fn too_large(op: &'static str, bytes: u64, limit: u64) -> Error {
+    Error::Unsupported {
+        op,
+        backend: "wgpu",
+        reason: format!(
+            "a buffer of {bytes} bytes exceeds this adapter's limit of {limit} bytes per binding; do it on the CPU or CUDA"
+        ),
+    }
+}
+
+impl Runtime {
+    pub(super) fn open(index: u32) -> Result<Self> {
+        DeviceState::get(index).map(|dev| Self { dev })
+    }
+
+    pub(super) fn index(&self) -> u32 {
+        self.dev.index
+    }
+
+    pub(super) fn adapter(&self) -> super::AdapterInfo {
+        super::AdapterInfo::new(self.dev.index, self.dev.device.adapter_info())
+    }
+
+    fn same_device(&self, op: &'static str, what: &'static str, buf: &Buffer) -> Result<()> {
+        if buf.dev.index == self.dev.index {
+            Ok(())
+        } else {
+            Err(Error::WrongDevice {
+                op,
+                what,
+                runtime: tensorferry_device_map::Device::wgpu(self.dev.index),
+                found: tensorferry_device_map::Device::wgpu(buf.dev.index),
+            })
+        }
+    }
+
+    pub(super) fn alloc(&self, len: usize) -> Result<Buffer> {
+        let size = padded(len);
+        if size > self.dev.limits.max_buffer_size {
+            return Err(Error::Unsupported {
+                op: "alloc",
+                backend: "wgpu",
+                reason: format!(
+                    "{len} bytes exceed this adapter's largest buffer ({} bytes)",
+                    self.dev.limits.max_buffer_size
+                ),
+            });
+        }
+        let buffer = self.dev.scoped("allocating a wgpu buffer", || {
+            Ok(self.dev.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensorferry buffer"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }))
+        })?;
+        Ok(Buffer {
+            dev: Arc::clone(&self.dev),
+            buffer,
+            len,
+        })
+    }
+
+    pub(super) fn write(&self, dst: &mut Buffer, offset: usize, src: &[u8]) -> Result<()> {
+        self.same_device("write", "destination", dst)?;
+        let end = offset.checked_add(src.len()).filter(|&e| e <= dst.len);
+        if end.is_none() {
+            return Err(Error::SizeMismatch {
+                op: "write",
+                what: "device buffer",
+                expected: offset.saturating_add(src.len()),
+                actual: dst.len,
+            });
+        }
+        if offset % WORD != 0 || (src.len() % WORD != 0 && offset + src.len() != dst.len) {
+            return Err(Error::Unsupported {
+                op: "write",
+                backend: "wgpu",
+                reason: format!(
+                    "wgpu copies whole 4-byte words: write at offsets that are multiples of 4, in lengths that are multiples of 4 or that reach the buffer's end (got {} bytes at {offset})",
+                    src.len()
+                ),
+            });
+        }
+        for (i, part) in src.chunks(STAGING_BYTES).enumerate() {
+            let size = padded(part.len());
+            let at = (offset + i * STAGING_BYTES) as u64;
+            self.dev.scoped("uploading to a wgpu buffer", || {
+                let staging = self.dev.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("tensorferry upload"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: true,
+                });
+                {
+                    let mut view = staging
+                        .get_mapped_range_mut(..)
+                        .map_err(|e| Error::backend("mapping a staging buffer", e.to_string()))?;
+                    let mut whole = vec![0u8; size as usize];
+                    whole[..part.len()].copy_from_slice(part);
+                    view.copy_from_slice(&whole);
+                }
+                staging.unmap();
+                let mut encoder = self.dev.device.create_command_encoder(&Default::default());
+                encoder.copy_buffer_to_buffer(&staging, 0, &dst.buffer, at, size);
+                self.dev.queue.submit([encoder.finish()]);
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `buffer` at `offset` (both multiples of 4) to the host.
+    fn fetch(&self, buffer: &wgpu::Buffer, offset: u64, len: u64, out: &mut [u8]) -> Result<()> {
+        self.dev.scoped("downloading from a wgpu buffer", || {
+            let staging = self.dev.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensorferry download"),
+                size: len,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut encoder = self.dev.device.create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, len);
+            self.dev.queue.submit([encoder.finish()]);
+            let (tx, rx) = std::sync::mpsc::channel();
+            staging.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            });
+            self.dev.wait()?;
+            rx.recv()
+                .map_err(|e| Error::backend("mapping a staging buffer", e))?
+                .map_err(|e| Error::backend("mapping a staging buffer", e))?;
+            {
+                let view = staging
+                    .get_mapped_range(..)
+                    .map_err(|e| Error::backend("mapping a staging buffer", e.to_string()))?;
+                out.copy_from_slice(&view[..out.len()]);
+            }
+            staging.unmap();
+            Ok(())
+        })
+    }
+
+    pub(super) fn read(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.same_device("read", "source", src)?;
+        if offset.checked_add(dst.len()).is_none_or(|e| e > src.len) {
+            return Err(Error::SizeMismatch {
+                op: "read",
+                what: "device buffer",
+                expected: offset.saturating_add(dst.len()),
+                actual: src.len,
+            });
+        }
+        // Whole words around the range, then the bytes asked for.
+        let mut at = 0;
+        while at < dst.len() {
+            let n = (dst.len() - at).min(STAGING_BYTES);
+            let first = offset + at;
+            let start = first / WORD * WORD;
+            let end = (first + n).div_ceil(WORD) * WORD;
+            let mut words = vec![0u8; end - start];
+            self.fetch(&src.buffer, start as u64, (end - start) as u64, &mut words)?;
+            dst[at..at + n].copy_from_slice(&words[first - start..first - start + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    pub(super) fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()> {
+        if src.len != dst.len {
+            return Err(Error::SizeMismatch {
+                op: "copy",
+                what: "destination",
+                expected: src.len,
+                actual: dst.len,
+            });
+        }
+        if src.len == 0 {
+            return Ok(());
+        }
+        if src.dev.index == dst.dev.index {
+            self.dev.scoped("copying between wgpu buffers", || {
+                let mut encoder = self.dev.device.create_command_encoder(&Default::default());
+                encoder.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, padded(src.len));
+                self.dev.queue.submit([encoder.finish()]);
+                Ok(())
+            })
+        } else {
+            // Different adapters share nothing: through the host.
+            let mut host = vec![0u8; src.len];
+            Runtime {
+                dev: Arc::clone(&src.dev),
+            }
+            .read(src, 0, &mut host)?;
+            Runtime {
+                dev: Arc::clone(&dst.dev),
+            }
+            .write(dst, 0, &host)
+        }
+    }
+
+    /// Records one dispatch of `pipeline` over `units` invocations.
+    fn dispatch(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        pipeline: &wgpu::ComputePipeline,
+        entries: &[wgpu::BindGroupEntry<'_>],
+        units: u64,
+    ) {
+        let layout = pipeline.get_bind_group_layout(0);
+        let group = self
+            .dev
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &layout,
+                entries,
+            });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        let (x, y) = workgroups(units);
+        pass.dispatch_workgroups(x, y, 1);
+    }
+
+    pub(super) fn cast(
+        &self,
+        src: &Buffer,
+        from: DType,
+        dst: &mut Buffer,
+        to: DType,
+    ) -> Result<()> {
+        let n = cast::check_sizes(src.len, from, dst.len, to)?;
+        self.same_device("cast", "source", src)?;
+        self.same_device("cast", "destination", dst)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if from == to {
+            return self.copy(src, dst);
+        }
+        let (s, d) = (from.size_bytes() as u64, to.size_bytes() as u64);
+        let name = format!("cast_{from}_{to}");
+        let pipeline = self.dev.pipeline(&name, || cast_source(from, to))?;
+        // Chunks of whole 256-element groups, so every binding offset is a
+        // multiple of 256 bytes, within the binding-size limit on both sides.
+        let max = self.dev.max_binding();
+        let chunk = (max / s.max(d)) / 256 * 256;
+        let n = n as u64;
+        self.dev.scoped("running the cast kernel", || {
+            let mut encoder = self.dev.device.create_command_encoder(&Default::default());
+            let mut uniforms = Vec::new();
+            let mut start = 0u64;
+            while start < n {
+                let count = chunk.min(n - start);
+                let units = if d < 4 {
+                    (count * d).div_ceil(4)
+                } else {
+                    count
+                };
+                uniforms.push(self.dev.uniform(&[count as u32, units as u32, 0, 0]));
+                let params = uniforms.last().expect("just pushed");
+                let entries = [
+                    entry(&src.buffer, 0, start * s, padded((count * s) as usize)),
+                    entry(&dst.buffer, 1, start * d, padded((count * d) as usize)),
+                    entry(params, 2, 0, 16),
+                ];
+                self.dispatch(&mut encoder, &pipeline, &entries, units);
+                start += count;
+            }
+            self.dev.queue.submit([encoder.finish()]);
+            Ok(())
+        })
+    }
+
+    pub(super) fn checksum(&self, buf: &Buffer) -> Result<Checksum> {
+        self.same_device("checksum", "input", buf)?;
+        let len = buf.len as u64;
+        if len == 0 {
+            return Ok(finish_checksum(0, 0, 0));
+        }
+        let pipeline = self
+            .dev
+            .pipeline("checksum", || CHECKSUM_WGSL.to_string())?;
+        let block = CHECKSUM_BLOCK_BYTES as u64;
+        let blocks_per_chunk = self.dev.max_binding() / block;
+        let total_blocks = len.div_ceil(block);
+        let sums = self.dev.scoped("running the checksum kernel", || {
+            let sums = self.dev.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensorferry checksum sums"),
+                size: 8,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let mut encoder = self.dev.device.create_command_encoder(&Default::default());
+            let mut uniforms = Vec::new();
+            let mut first = 0u64;
+            while first < total_blocks {
+                let blocks = blocks_per_chunk.min(total_blocks - first);
+                let start = first * block;
+                let bytes = (len - start).min(blocks * block);
+                uniforms.push(
+                    self.dev
+                        .uniform(&[first as u32, bytes as u32, blocks as u32, 0]),
+                );
+                let params = uniforms.last().expect("just pushed");
+                let entries = [
+                    entry(&buf.buffer, 0, start, padded(bytes as usize)),
+                    entry(&sums, 1, 0, 8),
+                    entry(params, 2, 0, 16),
+                ];
+                self.dispatch(&mut encoder, &pipeline, &entries, blocks);
+                first += blocks;
+            }
+            self.dev.queue.submit([encoder.finish()]);
+            Ok(sums)
+        })?;
+        let mut out = [0u8; 8];
+        self.fetch(&sums, 0, 8, &mut out)?;
+        let lo = u32::from_le_bytes([out[0], out[1], out[2], out[3]]);
+        let hi = u32::from_le_bytes([out[4], out[5], out[6], out[7]]);
+        Ok(finish_checksum(lo, hi, len))
+    }
+
+    pub(super) fn pack(
+        &self,
+        storage: &Buffer,
+        elem: usize,
+        layout: &Layout,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        pack::check(layout, elem, storage.len, out.len)?;
+        self.same_device("pack", "storage", storage)?;
+        self.same_device("pack", "output", out)?;
+        self.run_pack(
+            true,
+            &storage.buffer,
+            storage.len,
+            elem,
+            layout,
+            &out.buffer,
+            out.len,
+        )
+    }
+
+    pub(super) fn unpack(
+        &self,
+        packed: &Buffer,
+        elem: usize,
+        layout: &Layout,
+        storage: &mut Buffer,
+    ) -> Result<()> {
+        pack::check(layout, elem, storage.len, packed.len)?;
+        self.same_device("unpack", "packed", packed)?;
+        self.same_device("unpack", "storage", storage)?;
+        if layout.numel() > 1 && pack::overlaps(&Plan::new(layout)) {
+            return Err(Error::Unsupported {
+                op: "unpack",
+                backend: "wgpu",
+                reason: "the view's elements may overlap, and only the CPU defines which write wins; unpack on the CPU".to_string(),
+            });
+        }
+        self.run_pack(
+            false,
+            &storage.buffer,
+            storage.len,
+            elem,
+            layout,
+            &packed.buffer,
+            packed.len,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_pack(
+        &self,
+        gather: bool,
+        storage: &wgpu::Buffer,
+        storage_len: usize,
+        elem: usize,
+        layout: &Layout,
+        packed: &wgpu::Buffer,
+        packed_len: usize,
+    ) -> Result<()> {
+        let op = if gather { "pack" } else { "unpack" };
+        if packed_len == 0 {
+            return Ok(());
+        }
+        let max = self.dev.max_binding();
+        for bytes in [padded(storage_len), padded(packed_len)] {
+            if bytes > max {
+                return Err(too_large(op, bytes, max));
+            }
+        }
+        let plan = Plan::new(layout);
+        let small = |v: usize| {
+            u32::try_from(v).map_err(|_| Error::Unsupported {
+                op,
+                backend: "wgpu",
+                reason: format!("the view's size or stride {v} does not fit WGSL's 32-bit indices"),
+            })
+        };
+        let mut dims = Vec::with_capacity(plan.dims.len() * 2);
+        for &(n, s) in &plan.dims {
+            dims.push(small(n)?);
+            dims.push(small(s)?);
+        }
+        let n = small(layout.numel())?;
+        let elem32 = small(elem)?;
+        let offset = small(plan.offset)?;
+        let words = packed_len.div_ceil(WORD) as u64;
+        let whole_words = elem % WORD == 0;
+        let name = match (gather, whole_words) {
+            (true, true) => "pack_words",
+            (true, false) => "pack_bytes",
+            (false, true) => "unpack_words",
+            (false, false) => "unpack_bytes",
+        };
+        let pipeline = self.dev.pipeline(name, || pack_source(name))?;
+        self.dev.scoped("running the pack kernel", || {
+            let dims_buffer = self.dev.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensorferry dims"),
+                size: (dims.len() * 4) as u64,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: true,
+            });
+            if let Ok(mut view) = dims_buffer.get_mapped_range_mut(..) {
+                view.copy_from_slice(bytemuck::cast_slice(&dims));
+            }
+            dims_buffer.unmap();
+            let params = self.dev.uniform(&[
+                n,
+                elem32,
+                plan.dims.len() as u32,
+                offset,
+                words as u32,
+                0,
+                0,
+                0,
+            ]);
+            let entries = [
+                entry(storage, 0, 0, padded(storage_len)),
+                entry(packed, 1, 0, padded(packed_len)),
+                entry(&params, 2, 0, 32),
+                entry(&dims_buffer, 3, 0, (dims.len() * 4) as u64),
+            ];
+            let mut encoder = self.dev.device.create_command_encoder(&Default::default());
+            self.dispatch(&mut encoder, &pipeline, &entries, words);
+            self.dev.queue.submit([encoder.finish()]);
+            Ok(())
+        })
+    }
+
+    pub(super) fn synchronize(&self) -> Result<()> {
+        self.dev.wait()
+    }
+}
+
+/// The WGSL of one cast: the shared functions and an entry point that
+/// produces one output word (8- and 16-bit targets) or element per invocation.
+fn cast_source(from: DType, to: DType) -> String {
+    use DType::*;
+    let read = match from.size_bytes() {
+        1 => "read8",
+        2 => "read16",
+        4 => "read32",
+        _ => "read64",
+    };
+    let conv = match (from, to) {
+        (F32, F16) => "narrow32(x, 5u, 10u, false, false)",
+        (F32, BF16) => "narrow32(x, 8u, 7u, false, false)",
+        (F32, F8E4M3) => "narrow32(x, 4u, 3u, true, true)",
+        (F32, F8E5M2) => "narrow32(x, 5u, 2u, false, true)",
+        (F32, F64) => "f32_to_f64(x)",
+        (F16, F32) => "widen32(x, 5u, 10u, false)",
+        (BF16, F32) => "widen32(x, 8u, 7u, false)",
+        (F8E4M3, F32) => "widen32(x, 4u, 3u, true)",
+        (F8E5M2, F32) => "widen32(x, 5u, 2u, false)",
+        (F16, F64) => "f32_to_f64(widen32(x, 5u, 10u, false))",
+        (BF16, F64) => "f32_to_f64(widen32(x, 8u, 7u, false))",
+        (F16, BF16) => "narrow32(widen32(x, 5u, 10u, false), 8u, 7u, false, false)",
+        (BF16, F16) => "narrow32(widen32(x, 8u, 7u, false), 5u, 10u, false, false)",
+        (F64, F32) => "narrow64(x, 8u, 23u)",
+        (F64, F16) => "narrow64(x, 5u, 10u)",
+        (F64, BF16) => "narrow64(x, 8u, 7u)",
+        _ => "x",
+    };
+    let body = match to.size_bytes() {
+        1 | 2 => {
+            let per = 4 / to.size_bytes();
+            let bits = 8 * to.size_bytes();
+            format!(
+                "    var w = 0u;\n    for (var j = 0u; j < {per}u; j++) {{\n        let i = u * {per}u + j;\n        if (i < params.n) {{\n            let x = {read}(i);\n            w = w | ({conv} << ({bits}u * j));\n        }}\n    }}\n    dst[u] = w;\n"
+            )
+        }
+        4 => format!("    let x = {read}(u);\n    dst[u] = {conv};\n"),
+        _ => format!(
+            "    let x = {read}(u);\n    let v = {conv};\n    dst[2u * u] = v.x;\n    dst[2u * u + 1u] = v.y;\n"
+        ),
+    };
+    format!(
+        "{CAST_WGSL}\n@compute @workgroup_size({WORKGROUP})\nfn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {{\n    let u = gid.x + gid.y * nwg.x * {WORKGROUP}u;\n    if (u >= params.units) {{ return; }}\n{body}}}\n"
+    )
+}
+
+/// The WGSL of one pack kernel: the shared part, the storage declaration the
+/// kernel needs, and its entry point (one packed word per invocation).
+fn pack_source(name: &str) -> String {
+    let (storage, body) = match name {
+        "pack_words" => (
+            "var<storage, read> base: array<u32>",
+            "    let ew = params.elem / 4u;\n    packed[w] = base[strided(w / ew) * ew + (w % ew)];\n",
+        ),
+        "unpack_words" => (
+            "var<storage, read_write> base: array<u32>",
+            "    let ew = params.elem / 4u;\n    base[strided(w / ew) * ew + (w % ew)] = packed[w];\n",
+        ),
+        "pack_bytes" => (
+            "var<storage, read> base: array<u32>",
+            "    let total = params.n * params.elem;\n    var v = 0u;\n    for (var b = 0u; b < 4u; b++) {\n        let at = w * 4u + b;\n        if (at < total) {\n            let sb = strided(at / params.elem) * params.elem + (at % params.elem);\n            v = v | (((base[sb >> 2u] >> ((sb & 3u) * 8u)) & 0xffu) << (8u * b));\n        }\n    }\n    packed[w] = v;\n",
+        ),
+        _ => (
+            "var<storage, read_write> base: array<atomic<u32>>",
+            "    let total = params.n * params.elem;\n    let v = packed[w];\n    for (var b = 0u; b < 4u; b++) {\n        let at = w * 4u + b;\n        if (at < total) {\n            let sb = strided(at / params.elem) * params.elem + (at % params.elem);\n            let sh = (sb & 3u) * 8u;\n            atomicAnd(&base[sb >> 2u], ~(0xffu << sh));\n            atomicOr(&base[sb >> 2u], ((v >> (8u * b)) & 0xffu) << sh);\n        }\n    }\n",
+        ),
+    };
+    format!(
+        "@group(0) @binding(0) {storage};\n{PACK_WGSL}\n@compute @workgroup_size({WORKGROUP})\nfn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {{\n    let w = index(gid, nwg);\n    if (w >= params.words) {{ return; }}\n{body}}}\n"
+    )
+}
