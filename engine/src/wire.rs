@@ -163,6 +163,58 @@ impl std::ops::Deref for Text<'_> {
     }
 }
 
+/// A column whose entries may all be the same: an array with one entry per
+/// tensor, or one string for every tensor.
+enum Column<'a> {
+    Each(Vec<Text<'a>>),
+    All(Text<'a>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Column<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Column<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, or an array of strings with one per tensor")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Column<'a>, E> {
+                Ok(Column::All(Text(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Column<'a>, E> {
+                Ok(Column::All(Text(Cow::Owned(v.to_string()))))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Column<'a>, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(t) = seq.next_element::<Text<'a>>()? {
+                    v.push(t);
+                }
+                Ok(Column::Each(v))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl Column<'_> {
+    fn len_or(&self, n: usize) -> usize {
+        match self {
+            Column::Each(v) => v.len(),
+            Column::All(_) => n,
+        }
+    }
+
+    fn get(&self, i: usize) -> &str {
+        match self {
+            Column::Each(v) => &v[i],
+            Column::All(t) => t,
+        }
+    }
+}
+
 /// Tensor descriptors, column-wise: one array per key, one entry per tensor,
 /// so a message's keys are parsed once rather than once per tensor.
 #[derive(Deserialize)]
@@ -171,12 +223,12 @@ struct Columns<'a> {
     #[serde(borrow)]
     name: Vec<Text<'a>>,
     #[serde(borrow)]
-    dtype: Vec<Text<'a>>,
+    dtype: Column<'a>,
     shape: Vec<Dims>,
     #[serde(default)]
     strides: Option<Vec<Option<Dims>>>,
     #[serde(borrow)]
-    device: Vec<Text<'a>>,
+    device: Column<'a>,
     buffer: Vec<u64>,
     bytes: Vec<u64>,
     #[serde(default, borrow)]
@@ -200,9 +252,9 @@ impl Columns<'_> {
     fn rows(&self) -> Result<Vec<TensorDesc<'_>>> {
         let n = self.name.len();
         let lens = [
-            ("dtype", self.dtype.len()),
+            ("dtype", self.dtype.len_or(n)),
             ("shape", self.shape.len()),
-            ("device", self.device.len()),
+            ("device", self.device.len_or(n)),
             ("buffer", self.buffer.len()),
             ("bytes", self.bytes.len()),
             ("strides", self.strides.as_ref().map_or(n, Vec::len)),
@@ -216,10 +268,10 @@ impl Columns<'_> {
         Ok((0..n)
             .map(|i| TensorDesc {
                 name: &self.name[i],
-                dtype: &self.dtype[i],
+                dtype: self.dtype.get(i),
                 shape: &self.shape[i],
                 strides: self.strides.as_ref().and_then(|s| s[i].as_deref()),
-                device: &self.device[i],
+                device: self.device.get(i),
                 buffer: self.buffer[i],
                 bytes: self.bytes[i],
                 checksum: self.checksum.as_ref().and_then(|c| c[i].as_deref()),
@@ -251,12 +303,24 @@ struct HeaderOut<'a> {
     objects: Vec<ObjectDesc>,
 }
 
-#[derive(Serialize, Default)]
+/// A column the encoder writes as one value when every tensor shares it.
+struct ColumnOut<T>(Vec<T>);
+
+impl<T: Serialize + PartialEq> Serialize for ColumnOut<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0.split_first() {
+            Some((first, rest)) if rest.iter().all(|x| x == first) => first.serialize(s),
+            _ => self.0.serialize(s),
+        }
+    }
+}
+
+#[derive(Serialize)]
 struct ColumnsOut<'a> {
     name: Vec<&'a str>,
-    dtype: Vec<&'static str>,
+    dtype: ColumnOut<&'static str>,
     shape: Vec<&'a [usize]>,
-    device: Vec<Device>,
+    device: ColumnOut<Device>,
     buffer: Vec<u64>,
     bytes: Vec<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -367,9 +431,9 @@ pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Re
     let mut buffers = Vec::with_capacity(n);
     let mut tensors = ColumnsOut {
         name: Vec::with_capacity(n),
-        dtype: Vec::with_capacity(n),
+        dtype: ColumnOut(Vec::with_capacity(n)),
         shape: Vec::with_capacity(n),
-        device: Vec::with_capacity(n),
+        device: ColumnOut(Vec::with_capacity(n)),
         buffer: Vec::with_capacity(n),
         bytes: Vec::with_capacity(n),
         checksum: options.checksums.then(|| Vec::with_capacity(n)),
@@ -377,9 +441,9 @@ pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Re
     for (name, t) in message.tensors() {
         let packed = t.packed().map_err(|e| Error::tensor(name, e.to_string()))?;
         tensors.name.push(name);
-        tensors.dtype.push(t.dtype().name());
+        tensors.dtype.0.push(t.dtype().name());
         tensors.shape.push(t.shape());
-        tensors.device.push(t.device());
+        tensors.device.0.push(t.device());
         tensors.buffer.push(buffers.len() as u64);
         tensors.bytes.push(packed.len() as u64);
         if let Some(sums) = &mut tensors.checksum {
@@ -497,9 +561,9 @@ pub fn layout(
         fields,
         tensors: ColumnsOut {
             name: tensors.iter().map(|(n, _, _)| *n).collect(),
-            dtype: tensors.iter().map(|(_, d, _)| d.name()).collect(),
+            dtype: ColumnOut(tensors.iter().map(|(_, d, _)| d.name()).collect()),
             shape: tensors.iter().map(|(_, _, s)| *s).collect(),
-            device: vec![Device::Cpu; tensors.len()],
+            device: ColumnOut(vec![Device::Cpu; tensors.len()]),
             buffer: (0..tensors.len() as u64).collect(),
             bytes: lens.clone(),
             checksum: None,
