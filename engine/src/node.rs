@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread;
@@ -646,7 +646,15 @@ impl NodeInner {
                 let node = Arc::downgrade(self);
                 thread::Builder::new()
                     .name("tf-accept".into())
-                    .spawn(move || accept_loop(&listener, &node))
+                    .spawn(move || {
+                        let what = format!("{local}");
+                        let accept = || {
+                            let (stream, from) = listener.accept()?;
+                            stream.set_nonblocking(false)?;
+                            Ok((stream, format!("tcp://{from}")))
+                        };
+                        accept_loop(&node, &what, accept, NodeInner::start_stream_peer);
+                    })
                     .map_err(|e| Error::io("starting the accept thread", e))?;
                 Ok(())
             }
@@ -663,7 +671,14 @@ impl NodeInner {
                 let label = addr.to_string();
                 thread::Builder::new()
                     .name("tf-accept-shm".into())
-                    .spawn(move || accept_unix_loop(&listener, &node, &label))
+                    .spawn(move || {
+                        let accept = || {
+                            let (stream, _) = listener.accept()?;
+                            stream.set_nonblocking(false)?;
+                            Ok((stream, format!("{label} peer")))
+                        };
+                        accept_loop(&node, &label, accept, NodeInner::start_unix_peer);
+                    })
                     .map_err(|e| Error::io("starting the accept thread", e))?;
                 Ok(())
             }
@@ -1078,18 +1093,25 @@ fn retry<T>(
     }
 }
 
-fn accept_loop(listener: &TcpListener, node: &Weak<NodeInner>) {
+/// Accepts connections until the node shuts down. `accept` gives a stream and
+/// the label its peer will carry (it fails with `WouldBlock` when none waits);
+/// `start` makes the stream a peer.
+fn accept_loop<S>(
+    node: &Weak<NodeInner>,
+    what: &str,
+    mut accept: impl FnMut() -> std::io::Result<(S, String)>,
+    start: fn(&Arc<NodeInner>, S, String, Option<Address>) -> Result<Arc<Peer>>,
+) {
     loop {
         let Some(inner) = node.upgrade() else { return };
         if inner.closed.load(Ordering::Acquire) {
             return;
         }
-        match listener.accept() {
-            Ok((stream, from)) => {
-                let _ = stream.set_nonblocking(false);
-                if let Err(e) = inner.start_stream_peer(stream, format!("tcp://{from}"), None) {
+        match accept() {
+            Ok((stream, label)) => {
+                if let Err(e) = start(&inner, stream, label.clone(), None) {
                     eprintln!(
-                        "tensorferry: {}: dropping connection from {from}: {e}",
+                        "tensorferry: {}: dropping the connection {label}: {e}",
                         inner.name
                     );
                 }
@@ -1099,36 +1121,7 @@ fn accept_loop(listener: &TcpListener, node: &Weak<NodeInner>) {
                 thread::sleep(Duration::from_millis(5));
             }
             Err(e) => {
-                eprintln!("tensorferry: {}: accept failed: {e}", inner.name);
-                drop(inner);
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-fn accept_unix_loop(listener: &UnixListener, node: &Weak<NodeInner>, label: &str) {
-    loop {
-        let Some(inner) = node.upgrade() else { return };
-        if inner.closed.load(Ordering::Acquire) {
-            return;
-        }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                if let Err(e) = inner.start_unix_peer(stream, format!("{label} peer"), None) {
-                    eprintln!(
-                        "tensorferry: {}: dropping a connection on {label}: {e}",
-                        inner.name
-                    );
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                drop(inner);
-                thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => {
-                eprintln!("tensorferry: {}: accept on {label} failed: {e}", inner.name);
+                eprintln!("tensorferry: {}: accept on {what} failed: {e}", inner.name);
                 drop(inner);
                 thread::sleep(Duration::from_millis(50));
             }
