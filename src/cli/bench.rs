@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
+use tensorferry::device_map::Pattern;
 use tensorferry::engine::{pattern, DType, Message, Node, ALL_CHANNELS};
 use tensorferry::kernels::runtime::cpu::CpuInfo;
 
@@ -39,7 +40,7 @@ pub struct Args {
     /// `pubsub` streams messages one way; `reqrep` measures request/reply round
     /// trips (an echo service in the other process) against a raw ping-pong.
     #[arg(long, default_value = "pubsub")]
-    pattern: BenchPattern,
+    pattern: Pattern,
 
     /// Print one JSON object with every setting, the machine and every row.
     #[arg(long)]
@@ -52,26 +53,6 @@ pub struct Args {
     /// Internal: where the receiving process listens.
     #[arg(long, hide = true)]
     listen: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BenchPattern {
-    PubSub,
-    ReqRep,
-}
-
-impl FromStr for BenchPattern {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "pubsub" => Ok(BenchPattern::PubSub),
-            "reqrep" => Ok(BenchPattern::ReqRep),
-            other => Err(format!(
-                "`{other}` is not a pattern; write pubsub or reqrep"
-            )),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -499,7 +480,7 @@ fn measure(
 ) -> Result<(Measured, f64, &'static str), String> {
     let duration = Duration::from_secs_f64(args.duration);
     let baseline_time = duration / 5;
-    if args.pattern == BenchPattern::ReqRep {
+    if args.pattern == Pattern::ReqRep {
         let m = request_reply(t, size, args, row)?;
         let mut raw = raw_ping_pong(t, size, duration / 2, row)?;
         let name = if t == Transport::Shm {
@@ -580,7 +561,7 @@ pub fn run(args: &Args) -> Outcome {
             bar.set_message(format!("{} {}", t.name(), human_bytes(size.0)));
             let (mut m, base, base_name) = measure(*t, size.0, args, i * args.sizes.len() + j)?;
             let gbps = m.gbps();
-            if args.pattern == BenchPattern::ReqRep {
+            if args.pattern == Pattern::ReqRep {
                 let p50 = m.percentile_us(0.5);
                 rows.push(json!({
                     "transport": t.name(), "size_bytes": size.0, "messages": m.messages, "gbps": gbps,
@@ -605,12 +586,12 @@ pub fn run(args: &Args) -> Outcome {
     let settings = json!({"transports": args.transport.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "sizes_bytes": args.sizes.iter().map(|s| s.0).collect::<Vec<_>>(), "dtype": args.dtype,
         "duration_s": args.duration, "src": "cpu", "dst": "cpu",
-        "pattern": if args.pattern == BenchPattern::ReqRep { "reqrep" } else { "pubsub" }, "subscribers": 1});
+        "pattern": if args.pattern == Pattern::ReqRep { "reqrep" } else { "pubsub" }, "subscribers": 1});
     if args.json {
         print_json(&json!({"settings": settings, "machine": cpu, "rows": rows}));
         return Ok(ExitCode::SUCCESS);
     }
-    if args.pattern == BenchPattern::ReqRep {
+    if args.pattern == Pattern::ReqRep {
         say!(
             "tensorferry bench --pattern reqrep: {} tensor echoed, cpu -> cpu, {} s per row; machine: {} ({} cores)",
             args.dtype, args.duration, cpu.model, cpu.cores
