@@ -279,6 +279,7 @@ pub struct NodeBuilder {
     limits: Limits,
     connect_timeout: Duration,
     pool_idle_bytes: usize,
+    shm_bytes: usize,
 }
 
 /// Owns connections and channels.
@@ -314,6 +315,7 @@ impl Default for NodeBuilder {
             limits: Limits::default(),
             connect_timeout: Duration::from_secs(5),
             pool_idle_bytes: 1 << 30,
+            shm_bytes: 4 << 30,
         }
     }
 }
@@ -363,6 +365,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Most bytes of shared-memory slots this node creates for `shm://`
+    /// subscribers. Default 4 GiB; past it, publishers wait for receivers to
+    /// release slots (a message larger than the limit still gets one slot).
+    pub fn shm_bytes(mut self, bytes: usize) -> Self {
+        self.shm_bytes = bytes;
+        self
+    }
+
     /// Binds every listen address and starts the node.
     ///
     /// # Errors
@@ -383,7 +393,10 @@ impl NodeBuilder {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
-            slots: SlotPool::new(),
+            slots: SlotPool::new(
+                self.shm_bytes,
+                self.connect_timeout.max(Duration::from_secs(30)),
+            ),
         });
         let node = Node {
             guard: Arc::new(Guard(Arc::clone(&inner))),

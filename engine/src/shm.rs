@@ -120,32 +120,65 @@ impl Drop for SlotUse {
 /// The slots of one node, reused once every receiver has released them.
 pub(crate) struct SlotPool {
     slots: Mutex<Vec<Arc<Slot>>>,
+    /// Most bytes of slots the node may create; past it, senders wait for releases.
+    max_bytes: usize,
+    /// How long a sender waits for a slot to be released.
+    wait: std::time::Duration,
 }
 
 impl SlotPool {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(max_bytes: usize, wait: std::time::Duration) -> Self {
         Self {
             slots: Mutex::new(Vec::new()),
+            max_bytes,
+            wait,
         }
     }
 
-    /// A free slot of at least `len` bytes, held for writing.
+    /// A free slot of at least `len` bytes, held for writing. When every slot
+    /// is in use and a new one would pass the byte limit, waits for a receiver
+    /// to release one: backpressure instead of unbounded memory.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when no slot is released in time; an error when the
+    /// shared memory cannot be created.
     pub(crate) fn take(&self, len: usize) -> Result<SlotUse> {
-        let mut slots = self.slots.lock().expect("pool lock is never poisoned");
-        if let Some(s) = slots
-            .iter()
-            .filter(|s| s.size >= len && s.users.load(Ordering::Acquire) == 0)
-            .min_by_key(|s| s.size)
-        {
-            return Ok(SlotUse::new(s));
-        }
-        let id = u32::try_from(slots.len())
-            .map_err(|_| Error::Invalid("too many shared-memory slots".into()))?;
         let size = len.max(1).div_ceil(1 << 20) << 20;
-        let slot = Arc::new(Slot::create(id, size)?);
-        let held = SlotUse::new(&slot);
-        slots.push(slot);
-        Ok(held)
+        let deadline = std::time::Instant::now() + self.wait;
+        loop {
+            {
+                let mut slots = self.slots.lock().expect("pool lock is never poisoned");
+                if let Some(s) = slots
+                    .iter()
+                    .filter(|s| s.size >= len && s.users.load(Ordering::Acquire) == 0)
+                    .min_by_key(|s| s.size)
+                {
+                    return Ok(SlotUse::new(s));
+                }
+                let total: usize = slots.iter().map(|s| s.size).sum();
+                // A message larger than the limit still gets a slot when none exists.
+                if total + size <= self.max_bytes || slots.is_empty() {
+                    // Ids name slots on the wire and are never reused.
+                    let id = u32::try_from(slots.len())
+                        .map_err(|_| Error::Invalid("too many shared-memory slots".into()))?;
+                    let slot = Arc::new(Slot::create(id, size)?);
+                    let held = SlotUse::new(&slot);
+                    slots.push(slot);
+                    return Ok(held);
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "waiting for a subscriber to release shared memory (the node's limit is {} MiB; raise it with shm_bytes)",
+                        self.max_bytes >> 20
+                    ),
+                    ms: self.wait.as_millis() as u64,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
 }
 

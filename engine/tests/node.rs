@@ -490,3 +490,61 @@ fn a_loan_is_filled_in_place_and_reaches_shm_and_local_subscribers() {
         }
     }
 }
+
+fn open_slots() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fd table")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.to_string_lossy().contains("tensorferry-slot"))
+        .count()
+}
+
+#[test]
+fn shared_memory_is_capped_and_a_slow_subscriber_makes_the_publisher_wait() {
+    let name = format!("tf-cap-{}", std::process::id());
+    let server = Node::builder()
+        .listen(format!("shm://{name}"))
+        .shm_bytes(3 << 20)
+        .build()
+        .expect("server");
+    let client = Node::builder().build().expect("client");
+    let sub = client
+        .subscribe(&format!("shm://{name}"), "/big")
+        .expect("sub");
+    let publisher = server.publisher("/big");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let before = open_slots();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&sent);
+    let writer = std::thread::spawn(move || {
+        for seq in 0..10u64 {
+            let t = pattern::tensor(DType::U8, &[900 << 10], 5, seq, "x").expect("tensor");
+            publisher.send(Message::new().tensor("x", t)).expect("send");
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        3,
+        "three 1 MiB slots fit in 3 MiB; the fourth send waits"
+    );
+    for seq in 0..10u64 {
+        let got = sub.recv_timeout(WAIT).expect("message");
+        assert_eq!(got.seq, seq);
+        let bytes = got.message.get("x").expect("x").packed().expect("host");
+        assert_eq!(
+            pattern::first_mismatch(DType::U8, 5, seq, "x", bytes.as_slice()),
+            None
+        );
+    }
+    writer
+        .join()
+        .expect("the publisher finishes once slots are released");
+    // The sender's three slots, plus the receiver's mappings of them.
+    assert!(
+        open_slots() - before <= 6,
+        "{} slot descriptors",
+        open_slots() - before
+    );
+}
