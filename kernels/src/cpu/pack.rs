@@ -80,14 +80,26 @@ impl Plan {
 trait Mover {
     fn elem(&mut self, s: usize, p: usize);
     fn run(&mut self, s: usize, p: usize, n: usize);
+    /// True when the packed side is written (pack), false when the strided
+    /// storage is (unpack).
+    const WRITES_PACKED: bool;
     /// Moves one tile of a transpose-like view: the elements
     /// `s0 + ib × t.s_b + ia × t.s_a` ↔ `p0 + ib × t.p_b + ia` for `ib`, `ia` in
-    /// the tile's ranges, walking the packed side contiguously.
+    /// the tile's ranges, walking the side being written contiguously
+    /// (scattered stores cost more than scattered loads).
     #[inline(always)]
     fn tile(&mut self, s0: usize, p0: usize, t: &Tile) {
-        for ib in t.b.clone() {
+        if Self::WRITES_PACKED {
+            for ib in t.b.clone() {
+                for ia in t.a.clone() {
+                    self.elem(s0 + ib * t.s_b + ia * t.s_a, p0 + ib * t.p_b + ia);
+                }
+            }
+        } else {
             for ia in t.a.clone() {
-                self.elem(s0 + ib * t.s_b + ia * t.s_a, p0 + ib * t.p_b + ia);
+                for ib in t.b.clone() {
+                    self.elem(s0 + ib * t.s_b + ia * t.s_a, p0 + ib * t.p_b + ia);
+                }
             }
         }
     }
@@ -124,6 +136,7 @@ struct Scatter<'a, const E: usize> {
 }
 
 impl<const E: usize> Mover for Gather<'_, E> {
+    const WRITES_PACKED: bool = true;
     #[inline(always)]
     fn elem(&mut self, s: usize, p: usize) {
         let e = if E == 0 { self.e } else { E };
@@ -137,6 +150,7 @@ impl<const E: usize> Mover for Gather<'_, E> {
 }
 
 impl<const E: usize> Mover for Scatter<'_, E> {
+    const WRITES_PACKED: bool = false;
     #[inline(always)]
     fn elem(&mut self, s: usize, p: usize) {
         let e = if E == 0 { self.e } else { E };
