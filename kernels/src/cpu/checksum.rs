@@ -156,16 +156,24 @@ fn full_block_sums(first: u32, bytes: &[u8]) -> (u32, u32) {
 }
 
 /// [`full_block_sums`] compiled for AVX-512: one vector holds all 16 lanes.
+///
+/// # Safety
+///
+/// The processor must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn full_block_sums_avx512(first: u32, bytes: &[u8]) -> (u32, u32) {
+unsafe fn full_block_sums_avx512(first: u32, bytes: &[u8]) -> (u32, u32) {
     full_block_sums(first, bytes)
 }
 
 /// [`full_block_sums`] compiled for AVX2: two vectors of 8 lanes.
+///
+/// # Safety
+///
+/// The processor must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn full_block_sums_avx2(first: u32, bytes: &[u8]) -> (u32, u32) {
+unsafe fn full_block_sums_avx2(first: u32, bytes: &[u8]) -> (u32, u32) {
     full_block_sums(first, bytes)
 }
 
