@@ -1106,6 +1106,9 @@ fn retry<T>(
     }
 }
 
+/// Makes an accepted stream a peer of the node.
+type StartPeer<S> = fn(&Arc<NodeInner>, S, String, Option<Address>) -> Result<Arc<Peer>>;
+
 /// Accepts connections until the node shuts down. `accept` gives a stream and
 /// the label its peer will carry (it fails with `WouldBlock` when none waits);
 /// `start` makes the stream a peer.
@@ -1113,7 +1116,7 @@ fn accept_loop<S>(
     node: &Weak<NodeInner>,
     what: &str,
     mut accept: impl FnMut() -> std::io::Result<(S, String)>,
-    start: fn(&Arc<NodeInner>, S, String, Option<Address>) -> Result<Arc<Peer>>,
+    start: StartPeer<S>,
 ) {
     loop {
         let Some(inner) = node.upgrade() else { return };

@@ -158,7 +158,7 @@ impl Measured {
         self.latencies_ns[i] as f64 / 1e3
     }
 
-    fn to_json(&mut self) -> Value {
+    fn summary_json(&mut self) -> Value {
         json!({"messages": self.messages, "bytes": self.bytes, "seconds": self.seconds,
                "p50_us": self.percentile_us(0.5), "p99_us": self.percentile_us(0.99)})
     }
@@ -275,7 +275,7 @@ fn run_role(role: &str, listen: &str) -> Outcome {
                 .unwrap_or_default();
             say!("listening {bound}");
             let mut m = receive(&sub, idle)?;
-            say!("{}", m.to_json());
+            say!("{}", m.summary_json());
         }
         "raw-receiver" => {
             let listener = TcpListener::bind(listen.trim_start_matches("tcp://"))
@@ -295,7 +295,7 @@ fn run_role(role: &str, listen: &str) -> Outcome {
                 m.bytes += n as u64;
                 m.seconds = start.elapsed().as_secs_f64();
             }
-            say!("{}", m.to_json());
+            say!("{}", m.summary_json());
         }
         "responder" => {
             let node = Node::builder()
