@@ -226,7 +226,29 @@ impl Peer {
 
 struct ServiceSlot {
     input: Schema,
-    queue: Sender<(Message, ReplyTo)>,
+    runner: Runner,
+}
+
+/// Where a service's `exec` runs.
+enum Runner {
+    /// On the service's own thread, fed by a queue.
+    Thread(Sender<(Message, ReplyTo)>),
+    /// On the reader thread of the request's connection.
+    Inline(Arc<InlineService>),
+}
+
+struct InlineService {
+    channel: String,
+    handler: Mutex<Box<dyn Handler>>,
+    output: Schema,
+}
+
+impl Drop for InlineService {
+    fn drop(&mut self) {
+        if let Ok(handler) = self.handler.get_mut() {
+            handler.fini();
+        }
+    }
 }
 
 struct ReplyTo {
@@ -246,6 +268,7 @@ struct NodeInner {
     limits: Limits,
     pool: BufferPool,
     connect_timeout: Duration,
+    busy_poll: Duration,
     bound: Mutex<Vec<Address>>,
     subs: Mutex<HashMap<String, Vec<Arc<Queue<Delivery>>>>>,
     peers: Mutex<Vec<Arc<Peer>>>,
@@ -280,6 +303,7 @@ pub struct NodeBuilder {
     connect_timeout: Duration,
     pool_idle_bytes: usize,
     shm_bytes: usize,
+    busy_poll: Duration,
 }
 
 /// Owns connections and channels.
@@ -316,6 +340,7 @@ impl Default for NodeBuilder {
             connect_timeout: Duration::from_secs(5),
             pool_idle_bytes: 1 << 30,
             shm_bytes: 4 << 30,
+            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -373,6 +398,13 @@ impl NodeBuilder {
         self
     }
 
+    /// A requester waiting for a reply spins this many microseconds before it
+    /// sleeps: lower round-trip latency for a core kept busy. Default 0 (off).
+    pub fn busy_poll_us(mut self, us: u64) -> Self {
+        self.busy_poll = Duration::from_micros(us);
+        self
+    }
+
     /// Binds every listen address and starts the node.
     ///
     /// # Errors
@@ -386,6 +418,7 @@ impl NodeBuilder {
             limits: self.limits,
             pool: BufferPool::new(self.pool_idle_bytes),
             connect_timeout: self.connect_timeout,
+            busy_poll: self.busy_poll,
             bound: Mutex::new(Vec::new()),
             subs: Mutex::new(HashMap::new()),
             peers: Mutex::new(Vec::new()),
@@ -510,6 +543,7 @@ impl Node {
             input,
             output,
             mut handler,
+            inline,
         } = service;
         let mut services = self.inner.services.lock().expect("lock is never poisoned");
         if services.contains_key(&channel) {
@@ -522,14 +556,23 @@ impl Node {
             code: e.code,
             message: format!("init failed: {}", e.message),
         })?;
-        let (tx, rx) = bounded::<(Message, ReplyTo)>(self.inner.spec(&channel).queue_depth.max(1));
-        let node = Arc::downgrade(&self.inner);
-        let name = channel.clone();
-        thread::Builder::new()
-            .name(format!("tf-service{channel}"))
-            .spawn(move || run_service(&name, handler, &output, &rx, &node))
-            .map_err(|e| Error::io("starting a service thread", e))?;
-        services.insert(channel, ServiceSlot { input, queue: tx });
+        let runner = if inline {
+            Runner::Inline(Arc::new(InlineService {
+                channel: channel.clone(),
+                handler: Mutex::new(handler),
+                output,
+            }))
+        } else {
+            let (tx, rx) =
+                bounded::<(Message, ReplyTo)>(self.inner.spec(&channel).queue_depth.max(1));
+            let name = channel.clone();
+            thread::Builder::new()
+                .name(format!("tf-service{channel}"))
+                .spawn(move || run_service(&name, handler, &output, &rx))
+                .map_err(|e| Error::io("starting a service thread", e))?;
+            Runner::Thread(tx)
+        };
+        services.insert(channel, ServiceSlot { input, runner });
         Ok(())
     }
 
@@ -579,7 +622,17 @@ impl Node {
                 }
             }
         };
-        let outcome = sent.and_then(|()| match rx.recv_timeout(timeout) {
+        let wait = || {
+            let spin_until = Instant::now() + self.inner.busy_poll;
+            while Instant::now() < spin_until {
+                if let Ok(result) = rx.try_recv() {
+                    return Ok(result);
+                }
+                std::hint::spin_loop();
+            }
+            rx.recv_timeout(timeout)
+        };
+        let outcome = sent.and_then(|()| match wait() {
             Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
                 what: format!("waiting for the reply of `{channel}` at {addr}"),
@@ -946,7 +999,22 @@ impl NodeInner {
             send_reply(&reply_to, Err(ServiceError::new("bad_request", why)));
             return;
         }
-        let queue = slot.queue.clone();
+        let queue = match &slot.runner {
+            Runner::Thread(queue) => queue.clone(),
+            Runner::Inline(service) => {
+                let service = Arc::clone(service);
+                drop(services);
+                let reply = {
+                    let mut handler = service
+                        .handler
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    answer(&service.channel, handler.as_mut(), &service.output, request)
+                };
+                send_reply(&reply_to, reply);
+                return;
+            }
+        };
         drop(services);
         if let Err(e) = queue.send((request, reply_to)) {
             let (_, reply_to) = e.into_inner();
@@ -1439,28 +1507,38 @@ fn run_service(
     mut handler: Box<dyn Handler>,
     output: &Schema,
     requests: &Receiver<(Message, ReplyTo)>,
-    _node: &Weak<NodeInner>,
 ) {
     for (request, reply_to) in requests {
-        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            handler.exec(request)
-        })) {
-            Ok(Ok(reply)) => match output.check(&reply) {
-                Ok(()) => Ok(reply),
-                Err(why) => Err(ServiceError::new(
-                    "bad_reply",
-                    format!("the handler's reply {why}"),
-                )),
-            },
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ServiceError::new(
-                "handler_panicked",
-                format!("the handler of `{channel}` panicked"),
-            )),
-        };
-        send_reply(&reply_to, result);
+        send_reply(
+            &reply_to,
+            answer(channel, handler.as_mut(), output, request),
+        );
     }
     handler.fini();
+}
+
+/// Runs `exec` on one request, turning a panic into an error reply and checking
+/// the reply against the output schema.
+fn answer(
+    channel: &str,
+    handler: &mut dyn Handler,
+    output: &Schema,
+    request: Message,
+) -> std::result::Result<Message, ServiceError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.exec(request))) {
+        Ok(Ok(reply)) => match output.check(&reply) {
+            Ok(()) => Ok(reply),
+            Err(why) => Err(ServiceError::new(
+                "bad_reply",
+                format!("the handler's reply {why}"),
+            )),
+        },
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ServiceError::new(
+            "handler_panicked",
+            format!("the handler of `{channel}` panicked"),
+        )),
+    }
 }
 
 fn send_reply(to: &ReplyTo, result: std::result::Result<Message, ServiceError>) {

@@ -187,14 +187,23 @@ fn detect_service(fini: Arc<AtomicUsize>) -> Service {
 
 #[test]
 fn services_check_schemas_report_errors_and_run_fini() {
-    for transport in ["tcp://127.0.0.1:0", "inproc://detect-svc"] {
+    for (transport, inline) in [
+        ("tcp://127.0.0.1:0", false),
+        ("inproc://detect-svc", false),
+        ("tcp://127.0.0.1:0", true),
+        ("inproc://detect-svc-inline", true),
+    ] {
         let fini = Arc::new(AtomicUsize::new(0));
         let server = Node::builder().listen(transport).build().expect("server");
         server
-            .serve("/detect", detect_service(Arc::clone(&fini)))
+            .serve("/detect", detect_service(Arc::clone(&fini)).inline(inline))
             .expect("serve");
         let addr = server.listen_addrs()[0].to_string();
-        let client = Node::builder().build().expect("client");
+        // Busy polling changes how the requester waits, never what it gets.
+        let client = Node::builder()
+            .busy_poll_us(if inline { 300 } else { 0 })
+            .build()
+            .expect("client");
         let image = Tensor::zeros(DType::U8, &[3, 4]).expect("t");
 
         let reply = client

@@ -42,6 +42,11 @@ pub struct Args {
     #[arg(long, default_value = "pubsub")]
     pattern: Pattern,
 
+    /// With --pattern reqrep: microseconds the requester spins for each reply
+    /// before sleeping (lower latency, one core kept busy). 0 turns it off.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    busy_poll_us: u64,
+
     /// Print one JSON object with every setting, the machine and every row.
     #[arg(long)]
     json: bool,
@@ -411,7 +416,10 @@ fn request_reply(t: Transport, size: u64, args: &Args, row: usize) -> Result<Mea
         }
     };
     let (child, addr) = spawn_role("responder", &listen)?;
-    let node = Node::builder().build().map_err(|e| e.to_string())?;
+    let node = Node::builder()
+        .busy_poll_us(args.busy_poll_us)
+        .build()
+        .map_err(|e| e.to_string())?;
     let elems = (size as usize / args.dtype.size_bytes()).max(1);
     let tensor = pattern::tensor(args.dtype, &[elems], 1, 0, "x").map_err(|e| e.to_string())?;
     let mut m = Measured::default();
@@ -586,7 +594,8 @@ pub fn run(args: &Args) -> Outcome {
     let settings = json!({"transports": args.transport.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "sizes_bytes": args.sizes.iter().map(|s| s.0).collect::<Vec<_>>(), "dtype": args.dtype,
         "duration_s": args.duration, "src": "cpu", "dst": "cpu",
-        "pattern": if args.pattern == Pattern::ReqRep { "reqrep" } else { "pubsub" }, "subscribers": 1});
+        "pattern": if args.pattern == Pattern::ReqRep { "reqrep" } else { "pubsub" }, "subscribers": 1,
+        "reqrep_service": "echo, inline", "busy_poll_us": args.busy_poll_us});
     if args.json {
         print_json(&json!({"settings": settings, "machine": cpu, "rows": rows}));
         return Ok(ExitCode::SUCCESS);
