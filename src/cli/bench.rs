@@ -230,10 +230,18 @@ fn blast(
     Ok(sent)
 }
 
-fn spawn_role(role: &str, listen: &str) -> Result<(Child, String), String> {
+fn spawn_role(role: &str, listen: &str, size: u64) -> Result<(Child, String), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut child = Command::new(exe)
-        .args(["bench", "--role", role, "--listen", listen])
+        .args([
+            "bench",
+            "--role",
+            role,
+            "--listen",
+            listen,
+            "--sizes",
+            &format!("{size}B"),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -263,7 +271,7 @@ fn finish_role(child: Child) -> Result<Value, String> {
 }
 
 /// The hidden receiving roles.
-fn run_role(role: &str, listen: &str) -> Outcome {
+fn run_role(role: &str, listen: &str, size: u64) -> Outcome {
     let idle = Duration::from_secs(60);
     match role {
         "receiver" => {
@@ -288,17 +296,25 @@ fn run_role(role: &str, listen: &str) -> Outcome {
             let bound = listener.local_addr().map_err(|e| e.to_string())?;
             say!("listening tcp://{bound}");
             let (mut stream, _) = listener.accept().map_err(|e| e.to_string())?;
-            let mut buf = vec![0u8; 4 << 20];
+            // Each message lands in one reused buffer of its size: the least a
+            // receiver that keeps the tensor must do (a small buffer that stays
+            // in cache would measure the socket alone, not a tensor's arrival).
+            let mut buf = vec![0u8; size as usize];
             let mut m = Measured::default();
             let mut first = None;
-            loop {
-                let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
-                if n == 0 {
-                    break;
+            'messages: loop {
+                let mut got = 0;
+                while got < buf.len() {
+                    let n = stream.read(&mut buf[got..]).map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        break 'messages;
+                    }
+                    first.get_or_insert_with(Instant::now);
+                    got += n;
                 }
-                let start = *first.get_or_insert_with(Instant::now);
-                m.bytes += n as u64;
-                m.seconds = start.elapsed().as_secs_f64();
+                m.bytes += got as u64;
+                m.messages += 1;
+                m.seconds = first.map_or(0.0, |s: Instant| s.elapsed().as_secs_f64());
             }
             say!("{}", m.summary_json());
         }
@@ -372,7 +388,7 @@ fn raw_ping_pong(
         Transport::Shm => format!("unix://tf-bench-echo-{}-{row}", std::process::id()),
         _ => "tcp://127.0.0.1:0".to_string(),
     };
-    let (child, addr) = spawn_role("raw-echo", &listen)?;
+    let (child, addr) = spawn_role("raw-echo", &listen, size)?;
     let mut stream: Box<dyn ReadWrite> = if let Some(name) = addr.strip_prefix("unix://") {
         let a = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes())
             .map_err(|e| e.to_string())?;
@@ -415,7 +431,7 @@ fn request_reply(t: Transport, size: u64, args: &Args, row: usize) -> Result<Mea
             )
         }
     };
-    let (child, addr) = spawn_role("responder", &listen)?;
+    let (child, addr) = spawn_role("responder", &listen, size)?;
     let node = Node::builder()
         .busy_poll_us(args.busy_poll_us)
         .build()
@@ -467,7 +483,7 @@ fn memcpy_gbps(size: u64, duration: Duration) -> f64 {
 
 /// A raw socket stream of `messages` writes of `size` bytes to another process: the tcp baseline.
 fn raw_tcp_gbps(size: u64, messages: u64) -> Result<f64, String> {
-    let (child, addr) = spawn_role("raw-receiver", "tcp://127.0.0.1:0")?;
+    let (child, addr) = spawn_role("raw-receiver", "tcp://127.0.0.1:0", size)?;
     let mut stream =
         TcpStream::connect(addr.trim_start_matches("tcp://")).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
@@ -526,7 +542,7 @@ fn measure(
                 Transport::Shm => format!("shm://tf-bench-{}-{row}", std::process::id()),
                 _ => "tcp://127.0.0.1:0".to_string(),
             };
-            let (child, addr) = spawn_role("receiver", &listen)?;
+            let (child, addr) = spawn_role("receiver", &listen, size)?;
             let node = Node::builder().build().map_err(|e| e.to_string())?;
             node.connect(&addr).map_err(|e| e.to_string())?;
             let publisher = node.publisher("/bench");
@@ -549,7 +565,12 @@ fn measure(
 
 pub fn run(args: &Args) -> Outcome {
     if let Some(role) = &args.role {
-        return run_role(role, args.listen.as_deref().unwrap_or("tcp://127.0.0.1:0"));
+        let size = args.sizes.first().map_or(4 << 20, |s| s.0);
+        return run_role(
+            role,
+            args.listen.as_deref().unwrap_or("tcp://127.0.0.1:0"),
+            size,
+        );
     }
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         return Err(format!(
