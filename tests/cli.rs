@@ -433,3 +433,31 @@ fn bench_reqrep_measures_round_trips_against_a_raw_ping_pong() {
     assert_eq!(rows[1]["baseline"], "raw tcp");
     assert_eq!(v["settings"]["pattern"], "reqrep");
 }
+
+#[test]
+fn bench_plot_draws_each_transport_and_its_baseline() {
+    let svg = scratch("bench.svg");
+    let out = tensorferry(&[
+        "bench",
+        "--transport",
+        "inproc,tcp",
+        "--sizes",
+        "4KiB,64KiB",
+        "--duration",
+        "0.2",
+        "--plot",
+        &svg,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&svg).expect("the plot was written");
+    assert!(text.starts_with("<svg"), "{}", &text[..text.len().min(80)]);
+    for label in [
+        "inproc",
+        "inproc: memcpy (baseline)",
+        "tcp",
+        "tcp: raw tcp (baseline)",
+        "GB/s",
+    ] {
+        assert!(text.contains(label), "the plot lacks `{label}`");
+    }
+}

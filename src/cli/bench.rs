@@ -47,6 +47,11 @@ pub struct Args {
     #[arg(long, value_name = "US", default_value_t = 0)]
     busy_poll_us: u64,
 
+    /// Also draw throughput against message size to this SVG file: one line per
+    /// transport, its baseline dashed (publish/subscribe only).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
+
     /// Print one JSON object with every setting, the machine and every row.
     #[arg(long)]
     json: bool,
@@ -617,6 +622,17 @@ pub fn run(args: &Args) -> Outcome {
         "duration_s": args.duration, "src": "cpu", "dst": "cpu",
         "pattern": if args.pattern == Pattern::ReqRep { "reqrep" } else { "pubsub" }, "subscribers": 1,
         "reqrep_service": "echo, inline", "busy_poll_us": args.busy_poll_us});
+    if let Some(path) = &args.plot {
+        if args.pattern == Pattern::ReqRep {
+            eprintln!("--plot draws throughput; it is skipped for --pattern reqrep");
+        } else {
+            let title = format!(
+                "tensorferry bench: {} cpu -> cpu, {} ({} cores)",
+                args.dtype, cpu.model, cpu.cores
+            );
+            plot(path, &rows, &title)?;
+        }
+    }
     if args.json {
         print_json(&json!({"settings": settings, "machine": cpu, "rows": rows}));
         return Ok(ExitCode::SUCCESS);
@@ -697,4 +713,90 @@ pub fn run(args: &Args) -> Outcome {
     }
     say!("latency: one way, from the send call to the receiver taking the message (queueing included at full rate)");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Draws throughput against message size: one line per transport, its baseline dashed.
+fn plot(path: &std::path::Path, rows: &[Value], title: &str) -> Result<(), String> {
+    use plotters::prelude::*;
+
+    let fail = |e: &dyn std::fmt::Display| format!("--plot {}: {e}", path.display());
+    let points = |t: &str, key: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter(|r| r["transport"] == t)
+            .map(|r| {
+                (
+                    r["size_bytes"].as_f64().unwrap_or(1.0),
+                    r[key].as_f64().unwrap_or(0.0).max(1e-3),
+                )
+            })
+            .collect()
+    };
+    let transports: Vec<&str> = ["inproc", "shm", "tcp"]
+        .into_iter()
+        .filter(|t| rows.iter().any(|r| r["transport"] == *t))
+        .collect();
+    let all: Vec<(f64, f64)> = transports
+        .iter()
+        .flat_map(|t| {
+            points(t, "gbps")
+                .into_iter()
+                .chain(points(t, "baseline_gbps"))
+        })
+        .collect();
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(
+            (x0 / 1.5..x1 * 1.5).log_scale(),
+            (y0 / 2.0..y1 * 2.0).log_scale(),
+        )
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("message size (bytes)")
+        .y_desc("GB/s")
+        .x_label_formatter(&|x| human_bytes(*x as u64))
+        .draw()
+        .map_err(|e| fail(&e))?;
+    for (i, t) in transports.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(points(t, "gbps"), color.stroke_width(2)))
+            .map_err(|e| fail(&e))?
+            .label(*t)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        let base = points(t, "baseline_gbps");
+        let name = rows
+            .iter()
+            .find(|r| r["transport"] == *t)
+            .and_then(|r| r["baseline"].as_str())
+            .unwrap_or("baseline");
+        chart
+            .draw_series(DashedLineSeries::new(base, 6, 4, color.stroke_width(1)))
+            .map_err(|e| fail(&e))?
+            .label(format!("{t}: {name} (baseline)"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(1))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
 }
