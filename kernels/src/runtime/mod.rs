@@ -404,6 +404,47 @@ pub fn required(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v.trim() == "1")
 }
 
+/// Locks `m`, ignoring poisoning: every critical section in the runtimes is a
+/// single push, pop, insert or read, so a panic cannot leave the data half-updated.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One shared state per device index in this process, kept while anything
+/// holds it: a context or device is opened once, however many runtimes use it.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) struct PerDevice<T>(std::sync::Mutex<Vec<(u32, std::sync::Weak<T>)>>);
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl<T> PerDevice<T> {
+    /// An empty registry.
+    pub(crate) const fn new() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+
+    /// The live state of device `index`, or a new one made by `open`. `open`
+    /// runs with the registry locked, so two threads never open one device twice.
+    pub(crate) fn get_or_open(
+        &self,
+        index: u32,
+        open: impl FnOnce() -> Result<T>,
+    ) -> Result<std::sync::Arc<T>> {
+        let mut devices = lock(&self.0);
+        devices.retain(|(_, weak)| weak.strong_count() > 0);
+        if let Some(state) = devices
+            .iter()
+            .find(|(i, _)| *i == index)
+            .and_then(|(_, weak)| weak.upgrade())
+        {
+            return Ok(state);
+        }
+        let state = std::sync::Arc::new(open()?);
+        devices.push((index, std::sync::Arc::downgrade(&state)));
+        Ok(state)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

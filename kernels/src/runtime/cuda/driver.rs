@@ -7,7 +7,7 @@
 //! wrap (peer access).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use cudarc::driver::{
     self as cu, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig,
@@ -20,16 +20,11 @@ use crate::cast;
 use crate::cpu::pack::{self, Plan};
 use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
 use crate::error::{Error, Result};
+use crate::runtime::{lock, PerDevice};
 use crate::{DType, Layout};
 
 fn driver(op: &'static str) -> impl FnOnce(cu::DriverError) -> Error {
     move |e| Error::backend(op, e)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves the data consistent
-    // (each critical section is a push or a pop), so poisoning is ignored.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Every kernel in `kernels.cu`.
@@ -250,16 +245,12 @@ impl DeviceState {
     /// The state of `cuda:index`: one per device per process while any
     /// runtime on it lives.
     fn get(index: u32) -> Result<Arc<Self>> {
-        static DEVICES: Mutex<Vec<(u32, Weak<DeviceState>)>> = Mutex::new(Vec::new());
-        let mut devices = lock(&DEVICES);
-        devices.retain(|(_, weak)| weak.strong_count() > 0);
-        if let Some(state) = devices
-            .iter()
-            .find(|(i, _)| *i == index)
-            .and_then(|(_, weak)| weak.upgrade())
-        {
-            return Ok(state);
-        }
+        static DEVICES: PerDevice<DeviceState> = PerDevice::new();
+        DEVICES.get_or_open(index, || Self::open(index))
+    }
+
+    /// Opens device `index` (called once per device while anything holds it).
+    fn open(index: u32) -> Result<Self> {
         // Check the ordinal before cudarc sees it: the driver must list it.
         if !super::driver_present() {
             return Err(Error::Unavailable {
@@ -278,7 +269,7 @@ impl DeviceState {
             });
         }
         let ctx = CudaContext::new(index as usize).map_err(driver("creating a CUDA context"))?;
-        let state = Arc::new(DeviceState {
+        Ok(DeviceState {
             index,
             ctx,
             kernels: OnceLock::new(),
@@ -287,9 +278,7 @@ impl DeviceState {
             ),
             d2h: PinnedPool::new(sys::CU_MEMHOSTALLOC_PORTABLE),
             peers: Mutex::new(Vec::new()),
-        });
-        devices.push((index, Arc::downgrade(&state)));
-        Ok(state)
+        })
     }
 
     /// The kernel `name`, loading the module into this context on first use.

@@ -7,20 +7,15 @@
 //! [`Error::Backend`] instead of wgpu's default panic.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex};
 
 use super::{CAST_WGSL, CHECKSUM_WGSL, PACK_WGSL};
 use crate::cast;
 use crate::cpu::pack::{self, Plan};
 use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
 use crate::error::{Error, Result};
+use crate::runtime::{lock, PerDevice};
 use crate::{DType, Layout};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections here are single inserts or reads; a panic cannot
-    // leave the data half-updated, so poisoning is ignored.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Invocations per workgroup in every shader.
 const WORKGROUP: u32 = 64;
@@ -47,16 +42,12 @@ struct DeviceState {
 
 impl DeviceState {
     fn get(index: u32) -> Result<Arc<Self>> {
-        static DEVICES: Mutex<Vec<(u32, Weak<DeviceState>)>> = Mutex::new(Vec::new());
-        let mut devices = lock(&DEVICES);
-        devices.retain(|(_, weak)| weak.strong_count() > 0);
-        if let Some(state) = devices
-            .iter()
-            .find(|(i, _)| *i == index)
-            .and_then(|(_, weak)| weak.upgrade())
-        {
-            return Ok(state);
-        }
+        static DEVICES: PerDevice<DeviceState> = PerDevice::new();
+        DEVICES.get_or_open(index, || Self::open(index))
+    }
+
+    /// Opens device `index` (called once per device while anything holds it).
+    fn open(index: u32) -> Result<Self> {
         let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         let backends = desc.backends;
         let instance = wgpu::Instance::new(desc);
@@ -92,16 +83,14 @@ impl DeviceState {
                 *slot = Some(e.to_string());
             }
         }));
-        let state = Arc::new(DeviceState {
+        Ok(DeviceState {
             index,
             device,
             queue,
             limits,
             pipelines: Mutex::new(HashMap::new()),
             uncaptured,
-        });
-        devices.push((index, Arc::downgrade(&state)));
-        Ok(state)
+        })
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes.
