@@ -35,6 +35,25 @@ fn finish(child: Child) -> (Output, serde_json::Value) {
     (out, json)
 }
 
+/// The process exited 0 (its stderr is shown otherwise).
+fn assert_ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A `recv --json` summary of `n` messages whose every byte was verified.
+fn assert_verified(v: &serde_json::Value, n: u64) {
+    assert_eq!(
+        (v["messages"].as_u64(), v["verified"].as_bool()),
+        (Some(n), Some(true)),
+        "{v}"
+    );
+}
+
 fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("run tensorferry")
 }
@@ -70,12 +89,7 @@ fn tcp_send_to_a_listening_receiver_verifies_every_byte() {
         "3",
         "--checksum",
     ]);
-    assert_eq!(
-        send.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&send.stderr)
-    );
+    assert_ok(&send);
     let (out, v) = finish(recv);
     assert_eq!(out.status.code(), Some(0), "{v}");
     assert_eq!(v["messages"], 5);
@@ -133,10 +147,7 @@ fn a_listening_sender_fans_out_to_several_receivers() {
             "{v} {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(
-            (v["messages"].as_u64(), v["verified"].as_bool()),
-            (Some(10), Some(true))
-        );
+        assert_verified(&v, 10);
     }
     let (out, v) = finish(send);
     assert_eq!(out.status.code(), Some(0), "{v}");
@@ -189,18 +200,10 @@ fn a_sender_killed_mid_message_leaves_the_receiver_serving_others() {
         "--count",
         "3",
     ]);
-    assert_eq!(
-        good.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&good.stderr)
-    );
+    assert_ok(&good);
     let (out, v) = finish(recv);
     assert_eq!(out.status.code(), Some(0), "{v}");
-    assert_eq!(
-        (v["messages"].as_u64(), v["verified"].as_bool()),
-        (Some(3), Some(true))
-    );
+    assert_verified(&v, 3);
 }
 
 #[test]
@@ -270,18 +273,10 @@ fn shm_between_processes_verifies_and_leaves_nothing_behind() {
         "2",
         "--checksum",
     ]);
-    assert_eq!(
-        send.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&send.stderr)
-    );
+    assert_ok(&send);
     let (out, v) = finish(recv);
     assert_eq!(out.status.code(), Some(0), "{v}");
-    assert_eq!(
-        (v["messages"].as_u64(), v["verified"].as_bool()),
-        (Some(20), Some(true))
-    );
+    assert_verified(&v, 20);
     assert_eq!(
         dev_shm(),
         before,
