@@ -140,6 +140,18 @@ pub struct ChannelSpec {
     pub queue_depth: usize,
     /// What a publisher does when a subscriber's queue is full. Default: block.
     pub overflow: Overflow,
+    /// Dtypes cast before they travel, as written in the file (lowercase):
+    /// `("f32", "bf16")` sends f32 tensors as bf16. The names and the casts
+    /// are checked where the dtypes are known (the engine and `check-map`).
+    /// Default: none.
+    pub wire_dtype: Vec<(String, String)>,
+    /// Deliver tensors in their wire dtype instead of casting them back.
+    /// Default: false (cast back to the dtype the sender had).
+    pub keep_wire_dtype: bool,
+    /// The sender checksums each tensor where it lives and the receiver
+    /// verifies it on the target device; a mismatch rejects the message.
+    /// Default: false.
+    pub checksum: bool,
 }
 
 impl Default for ChannelSpec {
@@ -150,6 +162,9 @@ impl Default for ChannelSpec {
             fallback: Fallback::default(),
             queue_depth: DEFAULT_QUEUE_DEPTH,
             overflow: Overflow::default(),
+            wire_dtype: Vec::new(),
+            keep_wire_dtype: false,
+            checksum: false,
         }
     }
 }
@@ -179,6 +194,20 @@ impl ChannelSpec {
     pub fn with_queue(mut self, depth: usize, overflow: Overflow) -> Self {
         self.queue_depth = depth.max(1);
         self.overflow = overflow;
+        self
+    }
+
+    /// Sends dtype `from` as `to` on the wire (names as [`ChannelSpec::wire_dtype`]).
+    pub fn with_wire_dtype(mut self, from: &str, to: &str) -> Self {
+        let from = from.trim().to_ascii_lowercase();
+        self.wire_dtype.retain(|(f, _)| *f != from);
+        self.wire_dtype.push((from, to.trim().to_ascii_lowercase()));
+        self
+    }
+
+    /// Turns per-tensor checksums on or off.
+    pub fn with_checksum(mut self, on: bool) -> Self {
+        self.checksum = on;
         self
     }
 
@@ -402,7 +431,7 @@ fn json_error(e: &serde_json::Error) -> Error {
 #[derive(Debug)]
 enum Raw {
     Null,
-    Bool,
+    Bool(bool),
     Number(serde_json::Number),
     String(String),
     Array,
@@ -413,7 +442,7 @@ impl Raw {
     fn type_name(&self) -> &'static str {
         match self {
             Raw::Null => "null",
-            Raw::Bool => "a boolean",
+            Raw::Bool(_) => "a boolean",
             Raw::Number(_) => "a number",
             Raw::String(_) => "a string",
             Raw::Array => "an array",
@@ -433,8 +462,8 @@ impl<'de> Deserialize<'de> for Raw {
             fn visit_unit<E>(self) -> std::result::Result<Raw, E> {
                 Ok(Raw::Null)
             }
-            fn visit_bool<E>(self, _: bool) -> std::result::Result<Raw, E> {
-                Ok(Raw::Bool)
+            fn visit_bool<E>(self, v: bool) -> std::result::Result<Raw, E> {
+                Ok(Raw::Bool(v))
             }
             fn visit_u64<E>(self, v: u64) -> std::result::Result<Raw, E> {
                 Ok(Raw::Number(v.into()))
@@ -540,6 +569,22 @@ impl Walk<'_> {
         }
     }
 
+    fn boolean(&mut self, raw: Raw, path: String) -> Option<bool> {
+        match raw {
+            Raw::Bool(b) => Some(b),
+            other => {
+                self.error(
+                    path,
+                    Error::WrongType {
+                        expected: "true or false",
+                        found: other.type_name(),
+                    },
+                );
+                None
+            }
+        }
+    }
+
     fn string(&mut self, raw: Raw, path: String, expected: &'static str) -> Option<String> {
         match raw {
             Raw::String(s) => Some(s),
@@ -558,14 +603,16 @@ impl Walk<'_> {
 }
 
 const ROOT_KEYS: &str = "\"channels\"";
-const CHANNEL_KEYS: &str =
-    "\"pattern\", \"device_map\", \"fallback\", \"queue_depth\", \"overflow\"";
+const CHANNEL_KEYS: &str = "\"pattern\", \"device_map\", \"fallback\", \"queue_depth\", \"overflow\", \"wire_dtype\", \"keep_wire_dtype\", \"checksum\"";
 const CHANNEL_KEY_LIST: &[&str] = &[
     "pattern",
     "device_map",
     "fallback",
     "queue_depth",
     "overflow",
+    "wire_dtype",
+    "keep_wire_dtype",
+    "checksum",
 ];
 
 fn parse_root(raw: Raw, parsed: &mut Parsed) {
@@ -691,6 +738,17 @@ fn parse_channel(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<ChannelSpe
                     },
                 ),
             },
+            "wire_dtype" => spec.wire_dtype = parse_wire_dtype(walk, value, &here),
+            "keep_wire_dtype" => {
+                if let Some(b) = walk.boolean(value, here) {
+                    spec.keep_wire_dtype = b;
+                }
+            }
+            "checksum" => {
+                if let Some(b) = walk.boolean(value, here) {
+                    spec.checksum = b;
+                }
+            }
             _ => unreachable!("walk.accept passes known keys only"),
         }
     }
@@ -698,6 +756,32 @@ fn parse_channel(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<ChannelSpe
         spec.pattern_errors(&field_path(path, "device_map"), walk.channel.as_deref());
     walk.errors.extend(pattern_errors);
     Some(spec)
+}
+
+fn parse_wire_dtype(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Vec<(String, String)> {
+    let Raw::Object(pairs) = raw else {
+        walk.error(
+            path.to_string(),
+            Error::WrongType {
+                expected: "an object of dtype: wire dtype, such as {\"f32\": \"bf16\"}",
+                found: raw.type_name(),
+            },
+        );
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (key, value) in pairs {
+        let here = key_path(path, &key);
+        let from = key.trim().to_ascii_lowercase();
+        if out.iter().any(|(f, _)| *f == from) {
+            walk.error(here, Error::DuplicateKey { key });
+            continue;
+        }
+        if let Some(to) = walk.string(value, here, "a dtype name such as \"bf16\"") {
+            out.push((from, to.trim().to_ascii_lowercase()));
+        }
+    }
+    out
 }
 
 fn parse_map(walk: &mut Walk<'_>, raw: Raw, path: &str) -> DeviceMap {
@@ -882,6 +966,34 @@ mod tests {
             [
                 r#"channels["/a"].queue_depth"#,
                 r#"channels["/a"].overflow"#
+            ]
+        );
+    }
+
+    #[test]
+    fn cast_and_checksum_settings_parse_and_bad_ones_are_errors() {
+        let config = ChannelConfig::from_json_str(
+            r#"{"channels": {"/a": {"wire_dtype": {"F32": "BF16", "f64": "f16"},
+                "keep_wire_dtype": true, "checksum": true}, "/b": {}}}"#,
+        )
+        .expect("valid");
+        let a = config.channel("/a").expect("a");
+        assert_eq!(
+            a.wire_dtype,
+            [("f32".into(), "bf16".into()), ("f64".into(), "f16".into())]
+        );
+        assert!(a.keep_wire_dtype && a.checksum);
+        let b = config.channel("/b").expect("b");
+        assert!(b.wire_dtype.is_empty() && !b.keep_wire_dtype && !b.checksum);
+        let bad = r#"{"channels": {"/a": {"wire_dtype": {"f32": "bf16", " F32": "f16", "f64": 3},
+            "checksum": "yes"}, "/b": {"wire_dtype": ["f32"]}}}"#;
+        assert_eq!(
+            paths(bad),
+            [
+                r#"channels["/a"].wire_dtype[" F32"]"#,
+                r#"channels["/a"].wire_dtype["f64"]"#,
+                r#"channels["/a"].checksum"#,
+                r#"channels["/b"].wire_dtype"#,
             ]
         );
     }

@@ -37,6 +37,12 @@ impl Backing for memmap2::Mmap {
     }
 }
 
+impl Backing for tensorferry_kernels::cpu::AlignedBuffer {
+    fn bytes(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 impl Backing for Vec<u8> {
     fn bytes(&self) -> &[u8] {
         self

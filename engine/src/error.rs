@@ -80,7 +80,7 @@ pub enum Error {
     },
 
     /// Host bytes asked of a tensor that lives on a device.
-    #[error("tensor is on {device}; copy it to the host first")]
+    #[error("the tensor is on {device}; copy it to the host first (Tensor::to_host)")]
     NotOnHost {
         /// Where it lives.
         device: Device,

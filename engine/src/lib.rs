@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! The tensorferry engine: tensors, messages, the wire format and transports.
 //!
 //! The main type is [`Message`]: JSON fields plus an ordered list of named
@@ -41,6 +42,7 @@ mod pool;
 pub mod safetensors;
 mod service;
 mod shm;
+pub mod staging;
 pub mod stream;
 mod tensor;
 pub mod wire;

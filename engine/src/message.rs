@@ -149,6 +149,15 @@ impl Message {
         }
     }
 
+    /// The same fields and objects with `tensors` instead of this message's tensors.
+    pub fn with_tensors(&self, tensors: Vec<(String, Tensor)>) -> Message {
+        Self {
+            fields: self.fields.clone(),
+            tensors,
+            objects: self.objects.clone(),
+        }
+    }
+
     pub(crate) fn from_parts(
         fields: Map<String, Value>,
         tensors: Vec<(String, Tensor)>,

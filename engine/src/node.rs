@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use serde_json::json;
-use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow};
+use tensorferry_device_map::{ChannelConfig, ChannelSpec, Device, Inventory, Overflow};
 
 use crate::address::Address;
 use crate::error::{Error, Result};
@@ -29,10 +29,12 @@ use crate::message::Message;
 use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::shm::{self, FdReader, MappedSlot, SlotPool, SlotUse};
+use crate::staging::{self, Direction, Stager};
 use crate::stream::FrameReader;
 use crate::wire::layout;
 use crate::wire::{
-    decode_at, encode, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits, TensorInfo,
+    decode_at, encode, encode_staged, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits,
+    TensorInfo,
 };
 use crate::HostBuffer;
 use tensorferry_kernels::DType;
@@ -255,11 +257,16 @@ struct ReplyTo {
     peer: Arc<Peer>,
     channel: String,
     id: u64,
+    /// Prepares the reply for the wire (casts, checksums, device tensors).
+    stager: Option<Arc<Stager>>,
 }
+
+/// A reply and what its header said of each tensor.
+type Reply = std::result::Result<(Message, Vec<TensorInfo>), Error>;
 
 struct Pending {
     peer: u64,
-    tx: Sender<std::result::Result<Message, Error>>,
+    tx: Sender<Reply>,
 }
 
 struct NodeInner {
@@ -269,6 +276,8 @@ struct NodeInner {
     pool: BufferPool,
     connect_timeout: Duration,
     busy_poll: Duration,
+    inventory: Option<Arc<Inventory>>,
+    stagers: Mutex<HashMap<(String, Direction), Arc<Stager>>>,
     bound: Mutex<Vec<Address>>,
     subs: Mutex<HashMap<String, Vec<Arc<Queue<Delivery>>>>>,
     peers: Mutex<Vec<Arc<Peer>>>,
@@ -304,6 +313,7 @@ pub struct NodeBuilder {
     pool_idle_bytes: usize,
     shm_bytes: usize,
     busy_poll: Duration,
+    inventory: Option<Inventory>,
 }
 
 /// Owns connections and channels.
@@ -341,6 +351,7 @@ impl Default for NodeBuilder {
             pool_idle_bytes: 1 << 30,
             shm_bytes: 4 << 30,
             busy_poll: Duration::ZERO,
+            inventory: None,
         }
     }
 }
@@ -405,6 +416,14 @@ impl NodeBuilder {
         self
     }
 
+    /// The devices tensors may land on, instead of the ones this host has
+    /// (probed when first needed): for tests, and to keep a node off some
+    /// devices.
+    pub fn inventory(mut self, inventory: Inventory) -> Self {
+        self.inventory = Some(inventory);
+        self
+    }
+
     /// Binds every listen address and starts the node.
     ///
     /// # Errors
@@ -412,6 +431,13 @@ impl NodeBuilder {
     /// A malformed address, a non-loopback address given to `listen`, an
     /// inproc name already taken, or a socket that cannot be bound.
     pub fn build(self) -> Result<Node> {
+        let staging_errors = staging::validate(&self.config);
+        if !staging_errors.is_empty() {
+            return Err(tensorferry_device_map::Error::Invalid {
+                errors: staging_errors,
+            }
+            .into());
+        }
         let inner = Arc::new(NodeInner {
             name: self.name,
             config: self.config,
@@ -419,6 +445,8 @@ impl NodeBuilder {
             pool: BufferPool::new(self.pool_idle_bytes),
             connect_timeout: self.connect_timeout,
             busy_poll: self.busy_poll,
+            inventory: self.inventory.map(Arc::new),
+            stagers: Mutex::new(HashMap::new()),
             bound: Mutex::new(Vec::new()),
             subs: Mutex::new(HashMap::new()),
             peers: Mutex::new(Vec::new()),
@@ -607,12 +635,14 @@ impl Node {
                     kind: Kind::Request,
                     id: Some(id),
                 };
-                encode(&request, &meta, EncodeOptions::default()).and_then(|f| peer.write(&f))
+                self.inner
+                    .encode_for(&request, &meta)
+                    .and_then(|f| peer.write(&f))
             }
             Link::Inproc { remote, twin } => {
                 match (remote.upgrade(), twin.get().and_then(Weak::upgrade)) {
                     (Some(remote), Some(twin)) => {
-                        remote.dispatch_request(&twin, channel, id, request);
+                        remote.dispatch_request(&twin, channel, id, request, &[]);
                         Ok(())
                     }
                     _ => Err(Error::PeerLost {
@@ -633,7 +663,9 @@ impl Node {
             rx.recv_timeout(timeout)
         };
         let outcome = sent.and_then(|()| match wait() {
-            Ok(result) => result,
+            Ok(result) => result.and_then(|(reply, infos)| {
+                self.inner.land(channel, Direction::Reply, reply, &infos)
+            }),
             Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
                 what: format!("waiting for the reply of `{channel}` at {addr}"),
                 ms: timeout.as_millis() as u64,
@@ -662,6 +694,63 @@ impl Node {
 impl NodeInner {
     fn spec(&self, channel: &str) -> ChannelSpec {
         self.config.get(channel).cloned().unwrap_or_default()
+    }
+
+    /// The staging rules of `channel` for messages travelling `direction`.
+    fn stager(&self, channel: &str, direction: Direction) -> Result<Arc<Stager>> {
+        let key = (channel.to_string(), direction);
+        if let Some(s) = self
+            .stagers
+            .lock()
+            .expect("lock is never poisoned")
+            .get(&key)
+        {
+            return Ok(Arc::clone(s));
+        }
+        let stager = Arc::new(Stager::new(
+            &self.spec(channel),
+            direction,
+            self.inventory.clone(),
+        )?);
+        self.stagers
+            .lock()
+            .expect("lock is never poisoned")
+            .insert(key, Arc::clone(&stager));
+        Ok(stager)
+    }
+
+    /// `message` with every tensor on the device `channel`'s map sends it to
+    /// (see [`Stager::land`]); host tensors from host senders on a channel
+    /// with nothing to do pass through untouched.
+    fn land(
+        &self,
+        channel: &str,
+        direction: Direction,
+        message: Message,
+        infos: &[TensorInfo],
+    ) -> Result<Message> {
+        if message.tensors().len() == 0 {
+            return Ok(message);
+        }
+        let from_host = if infos.is_empty() {
+            message.tensors().all(|(_, t)| t.device() == Device::Cpu)
+        } else {
+            infos
+                .iter()
+                .all(|i| i.device == Device::Cpu && i.checksum.is_none() && i.cast_from.is_none())
+        };
+        let stager = self.stager(channel, direction)?;
+        if from_host && stager.passes_host_tensors() {
+            return Ok(message);
+        }
+        Ok(stager.land(message, infos)?.0)
+    }
+
+    /// Encodes `message` for the wire on its channel: tensors on devices come
+    /// to the host, casts and checksums are applied where the tensors are.
+    fn encode_for(&self, message: &Message, meta: &FrameMeta) -> Result<Encoded> {
+        let stager = self.stager(&meta.channel, Direction::Forward)?;
+        encode_with(&stager, message, meta)
     }
 
     fn live_peers(&self) -> Vec<Arc<Peer>> {
@@ -978,11 +1067,37 @@ impl NodeInner {
         }
     }
 
-    fn dispatch_request(&self, peer: &Arc<Peer>, channel: &str, id: u64, request: Message) {
-        let reply_to = ReplyTo {
+    fn dispatch_request(
+        &self,
+        peer: &Arc<Peer>,
+        channel: &str,
+        id: u64,
+        request: Message,
+        infos: &[TensorInfo],
+    ) {
+        let mut reply_to = ReplyTo {
             peer: Arc::clone(peer),
             channel: channel.to_string(),
             id,
+            stager: None,
+        };
+        let request = match self
+            .stager(channel, Direction::Reply)
+            .and_then(|reply_stager| {
+                reply_to.stager = Some(reply_stager);
+                self.land(channel, Direction::Forward, request, infos)
+            }) {
+            Ok(request) => request,
+            Err(e) => {
+                send_reply(
+                    &reply_to,
+                    Err(ServiceError::new(
+                        "staging",
+                        format!("the request could not be delivered here: {e}"),
+                    )),
+                );
+                return;
+            }
         };
         let services = self.services.lock().expect("lock is never poisoned");
         let Some(slot) = services.get(channel) else {
@@ -1028,7 +1143,7 @@ impl NodeInner {
         }
     }
 
-    fn complete(&self, id: u64, result: std::result::Result<Message, Error>) {
+    fn complete(&self, id: u64, result: Reply) {
         if let Some(p) = self
             .pending
             .lock()
@@ -1347,6 +1462,17 @@ fn read_loop(mut frames: FrameReader<TcpStream>, peer: &Arc<Peer>, node: &Weak<N
     }
 }
 
+/// Encodes `message` with `stager`'s sending rules; host tensors on a
+/// channel without casts or checksums skip the stager.
+fn encode_with(stager: &Stager, message: &Message, meta: &FrameMeta) -> Result<Encoded> {
+    let on_host = message.tensors().all(|(_, t)| t.device() == Device::Cpu);
+    if on_host && !stager.prepares_host_tensors() {
+        return encode(message, meta, EncodeOptions::default());
+    }
+    let (wire, origins) = stager.prepare(message)?;
+    encode_staged(&wire, &origins, meta, EncodeOptions::default())
+}
+
 fn handle_frame(inner: &Arc<NodeInner>, peer: &Arc<Peer>, frame: Frame, first_byte: Instant) {
     let Frame {
         meta,
@@ -1372,7 +1498,7 @@ fn handle_frame(inner: &Arc<NodeInner>, peer: &Arc<Peer>, frame: Frame, first_by
             );
         }
         Kind::Request => match meta.id {
-            Some(id) => inner.dispatch_request(peer, &meta.channel, id, message),
+            Some(id) => inner.dispatch_request(peer, &meta.channel, id, message, &tensors),
             None => eprintln!(
                 "tensorferry: {}: request without id from {}",
                 inner.name, peer.label
@@ -1380,7 +1506,7 @@ fn handle_frame(inner: &Arc<NodeInner>, peer: &Arc<Peer>, frame: Frame, first_by
         },
         Kind::Reply => {
             if let Some(id) = meta.id {
-                inner.complete(id, Ok(message));
+                inner.complete(id, Ok((message, tensors)));
             }
         }
         Kind::Error => {
@@ -1559,7 +1685,11 @@ fn send_reply(to: &ReplyTo, result: std::result::Result<Message, ServiceError>) 
                 kind,
                 id: Some(to.id),
             };
-            match encode(&message, &meta, EncodeOptions::default()) {
+            let encoded = match &to.stager {
+                Some(stager) => encode_with(stager, &message, &meta),
+                None => encode(&message, &meta, EncodeOptions::default()),
+            };
+            match encoded {
                 Ok(frame) => {
                     let _ = to.peer.write(&frame);
                 }
@@ -1588,7 +1718,7 @@ fn send_reply(to: &ReplyTo, result: std::result::Result<Message, ServiceError>) 
                     code: e.code,
                     message: e.message,
                 });
-                remote.complete(to.id, result);
+                remote.complete(to.id, result.map(|m| (m, Vec::new())));
             }
         }
     }
@@ -1634,6 +1764,16 @@ impl Publisher {
     pub fn loan(&self, fields: &Message, tensors: &[(&str, DType, &[usize])]) -> Result<Loan<'_>> {
         if self.node.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
+        }
+        if self
+            .node
+            .stager(&self.channel, Direction::Forward)?
+            .prepares_host_tensors()
+        {
+            return Err(Error::Invalid(format!(
+                "channel `{}` casts or checksums tensors before they travel, and a loan sends its bytes as laid out; use send()",
+                self.channel
+            )));
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let layout = layout(
@@ -1692,7 +1832,7 @@ impl Publisher {
                         let m = message
                             .as_ref()
                             .expect("a message is at hand when no slot is");
-                        encoded = Some(Arc::new(encode(m, &meta, EncodeOptions::default())?));
+                        encoded = Some(Arc::new(self.node.encode_for(m, &meta)?));
                     }
                     let item = if unix {
                         if slot.is_none() {
@@ -1913,7 +2053,7 @@ impl Subscription {
     pub fn recv(&self) -> Result<Received> {
         loop {
             match self.queue.rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(d) => return d,
+                Ok(d) => return self.land(d),
                 Err(RecvTimeoutError::Timeout) if self.node.closed.load(Ordering::Acquire) => {
                     return Err(Error::Closed)
                 }
@@ -1930,7 +2070,7 @@ impl Subscription {
     /// As [`recv`](Self::recv).
     pub fn try_recv(&self) -> Result<Option<Received>> {
         match self.queue.rx.try_recv() {
-            Ok(d) => d.map(Some),
+            Ok(d) => self.land(d).map(Some),
             Err(_) if self.node.closed.load(Ordering::Acquire) => Err(Error::Closed),
             Err(_) => Ok(None),
         }
@@ -1943,7 +2083,7 @@ impl Subscription {
     /// [`Error::Timeout`] when nothing arrives in time; otherwise as [`recv`](Self::recv).
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Received> {
         match self.queue.rx.recv_timeout(timeout) {
-            Ok(d) => d,
+            Ok(d) => self.land(d),
             Err(_) if self.node.closed.load(Ordering::Acquire) => Err(Error::Closed),
             Err(_) => Err(Error::Timeout {
                 what: format!("waiting for a message on `{}`", self.channel),
@@ -1963,6 +2103,15 @@ impl Subscription {
     /// Messages this subscription's queue dropped under `drop_oldest`.
     pub fn dropped(&self) -> u64 {
         self.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Brings a delivered message's tensors to their target devices.
+    fn land(&self, delivery: Delivery) -> Result<Received> {
+        let mut r = delivery?;
+        r.message = self
+            .node
+            .land(&r.channel, Direction::Forward, r.message, &r.tensors)?;
+        Ok(r)
     }
 }
 

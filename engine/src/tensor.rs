@@ -1,8 +1,10 @@
 //! [`Tensor`]: dtype, shape, strides, device and storage.
 
 use std::fmt;
+use std::sync::Arc;
 
 use tensorferry_device_map::Device;
+use tensorferry_kernels::runtime::{DeviceBuffer, Runtime};
 use tensorferry_kernels::{cpu, element_count, DType, Element, Layout};
 
 use crate::buffer::{HostBuffer, HostBufferMut};
@@ -14,6 +16,8 @@ use crate::error::{Error, Result};
 pub enum Storage {
     /// Host memory: owned, a view into a received frame, or a mapped file or segment.
     Host(HostBuffer),
+    /// Memory of a CUDA device or a wgpu adapter, shared by the tensor's clones.
+    Device(Arc<DeviceBuffer>),
 }
 
 /// A typed, shaped view of storage.
@@ -109,6 +113,103 @@ impl Tensor {
         })
     }
 
+    /// A contiguous tensor over `buffer` on whichever device holds it (a
+    /// host buffer gives a host tensor); the buffer must hold exactly its bytes.
+    ///
+    /// # Errors
+    ///
+    /// When the buffer length is not `dtype size × element count`.
+    pub fn from_device(dtype: DType, shape: &[usize], buffer: DeviceBuffer) -> Result<Self> {
+        let bytes = packed_bytes(dtype, shape)?;
+        if buffer.len() != bytes {
+            return Err(Error::Invalid(format!(
+                "a {dtype} tensor of shape {shape:?} needs {bytes} bytes, the {} buffer has {}",
+                buffer.device(),
+                buffer.len()
+            )));
+        }
+        if let DeviceBuffer::Host(host) = buffer {
+            return Self::from_host(dtype, shape, HostBuffer::from_backing(host));
+        }
+        Ok(Self {
+            dtype,
+            layout: Layout::contiguous(shape),
+            device: buffer.device(),
+            storage: Storage::Device(Arc::new(buffer)),
+        })
+    }
+
+    /// The device buffer behind a device tensor (`None` on the host).
+    pub fn device_buffer(&self) -> Option<&Arc<DeviceBuffer>> {
+        match &self.storage {
+            Storage::Host(_) => None,
+            Storage::Device(b) => Some(b),
+        }
+    }
+
+    /// The visible elements, packed, in a new buffer on `rt`'s device: a
+    /// copy across devices (through pinned chunks for CUDA, staging buffers
+    /// for wgpu) or, on the same device, a device-side copy or pack.
+    ///
+    /// # Errors
+    ///
+    /// A runtime's allocation, copy or pack error.
+    pub fn to_buffer_on(&self, rt: &Runtime) -> Result<DeviceBuffer> {
+        match &self.storage {
+            Storage::Host(_) => {
+                let packed = self.packed()?;
+                Ok(rt.upload(packed.as_slice())?)
+            }
+            Storage::Device(src) => {
+                let mut out = rt.alloc(self.size_bytes())?;
+                if self.is_contiguous() && self.layout.offset() == 0 && src.len() == out.len() {
+                    out.copy_from(src)?;
+                } else {
+                    let owner = Runtime::open(src.device())?;
+                    let mut packed = owner.alloc(self.size_bytes())?;
+                    owner.pack(src, self.dtype.size_bytes(), &self.layout, &mut packed)?;
+                    out.copy_from(&packed)?;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// This tensor on `rt`'s device: itself (shared, no copy) when it is
+    /// already there and contiguous, a packed copy otherwise.
+    ///
+    /// # Errors
+    ///
+    /// As [`to_buffer_on`](Self::to_buffer_on).
+    pub fn to_runtime(&self, rt: &Runtime) -> Result<Tensor> {
+        let here = self.device == rt.device();
+        if here && self.is_contiguous() && self.layout.offset() == 0 {
+            return Ok(self.clone());
+        }
+        if rt.device() == Device::Cpu {
+            return self.to_host();
+        }
+        Tensor::from_device(self.dtype, self.shape(), self.to_buffer_on(rt)?)
+    }
+
+    /// This tensor on the host: itself when it is there, a packed copy read
+    /// back from its device otherwise.
+    ///
+    /// # Errors
+    ///
+    /// A runtime's copy error.
+    pub fn to_host(&self) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Host(_) => Ok(self.clone()),
+            Storage::Device(_) => {
+                let mut out = HostBufferMut::zeroed(self.size_bytes());
+                let packed = self.to_buffer_on(&Runtime::open(self.device)?)?;
+                Runtime::open(self.device)?.download(&packed, out.as_mut_slice())?;
+                Tensor::from_host(self.dtype, self.shape(), out.freeze())
+            }
+        }
+    }
+
     /// Element type.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -157,6 +258,9 @@ impl Tensor {
     fn host(&self) -> Result<&HostBuffer> {
         match &self.storage {
             Storage::Host(b) => Ok(b),
+            Storage::Device(_) => Err(Error::NotOnHost {
+                device: self.device,
+            }),
         }
     }
 

@@ -115,6 +115,22 @@ pub struct TensorInfo {
     pub bytes: u64,
     /// The sender's checksum of the bytes, if it sent one.
     pub checksum: Option<Checksum>,
+    /// The dtype the tensor had at the sender when it was cast to `dtype`
+    /// for the wire (a channel's `wire_dtype`); `None` when it was not.
+    pub cast_from: Option<DType>,
+}
+
+/// What the sender says of one tensor besides what the tensor itself
+/// carries: where it was, the dtype it had before a wire cast, and its
+/// checksum. [`encode_staged`] takes one per tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The device the tensor was on at the sender.
+    pub device: Device,
+    /// The dtype it had before being cast for the wire.
+    pub cast_from: Option<DType>,
+    /// The checksum of the bytes as they travel (after any cast).
+    pub checksum: Option<Checksum>,
 }
 
 /// The header as the decoder reads it: strings borrow from the frame where they can.
@@ -233,6 +249,8 @@ struct Columns<'a> {
     bytes: Vec<u64>,
     #[serde(default, borrow)]
     checksum: Option<Vec<Option<Text<'a>>>>,
+    #[serde(default, borrow)]
+    cast_from: Option<Vec<Option<Text<'a>>>>,
 }
 
 /// One row of [`Columns`].
@@ -245,6 +263,7 @@ struct TensorDesc<'c> {
     buffer: u64,
     bytes: u64,
     checksum: Option<&'c str>,
+    cast_from: Option<&'c str>,
 }
 
 impl Columns<'_> {
@@ -259,6 +278,7 @@ impl Columns<'_> {
             ("bytes", self.bytes.len()),
             ("strides", self.strides.as_ref().map_or(n, Vec::len)),
             ("checksum", self.checksum.as_ref().map_or(n, Vec::len)),
+            ("cast_from", self.cast_from.as_ref().map_or(n, Vec::len)),
         ];
         if let Some((key, len)) = lens.iter().find(|(_, len)| *len != n) {
             return Err(Error::Header {
@@ -275,6 +295,7 @@ impl Columns<'_> {
                 buffer: self.buffer[i],
                 bytes: self.bytes[i],
                 checksum: self.checksum.as_ref().and_then(|c| c[i].as_deref()),
+                cast_from: self.cast_from.as_ref().and_then(|c| c[i].as_deref()),
             })
             .collect())
     }
@@ -325,6 +346,8 @@ struct ColumnsOut<'a> {
     bytes: Vec<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     checksum: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cast_from: Option<Vec<Option<&'static str>>>,
 }
 
 /// Encoding options.
@@ -426,8 +449,46 @@ fn pad_to_align(len: usize) -> usize {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Result<Encoded> {
+    encode_inner(message, None, meta, options)
+}
+
+/// Encodes `message`, whose tensors a stager has already brought to the
+/// host (and cast for the wire), with what `origins` says of each tensor
+/// (one per tensor, in order): its device at the sender, its dtype before
+/// the cast, its checksum. A tensor whose origin has no checksum gets one
+/// computed here when `options.checksums` is set.
+///
+/// # Errors
+///
+/// As [`encode`], and when `origins` does not have one entry per tensor.
+pub fn encode_staged(
+    message: &Message,
+    origins: &[Origin],
+    meta: &FrameMeta,
+    options: EncodeOptions,
+) -> Result<Encoded> {
+    if origins.len() != message.tensors().len() {
+        return Err(Error::Invalid(format!(
+            "{} origins for {} tensors",
+            origins.len(),
+            message.tensors().len()
+        )));
+    }
+    encode_inner(message, Some(origins), meta, options)
+}
+
+fn encode_inner(
+    message: &Message,
+    origins: Option<&[Origin]>,
+    meta: &FrameMeta,
+    options: EncodeOptions,
+) -> Result<Encoded> {
     message.check_names()?;
     let n = message.tensors().len();
+    let origin = |i: usize| origins.and_then(|o| o.get(i));
+    let with_sums =
+        options.checksums || (0..n).any(|i| origin(i).is_some_and(|o| o.checksum.is_some()));
+    let with_casts = (0..n).any(|i| origin(i).is_some_and(|o| o.cast_from.is_some()));
     let mut buffers = Vec::with_capacity(n);
     let mut tensors = ColumnsOut {
         name: Vec::with_capacity(n),
@@ -436,18 +497,27 @@ pub fn encode(message: &Message, meta: &FrameMeta, options: EncodeOptions) -> Re
         device: ColumnOut(Vec::with_capacity(n)),
         buffer: Vec::with_capacity(n),
         bytes: Vec::with_capacity(n),
-        checksum: options.checksums.then(|| Vec::with_capacity(n)),
+        checksum: with_sums.then(|| Vec::with_capacity(n)),
+        cast_from: with_casts.then(|| Vec::with_capacity(n)),
     };
-    for (name, t) in message.tensors() {
+    for (i, (name, t)) in message.tensors().enumerate() {
         let packed = t.packed().map_err(|e| Error::tensor(name, e.to_string()))?;
+        let from = origin(i);
         tensors.name.push(name);
         tensors.dtype.0.push(t.dtype().name());
         tensors.shape.push(t.shape());
-        tensors.device.0.push(t.device());
+        tensors.device.0.push(from.map_or(t.device(), |o| o.device));
         tensors.buffer.push(buffers.len() as u64);
         tensors.bytes.push(packed.len() as u64);
         if let Some(sums) = &mut tensors.checksum {
-            sums.push(checksum(packed.as_slice()).to_string());
+            let sum = match from.and_then(|o| o.checksum) {
+                Some(sum) => sum,
+                None => checksum(packed.as_slice()),
+            };
+            sums.push(sum.to_string());
+        }
+        if let Some(casts) = &mut tensors.cast_from {
+            casts.push(from.and_then(|o| o.cast_from).map(DType::name));
         }
         buffers.push(packed);
     }
@@ -567,6 +637,7 @@ pub fn layout(
             buffer: (0..tensors.len() as u64).collect(),
             bytes: lens.clone(),
             checksum: None,
+            cast_from: None,
         },
         objects: Vec::new(),
     };
@@ -936,12 +1007,28 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
             .map(str::parse::<Checksum>)
             .transpose()
             .map_err(|e| Error::tensor(name, e.to_string()))?;
+        let cast_from = match d.cast_from {
+            None => None,
+            Some(text) => {
+                let from: DType = text
+                    .parse()
+                    .map_err(|e| Error::tensor(name, format!("cast_from: {e}")))?;
+                if !tensorferry_kernels::cast::is_supported(dtype, from) {
+                    return Err(Error::tensor(
+                        name,
+                        format!("cast_from says {from}, but {dtype} cannot be cast back to {from}"),
+                    ));
+                }
+                Some(from)
+            }
+        };
         infos.push(TensorInfo {
             dtype,
             device,
             buffer: d.buffer as usize,
             bytes: d.bytes,
             checksum,
+            cast_from,
         });
         tensors.push((name.to_string(), tensor));
     }

@@ -4,11 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use serde_json::json;
 use tensorferry::device_map::ChannelConfig;
 use tensorferry::engine::file::FileReader;
-use tensorferry::engine::wire::verify_checksums;
+use tensorferry::engine::staging::{Direction, Stager};
 use tensorferry::engine::{pattern, Address, Error, Node, Received, Subscription, ALL_CHANNELS};
+use tensorferry::kernels::{cpu, DType};
 
 use super::{human_bytes, print_json, Outcome, Summary, EXIT_INVALID};
 
@@ -27,7 +30,12 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     from: Option<String>,
 
-    /// Channel configuration (JSON; see `tensorferry check-map`): queue depth and overflow policy per channel.
+    /// Channel configuration (JSON; see `tensorferry check-map`): per channel,
+    /// the device map (each tensor lands on the device it maps its sender's
+    /// device to, on this host), fallback, `wire_dtype` (cast back on the
+    /// target device unless `keep_wire_dtype`), `checksum` (verified on the
+    /// target device), queue depth and overflow policy. Also applied to
+    /// messages replayed from a file.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -62,29 +70,81 @@ pub struct Args {
     json: bool,
 }
 
-/// Every byte mismatch and checksum failure of one message.
+/// The bytes a tensor sent as `sent` (generated from the seed) should have
+/// after travelling as `wire` and being delivered as `delivered`.
+fn expected_bytes(
+    sent: DType,
+    wire: DType,
+    delivered: DType,
+    shape: &[usize],
+    r: &Received,
+    seed: u64,
+    name: &str,
+) -> Result<Vec<u8>, String> {
+    let t = pattern::tensor(sent, shape, seed, r.seq, name).map_err(|e| e.to_string())?;
+    let mut bytes = t.packed().map_err(|e| e.to_string())?.as_slice().to_vec();
+    let mut dtype = sent;
+    for next in [wire, delivered] {
+        if next != dtype {
+            let mut out = vec![0u8; bytes.len() / dtype.size_bytes() * next.size_bytes()];
+            cpu::cast(&bytes, dtype, &mut out, next).map_err(|e| e.to_string())?;
+            bytes = out;
+            dtype = next;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Every byte mismatch of one message: each tensor (read back from its
+/// device) against the content `send --seed` generates, passed through the
+/// same casts it went through. (Checksums were verified when it landed.)
 fn verify(r: &Received, seed: u64) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Err(e) = verify_checksums(&r.message, &r.tensors) {
-        problems.push(format!("message {}: {e}", r.seq));
-    }
-    for (name, t) in r.message.tensors() {
-        match t.packed() {
-            Ok(bytes) => {
-                if let Some(at) =
-                    pattern::first_mismatch(t.dtype(), seed, r.seq, name, bytes.as_slice())
-                {
-                    problems.push(format!(
-                        "message {} tensor `{name}`: byte {at} of {} differs from the content sent with --seed {seed}",
-                        r.seq,
-                        bytes.len()
-                    ));
+    for (i, (name, t)) in r.message.tensors().enumerate() {
+        let info = r.tensors.get(i);
+        let wire = info.map_or(t.dtype(), |i| i.dtype);
+        let sent = info.and_then(|i| i.cast_from).unwrap_or(wire);
+        let got = t
+            .to_host()
+            .and_then(|h| h.packed().map(|b| b.as_slice().to_vec()))
+            .map_err(|e| e.to_string());
+        let got = match got {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(format!("message {} tensor `{name}`: {e}", r.seq));
+                continue;
+            }
+        };
+        let at = if sent == t.dtype() && wire == t.dtype() {
+            pattern::first_mismatch(t.dtype(), seed, r.seq, name, &got)
+        } else {
+            match expected_bytes(sent, wire, t.dtype(), t.shape(), r, seed, name) {
+                Ok(want) => want.iter().zip(&got).position(|(a, b)| a != b),
+                Err(e) => {
+                    problems.push(format!("message {} tensor `{name}`: {e}", r.seq));
+                    continue;
                 }
             }
-            Err(e) => problems.push(format!("message {} tensor `{name}`: {e}", r.seq)),
+        };
+        if let Some(at) = at {
+            problems.push(format!(
+                "message {} tensor `{name}`: byte {at} of {} differs from the content sent with --seed {seed}",
+                r.seq,
+                got.len()
+            ));
         }
     }
     problems
+}
+
+/// Adds to the summary's last tensors what the sender's header said: the
+/// device each came from and the dtype it travelled in.
+fn annotate(summary: &mut Summary, r: &Received) {
+    for (entry, info) in summary.last_tensors.iter_mut().zip(&r.tensors) {
+        entry["source_device"] = json!(info.device);
+        entry["wire_dtype"] = json!(info.dtype);
+        entry["checksum_verified"] = json!(info.checksum.is_some());
+    }
 }
 
 fn describe(r: &Received) -> String {
@@ -106,22 +166,48 @@ fn describe(r: &Received) -> String {
 
 /// Where messages come from.
 enum Source {
-    File(FileReader, String),
+    File(Replay),
     Net { _node: Node, sub: Subscription },
+}
+
+/// A record file, its messages landed as the configuration says.
+struct Replay {
+    reader: FileReader,
+    label: String,
+    config: ChannelConfig,
+    stagers: HashMap<String, Stager>,
+}
+
+impl Replay {
+    fn land(&mut self, mut r: Received) -> Result<Received, String> {
+        if !self.stagers.contains_key(&r.channel) {
+            let spec = self.config.get(&r.channel).cloned().unwrap_or_default();
+            let stager = Stager::new(&spec, Direction::Forward, None).map_err(|e| e.to_string())?;
+            self.stagers.insert(r.channel.clone(), stager);
+        }
+        let (message, _) = self.stagers[&r.channel]
+            .land(r.message, &r.tensors)
+            .map_err(|e| format!("message {} on {}: {e}", r.seq, r.channel))?;
+        r.message = message;
+        Ok(r)
+    }
 }
 
 impl Source {
     fn next(&mut self, idle: Duration) -> Option<Result<Received, String>> {
         match self {
-            Source::File(reader, label) => reader.next().map(|frame| {
-                frame.map_err(|e| e.to_string()).map(|f| Received {
-                    channel: f.meta.channel,
-                    seq: f.meta.seq,
-                    message: f.message,
-                    tensors: f.tensors,
-                    from: label.clone(),
-                    first_byte: Instant::now(),
-                })
+            Source::File(replay) => replay.reader.next().map(|frame| {
+                frame
+                    .map_err(|e| e.to_string())
+                    .map(|f| Received {
+                        channel: f.meta.channel,
+                        seq: f.meta.seq,
+                        message: f.message,
+                        tensors: f.tensors,
+                        from: replay.label.clone(),
+                        first_byte: Instant::now(),
+                    })
+                    .and_then(|r| replay.land(r))
             }),
             Source::Net { sub, .. } => match sub.recv_timeout(idle) {
                 Ok(r) => Some(Ok(r)),
@@ -178,7 +264,13 @@ fn open(args: &Args) -> Result<(Source, String), String> {
     match &addr {
         Address::File(path) => {
             let reader = FileReader::open(path).map_err(|e| e.to_string())?;
-            Ok((Source::File(reader, addr.to_string()), addr.to_string()))
+            let replay = Replay {
+                reader,
+                label: addr.to_string(),
+                config,
+                stagers: HashMap::new(),
+            };
+            Ok((Source::File(replay), addr.to_string()))
         }
         _ => {
             let node = Node::builder()
@@ -229,6 +321,7 @@ pub fn run(args: &Args) -> Outcome {
             say!("{}", describe(&received));
         }
         summary.record(&received.message, start.elapsed());
+        annotate(&mut summary, &received);
     }
     if failure.is_none() {
         if let Some(n) = args.count.filter(|&n| summary.messages < n) {

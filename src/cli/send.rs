@@ -3,11 +3,16 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
 use serde_json::{json, Value};
-use tensorferry::device_map::Device;
+use tensorferry::device_map::{ChannelConfig, Device};
 use tensorferry::engine::file::FileWriter;
-use tensorferry::engine::wire::{encode, EncodeOptions, Encoded, FrameMeta};
+use tensorferry::engine::staging::{Direction, Stager};
+use tensorferry::engine::wire::{encode_staged, EncodeOptions, Encoded, FrameMeta};
 use tensorferry::engine::{pattern, Address, Message, Node, Publisher};
+use tensorferry::kernels::runtime::Runtime;
 
 use super::tensor_spec::TensorSpec;
 use super::{print_json, Outcome, Summary};
@@ -42,9 +47,11 @@ pub struct Args {
     #[arg(long, default_value = "/tensorferry")]
     channel: String,
 
-    /// A tensor to send: NAME=DTYPE:SHAPE[@DEVICE], e.g. `x=f32:1024x1024`. Repeat for several.
-    /// Its content is generated from --seed, the message's sequence number and NAME,
-    /// so `recv --verify` can check every byte.
+    /// A tensor to send: NAME=DTYPE:SHAPE[@DEVICE], e.g. `x=f32:1024x1024` or
+    /// `x=f32:1024x1024@wgpu:0`. Repeat for several. Its content is generated
+    /// from --seed, the message's sequence number and NAME, so `recv --verify`
+    /// can check every byte; a tensor @DEVICE is generated on the host and
+    /// copied there first, so it is sent from that device.
     #[arg(long = "tensor", value_name = "SPEC", required = true)]
     tensors: Vec<TensorSpec>,
 
@@ -64,9 +71,15 @@ pub struct Args {
     #[arg(long, value_name = "HZ")]
     rate: Option<f64>,
 
-    /// Send each tensor's checksum, verified by the receiver.
+    /// Send each tensor's checksum (computed on the device that holds it),
+    /// verified by the receiver on the device it lands on.
     #[arg(long)]
     checksum: bool,
+
+    /// Channel configuration (JSON; see `tensorferry check-map`): the
+    /// channel's `wire_dtype` casts and `checksum` apply to what is sent.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 
     /// Append to an existing record file instead of replacing it.
     #[arg(long)]
@@ -95,7 +108,11 @@ enum Sink {
 }
 
 impl Sink {
-    fn open(args: &Args, wait: Duration) -> Result<(Sink, Address), String> {
+    fn open(
+        args: &Args,
+        config: &ChannelConfig,
+        wait: Duration,
+    ) -> Result<(Sink, Address), String> {
         if let Some(text) = &args.listen {
             let addr: Address = text.parse().map_err(|e| format!("--listen: {e}"))?;
             if matches!(addr, Address::File(_)) {
@@ -105,6 +122,7 @@ impl Sink {
             }
             let node = Node::builder()
                 .name("send")
+                .channels(config.clone())
                 .listen_public(text)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -134,6 +152,7 @@ impl Sink {
             _ => {
                 let node = Node::builder()
                     .name("send")
+                    .channels(config.clone())
                     .connect_timeout_ms(wait.as_millis() as u64)
                     .build()
                     .map_err(|e| e.to_string())?;
@@ -170,11 +189,22 @@ pub fn run(args: &Args) -> Outcome {
         .iter()
         .map(|f| parse_field(f))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(t) = args.tensors.iter().find(|t| t.device != Device::Cpu) {
-        return Err(format!(
-            "--tensor {}: sending from {} needs device staging, which this build does not have; use @cpu",
-            t.name, t.device
-        ));
+    let mut config = match &args.config {
+        Some(path) => ChannelConfig::from_file(path).map_err(|e| e.to_string())?,
+        None => ChannelConfig::new(),
+    };
+    let mut spec = config.get(&args.channel).cloned().unwrap_or_default();
+    spec.checksum |= args.checksum;
+    config
+        .insert(args.channel.clone(), spec.clone())
+        .map_err(|e| e.to_string())?;
+    let stager = Stager::new(&spec, Direction::Forward, None).map_err(|e| e.to_string())?;
+    let mut runtimes: HashMap<Device, Runtime> = HashMap::new();
+    for t in &args.tensors {
+        if let std::collections::hash_map::Entry::Vacant(slot) = runtimes.entry(t.device) {
+            let rt = Runtime::open(t.device).map_err(|e| format!("--tensor {}: {e}", t.name))?;
+            slot.insert(rt);
+        }
     }
     let interval = match args.rate {
         Some(hz) if hz.is_finite() && hz > 0.0 => Some(Duration::from_secs_f64(1.0 / hz)),
@@ -192,10 +222,7 @@ pub fn run(args: &Args) -> Outcome {
         ));
     }
     let wait = Duration::from_secs_f64(args.wait);
-    let (mut sink, address) = Sink::open(args, wait)?;
-    let options = EncodeOptions {
-        checksums: args.checksum,
-    };
+    let (mut sink, address) = Sink::open(args, &config, wait)?;
     let mut summary = Summary::default();
     let start = Instant::now();
     for seq in 0..args.count {
@@ -211,12 +238,20 @@ pub fn run(args: &Args) -> Outcome {
         }
         for t in &args.tensors {
             let tensor = pattern::tensor(t.dtype, &t.shape, args.seed, seq, &t.name)
-                .map_err(|e| e.to_string())?;
+                .and_then(|host| host.to_runtime(&runtimes[&t.device]))
+                .map_err(|e| format!("--tensor {}: {e}", t.name))?;
             message = message.tensor(t.name.clone(), tensor);
         }
         let channel = args.channel.clone();
         let record = |m: &Message| {
-            encode(m, &FrameMeta::message(channel, seq), options).map_err(|e| e.to_string())
+            let (wire, origins) = stager.prepare(m).map_err(|e| e.to_string())?;
+            encode_staged(
+                &wire,
+                &origins,
+                &FrameMeta::message(channel, seq),
+                EncodeOptions::default(),
+            )
+            .map_err(|e| e.to_string())
         };
         let bytes = message.payload_bytes();
         sink.send(message, record)?;
