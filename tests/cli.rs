@@ -114,6 +114,31 @@ fn check_map_reports_a_missing_target_naming_what_the_host_has() {
 }
 
 #[test]
+fn check_map_reports_unknown_wire_dtypes_and_impossible_casts() {
+    let file = temp_file(
+        "wire.json",
+        r#"{"channels": {"/a": {"wire_dtype": {"f32": "bf16", "i32": "f16", "f64": "bfloat17"},
+            "checksum": true, "keep_wire_dtype": "yes"}}}"#,
+    );
+    let out = tensorferry(&[
+        "check-map",
+        file.to_str().expect("utf-8"),
+        "--devices",
+        "cpu",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    for want in [
+        r#"channels["/a"].wire_dtype["i32"]: i32 cannot travel as f16"#,
+        r#"channels["/a"].wire_dtype["f64"]: `bfloat17` is not a dtype"#,
+        r#"channels["/a"].keep_wire_dtype"#,
+    ] {
+        assert!(err.contains(want), "{want} in {err}");
+    }
+    assert!(!err.contains(r#"wire_dtype["f32"]"#), "{err}");
+}
+
+#[test]
 fn check_map_gives_line_and_column_for_malformed_json() {
     let file = temp_file(
         "broken.json",
@@ -229,9 +254,27 @@ fn send_records_and_recv_replays_verifying_every_byte() {
     assert_eq!(v["bytes"], 4 * (64 * 33 * 4 + 5));
     assert_eq!(v["verified"], true);
     assert!(v["gbps"].as_f64().is_some() && v["seconds"].as_f64().is_some());
+    let x = &v["tensors"][0];
     assert_eq!(
-        v["tensors"][0],
-        serde_json::json!({"name": "x", "dtype": "f32", "shape": [64, 33], "device": "cpu"})
+        (&x["name"], &x["dtype"], &x["shape"], &x["device"]),
+        (
+            &serde_json::json!("x"),
+            &serde_json::json!("f32"),
+            &serde_json::json!([64, 33]),
+            &serde_json::json!("cpu")
+        )
+    );
+    assert_eq!(
+        (
+            &x["source_device"],
+            &x["wire_dtype"],
+            &x["checksum_verified"]
+        ),
+        (
+            &serde_json::json!("cpu"),
+            &serde_json::json!("f32"),
+            &serde_json::json!(true)
+        )
     );
 
     // The wrong seed is caught, by tensor and offset.
@@ -273,8 +316,12 @@ fn recv_and_inspect_report_a_flipped_byte_and_a_truncated_file() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("checksum mismatch") && err.contains("tensor `x`: byte"),
+        err.contains("rejected: message 0") && err.contains("tensor `x`: checksum mismatch"),
         "{err}"
+    );
+    assert!(
+        !err.contains("message 1"),
+        "the intact message is delivered: {err}"
     );
     let out = tensorferry(&["inspect", &path]);
     assert_eq!(out.status.code(), Some(2));

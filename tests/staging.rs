@@ -207,10 +207,10 @@ fn a_missing_target_follows_the_channel_fallback() {
                 assert_eq!(landed(&v, "x").0, device, "{fallback}: {v}");
             }
             None => {
-                assert_eq!(code, Some(2), "{fallback}: {v}");
-                let error = v["error"].as_str().unwrap_or_default();
+                assert_eq!(code, Some(1), "{fallback}: {v}");
+                let why = v["rejected"][0].as_str().unwrap_or_default();
                 assert!(
-                    error.contains("cuda:9") && error.contains("`x`"),
+                    why.contains("cuda:9") && why.contains("`x`"),
                     "{fallback}: {v}"
                 );
                 assert_eq!(v["messages"], 0, "nothing half-delivered");

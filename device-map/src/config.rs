@@ -289,6 +289,10 @@ pub struct Parsed {
     pub config: ChannelConfig,
     /// Every error, in file order, with its place.
     pub errors: Vec<Located>,
+    /// Every channel that was an object, with what could be read of it,
+    /// errors or not: for checks made elsewhere (the engine's dtype checks)
+    /// to report their errors too.
+    pub attempted: Vec<(String, ChannelSpec)>,
 }
 
 impl ChannelConfig {
@@ -680,8 +684,12 @@ fn parse_channels(raw: Raw, parsed: &mut Parsed) {
         }
         let before = walk.errors.len();
         let spec = parse_channel(&mut walk, raw, &path);
-        if let (Some(spec), true) = (spec, walk.errors.len() == before) {
-            parsed.config.channels.push((name, spec));
+        let clean = walk.errors.len() == before;
+        if let Some(spec) = spec {
+            parsed.attempted.push((name.clone(), spec.clone()));
+            if clean {
+                parsed.config.channels.push((name, spec));
+            }
         }
     }
 }

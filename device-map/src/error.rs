@@ -120,6 +120,14 @@ pub enum Error {
         expected: &'static str,
     },
 
+    /// A `wire_dtype` entry naming an unknown dtype or a cast that does not
+    /// exist both ways (checked by the engine, which knows the dtypes).
+    #[error("{what}")]
+    WireDtype {
+        /// What is wrong, and what would be accepted.
+        what: String,
+    },
+
     /// Text that is not JSON.
     #[error("malformed JSON at line {line}, column {column}: {message}")]
     Json {

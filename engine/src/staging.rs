@@ -136,8 +136,16 @@ pub fn wire_casts(spec: &ChannelSpec) -> std::result::Result<Vec<(DType, DType)>
 /// Every staging error of a configuration (wire dtypes that do not parse or
 /// cannot be cast), each with its place in the file.
 pub fn validate(config: &ChannelConfig) -> Vec<Located> {
+    validate_specs(config.iter())
+}
+
+/// As [`validate`], for channels given one by one (such as
+/// [`tensorferry_device_map::Parsed::attempted`]).
+pub fn validate_specs<'a>(
+    specs: impl IntoIterator<Item = (&'a str, &'a ChannelSpec)>,
+) -> Vec<Located> {
     let mut out = Vec::new();
-    for (name, spec) in config.iter() {
+    for (name, spec) in specs {
         if let Err(errors) = wire_casts(spec) {
             for (key, what) in errors {
                 out.push(Located {
@@ -147,10 +155,7 @@ pub fn validate(config: &ChannelConfig) -> Vec<Located> {
                         serde_json::Value::from(name),
                         serde_json::Value::from(key)
                     ),
-                    error: tensorferry_device_map::Error::InvalidValue {
-                        value: what,
-                        expected: "a dtype that can be cast to its wire dtype and back",
-                    },
+                    error: tensorferry_device_map::Error::WireDtype { what },
                 });
             }
         }

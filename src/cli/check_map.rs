@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tensorferry_device_map::{check, Inventory};
+use tensorferry_device_map::{check, ChannelConfig, Inventory};
+use tensorferry_engine::staging;
 use tensorferry_kernels::runtime::HostReport;
 
 use super::{print_json, Outcome, EXIT_INVALID};
@@ -11,7 +12,9 @@ use super::{print_json, Outcome, EXIT_INVALID};
 /// Options of `tensorferry check-map`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The channel configuration file (JSON: {"channels": {NAME: {"pattern", "device_map", "fallback"}}}).
+    /// The channel configuration file (JSON: {"channels": {NAME: {"pattern",
+    /// "device_map", "fallback", "queue_depth", "overflow", "wire_dtype",
+    /// "keep_wire_dtype", "checksum"}}}; see docs/device-maps.md).
     file: PathBuf,
 
     /// Check against these devices instead of this host's, e.g.
@@ -34,7 +37,12 @@ pub fn run(args: &Args) -> Outcome {
     };
     let text = std::fs::read_to_string(&args.file)
         .map_err(|e| format!("cannot read `{}`: {e}", args.file.display()))?;
-    let report = check(&text, &inventory);
+    let mut report = check(&text, &inventory);
+    // Wire dtypes are checked where dtypes and casts are known.
+    let parsed = ChannelConfig::parse(&text);
+    report.errors.extend(staging::validate_specs(
+        parsed.attempted.iter().map(|(n, s)| (n.as_str(), s)),
+    ));
     let code = if report.is_valid() {
         ExitCode::SUCCESS
     } else {
@@ -53,8 +61,24 @@ pub fn run(args: &Args) -> Outcome {
         args.file.display()
     );
     for channel in &report.channels {
+        let casts: Vec<String> = channel
+            .spec
+            .wire_dtype
+            .iter()
+            .map(|(from, to)| format!("{from} as {to}"))
+            .collect();
+        let mut extra = String::new();
+        if !casts.is_empty() {
+            extra += &format!(", sends {}", casts.join(" and "));
+            if channel.spec.keep_wire_dtype {
+                extra += " (delivered as sent)";
+            }
+        }
+        if channel.spec.checksum {
+            extra += ", checksums";
+        }
         say!(
-            "\n{}  ({}, fallback {})",
+            "\n{}  ({}, fallback {}{extra})",
             channel.name,
             channel.spec.pattern,
             channel.spec.fallback

@@ -164,6 +164,17 @@ fn describe(r: &Received) -> String {
     format!("{} #{}: {}", r.channel, r.seq, tensors.join(", "))
 }
 
+/// What the source gave.
+enum Next {
+    /// A message, its tensors on their target devices.
+    Got(Received),
+    /// A message that arrived but could not be delivered (a missing target,
+    /// a checksum mismatch): reported, and receiving goes on.
+    Rejected(String),
+    /// The end: the connection or the file failed.
+    Failed(String),
+}
+
 /// Where messages come from.
 enum Source {
     File(Replay),
@@ -194,32 +205,37 @@ impl Replay {
 }
 
 impl Source {
-    fn next(&mut self, idle: Duration) -> Option<Result<Received, String>> {
+    fn next(&mut self, idle: Duration) -> Option<Next> {
         match self {
-            Source::File(replay) => replay.reader.next().map(|frame| {
-                frame
-                    .map_err(|e| e.to_string())
-                    .map(|f| Received {
+            Source::File(replay) => replay.reader.next().map(|frame| match frame {
+                Err(e) => Next::Failed(e.to_string()),
+                Ok(f) => {
+                    let r = Received {
                         channel: f.meta.channel,
                         seq: f.meta.seq,
                         message: f.message,
                         tensors: f.tensors,
                         from: replay.label.clone(),
                         first_byte: Instant::now(),
-                    })
-                    .and_then(|r| replay.land(r))
+                    };
+                    match replay.land(r) {
+                        Ok(r) => Next::Got(r),
+                        Err(e) => Next::Rejected(e),
+                    }
+                }
             }),
-            Source::Net { sub, .. } => match sub.recv_timeout(idle) {
-                Ok(r) => Some(Ok(r)),
-                Err(Error::Timeout { .. }) => Some(Err(format!(
+            Source::Net { sub, .. } => Some(match sub.recv_timeout(idle) {
+                Ok(r) => Next::Got(r),
+                Err(Error::Timeout { .. }) => Next::Failed(format!(
                     "no message for {} s (--idle-timeout)",
                     idle.as_secs_f64()
-                ))),
+                )),
                 Err(Error::PeerLost { peer, reason }) => {
-                    Some(Err(format!("connection to {peer} lost: {reason}")))
+                    Next::Failed(format!("connection to {peer} lost: {reason}"))
                 }
-                Err(e) => Some(Err(e.to_string())),
-            },
+                Err(e @ Error::Tensor { .. }) => Next::Rejected(e.to_string()),
+                Err(e) => Next::Failed(e.to_string()),
+            }),
         }
     }
 }
@@ -297,11 +313,19 @@ pub fn run(args: &Args) -> Outcome {
     let mut first_byte = None;
     let mut problems = Vec::new();
     let mut failure = None;
-    while args.count.is_none_or(|n| summary.messages < n) {
+    let mut rejected = Vec::new();
+    let mut arrived = 0u64;
+    while args.count.is_none_or(|n| arrived < n) {
         let received = match source.next(idle) {
             None => break,
-            Some(Ok(r)) => r,
-            Some(Err(e)) => {
+            Some(Next::Got(r)) => r,
+            Some(Next::Rejected(why)) => {
+                eprintln!("rejected: {why}");
+                rejected.push(why);
+                arrived += 1;
+                continue;
+            }
+            Some(Next::Failed(e)) => {
                 failure = Some(e);
                 break;
             }
@@ -313,6 +337,7 @@ pub fn run(args: &Args) -> Outcome {
         {
             continue;
         }
+        arrived += 1;
         let start = *first_byte.get_or_insert(received.first_byte);
         if args.verify {
             problems.extend(verify(&received, args.seed));
@@ -324,11 +349,8 @@ pub fn run(args: &Args) -> Outcome {
         annotate(&mut summary, &received);
     }
     if failure.is_none() {
-        if let Some(n) = args.count.filter(|&n| summary.messages < n) {
-            failure = Some(format!(
-                "expected {n} messages, {label} holds {}",
-                summary.messages
-            ));
+        if let Some(n) = args.count.filter(|&n| arrived < n) {
+            failure = Some(format!("expected {n} messages, {label} holds {arrived}"));
         }
     }
     if args.json {
@@ -338,10 +360,14 @@ pub fn run(args: &Args) -> Outcome {
             v["verified"] = json!(problems.is_empty());
             v["mismatches"] = json!(problems);
         }
+        v["rejected"] = json!(rejected);
         v["error"] = json!(failure);
         print_json(&v);
     } else {
         say!("received {} from {label}", summary.line());
+        if !rejected.is_empty() {
+            say!("rejected {} message(s) (reasons on stderr)", rejected.len());
+        }
         if args.verify && problems.is_empty() && failure.is_none() {
             say!("verified: every byte of every tensor matches");
         }
@@ -353,7 +379,7 @@ pub fn run(args: &Args) -> Outcome {
         eprintln!("error: {f}");
         return Ok(ExitCode::from(EXIT_INVALID));
     }
-    Ok(if problems.is_empty() {
+    Ok(if problems.is_empty() && rejected.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
