@@ -27,6 +27,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod staging;
 pub mod wgpu;
 
 use serde::Serialize;
@@ -406,7 +407,6 @@ pub fn required(name: &str) -> bool {
 
 /// Locks `m`, ignoring poisoning: every critical section in the runtimes is a
 /// single push, pop, insert or read, so a panic cannot leave the data half-updated.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
