@@ -95,6 +95,38 @@ pub enum Error {
         reason: String,
     },
 
+    /// A staging pool setting that is not a size or is out of range.
+    #[error("staging {setting} `{value}` from {origin}: {reason}")]
+    BadStaging {
+        /// `chunk bytes`, `chunks`, or their product.
+        setting: &'static str,
+        /// The value as given.
+        value: String,
+        /// Where it came from (an environment variable, a call).
+        origin: String,
+        /// What is allowed.
+        reason: String,
+    },
+
+    /// A pipeline would wait for a staging chunk that only its own thread can
+    /// give back.
+    #[error("{pool}: all {chunks} staging chunks are held by this thread in a pipeline it has not finished, so waiting for one would never end; finish or drop that pipeline before starting another on this thread, or raise TENSORFERRY_PINNED_CHUNKS")]
+    StagingExhausted {
+        /// The pool (device and direction).
+        pool: String,
+        /// Its chunks.
+        chunks: usize,
+    },
+
+    /// Reading a tensor's bytes from a source, or handing them to a sink, failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+
     /// A failure reported by a backend library (the CUDA driver, NVRTC, wgpu).
     #[error("{op} failed: {source}")]
     Backend {

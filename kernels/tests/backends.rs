@@ -172,12 +172,74 @@ fn check_copies(rt: &Runtime, rng: &mut Rng) {
     rt.synchronize().expect("synchronize");
 }
 
+/// A source that hands out bytes in uneven pieces, like a socket.
+struct Trickle<'a> {
+    data: &'a [u8],
+    rng: &'a mut Rng,
+}
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let most = 1 + self.rng.below(1 << 20) as usize;
+        let n = buf.len().min(self.data.len()).min(most);
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+fn check_streams(rt: &Runtime, rng: &mut Rng) {
+    for len in [0usize, 1, 5, 4096 + 3, (9 << 20) + 3] {
+        let data = rng.bytes(len);
+        let mut source = Trickle {
+            data: &data,
+            rng: &mut *rng,
+        };
+        let buf = rt.upload_from(&mut source, len).expect("upload_from");
+        assert_eq!(buf.len(), len);
+        assert_eq!(
+            rt.to_vec(&buf).expect("download"),
+            data,
+            "upload_from, {len} bytes"
+        );
+        let mut out = Vec::new();
+        rt.download_to(&buf, &mut |bytes| {
+            assert!(!bytes.is_empty(), "empty piece");
+            out.extend_from_slice(bytes);
+            Ok(())
+        })
+        .expect("download_to");
+        assert_eq!(out, data, "download_to, {len} bytes");
+    }
+    // A source that ends early, a sink that fails.
+    let err = rt
+        .upload_from(&mut &[1u8, 2, 3][..], 4)
+        .expect_err("short source");
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(
+        err.to_string().contains("ended after 3 of 4 bytes"),
+        "{err}"
+    );
+    let buf = rt.upload(&[1, 2, 3]).expect("upload");
+    let err = rt
+        .download_to(&buf, &mut |_| Err(std::io::ErrorKind::BrokenPipe.into()))
+        .expect_err("failing sink");
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    // The staging chunks went back: the next transfer still works.
+    let data = rng.bytes(3 << 20);
+    let buf = rt
+        .upload_from(&mut &data[..], data.len())
+        .expect("upload_from");
+    assert_eq!(rt.to_vec(&buf).expect("download"), data);
+}
+
 fn check_backend(rt: &Runtime) {
     let mut rng = Rng::fresh(&rt.device().to_string());
     check_casts(rt, &mut rng);
     check_checksums(rt, &mut rng);
     check_pack(rt, &mut rng);
     check_copies(rt, &mut rng);
+    check_streams(rt, &mut rng);
 }
 
 #[test]
@@ -247,4 +309,8 @@ fn buffers_on_another_device_are_refused_with_the_fix() {
         .expect_err("wrong device");
     assert!(matches!(err, Error::WrongDevice { .. }), "{err}");
     assert!(err.to_string().contains("copy it to cpu first"), "{err}");
+    let err = wgpu
+        .download_to(&on_host, &mut |_| Ok(()))
+        .expect_err("wrong device");
+    assert!(matches!(err, Error::WrongDevice { .. }), "{err}");
 }

@@ -27,6 +27,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod staging;
 pub mod wgpu;
 
 use serde::Serialize;
@@ -184,6 +185,78 @@ impl Runtime {
             Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.upload(bytes)?),
             Runtime::Wgpu(rt) => DeviceBuffer::Wgpu(rt.upload(bytes)?),
         })
+    }
+
+    /// A buffer on this device holding `len` bytes read from `reader` (a
+    /// socket, a file), without a whole host copy first: on the CPU straight
+    /// into the aligned buffer; on CUDA into pinned chunks, each copied to
+    /// the device while the next is read (see [`staging`]); on wgpu in 4 MiB
+    /// steps through staging buffers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the reader fails or ends before `len` bytes;
+    /// [`Error::StagingExhausted`]; a backend's allocation or copy error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tensorferry_kernels::runtime::Runtime;
+    ///
+    /// let rt = Runtime::Cpu;
+    /// let mut socket: &[u8] = &[1, 2, 3, 4, 5, 6];
+    /// let buf = rt.upload_from(&mut socket, 4)?;
+    /// assert_eq!(rt.to_vec(&buf)?, [1, 2, 3, 4]);
+    /// assert!(rt.upload_from(&mut socket, 4).is_err(), "only 2 bytes left");
+    /// # Ok::<(), tensorferry_kernels::Error>(())
+    /// ```
+    pub fn upload_from(&self, reader: &mut impl std::io::Read, len: usize) -> Result<DeviceBuffer> {
+        Ok(match self {
+            Runtime::Cpu => {
+                let mut buf = AlignedBuffer::zeroed(len);
+                staging::read_full(reader, buf.as_mut_slice())?;
+                DeviceBuffer::Host(buf)
+            }
+            Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.upload_from(reader, len)?),
+            Runtime::Wgpu(rt) => DeviceBuffer::Wgpu(rt.upload_from(reader, len)?),
+        })
+    }
+
+    /// Hands all of `buf`'s bytes (on this device) to `sink` in order, in one
+    /// or more pieces, never empty ones: on the CPU the buffer itself; on
+    /// CUDA pinned chunk by chunk while the next chunks' copies run; on wgpu
+    /// in 4 MiB steps.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with the sink's error; [`Error::WrongDevice`]; a
+    /// backend's errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::Write;
+    /// use tensorferry_kernels::runtime::Runtime;
+    ///
+    /// let rt = Runtime::Cpu;
+    /// let buf = rt.upload(b"tensor")?;
+    /// let mut socket = Vec::new();
+    /// rt.download_to(&buf, &mut |bytes| socket.write_all(bytes))?;
+    /// assert_eq!(socket, b"tensor");
+    /// # Ok::<(), tensorferry_kernels::Error>(())
+    /// ```
+    pub fn download_to(
+        &self,
+        buf: &DeviceBuffer,
+        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        match (self, buf) {
+            (Runtime::Cpu, DeviceBuffer::Host(b)) if b.is_empty() => Ok(()),
+            (Runtime::Cpu, DeviceBuffer::Host(b)) => staging::to_sink(sink, b.as_slice()),
+            (Runtime::Cuda(rt), DeviceBuffer::Cuda(b)) => rt.download_to(b, sink),
+            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(b)) => rt.download_to(b, sink),
+            _ => Err(self.wrong("download_to", "source", buf)),
+        }
     }
 
     /// Copies all of `buf` (on this device) into `out`, which must be as long.
@@ -406,7 +479,6 @@ pub fn required(name: &str) -> bool {
 
 /// Locks `m`, ignoring poisoning: every critical section in the runtimes is a
 /// single push, pop, insert or read, so a panic cannot leave the data half-updated.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -1,13 +1,16 @@
 //! The CUDA runtime proper (feature `cuda`): per-device contexts, streams,
-//! events, device buffers, the pinned staging pools and the NVRTC kernels.
+//! events, device buffers, the pinned staging chunks ([`ChunkDevice`]) and the
+//! NVRTC kernels.
 //!
 //! Unsafe code here is limited to what cudarc marks unsafe: allocating pinned
 //! memory (uninitialised until we zero it), kernel launches (argument lists
-//! must match the CUDA signatures) and the two driver calls cudarc does not
-//! wrap (peer access).
+//! must match the CUDA signatures), the two driver calls cudarc does not
+//! wrap (peer access), and the asynchronous copies between pinned chunks and
+//! device memory, whose contract [`ChunkDevice`] states.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
     self as cu, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig,
@@ -15,11 +18,12 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{self, CompileOptions, Ptx};
 
-use super::{KERNELS_SOURCE, PINNED_CHUNKS, PINNED_CHUNK_BYTES};
+use super::KERNELS_SOURCE;
 use crate::cast;
 use crate::cpu::pack::{self, Plan};
 use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
 use crate::error::{Error, Result};
+use crate::runtime::staging::{self, ChunkDevice, ChunkPool, Direction, StagingConfig, Upload};
 use crate::runtime::{lock, PerDevice};
 use crate::{DType, Layout};
 
@@ -106,124 +110,34 @@ impl Drop for ContextGuard {
     }
 }
 
-/// A pinned host chunk and the event after the last copy that used it.
-struct Chunk {
+/// A pinned host chunk for staging copies.
+pub(super) struct Chunk {
     mem: PinnedHostSlice<u8>,
-    done: Option<cu::CudaEvent>,
 }
 
-impl Chunk {
-    /// Waits until no copy still reads or writes the chunk.
-    fn settle(&mut self) -> Result<()> {
-        if let Some(done) = self.done.take() {
-            done.synchronize()
-                .map_err(driver("waiting for a pinned chunk's copy"))?;
-        }
-        Ok(())
-    }
-
-    fn host(&mut self) -> Result<&mut [u8]> {
-        self.settle()?;
-        self.mem
-            .as_mut_slice()
-            .map_err(driver("reaching a pinned chunk"))
-    }
+/// The staging pools of one device: host-to-device chunks are write-combined
+/// (fast for the device to read, slow for the CPU to read, which it never
+/// does), device-to-host chunks ordinary pinned memory the CPU reads quickly.
+/// Both are portable, so another device's context may use them too.
+struct Pools {
+    h2d: ChunkPool<Chunk>,
+    d2h: ChunkPool<Chunk>,
 }
 
-/// Pinned host chunks of one device and direction: allocated together on
-/// first use, handed out in least-recently-used order, never freed while a
-/// runtime on the device lives.
-struct PinnedPool {
-    flags: u32,
-    chunks: Mutex<Option<VecDeque<Chunk>>>,
-    returned: Condvar,
-}
-
-/// A chunk taken from a pool; it goes back on drop.
-struct Taken<'a> {
-    pool: &'a PinnedPool,
-    chunk: Option<Chunk>,
-}
-
-impl Taken<'_> {
-    fn chunk(&mut self) -> &mut Chunk {
-        self.chunk.as_mut().expect("present until drop")
-    }
-}
-
-impl Drop for Taken<'_> {
-    fn drop(&mut self) {
-        if let Some(chunk) = self.chunk.take() {
-            if let Some(free) = lock(&self.pool.chunks).as_mut() {
-                free.push_back(chunk);
-            }
-            self.pool.returned.notify_one();
-        }
-    }
-}
-
-impl PinnedPool {
-    fn new(flags: u32) -> Self {
-        Self {
-            flags,
-            chunks: Mutex::new(None),
-            returned: Condvar::new(),
-        }
-    }
-
-    fn allocate(&self, ctx: &Arc<CudaContext>) -> Result<VecDeque<Chunk>> {
-        (0..PINNED_CHUNKS)
-            .map(|_| {
-                // SAFETY: the memory is uninitialised; it is zeroed below
-                // before anything reads it.
-                let mut mem =
-                    unsafe { ctx.alloc_pinned_with_flags::<u8>(PINNED_CHUNK_BYTES, self.flags) }
-                        .map_err(driver("allocating pinned host memory"))?;
-                let ptr = mem
-                    .as_mut_ptr()
-                    .map_err(driver("reaching pinned host memory"))?;
-                // SAFETY: `ptr` is valid for PINNED_CHUNK_BYTES bytes (just
-                // allocated with that length) and nothing else refers to it.
-                unsafe { std::ptr::write_bytes(ptr, 0, PINNED_CHUNK_BYTES) };
-                Ok(Chunk { mem, done: None })
-            })
-            .collect()
-    }
-
-    /// A chunk, waiting for one to come back when all are taken (by callers
-    /// that hold no other chunk, so the wait always ends).
-    fn take(&self, ctx: &Arc<CudaContext>) -> Result<Taken<'_>> {
-        let mut chunks = lock(&self.chunks);
-        if chunks.is_none() {
-            *chunks = Some(self.allocate(ctx)?);
-        }
-        loop {
-            if let Some(chunk) = chunks.as_mut().and_then(VecDeque::pop_front) {
-                return Ok(Taken {
-                    pool: self,
-                    chunk: Some(chunk),
-                });
-            }
-            chunks = self
-                .returned
-                .wait(chunks)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-        }
-    }
-
-    /// A chunk if one is free now.
-    fn try_take(&self, ctx: &Arc<CudaContext>) -> Result<Option<Taken<'_>>> {
-        let mut chunks = lock(&self.chunks);
-        if chunks.is_none() {
-            *chunks = Some(self.allocate(ctx)?);
-        }
-        Ok(chunks
-            .as_mut()
-            .and_then(VecDeque::pop_front)
-            .map(|chunk| Taken {
-                pool: self,
-                chunk: Some(chunk),
-            }))
+impl Pools {
+    fn new(index: u32, config: StagingConfig) -> Arc<Self> {
+        Arc::new(Self {
+            h2d: ChunkPool::new(
+                format!("cuda:{index} host-to-device staging"),
+                config,
+                Direction::ToDevice,
+            ),
+            d2h: ChunkPool::new(
+                format!("cuda:{index} device-to-host staging"),
+                config,
+                Direction::ToHost,
+            ),
+        })
     }
 }
 
@@ -232,11 +146,9 @@ struct DeviceState {
     index: u32,
     ctx: Arc<CudaContext>,
     kernels: OnceLock<std::result::Result<Kernels, String>>,
-    /// Host-to-device staging: write-combined (fast for the device to read,
-    /// slow for the CPU to read, which it never does).
-    h2d: PinnedPool,
-    /// Device-to-host staging: ordinary pinned memory the CPU reads quickly.
-    d2h: PinnedPool,
+    /// The staging pools; replaced whole by `set_staging`, so a pipeline
+    /// keeps the pools it started with.
+    staging: Mutex<Arc<Pools>>,
     /// Devices whose memory this one's context may access directly.
     peers: Mutex<Vec<u32>>,
 }
@@ -268,17 +180,20 @@ impl DeviceState {
                 count,
             });
         }
+        let config = StagingConfig::from_env()?;
         let ctx = CudaContext::new(index as usize).map_err(driver("creating a CUDA context"))?;
         Ok(DeviceState {
             index,
             ctx,
             kernels: OnceLock::new(),
-            h2d: PinnedPool::new(
-                sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_WRITECOMBINED,
-            ),
-            d2h: PinnedPool::new(sys::CU_MEMHOSTALLOC_PORTABLE),
+            staging: Mutex::new(Pools::new(index, config)),
             peers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The staging pools new pipelines use.
+    fn pools(&self) -> Arc<Pools> {
+        Arc::clone(&lock(&self.staging))
     }
 
     /// The kernel `name`, loading the module into this context on first use.
@@ -390,6 +305,126 @@ impl Event {
     }
 }
 
+fn chunk_too_short(len: usize, chunk: usize) -> Error {
+    Error::SizeMismatch {
+        op: "staging copy",
+        what: "pinned chunk",
+        expected: len,
+        actual: chunk,
+    }
+}
+
+/// The first `len` bytes of a chunk's memory.
+fn chunk_part(host: &[u8], len: usize) -> Result<&[u8]> {
+    let chunk = host.len();
+    host.get(..len).ok_or_else(|| chunk_too_short(len, chunk))
+}
+
+/// The first `len` bytes of a chunk's memory, to write.
+fn chunk_part_mut(host: &mut [u8], len: usize) -> Result<&mut [u8]> {
+    let chunk = host.len();
+    host.get_mut(..len)
+        .ok_or_else(|| chunk_too_short(len, chunk))
+}
+
+/// Copies between pinned chunks and device memory on the runtime's stream,
+/// each followed by an event the pipeline waits on.
+impl ChunkDevice for Runtime {
+    type Chunk = Chunk;
+    type Buffer = Buffer;
+    type Event = cu::CudaEvent;
+
+    fn buffer_len(&self, buf: &Buffer) -> usize {
+        buf.len()
+    }
+
+    fn alloc_chunk(&self, bytes: usize, direction: Direction) -> Result<Chunk> {
+        let flags = match direction {
+            Direction::ToDevice => {
+                sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_WRITECOMBINED
+            }
+            Direction::ToHost => sys::CU_MEMHOSTALLOC_PORTABLE,
+        };
+        // SAFETY: the memory is uninitialised; it is zeroed below before
+        // anything reads it.
+        let mut mem = unsafe { self.dev.ctx.alloc_pinned_with_flags::<u8>(bytes, flags) }
+            .map_err(driver("allocating pinned host memory"))?;
+        let ptr = mem
+            .as_mut_ptr()
+            .map_err(driver("reaching pinned host memory"))?;
+        // SAFETY: `ptr` is valid for `bytes` bytes (just allocated with that
+        // length) and nothing else refers to it yet.
+        unsafe { std::ptr::write_bytes(ptr, 0, bytes) };
+        Ok(Chunk { mem })
+    }
+
+    fn with_host<R>(&self, chunk: &mut Chunk, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        let host = chunk
+            .mem
+            .as_mut_slice()
+            .map_err(driver("reaching a pinned chunk"))?;
+        Ok(f(host))
+    }
+
+    unsafe fn copy_to_device(
+        &self,
+        chunk: &Chunk,
+        len: usize,
+        dst: &mut Buffer,
+        offset: usize,
+    ) -> Result<cu::CudaEvent> {
+        range_check("copy to device", offset, len, dst.len())?;
+        let host = chunk
+            .mem
+            .as_slice()
+            .map_err(driver("reaching a pinned chunk"))?;
+        let host = chunk_part(host, len)?;
+        let mut view = dst.mem_mut()?.slice_mut(offset..offset + len);
+        // Asynchronous: the chunk is pinned, so the driver reads it while the
+        // host goes on; the caller leaves it alone until the event is done.
+        self.stream
+            .memcpy_htod(host, &mut view)
+            .map_err(driver("copying host to device"))?;
+        self.stream
+            .record_event(None)
+            .map_err(driver("recording an event"))
+    }
+
+    unsafe fn copy_to_host(
+        &self,
+        src: &Buffer,
+        offset: usize,
+        chunk: &mut Chunk,
+        len: usize,
+    ) -> Result<cu::CudaEvent> {
+        range_check("copy to host", offset, len, src.len())?;
+        let host = chunk
+            .mem
+            .as_mut_slice()
+            .map_err(driver("reaching a pinned chunk"))?;
+        let host = chunk_part_mut(host, len)?;
+        let view = src.mem()?.slice(offset..offset + len);
+        self.stream
+            .memcpy_dtoh(&view, host)
+            .map_err(driver("copying device to host"))?;
+        self.stream
+            .record_event(None)
+            .map_err(driver("recording an event"))
+    }
+
+    fn is_done(&self, event: &cu::CudaEvent) -> Result<bool> {
+        event
+            .try_is_complete()
+            .map_err(driver("querying a copy's event"))
+    }
+
+    fn wait(&self, event: &cu::CudaEvent) -> Result<()> {
+        event
+            .synchronize()
+            .map_err(driver("waiting for a copy's event"))
+    }
+}
+
 /// Threads per block and a grid that covers `n` items with grid-stride loops.
 fn grid(n: u64) -> LaunchConfig {
     const THREADS: u32 = 256;
@@ -468,33 +503,35 @@ impl Runtime {
         })
     }
 
+    pub(super) fn staging(&self) -> StagingConfig {
+        lock(&self.dev.staging).h2d.config()
+    }
+
+    pub(super) fn set_staging(&self, config: StagingConfig) {
+        *lock(&self.dev.staging) = Pools::new(self.dev.index, config);
+    }
+
     pub(super) fn write(&self, dst: &mut Buffer, offset: usize, src: &[u8]) -> Result<()> {
         self.same_device("write", "destination", dst)?;
         range_check("write", offset, src.len(), dst.len())?;
         if src.is_empty() {
             return Ok(());
         }
-        let mem = dst.mem_mut()?;
-        for (i, part) in src.chunks(PINNED_CHUNK_BYTES).enumerate() {
-            // One chunk at a time is held, so waiting for one cannot deadlock;
-            // the pool hands out the least recently used, whose copy has had
-            // the longest to finish.
-            let mut taken = self.dev.h2d.take(&self.dev.ctx)?;
-            let chunk = taken.chunk();
-            let host = chunk.host()?;
-            host[..part.len()].copy_from_slice(part);
-            let at = offset + i * PINNED_CHUNK_BYTES;
-            let mut view = mem.slice_mut(at..at + part.len());
-            self.stream
-                .memcpy_htod(&host[..part.len()], &mut view)
-                .map_err(driver("copying host to device"))?;
-            chunk.done = Some(
-                self.stream
-                    .record_event(None)
-                    .map_err(driver("recording an event"))?,
-            );
+        let pools = self.dev.pools();
+        let mut upload = Upload::new(self, &pools.h2d, dst, offset)?;
+        upload.write(src)?;
+        upload.finish()
+    }
+
+    pub(super) fn upload_from(&self, reader: &mut impl Read, len: usize) -> Result<Buffer> {
+        let mut buf = self.alloc(len)?;
+        if len > 0 {
+            let pools = self.dev.pools();
+            let mut upload = Upload::new(self, &pools.h2d, &mut buf, 0)?;
+            upload.write_from(reader, len)?;
+            upload.finish()?;
         }
-        Ok(())
+        Ok(buf)
     }
 
     pub(super) fn read(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
@@ -503,54 +540,28 @@ impl Runtime {
         if dst.is_empty() {
             return Ok(());
         }
-        let mem = src.mem()?;
-        // Up to PINNED_CHUNKS copies in flight; the host drains them in order.
-        let mut in_flight: VecDeque<(Taken<'_>, usize, usize)> = VecDeque::new();
-        let drain =
-            |(mut taken, at, len): (Taken<'_>, usize, usize), dst: &mut [u8]| -> Result<()> {
-                let host = taken.chunk().host()?;
-                dst[at..at + len].copy_from_slice(&host[..len]);
-                Ok(())
-            };
+        let pools = self.dev.pools();
         let mut at = 0;
-        while at < dst.len() {
-            let len = (dst.len() - at).min(PINNED_CHUNK_BYTES);
-            // Holding chunks, never block on the pool: finish our oldest copy
-            // and reuse its chunk instead.
-            let taken = if in_flight.is_empty() {
-                self.dev.d2h.take(&self.dev.ctx)?
-            } else if let Some(t) = self.dev.d2h.try_take(&self.dev.ctx)? {
-                t
-            } else {
-                let oldest = in_flight.pop_front().expect("not empty");
-                let (mut taken, a, l) = oldest;
-                let host = taken.chunk().host()?;
-                dst[a..a + l].copy_from_slice(&host[..l]);
-                taken
-            };
-            let mut taken = taken;
-            let chunk = taken.chunk();
-            chunk.settle()?;
-            let host = chunk
-                .mem
-                .as_mut_slice()
-                .map_err(driver("reaching a pinned chunk"))?;
-            let view = mem.slice(offset + at..offset + at + len);
-            self.stream
-                .memcpy_dtoh(&view, &mut host[..len])
-                .map_err(driver("copying device to host"))?;
-            chunk.done = Some(
-                self.stream
-                    .record_event(None)
-                    .map_err(driver("recording an event"))?,
-            );
-            in_flight.push_back((taken, at, len));
-            at += len;
+        staging::download(self, &pools.d2h, src, offset, dst.len(), |bytes| {
+            dst[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+            Ok(())
+        })
+    }
+
+    pub(super) fn download_to(
+        &self,
+        src: &Buffer,
+        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        self.same_device("download_to", "source", src)?;
+        if src.len() == 0 {
+            return Ok(());
         }
-        while let Some(item) = in_flight.pop_front() {
-            drain(item, dst)?;
-        }
-        Ok(())
+        let pools = self.dev.pools();
+        staging::download(self, &pools.d2h, src, 0, src.len(), |bytes| {
+            staging::to_sink(sink, bytes)
+        })
     }
 
     pub(super) fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()> {
@@ -574,37 +585,16 @@ impl Runtime {
                 .memcpy_dtod(from, dst.mem_mut()?)
                 .map_err(driver("copying device to device"));
         }
-        // No peer path: through pinned host chunks (portable, so either
-        // context may use them), one chunk at a time.
-        let src_stream = Arc::clone(src.mem()?.stream());
-        let dst_stream = Arc::clone(dst.mem()?.stream());
-        let from = src.mem()?;
-        let to = dst.mem_mut()?;
-        let len = from.len();
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(PINNED_CHUNK_BYTES);
-            let mut taken = src.dev.d2h.take(&src.dev.ctx)?;
-            let chunk = taken.chunk();
-            let host = chunk.host()?;
-            src_stream
-                .memcpy_dtoh(&from.slice(at..at + n), &mut host[..n])
-                .map_err(driver("copying device to host"))?;
-            src_stream
-                .synchronize()
-                .map_err(driver("waiting for a device-to-host copy"))?;
-            let mut view = to.slice_mut(at..at + n);
-            dst_stream
-                .memcpy_htod(&host[..n], &mut view)
-                .map_err(driver("copying host to device"))?;
-            chunk.done = Some(
-                dst_stream
-                    .record_event(None)
-                    .map_err(driver("recording an event"))?,
-            );
-            at += n;
-        }
-        Ok(())
+        // No peer path: a download from the source's device feeds an upload
+        // to the destination's, chunk by chunk, both pipelined.
+        let (from, to) = (src.owner()?, dst.owner()?);
+        let (src_pools, dst_pools) = (src.dev.pools(), dst.dev.pools());
+        let len = src.len();
+        let mut upload = Upload::new(&to, &dst_pools.h2d, dst, 0)?;
+        staging::download(&from, &src_pools.d2h, src, 0, len, |bytes| {
+            upload.write(bytes)
+        })?;
+        upload.finish()
     }
 
     pub(super) fn cast(

@@ -7,7 +7,10 @@
 //! [`CudaRuntime::new`] opens one device: its context (one per device per
 //! process, shared by every runtime on it), a stream of its own, the kernels
 //! (compiled once per process by NVRTC, loaded once per context) and two pools
-//! of pinned host chunks for staging copies. Every operation binds that
+//! of pinned host chunks for staging copies (see [`super::staging`]): sized
+//! by `TENSORFERRY_PINNED_CHUNK_BYTES` and `TENSORFERRY_PINNED_CHUNKS` when
+//! the device is first opened (default 16 × 1 MiB per direction), or by
+//! [`CudaRuntime::set_staging`]. Every operation binds that
 //! device's context to the calling thread first, so nothing runs on — or
 //! creates a context on — a device it was not asked for; a buffer from another
 //! device is an [`Error::WrongDevice`](crate::Error::WrongDevice) unless the operation is a copy.
@@ -16,10 +19,12 @@
 //! returns [`Error::Unavailable`](crate::Error::Unavailable) saying how to build with it.
 
 use std::fmt;
+use std::io::Read;
 
 use serde::Serialize;
 use tensorferry_device_map::Device;
 
+use super::staging::StagingConfig;
 use super::Probe;
 use crate::cpu::Checksum;
 use crate::error::Result;
@@ -34,12 +39,6 @@ mod imp;
 
 /// The CUDA C source of the kernels, compiled at run time by NVRTC.
 pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
-
-/// Bytes per pinned staging chunk.
-pub const PINNED_CHUNK_BYTES: usize = 8 << 20;
-/// Pinned chunks per device and direction, allocated on first use and kept
-/// until the last runtime on the device is dropped.
-pub const PINNED_CHUNKS: usize = 4;
 
 /// One CUDA device, with a stream of its own. Cloning shares the stream;
 /// [`CudaRuntime::fork`] makes another on the same device.
@@ -126,9 +125,56 @@ impl CudaRuntime {
         Ok(buf)
     }
 
+    /// A new buffer holding `len` bytes read from `reader` (a socket, a
+    /// file): the bytes are read straight into pinned chunks, and each full
+    /// chunk is copied to the device while the next one is read. Returns once
+    /// the bytes are on the device.
+    ///
+    /// # Errors
+    ///
+    /// As [`CudaRuntime::alloc`]; [`Error::Io`](crate::Error::Io) when the
+    /// reader fails or ends early; [`Error::StagingExhausted`](crate::Error::StagingExhausted)
+    /// when this thread holds every chunk in another pipeline;
+    /// [`Error::Backend`](crate::Error::Backend).
+    pub fn upload_from(&self, reader: &mut impl Read, len: usize) -> Result<CudaBuffer> {
+        self.inner
+            .upload_from(reader, len)
+            .map(|inner| CudaBuffer { inner })
+    }
+
+    /// Hands all of `buf`'s bytes to `sink`, in order, chunk by chunk: while
+    /// the sink takes one pinned chunk (a socket write), the device-to-host
+    /// copies of the next ones run. The sink is never called with no bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`](crate::Error::Io) with the sink's error;
+    /// [`Error::WrongDevice`](crate::Error::WrongDevice); [`Error::Backend`](crate::Error::Backend).
+    pub fn download_to(
+        &self,
+        buf: &CudaBuffer,
+        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        self.inner.download_to(&buf.inner, sink)
+    }
+
+    /// The size of this device's staging pools.
+    pub fn staging(&self) -> StagingConfig {
+        self.inner.staging()
+    }
+
+    /// Sizes this device's staging pools (for every runtime on the device).
+    /// Transfers already running finish on the old pools, whose chunks are
+    /// freed when they are done; later ones use the new. The default comes
+    /// from `TENSORFERRY_PINNED_CHUNK_BYTES` and `TENSORFERRY_PINNED_CHUNKS`,
+    /// else 16 × 1 MiB per direction.
+    pub fn set_staging(&self, config: StagingConfig) {
+        self.inner.set_staging(config);
+    }
+
     /// Copies `src` into `dst` from byte `offset`, staged through pinned
-    /// chunks: the host copies into one chunk while the previous one is on
-    /// its way to the device. Returns once `src` may be reused.
+    /// chunks: the host copies into one chunk while earlier ones are on
+    /// their way to the device. Returns once the bytes are on the device.
     ///
     /// # Errors
     ///
@@ -140,7 +186,8 @@ impl CudaRuntime {
     }
 
     /// Copies bytes from `src`, starting at byte `offset`, into all of `dst`,
-    /// staged through pinned chunks, after the work queued before it.
+    /// staged through pinned chunks (several copies in flight), after the
+    /// work queued before it.
     ///
     /// # Errors
     ///

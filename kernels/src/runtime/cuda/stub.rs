@@ -1,9 +1,12 @@
 //! The CUDA runtime in a build without the `cuda` feature: the types exist,
 //! none can be made, and opening says how to get them.
 
+use std::io::Read;
+
 use super::NOT_BUILT;
 use crate::cpu::Checksum;
 use crate::error::{Error, Result};
+use crate::runtime::staging::StagingConfig;
 use crate::{DType, Layout};
 
 /// Uninhabited: no value exists, so every method below is unreachable.
@@ -32,6 +35,22 @@ impl Runtime {
         match *self {}
     }
     pub(super) fn read(&self, _src: &Buffer, _offset: usize, _dst: &mut [u8]) -> Result<()> {
+        match *self {}
+    }
+    pub(super) fn upload_from(&self, _reader: &mut impl Read, _len: usize) -> Result<Buffer> {
+        match *self {}
+    }
+    pub(super) fn download_to(
+        &self,
+        _src: &Buffer,
+        _sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        match *self {}
+    }
+    pub(super) fn staging(&self) -> StagingConfig {
+        match *self {}
+    }
+    pub(super) fn set_staging(&self, _config: StagingConfig) {
         match *self {}
     }
     pub(super) fn copy(&self, _src: &Buffer, _dst: &mut Buffer) -> Result<()> {

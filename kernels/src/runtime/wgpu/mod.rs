@@ -19,6 +19,7 @@
 //! returns [`Error::Unavailable`](crate::Error::Unavailable) saying how to build with it.
 
 use std::fmt;
+use std::io::Read;
 
 use serde::Serialize;
 use tensorferry_device_map::Device;
@@ -41,6 +42,10 @@ pub const CAST_WGSL: &str = include_str!("cast.wgsl");
 pub const CHECKSUM_WGSL: &str = include_str!("checksum.wgsl");
 /// The WGSL shared by the pack and unpack kernels.
 pub const PACK_WGSL: &str = include_str!("pack.wgsl");
+
+/// Bytes per step of [`WgpuRuntime::upload_from`] and
+/// [`WgpuRuntime::download_to`] (a multiple of wgpu's 4-byte copy unit).
+const STREAM_STEP_BYTES: usize = 4 << 20;
 
 /// One wgpu adapter, opened as a device. Cloning shares it.
 ///
@@ -114,6 +119,51 @@ impl WgpuRuntime {
         let mut buf = self.alloc(bytes.len())?;
         self.write(&mut buf, 0, bytes)?;
         Ok(buf)
+    }
+
+    /// A new buffer holding `len` bytes read from `reader`, in steps of
+    /// 4 MiB: one step is read while nothing else is held, then written
+    /// through a mapped staging buffer.
+    ///
+    /// # Errors
+    ///
+    /// As [`WgpuRuntime::alloc`] and [`WgpuRuntime::write`];
+    /// [`Error::Io`](crate::Error::Io) when the reader fails or ends early.
+    pub fn upload_from(&self, reader: &mut impl Read, len: usize) -> Result<WgpuBuffer> {
+        let mut buf = self.alloc(len)?;
+        let mut step = vec![0u8; STREAM_STEP_BYTES.min(len)];
+        let mut at = 0;
+        while at < len {
+            let n = STREAM_STEP_BYTES.min(len - at);
+            super::staging::read_full(reader, &mut step[..n])?;
+            self.write(&mut buf, at, &step[..n])?;
+            at += n;
+        }
+        Ok(buf)
+    }
+
+    /// Hands all of `buf`'s bytes to `sink` in order, read back in steps of
+    /// 4 MiB. The sink is never called with no bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`WgpuRuntime::read`]; [`Error::Io`](crate::Error::Io) with the
+    /// sink's error.
+    pub fn download_to(
+        &self,
+        buf: &WgpuBuffer,
+        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let len = buf.len();
+        let mut step = vec![0u8; STREAM_STEP_BYTES.min(len)];
+        let mut at = 0;
+        while at < len {
+            let n = STREAM_STEP_BYTES.min(len - at);
+            self.read(buf, at, &mut step[..n])?;
+            super::staging::to_sink(sink, &step[..n])?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Copies `src` into `dst` from byte `offset` through a mapped staging buffer.

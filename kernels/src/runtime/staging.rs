@@ -1,0 +1,1674 @@
+//! Staging: bytes between the host and a device through a fixed pool of
+//! (pinned) host chunks, with copies in flight while the host fills or drains
+//! the next chunk.
+//!
+//! A backend implements [`ChunkDevice`]: allocate a chunk, enqueue an
+//! asynchronous copy between a chunk and a device buffer (each returns an
+//! event), ask whether an event is done or wait for it. On top of it:
+//!
+//! - [`ChunkPool`]: the chunks of one device and direction, shared by every
+//!   pipeline, sized by [`StagingConfig`] (default 16 × 1 MiB).
+//! - [`Upload`]: host to device into one buffer. [`Upload::write_from`] reads
+//!   a source (a socket) straight into a chunk's host memory and enqueues its
+//!   copy, then reads the next chunk while that copy runs;
+//!   [`Upload::write`] does the same for bytes already in memory.
+//! - [`download`]: device to host, several chunk copies in flight, each
+//!   finished chunk handed in order to a sink (a socket write) while later
+//!   ones are still copying.
+//!
+//! Copies of one pipeline are enqueued in byte order, each after the previous,
+//! so offsets in a buffer strictly increase. The host waits only on events
+//! (never on a whole stream), and only for the oldest copy of its own
+//! pipeline.
+//!
+//! # The pool rule
+//!
+//! A pipeline that holds chunks never blocks on the pool: when it needs
+//! another chunk and the pool has none free, it waits for its own oldest copy
+//! and reuses that chunk. Only a pipeline holding none may wait for the pool,
+//! and the chunks it waits for belong to pipelines that never wait for it, so
+//! every wait ends. A pipeline also reuses its oldest chunk, rather than
+//! taking another, as soon as that chunk's copy is done, and gives finished
+//! chunks back early while another pipeline is waiting. Chunks go back to the
+//! pool when a pipeline finishes or is dropped (after their copies are done),
+//! also on errors.
+//!
+//! One case the rule cannot help: a thread that holds every taken chunk in
+//! one unfinished pipeline and starts a second on the same pool would wait for
+//! itself. The pool detects it and answers [`Error::StagingExhausted`]
+//! instead of hanging.
+//!
+//! # Examples
+//!
+//! The CUDA runtime implements [`ChunkDevice`]; through
+//! [`Runtime`](super::Runtime) the same calls work on every backend:
+//!
+//! ```
+//! use tensorferry_device_map::Device;
+//! use tensorferry_kernels::runtime::Runtime;
+//!
+//! let rt = Runtime::open(Device::cuda(0)).unwrap_or(Runtime::Cpu);
+//! let mut socket: &[u8] = &[1, 2, 3, 4, 5];
+//! let buf = rt.upload_from(&mut socket, 5)?;
+//! let mut out = Vec::new();
+//! rt.download_to(&buf, &mut |bytes| {
+//!     out.extend_from_slice(bytes);
+//!     Ok(())
+//! })?;
+//! assert_eq!(out, [1, 2, 3, 4, 5]);
+//! # Ok::<(), tensorferry_kernels::Error>(())
+//! ```
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::thread::ThreadId;
+
+use crate::error::{Error, Result};
+use crate::runtime::lock;
+
+/// Environment variable with the bytes per staging chunk (`1048576`, `1M`,
+/// `256K`, `4MiB`); default [`StagingConfig::DEFAULT_CHUNK_BYTES`].
+pub const CHUNK_BYTES_VAR: &str = "TENSORFERRY_PINNED_CHUNK_BYTES";
+/// Environment variable with the staging chunks per device and direction;
+/// default [`StagingConfig::DEFAULT_CHUNKS`].
+pub const CHUNKS_VAR: &str = "TENSORFERRY_PINNED_CHUNKS";
+
+/// The size of one device's staging pool: `chunks` chunks of `chunk_bytes`
+/// each, per direction. Valid once made.
+///
+/// # Examples
+///
+/// ```
+/// use tensorferry_kernels::runtime::staging::StagingConfig;
+///
+/// let config = StagingConfig::new(4 << 20, 8)?;
+/// assert_eq!(config.total_bytes(), 32 << 20);
+/// assert!(StagingConfig::new(0, 8).is_err());
+/// # Ok::<(), tensorferry_kernels::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagingConfig {
+    chunk_bytes: usize,
+    chunks: usize,
+}
+
+impl Default for StagingConfig {
+    fn default() -> Self {
+        Self {
+            chunk_bytes: Self::DEFAULT_CHUNK_BYTES,
+            chunks: Self::DEFAULT_CHUNKS,
+        }
+    }
+}
+
+impl StagingConfig {
+    /// Default bytes per chunk: 1 MiB.
+    pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+    /// Default chunks per device and direction: 16.
+    pub const DEFAULT_CHUNKS: usize = 16;
+    /// Largest chunk: 1 GiB.
+    pub const MAX_CHUNK_BYTES: usize = 1 << 30;
+    /// Most chunks per pool.
+    pub const MAX_CHUNKS: usize = 1024;
+    /// Largest pool (`chunk_bytes × chunks`): 16 GiB of pinned memory.
+    pub const MAX_TOTAL_BYTES: usize = 16 << 30;
+
+    /// `chunks` chunks of `chunk_bytes` bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadStaging`] for zero, or for more than
+    /// [`StagingConfig::MAX_CHUNK_BYTES`], [`StagingConfig::MAX_CHUNKS`] or
+    /// [`StagingConfig::MAX_TOTAL_BYTES`] in all.
+    pub fn new(chunk_bytes: usize, chunks: usize) -> Result<Self> {
+        Self::checked(chunk_bytes, chunks, "StagingConfig::new")
+    }
+
+    /// The configuration from [`CHUNK_BYTES_VAR`] and [`CHUNKS_VAR`], each
+    /// defaulting when unset.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BadStaging`] for a value that is not a size or is out of range.
+    pub fn from_env() -> Result<Self> {
+        let chunk_bytes = env_size(CHUNK_BYTES_VAR, "chunk bytes", Self::DEFAULT_CHUNK_BYTES)?;
+        let chunks = env_size(CHUNKS_VAR, "chunks", Self::DEFAULT_CHUNKS)?;
+        Self::checked(chunk_bytes, chunks, "the environment")
+    }
+
+    fn checked(chunk_bytes: usize, chunks: usize, origin: &str) -> Result<Self> {
+        let bad = |setting, value: usize, reason: String| Error::BadStaging {
+            setting,
+            value: value.to_string(),
+            origin: origin.to_string(),
+            reason,
+        };
+        if !(1..=Self::MAX_CHUNK_BYTES).contains(&chunk_bytes) {
+            return Err(bad(
+                "chunk bytes",
+                chunk_bytes,
+                format!(
+                    "set it between 1 and {} (default {})",
+                    Self::MAX_CHUNK_BYTES,
+                    Self::DEFAULT_CHUNK_BYTES
+                ),
+            ));
+        }
+        if !(1..=Self::MAX_CHUNKS).contains(&chunks) {
+            return Err(bad(
+                "chunks",
+                chunks,
+                format!(
+                    "set it between 1 and {} (default {})",
+                    Self::MAX_CHUNKS,
+                    Self::DEFAULT_CHUNKS
+                ),
+            ));
+        }
+        let total = chunk_bytes.saturating_mul(chunks);
+        if total > Self::MAX_TOTAL_BYTES {
+            return Err(bad(
+                "chunk bytes × chunks",
+                total,
+                format!(
+                    "a pool may pin at most {} bytes; use fewer or smaller chunks",
+                    Self::MAX_TOTAL_BYTES
+                ),
+            ));
+        }
+        Ok(Self {
+            chunk_bytes,
+            chunks,
+        })
+    }
+
+    /// Bytes per chunk.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
+    }
+
+    /// Chunks per pool.
+    pub fn chunks(&self) -> usize {
+        self.chunks
+    }
+
+    /// Bytes of one pool: `chunk_bytes × chunks`.
+    pub fn total_bytes(&self) -> usize {
+        self.chunk_bytes * self.chunks
+    }
+}
+
+/// `var` as a size (`123`, `64K`, `1M`, `2MiB`, `1G`), or `default` when unset.
+fn env_size(var: &'static str, setting: &'static str, default: usize) -> Result<usize> {
+    let Ok(text) = std::env::var(var) else {
+        return Ok(default);
+    };
+    parse_size(&text).ok_or_else(|| Error::BadStaging {
+        setting,
+        value: text.clone(),
+        origin: var.to_string(),
+        reason: "write a whole number, optionally with K, M or G (KiB, MiB, GiB)".to_string(),
+    })
+}
+
+fn parse_size(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: usize = digits.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
+/// Which way a pool's chunks carry bytes; a backend may allocate them
+/// differently (CUDA: write-combined memory for [`Direction::ToDevice`],
+/// which the CPU writes fast but reads slowly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Host to device: the host writes chunks, copies read them.
+    ToDevice,
+    /// Device to host: copies write chunks, the host reads them.
+    ToHost,
+}
+
+/// A device that copies between (pinned) host chunks and its buffers
+/// asynchronously, in the order the copies are enqueued, and reports
+/// completion through events.
+pub trait ChunkDevice {
+    /// Host memory of one chunk, which copies can read and write directly.
+    type Chunk: Send;
+    /// Device memory.
+    type Buffer: ?Sized;
+    /// Marks the end of one enqueued copy.
+    type Event;
+
+    /// The length of `buf` in bytes.
+    fn buffer_len(&self, buf: &Self::Buffer) -> usize;
+
+    /// A new chunk of `bytes` bytes for copies in `direction`.
+    ///
+    /// # Errors
+    ///
+    /// The backend's allocation error.
+    fn alloc_chunk(&self, bytes: usize, direction: Direction) -> Result<Self::Chunk>;
+
+    /// Runs `f` on the chunk's host memory (all of it). Callers only do so
+    /// when no copy that uses the chunk is in flight.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error when the memory cannot be reached.
+    fn with_host<R>(&self, chunk: &mut Self::Chunk, f: impl FnOnce(&mut [u8]) -> R) -> Result<R>;
+
+    /// Enqueues a copy of the chunk's first `len` bytes into `dst` at
+    /// `offset`, after every copy enqueued before it on this device handle.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error; an enqueue that fails leaves nothing in flight.
+    ///
+    /// # Safety
+    ///
+    /// `len` is at most the chunk's length and `offset + len` at most `dst`'s.
+    /// Until the returned event is done, the caller neither reaches the
+    /// chunk's host memory nor frees or reuses the chunk, nor frees `dst`.
+    unsafe fn copy_to_device(
+        &self,
+        chunk: &Self::Chunk,
+        len: usize,
+        dst: &mut Self::Buffer,
+        offset: usize,
+    ) -> Result<Self::Event>;
+
+    /// Enqueues a copy of `len` bytes of `src` from `offset` into the chunk's
+    /// first `len` bytes, after every copy enqueued before it.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChunkDevice::copy_to_device`].
+    ///
+    /// # Safety
+    ///
+    /// As [`ChunkDevice::copy_to_device`]: the ranges fit, and the chunk is
+    /// left alone and `src` kept alive until the event is done.
+    unsafe fn copy_to_host(
+        &self,
+        src: &Self::Buffer,
+        offset: usize,
+        chunk: &mut Self::Chunk,
+        len: usize,
+    ) -> Result<Self::Event>;
+
+    /// True once the copy behind `event` is done; never blocks.
+    ///
+    /// # Errors
+    ///
+    /// The copy's error (or an earlier asynchronous one).
+    fn is_done(&self, event: &Self::Event) -> Result<bool>;
+
+    /// Blocks until the copy behind `event` is done.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChunkDevice::is_done`].
+    fn wait(&self, event: &Self::Event) -> Result<()>;
+}
+
+/// The staging chunks of one device and direction, shared by every pipeline
+/// on it: allocated on first use (at most [`StagingConfig::chunks`]), reused,
+/// freed with the pool. See the module docs for the rule that hands them out.
+pub struct ChunkPool<C> {
+    name: String,
+    config: StagingConfig,
+    direction: Direction,
+    state: Mutex<PoolState<C>>,
+    returned: Condvar,
+}
+
+struct PoolState<C> {
+    free: Vec<C>,
+    allocated: usize,
+    /// Chunks taken, by the thread that took them.
+    holders: Vec<(ThreadId, usize)>,
+    /// Threads blocked in [`ChunkPool::take`].
+    waiting: usize,
+}
+
+impl<C> PoolState<C> {
+    fn held_by(&self, thread: ThreadId) -> usize {
+        self.holders
+            .iter()
+            .find(|(t, _)| *t == thread)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    fn count(&mut self, thread: ThreadId, up: bool) {
+        match self.holders.iter().position(|(t, _)| *t == thread) {
+            Some(i) if up => self.holders[i].1 += 1,
+            Some(i) => {
+                self.holders[i].1 -= 1;
+                if self.holders[i].1 == 0 {
+                    self.holders.swap_remove(i);
+                }
+            }
+            None if up => self.holders.push((thread, 1)),
+            None => {}
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for ChunkPool<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkPool")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("direction", &self.direction)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> ChunkPool<C> {
+    /// An empty pool named `name` (for messages, e.g. `cuda:0 host-to-device`).
+    pub fn new(name: impl Into<String>, config: StagingConfig, direction: Direction) -> Self {
+        Self {
+            name: name.into(),
+            config,
+            direction,
+            state: Mutex::new(PoolState {
+                free: Vec::new(),
+                allocated: 0,
+                holders: Vec::new(),
+                waiting: 0,
+            }),
+            returned: Condvar::new(),
+        }
+    }
+
+    /// The pool's size.
+    pub fn config(&self) -> StagingConfig {
+        self.config
+    }
+
+    /// The direction its chunks carry bytes.
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    /// Chunks allocated so far.
+    pub fn allocated(&self) -> usize {
+        lock(&self.state).allocated
+    }
+
+    /// Chunks taken by pipelines now.
+    pub fn in_use(&self) -> usize {
+        let state = lock(&self.state);
+        state.allocated - state.free.len()
+    }
+
+    fn has_waiters(&self) -> bool {
+        lock(&self.state).waiting > 0
+    }
+
+    /// A free chunk, or a new one while fewer than `chunks` exist.
+    fn pop<D: ChunkDevice<Chunk = C>>(
+        &self,
+        state: &mut PoolState<C>,
+        dev: &D,
+    ) -> Result<Option<C>> {
+        if let Some(chunk) = state.free.pop() {
+            return Ok(Some(chunk));
+        }
+        if state.allocated < self.config.chunks {
+            let chunk = dev.alloc_chunk(self.config.chunk_bytes, self.direction)?;
+            state.allocated += 1;
+            return Ok(Some(chunk));
+        }
+        Ok(None)
+    }
+
+    fn lease(&self, state: &mut PoolState<C>, chunk: C) -> Lease<'_, C> {
+        let thread = std::thread::current().id();
+        state.count(thread, true);
+        Lease {
+            pool: self,
+            chunk: Some(chunk),
+            thread,
+        }
+    }
+
+    /// A chunk if one is free (or may still be allocated) now.
+    fn try_take<D: ChunkDevice<Chunk = C>>(&self, dev: &D) -> Result<Option<Lease<'_, C>>> {
+        let mut state = lock(&self.state);
+        let chunk = self.pop(&mut state, dev)?;
+        Ok(chunk.map(|c| self.lease(&mut state, c)))
+    }
+
+    /// A chunk, waiting for one to come back when all are taken. Only for a
+    /// pipeline that holds none.
+    fn take<D: ChunkDevice<Chunk = C>>(&self, dev: &D) -> Result<Lease<'_, C>> {
+        let me = std::thread::current().id();
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(chunk) = self.pop(&mut state, dev)? {
+                return Ok(self.lease(&mut state, chunk));
+            }
+            // Every chunk is out. If this thread holds all of them (in a
+            // pipeline it has not finished), nobody else can give one back.
+            let mine = state.held_by(me);
+            if mine >= state.allocated {
+                return Err(Error::StagingExhausted {
+                    pool: self.name.clone(),
+                    chunks: state.allocated,
+                });
+            }
+            state.waiting += 1;
+            state = self
+                .returned
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiting -= 1;
+        }
+    }
+}
+
+/// A chunk taken from a pool; it goes back on drop. Whoever drops it makes
+/// sure no copy still uses it.
+struct Lease<'p, C> {
+    pool: &'p ChunkPool<C>,
+    chunk: Option<C>,
+    thread: ThreadId,
+}
+
+impl<C> Lease<'_, C> {
+    fn chunk(&self) -> &C {
+        self.chunk
+            .as_ref()
+            .expect("a lease holds its chunk until drop")
+    }
+
+    fn chunk_mut(&mut self) -> &mut C {
+        self.chunk
+            .as_mut()
+            .expect("a lease holds its chunk until drop")
+    }
+}
+
+impl<C> Drop for Lease<'_, C> {
+    fn drop(&mut self) {
+        if let Some(chunk) = self.chunk.take() {
+            let mut state = lock(&self.pool.state);
+            state.free.push(chunk);
+            state.count(self.thread, false);
+            drop(state);
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+/// One enqueued copy: its chunk, its event, and how many bytes it moves.
+struct Flight<'p, D: ChunkDevice> {
+    lease: Lease<'p, D::Chunk>,
+    event: D::Event,
+    len: usize,
+}
+
+/// A pipeline's copies in flight, oldest first. On drop it waits for them
+/// before their chunks go back to the pool (a copy may still be reading or
+/// writing one); their errors were or will be reported by the call that saw
+/// them.
+struct Flights<'p, D: ChunkDevice> {
+    dev: &'p D,
+    pool: &'p ChunkPool<D::Chunk>,
+    queue: VecDeque<Flight<'p, D>>,
+}
+
+impl<'p, D: ChunkDevice> Flights<'p, D> {
+    fn new(dev: &'p D, pool: &'p ChunkPool<D::Chunk>) -> Self {
+        Self {
+            dev,
+            pool,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Gives finished chunks back while another pipeline waits for one,
+    /// keeping at least `keep`.
+    fn yield_surplus(&mut self, keep: usize) -> Result<()> {
+        while self.queue.len() > keep
+            && self.pool.has_waiters()
+            && self.dev.is_done(&self.queue[0].event)?
+        {
+            self.queue.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The chunk for the next copy, by the pool rule: the oldest chunk if its
+    /// copy is done; else a free one; else, holding some, the oldest after
+    /// its copy; only when holding none, whatever the pool gives back first.
+    fn next_chunk(&mut self) -> Result<Lease<'p, D::Chunk>> {
+        self.yield_surplus(1)?;
+        let Some(oldest) = self.queue.front() else {
+            return self.pool.take(self.dev);
+        };
+        if !self.dev.is_done(&oldest.event)? {
+            if let Some(lease) = self.pool.try_take(self.dev)? {
+                return Ok(lease);
+            }
+            self.dev.wait(&oldest.event)?;
+        }
+        Ok(self.queue.pop_front().expect("checked non-empty").lease)
+    }
+
+    /// Waits for every copy, oldest first; the first error is returned after
+    /// all are done.
+    fn finish(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        while let Some(flight) = self.queue.pop_front() {
+            let done = self.dev.wait(&flight.event);
+            if first.is_ok() {
+                first = done;
+            }
+        }
+        first
+    }
+}
+
+impl<D: ChunkDevice> Drop for Flights<'_, D> {
+    fn drop(&mut self) {
+        for flight in self.queue.drain(..) {
+            let _ = self.dev.wait(&flight.event);
+        }
+    }
+}
+
+/// A host-to-device pipeline into one buffer, from a start offset onwards.
+///
+/// Bytes fill a chunk; a full chunk (or the last bytes the buffer takes, or
+/// what is left at [`Upload::finish`]) is copied to the device while the next
+/// one fills. Dropping it without [`Upload::finish`] waits for the copies in
+/// flight and discards bytes not yet enqueued.
+pub struct Upload<'a, D: ChunkDevice> {
+    dst: &'a mut D::Buffer,
+    /// Where the filling chunk lands.
+    at: usize,
+    end: usize,
+    filling: Option<(Lease<'a, D::Chunk>, usize)>,
+    flights: Flights<'a, D>,
+}
+
+impl<'a, D: ChunkDevice> Upload<'a, D> {
+    /// A pipeline writing `dst` from byte `offset`, through `pool`'s chunks
+    /// and copies enqueued on `dev`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] for an offset past the buffer's end.
+    pub fn new(
+        dev: &'a D,
+        pool: &'a ChunkPool<D::Chunk>,
+        dst: &'a mut D::Buffer,
+        offset: usize,
+    ) -> Result<Self> {
+        let end = dev.buffer_len(dst);
+        if offset > end {
+            return Err(Error::SizeMismatch {
+                op: "upload",
+                what: "device buffer",
+                expected: offset,
+                actual: end,
+            });
+        }
+        Ok(Self {
+            dst,
+            at: offset,
+            end,
+            filling: None,
+            flights: Flights::new(dev, pool),
+        })
+    }
+
+    /// The offset the next byte lands at.
+    pub fn position(&self) -> usize {
+        self.at + self.filling.as_ref().map_or(0, |(_, n)| *n)
+    }
+
+    fn room(&self, len: usize) -> Result<()> {
+        let position = self.position();
+        if position.checked_add(len).is_none_or(|e| e > self.end) {
+            return Err(Error::SizeMismatch {
+                op: "upload",
+                what: "device buffer",
+                expected: position.saturating_add(len),
+                actual: self.end,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` to the device at the current position.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] past the buffer's end (nothing is written);
+    /// [`Error::StagingExhausted`]; the backend's errors.
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+        self.room(bytes.len())?;
+        while !bytes.is_empty() {
+            let n = self.fill(|free| {
+                let n = free.len().min(bytes.len());
+                free[..n].copy_from_slice(&bytes[..n]);
+                Ok(n)
+            })?;
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `len` bytes from `reader` straight into chunks and
+    /// copies them to the device at the current position: each full chunk's
+    /// copy runs while the next is read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] past the buffer's end (nothing is read);
+    /// [`Error::Io`] when the reader fails or ends early; as [`Upload::write`].
+    pub fn write_from(&mut self, reader: &mut impl Read, len: usize) -> Result<()> {
+        self.room(len)?;
+        let mut done = 0;
+        while done < len {
+            let want = len - done;
+            done += self.fill(|free| {
+                let n = free.len().min(want);
+                read_some(reader, &mut free[..n], done, len)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the free part of the filling chunk (taking one first if
+    /// needed) and enqueues the chunk's copy once it is full.
+    fn fill(&mut self, f: impl FnOnce(&mut [u8]) -> Result<usize>) -> Result<usize> {
+        let chunk_bytes = self.flights.pool.config().chunk_bytes();
+        // A chunk never reaches past the buffer: it is full at the end.
+        let cap = chunk_bytes.min(self.end - self.at);
+        let (lease, filled) = match &mut self.filling {
+            Some(filling) => filling,
+            None => self.filling.insert((self.flights.next_chunk()?, 0)),
+        };
+        let start = *filled;
+        let n = self
+            .flights
+            .dev
+            .with_host(lease.chunk_mut(), |host| f(&mut host[start..cap]))??
+            .min(cap - start);
+        *filled += n;
+        if *filled == cap {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    /// Enqueues the filling chunk's copy.
+    fn flush(&mut self) -> Result<()> {
+        let Some((lease, len)) = self.filling.take() else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `len` ≤ the chunk's bytes and `at + len` ≤ the buffer's end
+        // (`fill` caps a chunk at both); the lease moves into `flights`, which
+        // touches the chunk again, or hands it back, only after the event is
+        // done (`next_chunk`, `finish`, drop); `dst` is borrowed by `self`,
+        // whose `flights` waits for every copy before the borrow ends.
+        let event = unsafe {
+            self.flights
+                .dev
+                .copy_to_device(lease.chunk(), len, self.dst, self.at)
+        }?;
+        self.at += len;
+        self.flights.queue.push_back(Flight { lease, event, len });
+        Ok(())
+    }
+
+    /// Enqueues what is left and waits for every copy; afterwards the bytes
+    /// are on the device and every chunk is back in the pool.
+    ///
+    /// # Errors
+    ///
+    /// The first copy's error; every chunk goes back all the same.
+    pub fn finish(mut self) -> Result<()> {
+        self.flush()?;
+        self.flights.finish()
+    }
+}
+
+/// Copies `len` bytes of `src` from `offset` to the host through `pool`'s
+/// chunks and hands them to `sink` in order, chunk by chunk: while the sink
+/// takes one chunk, the copies of the next ones run. Returns once every byte
+/// went to the sink; every chunk is back in the pool, on errors too.
+///
+/// # Errors
+///
+/// [`Error::SizeMismatch`] for a range past the buffer's end;
+/// [`Error::StagingExhausted`]; the sink's error; the backend's errors.
+pub fn download<D: ChunkDevice>(
+    dev: &D,
+    pool: &ChunkPool<D::Chunk>,
+    src: &D::Buffer,
+    offset: usize,
+    len: usize,
+    mut sink: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let buffer = dev.buffer_len(src);
+    let end = match offset.checked_add(len) {
+        Some(end) if end <= buffer => end,
+        _ => {
+            return Err(Error::SizeMismatch {
+                op: "download",
+                what: "device buffer",
+                expected: offset.saturating_add(len),
+                actual: buffer,
+            })
+        }
+    };
+    let chunk_bytes = pool.config().chunk_bytes();
+    let mut flights = Flights::new(dev, pool);
+    // The chunk whose bytes the sink just took, for the next copy.
+    let mut spare = None;
+    let mut at = offset;
+    loop {
+        // As many copies in flight as the pool gives without waiting; only a
+        // pipeline holding no chunk waits for one.
+        if at < end {
+            let lease = match spare.take() {
+                Some(lease) => Some(lease),
+                None if flights.queue.is_empty() => Some(pool.take(dev)?),
+                None => pool.try_take(dev)?,
+            };
+            if let Some(mut lease) = lease {
+                let n = chunk_bytes.min(end - at);
+                // SAFETY: `n` ≤ the chunk's bytes and `at + n` ≤ `end` ≤ the
+                // buffer's length (checked above); the chunk is touched again
+                // only after its event is done (`wait` below, or the drop of
+                // `flights`, which waits), and `src` is borrowed for the whole
+                // call, which outlives `flights`.
+                let event = unsafe { dev.copy_to_host(src, at, lease.chunk_mut(), n) }?;
+                flights.queue.push_back(Flight {
+                    lease,
+                    event,
+                    len: n,
+                });
+                at += n;
+                continue;
+            }
+        }
+        let Some(mut oldest) = flights.queue.pop_front() else {
+            return Ok(());
+        };
+        dev.wait(&oldest.event)?;
+        let n = oldest.len;
+        dev.with_host(oldest.lease.chunk_mut(), |host| sink(&host[..n]))??;
+        // Reuse the chunk, unless another pipeline waits for one and this one
+        // keeps others.
+        let keep = flights.queue.is_empty() || !pool.has_waiters();
+        if at < end && keep {
+            spare = Some(oldest.lease);
+        }
+    }
+}
+
+/// Reads at least one byte into `buf` (non-empty), retrying interruptions;
+/// `done` of `total` bytes were read before, for the message.
+fn read_some(reader: &mut impl Read, buf: &mut [u8], done: usize, total: usize) -> Result<usize> {
+    loop {
+        match reader.read(buf) {
+            Ok(0) => {
+                return Err(Error::Io {
+                    op: "upload_from: reading the tensor's bytes",
+                    source: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the source ended after {done} of {total} bytes; it must deliver the whole tensor"),
+                    ),
+                })
+            }
+            Ok(n) => return Ok(n.min(buf.len())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(Error::Io {
+                    op: "upload_from: reading the tensor's bytes",
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Fills all of `buf` from `reader`.
+pub(crate) fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> Result<()> {
+    let (mut done, total) = (0, buf.len());
+    while done < total {
+        done += read_some(reader, &mut buf[done..], done, total)?;
+    }
+    Ok(())
+}
+
+/// Hands `bytes` to an I/O sink, naming the failure.
+pub(crate) fn to_sink(sink: &mut dyn FnMut(&[u8]) -> io::Result<()>, bytes: &[u8]) -> Result<()> {
+    sink(bytes).map_err(|source| Error::Io {
+        op: "download_to: handing the bytes to the sink",
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pipelines on a test double of a device: device memory in host
+    //! vectors, copies run in order by a worker thread after a set latency.
+
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc, Condvar, Mutex};
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A copy the fake device ran, in the order it ran them.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Copy {
+        direction: Direction,
+        buffer: usize,
+        offset: usize,
+        len: usize,
+        chunk: usize,
+    }
+
+    type Bytes = Arc<Mutex<Vec<u8>>>;
+
+    struct FakeChunk {
+        id: usize,
+        mem: Bytes,
+        /// Copies enqueued on the chunk that have not run yet.
+        pending: Arc<AtomicUsize>,
+    }
+
+    struct FakeBuffer {
+        id: usize,
+        mem: Bytes,
+    }
+
+    struct FakeEvent(u64);
+
+    struct Op {
+        seq: u64,
+        copy: Copy,
+        chunk: Bytes,
+        pending: Arc<AtomicUsize>,
+        device: Bytes,
+        /// Host-to-device: the chunk's bytes when the copy was enqueued.
+        snapshot: Vec<u8>,
+    }
+
+    #[derive(Default)]
+    struct State {
+        queue: VecDeque<Op>,
+        enqueued: u64,
+        done: u64,
+        /// The first copy that failed; it and every later one report it.
+        failed: Option<u64>,
+        copies: Vec<Copy>,
+        max_in_flight: u64,
+        violations: Vec<String>,
+        next_id: usize,
+        chunks_allocated: usize,
+        stop: bool,
+    }
+
+    #[derive(Default)]
+    struct Faults {
+        latency: Duration,
+        /// The n-th copy (1-based) fails when it runs.
+        fail_copy: Option<u64>,
+        /// The n-th enqueue (1-based) is refused.
+        fail_enqueue: Option<u64>,
+    }
+
+    struct Shared {
+        state: Mutex<State>,
+        changed: Condvar,
+        faults: Faults,
+    }
+
+    /// A device whose copies a worker thread runs in enqueue order.
+    struct FakeDevice {
+        shared: Arc<Shared>,
+        worker: Option<JoinHandle<()>>,
+    }
+
+    fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().expect("test locks are not poisoned")
+    }
+
+    impl FakeDevice {
+        fn new(faults: Faults) -> Self {
+            let shared = Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+                faults,
+            });
+            let worker = {
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || Self::run(&shared))
+            };
+            Self {
+                shared,
+                worker: Some(worker),
+            }
+        }
+
+        fn with_latency(micros: u64) -> Self {
+            Self::new(Faults {
+                latency: Duration::from_micros(micros),
+                ..Faults::default()
+            })
+        }
+
+        fn run(shared: &Shared) {
+            loop {
+                let op = {
+                    let mut state = locked(&shared.state);
+                    loop {
+                        if let Some(op) = state.queue.pop_front() {
+                            break op;
+                        }
+                        if state.stop {
+                            return;
+                        }
+                        state = shared.changed.wait(state).expect("not poisoned");
+                    }
+                };
+                std::thread::sleep(shared.faults.latency);
+                let fails = shared.faults.fail_copy == Some(op.seq)
+                    || locked(&shared.state).failed.is_some();
+                let mut violation = None;
+                if !fails {
+                    let (at, n) = (op.copy.offset, op.copy.len);
+                    match op.copy.direction {
+                        Direction::ToDevice => {
+                            let chunk = locked(&op.chunk);
+                            if chunk[..n] != op.snapshot[..] {
+                                violation = Some(format!(
+                                    "chunk {} changed between enqueue and copy",
+                                    op.copy.chunk
+                                ));
+                            }
+                            // What a DMA engine does: copy what is there now.
+                            locked(&op.device)[at..at + n].copy_from_slice(&chunk[..n]);
+                        }
+                        Direction::ToHost => {
+                            let device = locked(&op.device);
+                            locked(&op.chunk)[..n].copy_from_slice(&device[at..at + n]);
+                        }
+                    }
+                }
+                op.pending.fetch_sub(1, Ordering::SeqCst);
+                let mut state = locked(&shared.state);
+                if fails && state.failed.is_none() {
+                    state.failed = Some(op.seq);
+                }
+                state.violations.extend(violation);
+                state.copies.push(op.copy);
+                state.done = op.seq;
+                shared.changed.notify_all();
+            }
+        }
+
+        fn buffer(&self, bytes: &[u8]) -> FakeBuffer {
+            let mut state = locked(&self.shared.state);
+            state.next_id += 1;
+            FakeBuffer {
+                id: state.next_id,
+                mem: Arc::new(Mutex::new(bytes.to_vec())),
+            }
+        }
+
+        fn contents(buf: &FakeBuffer) -> Vec<u8> {
+            locked(&buf.mem).clone()
+        }
+
+        fn copies(&self) -> Vec<Copy> {
+            locked(&self.shared.state).copies.clone()
+        }
+
+        fn max_in_flight(&self) -> u64 {
+            locked(&self.shared.state).max_in_flight
+        }
+
+        fn violations(&self) -> Vec<String> {
+            locked(&self.shared.state).violations.clone()
+        }
+
+        fn chunks_allocated(&self) -> usize {
+            locked(&self.shared.state).chunks_allocated
+        }
+
+        fn enqueue(
+            &self,
+            copy: Copy,
+            chunk: &FakeChunk,
+            device: &Bytes,
+            device_len: usize,
+        ) -> Result<FakeEvent> {
+            let chunk_len = locked(&chunk.mem).len();
+            if copy.len > chunk_len || copy.offset + copy.len > device_len {
+                return Err(Error::backend(
+                    "fake copy",
+                    format!(
+                        "{copy:?} out of range ({chunk_len}-byte chunk, {device_len}-byte buffer)"
+                    ),
+                ));
+            }
+            let snapshot = match copy.direction {
+                Direction::ToDevice => locked(&chunk.mem)[..copy.len].to_vec(),
+                Direction::ToHost => Vec::new(),
+            };
+            let mut state = locked(&self.shared.state);
+            let attempt = state.enqueued + 1;
+            if self.shared.faults.fail_enqueue == Some(attempt) || state.failed.is_some() {
+                return Err(Error::backend("fake enqueue", "injected enqueue failure"));
+            }
+            state.enqueued = attempt;
+            chunk.pending.fetch_add(1, Ordering::SeqCst);
+            state.queue.push_back(Op {
+                seq: attempt,
+                copy,
+                chunk: Arc::clone(&chunk.mem),
+                pending: Arc::clone(&chunk.pending),
+                device: Arc::clone(device),
+                snapshot,
+            });
+            state.max_in_flight = state.max_in_flight.max(state.enqueued - state.done);
+            self.shared.changed.notify_all();
+            Ok(FakeEvent(attempt))
+        }
+
+        fn outcome(state: &State, event: &FakeEvent) -> Result<()> {
+            match state.failed {
+                Some(failed) if failed <= event.0 => Err(Error::backend(
+                    "fake copy",
+                    format!("injected failure of copy {failed}"),
+                )),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl Drop for FakeDevice {
+        fn drop(&mut self) {
+            locked(&self.shared.state).stop = true;
+            self.shared.changed.notify_all();
+            if let Some(worker) = self.worker.take() {
+                worker.join().expect("the worker does not panic");
+            }
+        }
+    }
+
+    impl ChunkDevice for FakeDevice {
+        type Chunk = FakeChunk;
+        type Buffer = FakeBuffer;
+        type Event = FakeEvent;
+
+        fn buffer_len(&self, buf: &FakeBuffer) -> usize {
+            locked(&buf.mem).len()
+        }
+
+        fn alloc_chunk(&self, bytes: usize, _direction: Direction) -> Result<FakeChunk> {
+            let mut state = locked(&self.shared.state);
+            state.next_id += 1;
+            state.chunks_allocated += 1;
+            Ok(FakeChunk {
+                id: state.next_id,
+                // Poisoned, so a byte that is not copied shows.
+                mem: Arc::new(Mutex::new(vec![0xa5; bytes])),
+                pending: Arc::new(AtomicUsize::new(0)),
+            })
+        }
+
+        fn with_host<R>(&self, chunk: &mut FakeChunk, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+            if chunk.pending.load(Ordering::SeqCst) > 0 {
+                locked(&self.shared.state).violations.push(format!(
+                    "the host reached chunk {} while a copy on it was pending",
+                    chunk.id
+                ));
+            }
+            Ok(f(&mut locked(&chunk.mem)))
+        }
+
+        unsafe fn copy_to_device(
+            &self,
+            chunk: &FakeChunk,
+            len: usize,
+            dst: &mut FakeBuffer,
+            offset: usize,
+        ) -> Result<FakeEvent> {
+            let copy = Copy {
+                direction: Direction::ToDevice,
+                buffer: dst.id,
+                offset,
+                len,
+                chunk: chunk.id,
+            };
+            self.enqueue(copy, chunk, &dst.mem, self.buffer_len(dst))
+        }
+
+        unsafe fn copy_to_host(
+            &self,
+            src: &FakeBuffer,
+            offset: usize,
+            chunk: &mut FakeChunk,
+            len: usize,
+        ) -> Result<FakeEvent> {
+            let copy = Copy {
+                direction: Direction::ToHost,
+                buffer: src.id,
+                offset,
+                len,
+                chunk: chunk.id,
+            };
+            self.enqueue(copy, chunk, &src.mem, self.buffer_len(src))
+        }
+
+        fn is_done(&self, event: &FakeEvent) -> Result<bool> {
+            let state = locked(&self.shared.state);
+            Self::outcome(&state, event)?;
+            Ok(state.done >= event.0)
+        }
+
+        fn wait(&self, event: &FakeEvent) -> Result<()> {
+            let mut state = locked(&self.shared.state);
+            while state.done < event.0 {
+                state = self.shared.changed.wait(state).expect("not poisoned");
+            }
+            Self::outcome(&state, event)
+        }
+    }
+
+    /// SplitMix64, seeded per test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// A source that hands out a few bytes at a time, like a socket, and
+    /// fails after `fail_after` bytes when set.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        rng: Rng,
+        fail_after: Option<usize>,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.fail_after.is_some_and(|n| self.at >= n) {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "peer went away",
+                ));
+            }
+            if self.rng.below(4) == 0 {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let n = buf
+                .len()
+                .min(self.data.len() - self.at)
+                .min(1 + self.rng.below(100));
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn trickle(data: &[u8], seed: u64) -> Trickle {
+        Trickle {
+            data: data.to_vec(),
+            at: 0,
+            rng: Rng(seed),
+            fail_after: None,
+        }
+    }
+
+    const CHUNK: usize = 64;
+
+    fn pool(chunks: usize) -> ChunkPool<FakeChunk> {
+        ChunkPool::new(
+            "fake",
+            StagingConfig::new(CHUNK, chunks).expect("valid"),
+            Direction::ToDevice,
+        )
+    }
+
+    fn download_all(dev: &FakeDevice, pool: &ChunkPool<FakeChunk>, buf: &FakeBuffer) -> Vec<u8> {
+        let mut out = Vec::new();
+        download(dev, pool, buf, 0, dev.buffer_len(buf), |bytes| {
+            out.extend_from_slice(bytes);
+            Ok(())
+        })
+        .expect("download");
+        out
+    }
+
+    /// Every copy into or out of each buffer follows the previous one:
+    /// offsets strictly increase and leave no gap.
+    fn assert_in_order(copies: &[Copy]) {
+        let mut next: Vec<((usize, Direction), usize)> = Vec::new();
+        for c in copies {
+            let key = (c.buffer, c.direction);
+            match next.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, end)) => {
+                    assert_eq!(c.offset, *end, "out of order: {c:?}");
+                    *end += c.len;
+                }
+                None => next.push((key, c.offset + c.len)),
+            }
+            assert!(c.len > 0 && c.len <= CHUNK, "{c:?}");
+        }
+    }
+
+    const LENGTHS: [usize; 7] = [
+        0,
+        1,
+        CHUNK - 1,
+        CHUNK,
+        CHUNK + 1,
+        3 * CHUNK - 5,
+        37 * CHUNK + 11,
+    ];
+
+    /// Runs one pipeline with `f` and checks the copies it made are in order.
+    fn in_order<T>(dev: &FakeDevice, f: impl FnOnce() -> T) -> T {
+        let before = dev.copies().len();
+        let out = f();
+        assert_in_order(&dev.copies()[before..]);
+        out
+    }
+
+    #[test]
+    fn round_trips_are_byte_exact_at_odd_lengths() {
+        let dev = FakeDevice::with_latency(20);
+        let (up, down) = (pool(4), pool(4));
+        let mut rng = Rng(1);
+        for len in LENGTHS {
+            let data = rng.bytes(len);
+            // From memory, in uneven pieces.
+            let mut buf = dev.buffer(&vec![0; len]);
+            in_order(&dev, || {
+                let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+                let mut rest = &data[..];
+                while !rest.is_empty() {
+                    let n = rest.len().min(1 + rng.below(2 * CHUNK));
+                    upload.write(&rest[..n]).expect("write");
+                    rest = &rest[n..];
+                }
+                upload.finish().expect("finish");
+            });
+            assert_eq!(FakeDevice::contents(&buf), data, "write, {len} bytes");
+            let back = in_order(&dev, || download_all(&dev, &down, &buf));
+            assert_eq!(back, data, "download, {len} bytes");
+            // From a trickling source, behind a prefix.
+            let mut buf = dev.buffer(&vec![0; len + 3]);
+            in_order(&dev, || {
+                let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+                upload.write(&[7, 8, 9]).expect("prefix");
+                upload
+                    .write_from(&mut trickle(&data, len as u64), len)
+                    .expect("write_from");
+                upload.finish().expect("finish");
+            });
+            let back = in_order(&dev, || download_all(&dev, &down, &buf));
+            assert_eq!(back[..3], [7, 8, 9]);
+            assert_eq!(back[3..], data[..], "write_from, {len} bytes");
+            // A range of the buffer.
+            let from = rng.below(len + 1);
+            let n = rng.below(len + 1).min(len - from);
+            let mut part = Vec::new();
+            in_order(&dev, || {
+                download(&dev, &down, &buf, 3 + from, n, |b| {
+                    part.extend_from_slice(b);
+                    Ok(())
+                })
+                .expect("part")
+            });
+            assert_eq!(part, data[from..from + n]);
+        }
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+        assert_eq!((up.in_use(), down.in_use()), (0, 0));
+    }
+
+    #[test]
+    fn writes_past_the_end_are_refused_whole() {
+        let dev = FakeDevice::with_latency(0);
+        let up = pool(2);
+        let mut buf = dev.buffer(&[0; 10]);
+        assert!(Upload::new(&dev, &up, &mut buf, 11).is_err());
+        let mut upload = Upload::new(&dev, &up, &mut buf, 4).expect("upload");
+        let err = upload.write(&[1; 7]).expect_err("too long");
+        assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+        upload.write(&[1; 6]).expect("fits");
+        assert!(upload.write_from(&mut &[2u8][..], 1).is_err());
+        upload.finish().expect("finish");
+        assert_eq!(FakeDevice::contents(&buf), [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]);
+        let err = download(&dev, &up, &buf, 5, 6, |_| Ok(())).expect_err("past the end");
+        assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn copies_run_in_strictly_increasing_order_per_buffer() {
+        let dev = FakeDevice::with_latency(50);
+        let (up, down) = (pool(8), pool(8));
+        let data = Rng(2).bytes(50 * CHUNK + 7);
+        let mut buf = dev.buffer(&vec![0; data.len()]);
+        let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+        upload
+            .write_from(&mut &data[..], data.len())
+            .expect("write_from");
+        upload.finish().expect("finish");
+        assert_eq!(download_all(&dev, &down, &buf), data);
+        let copies = dev.copies();
+        assert_eq!(copies.len(), 2 * 51);
+        assert_in_order(&copies);
+        // The download kept several copies in flight.
+        assert!(
+            dev.max_in_flight() > 1,
+            "max in flight {}",
+            dev.max_in_flight()
+        );
+    }
+
+    #[test]
+    fn a_pool_of_two_moves_a_hundred_chunk_tensor() {
+        let dev = FakeDevice::with_latency(30);
+        let (up, down) = (pool(2), pool(2));
+        let data = Rng(3).bytes(100 * CHUNK);
+        let mut buf = dev.buffer(&vec![0; data.len()]);
+        let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+        upload.write(&data).expect("write");
+        upload.finish().expect("finish");
+        assert_eq!(download_all(&dev, &down, &buf), data);
+        assert!(
+            dev.max_in_flight() <= 2,
+            "max in flight {}",
+            dev.max_in_flight()
+        );
+        assert_eq!(dev.chunks_allocated(), 4);
+        assert_eq!((up.allocated(), up.in_use()), (2, 0));
+        assert_eq!((down.allocated(), down.in_use()), (2, 0));
+        assert_in_order(&dev.copies());
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+    }
+
+    /// Runs `f` on a thread and fails the test if it takes longer than
+    /// `limit` (a deadlock) instead of hanging.
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit)
+            .unwrap_or_else(|_| panic!("not done after {limit:?}: deadlock"))
+    }
+
+    #[test]
+    fn pipelines_on_threads_sharing_three_chunks_all_finish() {
+        within(Duration::from_secs(60), || {
+            let dev = FakeDevice::with_latency(10);
+            let (up, down) = (pool(3), pool(3));
+            let sources: Vec<(Vec<u8>, FakeBuffer)> = (0..6)
+                .map(|i| {
+                    let data = Rng(10 + i).bytes(20 * CHUNK + i as usize * 13);
+                    let buf = dev.buffer(&data);
+                    (data, buf)
+                })
+                .collect();
+            std::thread::scope(|s| {
+                for i in 0..6u64 {
+                    let (dev, up) = (&dev, &up);
+                    s.spawn(move || {
+                        let data = Rng(20 + i).bytes(30 * CHUNK + i as usize);
+                        let mut buf = dev.buffer(&vec![0; data.len()]);
+                        for _ in 0..3 {
+                            let mut upload = Upload::new(dev, up, &mut buf, 0).expect("upload");
+                            upload
+                                .write_from(&mut trickle(&data, i), data.len())
+                                .expect("write_from");
+                            upload.finish().expect("finish");
+                            assert_eq!(FakeDevice::contents(&buf), data);
+                        }
+                    });
+                }
+                for (data, buf) in &sources {
+                    let (dev, down) = (&dev, &down);
+                    s.spawn(move || {
+                        for _ in 0..3 {
+                            let mut out = Vec::new();
+                            download(dev, down, buf, 0, data.len(), |bytes| {
+                                out.extend_from_slice(bytes);
+                                std::thread::sleep(Duration::from_micros(5));
+                                Ok(())
+                            })
+                            .expect("download");
+                            assert_eq!(&out, data);
+                        }
+                    });
+                }
+            });
+            assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+            assert_eq!((up.allocated(), up.in_use()), (3, 0));
+            assert_eq!((down.allocated(), down.in_use()), (3, 0));
+        });
+    }
+
+    #[test]
+    fn a_second_pipeline_on_a_thread_holding_every_chunk_errors_instead_of_hanging() {
+        within(Duration::from_secs(30), || {
+            // Slow copies, so the first pipeline still holds both chunks.
+            let dev = FakeDevice::with_latency(100_000);
+            let up = pool(2);
+            let mut a = dev.buffer(&[0; 4 * CHUNK]);
+            let mut b = dev.buffer(&[0; CHUNK]);
+            let mut first = Upload::new(&dev, &up, &mut a, 0).expect("upload");
+            first.write(&[1; 2 * CHUNK]).expect("two chunks in flight");
+            assert_eq!(up.in_use(), 2);
+            let mut second = Upload::new(&dev, &up, &mut b, 0).expect("upload");
+            let err = second
+                .write(&[2; CHUNK])
+                .expect_err("would wait for itself");
+            assert!(
+                matches!(err, Error::StagingExhausted { chunks: 2, .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("finish or drop"), "{err}");
+            drop(second);
+            first.write(&[1; 2 * CHUNK]).expect("the first goes on");
+            first.finish().expect("finish");
+            assert_eq!(up.in_use(), 0);
+        });
+    }
+
+    #[test]
+    fn injected_copy_errors_are_returned_and_every_chunk_comes_back() {
+        for k in [1, 2, 5] {
+            let dev = FakeDevice::new(Faults {
+                latency: Duration::from_micros(20),
+                fail_copy: Some(k),
+                ..Faults::default()
+            });
+            let up = pool(3);
+            let mut buf = dev.buffer(&[0; 10 * CHUNK]);
+            let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+            let outcome = upload
+                .write(&[1; 10 * CHUNK])
+                .and_then(|()| upload.finish());
+            let err = outcome.expect_err("a copy failed");
+            assert!(err.to_string().contains("injected"), "{err}");
+            assert_eq!(up.in_use(), 0, "upload, copy {k} failed");
+
+            let dev = FakeDevice::new(Faults {
+                latency: Duration::from_micros(20),
+                fail_copy: Some(k),
+                ..Faults::default()
+            });
+            let down = pool(3);
+            let buf = dev.buffer(&[1; 10 * CHUNK]);
+            let err = download(&dev, &down, &buf, 0, 10 * CHUNK, |_| Ok(())).expect_err("failed");
+            assert!(err.to_string().contains("injected"), "{err}");
+            assert_eq!(down.in_use(), 0, "download, copy {k} failed");
+        }
+        // An enqueue refused outright.
+        let dev = FakeDevice::new(Faults {
+            fail_enqueue: Some(3),
+            ..Faults::default()
+        });
+        let up = pool(3);
+        let mut buf = dev.buffer(&[0; 10 * CHUNK]);
+        let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+        assert!(upload.write(&[1; 10 * CHUNK]).is_err());
+        drop(upload);
+        assert_eq!(up.in_use(), 0);
+        let down = pool(3);
+        assert!(download(&dev, &down, &buf, 0, 10 * CHUNK, |_| Ok(())).is_err());
+        assert_eq!(down.in_use(), 0);
+    }
+
+    #[test]
+    fn a_failing_source_or_sink_returns_its_error_and_every_chunk() {
+        let dev = FakeDevice::with_latency(20);
+        let (up, down) = (pool(3), pool(3));
+        let data = Rng(4).bytes(10 * CHUNK);
+        let mut buf = dev.buffer(&vec![0; data.len()]);
+        // A source that fails mid-way.
+        let mut source = trickle(&data, 4);
+        source.fail_after = Some(5 * CHUNK + 3);
+        let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+        let err = upload
+            .write_from(&mut source, data.len())
+            .expect_err("the source fails");
+        assert!(
+            matches!(&err, Error::Io { source, .. } if source.kind() == io::ErrorKind::ConnectionReset),
+            "{err}"
+        );
+        drop(upload);
+        assert_eq!(up.in_use(), 0);
+        // A source that ends early.
+        let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+        let err = upload
+            .write_from(&mut &data[..4 * CHUNK], data.len())
+            .expect_err("the source ends");
+        assert!(
+            err.to_string().contains("ended after 256 of 640 bytes"),
+            "{err}"
+        );
+        drop(upload);
+        assert_eq!(up.in_use(), 0);
+        // A sink that fails on the third chunk.
+        let mut calls = 0;
+        let err = download(&dev, &down, &buf, 0, data.len(), |_| {
+            calls += 1;
+            if calls == 3 {
+                Err(Error::Io {
+                    op: "test sink",
+                    source: io::ErrorKind::BrokenPipe.into(),
+                })
+            } else {
+                Ok(())
+            }
+        })
+        .expect_err("the sink fails");
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert_eq!(down.in_use(), 0);
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+    }
+
+    #[test]
+    fn the_double_flags_a_host_touching_a_chunk_in_flight() {
+        // The pipelines above assert no violations; this shows the check bites.
+        let dev = FakeDevice::with_latency(50_000);
+        let mut chunk = dev.alloc_chunk(CHUNK, Direction::ToDevice).expect("chunk");
+        let mut buf = dev.buffer(&[0; CHUNK]);
+        // SAFETY: the fake device copies through shared vectors; breaking the
+        // contract is the point of the test and cannot corrupt memory.
+        let event = unsafe { dev.copy_to_device(&chunk, CHUNK, &mut buf, 0) }.expect("enqueue");
+        dev.with_host(&mut chunk, |host| host[0] = 1).expect("host");
+        dev.wait(&event).expect("wait");
+        let violations = dev.violations();
+        assert_eq!(violations.len(), 2, "{violations:?}");
+        assert!(violations[0].contains("pending"), "{violations:?}");
+        assert!(violations[1].contains("changed"), "{violations:?}");
+    }
+
+    #[test]
+    fn uploads_overlap_reading_with_copies() {
+        // Copies slower than the source: the pipeline grows to more than one
+        // chunk in flight and stays within the pool.
+        let dev = FakeDevice::with_latency(2_000);
+        let up = pool(4);
+        let data = Rng(5).bytes(12 * CHUNK);
+        let mut buf = dev.buffer(&vec![0; data.len()]);
+        let mut upload = Upload::new(&dev, &up, &mut buf, 0).expect("upload");
+        upload
+            .write_from(&mut &data[..], data.len())
+            .expect("write_from");
+        upload.finish().expect("finish");
+        assert_eq!(FakeDevice::contents(&buf), data);
+        let most = dev.max_in_flight();
+        assert!((2..=4).contains(&most), "max in flight {most}");
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+    }
+
+    #[test]
+    fn staging_settings_are_checked() {
+        assert_eq!(StagingConfig::default().chunk_bytes(), 1 << 20);
+        assert_eq!(StagingConfig::default().chunks(), 16);
+        for (bytes, chunks) in [
+            (0, 16),
+            (1 << 20, 0),
+            ((1 << 30) + 1, 1),
+            (1, 1025),
+            (1 << 30, 17),
+        ] {
+            let err = StagingConfig::new(bytes, chunks).expect_err("out of range");
+            assert!(matches!(err, Error::BadStaging { .. }), "{err}");
+            assert!(err.to_string().contains("StagingConfig::new"), "{err}");
+        }
+        assert_eq!(parse_size("256K"), Some(256 << 10));
+        assert_eq!(parse_size(" 4MiB "), Some(4 << 20));
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_size("1.5M"), None);
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size(""), None);
+    }
+}
