@@ -6,9 +6,10 @@
 //! has. It works on both ends of a channel:
 //!
 //! - [`Stager::prepare`] (sender): each tensor is cast to its wire dtype and
-//!   checksummed **on the device that holds it**, then brought to the host
-//!   for the wire (CUDA through pinned chunks, wgpu through a mapped staging
-//!   buffer). What the header must say of it (its device, its dtype before
+//!   checksummed **on the device that holds it**; a device tensor stays
+//!   there, and the encoded frame reads it back while it is written (CUDA
+//!   through pinned chunks, a chunk on the socket while the next is copied;
+//!   wgpu through mapped staging buffers). What the header must say of it (its device, its dtype before
 //!   the cast, its checksum) comes back as an [`Origin`] per tensor.
 //! - [`Stager::land`] (receiver): each tensor goes to the device the map
 //!   resolves its source device to; its checksum is verified there, after
@@ -254,7 +255,7 @@ impl Stager {
     }
 
     /// Sender side: every tensor cast to its wire dtype and checksummed on
-    /// its own device, then brought to the host; returns the message to
+    /// its own device (where device tensors stay); returns the message to
     /// encode and one [`Origin`] per tensor (for
     /// [`crate::wire::encode_staged`]).
     ///
@@ -291,8 +292,9 @@ impl Stager {
                 .transpose()?;
             (tensor, sum)
         } else {
-            // On the device: pack, cast and checksum there; only the wire
-            // bytes come back to the host.
+            // On the device: pack, cast and checksum there. The wire bytes
+            // stay there too: the frame reads them back chunk by chunk as it
+            // is written (`wire::Payload::Device`).
             let mut on = t.to_runtime(&rt)?;
             if let Some(to) = cast_to {
                 on = cast_on(&rt, &on, to)?;
@@ -301,12 +303,7 @@ impl Stager {
                 Error::Invalid(format!("a tensor on {device} has no device buffer"))
             })?;
             let sum = self.checksum.then(|| rt.checksum(buf)).transpose()?;
-            let mut host = HostBufferMut::zeroed(buf.len());
-            rt.download(buf, host.as_mut_slice())?;
-            (
-                Tensor::from_host(on.dtype(), on.shape(), host.freeze())?,
-                sum,
-            )
+            (on, sum)
         };
         Ok((
             tensor,

@@ -4,11 +4,13 @@
 
 use std::borrow::Cow;
 use std::io::{self, IoSlice, Write};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tensorferry_device_map::Device;
 use tensorferry_kernels::cpu::{checksum, Checksum};
+use tensorferry_kernels::runtime::{DeviceBuffer, Runtime};
 use tensorferry_kernels::{element_count, DType, Dims, Layout};
 
 use crate::buffer::{HostBuffer, ALIGN};
@@ -357,12 +359,47 @@ pub struct EncodeOptions {
     pub checksums: bool,
 }
 
+/// One buffer of an encoded frame: host bytes, or bytes still on a device,
+/// read back chunk by chunk while the frame is written.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Host bytes, written as they are.
+    Host(HostBuffer),
+    /// A device buffer (CUDA or wgpu), read back through the device's
+    /// staging pipeline straight into the writer: a chunk is written while
+    /// the next one is still being copied from the device.
+    Device(Arc<DeviceBuffer>),
+}
+
+impl Payload {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Host(b) => b.len(),
+            Payload::Device(b) => b.len(),
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The host bytes, when the payload is on the host.
+    pub fn host(&self) -> Option<&HostBuffer> {
+        match self {
+            Payload::Host(b) => Some(b),
+            Payload::Device(_) => None,
+        }
+    }
+}
+
 /// An encoded frame: the bytes before the first buffer, then the buffers,
 /// never concatenated.
 #[derive(Debug, Clone)]
 pub struct Encoded {
     head: Vec<u8>,
-    buffers: Vec<HostBuffer>,
+    buffers: Vec<Payload>,
     frame_len: u64,
 }
 
@@ -373,7 +410,7 @@ impl Encoded {
     }
 
     /// The payload buffers, in table order.
-    pub fn buffers(&self) -> &[HostBuffer] {
+    pub fn buffers(&self) -> &[Payload] {
         &self.buffers
     }
 
@@ -382,45 +419,59 @@ impl Encoded {
         self.frame_len
     }
 
-    /// The frame as slices for one vectored write: head, then each buffer and its padding.
-    pub fn io_slices(&self) -> Vec<IoSlice<'_>> {
-        let mut slices = Vec::with_capacity(1 + 2 * self.buffers.len());
+    /// Writes the whole frame: runs of host bytes with vectored writes;
+    /// device buffers through their device's staging pipeline, each chunk
+    /// written as soon as it reaches the host.
+    ///
+    /// # Errors
+    ///
+    /// The writer's errors, and a device's read-back errors.
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * self.buffers.len());
         slices.push(IoSlice::new(&self.head));
         for b in &self.buffers {
-            if !b.is_empty() {
-                slices.push(IoSlice::new(b.as_slice()));
+            match b {
+                Payload::Host(h) if !h.is_empty() => slices.push(IoSlice::new(h.as_slice())),
+                Payload::Host(_) => {}
+                Payload::Device(d) => {
+                    write_all_vectored(w, &mut slices)?;
+                    let rt = Runtime::open(d.device()).map_err(io::Error::other)?;
+                    let mut failed = None;
+                    rt.download_to(d, &mut |chunk| {
+                        w.write_all(chunk).inspect_err(|e| {
+                            failed = Some(io::Error::new(e.kind(), e.to_string()));
+                        })
+                    })
+                    .map_err(|e| failed.take().unwrap_or_else(|| io::Error::other(e)))?;
+                }
             }
             let pad = pad_to_align(b.len());
             if pad > 0 {
                 slices.push(IoSlice::new(&ZEROS[..pad]));
             }
         }
-        slices
+        write_all_vectored(w, &mut slices)
     }
+}
 
-    /// Writes the whole frame with vectored writes.
-    ///
-    /// # Errors
-    ///
-    /// The writer's errors.
-    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        let mut slices = self.io_slices();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match w.write_vectored(rest) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "writer accepted no bytes",
-                    ))
-                }
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+/// Writes every slice, then empties the list.
+fn write_all_vectored(w: &mut impl Write, slices: &mut Vec<IoSlice<'_>>) -> io::Result<()> {
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "writer accepted no bytes",
+                ))
             }
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        Ok(())
     }
+    slices.clear();
+    Ok(())
 }
 
 fn pad_to_align(len: usize) -> usize {
@@ -501,7 +552,7 @@ fn encode_inner(
         cast_from: with_casts.then(|| Vec::with_capacity(n)),
     };
     for (i, (name, t)) in message.tensors().enumerate() {
-        let packed = t.packed().map_err(|e| Error::tensor(name, e.to_string()))?;
+        let packed = payload(t).map_err(|e| Error::tensor(name, e.to_string()))?;
         let from = origin(i);
         tensors.name.push(name);
         tensors.dtype.0.push(t.dtype().name());
@@ -510,9 +561,12 @@ fn encode_inner(
         tensors.buffer.push(buffers.len() as u64);
         tensors.bytes.push(packed.len() as u64);
         if let Some(sums) = &mut tensors.checksum {
-            let sum = match from.and_then(|o| o.checksum) {
-                Some(sum) => sum,
-                None => checksum(packed.as_slice()),
+            let sum = match (from.and_then(|o| o.checksum), &packed) {
+                (Some(sum), _) => sum,
+                (None, Payload::Host(h)) => checksum(h.as_slice()),
+                (None, Payload::Device(d)) => Runtime::open(d.device())
+                    .and_then(|rt| rt.checksum(d))
+                    .map_err(|e| Error::tensor(name, e.to_string()))?,
             };
             sums.push(sum.to_string());
         }
@@ -524,7 +578,7 @@ fn encode_inner(
     let mut objects = Vec::new();
     for (name, o) in message.objects() {
         let first = buffers.len() as u64;
-        buffers.extend(o.buffers.iter().cloned());
+        buffers.extend(o.buffers.iter().cloned().map(Payload::Host));
         objects.push(ObjectDesc {
             name: name.to_string(),
             tag: o.tag.clone(),
@@ -548,6 +602,19 @@ fn encode_inner(
         buffers,
         frame_len,
     })
+}
+
+/// What travels for tensor `t`: its device buffer when it is a whole,
+/// contiguous device tensor (read back while the frame is written), its
+/// packed host bytes otherwise.
+fn payload(t: &Tensor) -> Result<Payload> {
+    match t.device_buffer() {
+        Some(d) if t.is_contiguous() && t.layout().offset() == 0 && d.len() == t.size_bytes() => {
+            Ok(Payload::Device(Arc::clone(d)))
+        }
+        Some(_) => Ok(Payload::Host(t.to_host()?.packed()?)),
+        None => Ok(Payload::Host(t.packed()?)),
+    }
 }
 
 /// Prelude, header, buffer table and padding for a header and buffer lengths;

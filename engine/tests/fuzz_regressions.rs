@@ -62,7 +62,10 @@ fn strided_x_as(dtype: &str, shape: Value, strides: Value) -> Vec<u8> {
         other => panic!("unexpected tensors {other}"),
     }
     let header = serde_json::to_vec(&header).expect("json");
-    frame(&header, &[enc.buffers()[0].as_slice()])
+    frame(
+        &header,
+        &[enc.buffers()[0].host().expect("host").as_slice()],
+    )
 }
 
 fn decoded(bytes: &[u8]) -> Result<tensorferry_engine::wire::Frame, Error> {

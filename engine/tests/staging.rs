@@ -11,7 +11,7 @@ use tensorferry_device_map::{
     ChannelConfig, ChannelSpec, Device, DeviceMap, Fallback, Inventory, Pattern,
 };
 use tensorferry_engine::staging::{Direction, Stager};
-use tensorferry_engine::wire::{decode, encode_staged, EncodeOptions, FrameMeta, Limits};
+use tensorferry_engine::wire::{decode, encode_staged, EncodeOptions, FrameMeta, Limits, Payload};
 use tensorferry_engine::{DType, Error, HostBuffer, Message, Node, Service, Tensor, ALL_CHANNELS};
 use tensorferry_kernels::cpu;
 use tensorferry_kernels::runtime::{required, Runtime};
@@ -293,6 +293,21 @@ fn tensors_land_on_a_wgpu_adapter_verified_and_cast_back_there() {
         .expect("upload");
     let m = Message::new().tensor("x", on_gpu);
     let sender = stager(&back, Direction::Forward, "cpu,wgpu:0");
+    let (wire, origins) = sender.prepare(&m).expect("prepare");
+    let x = wire.get("x").expect("x");
+    assert_eq!(
+        (x.device(), x.dtype(), origins[0].device),
+        (Device::wgpu(0), DType::BF16, Device::wgpu(0)),
+        "cast on the adapter, and kept there until the frame is written"
+    );
+    let frame = encode_staged(
+        &wire,
+        &origins,
+        &FrameMeta::message("/t", 0),
+        EncodeOptions::default(),
+    )
+    .expect("encode");
+    assert!(matches!(frame.buffers()[0], Payload::Device(_)));
     let receiver = stager(&back, Direction::Forward, "cpu");
     let (got, _) = travel(&sender, &receiver, &m).expect("travel");
     let x = got.get("x").expect("x");

@@ -144,7 +144,7 @@ fn encoding_shares_tensor_bytes_and_decoding_views_the_frame() {
         "the head is O(header), not O(tensor)"
     );
     assert_eq!(
-        enc.buffers()[0].as_slice().as_ptr(),
+        enc.buffers()[0].host().expect("host").as_slice().as_ptr(),
         big.contiguous_bytes().expect("host").as_ptr()
     );
     let mut bytes = Vec::new();

@@ -53,7 +53,11 @@ fn encoded(name: &'static str, m: &Message, meta: FrameMeta, checksums: bool) ->
     Ok(Seed {
         name,
         header: enc.head()[PRELUDE_BYTES..PRELUDE_BYTES + len as usize].to_vec(),
-        buffers: enc.buffers().to_vec(),
+        buffers: enc
+            .buffers()
+            .iter()
+            .filter_map(|b| b.host().cloned())
+            .collect(),
     })
 }
 

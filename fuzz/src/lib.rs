@@ -291,7 +291,11 @@ mod tests {
         enc.write_to(&mut bytes).expect("write");
         let header_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
         let header = &bytes[PRELUDE_BYTES..PRELUDE_BYTES + header_len];
-        let buffers: Vec<&[u8]> = enc.buffers().iter().map(HostBuffer::as_slice).collect();
+        let buffers: Vec<&[u8]> = enc
+            .buffers()
+            .iter()
+            .map(|b| b.host().expect("host tensors").as_slice())
+            .collect();
         assert_eq!(build_frame(header, &buffers), bytes);
         let frame = decode(&HostBuffer::copy_from(&bytes), &Limits::default()).expect("decode");
         check_frame(&frame, bytes.len());
