@@ -30,11 +30,11 @@ use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::shm::{self, FdReader, MappedSlot, SlotPool, SlotUse};
 use crate::staging::{self, Direction, Stager};
-use crate::stream::FrameReader;
+use crate::stream::{FrameReader, Router};
 use crate::wire::layout;
 use crate::wire::{
-    decode_at, encode, encode_staged, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits,
-    TensorInfo,
+    decode_at, encode, encode_staged, EncodeOptions, Encoded, Frame, FrameMeta, HeadPlan, Kind,
+    Limits, TensorInfo,
 };
 use crate::HostBuffer;
 use tensorferry_kernels::DType;
@@ -953,7 +953,8 @@ impl NodeInner {
         );
         let node = Arc::downgrade(self);
         let p = Arc::clone(&peer);
-        let frames = FrameReader::new(reader, self.pool.clone(), self.limits);
+        let frames = FrameReader::new(reader, self.pool.clone(), self.limits)
+            .with_router(device_router(Weak::clone(&node)));
         thread::Builder::new()
             .name("tf-read".into())
             .spawn(move || read_loop(frames, &p, &node))
@@ -1460,6 +1461,39 @@ fn read_loop(mut frames: FrameReader<TcpStream>, peer: &Arc<Peer>, node: &Weak<N
     if let Some(inner) = node.upgrade() {
         inner.lose(peer, &reason);
     }
+}
+
+/// Sends the bytes of each tensor whose channel maps it to a device (CUDA
+/// or wgpu) straight from the socket to that device.
+fn device_router(node: Weak<NodeInner>) -> Router {
+    Arc::new(move |plan: &HeadPlan| {
+        let none = || vec![None; plan.tensors.len()];
+        let direction = match plan.meta.kind {
+            Kind::Message | Kind::Request => Direction::Forward,
+            Kind::Reply => Direction::Reply,
+            _ => return none(),
+        };
+        let Some(inner) = node.upgrade() else {
+            return none();
+        };
+        let Ok(stager) = inner.stager(&plan.meta.channel, direction) else {
+            return none();
+        };
+        if stager.passes_host_tensors() && plan.tensors.iter().all(|t| t.device == Device::Cpu) {
+            return none();
+        }
+        plan.tensors
+            .iter()
+            .map(|t| {
+                // A tensor whose target is missing is read to the host; its
+                // landing then reports the error.
+                let (target, _) = stager.target(t.device).ok()?;
+                (target != Device::Cpu)
+                    .then(|| stager.runtime_for(target).ok())
+                    .flatten()
+            })
+            .collect()
+    })
 }
 
 /// Encodes `message` with `stager`'s sending rules; host tensors on a

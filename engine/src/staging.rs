@@ -231,6 +231,15 @@ impl Stager {
         Ok((r.target, r.reason))
     }
 
+    /// The runtime of `device`, opened once per stager.
+    ///
+    /// # Errors
+    ///
+    /// When the device cannot be opened.
+    pub fn runtime_for(&self, device: Device) -> Result<Runtime> {
+        self.runtime(device)
+    }
+
     fn runtime(&self, device: Device) -> Result<Runtime> {
         if device == Device::Cpu {
             return Ok(Runtime::Cpu);

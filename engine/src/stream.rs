@@ -1,19 +1,38 @@
 //! Frames over a byte stream (a TCP or Unix socket): each frame is read
-//! straight into a pooled buffer after its prelude has been checked.
+//! straight into a pooled buffer after its prelude has been checked, or,
+//! with a [`Router`], each tensor bound for a device straight to that device.
 
+use std::fmt;
 use std::io::{self, Read};
+use std::sync::Arc;
+
+use tensorferry_kernels::runtime::{DeviceBuffer, Runtime};
 
 use crate::error::{Error, Result};
 use crate::pool::BufferPool;
-use crate::wire::{decode_at, Frame, Limits, Prelude, PRELUDE_BYTES};
+use crate::tensor::Tensor;
+use crate::wire::{decode_at, plan_head, Frame, HeadPlan, Limits, Prelude, PRELUDE_BYTES};
+
+/// Given what a frame's head says, the runtime each tensor's bytes should
+/// be read into (one entry per tensor; `None`: the host frame buffer).
+pub type Router = Arc<dyn Fn(&HeadPlan) -> Vec<Option<Runtime>> + Send + Sync>;
 
 /// Reads frames from a stream.
-#[derive(Debug)]
 pub struct FrameReader<R> {
     inner: R,
     pool: BufferPool,
     limits: Limits,
     offset: u64,
+    router: Option<Router>,
+}
+
+impl<R> fmt::Debug for FrameReader<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameReader")
+            .field("offset", &self.offset)
+            .field("routed", &self.router.is_some())
+            .finish()
+    }
 }
 
 /// Reads until `buf` is full; `Ok(false)` when the stream ended before the first byte.
@@ -44,7 +63,17 @@ impl<R: Read> FrameReader<R> {
             pool,
             limits,
             offset: 0,
+            router: None,
         }
+    }
+
+    /// Reads the bytes of tensors that `router` sends to a device (CUDA or
+    /// wgpu) straight there: through the device's pinned chunks for CUDA,
+    /// each chunk copied to the device while the next one is read from the
+    /// stream. The returned frames hold those tensors on their devices.
+    pub fn with_router(mut self, router: Router) -> Self {
+        self.router = Some(router);
+        self
     }
 
     /// The next frame; `Ok(None)` when the stream ended cleanly between frames.
@@ -68,18 +97,54 @@ impl<R: Read> FrameReader<R> {
         let mut buf = self.pool.get(len);
         let bytes = buf.as_mut_slice();
         bytes[..PRELUDE_BYTES].copy_from_slice(&prelude);
-        match fill(&mut self.inner, &mut bytes[PRELUDE_BYTES..]) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(Error::io(
-                    context(self.offset),
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended mid-frame"),
-                ))
+        let read_rest = |inner: &mut R, bytes: &mut [u8]| match fill(inner, bytes) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::io(
+                context(self.offset),
+                io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended mid-frame"),
+            )),
+            Err(e) => Err(Error::io(context(self.offset), e)),
+        };
+        let mut on_devices = Vec::new();
+        match &self.router {
+            None => read_rest(&mut self.inner, &mut bytes[PRELUDE_BYTES..])?,
+            Some(router) => {
+                let head = p.data_start as usize;
+                read_rest(&mut self.inner, &mut bytes[PRELUDE_BYTES..head])?;
+                let plan = plan_head(&bytes[..head], &self.limits, self.offset)?;
+                let routes = router(&plan);
+                // Buffers in table order: each either read into the frame
+                // buffer or straight into its device.
+                let mut streamed: Vec<Option<&Runtime>> = vec![None; plan.buffers.len()];
+                for (t, route) in plan.tensors.iter().zip(&routes) {
+                    if let (Some(rt), true) = (route, t.contiguous) {
+                        streamed[t.buffer] = Some(rt);
+                    }
+                }
+                let mut at = head;
+                for (i, range) in plan.buffers.iter().enumerate() {
+                    let Some(rt) = streamed[i] else { continue };
+                    read_rest(&mut self.inner, &mut bytes[at..range.start])?;
+                    let dev = rt.upload_from(&mut self.inner, range.len()).map_err(|e| {
+                        Error::io(
+                            context(self.offset),
+                            io::Error::other(format!(
+                                "reading buffer {i} into {}: {e}",
+                                rt.device()
+                            )),
+                        )
+                    })?;
+                    on_devices.push((i, dev));
+                    at = range.end;
+                }
+                read_rest(&mut self.inner, &mut bytes[at..])?;
             }
-            Err(e) => return Err(Error::io(context(self.offset), e)),
         }
-        let frame = decode_at(&buf.freeze(), &self.limits, self.offset)?;
+        let mut frame = decode_at(&buf.freeze(), &self.limits, self.offset)?;
         self.offset += p.frame_len;
+        if !on_devices.is_empty() {
+            frame = with_device_tensors(frame, on_devices)?;
+        }
         Ok(Some(frame))
     }
 
@@ -87,6 +152,28 @@ impl<R: Read> FrameReader<R> {
     pub fn get_ref(&self) -> &R {
         &self.inner
     }
+}
+
+/// `frame` with the tensors whose buffers were read into devices taking
+/// those device buffers (their host ranges were never filled).
+fn with_device_tensors(
+    mut frame: Frame,
+    mut on_devices: Vec<(usize, DeviceBuffer)>,
+) -> Result<Frame> {
+    let mut tensors = Vec::with_capacity(frame.tensors.len());
+    for ((name, t), info) in frame.message.tensors().zip(&frame.tensors) {
+        let t = match on_devices.iter().position(|(i, _)| *i == info.buffer) {
+            Some(k) => {
+                let (_, dev) = on_devices.swap_remove(k);
+                Tensor::from_device(t.dtype(), t.shape(), dev)
+                    .map_err(|e| Error::tensor(name, e.to_string()))?
+            }
+            None => t.clone(),
+        };
+        tensors.push((name.to_string(), t));
+    }
+    frame.message = frame.message.with_tensors(tensors);
+    Ok(frame)
 }
 
 #[cfg(test)]

@@ -895,39 +895,13 @@ pub fn verify_checksums(message: &Message, infos: &[TensorInfo]) -> Result<usize
     Ok(checked)
 }
 
-/// Decodes the frame at the start of `region` (which may hold more bytes after it).
-///
-/// Every length, offset, count and shape product is checked against the bytes
-/// present and against `limits` before use; tensors view `region` without copying.
-///
-/// # Errors
-///
-/// An error naming what is wrong and where (byte offset or tensor name).
-pub fn decode(region: &HostBuffer, limits: &Limits) -> Result<Frame> {
-    decode_at(region, limits, 0)
-}
-
-/// [`decode`], with error offsets counted from `base` (the frame's place in a file or stream).
-///
-/// # Errors
-///
-/// As [`decode`].
-pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Frame> {
-    let bytes = region.as_slice();
-    let p = Prelude::parse(bytes, limits, base)?;
-    if (bytes.len() as u64) < p.frame_len {
-        return Err(Error::Truncated {
-            offset: base,
-            needed: p.frame_len,
-            available: bytes.len() as u64,
-        });
-    }
+/// Where each buffer lies, from the table, each checked against the frame's
+/// end; `bytes` holds at least the frame's head.
+fn buffer_ranges(bytes: &[u8], p: &Prelude, base: u64) -> Result<Vec<std::ops::Range<usize>>> {
     let frame = |at: u64, what: String| Error::Frame {
         offset: base + at,
         what,
     };
-
-    // Buffer places, from the table, each checked against the frame's end.
     let mut ranges = Vec::with_capacity(p.buffer_count as usize);
     let mut at = p.data_start;
     for i in 0..p.buffer_count as usize {
@@ -957,20 +931,129 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
             ),
         ));
     }
+    Ok(ranges)
+}
 
+/// The JSON header of a frame whose head is in `bytes`.
+fn parse_header<'b>(bytes: &'b [u8], p: &Prelude, base: u64) -> Result<Header<'b>> {
     let header_bytes = &bytes[PRELUDE_BYTES..PRELUDE_BYTES + p.header_len as usize];
-    let text = std::str::from_utf8(header_bytes).map_err(|e| {
-        frame(
-            PRELUDE_BYTES as u64 + e.valid_up_to() as u64,
-            "the header is not UTF-8".into(),
-        )
+    let text = std::str::from_utf8(header_bytes).map_err(|e| Error::Frame {
+        offset: base + PRELUDE_BYTES as u64 + e.valid_up_to() as u64,
+        what: "the header is not UTF-8".into(),
     })?;
-    let header: Header = serde_json::from_str(text).map_err(|e| Error::Header {
+    serde_json::from_str(text).map_err(|e| Error::Header {
         what: format!(
             "{e} (the header starts at byte {})",
             base + PRELUDE_BYTES as u64
         ),
-    })?;
+    })
+}
+
+/// What a frame's head says before its buffers arrive: enough for a reader
+/// to send each tensor's bytes straight to the device it will land on.
+#[derive(Debug, Clone)]
+pub struct HeadPlan {
+    /// Channel, sequence number, kind and id.
+    pub meta: FrameMeta,
+    /// Each tensor, in message order.
+    pub tensors: Vec<PlannedTensor>,
+    /// Each buffer's byte range in the frame, in table order.
+    pub buffers: Vec<std::ops::Range<usize>>,
+}
+
+/// One tensor of a [`HeadPlan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedTensor {
+    /// The device it was on at the sender.
+    pub device: Device,
+    /// Index into [`HeadPlan::buffers`].
+    pub buffer: usize,
+    /// True when its bytes are exactly its elements, row-major (what
+    /// senders send): only such a tensor can be read straight to a device.
+    pub contiguous: bool,
+}
+
+/// Reads a frame's head — `head` holds at least the bytes up to the first
+/// buffer — without its buffers. Everything it returns is checked again by
+/// [`decode_at`] once the buffers are in.
+///
+/// # Errors
+///
+/// As [`decode_at`], for the prelude, the buffer table and the header.
+pub fn plan_head(head: &[u8], limits: &Limits, base: u64) -> Result<HeadPlan> {
+    let p = Prelude::parse(head, limits, base)?;
+    if (head.len() as u64) < p.data_start {
+        return Err(Error::Truncated {
+            offset: base,
+            needed: p.data_start,
+            available: head.len() as u64,
+        });
+    }
+    let buffers = buffer_ranges(head, &p, base)?;
+    let header = parse_header(head, &p, base)?;
+    let tensors = header
+        .tensors
+        .rows()?
+        .iter()
+        .map(|d| {
+            let device: Device = d
+                .device
+                .parse()
+                .map_err(|e| Error::tensor(d.name, format!("{e}")))?;
+            let buffer = usize::try_from(d.buffer)
+                .ok()
+                .filter(|&i| i < buffers.len())
+                .ok_or_else(|| {
+                    Error::tensor(d.name, format!("buffer index {} is out of range", d.buffer))
+                })?;
+            Ok(PlannedTensor {
+                device,
+                buffer,
+                contiguous: d.strides.is_none(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(HeadPlan {
+        meta: FrameMeta {
+            channel: header.channel,
+            seq: header.seq,
+            kind: header.kind,
+            id: header.id,
+        },
+        tensors,
+        buffers,
+    })
+}
+
+/// Decodes the frame at the start of `region` (which may hold more bytes after it).
+///
+/// Every length, offset, count and shape product is checked against the bytes
+/// present and against `limits` before use; tensors view `region` without copying.
+///
+/// # Errors
+///
+/// An error naming what is wrong and where (byte offset or tensor name).
+pub fn decode(region: &HostBuffer, limits: &Limits) -> Result<Frame> {
+    decode_at(region, limits, 0)
+}
+
+/// [`decode`], with error offsets counted from `base` (the frame's place in a file or stream).
+///
+/// # Errors
+///
+/// As [`decode`].
+pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Frame> {
+    let bytes = region.as_slice();
+    let p = Prelude::parse(bytes, limits, base)?;
+    if (bytes.len() as u64) < p.frame_len {
+        return Err(Error::Truncated {
+            offset: base,
+            needed: p.frame_len,
+            available: bytes.len() as u64,
+        });
+    }
+    let ranges = buffer_ranges(bytes, &p, base)?;
+    let header = parse_header(bytes, &p, base)?;
     let count = header.tensors.name.len() + header.objects.len();
     if count > limits.max_tensors {
         return Err(Error::Limit {
@@ -1116,10 +1199,10 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
         ));
     }
     if let Some(unused) = used.iter().position(|u| !u) {
-        return Err(frame(
-            p.table_start + 8 * unused as u64,
-            format!("buffer {unused} is not used by any tensor or object"),
-        ));
+        return Err(Error::Frame {
+            offset: base + p.table_start + 8 * unused as u64,
+            what: format!("buffer {unused} is not used by any tensor or object"),
+        });
     }
     Ok(Frame {
         meta: FrameMeta {

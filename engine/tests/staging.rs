@@ -488,3 +488,65 @@ fn bad_wire_dtypes_are_refused_when_the_node_is_built() {
         "f64 → bf16 is fine: {text}"
     );
 }
+
+#[test]
+fn tcp_frames_read_device_bound_tensors_straight_into_the_adapter() {
+    let Some(rt) = wgpu() else { return };
+    let mut rng = Rng::new();
+    // Host tensors go to the adapter, adapter tensors to the host: one frame
+    // interleaves buffers read into the adapter with buffers read to memory.
+    let spec = ChannelSpec::new(Pattern::PubSub)
+        .with_device_map(
+            DeviceMap::builder()
+                .entry("cpu", "wgpu:0")
+                .entry("wgpu:0", "cpu")
+                .build()
+                .expect("map"),
+        )
+        .with_wire_dtype("f32", "bf16")
+        .with_checksum(true);
+    let mut config = ChannelConfig::new();
+    config.insert("/mix", spec).expect("config");
+    let server = Node::builder()
+        .channels(config.clone())
+        .listen("tcp://127.0.0.1:0")
+        .build()
+        .expect("server");
+    let addr = server.listen_addrs()[0].to_string();
+    let client = Node::builder().channels(config).build().expect("client");
+    let sub = client.subscribe(&addr, "/mix").expect("subscribe");
+    let publisher = server.publisher("/mix");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let big = rng.f32s((5 << 20) / 4 + 3);
+    let small: Vec<u8> = (0..1001).map(|i| (i * 7) as u8).collect();
+    let back = rng.f32s(4099);
+    let m = Message::new()
+        .tensor("big", Tensor::from_slice(&big, &[big.len()]).expect("big"))
+        .tensor("small", Tensor::from_slice(&small, &[1001]).expect("small"))
+        .tensor(
+            "back",
+            Tensor::from_slice(&back, &[4099])
+                .expect("back")
+                .to_runtime(&rt)
+                .expect("upload"),
+        );
+    for _ in 0..3 {
+        publisher.send(m.clone()).expect("send");
+    }
+    for _ in 0..3 {
+        let got = sub.recv_timeout(WAIT).expect("message");
+        let t = |n: &str| got.message.get(n).expect("tensor").clone();
+        assert_eq!(
+            (t("big").device(), t("big").dtype()),
+            (Device::wgpu(0), DType::F32)
+        );
+        assert_eq!(bytes_of(&t("big")), through(&big, DType::BF16));
+        assert_eq!(t("small").device(), Device::wgpu(0));
+        assert_eq!(bytes_of(&t("small")), small);
+        assert_eq!(
+            (t("back").device(), t("back").dtype()),
+            (Device::Cpu, DType::F32)
+        );
+        assert_eq!(bytes_of(&t("back")), through(&back, DType::BF16));
+    }
+}
