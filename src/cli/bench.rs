@@ -1265,7 +1265,9 @@ fn print_pubsub_header() {
 fn print_pubsub_row(r: &Value) {
     let us = |k: &str| {
         let v = r[k].as_f64().unwrap_or(0.0);
-        if v >= 1000.0 {
+        if v >= 1e6 {
+            format!("{:.2} s", v / 1e6)
+        } else if v >= 1000.0 {
             format!("{:.2} ms", v / 1e3)
         } else {
             format!("{v:.0} µs")
