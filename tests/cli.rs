@@ -508,3 +508,101 @@ fn bench_plot_draws_each_transport_and_its_baseline() {
         assert!(text.contains(label), "the plot lacks `{label}`");
     }
 }
+
+#[test]
+fn bench_fans_out_to_several_subscribers_beside_the_same_baseline() {
+    let out = tensorferry(&[
+        "bench",
+        "--transport",
+        "inproc,tcp",
+        "--sizes",
+        "64KiB",
+        "--duration",
+        "0.1",
+        "--subscribers",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["settings"]["subscribers"], 2);
+    assert_eq!(v["settings"]["mode"], "local");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert_eq!(r["subscribers"], 2, "{r}");
+        let each = r["subscriber_gbps"].as_array().expect("per subscriber");
+        assert_eq!(each.len(), 2, "{r}");
+        assert!(each.iter().all(|g| g.as_f64() > Some(0.0)), "{r}");
+        let total = r["gbps"].as_f64().expect("aggregate");
+        let slowest = r["slowest_subscriber_gbps"].as_f64().expect("slowest");
+        assert!(slowest > 0.0 && slowest <= total, "{r}");
+        assert!(r["baseline_gbps"].as_f64().expect("baseline") > 0.0, "{r}");
+        assert!(r["slowest_subscriber_ratio"].as_f64().is_some(), "{r}");
+    }
+    assert_eq!(rows[0]["baseline"], "memcpy");
+    assert_eq!(rows[1]["baseline"], "raw tcp");
+
+    let out = tensorferry(&[
+        "bench",
+        "--transport",
+        "inproc",
+        "--sizes",
+        "4KiB",
+        "--duration",
+        "0.05",
+        "--subscribers",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("3 subscribers (fan-out)"), "{text}");
+    assert!(text.contains("memcpy"), "{text}");
+}
+
+#[test]
+fn bench_rejects_invalid_fan_out_and_two_host_options() {
+    for (args, says) in [
+        (vec!["--subscribers", "0"], "--subscribers 0"),
+        (vec!["--subscribers", "x"], "--subscribers"),
+        (
+            vec!["--subscribers", "2", "--pattern", "reqrep"],
+            "--pattern pubsub",
+        ),
+        (
+            vec!["--subscribers", "1", "--pattern", "reqrep"],
+            "drop --subscribers",
+        ),
+        (
+            vec!["--listen", "tcp://127.0.0.1:0", "--to", "tcp://127.0.0.1:9"],
+            "cannot be used with",
+        ),
+        (vec!["--to", "tcp://127.0.0.1:0"], "give the port"),
+        (vec!["--to", "shm://x"], "tcp://HOST:PORT"),
+        (vec!["--listen", "127.0.0.1:7000"], "tcp://HOST:PORT"),
+        (
+            vec!["--to", "tcp://127.0.0.1:9", "--transport", "shm"],
+            "tcp only",
+        ),
+        (
+            vec!["--to", "tcp://127.0.0.1:9", "--pattern", "reqrep"],
+            "--pattern reqrep",
+        ),
+        (
+            vec!["--to", "tcp://127.0.0.1:9", "--subscribers", "2"],
+            "one receiving side",
+        ),
+        (
+            vec!["--listen", "tcp://127.0.0.1:0", "--sizes", "4KiB"],
+            "the sending side (--to) chooses",
+        ),
+        (
+            vec!["--listen", "tcp://127.0.0.1:0", "--plot", "x.svg"],
+            "--plot",
+        ),
+    ] {
+        let out = tensorferry(&[&["bench"], args.as_slice()].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+}

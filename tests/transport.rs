@@ -288,3 +288,56 @@ fn shm_between_processes_verifies_and_leaves_nothing_behind() {
         "the socket must vanish with its process"
     );
 }
+
+#[test]
+fn bench_listen_and_to_measure_tcp_and_its_raw_baseline_between_two_processes() {
+    let (mut listener, addr) =
+        spawn_listening(&["bench", "--listen", "tcp://127.0.0.1:0", "--json"]);
+    let sender = run(&[
+        "bench",
+        "--to",
+        &addr,
+        "--sizes",
+        "4KiB,64KiB",
+        "--duration",
+        "0.1",
+        "--json",
+    ]);
+    if sender.status.code() != Some(0) {
+        let _ = listener.kill();
+    }
+    assert_ok(&sender);
+    let sent: serde_json::Value =
+        serde_json::from_slice(&sender.stdout).expect("the sender prints JSON");
+    let (out, got) = finish(listener);
+    assert_ok(&out);
+
+    assert_eq!(sent["settings"]["mode"], "to");
+    assert_eq!(sent["settings"]["to"], addr.as_str());
+    assert_eq!(got["settings"]["mode"], "listen");
+    assert_eq!(got["settings"]["listen"], addr.as_str());
+    assert_eq!(
+        got["settings"]["sizes_bytes"],
+        serde_json::json!([4096, 65536])
+    );
+    assert_eq!(got["settings"]["duration_s"], 0.1);
+    let raw = got["settings"]["raw_listen"].as_str().expect("raw listen");
+    assert_eq!(sent["settings"]["raw_baseline_to"], raw);
+    assert_ne!(raw, addr, "the raw baseline has its own port");
+    let (sent_rows, got_rows) = (
+        sent["rows"].as_array().expect("rows"),
+        got["rows"].as_array().expect("rows"),
+    );
+    assert_eq!((sent_rows.len(), got_rows.len()), (2, 2));
+    for (s, g) in sent_rows.iter().zip(got_rows) {
+        assert_eq!(s["transport"], "tcp");
+        assert_eq!(s["baseline"], "raw tcp");
+        assert!(s["messages"].as_u64() > Some(0), "{s}");
+        assert!(s["gbps"].as_f64() > Some(0.0), "{s}");
+        assert!(s["baseline_gbps"].as_f64() > Some(0.0), "{s}");
+        // Both sides report what the listener measured.
+        for k in ["size_bytes", "messages", "gbps", "baseline_gbps", "ratio"] {
+            assert_eq!(s[k], g[k], "{k}: {s} / {g}");
+        }
+    }
+}

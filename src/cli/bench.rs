@@ -1,8 +1,11 @@
 //! `tensorferry bench`: throughput and latency of each transport, each row
 //! beside a baseline measured in the same run.
 //!
-//! shm and tcp rows run the receiver in a separate process (this binary again,
-//! with a hidden `--role`), so the figures cross a real process boundary.
+//! shm and tcp rows run each receiver in a separate process (this binary
+//! again, with a hidden `--role`), so the figures cross a real process
+//! boundary. `--listen` and `--to` split a tcp run over two hosts: one side
+//! receives, the other sends, and the raw-socket baseline crosses the same
+//! two hosts.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,40 +15,90 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tensorferry::device_map::Pattern;
-use tensorferry::engine::{pattern, DType, Message, Node, ALL_CHANNELS};
+use tensorferry::engine::{
+    pattern, Address, DType, Message, Node, Publisher, Subscription, ALL_CHANNELS,
+};
 use tensorferry::kernels::runtime::cpu::CpuInfo;
 
 use super::{human_bytes, print_json, Outcome};
 
+const DEFAULT_SIZES: [u64; 4] = [4 << 10, 1 << 20, 64 << 20, 256 << 20];
+const DEFAULT_DURATION_S: f64 = 2.0;
+const MAX_SUBSCRIBERS: usize = 64;
+/// The channel the measured messages travel on.
+const DATA: &str = "/bench";
+/// The channel on which a `--listen` side talks back to its `--to` side.
+const CONTROL: &str = "/bench/control";
+
 /// Options of `tensorferry bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Transports to measure, comma-separated: inproc, shm, tcp.
-    #[arg(long, value_delimiter = ',', default_value = "inproc,shm,tcp")]
-    transport: Vec<Transport>,
+    /// Transports to measure, comma-separated: inproc, shm, tcp [default:
+    /// inproc,shm,tcp; with --to: tcp].
+    #[arg(long, value_delimiter = ',')]
+    transport: Option<Vec<Transport>>,
 
-    /// Message sizes, comma-separated, with units B, KiB, MiB, GiB (one tensor per message).
-    #[arg(long, value_delimiter = ',', default_value = "4KiB,1MiB,64MiB,256MiB")]
-    sizes: Vec<Size>,
+    /// Message sizes, comma-separated, with units B, KiB, MiB, GiB (one tensor
+    /// per message) [default: 4KiB,1MiB,64MiB,256MiB].
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<Size>>,
 
-    /// Element type of the tensor.
-    #[arg(long, default_value = "f32")]
-    dtype: DType,
+    /// Element type of the tensor [default: f32].
+    #[arg(long)]
+    dtype: Option<DType>,
 
-    /// Seconds of sending per row (a memcpy baseline takes a fifth of that; a raw
-    /// tcp baseline sends as many messages as its row).
-    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
-    duration: f64,
+    /// Seconds of sending per row [default: 2] (a memcpy baseline takes a fifth
+    /// of that; a raw tcp baseline sends as many messages as its row).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
 
     /// `pubsub` streams messages one way; `reqrep` measures request/reply round
     /// trips (an echo service in the other process) against a raw ping-pong.
     #[arg(long, default_value = "pubsub")]
     pattern: Pattern,
 
+    /// Publish/subscribe fan-out: every message goes to N subscribers (N
+    /// receiving processes for shm and tcp, N subscribing nodes for inproc)
+    /// [default: 1].
+    ///
+    /// Each row reports the aggregate GB/s of all subscribers, each
+    /// subscriber's GB/s (--json) and the slowest one's. The baseline stays one
+    /// memcpy, or one raw socket stream, of the same bytes. Not with --pattern
+    /// reqrep, --listen or --to.
+    #[arg(long, value_name = "N")]
+    subscribers: Option<usize>,
+
     /// With --pattern reqrep: microseconds the requester spins for each reply
     /// before sleeping (lower latency, one core kept busy). 0 turns it off.
     #[arg(long, value_name = "US", default_value_t = 0)]
     busy_poll_us: u64,
+
+    /// Run only the receiving side of tcp rows, for a `bench --to` on another
+    /// host; it prints each row as the row ends.
+    ///
+    /// Protocol: the listener's node listens on tcp://HOST:PORT (port 0 picks
+    /// one; the first line on stderr says `listening on ADDR`) and subscribes
+    /// to `/bench`. Its raw baseline listens on the same host at PORT+1 (a
+    /// free port when PORT is 0). When the sender's node subscribes to
+    /// `/bench/control`, the listener publishes there `{"raw_port", "machine"}`
+    /// and the sender opens the raw stream. For each row the sender publishes
+    /// on `/bench` a `begin` message (the row's settings), its tensors for
+    /// --duration seconds, and a `stop` message; then it writes on the raw
+    /// stream a 16-byte header (message size, message count: little-endian
+    /// u64) and as many messages of that size. The listener measures both
+    /// (from the first byte to the last, into one reused buffer for the raw
+    /// stream) and publishes the row's figures on `/bench/control`. A `done`
+    /// message on `/bench` ends the session and the listener exits. The
+    /// sender chooses --sizes, --dtype and --duration. One-way latency reads
+    /// both hosts' clocks: meaningful only when they are synchronized.
+    #[arg(long, value_name = "tcp://HOST:PORT", conflicts_with = "to")]
+    listen: Option<String>,
+
+    /// Run only the sending side of tcp rows against a `bench --listen` at
+    /// tcp://HOST:PORT (on another host); its raw baseline stream goes to the
+    /// port the listener announces (see --listen for the protocol).
+    #[arg(long, value_name = "tcp://HOST:PORT")]
+    to: Option<String>,
 
     /// Also draw throughput against message size to this SVG file: one line per
     /// transport, its baseline dashed (publish/subscribe only).
@@ -62,7 +115,7 @@ pub struct Args {
 
     /// Internal: where the receiving process listens.
     #[arg(long, hide = true)]
-    listen: Option<String>,
+    role_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,13 +183,197 @@ impl FromStr for Size {
     }
 }
 
+/// A `tcp://HOST:PORT` given to --listen or --to.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    text: String,
+    host: String,
+    port: u16,
+}
+
+impl Endpoint {
+    fn parse(option: &str, text: &str) -> Result<Self, String> {
+        let shape = || {
+            format!("{option} {text}: write a TCP address, tcp://HOST:PORT (the two-host mode measures tcp)")
+        };
+        let rest = text.strip_prefix("tcp://").ok_or_else(shape)?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(shape)?;
+        let port: u16 = port.parse().map_err(|_| shape())?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(shape());
+        }
+        text.parse::<Address>()
+            .map_err(|e| format!("{option} {text}: {e}"))?;
+        Ok(Endpoint {
+            text: text.to_string(),
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// Which side(s) of a row this process runs.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// Both sides, on this host.
+    Local,
+    /// The receiving side of tcp rows, for a sender on another host.
+    Listen(Endpoint),
+    /// The sending side of tcp rows, against a listener on another host.
+    To(Endpoint),
+}
+
+/// The settings of a run, checked once.
+#[derive(Debug, Clone)]
+struct Plan {
+    transports: Vec<Transport>,
+    sizes: Vec<u64>,
+    dtype: DType,
+    duration: f64,
+    pattern: Pattern,
+    subscribers: usize,
+    busy_poll_us: u64,
+    mode: Mode,
+}
+
+impl Plan {
+    fn from_args(args: &Args) -> Result<Plan, String> {
+        let duration = args.duration.unwrap_or(DEFAULT_DURATION_S);
+        if !(duration > 0.0 && duration.is_finite()) {
+            return Err(format!(
+                "--duration {duration}: give a positive number of seconds"
+            ));
+        }
+        match args.subscribers {
+            Some(0) => {
+                return Err(
+                    "--subscribers 0: give at least 1 (the number of receivers of every message)"
+                        .into(),
+                )
+            }
+            Some(n) if n > MAX_SUBSCRIBERS => {
+                return Err(format!(
+                    "--subscribers {n}: at most {MAX_SUBSCRIBERS} (each one is a process or a node)"
+                ))
+            }
+            Some(_) if args.pattern == Pattern::ReqRep => {
+                return Err("--subscribers applies to --pattern pubsub (fan-out); a reqrep row has one requester and one echo service: drop --subscribers".into())
+            }
+            _ => {}
+        }
+        let two_host = args.listen.is_some() || args.to.is_some();
+        if two_host {
+            let option = if args.listen.is_some() {
+                "--listen"
+            } else {
+                "--to"
+            };
+            if args.pattern == Pattern::ReqRep {
+                return Err(format!("--pattern reqrep with {option}: the two-host mode measures publish/subscribe streams; drop --pattern"));
+            }
+            if args.subscribers.is_some() {
+                return Err(format!("--subscribers with {option}: the two-host mode has one receiving side; measure fan-out on one host (without --listen/--to)"));
+            }
+            if let Some(t) = args
+                .transport
+                .iter()
+                .flatten()
+                .find(|t| **t != Transport::Tcp)
+            {
+                return Err(format!(
+                    "--transport {} with {option}: the two-host mode measures tcp only; drop --transport",
+                    t.name()
+                ));
+            }
+        }
+        let mode = match (&args.listen, &args.to) {
+            (Some(_), Some(_)) => return Err("give --listen or --to, not both".into()),
+            (Some(text), None) => {
+                // The sender chooses what is measured; the listener only receives.
+                for (given, name) in [
+                    (args.transport.is_some(), "--transport"),
+                    (args.sizes.is_some(), "--sizes"),
+                    (args.dtype.is_some(), "--dtype"),
+                    (args.duration.is_some(), "--duration"),
+                ] {
+                    if given {
+                        return Err(format!("{name} with --listen: the sending side (--to) chooses what is measured; give {name} there"));
+                    }
+                }
+                if args.plot.is_some() {
+                    return Err(
+                        "--plot with --listen: the sending side (--to) draws the plot".into(),
+                    );
+                }
+                Mode::Listen(Endpoint::parse("--listen", text)?)
+            }
+            (None, Some(text)) => {
+                let end = Endpoint::parse("--to", text)?;
+                if end.port == 0 {
+                    return Err(format!(
+                        "--to {text}: give the port the listener printed (`listening on ADDR`)"
+                    ));
+                }
+                Mode::To(end)
+            }
+            (None, None) => Mode::Local,
+        };
+        let transports = match (&args.transport, &mode) {
+            (Some(t), _) => t.clone(),
+            (None, Mode::Local) => vec![Transport::Inproc, Transport::Shm, Transport::Tcp],
+            (None, _) => vec![Transport::Tcp],
+        };
+        Ok(Plan {
+            transports,
+            sizes: args.sizes.as_ref().map_or_else(
+                || DEFAULT_SIZES.to_vec(),
+                |s| s.iter().map(|s| s.0).collect(),
+            ),
+            dtype: args.dtype.unwrap_or(DType::F32),
+            duration,
+            pattern: args.pattern,
+            subscribers: args.subscribers.unwrap_or(1),
+            busy_poll_us: args.busy_poll_us,
+            mode,
+        })
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.duration)
+    }
+
+    fn pattern_name(&self) -> &'static str {
+        if self.pattern == Pattern::ReqRep {
+            "reqrep"
+        } else {
+            "pubsub"
+        }
+    }
+
+    /// Every setting, for --json.
+    fn settings_json(&self) -> Value {
+        let (mode, listen, to) = match &self.mode {
+            Mode::Local => ("local", None, None),
+            Mode::Listen(e) => ("listen", Some(e.text.clone()), None),
+            Mode::To(e) => ("to", None, Some(e.text.clone())),
+        };
+        json!({"transports": self.transports.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            "sizes_bytes": self.sizes, "dtype": self.dtype,
+            "duration_s": self.duration, "src": "cpu", "dst": "cpu",
+            "pattern": self.pattern_name(), "subscribers": self.subscribers,
+            "mode": mode, "listen": listen, "to": to,
+            "reqrep_service": "echo, inline", "busy_poll_us": self.busy_poll_us})
+    }
+}
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// What the receiving side measured for one row.
+/// What one receiving side measured for one row.
 #[derive(Debug, Default)]
 struct Measured {
     messages: u64,
@@ -187,8 +424,51 @@ impl Measured {
     }
 }
 
+/// A publish/subscribe row: every subscriber's figures beside the baseline.
+///
+/// `gbps` is the aggregate (all subscribers' bytes over the longest
+/// subscriber's time); `slowest_subscriber_gbps` the slowest one's; latency
+/// percentiles are the worst subscriber's; `ratio` is the aggregate over the
+/// baseline and `slowest_subscriber_ratio` the slowest subscriber over it.
+fn pubsub_row(
+    transport: &str,
+    size: u64,
+    subs: &mut [Measured],
+    base_gbps: f64,
+    base_name: &str,
+) -> Value {
+    let bytes: u64 = subs.iter().map(|m| m.bytes).sum();
+    let seconds = subs.iter().map(|m| m.seconds).fold(0.0, f64::max);
+    let gbps = if seconds > 0.0 {
+        bytes as f64 / seconds / 1e9
+    } else {
+        0.0
+    };
+    let each: Vec<f64> = subs.iter().map(Measured::gbps).collect();
+    let slowest = each.iter().copied().reduce(f64::min).unwrap_or(0.0);
+    let messages = subs.iter().map(|m| m.messages).min().unwrap_or(0);
+    let p50 = subs
+        .iter_mut()
+        .map(|m| m.percentile_us(0.5))
+        .fold(0.0, f64::max);
+    let p99 = subs
+        .iter_mut()
+        .map(|m| m.percentile_us(0.99))
+        .fold(0.0, f64::max);
+    let ratio = |x: f64| if base_gbps > 0.0 { x / base_gbps } else { 0.0 };
+    json!({
+        "transport": transport, "size_bytes": size, "subscribers": subs.len(),
+        "messages": messages, "gbps": gbps,
+        "subscriber_gbps": each, "slowest_subscriber_gbps": slowest,
+        "messages_per_s": if seconds > 0.0 { messages as f64 / seconds } else { 0.0 },
+        "p50_us": p50, "p99_us": p99,
+        "baseline": base_name, "baseline_gbps": base_gbps,
+        "ratio": ratio(gbps), "slowest_subscriber_ratio": ratio(slowest),
+    })
+}
+
 /// Receives until a `stop` message, measuring bytes, time and one-way latency.
-fn receive(sub: &tensorferry::engine::Subscription, idle: Duration) -> Result<Measured, String> {
+fn receive(sub: &Subscription, idle: Duration) -> Result<Measured, String> {
     let mut m = Measured::default();
     let mut first = None;
     loop {
@@ -210,7 +490,7 @@ fn receive(sub: &tensorferry::engine::Subscription, idle: Duration) -> Result<Me
 
 /// Sends one tensor of `size` bytes repeatedly for `duration`, then a stop message.
 fn blast(
-    publisher: &tensorferry::engine::Publisher,
+    publisher: &Publisher,
     dtype: DType,
     size: u64,
     duration: Duration,
@@ -235,6 +515,31 @@ fn blast(
     Ok(sent)
 }
 
+/// Reads messages of `size` bytes from a raw stream until `count` have
+/// arrived or the stream ends. Each lands in one reused buffer of its size:
+/// the least a receiver that keeps the tensor must do (a small buffer that
+/// stays in cache would measure the socket alone, not a tensor's arrival).
+fn read_raw(stream: &mut impl Read, size: u64, count: u64) -> Result<Measured, String> {
+    let mut buf = vec![0u8; size as usize];
+    let mut m = Measured::default();
+    let mut first = None;
+    'messages: while m.messages < count {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = stream.read(&mut buf[got..]).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break 'messages;
+            }
+            first.get_or_insert_with(Instant::now);
+            got += n;
+        }
+        m.bytes += got as u64;
+        m.messages += 1;
+        m.seconds = first.map_or(0.0, |s: Instant| s.elapsed().as_secs_f64());
+    }
+    Ok(m)
+}
+
 fn spawn_role(role: &str, listen: &str, size: u64) -> Result<(Child, String), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut child = Command::new(exe)
@@ -242,7 +547,7 @@ fn spawn_role(role: &str, listen: &str, size: u64) -> Result<(Child, String), St
             "bench",
             "--role",
             role,
-            "--listen",
+            "--role-listen",
             listen,
             "--sizes",
             &format!("{size}B"),
@@ -301,26 +606,7 @@ fn run_role(role: &str, listen: &str, size: u64) -> Outcome {
             let bound = listener.local_addr().map_err(|e| e.to_string())?;
             say!("listening tcp://{bound}");
             let (mut stream, _) = listener.accept().map_err(|e| e.to_string())?;
-            // Each message lands in one reused buffer of its size: the least a
-            // receiver that keeps the tensor must do (a small buffer that stays
-            // in cache would measure the socket alone, not a tensor's arrival).
-            let mut buf = vec![0u8; size as usize];
-            let mut m = Measured::default();
-            let mut first = None;
-            'messages: loop {
-                let mut got = 0;
-                while got < buf.len() {
-                    let n = stream.read(&mut buf[got..]).map_err(|e| e.to_string())?;
-                    if n == 0 {
-                        break 'messages;
-                    }
-                    first.get_or_insert_with(Instant::now);
-                    got += n;
-                }
-                m.bytes += got as u64;
-                m.messages += 1;
-                m.seconds = first.map_or(0.0, |s: Instant| s.elapsed().as_secs_f64());
-            }
+            let mut m = read_raw(&mut stream, size, u64::MAX)?;
             say!("{}", m.summary_json());
         }
         "responder" => {
@@ -425,8 +711,8 @@ fn raw_ping_pong(
 }
 
 /// Round trips of a `size`-byte tensor to an echo service in another process.
-fn request_reply(t: Transport, size: u64, args: &Args, row: usize) -> Result<Measured, String> {
-    let duration = Duration::from_secs_f64(args.duration);
+fn request_reply(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Measured, String> {
+    let duration = plan.duration();
     let listen = match t {
         Transport::Shm => format!("shm://tf-bench-svc-{}-{row}", std::process::id()),
         Transport::Tcp => "tcp://127.0.0.1:0".to_string(),
@@ -438,11 +724,11 @@ fn request_reply(t: Transport, size: u64, args: &Args, row: usize) -> Result<Mea
     };
     let (child, addr) = spawn_role("responder", &listen, size)?;
     let node = Node::builder()
-        .busy_poll_us(args.busy_poll_us)
+        .busy_poll_us(plan.busy_poll_us)
         .build()
         .map_err(|e| e.to_string())?;
-    let elems = (size as usize / args.dtype.size_bytes()).max(1);
-    let tensor = pattern::tensor(args.dtype, &[elems], 1, 0, "x").map_err(|e| e.to_string())?;
+    let elems = (size as usize / plan.dtype.size_bytes()).max(1);
+    let tensor = pattern::tensor(plan.dtype, &[elems], 1, 0, "x").map_err(|e| e.to_string())?;
     let mut m = Measured::default();
     let start = Instant::now();
     while start.elapsed() < duration || m.messages == 0 {
@@ -501,218 +787,517 @@ fn raw_tcp_gbps(size: u64, messages: u64) -> Result<f64, String> {
     Ok(Measured::from_json(&v).gbps())
 }
 
-fn measure(
-    t: Transport,
-    size: u64,
-    args: &Args,
-    row: usize,
-) -> Result<(Measured, f64, &'static str), String> {
-    let duration = Duration::from_secs_f64(args.duration);
+/// One publish/subscribe row on this host: `plan.subscribers` receivers.
+fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, String> {
+    let duration = plan.duration();
     let baseline_time = duration / 5;
-    if args.pattern == Pattern::ReqRep {
-        let m = request_reply(t, size, args, row)?;
-        let mut raw = raw_ping_pong(t, size, duration / 2, row)?;
-        let name = if t == Transport::Shm {
-            "raw unix"
-        } else {
-            "raw tcp"
-        };
-        // For round trips the baseline is the raw median round trip, in µs.
-        return Ok((m, raw.percentile_us(0.5), name));
-    }
-    match t {
+    let n = plan.subscribers;
+    let pid = std::process::id();
+    let mut subs = match t {
         Transport::Inproc => {
-            let name = format!("bench-{}-{row}", std::process::id());
+            let name = format!("inproc://bench-{pid}-{row}");
             let server = Node::builder()
-                .listen(format!("inproc://{name}"))
+                .listen(&name)
                 .build()
                 .map_err(|e| e.to_string())?;
-            let client = Node::builder().build().map_err(|e| e.to_string())?;
-            let sub = client
-                .subscribe(&format!("inproc://{name}"), "/bench")
-                .map_err(|e| e.to_string())?;
-            let publisher = server.publisher("/bench");
+            let mut clients = Vec::new();
+            let mut receivers = Vec::new();
+            for _ in 0..n {
+                let client = Node::builder().build().map_err(|e| e.to_string())?;
+                let sub = client.subscribe(&name, DATA).map_err(|e| e.to_string())?;
+                receivers.push(std::thread::spawn(move || {
+                    receive(&sub, Duration::from_secs(60))
+                }));
+                clients.push(client);
+            }
+            let publisher = server.publisher(DATA);
             publisher
-                .wait_for_subscribers(1, Duration::from_secs(10))
+                .wait_for_subscribers(n, Duration::from_secs(10))
                 .map_err(|e| e.to_string())?;
-            let receiver = std::thread::spawn(move || receive(&sub, Duration::from_secs(60)));
-            blast(&publisher, args.dtype, size, duration)?;
-            let m = receiver
-                .join()
-                .map_err(|_| "the receiving thread panicked")??;
-            Ok((m, memcpy_gbps(size, baseline_time), "memcpy"))
+            blast(&publisher, plan.dtype, size, duration)?;
+            receivers
+                .into_iter()
+                .map(|r| r.join().map_err(|_| "a receiving thread panicked")?)
+                .collect::<Result<Vec<_>, String>>()?
         }
         Transport::Shm | Transport::Tcp => {
-            let listen = match t {
-                Transport::Shm => format!("shm://tf-bench-{}-{row}", std::process::id()),
-                _ => "tcp://127.0.0.1:0".to_string(),
-            };
-            let (child, addr) = spawn_role("receiver", &listen, size)?;
             let node = Node::builder().build().map_err(|e| e.to_string())?;
-            node.connect(&addr).map_err(|e| e.to_string())?;
-            let publisher = node.publisher("/bench");
-            publisher
-                .wait_for_subscribers(1, Duration::from_secs(10))
-                .map_err(|e| e.to_string())?;
-            blast(&publisher, args.dtype, size, duration)?;
-            let v = finish_role(child)?;
-            let m = Measured::from_json(&v);
-            if t == Transport::Shm {
-                Ok((m, memcpy_gbps(size, baseline_time), "memcpy"))
-            } else {
-                // The same messages as the row, so both streams have the same length.
-                let base = raw_tcp_gbps(size, m.messages)?;
-                Ok((m, base, "raw tcp"))
+            let mut children = Vec::new();
+            for k in 0..n {
+                let listen = match t {
+                    Transport::Shm => format!("shm://tf-bench-{pid}-{row}-{k}"),
+                    _ => "tcp://127.0.0.1:0".to_string(),
+                };
+                let (child, addr) = spawn_role("receiver", &listen, size)?;
+                children.push(child);
+                node.connect(&addr).map_err(|e| e.to_string())?;
             }
+            let publisher = node.publisher(DATA);
+            publisher
+                .wait_for_subscribers(n, Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            blast(&publisher, plan.dtype, size, duration)?;
+            children
+                .into_iter()
+                .map(|c| finish_role(c).map(|v| Measured::from_json(&v)))
+                .collect::<Result<Vec<_>, String>>()?
         }
-    }
+    };
+    let (base, base_name) = if t == Transport::Tcp {
+        // As many messages as one subscriber received, so both streams have the same length.
+        let messages = subs.iter().map(|m| m.messages).min().unwrap_or(1);
+        (raw_tcp_gbps(size, messages)?, "raw tcp")
+    } else {
+        (memcpy_gbps(size, baseline_time), "memcpy")
+    };
+    Ok(pubsub_row(t.name(), size, &mut subs, base, base_name))
 }
 
-pub fn run(args: &Args) -> Outcome {
-    if let Some(role) = &args.role {
-        let size = args.sizes.first().map_or(4 << 20, |s| s.0);
-        return run_role(
-            role,
-            args.listen.as_deref().unwrap_or("tcp://127.0.0.1:0"),
-            size,
-        );
-    }
-    if !(args.duration > 0.0 && args.duration.is_finite()) {
-        return Err(format!(
-            "--duration {}: give a positive number of seconds",
-            args.duration
-        ));
-    }
-    let rows_total = (args.transport.len() * args.sizes.len()) as u64;
-    let bar = indicatif::ProgressBar::new(rows_total);
+/// One request/reply row beside a raw ping-pong of the same bytes.
+fn round_trips(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, String> {
+    let mut m = request_reply(t, size, plan, row)?;
+    let mut raw = raw_ping_pong(t, size, plan.duration() / 2, row)?;
+    let base_name = if t == Transport::Shm {
+        "raw unix"
+    } else {
+        "raw tcp"
+    };
+    // For round trips the baseline is the raw median round trip, in µs.
+    let base = raw.percentile_us(0.5);
+    let p50 = m.percentile_us(0.5);
+    Ok(json!({
+        "transport": t.name(), "size_bytes": size, "messages": m.messages, "gbps": m.gbps(),
+        "messages_per_s": if m.seconds > 0.0 { m.messages as f64 / m.seconds } else { 0.0 },
+        "p50_us": p50, "p99_us": m.percentile_us(0.99),
+        "baseline": base_name, "baseline_p50_us": base, "ratio": if base > 0.0 { p50 / base } else { 0.0 },
+    }))
+}
+
+fn progress(rows: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(rows as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rows  {msg}")
             .expect("a valid template"),
     );
-    let mut rows = Vec::new();
-    for (i, t) in args.transport.iter().enumerate() {
-        for (j, size) in args.sizes.iter().enumerate() {
-            bar.set_message(format!("{} {}", t.name(), human_bytes(size.0)));
-            let (mut m, base, base_name) = measure(*t, size.0, args, i * args.sizes.len() + j)?;
-            let gbps = m.gbps();
-            if args.pattern == Pattern::ReqRep {
-                let p50 = m.percentile_us(0.5);
-                rows.push(json!({
-                    "transport": t.name(), "size_bytes": size.0, "messages": m.messages, "gbps": gbps,
-                    "messages_per_s": if m.seconds > 0.0 { m.messages as f64 / m.seconds } else { 0.0 },
-                    "p50_us": p50, "p99_us": m.percentile_us(0.99),
-                    "baseline": base_name, "baseline_p50_us": base, "ratio": if base > 0.0 { p50 / base } else { 0.0 },
-                }));
-                bar.inc(1);
-                continue;
-            }
-            rows.push(json!({
-                "transport": t.name(), "size_bytes": size.0, "messages": m.messages, "gbps": gbps,
-                "messages_per_s": if m.seconds > 0.0 { m.messages as f64 / m.seconds } else { 0.0 },
-                "p50_us": m.percentile_us(0.5), "p99_us": m.percentile_us(0.99),
-                "baseline": base_name, "baseline_gbps": base, "ratio": if base > 0.0 { gbps / base } else { 0.0 },
-            }));
-            bar.inc(1);
-        }
-    }
-    bar.finish_and_clear();
+    bar
+}
+
+/// `--listen`: the receiving side of a two-host run (see `Args::listen` for the protocol).
+fn listen_side(end: &Endpoint, plan: &Plan, json_out: bool) -> Outcome {
+    let node = Node::builder()
+        .name("bench-listen")
+        .listen_public(&end.text)
+        .build()
+        .map_err(|e| format!("--listen {}: {e}", end.text))?;
+    let bound = node
+        .listen_addrs()
+        .first()
+        .cloned()
+        .ok_or("the node bound no address")?;
+    let ip = bound
+        .socket_addrs()
+        .map_err(|e| e.to_string())?
+        .first()
+        .map(std::net::SocketAddr::ip)
+        .ok_or("the bound address has no IP")?;
+    let raw_port = if end.port == 0 {
+        0
+    } else {
+        end.port.checked_add(1).ok_or_else(|| {
+            format!(
+                "--listen {}: the raw baseline needs PORT+1; pick a lower port",
+                end.text
+            )
+        })?
+    };
+    let raw = TcpListener::bind((ip, raw_port)).map_err(|e| {
+        format!(
+            "--listen {}: the raw baseline cannot listen on port {raw_port}: {e}; free it or pick another PORT",
+            end.text
+        )
+    })?;
+    let raw_addr = raw.local_addr().map_err(|e| e.to_string())?;
+    let sub = node.subscriber(DATA);
+    let control = node.publisher(CONTROL);
+    eprintln!("listening on {bound}");
+    eprintln!("raw baseline on tcp://{raw_addr}; run `tensorferry bench --to {bound}` on the sending host");
+    while control
+        .wait_for_subscribers(1, Duration::from_secs(60))
+        .is_err()
+    {}
     let cpu = CpuInfo::probe();
-    let settings = json!({"transports": args.transport.iter().map(|t| t.name()).collect::<Vec<_>>(),
-        "sizes_bytes": args.sizes.iter().map(|s| s.0).collect::<Vec<_>>(), "dtype": args.dtype,
-        "duration_s": args.duration, "src": "cpu", "dst": "cpu",
-        "pattern": if args.pattern == Pattern::ReqRep { "reqrep" } else { "pubsub" }, "subscribers": 1,
-        "reqrep_service": "echo, inline", "busy_poll_us": args.busy_poll_us});
+    control
+        .send(
+            Message::new()
+                .field("raw_port", raw_addr.port())
+                .field("machine", json!(cpu)),
+        )
+        .map_err(|e| e.to_string())?;
+    let (mut stream, peer) = raw.accept().map_err(|e| e.to_string())?;
+    let idle = Duration::from_secs(60);
+    stream
+        .set_read_timeout(Some(idle))
+        .map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let mut sender = Value::Null;
+    loop {
+        let r = sub
+            .recv_timeout(idle)
+            .map_err(|e| format!("the sender went silent: {e}"))?;
+        let f = |k: &str| r.message.get_field(k).cloned().unwrap_or(Value::Null);
+        if f("done") != Value::Null {
+            break;
+        }
+        let Some(row) = f("begin").as_u64() else {
+            return Err(format!(
+                "the sender at {} does not speak this protocol (no `begin`)",
+                r.from
+            ));
+        };
+        let size = f("size_bytes").as_u64().unwrap_or(0);
+        if sender.is_null() {
+            sender = json!({"sizes_bytes": f("sizes_bytes"), "dtype": f("dtype"),
+                            "duration_s": f("duration_s"), "machine": f("machine")});
+            if !json_out {
+                say!(
+                    "tensorferry bench --listen {bound}: {} tensors from {} for {} s per row, one subscriber; raw baseline on tcp://{raw_addr} from {peer}; machine: {} ({} cores)",
+                    sender["dtype"].as_str().unwrap_or("?"),
+                    r.from,
+                    sender["duration_s"],
+                    cpu.model,
+                    cpu.cores
+                );
+                print_pubsub_header();
+            }
+        }
+        let mut m = receive(&sub, idle)?;
+        let mut header = [0u8; 16];
+        stream
+            .read_exact(&mut header)
+            .map_err(|e| format!("the raw baseline stream: {e}"))?;
+        let raw_size = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+        let raw_count = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+        if raw_size != size || raw_size > 1 << 40 {
+            return Err(format!(
+                "the raw baseline stream announced {raw_size}-byte messages for a {size}-byte row"
+            ));
+        }
+        let mut base = read_raw(&mut stream, raw_size, raw_count)?;
+        control
+            .send(
+                Message::new()
+                    .field("row", row)
+                    .field("node", m.summary_json())
+                    .field("raw", base.summary_json()),
+            )
+            .map_err(|e| e.to_string())?;
+        let r = pubsub_row("tcp", size, &mut [m], base.gbps(), "raw tcp");
+        if !json_out {
+            print_pubsub_row(&r);
+        }
+        rows.push(r);
+    }
+    control
+        .flush(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let mut settings = plan.settings_json();
+    settings["listen"] = json!(bound.to_string());
+    settings["raw_listen"] = json!(format!("tcp://{raw_addr}"));
+    // What was measured is what the sender chose.
+    for key in ["sizes_bytes", "dtype", "duration_s"] {
+        settings[key] = sender[key].clone();
+    }
+    settings["sender_machine"] = sender["machine"].clone();
+    if json_out {
+        print_json(&json!({"settings": settings, "machine": cpu, "rows": rows}));
+    } else {
+        print_pubsub_footer(true);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--to`: the sending side of a two-host run (see `Args::listen` for the protocol).
+fn to_side(end: &Endpoint, plan: &Plan, bar: &indicatif::ProgressBar) -> Result<Value, String> {
+    let node = Node::builder()
+        .name("bench-to")
+        .build()
+        .map_err(|e| e.to_string())?;
+    let control = node
+        .subscribe(&end.text, CONTROL)
+        .map_err(|e| format!("--to {}: {e}", end.text))?;
+    let hello = control
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|e| format!("--to {}: no answer from a bench --listen: {e}", end.text))?;
+    let raw_port = hello
+        .message
+        .get_field("raw_port")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| {
+            format!(
+                "--to {}: the peer is not a `tensorferry bench --listen`",
+                end.text
+            )
+        })?;
+    let listener_machine = hello
+        .message
+        .get_field("machine")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let mut stream = TcpStream::connect((end.host.as_str(), raw_port)).map_err(|e| {
+        format!(
+            "--to {}: the raw baseline port {raw_port} does not answer: {e}",
+            end.text
+        )
+    })?;
+    let _ = stream.set_nodelay(true);
+    let raw_to = format!("tcp://{}", stream.peer_addr().map_err(|e| e.to_string())?);
+    let publisher = node.publisher(DATA);
+    publisher
+        .wait_for_subscribers(1, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let cpu = CpuInfo::probe();
+    let mut rows = Vec::new();
+    for (row, &size) in plan.sizes.iter().enumerate() {
+        bar.set_message(format!("tcp {} to {}", human_bytes(size), end.text));
+        publisher
+            .send(
+                Message::new()
+                    .field("begin", row as u64)
+                    .field("size_bytes", size)
+                    .field("sizes_bytes", json!(plan.sizes))
+                    .field("dtype", json!(plan.dtype))
+                    .field("duration_s", plan.duration)
+                    .field("machine", json!(cpu)),
+            )
+            .map_err(|e| e.to_string())?;
+        let sent = blast(&publisher, plan.dtype, size, plan.duration())?;
+        let mut header = [0u8; 16];
+        header[..8].copy_from_slice(&size.to_le_bytes());
+        header[8..].copy_from_slice(&sent.to_le_bytes());
+        stream
+            .write_all(&header)
+            .map_err(|e| format!("the raw baseline stream: {e}"))?;
+        let buf = vec![7u8; size as usize];
+        for _ in 0..sent {
+            stream
+                .write_all(&buf)
+                .map_err(|e| format!("the raw baseline stream: {e}"))?;
+        }
+        let wait = Duration::from_secs_f64((10.0 * plan.duration).max(120.0));
+        let result = control
+            .recv_timeout(wait)
+            .map_err(|e| format!("no figures from the listener for row {row}: {e}"))?;
+        let field = |k: &str| result.message.get_field(k).cloned().unwrap_or(Value::Null);
+        if field("row").as_u64() != Some(row as u64) {
+            return Err(format!(
+                "the listener answered for row {} while row {row} ran",
+                field("row")
+            ));
+        }
+        let base = Measured::from_json(&field("raw")).gbps();
+        rows.push(pubsub_row(
+            "tcp",
+            size,
+            &mut [Measured::from_json(&field("node"))],
+            base,
+            "raw tcp",
+        ));
+        bar.inc(1);
+    }
+    publisher
+        .send(Message::new().field("done", true))
+        .map_err(|e| e.to_string())?;
+    publisher
+        .flush(Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    let mut settings = plan.settings_json();
+    settings["raw_baseline_to"] = json!(raw_to);
+    Ok(
+        json!({"settings": settings, "machine": cpu, "listener_machine": listener_machine, "rows": rows}),
+    )
+}
+
+pub fn run(args: &Args) -> Outcome {
+    if let Some(role) = &args.role {
+        let size = args
+            .sizes
+            .as_ref()
+            .and_then(|s| s.first())
+            .map_or(4 << 20, |s| s.0);
+        return run_role(
+            role,
+            args.role_listen.as_deref().unwrap_or("tcp://127.0.0.1:0"),
+            size,
+        );
+    }
+    let plan = Plan::from_args(args)?;
+    if let Mode::Listen(end) = &plan.mode {
+        return listen_side(end, &plan, args.json);
+    }
+    let cpu = CpuInfo::probe();
+    let report = if let Mode::To(end) = &plan.mode {
+        let bar = progress(plan.sizes.len());
+        let report = to_side(end, &plan, &bar)?;
+        bar.finish_and_clear();
+        report
+    } else {
+        let bar = progress(plan.transports.len() * plan.sizes.len());
+        let mut rows = Vec::new();
+        for (i, t) in plan.transports.iter().enumerate() {
+            for (j, &size) in plan.sizes.iter().enumerate() {
+                bar.set_message(format!("{} {}", t.name(), human_bytes(size)));
+                let row = i * plan.sizes.len() + j;
+                rows.push(if plan.pattern == Pattern::ReqRep {
+                    round_trips(*t, size, &plan, row)?
+                } else {
+                    fan_out(*t, size, &plan, row)?
+                });
+                bar.inc(1);
+            }
+        }
+        bar.finish_and_clear();
+        json!({"settings": plan.settings_json(), "machine": cpu, "rows": rows})
+    };
+    let rows = report["rows"].as_array().cloned().unwrap_or_default();
     if let Some(path) = &args.plot {
-        if args.pattern == Pattern::ReqRep {
+        if plan.pattern == Pattern::ReqRep {
             eprintln!("--plot draws throughput; it is skipped for --pattern reqrep");
         } else {
             let title = format!(
-                "tensorferry bench: {} cpu -> cpu, {} ({} cores)",
-                args.dtype, cpu.model, cpu.cores
+                "tensorferry bench: {} cpu -> cpu, {} subscriber(s), {} ({} cores)",
+                plan.dtype, plan.subscribers, cpu.model, cpu.cores
             );
             plot(path, &rows, &title)?;
         }
     }
     if args.json {
-        print_json(&json!({"settings": settings, "machine": cpu, "rows": rows}));
+        print_json(&report);
         return Ok(ExitCode::SUCCESS);
     }
-    if args.pattern == Pattern::ReqRep {
-        say!(
-            "tensorferry bench --pattern reqrep: {} tensor echoed, cpu -> cpu, {} s per row; machine: {} ({} cores)",
-            args.dtype, args.duration, cpu.model, cpu.cores
-        );
-        say!(
-            "{:<8} {:>9} {:>9} {:>10} {:>10} {:>10}  {:<9} {:>10} {:>6}",
-            "transport",
-            "size",
-            "requests",
-            "req/s",
-            "RTT p50",
-            "RTT p99",
-            "baseline",
-            "RTT p50",
-            "ratio"
-        );
-        for r in &rows {
-            say!(
-                "{:<8} {:>9} {:>9} {:>10.0} {:>8.1} µs {:>8.1} µs  {:<9} {:>7.1} µs {:>6.2}",
-                r["transport"].as_str().unwrap_or(""),
-                human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
-                r["messages"],
-                r["messages_per_s"].as_f64().unwrap_or(0.0),
-                r["p50_us"].as_f64().unwrap_or(0.0),
-                r["p99_us"].as_f64().unwrap_or(0.0),
-                r["baseline"].as_str().unwrap_or(""),
-                r["baseline_p50_us"].as_f64().unwrap_or(0.0),
-                r["ratio"].as_f64().unwrap_or(0.0),
-            );
-        }
-        say!("ratio: median round trip over the raw socket's median round trip (lower is better)");
+    if plan.pattern == Pattern::ReqRep {
+        print_round_trips(&plan, &cpu, &rows);
         return Ok(ExitCode::SUCCESS);
     }
+    let subscribers = if plan.subscribers == 1 {
+        "one subscriber".to_string()
+    } else {
+        format!("{} subscribers (fan-out)", plan.subscribers)
+    };
+    match &plan.mode {
+        Mode::To(end) => say!(
+            "tensorferry bench --to {}: {} tensors, cpu -> cpu, {} s per row, one subscriber (the listener); raw baseline to {}; this machine: {} ({} cores); listener: {} ({} cores)",
+            end.text,
+            plan.dtype,
+            plan.duration,
+            report["settings"]["raw_baseline_to"].as_str().unwrap_or("?"),
+            cpu.model,
+            cpu.cores,
+            report["listener_machine"]["model"].as_str().unwrap_or("?"),
+            report["listener_machine"]["cores"]
+        ),
+        _ => say!(
+            "tensorferry bench: {} tensors, cpu -> cpu, {} s per row, {subscribers}; machine: {} ({} cores)",
+            plan.dtype, plan.duration, cpu.model, cpu.cores
+        ),
+    }
+    print_pubsub_header();
+    for r in &rows {
+        print_pubsub_row(r);
+    }
+    print_pubsub_footer(matches!(plan.mode, Mode::To(_)));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_round_trips(plan: &Plan, cpu: &CpuInfo, rows: &[Value]) {
     say!(
-        "tensorferry bench: {} tensors, cpu -> cpu, {} s per row, one subscriber; machine: {} ({} cores)",
-        args.dtype, args.duration, cpu.model, cpu.cores
+        "tensorferry bench --pattern reqrep: {} tensor echoed, cpu -> cpu, {} s per row; machine: {} ({} cores)",
+        plan.dtype, plan.duration, cpu.model, cpu.cores
     );
     say!(
-        "{:<8} {:>9} {:>8} {:>8} {:>10} {:>10} {:>10}  {:<8} {:>8} {:>6}",
+        "{:<8} {:>9} {:>9} {:>10} {:>10} {:>10}  {:<9} {:>10} {:>6}",
         "transport",
         "size",
+        "requests",
+        "req/s",
+        "RTT p50",
+        "RTT p99",
+        "baseline",
+        "RTT p50",
+        "ratio"
+    );
+    for r in rows {
+        say!(
+            "{:<8} {:>9} {:>9} {:>10.0} {:>8.1} µs {:>8.1} µs  {:<9} {:>7.1} µs {:>6.2}",
+            r["transport"].as_str().unwrap_or(""),
+            human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
+            r["messages"].as_u64().unwrap_or(0),
+            r["messages_per_s"].as_f64().unwrap_or(0.0),
+            r["p50_us"].as_f64().unwrap_or(0.0),
+            r["p99_us"].as_f64().unwrap_or(0.0),
+            r["baseline"].as_str().unwrap_or(""),
+            r["baseline_p50_us"].as_f64().unwrap_or(0.0),
+            r["ratio"].as_f64().unwrap_or(0.0),
+        );
+    }
+    say!("ratio: median round trip over the raw socket's median round trip (lower is better)");
+}
+
+fn print_pubsub_header() {
+    say!(
+        "{:<8} {:>9} {:>4} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10}  {:<8} {:>8} {:>6} {:>6}",
+        "transport",
+        "size",
+        "subs",
         "messages",
         "GB/s",
+        "per sub",
         "msg/s",
         "p50",
         "p99",
         "baseline",
         "GB/s",
-        "ratio"
+        "ratio",
+        "sub"
     );
-    for r in &rows {
-        let us = |k: &str| {
-            let v = r[k].as_f64().unwrap_or(0.0);
-            if v >= 1000.0 {
-                format!("{:.2} ms", v / 1e3)
-            } else {
-                format!("{v:.0} µs")
-            }
-        };
-        say!(
-            "{:<8} {:>9} {:>8} {:>8.2} {:>10.0} {:>10} {:>10}  {:<8} {:>8.2} {:>6.2}",
-            r["transport"].as_str().unwrap_or(""),
-            human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
-            r["messages"],
-            r["gbps"].as_f64().unwrap_or(0.0),
-            r["messages_per_s"].as_f64().unwrap_or(0.0),
-            us("p50_us"),
-            us("p99_us"),
-            r["baseline"].as_str().unwrap_or(""),
-            r["baseline_gbps"].as_f64().unwrap_or(0.0),
-            r["ratio"].as_f64().unwrap_or(0.0),
-        );
+}
+
+fn print_pubsub_row(r: &Value) {
+    let us = |k: &str| {
+        let v = r[k].as_f64().unwrap_or(0.0);
+        if v >= 1e6 {
+            format!("{:.2} s", v / 1e6)
+        } else if v >= 1000.0 {
+            format!("{:.2} ms", v / 1e3)
+        } else {
+            format!("{v:.0} µs")
+        }
+    };
+    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    say!(
+        "{:<8} {:>9} {:>4} {:>8} {:>8.2} {:>8.2} {:>10.0} {:>10} {:>10}  {:<8} {:>8.2} {:>6.2} {:>6.2}",
+        r["transport"].as_str().unwrap_or(""),
+        human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
+        r["subscribers"].as_u64().unwrap_or(0),
+        r["messages"].as_u64().unwrap_or(0),
+        f("gbps"),
+        f("slowest_subscriber_gbps"),
+        f("messages_per_s"),
+        us("p50_us"),
+        us("p99_us"),
+        r["baseline"].as_str().unwrap_or(""),
+        f("baseline_gbps"),
+        f("ratio"),
+        f("slowest_subscriber_ratio"),
+    );
+}
+
+fn print_pubsub_footer(two_hosts: bool) {
+    say!("GB/s: all subscribers together; per sub: the slowest subscriber; ratio: GB/s over the baseline's; sub: per sub over the baseline's");
+    say!("messages: per subscriber; latency: one way, from the send call to the receiver taking the message (queueing included at full rate), the worst subscriber's");
+    if two_hosts {
+        say!("across two hosts, one-way latency reads both hosts' clocks: meaningful only when they are synchronized");
     }
-    say!("latency: one way, from the send call to the receiver taking the message (queueing included at full rate)");
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Draws throughput against message size: one line per transport, its baseline dashed.
