@@ -561,6 +561,60 @@ fn bench_fans_out_to_several_subscribers_beside_the_same_baseline() {
 }
 
 #[test]
+fn bench_lands_on_a_device_and_reports_the_device_copy_beside_the_transport() {
+    // A wgpu adapter (lavapipe in CI) is needed; without one this prints why.
+    let have =
+        tensorferry::kernels::runtime::Runtime::open(tensorferry::device_map::Device::wgpu(0));
+    if let Err(e) = have {
+        assert!(
+            !tensorferry::kernels::runtime::required("TENSORFERRY_REQUIRE_WGPU"),
+            "TENSORFERRY_REQUIRE_WGPU=1 but wgpu:0 cannot be opened: {e}"
+        );
+        println!("SKIP: wgpu:0: {e}");
+        return;
+    }
+    let out = tensorferry(&[
+        "bench",
+        "--transport",
+        "inproc,tcp",
+        "--sizes",
+        "64KiB",
+        "--dst",
+        "wgpu:0",
+        "--wire-dtype",
+        "bf16",
+        "--checksum",
+        "--duration",
+        "0.2",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    let s = &v["settings"];
+    assert_eq!(
+        (&s["src"], &s["dst"], &s["wire_dtype"], &s["checksum"]),
+        (
+            &serde_json::json!("cpu"),
+            &serde_json::json!("wgpu:0"),
+            &serde_json::json!("bf16"),
+            &serde_json::json!(true)
+        )
+    );
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert!(r["messages"].as_u64().expect("messages") > 0, "{r}");
+        assert_eq!(r["device_baseline"], "upload wgpu:0", "{r}");
+        let (base, transport, device) = (
+            r["baseline_gbps"].as_f64().expect("baseline"),
+            r["transport_baseline_gbps"].as_f64().expect("transport"),
+            r["device_baseline_gbps"].as_f64().expect("device"),
+        );
+        assert!(base > 0.0 && base == transport.min(device), "{r}");
+    }
+}
+
+#[test]
 fn bench_rejects_invalid_fan_out_and_two_host_options() {
     for (args, says) in [
         (vec!["--subscribers", "0"], "--subscribers 0"),
@@ -600,6 +654,18 @@ fn bench_rejects_invalid_fan_out_and_two_host_options() {
             vec!["--listen", "tcp://127.0.0.1:0", "--plot", "x.svg"],
             "--plot",
         ),
+        (
+            vec!["--to", "tcp://127.0.0.1:9", "--dst", "wgpu:0"],
+            "one host for now",
+        ),
+        (
+            vec!["--pattern", "reqrep", "--checksum"],
+            "--pattern pubsub",
+        ),
+        (vec!["--wire-dtype", "u8"], "cannot travel as u8"),
+        (vec!["--dtype", "i32", "--wire-dtype", "f16"], "i32 tensors"),
+        (vec!["--dst", "cuda:77"], "--dst cuda:77"),
+        (vec!["--src", "tpu:0"], "--src"),
     ] {
         let out = tensorferry(&[&["bench"], args.as_slice()].concat());
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));

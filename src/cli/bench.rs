@@ -14,11 +14,13 @@ use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use tensorferry::device_map::Pattern;
+use tensorferry::device_map::{ChannelConfig, ChannelSpec, Device, DeviceMap, Pattern};
 use tensorferry::engine::{
-    pattern, Address, DType, Message, Node, Publisher, Subscription, ALL_CHANNELS,
+    pattern, Address, DType, Message, Node, Publisher, Subscription, Tensor, ALL_CHANNELS,
 };
+use tensorferry::kernels::cast;
 use tensorferry::kernels::runtime::cpu::CpuInfo;
+use tensorferry::kernels::runtime::Runtime;
 
 use super::{human_bytes, print_json, Outcome};
 
@@ -46,6 +48,30 @@ pub struct Args {
     /// Element type of the tensor [default: f32].
     #[arg(long)]
     dtype: Option<DType>,
+
+    /// Device the sent tensor lives on: cpu, cuda:N or wgpu:N [default: cpu].
+    /// A device tensor is cast and checksummed there and read back while its
+    /// frame is written (or, inproc, handed over by reference).
+    #[arg(long, value_name = "DEVICE")]
+    src: Option<Device>,
+
+    /// Device the received tensor lands on: cpu, cuda:N or wgpu:N [default:
+    /// cpu]. The channel's device map sends --src to --dst; bytes bound for a
+    /// device go from the socket straight to it. Rows with a device then also
+    /// measure a plain copy of the same bytes to (or from) that device, and
+    /// the baseline is the slower of that copy and the transport's baseline.
+    #[arg(long, value_name = "DEVICE")]
+    dst: Option<Device>,
+
+    /// Send the tensor as this dtype on the wire (cast where it lives, cast
+    /// back where it lands), e.g. `--wire-dtype bf16` for f32 tensors.
+    /// GB/s counts the bytes delivered, not the fewer bytes that travelled.
+    #[arg(long, value_name = "DTYPE")]
+    wire_dtype: Option<DType>,
+
+    /// Checksum every tensor where it lives and verify it where it lands.
+    #[arg(long)]
+    checksum: bool,
 
     /// Seconds of sending per row [default: 2] (a memcpy baseline takes a fifth
     /// of that; a raw tcp baseline sends as many messages as its row).
@@ -235,6 +261,10 @@ struct Plan {
     subscribers: usize,
     busy_poll_us: u64,
     mode: Mode,
+    src: Device,
+    dst: Device,
+    wire_dtype: Option<DType>,
+    checksum: bool,
 }
 
 impl Plan {
@@ -319,6 +349,28 @@ impl Plan {
             }
             (None, None) => Mode::Local,
         };
+        let staged =
+            args.src.is_some() || args.dst.is_some() || args.wire_dtype.is_some() || args.checksum;
+        if staged && !matches!(mode, Mode::Local) {
+            return Err("--src, --dst, --wire-dtype and --checksum are measured on one host for now; drop them with --listen/--to, or run both sides here".into());
+        }
+        if staged && args.pattern == Pattern::ReqRep {
+            return Err("--src, --dst, --wire-dtype and --checksum apply to --pattern pubsub; a reqrep row echoes host tensors".into());
+        }
+        let dtype = args.dtype.unwrap_or(DType::F32);
+        if let Some(wire) = args.wire_dtype {
+            if !(cast::is_supported(dtype, wire) && cast::is_supported(wire, dtype)) {
+                return Err(format!(
+                    "--wire-dtype {wire}: {dtype} tensors cannot travel as {wire} (the casts that exist: {})",
+                    cast::SUPPORTED
+                ));
+            }
+        }
+        for (option, device) in [("--src", args.src), ("--dst", args.dst)] {
+            if let Some(d) = device.filter(|d| *d != Device::Cpu) {
+                Runtime::open(d).map_err(|e| format!("{option} {d}: {e}"))?;
+            }
+        }
         let transports = match (&args.transport, &mode) {
             (Some(t), _) => t.clone(),
             (None, Mode::Local) => vec![Transport::Inproc, Transport::Shm, Transport::Tcp],
@@ -330,13 +382,60 @@ impl Plan {
                 || DEFAULT_SIZES.to_vec(),
                 |s| s.iter().map(|s| s.0).collect(),
             ),
-            dtype: args.dtype.unwrap_or(DType::F32),
+            dtype,
             duration,
             pattern: args.pattern,
             subscribers: args.subscribers.unwrap_or(1),
             busy_poll_us: args.busy_poll_us,
             mode,
+            src: args.src.unwrap_or(Device::Cpu),
+            dst: args.dst.unwrap_or(Device::Cpu),
+            wire_dtype: args.wire_dtype,
+            checksum: args.checksum,
         })
+    }
+
+    /// The measured channel's settings: --src mapped to --dst, the wire cast
+    /// and checksums. Both sides use it.
+    fn channel_config(&self) -> Result<ChannelConfig, String> {
+        channel_config(
+            self.src,
+            self.dst,
+            self.dtype,
+            self.wire_dtype,
+            self.checksum,
+        )
+    }
+
+    /// The options that give a receiving process the same channel.
+    fn role_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--src".to_string(),
+            self.src.to_string(),
+            "--dst".into(),
+            self.dst.to_string(),
+            "--dtype".into(),
+            self.dtype.to_string(),
+        ];
+        if let Some(w) = self.wire_dtype {
+            args.extend(["--wire-dtype".into(), w.to_string()]);
+        }
+        if self.checksum {
+            args.push("--checksum".into());
+        }
+        args
+    }
+
+    /// A one-line description of the path measured.
+    fn path_text(&self) -> String {
+        let mut text = format!("{} -> {}", self.src, self.dst);
+        if let Some(w) = self.wire_dtype {
+            text += &format!(", {w} on the wire");
+        }
+        if self.checksum {
+            text += ", checksummed";
+        }
+        text
     }
 
     fn duration(&self) -> Duration {
@@ -360,7 +459,8 @@ impl Plan {
         };
         json!({"transports": self.transports.iter().map(|t| t.name()).collect::<Vec<_>>(),
             "sizes_bytes": self.sizes, "dtype": self.dtype,
-            "duration_s": self.duration, "src": "cpu", "dst": "cpu",
+            "duration_s": self.duration, "src": self.src, "dst": self.dst,
+            "wire_dtype": self.wire_dtype, "checksum": self.checksum,
             "pattern": self.pattern_name(), "subscribers": self.subscribers,
             "mode": mode, "listen": listen, "to": to,
             "reqrep_service": "echo, inline", "busy_poll_us": self.busy_poll_us})
@@ -492,11 +592,14 @@ fn receive(sub: &Subscription, idle: Duration) -> Result<Measured, String> {
 fn blast(
     publisher: &Publisher,
     dtype: DType,
+    src: Device,
     size: u64,
     duration: Duration,
 ) -> Result<u64, String> {
     let elems = (size as usize / dtype.size_bytes()).max(1);
-    let tensor = pattern::tensor(dtype, &[elems], 1, 0, "x").map_err(|e| e.to_string())?;
+    let tensor: Tensor = pattern::tensor(dtype, &[elems], 1, 0, "x")
+        .and_then(|t| t.to_runtime(&Runtime::open(src)?))
+        .map_err(|e| format!("--src {src}: {e}"))?;
     let start = Instant::now();
     let mut sent = 0;
     while start.elapsed() < duration || sent == 0 {
@@ -541,6 +644,15 @@ fn read_raw(stream: &mut impl Read, size: u64, count: u64) -> Result<Measured, S
 }
 
 fn spawn_role(role: &str, listen: &str, size: u64) -> Result<(Child, String), String> {
+    spawn_role_with(role, listen, size, &[])
+}
+
+fn spawn_role_with(
+    role: &str,
+    listen: &str,
+    size: u64,
+    extra: &[String],
+) -> Result<(Child, String), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut child = Command::new(exe)
         .args([
@@ -552,6 +664,7 @@ fn spawn_role(role: &str, listen: &str, size: u64) -> Result<(Child, String), St
             "--sizes",
             &format!("{size}B"),
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -581,12 +694,13 @@ fn finish_role(child: Child) -> Result<Value, String> {
 }
 
 /// The hidden receiving roles.
-fn run_role(role: &str, listen: &str, size: u64) -> Outcome {
+fn run_role(role: &str, listen: &str, size: u64, config: ChannelConfig) -> Outcome {
     let idle = Duration::from_secs(60);
     match role {
         "receiver" => {
             let node = Node::builder()
                 .name("bench-recv")
+                .channels(config)
                 .listen(listen)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -757,6 +871,71 @@ fn request_reply(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Mea
     Ok(m)
 }
 
+/// The channel of a bench run: tensors from `src` land on `dst`, cast to
+/// `wire` for the wire and checksummed when asked.
+fn channel_config(
+    src: Device,
+    dst: Device,
+    dtype: DType,
+    wire: Option<DType>,
+    checksum: bool,
+) -> Result<ChannelConfig, String> {
+    let map = DeviceMap::builder()
+        .entry(src.to_string(), dst.to_string())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut spec = ChannelSpec::new(Pattern::PubSub)
+        .with_device_map(map)
+        .with_checksum(checksum);
+    if let Some(w) = wire {
+        spec = spec.with_wire_dtype(dtype.name(), w.name());
+    }
+    let mut config = ChannelConfig::new();
+    config.insert(DATA, spec).map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// A plain copy of `size` bytes from the host to `dst` (or from `src` to the
+/// host), repeated for `duration`: the device side of a device row's baseline.
+fn device_copy_gbps(
+    src: Device,
+    dst: Device,
+    size: u64,
+    duration: Duration,
+) -> Result<Option<(String, f64)>, String> {
+    let mut slowest: Option<(String, f64)> = None;
+    for (device, up) in [(dst, true), (src, false)] {
+        if device == Device::Cpu {
+            continue;
+        }
+        let rt = Runtime::open(device).map_err(|e| e.to_string())?;
+        let host = vec![3u8; size as usize];
+        let mut back = vec![0u8; size as usize];
+        let buf = rt.upload(&host).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let mut copies = 0u64;
+        while start.elapsed() < duration || copies == 0 {
+            if up {
+                std::hint::black_box(rt.upload(&host).map_err(|e| e.to_string())?);
+            } else {
+                rt.download(&buf, &mut back).map_err(|e| e.to_string())?;
+            }
+            copies += 1;
+        }
+        rt.synchronize().map_err(|e| e.to_string())?;
+        let gbps = (copies * size) as f64 / start.elapsed().as_secs_f64() / 1e9;
+        let name = if up {
+            format!("upload {device}")
+        } else {
+            format!("download {device}")
+        };
+        if slowest.as_ref().is_none_or(|(_, g)| gbps < *g) {
+            slowest = Some((name, gbps));
+        }
+    }
+    Ok(slowest)
+}
+
 /// One memcpy of `size` bytes, repeated: the baseline for inproc and shm.
 fn memcpy_gbps(size: u64, duration: Duration) -> f64 {
     let src = vec![1u8; size as usize];
@@ -797,13 +976,17 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
         Transport::Inproc => {
             let name = format!("inproc://bench-{pid}-{row}");
             let server = Node::builder()
+                .channels(plan.channel_config()?)
                 .listen(&name)
                 .build()
                 .map_err(|e| e.to_string())?;
             let mut clients = Vec::new();
             let mut receivers = Vec::new();
             for _ in 0..n {
-                let client = Node::builder().build().map_err(|e| e.to_string())?;
+                let client = Node::builder()
+                    .channels(plan.channel_config()?)
+                    .build()
+                    .map_err(|e| e.to_string())?;
                 let sub = client.subscribe(&name, DATA).map_err(|e| e.to_string())?;
                 receivers.push(std::thread::spawn(move || {
                     receive(&sub, Duration::from_secs(60))
@@ -814,21 +997,24 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
             publisher
                 .wait_for_subscribers(n, Duration::from_secs(10))
                 .map_err(|e| e.to_string())?;
-            blast(&publisher, plan.dtype, size, duration)?;
+            blast(&publisher, plan.dtype, plan.src, size, duration)?;
             receivers
                 .into_iter()
                 .map(|r| r.join().map_err(|_| "a receiving thread panicked")?)
                 .collect::<Result<Vec<_>, String>>()?
         }
         Transport::Shm | Transport::Tcp => {
-            let node = Node::builder().build().map_err(|e| e.to_string())?;
+            let node = Node::builder()
+                .channels(plan.channel_config()?)
+                .build()
+                .map_err(|e| e.to_string())?;
             let mut children = Vec::new();
             for k in 0..n {
                 let listen = match t {
                     Transport::Shm => format!("shm://tf-bench-{pid}-{row}-{k}"),
                     _ => "tcp://127.0.0.1:0".to_string(),
                 };
-                let (child, addr) = spawn_role("receiver", &listen, size)?;
+                let (child, addr) = spawn_role_with("receiver", &listen, size, &plan.role_args())?;
                 children.push(child);
                 node.connect(&addr).map_err(|e| e.to_string())?;
             }
@@ -836,7 +1022,7 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
             publisher
                 .wait_for_subscribers(n, Duration::from_secs(10))
                 .map_err(|e| e.to_string())?;
-            blast(&publisher, plan.dtype, size, duration)?;
+            blast(&publisher, plan.dtype, plan.src, size, duration)?;
             children
                 .into_iter()
                 .map(|c| finish_role(c).map(|v| Measured::from_json(&v)))
@@ -850,7 +1036,18 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
     } else {
         (memcpy_gbps(size, baseline_time), "memcpy")
     };
-    Ok(pubsub_row(t.name(), size, &mut subs, base, base_name))
+    let device = device_copy_gbps(plan.src, plan.dst, size, baseline_time)?;
+    let mut row = match &device {
+        Some((name, gbps)) if *gbps < base => pubsub_row(t.name(), size, &mut subs, *gbps, name),
+        _ => pubsub_row(t.name(), size, &mut subs, base, base_name),
+    };
+    row["transport_baseline"] = json!(base_name);
+    row["transport_baseline_gbps"] = json!(base);
+    if let Some((name, gbps)) = device {
+        row["device_baseline"] = json!(name);
+        row["device_baseline_gbps"] = json!(gbps);
+    }
+    Ok(row)
 }
 
 /// One request/reply row beside a raw ping-pong of the same bytes.
@@ -1071,7 +1268,7 @@ fn to_side(end: &Endpoint, plan: &Plan, bar: &indicatif::ProgressBar) -> Result<
                     .field("machine", json!(cpu)),
             )
             .map_err(|e| e.to_string())?;
-        let sent = blast(&publisher, plan.dtype, size, plan.duration())?;
+        let sent = blast(&publisher, plan.dtype, plan.src, size, plan.duration())?;
         let mut header = [0u8; 16];
         header[..8].copy_from_slice(&size.to_le_bytes());
         header[8..].copy_from_slice(&sent.to_le_bytes());
@@ -1125,10 +1322,18 @@ pub fn run(args: &Args) -> Outcome {
             .as_ref()
             .and_then(|s| s.first())
             .map_or(4 << 20, |s| s.0);
+        let config = channel_config(
+            args.src.unwrap_or(Device::Cpu),
+            args.dst.unwrap_or(Device::Cpu),
+            args.dtype.unwrap_or(DType::F32),
+            args.wire_dtype,
+            args.checksum,
+        )?;
         return run_role(
             role,
             args.role_listen.as_deref().unwrap_or("tcp://127.0.0.1:0"),
             size,
+            config,
         );
     }
     let plan = Plan::from_args(args)?;
@@ -1165,8 +1370,12 @@ pub fn run(args: &Args) -> Outcome {
             eprintln!("--plot draws throughput; it is skipped for --pattern reqrep");
         } else {
             let title = format!(
-                "tensorferry bench: {} cpu -> cpu, {} subscriber(s), {} ({} cores)",
-                plan.dtype, plan.subscribers, cpu.model, cpu.cores
+                "tensorferry bench: {} {}, {} subscriber(s), {} ({} cores)",
+                plan.dtype,
+                plan.path_text(),
+                plan.subscribers,
+                cpu.model,
+                cpu.cores
             );
             plot(path, &rows, &title)?;
         }
@@ -1197,8 +1406,8 @@ pub fn run(args: &Args) -> Outcome {
             report["listener_machine"]["cores"]
         ),
         _ => say!(
-            "tensorferry bench: {} tensors, cpu -> cpu, {} s per row, {subscribers}; machine: {} ({} cores)",
-            plan.dtype, plan.duration, cpu.model, cpu.cores
+            "tensorferry bench: {} tensors, {}, {} s per row, {subscribers}; machine: {} ({} cores)",
+            plan.dtype, plan.path_text(), plan.duration, cpu.model, cpu.cores
         ),
     }
     print_pubsub_header();
@@ -1294,6 +1503,7 @@ fn print_pubsub_row(r: &Value) {
 
 fn print_pubsub_footer(two_hosts: bool) {
     say!("GB/s: all subscribers together; per sub: the slowest subscriber; ratio: GB/s over the baseline's; sub: per sub over the baseline's");
+    say!("baseline: one memcpy (inproc, shm) or a raw socket stream (tcp) of the same bytes; with a device at either end, the slower of that and a plain upload to (download from) the device");
     say!("messages: per subscriber; latency: one way, from the send call to the receiver taking the message (queueing included at full rate), the worst subscriber's");
     if two_hosts {
         say!("across two hosts, one-way latency reads both hosts' clocks: meaningful only when they are synchronized");
