@@ -3,31 +3,15 @@
 //! on a wgpu adapter need one (lavapipe in CI): without it these tests skip
 //! with a printed reason, or fail under `TENSORFERRY_REQUIRE_WGPU=1`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+mod common;
+use common::{assert_ok, bin, finish, have_wgpu, listening_addr, spawn_listening};
+
 use tensorferry::device_map::{ChannelConfig, Device};
 use tensorferry::engine::{Message, Node, Service, Tensor};
-use tensorferry::kernels::runtime::{required, Runtime};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tensorferry"))
-}
-
-/// True when wgpu:0 opens here; prints why not (or panics when it is required).
-fn have_wgpu() -> bool {
-    match Runtime::open(Device::wgpu(0)) {
-        Ok(_) => true,
-        Err(e) if required("TENSORFERRY_REQUIRE_WGPU") => {
-            panic!("TENSORFERRY_REQUIRE_WGPU=1 but wgpu:0 cannot be opened: {e}")
-        }
-        Err(e) => {
-            println!("SKIP: wgpu:0: {e}");
-            false
-        }
-    }
-}
 
 /// A config file holding `json`, removed when dropped.
 struct Config(std::path::PathBuf);
@@ -57,33 +41,19 @@ impl Drop for Config {
 
 /// Starts `recv --listen` with `config`; returns it and the address it bound.
 fn spawn_recv(config: &Config, count: u64) -> (Child, String) {
-    let mut child = bin()
-        .args([
-            "recv",
-            "--listen",
-            "tcp://127.0.0.1:0",
-            "--config",
-            config.path(),
-            "--count",
-            &count.to_string(),
-            "--verify",
-            "--json",
-            "--idle-timeout",
-            "30",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn recv");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("listening on ").map(str::to_string))
-        .expect("recv prints its address");
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    spawn_listening(&[
+        "recv",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--config",
+        config.path(),
+        "--count",
+        &count.to_string(),
+        "--verify",
+        "--json",
+        "--idle-timeout",
+        "30",
+    ])
 }
 
 fn send(addr: &str, config: &Config, tensors: &[&str], count: u64) -> Output {
@@ -104,20 +74,10 @@ fn send(addr: &str, config: &Config, tensors: &[&str], count: u64) -> Output {
     bin().args(&args).output().expect("run send")
 }
 
-fn finish(child: Child) -> (Option<i32>, serde_json::Value) {
-    let out = child.wait_with_output().expect("wait");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    (out.status.code(), json)
-}
-
-fn assert_ok(out: &Output) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// The exit code and JSON summary of a finished `recv`.
+fn finish_recv(child: Child) -> (Option<i32>, serde_json::Value) {
+    let (out, v) = finish(child);
+    (out.status.code(), v)
 }
 
 /// `(device, dtype, wire_dtype)` of the named tensor in a `recv --json` summary.
@@ -142,7 +102,7 @@ fn recv_lands_tensors_on_the_mapped_wgpu_adapter_cast_and_verified_there() {
     );
     let (recv, addr) = spawn_recv(&config, 3);
     assert_ok(&send(&addr, &config, &["x=f32:257x3", "m=u8:1001"], 3));
-    let (code, v) = finish(recv);
+    let (code, v) = finish_recv(recv);
     assert_eq!(
         (code, v["verified"].as_bool()),
         (Some(0), Some(true)),
@@ -170,7 +130,7 @@ fn tensors_sent_from_a_wgpu_adapter_land_on_the_host() {
     );
     let (recv, addr) = spawn_recv(&config, 2);
     assert_ok(&send(&addr, &config, &["x=f32:64x64@wgpu:0"], 2));
-    let (code, v) = finish(recv);
+    let (code, v) = finish_recv(recv);
     assert_eq!(
         (code, v["verified"].as_bool()),
         (Some(0), Some(true)),
@@ -200,7 +160,7 @@ fn a_missing_target_follows_the_channel_fallback() {
         );
         let (recv, addr) = spawn_recv(&config, 1);
         assert_ok(&send(&addr, &config, &["x=i32:33"], 1));
-        let (code, v) = finish(recv);
+        let (code, v) = finish_recv(recv);
         match want {
             Some(device) => {
                 assert_eq!(code, Some(0), "{fallback}: {v}");
@@ -267,15 +227,7 @@ fn replies_return_to_the_requesting_device_across_processes() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn responder");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("listening on ").map(str::to_string))
-        .expect("the responder prints its address");
-    // Keep reading so the child never writes into a closed pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let addr = listening_addr(child.stdout.take().expect("stdout"));
     let node = Node::builder()
         .channels(ChannelConfig::from_file(&config.0).expect("config"))
         .build()

@@ -1,49 +1,10 @@
 //! Real processes talking over TCP: `send` and `recv` as a user runs them.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tensorferry"))
-}
-
-/// Starts a `tensorferry` process that prints `listening on ADDR` on stderr; returns it and ADDR.
-fn spawn_listening(args: &[&str]) -> (Child, String) {
-    let mut child = bin()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tensorferry");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let line = lines.next().expect("a line").expect("utf-8");
-    let addr = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected: {line}"))
-        .to_string();
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
-}
-
-fn finish(child: Child) -> (Output, serde_json::Value) {
-    let out = child.wait_with_output().expect("wait");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    (out, json)
-}
-
-/// The process exited 0 (its stderr is shown otherwise).
-fn assert_ok(out: &Output) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod common;
+use common::{assert_ok, bin, finish, run, spawn_listening};
 
 /// A `recv --json` summary of `n` messages whose every byte was verified.
 fn assert_verified(v: &serde_json::Value, n: u64) {
@@ -52,10 +13,6 @@ fn assert_verified(v: &serde_json::Value, n: u64) {
         (Some(n), Some(true)),
         "{v}"
     );
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run tensorferry")
 }
 
 #[test]

@@ -895,6 +895,28 @@ pub fn verify_checksums(message: &Message, infos: &[TensorInfo]) -> Result<usize
     Ok(checked)
 }
 
+/// The prelude, buffer places and header of the frame that `bytes` starts
+/// with: all of it when `whole`, else at least its head.
+fn head_parts<'b>(
+    bytes: &'b [u8],
+    limits: &Limits,
+    base: u64,
+    whole: bool,
+) -> Result<(Prelude, Vec<std::ops::Range<usize>>, Header<'b>)> {
+    let p = Prelude::parse(bytes, limits, base)?;
+    let needed = if whole { p.frame_len } else { p.data_start };
+    if (bytes.len() as u64) < needed {
+        return Err(Error::Truncated {
+            offset: base,
+            needed,
+            available: bytes.len() as u64,
+        });
+    }
+    let ranges = buffer_ranges(bytes, &p, base)?;
+    let header = parse_header(bytes, &p, base)?;
+    Ok((p, ranges, header))
+}
+
 /// Where each buffer lies, from the table, each checked against the frame's
 /// end; `bytes` holds at least the frame's head.
 fn buffer_ranges(bytes: &[u8], p: &Prelude, base: u64) -> Result<Vec<std::ops::Range<usize>>> {
@@ -981,16 +1003,7 @@ pub struct PlannedTensor {
 ///
 /// As [`decode_at`], for the prelude, the buffer table and the header.
 pub fn plan_head(head: &[u8], limits: &Limits, base: u64) -> Result<HeadPlan> {
-    let p = Prelude::parse(head, limits, base)?;
-    if (head.len() as u64) < p.data_start {
-        return Err(Error::Truncated {
-            offset: base,
-            needed: p.data_start,
-            available: head.len() as u64,
-        });
-    }
-    let buffers = buffer_ranges(head, &p, base)?;
-    let header = parse_header(head, &p, base)?;
+    let (_, buffers, header) = head_parts(head, limits, base, false)?;
     let tensors = header
         .tensors
         .rows()?
@@ -1043,17 +1056,7 @@ pub fn decode(region: &HostBuffer, limits: &Limits) -> Result<Frame> {
 ///
 /// As [`decode`].
 pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Frame> {
-    let bytes = region.as_slice();
-    let p = Prelude::parse(bytes, limits, base)?;
-    if (bytes.len() as u64) < p.frame_len {
-        return Err(Error::Truncated {
-            offset: base,
-            needed: p.frame_len,
-            available: bytes.len() as u64,
-        });
-    }
-    let ranges = buffer_ranges(bytes, &p, base)?;
-    let header = parse_header(bytes, &p, base)?;
+    let (p, ranges, header) = head_parts(region.as_slice(), limits, base, true)?;
     let count = header.tensors.name.len() + header.objects.len();
     if count > limits.max_tensors {
         return Err(Error::Limit {
