@@ -52,7 +52,9 @@ pub use buffer::{Backing, HostBuffer, HostBufferMut, ALIGN};
 pub use codec::{Codec, CodecRegistry};
 pub use error::{Error, Result};
 pub use message::{Message, Object};
-pub use node::{Loan, Node, NodeBuilder, Publisher, Received, Subscription, ALL_CHANNELS};
+pub use node::{
+    Loan, Node, NodeBuilder, Publisher, Received, Recording, Subscription, ALL_CHANNELS,
+};
 pub use pool::{BufferPool, PooledBuffer};
 pub use service::{Dim, Handler, Schema, Service, ServiceError};
 pub use tensor::{packed_bytes, Storage, Tensor};

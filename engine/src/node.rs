@@ -25,6 +25,7 @@ use tensorferry_device_map::{ChannelConfig, ChannelSpec, Device, Inventory, Over
 
 use crate::address::Address;
 use crate::error::{Error, Result};
+use crate::file::{FileReader, FileWriter};
 use crate::message::Message;
 use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
@@ -522,17 +523,27 @@ impl Node {
             _guard: Arc::clone(&self.guard),
             channel,
             queue,
+            registered: true,
         }
     }
 
     /// Connects to `addr` (if not yet connected) and subscribes to `channel`.
     /// If that connection is lost, the subscription reports it.
     ///
+    /// A `file://PATH` address replays a recording (see [`Node::record`]):
+    /// its messages on `channel` (every channel for [`ALL_CHANNELS`]) arrive
+    /// in order, as fast as the subscription takes them, landed by this
+    /// node's channel configuration like any others; after the last one the
+    /// subscription reports [`Error::Closed`].
+    ///
     /// # Errors
     ///
     /// When `addr` cannot be reached within the connect timeout.
     pub fn subscribe(&self, addr: &str, channel: impl Into<String>) -> Result<Subscription> {
         let addr: Address = addr.parse()?;
+        if let Address::File(path) = &addr {
+            return self.replay(path, channel.into());
+        }
         let peer = self.inner.connect(&addr)?;
         let sub = self.subscriber(channel);
         peer.origin
@@ -546,6 +557,100 @@ impl Node {
             });
         }
         Ok(sub)
+    }
+
+    /// Replays the recording at `path` into a subscription of its own.
+    fn replay(&self, path: &std::path::Path, channel: String) -> Result<Subscription> {
+        let reader = FileReader::open_with_limits(path, self.inner.limits)?;
+        let queue = Arc::new(Queue::new(&self.inner.spec(&channel)));
+        let label = format!("file://{}", path.display());
+        let feed = Arc::clone(&queue);
+        let wanted = channel.clone();
+        thread::Builder::new()
+            .name("tf-replay".into())
+            .spawn(move || {
+                for frame in reader {
+                    if feed.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let frame = match frame {
+                        Ok(f) => f,
+                        Err(e) => {
+                            feed.force(Err(e));
+                            break;
+                        }
+                    };
+                    if frame.meta.kind != Kind::Message
+                        || (wanted != ALL_CHANNELS && frame.meta.channel != wanted)
+                    {
+                        continue;
+                    }
+                    feed.push(Ok(Received {
+                        channel: frame.meta.channel,
+                        seq: frame.meta.seq,
+                        message: frame.message,
+                        tensors: frame.tensors,
+                        from: label.clone(),
+                        first_byte: Instant::now(),
+                    }));
+                }
+                feed.force(Err(Error::Closed));
+            })
+            .map_err(|e| Error::io("starting a replay thread", e))?;
+        Ok(Subscription {
+            node: Arc::clone(&self.inner),
+            _guard: Arc::clone(&self.guard),
+            channel,
+            queue,
+            registered: false,
+        })
+    }
+
+    /// Records every message this node sees on `channel` ([`ALL_CHANNELS`]
+    /// for all) — published here or received from peers — to `addr`, a
+    /// `file://PATH` (created, or replaced), until the returned handle is
+    /// stopped or dropped; then every message already taken is written and
+    /// the file is synced. Device tensors are read back, and the channel's
+    /// wire casts and checksums applied, as for a socket.
+    ///
+    /// # Errors
+    ///
+    /// An address that is not `file://`, or a file that cannot be created.
+    pub fn record(&self, channel: impl Into<String>, addr: &str) -> Result<Recording> {
+        let addr: Address = addr.parse()?;
+        let Address::File(path) = &addr else {
+            return Err(Error::Invalid(format!(
+                "record to a file://PATH, not {addr}"
+            )));
+        };
+        let mut writer = FileWriter::create(path)?;
+        let sub = self.subscriber(channel);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let inner = Arc::clone(&self.inner);
+        let worker = thread::Builder::new()
+            .name("tf-record".into())
+            .spawn(move || -> Result<u64> {
+                let mut written = 0;
+                loop {
+                    let next = match sub.queue.rx.recv_timeout(Duration::from_millis(50)) {
+                        Ok(d) => d,
+                        Err(_) if stopping.load(Ordering::Acquire) => break,
+                        Err(_) => continue,
+                    };
+                    let Ok(r) = next else { continue };
+                    let meta = FrameMeta::message(r.channel.clone(), r.seq);
+                    writer.write(&inner.encode_for(&r.message, &meta)?)?;
+                    written += 1;
+                }
+                writer.sync()?;
+                Ok(written)
+            })
+            .map_err(|e| Error::io("starting a recording thread", e))?;
+        Ok(Recording {
+            stop,
+            worker: Some(worker),
+        })
     }
 
     /// Connects to `addr`, retrying with backoff up to the connect timeout;
@@ -838,7 +943,7 @@ impl NodeInner {
                 Ok(())
             }
             Address::File(_) => Err(Error::Invalid(format!(
-                "a node cannot listen on {addr}; use inproc://, shm:// or tcp://"
+                "a node cannot listen on {addr}; use inproc://, shm:// or tcp://, and Node::record(channel, \"{addr}\") to record to a file"
             ))),
         }
     }
@@ -894,7 +999,7 @@ impl NodeInner {
                 self.start_unix_peer(stream, addr.to_string(), Some(addr.clone()))
             }
             Address::File(_) => Err(Error::Invalid(format!(
-                "cannot connect to {addr}; use inproc://, shm:// or tcp://"
+                "cannot connect to {addr}: replay a recording with Node::subscribe(\"{addr}\", channel) and make one with Node::record(channel, \"{addr}\")"
             ))),
         }
     }
@@ -2069,6 +2174,44 @@ pub struct Subscription {
     _guard: Arc<Guard>,
     channel: String,
     queue: Arc<Queue<Delivery>>,
+    /// False for a replay, which no publisher knows of.
+    registered: bool,
+}
+
+/// A recording started by [`Node::record`]; dropping it stops it too.
+pub struct Recording {
+    stop: Arc<AtomicBool>,
+    worker: Option<thread::JoinHandle<Result<u64>>>,
+}
+
+impl Recording {
+    /// Stops recording: writes every message already taken, syncs the file,
+    /// and returns how many messages the file holds.
+    ///
+    /// # Errors
+    ///
+    /// The first write or encode error (recording stopped there).
+    pub fn stop(mut self) -> Result<u64> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Release);
+        match self.worker.take() {
+            Some(w) => w
+                .join()
+                .unwrap_or_else(|_| Err(Error::Invalid("the recording thread panicked".into()))),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            eprintln!("tensorferry: recording stopped: {e}");
+        }
+    }
 }
 
 impl Subscription {
@@ -2152,6 +2295,9 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.queue.closed.store(true, Ordering::Release);
+        if !self.registered {
+            return;
+        }
         let last = {
             let mut subs = self.node.subs.lock().expect("lock is never poisoned");
             let list = subs.entry(self.channel.clone()).or_default();

@@ -5,9 +5,10 @@
 
 use serde_json::Value;
 use tensorferry_engine::wire::{
-    decode, encode, EncodeOptions, Frame, Limits, MAGIC, PRELUDE_BYTES, VERSION,
+    decode, encode, plan_head, EncodeOptions, Frame, Limits, MAGIC, PRELUDE_BYTES, VERSION,
 };
 use tensorferry_engine::{HostBuffer, ALIGN};
+use tensorferry_device_map::Device;
 
 /// Most buffers a `decode_header` input describes.
 pub const MAX_HEADER_INPUT_BUFFERS: usize = 12;
@@ -164,8 +165,18 @@ pub fn set_tensor_key(header: &mut Value, index: usize, key: &str, value: Option
 pub fn decode_and_check(data: &[u8]) {
     let region = HostBuffer::copy_from(data);
     for limits in [Limits::default(), small_limits()] {
+        // What a stream reader plans from the head alone must never panic,
+        // and must agree with the whole frame's decoding.
+        let plan = plan_head(data, &limits, 0);
         if let Ok(frame) = decode(&region, &limits) {
             check_frame(&frame, data.len());
+            let plan = plan.expect("the head of a frame that decodes plans");
+            assert_eq!(plan.meta, frame.meta, "the plan's routing");
+            let planned: Vec<(Device, usize)> =
+                plan.tensors.iter().map(|t| (t.device, t.buffer)).collect();
+            let decoded: Vec<(Device, usize)> =
+                frame.tensors.iter().map(|t| (t.device, t.buffer)).collect();
+            assert_eq!(planned, decoded, "the plan's devices and buffers");
         }
     }
 }
