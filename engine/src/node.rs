@@ -25,11 +25,11 @@ use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow};
 
 use crate::address::Address;
 use crate::error::{Error, Result};
+use crate::inbox::{Assembler, Inbox, Lead, Next};
 use crate::message::Message;
 use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::shm::{self, FdReader, MappedSlot, SlotPool, SlotUse};
-use crate::stream::FrameReader;
 use crate::wire::layout;
 use crate::wire::{
     decode_at, encode, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits, TensorInfo,
@@ -166,6 +166,46 @@ struct Peer {
     /// Subscriptions made through `subscribe(addr, …)` to this peer, told when it is lost.
     origin: Mutex<Vec<Weak<Queue<Delivery>>>>,
     dialed: Option<Address>,
+    /// The read side of a socket link (none for inproc).
+    inbox: Option<Inbox<ReadSide>>,
+}
+
+/// How a connection's frames are read: by its reader thread, or by a
+/// requester that leads its [`Inbox`] while it waits for a reply.
+struct ReadSide {
+    frames: Frames,
+    /// The stream ended or failed; the peer is (being) marked lost.
+    ended: bool,
+}
+
+enum Frames {
+    Stream(Assembler<TcpStream>),
+    Unix {
+        frames: Assembler<FdReader>,
+        /// Descriptors received and not yet claimed by a `shm` frame.
+        fds: Arc<Mutex<VecDeque<OwnedFd>>>,
+        /// Slots mapped so far, by id.
+        mapped: HashMap<u32, Arc<MappedSlot>>,
+    },
+}
+
+impl ReadSide {
+    fn holds_bytes(&self) -> bool {
+        match &self.frames {
+            Frames::Stream(frames) => frames.holds_bytes(),
+            Frames::Unix { frames, .. } => frames.holds_bytes(),
+        }
+    }
+}
+
+/// What one read step did.
+enum Step {
+    /// Read and dispatched a frame.
+    Dispatched,
+    /// Nothing whole to read now.
+    Pending,
+    /// The stream is over (why); the peer must be marked lost.
+    Ended(String),
 }
 
 impl Peer {
@@ -599,6 +639,9 @@ impl Node {
             .lock()
             .expect("lock is never poisoned")
             .insert(id, Pending { peer: peer.id, tx });
+        // Lead the connection's inbox when no one else does, before the reply
+        // can arrive: this thread then reads the reply itself.
+        let lead = peer.inbox.as_ref().and_then(Inbox::try_lead);
         let sent = match &peer.link {
             Link::Stream { .. } | Link::Unix { .. } => {
                 let meta = FrameMeta {
@@ -623,6 +666,9 @@ impl Node {
             }
         };
         let wait = || {
+            if let Some(lead) = lead {
+                return self.inner.read_until_reply(&peer, lead, &rx, timeout);
+            }
             let spin_until = Instant::now() + self.inner.busy_poll;
             while Instant::now() < spin_until {
                 if let Ok(result) = rx.try_recv() {
@@ -782,6 +828,7 @@ impl NodeInner {
                         twin: OnceLock::new(),
                     },
                     Some(addr.clone()),
+                    None,
                 );
                 let there = remote.add_peer(
                     format!("inproc peer {}", self.name),
@@ -789,6 +836,7 @@ impl NodeInner {
                         remote: Arc::downgrade(self),
                         twin: OnceLock::new(),
                     },
+                    None,
                     None,
                 );
                 link_twins(&here, &there);
@@ -810,7 +858,13 @@ impl NodeInner {
         }
     }
 
-    fn add_peer(&self, label: String, link: Link, dialed: Option<Address>) -> Arc<Peer> {
+    fn add_peer(
+        &self,
+        label: String,
+        link: Link,
+        dialed: Option<Address>,
+        inbox: Option<Inbox<ReadSide>>,
+    ) -> Arc<Peer> {
         let peer = Arc::new(Peer {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             label,
@@ -819,6 +873,7 @@ impl NodeInner {
             wants: Mutex::new(HashMap::new()),
             origin: Mutex::new(Vec::new()),
             dialed,
+            inbox,
         });
         self.peers
             .lock()
@@ -854,6 +909,19 @@ impl NodeInner {
         let writer = stream
             .try_clone()
             .map_err(|e| Error::io("cloning the socket", e))?;
+        let watch = OwnedFd::from(
+            stream
+                .try_clone()
+                .map_err(|e| Error::io("cloning the socket", e))?,
+        );
+        let frames = Frames::Stream(Assembler::new(reader, self.pool.clone(), self.limits));
+        let inbox = Inbox::new(
+            watch,
+            ReadSide {
+                frames,
+                ended: false,
+            },
+        )?;
         let peer = self.add_peer(
             label,
             Link::Stream {
@@ -861,14 +929,17 @@ impl NodeInner {
                 stream,
             },
             dialed,
+            Some(inbox),
         );
         let node = Arc::downgrade(self);
         let p = Arc::clone(&peer);
-        let frames = FrameReader::new(reader, self.pool.clone(), self.limits);
-        thread::Builder::new()
+        let started = thread::Builder::new()
             .name("tf-read".into())
-            .spawn(move || read_loop(frames, &p, &node))
-            .map_err(|e| Error::io("starting a reader thread", e))?;
+            .spawn(move || read_loop(&p, &node));
+        if let Err(e) = started {
+            self.lose(&peer, "no reader thread");
+            return Err(Error::io("starting a reader thread", e));
+        }
         self.greet(&peer);
         Ok(peer)
     }
@@ -885,6 +956,24 @@ impl NodeInner {
         };
         let reader = clone(&stream)?;
         let writer = clone(&stream)?;
+        let watch = OwnedFd::from(clone(&stream)?);
+        let fds = Arc::new(Mutex::new(VecDeque::new()));
+        let frames = Frames::Unix {
+            frames: Assembler::new(
+                FdReader::new(reader, Arc::clone(&fds)),
+                self.pool.clone(),
+                self.limits,
+            ),
+            fds,
+            mapped: HashMap::new(),
+        };
+        let inbox = Inbox::new(
+            watch,
+            ReadSide {
+                frames,
+                ended: false,
+            },
+        )?;
         let peer = self.add_peer(
             label,
             Link::Unix {
@@ -894,19 +983,17 @@ impl NodeInner {
                 awaiting: Mutex::new(HashMap::new()),
             },
             dialed,
-        );
-        let fds = Arc::new(Mutex::new(VecDeque::new()));
-        let frames = FrameReader::new(
-            FdReader::new(reader, Arc::clone(&fds)),
-            self.pool.clone(),
-            self.limits,
+            Some(inbox),
         );
         let node = Arc::downgrade(self);
         let p = Arc::clone(&peer);
-        thread::Builder::new()
+        let started = thread::Builder::new()
             .name("tf-read-shm".into())
-            .spawn(move || unix_read_loop(frames, &fds, &p, &node))
-            .map_err(|e| Error::io("starting a reader thread", e))?;
+            .spawn(move || read_loop(&p, &node));
+        if let Err(e) = started {
+            self.lose(&peer, "no reader thread");
+            return Err(Error::io("starting a reader thread", e));
+        }
         self.greet(&peer);
         Ok(peer)
     }
@@ -1025,6 +1112,68 @@ impl NodeInner {
                     "the service is stopping",
                 )),
             );
+        }
+    }
+
+    /// Reads and dispatches `peer`'s frames as its reader thread would, until
+    /// the reply `rx` waits for arrives, `timeout` passes, or the stream ends.
+    /// Spins (reading without sleeping) for the node's busy-poll time first.
+    fn read_until_reply(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        mut lead: Lead<'_, ReadSide>,
+        rx: &Receiver<std::result::Result<Message, Error>>,
+        timeout: Duration,
+    ) -> std::result::Result<std::result::Result<Message, Error>, RecvTimeoutError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let spin_until = start + self.busy_poll;
+        loop {
+            if let Ok(result) = rx.try_recv() {
+                // Frames read ahead are invisible to the reader thread's wait:
+                // dispatch them before leaving.
+                while lead.holds_bytes() {
+                    match read_step(self, peer, &mut lead) {
+                        Step::Dispatched => {}
+                        Step::Pending => break,
+                        Step::Ended(reason) => {
+                            lead.ended = true;
+                            self.lose(peer, &reason);
+                            break;
+                        }
+                    }
+                }
+                return Ok(result);
+            }
+            match read_step(self, peer, &mut lead) {
+                Step::Dispatched => {}
+                Step::Pending => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(RecvTimeoutError::Timeout);
+                    }
+                    if now < spin_until {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    if let Err(e) = lead.inbox().wait_readable(deadline) {
+                        lead.ended = true;
+                        self.lose(peer, &format!("waiting to read: {e}"));
+                    }
+                }
+                Step::Ended(reason) => {
+                    lead.ended = true;
+                    drop(lead);
+                    // Fails every request pending on the peer, this one included.
+                    self.lose(peer, &reason);
+                    return Ok(rx.try_recv().unwrap_or_else(|_| {
+                        Err(Error::PeerLost {
+                            peer: peer.label.clone(),
+                            reason,
+                        })
+                    }));
+                }
+            }
         }
     }
 
@@ -1213,54 +1362,88 @@ fn accept_loop<S>(
     }
 }
 
-/// Reads a shm peer: control frames inline, messages from shared slots.
-fn unix_read_loop(
-    mut frames: FrameReader<FdReader>,
-    fds: &Arc<Mutex<VecDeque<OwnedFd>>>,
-    peer: &Arc<Peer>,
-    node: &Weak<NodeInner>,
-) {
-    let mut mapped: HashMap<u32, Arc<MappedSlot>> = HashMap::new();
-    let reason = loop {
-        let result = frames.read_frame();
-        let first_byte = Instant::now();
+/// The reader thread of a socket peer: reads whenever no requester leads the
+/// inbox, until the stream ends.
+fn read_loop(peer: &Arc<Peer>, node: &Weak<NodeInner>) {
+    let Some(inbox) = &peer.inbox else { return };
+    loop {
+        if let Err(e) = inbox.wait() {
+            if let Some(inner) = node.upgrade() {
+                inner.lose(peer, &format!("waiting to read: {e}"));
+            }
+            return;
+        }
         let Some(inner) = node.upgrade() else { return };
-        let frame = match result {
-            Ok(Some(f)) => f,
-            Ok(None) => break "the peer closed the connection".to_string(),
-            Err(e) => break report(&inner, peer, &e),
+        let Some(mut side) = inbox.try_read() else {
+            continue;
         };
-        match frame.meta.kind {
-            Kind::Shm => match open_slot_frame(&inner, peer, &frame, fds, &mut mapped) {
-                Ok(f) => handle_frame(&inner, peer, f, first_byte),
-                Err(e) => break report(&inner, peer, &e),
-            },
-            Kind::Release => {
-                let slot = frame
-                    .message
-                    .get_field("slot")
-                    .and_then(serde_json::Value::as_u64);
-                let offset = frame
-                    .message
-                    .get_field("offset")
-                    .and_then(serde_json::Value::as_u64);
-                if let (Some(slot), Some(offset), Link::Unix { awaiting, .. }) =
-                    (slot, offset, &peer.link)
-                {
-                    if let Ok(slot) = u32::try_from(slot) {
-                        awaiting
-                            .lock()
-                            .expect("lock is never poisoned")
-                            .remove(&(slot, offset));
-                    }
+        if side.ended {
+            return;
+        }
+        loop {
+            match read_step(&inner, peer, &mut side) {
+                Step::Dispatched => {}
+                Step::Pending => break,
+                Step::Ended(reason) => {
+                    side.ended = true;
+                    drop(side);
+                    inner.lose(peer, &reason);
+                    return;
                 }
             }
-            _ => handle_frame(&inner, peer, frame, first_byte),
         }
-    };
-    if let Some(inner) = node.upgrade() {
-        inner.lose(peer, &reason);
     }
+}
+
+/// Reads the next frame if all of it is there and dispatches it as the reader
+/// thread does: control frames inline, shm messages from their shared slots.
+fn read_step(inner: &Arc<NodeInner>, peer: &Arc<Peer>, side: &mut ReadSide) -> Step {
+    if side.ended {
+        return Step::Ended("the connection was closed".into());
+    }
+    let next = match &mut side.frames {
+        Frames::Stream(frames) => frames.next(),
+        Frames::Unix { frames, .. } => frames.next(),
+    };
+    let first_byte = Instant::now();
+    let frame = match next {
+        Ok(Next::Frame(f)) => f,
+        Ok(Next::Pending) => return Step::Pending,
+        Ok(Next::End) => return Step::Ended("the peer closed the connection".into()),
+        Err(e) => return Step::Ended(report(inner, peer, &e)),
+    };
+    let Frames::Unix { fds, mapped, .. } = &mut side.frames else {
+        handle_frame(inner, peer, frame, first_byte);
+        return Step::Dispatched;
+    };
+    match frame.meta.kind {
+        Kind::Shm => match open_slot_frame(inner, peer, &frame, fds, mapped) {
+            Ok(f) => handle_frame(inner, peer, f, first_byte),
+            Err(e) => return Step::Ended(report(inner, peer, &e)),
+        },
+        Kind::Release => {
+            let slot = frame
+                .message
+                .get_field("slot")
+                .and_then(serde_json::Value::as_u64);
+            let offset = frame
+                .message
+                .get_field("offset")
+                .and_then(serde_json::Value::as_u64);
+            if let (Some(slot), Some(offset), Link::Unix { awaiting, .. }) =
+                (slot, offset, &peer.link)
+            {
+                if let Ok(slot) = u32::try_from(slot) {
+                    awaiting
+                        .lock()
+                        .expect("lock is never poisoned")
+                        .remove(&(slot, offset));
+                }
+            }
+        }
+        _ => handle_frame(inner, peer, frame, first_byte),
+    }
+    Step::Dispatched
 }
 
 fn report(inner: &NodeInner, peer: &Peer, e: &Error) -> String {
@@ -1323,28 +1506,6 @@ fn open_slot_frame(
         ));
     }
     Ok(frame)
-}
-
-fn read_loop(mut frames: FrameReader<TcpStream>, peer: &Arc<Peer>, node: &Weak<NodeInner>) {
-    let reason = loop {
-        let result = frames.read_frame();
-        let first_byte = Instant::now();
-        let Some(inner) = node.upgrade() else { return };
-        let frame = match result {
-            Ok(Some(f)) => f,
-            Ok(None) => break "the peer closed the connection".to_string(),
-            Err(e) => {
-                if peer.alive.load(Ordering::Acquire) && !inner.closed.load(Ordering::Acquire) {
-                    eprintln!("tensorferry: {}: closing {}: {e}", inner.name, peer.label);
-                }
-                break e.to_string();
-            }
-        };
-        handle_frame(&inner, peer, frame, first_byte);
-    };
-    if let Some(inner) = node.upgrade() {
-        inner.lose(peer, &reason);
-    }
 }
 
 fn handle_frame(inner: &Arc<NodeInner>, peer: &Arc<Peer>, frame: Frame, first_byte: Instant) {
