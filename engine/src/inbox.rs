@@ -6,9 +6,11 @@
 //! socket and dispatches each as the reader thread would. A requester takes
 //! the lead before it writes its request and reads until its reply arrives, so
 //! the reply wakes the thread that waits for it and no other, as in a raw
-//! ping-pong. The reader thread waits on an edge-triggered epoll and reads only
-//! when it can take the lead; a requester switches that wait off while it
-//! leads and back on when it leaves, which reports anything left unread.
+//! ping-pong. The reader thread waits on an epoll and reads only when it can
+//! take the lead; a requester switches that wait off while it leads and back
+//! on when it leaves, which reports anything left unread. Every thread that
+//! switches the wait off while it holds the inbox switches it back on after
+//! letting go, so the wait is on whenever no one leads.
 //!
 //! Reads never block: an [`Assembler`] builds frames across calls, so a leader
 //! that gives up mid-frame (its timeout passed) leaves the half-read frame
@@ -170,17 +172,14 @@ impl<S: Source> Assembler<S> {
 /// The read side of a connection: its reading state `R`, held by one leader at a time.
 pub(crate) struct Inbox<R> {
     reading: Mutex<R>,
-    /// The reader thread's wait: the socket, edge-triggered.
+    /// The reader thread's wait: the socket, level-triggered.
     epoll: Epoll,
     /// A duplicate of the socket's descriptor, to wait on.
     watch: OwnedFd,
 }
 
 fn armed() -> EpollEvent {
-    EpollEvent::new(
-        EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET,
-        0,
-    )
+    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, 0)
 }
 
 impl<R> Inbox<R> {
@@ -200,8 +199,8 @@ impl<R> Inbox<R> {
         })
     }
 
-    /// For the reader thread: waits until new bytes (or a hang-up) arrive
-    /// while no leader holds the inbox, or a leader leaves with bytes unread.
+    /// For the reader thread: waits until the socket is readable (or hung up)
+    /// while no leader holds the inbox.
     ///
     /// # Errors
     ///
@@ -218,9 +217,30 @@ impl<R> Inbox<R> {
         }
     }
 
-    /// For the reader thread: the reading state, unless a leader holds it (it
-    /// re-arms [`wait`](Self::wait) when it leaves).
-    pub(crate) fn try_read(&self) -> Option<MutexGuard<'_, R>> {
+    /// For the reader thread: the reading state, unless a leader holds it; then
+    /// [`wait`](Self::wait) is off until that leader leaves.
+    pub(crate) fn read_turn(&self) -> Option<Lead<'_, R>> {
+        if let Some(guard) = self.try_read() {
+            return Some(Lead {
+                inbox: self,
+                guard: Some(guard),
+                rearm: false,
+            });
+        }
+        // Level-triggered, the wait would fire again at once while the leader
+        // reads: switch it off, then look again. If the inbox is still held,
+        // its holder switches the wait back on after letting go, which is
+        // after this; if not, this thread does, as a leader would.
+        self.disarm();
+        let guard = self.try_read()?;
+        Some(Lead {
+            inbox: self,
+            guard: Some(guard),
+            rearm: true,
+        })
+    }
+
+    fn try_read(&self) -> Option<MutexGuard<'_, R>> {
         match self.reading.try_lock() {
             Ok(g) => Some(g),
             Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
@@ -233,14 +253,20 @@ impl<R> Inbox<R> {
     pub(crate) fn try_lead(&self) -> Option<Lead<'_, R>> {
         let guard = self.try_read()?;
         // Off while this thread reads, so the reader thread is not woken for
-        // bytes it cannot take; a failure only costs such a wake-up.
-        let _ = self
-            .epoll
-            .modify(&self.watch, &mut EpollEvent::new(EpollFlags::empty(), 0));
+        // bytes it cannot take.
+        self.disarm();
         Some(Lead {
             inbox: self,
             guard: Some(guard),
+            rearm: true,
         })
+    }
+
+    fn disarm(&self) {
+        // It cannot fail for a descriptor this inbox owns and registered.
+        let _ = self
+            .epoll
+            .modify(&self.watch, &mut EpollEvent::new(EpollFlags::empty(), 0));
     }
 
     /// Waits until the socket is readable, at most until `deadline`; `false` when it passed.
@@ -267,8 +293,7 @@ impl<R> Inbox<R> {
     }
 
     fn rearm(&self) {
-        // Reports bytes that are already there, so none is left unread. It
-        // cannot fail for a descriptor this inbox owns and registered.
+        // It cannot fail for a descriptor this inbox owns and registered.
         let _ = self.epoll.modify(&self.watch, &mut armed());
     }
 }
@@ -277,6 +302,8 @@ impl<R> Inbox<R> {
 pub(crate) struct Lead<'a, R> {
     inbox: &'a Inbox<R>,
     guard: Option<MutexGuard<'a, R>>,
+    /// Switch the reader thread's wait back on when letting go.
+    rearm: bool,
 }
 
 impl<R> Lead<'_, R> {
@@ -304,6 +331,8 @@ impl<R> Drop for Lead<'_, R> {
         // Unlock first, then re-arm: a reader thread woken by the re-arm finds
         // the inbox free (or held by a new leader, who re-arms in turn).
         drop(self.guard.take());
-        self.inbox.rearm();
+        if self.rearm {
+            self.inbox.rearm();
+        }
     }
 }

@@ -1128,6 +1128,8 @@ impl NodeInner {
         let start = Instant::now();
         let deadline = start + timeout;
         let spin_until = start + self.busy_poll;
+        // The reply cannot be there yet: wait before the first read (unless spinning).
+        let mut wait_first = self.busy_poll.is_zero() && !lead.holds_bytes();
         loop {
             if let Ok(result) = rx.try_recv() {
                 // Frames read ahead are invisible to the reader thread's wait:
@@ -1144,6 +1146,12 @@ impl NodeInner {
                     }
                 }
                 return Ok(result);
+            }
+            if std::mem::take(&mut wait_first) {
+                if let Err(e) = lead.inbox().wait_readable(deadline) {
+                    lead.ended = true;
+                    self.lose(peer, &format!("waiting to read: {e}"));
+                }
             }
             match read_step(self, peer, &mut lead) {
                 Step::Dispatched => {}
@@ -1374,7 +1382,7 @@ fn read_loop(peer: &Arc<Peer>, node: &Weak<NodeInner>) {
             return;
         }
         let Some(inner) = node.upgrade() else { return };
-        let Some(mut side) = inbox.try_read() else {
+        let Some(mut side) = inbox.read_turn() else {
             continue;
         };
         if side.ended {
@@ -1382,6 +1390,8 @@ fn read_loop(peer: &Arc<Peer>, node: &Weak<NodeInner>) {
         }
         loop {
             match read_step(&inner, peer, &mut side) {
+                // The wait is level-triggered: what is left in the socket wakes it again.
+                Step::Dispatched if !side.holds_bytes() => break,
                 Step::Dispatched => {}
                 Step::Pending => break,
                 Step::Ended(reason) => {
