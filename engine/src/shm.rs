@@ -186,22 +186,27 @@ impl SlotPool {
 pub(crate) struct FdReader {
     stream: UnixStream,
     fds: Arc<Mutex<VecDeque<OwnedFd>>>,
+    /// Room for the control message, kept: one allocation per connection, not per read.
+    cmsg: Vec<u8>,
 }
 
 impl FdReader {
     pub(crate) fn new(stream: UnixStream, fds: Arc<Mutex<VecDeque<OwnedFd>>>) -> Self {
-        Self { stream, fds }
+        Self {
+            stream,
+            fds,
+            cmsg: nix::cmsg_space!([RawFd; 4]),
+        }
     }
 }
 
 impl crate::inbox::Source for FdReader {
     fn recv_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
         let mut iov = [IoSliceMut::new(buf)];
         let msg = recvmsg::<UnixAddr>(
             self.stream.as_raw_fd(),
             &mut iov,
-            Some(&mut cmsg),
+            Some(&mut self.cmsg),
             MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
         )
         .map_err(io::Error::from)?;
