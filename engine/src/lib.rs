@@ -35,6 +35,7 @@ mod buffer;
 mod codec;
 mod error;
 pub mod file;
+mod inbox;
 mod message;
 mod node;
 pub mod pattern;

@@ -26,16 +26,16 @@ use tensorferry_device_map::{ChannelConfig, ChannelSpec, Device, Inventory, Over
 use crate::address::Address;
 use crate::error::{Error, Result};
 use crate::file::{FileReader, FileWriter};
+use crate::inbox::{Assembler, Inbox, Lead, Next};
 use crate::message::Message;
 use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::shm::{self, FdReader, MappedSlot, SlotPool, SlotUse};
 use crate::staging::{self, Direction, Stager};
-use crate::stream::{FrameReader, Router};
 use crate::wire::layout;
 use crate::wire::{
-    decode_at, encode, encode_staged, EncodeOptions, Encoded, Frame, FrameMeta, HeadPlan, Kind,
-    Limits, TensorInfo,
+    decode_at, encode, encode_staged, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits,
+    TensorInfo,
 };
 use crate::HostBuffer;
 use tensorferry_kernels::DType;
@@ -169,6 +169,46 @@ struct Peer {
     /// Subscriptions made through `subscribe(addr, …)` to this peer, told when it is lost.
     origin: Mutex<Vec<Weak<Queue<Delivery>>>>,
     dialed: Option<Address>,
+    /// The read side of a socket link (none for inproc).
+    inbox: Option<Inbox<ReadSide>>,
+}
+
+/// How a connection's frames are read: by its reader thread, or by a
+/// requester that leads its [`Inbox`] while it waits for a reply.
+struct ReadSide {
+    frames: Frames,
+    /// The stream ended or failed; the peer is (being) marked lost.
+    ended: bool,
+}
+
+enum Frames {
+    Stream(Assembler<TcpStream>),
+    Unix {
+        frames: Assembler<FdReader>,
+        /// Descriptors received and not yet claimed by a `shm` frame.
+        fds: Arc<Mutex<VecDeque<OwnedFd>>>,
+        /// Slots mapped so far, by id.
+        mapped: HashMap<u32, Arc<MappedSlot>>,
+    },
+}
+
+impl ReadSide {
+    fn holds_bytes(&self) -> bool {
+        match &self.frames {
+            Frames::Stream(frames) => frames.holds_bytes(),
+            Frames::Unix { frames, .. } => frames.holds_bytes(),
+        }
+    }
+}
+
+/// What one read step did.
+enum Step {
+    /// Read and dispatched a frame.
+    Dispatched,
+    /// Nothing whole to read now.
+    Pending,
+    /// The stream is over (why); the peer must be marked lost.
+    Ended(String),
 }
 
 impl Peer {
@@ -732,6 +772,9 @@ impl Node {
             .lock()
             .expect("lock is never poisoned")
             .insert(id, Pending { peer: peer.id, tx });
+        // Lead the connection's inbox when no one else does, before the reply
+        // can arrive: this thread then reads the reply itself.
+        let lead = peer.inbox.as_ref().and_then(Inbox::try_lead);
         let sent = match &peer.link {
             Link::Stream { .. } | Link::Unix { .. } => {
                 let meta = FrameMeta {
@@ -758,6 +801,9 @@ impl Node {
             }
         };
         let wait = || {
+            if let Some(lead) = lead {
+                return self.inner.read_until_reply(&peer, lead, &rx, timeout);
+            }
             let spin_until = Instant::now() + self.inner.busy_poll;
             while Instant::now() < spin_until {
                 if let Ok(result) = rx.try_recv() {
@@ -976,6 +1022,7 @@ impl NodeInner {
                         twin: OnceLock::new(),
                     },
                     Some(addr.clone()),
+                    None,
                 );
                 let there = remote.add_peer(
                     format!("inproc peer {}", self.name),
@@ -983,6 +1030,7 @@ impl NodeInner {
                         remote: Arc::downgrade(self),
                         twin: OnceLock::new(),
                     },
+                    None,
                     None,
                 );
                 link_twins(&here, &there);
@@ -1004,7 +1052,13 @@ impl NodeInner {
         }
     }
 
-    fn add_peer(&self, label: String, link: Link, dialed: Option<Address>) -> Arc<Peer> {
+    fn add_peer(
+        &self,
+        label: String,
+        link: Link,
+        dialed: Option<Address>,
+        inbox: Option<Inbox<ReadSide>>,
+    ) -> Arc<Peer> {
         let peer = Arc::new(Peer {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             label,
@@ -1013,6 +1067,7 @@ impl NodeInner {
             wants: Mutex::new(HashMap::new()),
             origin: Mutex::new(Vec::new()),
             dialed,
+            inbox,
         });
         self.peers
             .lock()
@@ -1048,6 +1103,19 @@ impl NodeInner {
         let writer = stream
             .try_clone()
             .map_err(|e| Error::io("cloning the socket", e))?;
+        let watch = OwnedFd::from(
+            stream
+                .try_clone()
+                .map_err(|e| Error::io("cloning the socket", e))?,
+        );
+        let frames = Frames::Stream(Assembler::new(reader, self.pool.clone(), self.limits));
+        let inbox = Inbox::new(
+            watch,
+            ReadSide {
+                frames,
+                ended: false,
+            },
+        )?;
         let peer = self.add_peer(
             label,
             Link::Stream {
@@ -1055,15 +1123,17 @@ impl NodeInner {
                 stream,
             },
             dialed,
+            Some(inbox),
         );
         let node = Arc::downgrade(self);
         let p = Arc::clone(&peer);
-        let frames = FrameReader::new(reader, self.pool.clone(), self.limits)
-            .with_router(device_router(Weak::clone(&node)));
-        thread::Builder::new()
+        let started = thread::Builder::new()
             .name("tf-read".into())
-            .spawn(move || read_loop(frames, &p, &node))
-            .map_err(|e| Error::io("starting a reader thread", e))?;
+            .spawn(move || read_loop(&p, &node));
+        if let Err(e) = started {
+            self.lose(&peer, "no reader thread");
+            return Err(Error::io("starting a reader thread", e));
+        }
         self.greet(&peer);
         Ok(peer)
     }
@@ -1080,6 +1150,24 @@ impl NodeInner {
         };
         let reader = clone(&stream)?;
         let writer = clone(&stream)?;
+        let watch = OwnedFd::from(clone(&stream)?);
+        let fds = Arc::new(Mutex::new(VecDeque::new()));
+        let frames = Frames::Unix {
+            frames: Assembler::new(
+                FdReader::new(reader, Arc::clone(&fds)),
+                self.pool.clone(),
+                self.limits,
+            ),
+            fds,
+            mapped: HashMap::new(),
+        };
+        let inbox = Inbox::new(
+            watch,
+            ReadSide {
+                frames,
+                ended: false,
+            },
+        )?;
         let peer = self.add_peer(
             label,
             Link::Unix {
@@ -1089,19 +1177,17 @@ impl NodeInner {
                 awaiting: Mutex::new(HashMap::new()),
             },
             dialed,
-        );
-        let fds = Arc::new(Mutex::new(VecDeque::new()));
-        let frames = FrameReader::new(
-            FdReader::new(reader, Arc::clone(&fds)),
-            self.pool.clone(),
-            self.limits,
+            Some(inbox),
         );
         let node = Arc::downgrade(self);
         let p = Arc::clone(&peer);
-        thread::Builder::new()
+        let started = thread::Builder::new()
             .name("tf-read-shm".into())
-            .spawn(move || unix_read_loop(frames, &fds, &p, &node))
-            .map_err(|e| Error::io("starting a reader thread", e))?;
+            .spawn(move || read_loop(&p, &node));
+        if let Err(e) = started {
+            self.lose(&peer, "no reader thread");
+            return Err(Error::io("starting a reader thread", e));
+        }
         self.greet(&peer);
         Ok(peer)
     }
@@ -1246,6 +1332,76 @@ impl NodeInner {
                     "the service is stopping",
                 )),
             );
+        }
+    }
+
+    /// Reads and dispatches `peer`'s frames as its reader thread would, until
+    /// the reply `rx` waits for arrives, `timeout` passes, or the stream ends.
+    /// Spins (reading without sleeping) for the node's busy-poll time first.
+    fn read_until_reply(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        mut lead: Lead<'_, ReadSide>,
+        rx: &Receiver<Reply>,
+        timeout: Duration,
+    ) -> std::result::Result<Reply, RecvTimeoutError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let spin_until = start + self.busy_poll;
+        // The reply cannot be there yet: wait before the first read (unless spinning).
+        let mut wait_first = self.busy_poll.is_zero() && !lead.holds_bytes();
+        loop {
+            if let Ok(result) = rx.try_recv() {
+                // Frames read ahead are invisible to the reader thread's wait:
+                // dispatch them before leaving.
+                while lead.holds_bytes() {
+                    match read_step(self, peer, &mut lead) {
+                        Step::Dispatched => {}
+                        Step::Pending => break,
+                        Step::Ended(reason) => {
+                            lead.ended = true;
+                            self.lose(peer, &reason);
+                            break;
+                        }
+                    }
+                }
+                return Ok(result);
+            }
+            if std::mem::take(&mut wait_first) {
+                if let Err(e) = lead.inbox().wait_readable(deadline) {
+                    lead.ended = true;
+                    self.lose(peer, &format!("waiting to read: {e}"));
+                }
+            }
+            match read_step(self, peer, &mut lead) {
+                Step::Dispatched => {}
+                Step::Pending => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(RecvTimeoutError::Timeout);
+                    }
+                    if now < spin_until {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    if let Err(e) = lead.inbox().wait_readable(deadline) {
+                        lead.ended = true;
+                        self.lose(peer, &format!("waiting to read: {e}"));
+                    }
+                }
+                Step::Ended(reason) => {
+                    lead.ended = true;
+                    drop(lead);
+                    // Fails every request pending on the peer, this one included.
+                    self.lose(peer, &reason);
+                    return Ok(rx.try_recv().unwrap_or_else(|_| {
+                        Err(Error::PeerLost {
+                            peer: peer.label.clone(),
+                            reason,
+                        })
+                    }));
+                }
+            }
         }
     }
 
@@ -1434,54 +1590,90 @@ fn accept_loop<S>(
     }
 }
 
-/// Reads a shm peer: control frames inline, messages from shared slots.
-fn unix_read_loop(
-    mut frames: FrameReader<FdReader>,
-    fds: &Arc<Mutex<VecDeque<OwnedFd>>>,
-    peer: &Arc<Peer>,
-    node: &Weak<NodeInner>,
-) {
-    let mut mapped: HashMap<u32, Arc<MappedSlot>> = HashMap::new();
-    let reason = loop {
-        let result = frames.read_frame();
-        let first_byte = Instant::now();
+/// The reader thread of a socket peer: reads whenever no requester leads the
+/// inbox, until the stream ends.
+fn read_loop(peer: &Arc<Peer>, node: &Weak<NodeInner>) {
+    let Some(inbox) = &peer.inbox else { return };
+    loop {
+        if let Err(e) = inbox.wait() {
+            if let Some(inner) = node.upgrade() {
+                inner.lose(peer, &format!("waiting to read: {e}"));
+            }
+            return;
+        }
         let Some(inner) = node.upgrade() else { return };
-        let frame = match result {
-            Ok(Some(f)) => f,
-            Ok(None) => break "the peer closed the connection".to_string(),
-            Err(e) => break report(&inner, peer, &e),
+        let Some(mut side) = inbox.read_turn() else {
+            continue;
         };
-        match frame.meta.kind {
-            Kind::Shm => match open_slot_frame(&inner, peer, &frame, fds, &mut mapped) {
-                Ok(f) => handle_frame(&inner, peer, f, first_byte),
-                Err(e) => break report(&inner, peer, &e),
-            },
-            Kind::Release => {
-                let slot = frame
-                    .message
-                    .get_field("slot")
-                    .and_then(serde_json::Value::as_u64);
-                let offset = frame
-                    .message
-                    .get_field("offset")
-                    .and_then(serde_json::Value::as_u64);
-                if let (Some(slot), Some(offset), Link::Unix { awaiting, .. }) =
-                    (slot, offset, &peer.link)
-                {
-                    if let Ok(slot) = u32::try_from(slot) {
-                        awaiting
-                            .lock()
-                            .expect("lock is never poisoned")
-                            .remove(&(slot, offset));
-                    }
+        if side.ended {
+            return;
+        }
+        loop {
+            match read_step(&inner, peer, &mut side) {
+                // The wait is level-triggered: what is left in the socket wakes it again.
+                Step::Dispatched if !side.holds_bytes() => break,
+                Step::Dispatched => {}
+                Step::Pending => break,
+                Step::Ended(reason) => {
+                    side.ended = true;
+                    drop(side);
+                    inner.lose(peer, &reason);
+                    return;
                 }
             }
-            _ => handle_frame(&inner, peer, frame, first_byte),
         }
-    };
-    if let Some(inner) = node.upgrade() {
-        inner.lose(peer, &reason);
     }
+}
+
+/// Reads the next frame if all of it is there and dispatches it as the reader
+/// thread does: control frames inline, shm messages from their shared slots.
+fn read_step(inner: &Arc<NodeInner>, peer: &Arc<Peer>, side: &mut ReadSide) -> Step {
+    if side.ended {
+        return Step::Ended("the connection was closed".into());
+    }
+    let next = match &mut side.frames {
+        Frames::Stream(frames) => frames.next(),
+        Frames::Unix { frames, .. } => frames.next(),
+    };
+    let first_byte = Instant::now();
+    let frame = match next {
+        Ok(Next::Frame(f)) => f,
+        Ok(Next::Pending) => return Step::Pending,
+        Ok(Next::End) => return Step::Ended("the peer closed the connection".into()),
+        Err(e) => return Step::Ended(report(inner, peer, &e)),
+    };
+    let Frames::Unix { fds, mapped, .. } = &mut side.frames else {
+        handle_frame(inner, peer, frame, first_byte);
+        return Step::Dispatched;
+    };
+    match frame.meta.kind {
+        Kind::Shm => match open_slot_frame(inner, peer, &frame, fds, mapped) {
+            Ok(f) => handle_frame(inner, peer, f, first_byte),
+            Err(e) => return Step::Ended(report(inner, peer, &e)),
+        },
+        Kind::Release => {
+            let slot = frame
+                .message
+                .get_field("slot")
+                .and_then(serde_json::Value::as_u64);
+            let offset = frame
+                .message
+                .get_field("offset")
+                .and_then(serde_json::Value::as_u64);
+            if let (Some(slot), Some(offset), Link::Unix { awaiting, .. }) =
+                (slot, offset, &peer.link)
+            {
+                if let Ok(slot) = u32::try_from(slot) {
+                    awaiting
+                        .lock()
+                        .expect("lock is never poisoned")
+                        .remove(&(slot, offset));
+                }
+            }
+        }
+        _ => handle_frame(inner, peer, frame, first_byte),
+    }
+    Step::Dispatched
 }
 
 fn report(inner: &NodeInner, peer: &Peer, e: &Error) -> String {
@@ -1544,61 +1736,6 @@ fn open_slot_frame(
         ));
     }
     Ok(frame)
-}
-
-fn read_loop(mut frames: FrameReader<TcpStream>, peer: &Arc<Peer>, node: &Weak<NodeInner>) {
-    let reason = loop {
-        let result = frames.read_frame();
-        let first_byte = Instant::now();
-        let Some(inner) = node.upgrade() else { return };
-        let frame = match result {
-            Ok(Some(f)) => f,
-            Ok(None) => break "the peer closed the connection".to_string(),
-            Err(e) => {
-                if peer.alive.load(Ordering::Acquire) && !inner.closed.load(Ordering::Acquire) {
-                    eprintln!("tensorferry: {}: closing {}: {e}", inner.name, peer.label);
-                }
-                break e.to_string();
-            }
-        };
-        handle_frame(&inner, peer, frame, first_byte);
-    };
-    if let Some(inner) = node.upgrade() {
-        inner.lose(peer, &reason);
-    }
-}
-
-/// Sends the bytes of each tensor whose channel maps it to a device (CUDA
-/// or wgpu) straight from the socket to that device.
-fn device_router(node: Weak<NodeInner>) -> Router {
-    Arc::new(move |plan: &HeadPlan| {
-        let none = || vec![None; plan.tensors.len()];
-        let direction = match plan.meta.kind {
-            Kind::Message | Kind::Request => Direction::Forward,
-            Kind::Reply => Direction::Reply,
-            _ => return none(),
-        };
-        let Some(inner) = node.upgrade() else {
-            return none();
-        };
-        let Ok(stager) = inner.stager(&plan.meta.channel, direction) else {
-            return none();
-        };
-        if stager.passes_host_tensors() && plan.tensors.iter().all(|t| t.device == Device::Cpu) {
-            return none();
-        }
-        plan.tensors
-            .iter()
-            .map(|t| {
-                // A tensor whose target is missing is read to the host; its
-                // landing then reports the error.
-                let (target, _) = stager.target(t.device).ok()?;
-                (target != Device::Cpu)
-                    .then(|| stager.runtime_for(target).ok())
-                    .flatten()
-            })
-            .collect()
-    })
 }
 
 /// Encodes `message` with `stager`'s sending rules; host tensors on a

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
@@ -186,23 +186,28 @@ impl SlotPool {
 pub(crate) struct FdReader {
     stream: UnixStream,
     fds: Arc<Mutex<VecDeque<OwnedFd>>>,
+    /// Room for the control message, kept: one allocation per connection, not per read.
+    cmsg: Vec<u8>,
 }
 
 impl FdReader {
     pub(crate) fn new(stream: UnixStream, fds: Arc<Mutex<VecDeque<OwnedFd>>>) -> Self {
-        Self { stream, fds }
+        Self {
+            stream,
+            fds,
+            cmsg: nix::cmsg_space!([RawFd; 4]),
+        }
     }
 }
 
-impl Read for FdReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+impl crate::inbox::Source for FdReader {
+    fn recv_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut iov = [IoSliceMut::new(buf)];
         let msg = recvmsg::<UnixAddr>(
             self.stream.as_raw_fd(),
             &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
+            Some(&mut self.cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
         )
         .map_err(io::Error::from)?;
         let n = msg.bytes;

@@ -620,13 +620,17 @@ fn payload(t: &Tensor) -> Result<Payload> {
 /// Prelude, header, buffer table and padding for a header and buffer lengths;
 /// returns the head and the frame length.
 fn assemble(header: &HeaderOut<'_>, lens: &[u64]) -> Result<(Vec<u8>, u64)> {
-    let json = serde_json::to_vec(header).map_err(|e| Error::Header {
+    // The JSON goes straight after room for the prelude, which is filled in
+    // once the header's length is known: one buffer, no copy of the header.
+    let mut head = Vec::with_capacity(PRELUDE_BYTES + 512 + 8 * lens.len() + ALIGN);
+    head.resize(PRELUDE_BYTES, 0);
+    serde_json::to_writer(&mut head, header).map_err(|e| Error::Header {
         what: e.to_string(),
     })?;
-    let header_len = u32::try_from(json.len()).map_err(|_| {
+    let json_len = head.len() - PRELUDE_BYTES;
+    let header_len = u32::try_from(json_len).map_err(|_| {
         Error::Invalid(format!(
-            "the header is {} bytes; the format allows 4 GiB",
-            json.len()
+            "the header is {json_len} bytes; the format allows 4 GiB"
         ))
     })?;
     let count = u32::try_from(lens.len())
@@ -639,15 +643,14 @@ fn assemble(header: &HeaderOut<'_>, lens: &[u64]) -> Result<(Vec<u8>, u64)> {
             acc.checked_add(len).and_then(|v| align_up(v, ALIGN as u64))
         })
         .ok_or_else(|| Error::Invalid("the message size overflows".into()))?;
-    let mut head = Vec::with_capacity(data_start as usize);
-    head.extend_from_slice(&MAGIC);
-    head.extend_from_slice(&VERSION.to_le_bytes());
-    head.extend_from_slice(&0u16.to_le_bytes());
-    head.extend_from_slice(&header_len.to_le_bytes());
-    head.extend_from_slice(&count.to_le_bytes());
-    head.extend_from_slice(&frame_len.to_le_bytes());
-    head.extend_from_slice(&0u64.to_le_bytes());
-    head.extend_from_slice(&json);
+    let mut prelude = [0u8; PRELUDE_BYTES];
+    prelude[..4].copy_from_slice(&MAGIC);
+    prelude[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    // Bytes 6..8 (flags) and 24..32 (reserved) stay zero.
+    prelude[8..12].copy_from_slice(&header_len.to_le_bytes());
+    prelude[12..16].copy_from_slice(&count.to_le_bytes());
+    prelude[16..24].copy_from_slice(&frame_len.to_le_bytes());
+    head[..PRELUDE_BYTES].copy_from_slice(&prelude);
     head.resize(table_start as usize, 0);
     for len in lens {
         head.extend_from_slice(&len.to_le_bytes());

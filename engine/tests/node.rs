@@ -13,6 +13,15 @@ use tensorferry_engine::{
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Held by the tests that open shared-memory slots: one of them counts the
+/// slot descriptors this process holds, which the others would change.
+static SHM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn shm_lock() -> std::sync::MutexGuard<'static, ()> {
+    SHM.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn tensor(seq: u64) -> Tensor {
     pattern::tensor(DType::F32, &[64, 33], 5, seq, "x").expect("tensor")
 }
@@ -341,6 +350,7 @@ fn garbage_from_one_peer_closes_it_and_others_carry_on() {
 
 #[test]
 fn shm_fan_out_delivers_every_byte_and_reuses_slots() {
+    let _shm = shm_lock();
     let name = format!("tf-test-{}", std::process::id());
     let server = Node::builder()
         .listen(format!("shm://{name}"))
@@ -385,6 +395,7 @@ fn shm_fan_out_delivers_every_byte_and_reuses_slots() {
 
 #[test]
 fn shm_requests_and_replies_work_like_tcp() {
+    let _shm = shm_lock();
     let name = format!("tf-svc-{}", std::process::id());
     let server = Node::builder()
         .listen(format!("shm://{name}"))
@@ -434,6 +445,7 @@ fn in_shared_slot(addr: usize) -> bool {
 
 #[test]
 fn a_loan_is_filled_in_place_and_reaches_shm_and_local_subscribers() {
+    let _shm = shm_lock();
     let name = format!("tf-loan-{}", std::process::id());
     let server = Node::builder()
         .listen(format!("shm://{name}"))
@@ -510,6 +522,7 @@ fn open_slots() -> usize {
 
 #[test]
 fn shared_memory_is_capped_and_a_slow_subscriber_makes_the_publisher_wait() {
+    let _shm = shm_lock();
     let name = format!("tf-cap-{}", std::process::id());
     let server = Node::builder()
         .listen(format!("shm://{name}"))

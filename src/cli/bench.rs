@@ -731,7 +731,8 @@ fn run_role(role: &str, listen: &str, size: u64, config: ChannelConfig) -> Outco
                 .map_err(|e| e.to_string())?;
             node.serve(
                 "/bench",
-                tensorferry::engine::Service::new(|m: Message| Ok(m)),
+                // Inline, as the report says: the echo runs on the thread that read the request.
+                tensorferry::engine::Service::new(|m: Message| Ok(m)).inline(true),
             )
             .map_err(|e| e.to_string())?;
             let sub = node.subscriber("/bench-stop");

@@ -1,0 +1,274 @@
+//! Request/reply on one connection shared by many requesters, pub/sub traffic,
+//! late replies, lost and hostile peers: a requester reads its own reply
+//! from the connection while it waits, and must dispatch every other frame as
+//! the connection's reader thread would.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tensorferry_engine::{pattern, DType, Error, Message, Node, Service, Tensor};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn tensor(seq: u64) -> Tensor {
+    pattern::tensor(DType::U8, &[1024], 5, seq, "x").expect("tensor")
+}
+
+/// A server listening on `transport` (`tcp` or `shm`) and its address.
+fn server(transport: &str, tag: &str) -> (Node, String) {
+    let listen = match transport {
+        "shm" => format!("shm://tf-req-{tag}-{}", std::process::id()),
+        _ => "tcp://127.0.0.1:0".to_string(),
+    };
+    let node = Node::builder()
+        .name("server")
+        .listen(listen)
+        .build()
+        .expect("server");
+    let addr = node.listen_addrs()[0].to_string();
+    (node, addr)
+}
+
+/// Echoes the request, adding `seen: true`.
+fn echo(inline: bool) -> Service {
+    Service::new(|m: Message| Ok(m.field("seen", true))).inline(inline)
+}
+
+fn number(m: &Message, key: &str) -> Option<u64> {
+    m.get_field(key).and_then(serde_json::Value::as_u64)
+}
+
+#[test]
+fn many_requesters_on_one_connection_each_get_their_own_reply() {
+    for transport in ["tcp", "shm"] {
+        for inline in [true, false] {
+            let (server, addr) = server(transport, &format!("many-{inline}"));
+            server.serve("/echo", echo(inline)).expect("serve");
+            let client = Node::builder().name("client").build().expect("client");
+            client.connect(&addr).expect("connect");
+            let threads: Vec<_> = (0..6u64)
+                .map(|t| {
+                    let client = client.clone();
+                    let addr = addr.clone();
+                    thread::spawn(move || {
+                        for i in 0..150u64 {
+                            let n = t * 1000 + i;
+                            let reply = client
+                                .request(
+                                    &addr,
+                                    "/echo",
+                                    Message::new().field("n", n).tensor("x", tensor(n)),
+                                    WAIT,
+                                )
+                                .expect("reply");
+                            assert_eq!(number(&reply, "n"), Some(n), "a reply to someone else");
+                            let x = reply.get("x").expect("x").as_slice::<u8>().expect("u8");
+                            let want = tensor(n);
+                            assert_eq!(x, want.as_slice::<u8>().expect("u8"));
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().expect("requester");
+            }
+            assert_eq!(
+                client.peer_count(),
+                1,
+                "{transport}: one connection throughout"
+            );
+        }
+    }
+}
+
+#[test]
+fn requests_interleave_with_pub_sub_on_one_connection() {
+    for transport in ["tcp", "shm"] {
+        let (server, addr) = server(transport, "pubsub");
+        server.serve("/echo", echo(true)).expect("serve");
+        let client = Node::builder().name("client").build().expect("client");
+        let ticks = client.subscribe(&addr, "/tick").expect("subscribe");
+        let up = server.subscriber("/up");
+        let publisher = server.publisher("/tick");
+        publisher.wait_for_subscribers(1, WAIT).expect("subscribed");
+        let sent = 400u64;
+        let feeder = thread::spawn(move || {
+            for seq in 0..sent {
+                publisher
+                    .send(Message::new().field("tick", seq).tensor("x", tensor(seq)))
+                    .expect("publish");
+                if seq % 16 == 0 {
+                    thread::sleep(Duration::from_micros(200));
+                }
+            }
+            publisher.flush(WAIT).expect("flush");
+        });
+        let reader = thread::spawn(move || {
+            for want in 0..sent {
+                let got = ticks.recv_timeout(WAIT).expect("tick");
+                assert_eq!(number(&got.message, "tick"), Some(want), "ticks in order");
+            }
+        });
+        let client_up = client.publisher("/up");
+        for n in 0..300u64 {
+            let reply = client
+                .request(&addr, "/echo", Message::new().field("n", n), WAIT)
+                .expect("reply");
+            assert_eq!(number(&reply, "n"), Some(n));
+            if n % 10 == 0 {
+                client_up
+                    .send(Message::new().field("up", n))
+                    .expect("publish up");
+            }
+        }
+        feeder.join().expect("feeder");
+        reader.join().expect("reader");
+        client_up.flush(WAIT).expect("flush up");
+        for want in (0..300u64).step_by(10) {
+            let got = up.recv_timeout(WAIT).expect("up");
+            assert_eq!(number(&got.message, "up"), Some(want));
+        }
+    }
+}
+
+#[test]
+fn a_reply_after_the_timeout_is_dropped_and_the_next_request_gets_its_own() {
+    for transport in ["tcp", "shm"] {
+        for inline in [true, false] {
+            let (server, addr) = server(transport, &format!("late-{inline}"));
+            server
+                .serve(
+                    "/slow",
+                    Service::new(|m: Message| {
+                        if m.get_field("slow").is_some() {
+                            thread::sleep(Duration::from_millis(300));
+                        }
+                        Ok(m)
+                    })
+                    .inline(inline),
+                )
+                .expect("serve");
+            let client = Node::builder().name("client").build().expect("client");
+            let start = Instant::now();
+            let err = client
+                .request(
+                    &addr,
+                    "/slow",
+                    Message::new().field("n", 1).field("slow", true),
+                    Duration::from_millis(100),
+                )
+                .expect_err("timeout");
+            assert!(matches!(err, Error::Timeout { .. }), "{err}");
+            assert!(
+                start.elapsed() < Duration::from_millis(280),
+                "the timeout holds"
+            );
+            // The late reply arrives while this request waits; it must not be taken for this one.
+            let reply = client
+                .request(&addr, "/slow", Message::new().field("n", 2), WAIT)
+                .expect("reply");
+            assert_eq!(number(&reply, "n"), Some(2));
+            let reply = client
+                .request(&addr, "/slow", Message::new().field("n", 3), WAIT)
+                .expect("reply");
+            assert_eq!(number(&reply, "n"), Some(3));
+        }
+    }
+}
+
+#[test]
+fn a_lost_peer_fails_the_requests_waiting_on_it() {
+    for transport in ["tcp", "shm"] {
+        let (server, addr) = server(transport, "lost");
+        let started = Arc::new(AtomicUsize::new(0));
+        let s = Arc::clone(&started);
+        server
+            .serve(
+                "/stuck",
+                Service::new(move |m: Message| {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    thread::sleep(Duration::from_millis(1500));
+                    Ok(m)
+                }),
+            )
+            .expect("serve");
+        let client = Node::builder().name("client").build().expect("client");
+        client.connect(&addr).expect("connect");
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let client = client.clone();
+                let addr = addr.clone();
+                thread::spawn(move || {
+                    let start = Instant::now();
+                    let r = client.request(&addr, "/stuck", Message::new(), WAIT);
+                    (r, start.elapsed())
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + WAIT;
+        while started.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        server.shutdown();
+        for w in waiting {
+            let (r, took) = w.join().expect("requester");
+            assert!(
+                matches!(r, Err(Error::PeerLost { .. })),
+                "{transport}: {r:?}"
+            );
+            assert!(
+                took < Duration::from_secs(5),
+                "{transport}: failed promptly"
+            );
+        }
+    }
+}
+
+/// A fake server that answers the first request with `answer`, then waits.
+fn fake_server(answer: Vec<u8>) -> (String, thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("tcp://{}", listener.local_addr().expect("addr"));
+    let handle = thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 4096];
+        // Whatever the client sends first (its request) is enough.
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(&answer);
+        thread::sleep(Duration::from_millis(600));
+    });
+    (addr, handle)
+}
+
+#[test]
+fn garbage_instead_of_a_reply_fails_the_request() {
+    let (addr, fake) = fake_server(vec![0xAB; 300]);
+    let client = Node::builder().name("client").build().expect("client");
+    let r = client.request(&addr, "/x", Message::new(), WAIT);
+    assert!(matches!(r, Err(Error::PeerLost { .. })), "{r:?}");
+    fake.join().expect("fake server");
+}
+
+#[test]
+fn half_a_reply_does_not_hold_a_requester_past_its_timeout() {
+    // A valid prelude announcing a frame of 4 KiB, then nothing more.
+    let mut prelude = Vec::new();
+    prelude.extend_from_slice(b"TFRM");
+    prelude.extend_from_slice(&1u16.to_le_bytes());
+    prelude.extend_from_slice(&0u16.to_le_bytes());
+    prelude.extend_from_slice(&2u32.to_le_bytes());
+    prelude.extend_from_slice(&0u32.to_le_bytes());
+    prelude.extend_from_slice(&4096u64.to_le_bytes());
+    prelude.extend_from_slice(&0u64.to_le_bytes());
+    prelude.extend_from_slice(b"{}");
+    let (addr, fake) = fake_server(prelude);
+    let client = Node::builder().name("client").build().expect("client");
+    let start = Instant::now();
+    let r = client.request(&addr, "/x", Message::new(), Duration::from_millis(200));
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    assert!(start.elapsed() < Duration::from_millis(500));
+    fake.join().expect("fake server");
+}
