@@ -439,6 +439,16 @@ fn bench_reports_every_row_beside_its_baseline() {
         assert_eq!(r["baseline"], want);
     }
     assert!(v["machine"]["cores"].as_u64().expect("cores") >= 1);
+    for gpu in ["cuda", "wgpu"] {
+        // The devices found, or why there are none.
+        let probe = &v["machine"][gpu];
+        assert!(
+            probe["devices"].is_array()
+                && (!probe["devices"].as_array().expect("list").is_empty()
+                    || probe["unavailable"].is_string()),
+            "{gpu}: {probe}"
+        );
+    }
     assert_eq!(v["settings"]["dtype"], "f32");
     for bad in [
         ["--sizes", "4XB"],

@@ -20,7 +20,7 @@ use tensorferry::engine::{
 };
 use tensorferry::kernels::cast;
 use tensorferry::kernels::runtime::cpu::CpuInfo;
-use tensorferry::kernels::runtime::Runtime;
+use tensorferry::kernels::runtime::{HostReport, Runtime};
 
 use super::{human_bytes, print_json, Outcome};
 
@@ -465,6 +465,16 @@ impl Plan {
             "mode": mode, "listen": listen, "to": to,
             "reqrep_service": "echo, inline", "busy_poll_us": self.busy_poll_us})
     }
+}
+
+/// The machine a run measured: processor, cores, memory, and the GPUs the
+/// CUDA and wgpu runtimes find (or why they find none).
+fn machine(cpu: &CpuInfo) -> Value {
+    let host = HostReport::probe();
+    let mut v = json!(cpu);
+    v["cuda"] = json!(host.cuda);
+    v["wgpu"] = json!(host.wgpu);
+    v
 }
 
 fn now_ns() -> u64 {
@@ -1128,7 +1138,7 @@ fn listen_side(end: &Endpoint, plan: &Plan, json_out: bool) -> Outcome {
         .send(
             Message::new()
                 .field("raw_port", raw_addr.port())
-                .field("machine", json!(cpu)),
+                .field("machine", machine(&cpu)),
         )
         .map_err(|e| e.to_string())?;
     let (mut stream, peer) = raw.accept().map_err(|e| e.to_string())?;
@@ -1207,7 +1217,7 @@ fn listen_side(end: &Endpoint, plan: &Plan, json_out: bool) -> Outcome {
     }
     settings["sender_machine"] = sender["machine"].clone();
     if json_out {
-        print_json(&json!({"settings": settings, "machine": cpu, "rows": rows}));
+        print_json(&json!({"settings": settings, "machine": machine(&cpu), "rows": rows}));
     } else {
         print_pubsub_footer(true);
     }
@@ -1266,7 +1276,7 @@ fn to_side(end: &Endpoint, plan: &Plan, bar: &indicatif::ProgressBar) -> Result<
                     .field("sizes_bytes", json!(plan.sizes))
                     .field("dtype", json!(plan.dtype))
                     .field("duration_s", plan.duration)
-                    .field("machine", json!(cpu)),
+                    .field("machine", machine(&cpu)),
             )
             .map_err(|e| e.to_string())?;
         let sent = blast(&publisher, plan.dtype, plan.src, size, plan.duration())?;
@@ -1312,7 +1322,7 @@ fn to_side(end: &Endpoint, plan: &Plan, bar: &indicatif::ProgressBar) -> Result<
     let mut settings = plan.settings_json();
     settings["raw_baseline_to"] = json!(raw_to);
     Ok(
-        json!({"settings": settings, "machine": cpu, "listener_machine": listener_machine, "rows": rows}),
+        json!({"settings": settings, "machine": machine(&cpu), "listener_machine": listener_machine, "rows": rows}),
     )
 }
 
@@ -1363,7 +1373,7 @@ pub fn run(args: &Args) -> Outcome {
             }
         }
         bar.finish_and_clear();
-        json!({"settings": plan.settings_json(), "machine": cpu, "rows": rows})
+        json!({"settings": plan.settings_json(), "machine": machine(&cpu), "rows": rows})
     };
     let rows = report["rows"].as_array().cloned().unwrap_or_default();
     if let Some(path) = &args.plot {
