@@ -50,6 +50,10 @@ fn check_map_resolves_the_shipped_example_against_a_stated_inventory() {
         v["channels"]["/detect"]["resolved"]["cuda:0"]["target"],
         "cuda:1"
     );
+    assert_eq!(
+        v["channels"]["/activations"]["resolved"]["cpu"]["target"],
+        "cuda:0"
+    );
 }
 
 #[test]
