@@ -80,7 +80,7 @@ enum Route {
     /// Into the frame buffer up to the head, which then decides.
     Unplanned,
     /// Some buffers straight into devices.
-    Devices(Routed),
+    Devices(Box<Routed>),
 }
 
 /// The device-bound buffers of a frame and how far they are.
@@ -177,14 +177,14 @@ impl<S: Source> Assembler<S> {
             Ok(Next::Pending) => {
                 // About to wait for the socket: staging chunks whose copies
                 // are done go back to the pool meanwhile.
-                if let Some(Partial {
-                    route:
-                        Route::Devices(Routed {
-                            current: Some(up), ..
-                        }),
-                    ..
-                }) = &mut self.partial
-                {
+                let upload = match &mut self.partial {
+                    Some(Partial {
+                        route: Route::Devices(r),
+                        ..
+                    }) => r.current.as_mut(),
+                    _ => None,
+                };
+                if let Some(up) = upload {
                     if let Err(e) = up.pause() {
                         self.partial = None;
                         return Err(self.upload_error(e));
@@ -264,12 +264,12 @@ impl<S: Source> Assembler<S> {
         p.route = if targets.is_empty() {
             Route::Host
         } else {
-            Route::Devices(Routed {
+            Route::Devices(Box::new(Routed {
                 targets,
                 next: 0,
                 current: None,
                 done: Vec::new(),
-            })
+            }))
         };
         Ok(())
     }
