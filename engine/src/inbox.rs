@@ -343,6 +343,14 @@ impl<S: Source> Assembler<S> {
         let want = range.end - *filled;
         let have = self.end - self.start;
         let mut stop = None;
+        if want > 0 && up.remaining() != want {
+            return Err(failed(tensorferry_kernels::Error::SizeMismatch {
+                op: "reading into an upload",
+                what: "bytes the upload still takes",
+                expected: want,
+                actual: up.remaining(),
+            }));
+        }
         if want > 0 && have > 0 {
             let space = up.space().map_err(failed)?;
             let n = space.len().min(want).min(have);

@@ -1657,9 +1657,14 @@ fn device_router(node: Weak<NodeInner>) -> Router {
                 // A tensor whose target is missing is read to the host; its
                 // landing then reports the error.
                 let (target, _) = stager.target(t.device).ok()?;
-                (target != Device::Cpu)
-                    .then(|| stager.runtime_for(target).ok())
-                    .flatten()
+                if target == Device::Cpu {
+                    return None;
+                }
+                let rt = stager.runtime_for(target).ok()?;
+                // Otherwise landing uploads it, on the receiving thread,
+                // while this one reads the next frame.
+                let len = plan.buffers.get(t.buffer).map_or(0, |r| r.len());
+                rt.overlaps_upload(len).then_some(rt)
             })
             .collect()
     })

@@ -435,6 +435,20 @@ impl Runtime {
         Ok(Uploading { inner })
     }
 
+    /// True when an upload of `len` bytes fed piece by piece
+    /// ([`Runtime::begin_upload`]) overlaps its copies with the arrival of
+    /// later bytes, so reading a socket straight into it beats reading the
+    /// bytes to memory and uploading them afterwards: on CUDA always (each
+    /// pinned chunk is copied while the next fills, and the bytes skip a host
+    /// copy); on wgpu past one 4 MiB staging step; never on the CPU.
+    pub fn overlaps_upload(&self, len: usize) -> bool {
+        match self {
+            Runtime::Cpu => false,
+            Runtime::Cuda(_) => true,
+            Runtime::Wgpu(_) => len > wgpu::STREAM_STEP_BYTES,
+        }
+    }
+
     /// Hands all of `buf`'s bytes (on this device) to `sink` in order, in one
     /// or more pieces, never empty ones: on the CPU the buffer itself; on
     /// CUDA pinned chunk by chunk while the next chunks' copies run; on wgpu

@@ -45,7 +45,7 @@ pub const PACK_WGSL: &str = include_str!("pack.wgsl");
 
 /// Bytes per step of [`WgpuRuntime::upload_from`] and
 /// [`WgpuRuntime::download_to`] (a multiple of wgpu's 4-byte copy unit).
-const STREAM_STEP_BYTES: usize = 4 << 20;
+pub(crate) const STREAM_STEP_BYTES: usize = 4 << 20;
 
 /// One wgpu adapter, opened as a device. Cloning shares it.
 ///
@@ -157,12 +157,15 @@ impl WgpuUpload {
         Ok(())
     }
 
-    /// Waits for the submitted copies and returns the buffer.
+    /// Returns the buffer. Its copies are submitted: whatever is submitted
+    /// to the adapter afterwards (kernels, reads) runs after them, so there
+    /// is nothing to wait for (the staging buffers belong to wgpu, not to
+    /// the caller).
     ///
     /// # Errors
     ///
     /// [`Error::SizeMismatch`](crate::Error::SizeMismatch) when bytes are
-    /// missing; as [`WgpuRuntime::synchronize`].
+    /// missing.
     pub fn finish(self) -> Result<WgpuBuffer> {
         if self.position() != self.len() {
             return Err(crate::Error::SizeMismatch {
@@ -172,7 +175,6 @@ impl WgpuUpload {
                 actual: self.position(),
             });
         }
-        self.rt.synchronize()?;
         Ok(self.buf)
     }
 }
