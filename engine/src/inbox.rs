@@ -14,11 +14,12 @@
 //!
 //! Reads never block: an [`Assembler`] builds frames across calls, so a leader
 //! that gives up mid-frame (its timeout passed) leaves the half-read frame
-//! intact for the next one.
+//! intact for the next one — with a router, uploads of tensors read straight
+//! into their devices included.
 
 use std::io;
 use std::net::TcpStream;
-use std::ops::{Deref, DerefMut};
+use std::ops::{Deref, DerefMut, Range};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
@@ -27,9 +28,12 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{recv, MsgFlags};
 
+use tensorferry_kernels::runtime::{DeviceBuffer, Runtime, Uploading};
+
 use crate::error::{Error, Result};
 use crate::pool::{BufferPool, PooledBuffer};
-use crate::wire::{decode_at, Frame, Limits, Prelude, PRELUDE_BYTES};
+use crate::stream::{device_targets, with_device_tensors, Router};
+use crate::wire::{decode_at, plan_head, Frame, Limits, Prelude, PRELUDE_BYTES};
 
 /// Bytes read ahead of the current frame: a small frame and the prelude of the
 /// next one come in one `recv`.
@@ -57,7 +61,63 @@ pub(crate) enum Next {
     End,
 }
 
+/// The frame being built.
+struct Partial {
+    buf: PooledBuffer,
+    /// The frame's length.
+    len: usize,
+    /// Bytes of the frame read so far, into `buf` or into a device.
+    filled: usize,
+    /// Where the frame's head ends (its first buffer starts).
+    head: usize,
+    route: Route,
+}
+
+/// Where a partial frame's bytes go.
+enum Route {
+    /// All into the frame buffer.
+    Host,
+    /// Into the frame buffer up to the head, which then decides.
+    Unplanned,
+    /// Some buffers straight into devices.
+    Devices(Box<Routed>),
+}
+
+/// The device-bound buffers of a frame and how far they are.
+struct Routed {
+    /// `(buffer index, byte range in the frame, runtime)`, in stream order.
+    targets: Vec<(usize, Range<usize>, Runtime)>,
+    /// The target being read or next to read.
+    next: usize,
+    /// The upload of `targets[next]`, once its first byte is due.
+    current: Option<Uploading>,
+    /// Buffers whose bytes are on their devices.
+    done: Vec<(usize, DeviceBuffer)>,
+}
+
+impl Partial {
+    /// Where the stretch being read ends, and whether it goes to a device.
+    fn stretch(&self) -> (usize, bool) {
+        match &self.route {
+            Route::Host => (self.len, false),
+            Route::Unplanned => (self.head, false),
+            Route::Devices(r) => match r.targets.get(r.next) {
+                Some((_, range, _)) if self.filled >= range.start => (range.end, true),
+                Some((_, range, _)) => (range.start, false),
+                None => (self.len, false),
+            },
+        }
+    }
+}
+
 /// Builds frames from a stream read without blocking, across calls.
+///
+/// With a [`Router`], a frame's head decides where each tensor's bytes go:
+/// a buffer routed to a device is read from the socket straight into that
+/// device's upload ([`Runtime::begin_upload`]: CUDA's pinned chunks, each
+/// copied while the next one arrives; wgpu's staging steps), the rest into
+/// the frame buffer. What is read of a frame, uploads included, survives
+/// `Pending` returns.
 pub(crate) struct Assembler<S> {
     source: S,
     pool: BufferPool,
@@ -68,8 +128,10 @@ pub(crate) struct Assembler<S> {
     /// The unread bytes of `ahead`.
     start: usize,
     end: usize,
-    /// The frame being built and how many of its bytes are in.
-    partial: Option<(PooledBuffer, usize)>,
+    partial: Option<Partial>,
+    router: Option<Router>,
+    /// Smaller frames are never routed.
+    route_min_bytes: usize,
 }
 
 impl<S: Source> Assembler<S> {
@@ -84,45 +146,74 @@ impl<S: Source> Assembler<S> {
             start: 0,
             end: 0,
             partial: None,
+            router: None,
+            route_min_bytes: AHEAD_BYTES,
         }
+    }
+
+    /// Reads the tensors `router` sends to a device straight into it (see
+    /// the type's docs). Only frames larger than one read-ahead are routed:
+    /// a smaller frame is in memory after a read or two anyway, and its
+    /// tensors reach their devices when they land, so small frames (the
+    /// requests and replies of a round trip) pay nothing for routing.
+    pub(crate) fn with_router(mut self, router: Router) -> Self {
+        self.router = Some(router);
+        self
     }
 
     /// The next frame if all of it has arrived.
     ///
     /// # Errors
     ///
-    /// A stream that ends mid-frame, an I/O error, or a frame the decoder
-    /// rejects. Nothing beyond the prelude is allocated for a frame over the limits.
+    /// A stream that ends mid-frame, an I/O error, a frame the decoder
+    /// rejects (its head included, once it is in), or an upload that fails.
+    /// Nothing beyond the prelude is allocated for a frame over the limits.
+    /// After an error the partial frame is dropped, its uploads with it
+    /// (their staging chunks go back to the pool).
     pub(crate) fn next(&mut self) -> Result<Next> {
-        loop {
-            if let Some((buf, filled)) = &mut self.partial {
-                let bytes = buf.as_mut_slice();
-                let n = (bytes.len() - *filled).min(self.end - self.start);
-                bytes[*filled..*filled + n]
-                    .copy_from_slice(&self.ahead[self.start..self.start + n]);
-                self.start += n;
-                *filled += n;
-                if *filled == bytes.len() {
-                    let (buf, _) = self.partial.take().expect("matched above");
-                    let frame = decode_at(&buf.freeze(), &self.limits, self.offset)?;
-                    self.offset += frame.frame_len;
-                    return Ok(Next::Frame(frame));
-                }
-                // `ahead` is used up; a large rest goes straight into the frame.
-                (self.start, self.end) = (0, 0);
-                let direct = bytes.len() - *filled >= AHEAD_BYTES;
-                let target = if direct {
-                    &mut bytes[*filled..]
-                } else {
-                    &mut self.ahead[..]
+        let outcome = self.step();
+        match &outcome {
+            Err(_) => self.partial = None,
+            Ok(Next::Pending) => {
+                // About to wait for the socket: staging chunks whose copies
+                // are done go back to the pool meanwhile.
+                let upload = match &mut self.partial {
+                    Some(Partial {
+                        route: Route::Devices(r),
+                        ..
+                    }) => r.current.as_mut(),
+                    _ => None,
                 };
-                match self.source.recv_now(target) {
-                    Ok(0) => return Err(self.cut()),
-                    Ok(n) if direct => *filled += n,
-                    Ok(n) => self.end = n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Next::Pending),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::io(self.context(), e)),
+                if let Some(up) = upload {
+                    if let Err(e) = up.pause() {
+                        self.partial = None;
+                        return Err(self.upload_error(e));
+                    }
+                }
+            }
+            Ok(_) => {}
+        }
+        outcome
+    }
+
+    fn step(&mut self) -> Result<Next> {
+        loop {
+            if let Some(p) = &self.partial {
+                if matches!(p.route, Route::Unplanned) && p.filled >= p.head {
+                    self.plan()?;
+                    continue;
+                }
+                if p.filled == p.len {
+                    return self.complete().map(Next::Frame);
+                }
+                let (upto, to_device) = p.stretch();
+                let read = if to_device {
+                    self.feed_device()?
+                } else {
+                    self.feed_host(upto)?
+                };
+                if let Some(next) = read {
+                    return Ok(next);
                 }
                 continue;
             }
@@ -135,7 +226,19 @@ impl<S: Source> Assembler<S> {
                     value: p.frame_len,
                     limit: usize::MAX as u64,
                 })?;
-                self.partial = Some((self.pool.get(len), 0));
+                let routed = self.router.is_some() && len >= self.route_min_bytes;
+                self.partial = Some(Partial {
+                    buf: self.pool.get(len),
+                    len,
+                    filled: 0,
+                    // `Prelude::parse` checked it is within the frame.
+                    head: p.data_start as usize,
+                    route: if routed {
+                        Route::Unplanned
+                    } else {
+                        Route::Host
+                    },
+                });
                 continue;
             }
             self.ahead.copy_within(self.start..self.end, 0);
@@ -151,6 +254,161 @@ impl<S: Source> Assembler<S> {
         }
     }
 
+    /// Reads the partial frame's head and asks the router where its buffers go.
+    fn plan(&mut self) -> Result<()> {
+        let (Some(p), Some(router)) = (&mut self.partial, &self.router) else {
+            return Ok(());
+        };
+        let plan = plan_head(&p.buf.as_mut_slice()[..p.head], &self.limits, self.offset)?;
+        let targets = device_targets(&plan, &router(&plan));
+        p.route = if targets.is_empty() {
+            Route::Host
+        } else {
+            Route::Devices(Box::new(Routed {
+                targets,
+                next: 0,
+                current: None,
+                done: Vec::new(),
+            }))
+        };
+        Ok(())
+    }
+
+    /// Moves bytes of the partial frame up to `upto` into its buffer: first
+    /// those read ahead, then one read. `Some` when the read says to stop.
+    fn feed_host(&mut self, upto: usize) -> Result<Option<Next>> {
+        let Some(p) = &mut self.partial else {
+            return Ok(None);
+        };
+        let bytes = p.buf.as_mut_slice();
+        let n = (upto - p.filled).min(self.end - self.start);
+        bytes[p.filled..p.filled + n].copy_from_slice(&self.ahead[self.start..self.start + n]);
+        self.start += n;
+        p.filled += n;
+        if p.filled == upto {
+            return Ok(None);
+        }
+        // `ahead` is used up; a large rest goes straight into the frame.
+        (self.start, self.end) = (0, 0);
+        let direct = upto - p.filled >= AHEAD_BYTES;
+        let target = if direct {
+            &mut bytes[p.filled..upto]
+        } else {
+            &mut self.ahead[..]
+        };
+        match self.source.recv_now(target) {
+            Ok(0) => Err(self.cut()),
+            Ok(n) if direct => {
+                p.filled += n;
+                Ok(None)
+            }
+            Ok(n) => {
+                self.end = n;
+                Ok(None)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(Next::Pending)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e) => Err(Error::io(self.context(), e)),
+        }
+    }
+
+    /// Moves bytes of the device-bound buffer being read into its upload:
+    /// first those read ahead, then one read straight into the upload's
+    /// space. Finishes the upload once its last byte is in, so that at most
+    /// one upload per connection holds staging chunks. `Some` when the read
+    /// says to stop.
+    fn feed_device(&mut self) -> Result<Option<Next>> {
+        let context = self.context();
+        let Some(Partial {
+            filled,
+            route: Route::Devices(r),
+            ..
+        }) = &mut self.partial
+        else {
+            return Ok(None);
+        };
+        let (index, range, rt) = &r.targets[r.next];
+        let failed = |e: tensorferry_kernels::Error| {
+            Error::io(
+                context.clone(),
+                io::Error::other(format!("reading buffer {index} into {}: {e}", rt.device())),
+            )
+        };
+        let up = match &mut r.current {
+            Some(up) => up,
+            None => r
+                .current
+                .insert(rt.begin_upload(range.len()).map_err(failed)?),
+        };
+        let want = range.end - *filled;
+        let have = self.end - self.start;
+        let mut stop = None;
+        if want > 0 && up.remaining() != want {
+            return Err(failed(tensorferry_kernels::Error::SizeMismatch {
+                op: "reading into an upload",
+                what: "bytes the upload still takes",
+                expected: want,
+                actual: up.remaining(),
+            }));
+        }
+        if want > 0 && have > 0 {
+            let space = up.space().map_err(failed)?;
+            let n = space.len().min(want).min(have);
+            space[..n].copy_from_slice(&self.ahead[self.start..self.start + n]);
+            up.advance(n).map_err(failed)?;
+            self.start += n;
+            *filled += n;
+        } else if want > 0 {
+            (self.start, self.end) = (0, 0);
+            // A small rest comes through `ahead`, with what follows it.
+            let direct = want >= AHEAD_BYTES;
+            let outcome = if direct {
+                let space = up.space().map_err(failed)?;
+                let m = space.len().min(want);
+                self.source.recv_now(&mut space[..m])
+            } else {
+                self.source.recv_now(&mut self.ahead[..])
+            };
+            match outcome {
+                Ok(0) => return Err(self.cut()),
+                Ok(n) if direct => {
+                    up.advance(n).map_err(failed)?;
+                    *filled += n;
+                }
+                Ok(n) => self.end = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => stop = Some(Next::Pending),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(context, e)),
+            }
+        }
+        if *filled == range.end {
+            let index = *index;
+            let up = r.current.take().expect("made above");
+            let dev = up.finish().map_err(failed)?;
+            r.done.push((index, dev));
+            r.next += 1;
+        }
+        Ok(stop)
+    }
+
+    /// Decodes the whole partial frame; tensors read into devices take
+    /// their device buffers.
+    fn complete(&mut self) -> Result<Frame> {
+        let p = self
+            .partial
+            .take()
+            .expect("called with a whole partial frame");
+        // Device-bound ranges of the buffer were never filled: the decoder
+        // checks lengths and places, not their bytes, and those tensors are
+        // replaced below.
+        let frame = decode_at(&p.buf.freeze(), &self.limits, self.offset)?;
+        self.offset += frame.frame_len;
+        match p.route {
+            Route::Devices(r) if !r.done.is_empty() => with_device_tensors(frame, r.done),
+            _ => Ok(frame),
+        }
+    }
+
     /// Whether bytes were read ahead that no frame has taken yet: the socket
     /// no longer reports them, so whoever leads next must not leave them.
     pub(crate) fn holds_bytes(&self) -> bool {
@@ -159,6 +417,10 @@ impl<S: Source> Assembler<S> {
 
     fn context(&self) -> String {
         format!("reading the frame at stream byte {}", self.offset)
+    }
+
+    fn upload_error(&self, e: tensorferry_kernels::Error) -> Error {
+        Error::io(self.context(), io::Error::other(e.to_string()))
     }
 
     fn cut(&self) -> Error {
@@ -334,5 +596,287 @@ impl<R> Drop for Lead<'_, R> {
         if self.rearm {
             self.inbox.rearm();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{encode, EncodeOptions, FrameMeta, HeadPlan};
+    use crate::{Message, Tensor};
+    use std::sync::Arc;
+    use tensorferry_device_map::Device;
+
+    /// A socket stand-in: hands out pieces of 1 to `most` bytes with
+    /// `WouldBlock` between them, nothing past `open` (more may arrive
+    /// later), and ends after `data`.
+    struct Pieces {
+        data: Vec<u8>,
+        at: usize,
+        open: usize,
+        most: usize,
+        seed: u64,
+        blocked: bool,
+    }
+
+    impl Pieces {
+        fn new(data: Vec<u8>, most: usize) -> Self {
+            Self {
+                open: data.len(),
+                data,
+                at: 0,
+                most,
+                seed: 0x9E37_79B9_7F4A_7C15,
+                blocked: false,
+            }
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            self.seed ^= self.seed << 13;
+            self.seed ^= self.seed >> 7;
+            self.seed ^= self.seed << 17;
+            (self.seed % n as u64) as usize
+        }
+    }
+
+    impl Source for Pieces {
+        fn recv_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            // Every other call finds nothing, as a socket drained faster than it fills.
+            self.blocked = !self.blocked;
+            if self.blocked || self.at == self.open && self.at < self.data.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let most = 1 + self.below(self.most);
+            let n = buf.len().min(most).min(self.open - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn bytes(n: usize, salt: u8) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 + i / 251) as u8 ^ salt).collect()
+    }
+
+    /// A frame's tensors, in order: `(name, bytes)`.
+    type Tensors = Vec<(String, Vec<u8>)>;
+
+    fn frame(seq: u64, tensors: &Tensors) -> Vec<u8> {
+        let mut m = Message::new();
+        for (name, b) in tensors {
+            m = m.tensor(name.as_str(), Tensor::from_slice(b, &[b.len()]).expect("t"));
+        }
+        let mut out = Vec::new();
+        encode(&m, &FrameMeta::message("/s", seq), EncodeOptions::default())
+            .expect("encode")
+            .write_to(&mut out)
+            .expect("write");
+        out
+    }
+
+    /// Three frames: device-bound and host-bound tensors mixed (odd
+    /// lengths, an empty one, one larger than the read-ahead), then one
+    /// with nothing routed.
+    fn stream() -> (Vec<u8>, Vec<Tensors>) {
+        let frames: Vec<Tensors> = vec![
+            vec![
+                ("big".into(), bytes(AHEAD_BYTES * 2 + 13, 1)),
+                ("small".into(), bytes(1001, 2)),
+                ("tiny".into(), bytes(3, 3)),
+                ("empty".into(), Vec::new()),
+                ("mid".into(), bytes(5003, 4)),
+            ],
+            vec![
+                ("a".into(), bytes(77, 5)),
+                ("b".into(), bytes(AHEAD_BYTES + 1, 6)),
+            ],
+            vec![("host".into(), bytes(40_000, 7))],
+        ];
+        let mut out = Vec::new();
+        for (seq, f) in frames.iter().enumerate() {
+            out.extend(frame(seq as u64, f));
+        }
+        (out, frames)
+    }
+
+    /// Routes every tensor whose index is even to `rt`, except in frames
+    /// with a single tensor.
+    fn even_to(rt: Runtime) -> Router {
+        Arc::new(move |plan: &HeadPlan| {
+            let n = plan.tensors.len();
+            (0..n)
+                .map(|i| (n > 1 && i % 2 == 0).then(|| rt.clone()))
+                .collect()
+        })
+    }
+
+    fn assembler(source: Pieces, router: Router, pool: &BufferPool) -> Assembler<Pieces> {
+        let mut a = Assembler::new(source, pool.clone(), Limits::default()).with_router(router);
+        a.route_min_bytes = 0;
+        a
+    }
+
+    /// Reads frames until the stream ends; counts the `Pending`s.
+    fn read_all(a: &mut Assembler<Pieces>) -> Result<(Vec<Frame>, usize)> {
+        let (mut frames, mut pending) = (Vec::new(), 0);
+        loop {
+            match a.next()? {
+                Next::Frame(f) => frames.push(f),
+                Next::Pending => pending += 1,
+                Next::End => return Ok((frames, pending)),
+            }
+        }
+    }
+
+    fn host_bytes(t: &Tensor) -> Vec<u8> {
+        t.to_host()
+            .expect("host")
+            .packed()
+            .expect("packed")
+            .as_slice()
+            .to_vec()
+    }
+
+    fn check(frames: &[Frame], want: &[Tensors], device: Device) {
+        assert_eq!(frames.len(), want.len());
+        for (f, tensors) in frames.iter().zip(want) {
+            let n = tensors.len();
+            for (i, (name, b)) in tensors.iter().enumerate() {
+                let t = f.message.get(name).expect("tensor");
+                let routed = n > 1 && i % 2 == 0;
+                let expect = if routed { device } else { Device::Cpu };
+                assert_eq!(t.device(), expect, "{name}");
+                assert_eq!(&host_bytes(t), b, "{name}: bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn routed_tensors_arrive_byte_exact_through_small_pieces() {
+        let (data, want) = stream();
+        let pool = BufferPool::new(16 << 20);
+        for most in [1 << 20, 4096, 7] {
+            let mut a = assembler(
+                Pieces::new(data.clone(), most),
+                even_to(Runtime::Cpu),
+                &pool,
+            );
+            let (frames, pending) = read_all(&mut a).expect("frames");
+            assert!(pending > 0);
+            check(&frames, &want, Device::Cpu);
+            assert!(!a.holds_bytes());
+        }
+    }
+
+    #[test]
+    fn routed_tensors_land_on_the_adapter() {
+        let rt = match Runtime::open(Device::wgpu(0)) {
+            Ok(rt) => rt,
+            Err(e) if tensorferry_kernels::runtime::required("TENSORFERRY_REQUIRE_WGPU") => {
+                panic!("TENSORFERRY_REQUIRE_WGPU=1 but wgpu:0 cannot be opened: {e}")
+            }
+            Err(e) => {
+                println!("SKIP: wgpu:0: {e}");
+                return;
+            }
+        };
+        let (data, want) = stream();
+        let pool = BufferPool::new(16 << 20);
+        for most in [1 << 20, 999] {
+            let mut a = assembler(Pieces::new(data.clone(), most), even_to(rt.clone()), &pool);
+            let (frames, _) = read_all(&mut a).expect("frames");
+            check(&frames, &want, Device::wgpu(0));
+        }
+    }
+
+    #[test]
+    fn a_frame_cut_mid_device_buffer_resumes_on_another_thread() {
+        let (data, want) = stream();
+        let pool = BufferPool::new(16 << 20);
+        let mut source = Pieces::new(data, 3000);
+        // Up to the middle of "big", the first device-bound buffer.
+        source.open = 1000 + AHEAD_BYTES;
+        let mut a = assembler(source, even_to(Runtime::Cpu), &pool);
+        for _ in 0..10_000 {
+            assert!(matches!(a.next().expect("no error"), Next::Pending));
+        }
+        assert!(a.holds_bytes());
+        assert!(
+            matches!(&a.partial, Some(Partial { route: Route::Devices(r), .. }) if r.current.is_some()),
+            "an upload is under way"
+        );
+        let (frames, _) = std::thread::spawn(move || {
+            a.source.open = a.source.data.len();
+            read_all(&mut a)
+        })
+        .join()
+        .expect("thread")
+        .expect("frames");
+        check(&frames, &want, Device::Cpu);
+    }
+
+    #[test]
+    fn a_stream_that_ends_mid_device_buffer_is_an_error_and_keeps_nothing() {
+        let (data, _) = stream();
+        let pool = BufferPool::new(16 << 20);
+        let first = frame(0, &stream().1[0]).len();
+        let mut a = assembler(
+            Pieces::new(data[..1000 + AHEAD_BYTES].to_vec(), 500),
+            even_to(Runtime::Cpu),
+            &pool,
+        );
+        let err = read_all(&mut a).expect_err("cut");
+        assert!(err.to_string().contains("ended mid-frame"), "{err}");
+        assert!(a.partial.is_none(), "the partial frame is dropped");
+        assert!(
+            pool.idle_bytes() >= first,
+            "its buffer went back to the pool"
+        );
+    }
+
+    #[test]
+    fn a_head_that_does_not_plan_is_an_error_before_the_buffers_arrive() {
+        let mut data = frame(0, &stream().1[0]);
+        let at = data
+            .windows(5)
+            .position(|w| w == b"\"cpu\"")
+            .expect("a device in the header");
+        data[at + 1..at + 4].copy_from_slice(b"tpu");
+        let pool = BufferPool::new(16 << 20);
+        // Only the head arrives: planning it fails at once.
+        let mut source = Pieces::new(data, 100);
+        source.open = 2000;
+        let mut a = assembler(source, even_to(Runtime::Cpu), &pool);
+        let err = loop {
+            match a.next() {
+                Ok(Next::Pending) => {}
+                Ok(_) => panic!("no frame can come"),
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("tpu"), "{err}");
+        assert!(a.partial.is_none());
+    }
+
+    #[test]
+    fn frames_below_the_routing_size_are_not_routed() {
+        let (data, want) = stream();
+        let pool = BufferPool::new(16 << 20);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let inner = even_to(Runtime::Cpu);
+        let router: Router = Arc::new(move |plan: &HeadPlan| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            inner(plan)
+        });
+        let mut a =
+            Assembler::new(Pieces::new(data, 1 << 20), pool, Limits::default()).with_router(router);
+        let (frames, _) = read_all(&mut a).expect("frames");
+        // Only the first two frames are larger than one read-ahead.
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(
+            frames[2].message.get("host").map(host_bytes),
+            Some(want[2][0].1.clone())
+        );
     }
 }

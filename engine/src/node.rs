@@ -32,10 +32,11 @@ use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::shm::{self, FdReader, MappedSlot, SlotPool, SlotUse};
 use crate::staging::{self, Direction, Stager};
+use crate::stream::Router;
 use crate::wire::layout;
 use crate::wire::{
-    decode_at, encode, encode_staged, EncodeOptions, Encoded, Frame, FrameMeta, Kind, Limits,
-    TensorInfo,
+    decode_at, encode, encode_staged, EncodeOptions, Encoded, Frame, FrameMeta, HeadPlan, Kind,
+    Limits, TensorInfo,
 };
 use crate::HostBuffer;
 use tensorferry_kernels::DType;
@@ -1108,7 +1109,10 @@ impl NodeInner {
                 .try_clone()
                 .map_err(|e| Error::io("cloning the socket", e))?,
         );
-        let frames = Frames::Stream(Assembler::new(reader, self.pool.clone(), self.limits));
+        let frames = Frames::Stream(
+            Assembler::new(reader, self.pool.clone(), self.limits)
+                .with_router(device_router(Arc::downgrade(self))),
+        );
         let inbox = Inbox::new(
             watch,
             ReadSide {
@@ -1152,6 +1156,9 @@ impl NodeInner {
         let writer = clone(&stream)?;
         let watch = OwnedFd::from(clone(&stream)?);
         let fds = Arc::new(Mutex::new(VecDeque::new()));
+        // No router here: a message's bytes come in a shared-memory slot
+        // that is mapped already, not through the socket, so there is no
+        // read to overlap with a copy; landing copies them to their devices.
         let frames = Frames::Unix {
             frames: Assembler::new(
                 FdReader::new(reader, Arc::clone(&fds)),
@@ -1623,6 +1630,44 @@ fn read_loop(peer: &Arc<Peer>, node: &Weak<NodeInner>) {
             }
         }
     }
+}
+
+/// Sends the bytes of each tensor whose channel maps it to a device (CUDA
+/// or wgpu) straight from the socket to that device.
+fn device_router(node: Weak<NodeInner>) -> Router {
+    Arc::new(move |plan: &HeadPlan| {
+        let none = || vec![None; plan.tensors.len()];
+        let direction = match plan.meta.kind {
+            Kind::Message | Kind::Request => Direction::Forward,
+            Kind::Reply => Direction::Reply,
+            _ => return none(),
+        };
+        let Some(inner) = node.upgrade() else {
+            return none();
+        };
+        let Ok(stager) = inner.stager(&plan.meta.channel, direction) else {
+            return none();
+        };
+        if stager.passes_host_tensors() && plan.tensors.iter().all(|t| t.device == Device::Cpu) {
+            return none();
+        }
+        plan.tensors
+            .iter()
+            .map(|t| {
+                // A tensor whose target is missing is read to the host; its
+                // landing then reports the error.
+                let (target, _) = stager.target(t.device).ok()?;
+                if target == Device::Cpu {
+                    return None;
+                }
+                let rt = stager.runtime_for(target).ok()?;
+                // Otherwise landing uploads it, on the receiving thread,
+                // while this one reads the next frame.
+                let len = plan.buffers.get(t.buffer).map_or(0, |r| r.len());
+                rt.overlaps_upload(len).then_some(rt)
+            })
+            .collect()
+    })
 }
 
 /// Reads the next frame if all of it is there and dispatches it as the reader

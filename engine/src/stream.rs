@@ -112,18 +112,8 @@ impl<R: Read> FrameReader<R> {
                 let head = p.data_start as usize;
                 read_rest(&mut self.inner, &mut bytes[PRELUDE_BYTES..head])?;
                 let plan = plan_head(&bytes[..head], &self.limits, self.offset)?;
-                let routes = router(&plan);
-                // Buffers in table order: each either read into the frame
-                // buffer or straight into its device.
-                let mut streamed: Vec<Option<&Runtime>> = vec![None; plan.buffers.len()];
-                for (t, route) in plan.tensors.iter().zip(&routes) {
-                    if let (Some(rt), true) = (route, t.contiguous) {
-                        streamed[t.buffer] = Some(rt);
-                    }
-                }
                 let mut at = head;
-                for (i, range) in plan.buffers.iter().enumerate() {
-                    let Some(rt) = streamed[i] else { continue };
+                for (i, range, rt) in device_targets(&plan, &router(&plan)) {
                     read_rest(&mut self.inner, &mut bytes[at..range.start])?;
                     let dev = rt.upload_from(&mut self.inner, range.len()).map_err(|e| {
                         Error::io(
@@ -154,9 +144,38 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
+/// The buffers of a frame to read straight into a device, in stream order:
+/// `(buffer index, byte range in the frame, runtime)` for each contiguous
+/// tensor that `routes` (one entry per tensor of `plan`) sends to a runtime.
+pub(crate) fn device_targets(
+    plan: &HeadPlan,
+    routes: &[Option<Runtime>],
+) -> Vec<(usize, std::ops::Range<usize>, Runtime)> {
+    let mut streamed: Vec<Option<&Runtime>> = vec![None; plan.buffers.len()];
+    for (t, route) in plan.tensors.iter().zip(routes) {
+        if let (Some(rt), true) = (route, t.contiguous) {
+            // `plan_head` checked the index against the table.
+            if let Some(slot) = streamed.get_mut(t.buffer) {
+                *slot = Some(rt);
+            }
+        }
+    }
+    streamed
+        .into_iter()
+        .zip(&plan.buffers)
+        .enumerate()
+        .filter_map(|(i, (rt, range))| rt.map(|rt| (i, range.clone(), rt.clone())))
+        .collect()
+}
+
 /// `frame` with the tensors whose buffers were read into devices taking
 /// those device buffers (their host ranges were never filled).
-fn with_device_tensors(
+///
+/// # Errors
+///
+/// [`Error::Tensor`] for a device buffer whose length does not fit its
+/// tensor's dtype and shape.
+pub(crate) fn with_device_tensors(
     mut frame: Frame,
     mut on_devices: Vec<(usize, DeviceBuffer)>,
 ) -> Result<Frame> {

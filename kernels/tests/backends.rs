@@ -211,6 +211,42 @@ fn check_streams(rt: &Runtime, rng: &mut Rng) {
         .expect("download_to");
         assert_eq!(out, data, "download_to, {len} bytes");
     }
+    // Fed piece by piece, as a reader that must not block does: pieces of
+    // one byte up to a few MiB, with pauses.
+    for len in [0usize, 1, 5, 4096 + 3, (9 << 20) + 3] {
+        let data = rng.bytes(len);
+        let mut up = rt.begin_upload(len).expect("begin_upload");
+        assert_eq!((up.device(), up.len()), (rt.device(), len));
+        let mut at = 0;
+        while at < len {
+            let bound = if rng.below(2) == 0 { 7 } else { 3 << 20 };
+            let most = 1 + rng.below(bound) as usize;
+            let space = up.space().expect("space");
+            assert!(!space.is_empty(), "no space with {} bytes to go", len - at);
+            let n = space.len().min(most).min(len - at);
+            space[..n].copy_from_slice(&data[at..at + n]);
+            up.advance(n).expect("advance");
+            at += n;
+            if rng.below(4) == 0 {
+                up.pause().expect("pause");
+            }
+        }
+        let buf = up.finish().expect("finish");
+        assert_eq!(
+            rt.to_vec(&buf).expect("download"),
+            data,
+            "begin_upload, {len} bytes"
+        );
+    }
+    // An upload dropped half-way, one finished early.
+    let mut up = rt.begin_upload(3 << 20).expect("begin_upload");
+    up.write(&rng.bytes(1 << 20)).expect("write");
+    drop(up);
+    let mut up = rt.begin_upload(10).expect("begin_upload");
+    up.write(&[1; 9]).expect("write");
+    assert!(up.write(&[1; 2]).is_err(), "past the end");
+    let err = up.finish().expect_err("a byte short");
+    assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
     // A source that ends early, a sink that fails.
     let err = rt
         .upload_from(&mut &[1u8, 2, 3][..], 4)

@@ -33,8 +33,8 @@ pub mod wgpu;
 use serde::Serialize;
 use tensorferry_device_map::{Device, Inventory};
 
-use self::cuda::{CudaBuffer, CudaRuntime};
-use self::wgpu::{WgpuBuffer, WgpuRuntime};
+use self::cuda::{CudaBuffer, CudaRuntime, CudaUpload};
+use self::wgpu::{WgpuBuffer, WgpuRuntime, WgpuUpload};
 use crate::cpu::{AlignedBuffer, Checksum};
 use crate::error::{Error, Result};
 use crate::{DType, Layout};
@@ -60,6 +60,184 @@ pub enum DeviceBuffer {
     /// A wgpu storage buffer.
     Wgpu(WgpuBuffer),
 }
+
+/// An upload to one device fed piece by piece, across calls and threads:
+/// made by [`Runtime::begin_upload`], it owns everything it uses (`Send`,
+/// no borrowed lifetimes), so a reader that returns whenever its socket has
+/// nothing more can keep it until the next bytes come.
+///
+/// Write the next bytes into [`Uploading::space`] (a socket is read
+/// straight into it) and count them with [`Uploading::advance`]:
+///
+/// - CUDA: the space is the free part of a pinned chunk from the device's
+///   host-to-device pool; a full chunk's copy is enqueued at once and the
+///   next chunk taken, by the pool rule of [`staging`] (a pipeline holding
+///   chunks never waits for the pool).
+/// - wgpu: the space is a host step of up to 4 MiB; a full step goes to the
+///   adapter through a mapped staging buffer, its copy submitted without
+///   waiting.
+/// - CPU: the space is the rest of the destination buffer itself.
+///
+/// [`Uploading::finish`] waits for the copies (on their events) and returns
+/// the buffer. Dropping it unfinished waits for the copies in flight and
+/// returns every chunk.
+#[derive(Debug)]
+pub struct Uploading {
+    inner: UploadingOn,
+}
+
+#[derive(Debug)]
+enum UploadingOn {
+    Host { buf: AlignedBuffer, at: usize },
+    Cuda(CudaUpload),
+    Wgpu(WgpuUpload),
+}
+
+impl Uploading {
+    /// The device the bytes go to.
+    pub fn device(&self) -> Device {
+        match &self.inner {
+            UploadingOn::Host { .. } => Device::Cpu,
+            UploadingOn::Cuda(u) => u.device(),
+            UploadingOn::Wgpu(u) => u.device(),
+        }
+    }
+
+    /// Bytes the upload takes in all.
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            UploadingOn::Host { buf, .. } => buf.len(),
+            UploadingOn::Cuda(u) => u.len(),
+            UploadingOn::Wgpu(u) => u.len(),
+        }
+    }
+
+    /// True for an empty upload.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> usize {
+        match &self.inner {
+            UploadingOn::Host { at, .. } => *at,
+            UploadingOn::Cuda(u) => u.position(),
+            UploadingOn::Wgpu(u) => u.position(),
+        }
+    }
+
+    /// Bytes still to come.
+    pub fn remaining(&self) -> usize {
+        self.len() - self.position()
+    }
+
+    /// Host memory for the next bytes (see the type's docs for what it is on
+    /// each device); never empty while bytes remain, empty once all are in.
+    /// It may be shorter than what remains: write, advance, ask again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StagingExhausted`]; a backend's errors (an earlier copy's
+    /// failure shows here).
+    pub fn space(&mut self) -> Result<&mut [u8]> {
+        match &mut self.inner {
+            UploadingOn::Host { buf, at } => Ok(&mut buf.as_mut_slice()[*at..]),
+            UploadingOn::Cuda(u) => u.space(),
+            UploadingOn::Wgpu(u) => u.space(),
+        }
+    }
+
+    /// Counts `n` bytes written at the start of [`Uploading::space`]; a full
+    /// chunk (or step) is copied to the device asynchronously.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] when `n` is more than the space offered
+    /// (nothing is counted); a backend's errors.
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        match &mut self.inner {
+            UploadingOn::Host { buf, at } => {
+                if n > buf.len() - *at {
+                    return Err(Error::SizeMismatch {
+                        op: "upload: advance",
+                        what: "space left in the buffer",
+                        expected: n,
+                        actual: buf.len() - *at,
+                    });
+                }
+                *at += n;
+                Ok(())
+            }
+            UploadingOn::Cuda(u) => u.advance(n),
+            UploadingOn::Wgpu(u) => u.advance(n),
+        }
+    }
+
+    /// Copies `bytes` in at the current position.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] past the end (nothing is written, though
+    /// earlier pieces of a long write may be); as [`Uploading::advance`].
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+        if bytes.len() > self.remaining() {
+            return Err(Error::SizeMismatch {
+                op: "upload: write",
+                what: "bytes left to upload",
+                expected: bytes.len(),
+                actual: self.remaining(),
+            });
+        }
+        while !bytes.is_empty() {
+            let space = self.space()?;
+            let n = space.len().min(bytes.len());
+            space[..n].copy_from_slice(&bytes[..n]);
+            self.advance(n)?;
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    /// For a caller about to wait for more bytes: gives back staging chunks
+    /// whose copies are done, keeping only the one being filled. Never blocks.
+    ///
+    /// # Errors
+    ///
+    /// A backend's errors (a failed copy).
+    pub fn pause(&mut self) -> Result<()> {
+        match &mut self.inner {
+            UploadingOn::Cuda(u) => u.pause(),
+            UploadingOn::Host { .. } | UploadingOn::Wgpu(_) => Ok(()),
+        }
+    }
+
+    /// Waits for the outstanding copies and returns the buffer on the device.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] when not every byte was written; the first
+    /// failed copy's error.
+    pub fn finish(self) -> Result<DeviceBuffer> {
+        match self.inner {
+            UploadingOn::Host { buf, at } if at == buf.len() => Ok(DeviceBuffer::Host(buf)),
+            UploadingOn::Host { buf, at } => Err(Error::SizeMismatch {
+                op: "upload: finish",
+                what: "bytes written",
+                expected: buf.len(),
+                actual: at,
+            }),
+            UploadingOn::Cuda(u) => u.finish().map(DeviceBuffer::Cuda),
+            UploadingOn::Wgpu(u) => u.finish().map(DeviceBuffer::Wgpu),
+        }
+    }
+}
+
+/// `Uploading` must stay `Send`: it lives in a connection's reader state,
+/// which whichever thread leads the connection drives.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Uploading>();
+};
 
 impl DeviceBuffer {
     /// Length in bytes.
@@ -220,6 +398,55 @@ impl Runtime {
             Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.upload_from(reader, len)?),
             Runtime::Wgpu(rt) => DeviceBuffer::Wgpu(rt.upload_from(reader, len)?),
         })
+    }
+
+    /// An upload of `len` bytes to this device fed piece by piece across
+    /// calls (see [`Uploading`]): for a reader that must not block, such as
+    /// a socket read whenever it has bytes.
+    ///
+    /// # Errors
+    ///
+    /// A backend's allocation error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tensorferry_kernels::runtime::Runtime;
+    ///
+    /// let rt = Runtime::Cpu;
+    /// let mut up = rt.begin_upload(6)?;
+    /// for piece in [&b"ten"[..], b"s", b"or"] {
+    ///     let space = up.space()?;
+    ///     space[..piece.len()].copy_from_slice(piece);
+    ///     up.advance(piece.len())?;
+    /// }
+    /// assert_eq!(rt.to_vec(&up.finish()?)?, b"tensor");
+    /// # Ok::<(), tensorferry_kernels::Error>(())
+    /// ```
+    pub fn begin_upload(&self, len: usize) -> Result<Uploading> {
+        let inner = match self {
+            Runtime::Cpu => UploadingOn::Host {
+                buf: AlignedBuffer::zeroed(len),
+                at: 0,
+            },
+            Runtime::Cuda(rt) => UploadingOn::Cuda(rt.begin_upload(len)?),
+            Runtime::Wgpu(rt) => UploadingOn::Wgpu(rt.begin_upload(len)?),
+        };
+        Ok(Uploading { inner })
+    }
+
+    /// True when an upload of `len` bytes fed piece by piece
+    /// ([`Runtime::begin_upload`]) overlaps its copies with the arrival of
+    /// later bytes, so reading a socket straight into it beats reading the
+    /// bytes to memory and uploading them afterwards: on CUDA always (each
+    /// pinned chunk is copied while the next fills, and the bytes skip a host
+    /// copy); on wgpu past one 4 MiB staging step; never on the CPU.
+    pub fn overlaps_upload(&self, len: usize) -> bool {
+        match self {
+            Runtime::Cpu => false,
+            Runtime::Cuda(_) => true,
+            Runtime::Wgpu(_) => len > wgpu::STREAM_STEP_BYTES,
+        }
     }
 
     /// Hands all of `buf`'s bytes (on this device) to `sink` in order, in one

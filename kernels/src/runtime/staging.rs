@@ -12,6 +12,10 @@
 //!   a source (a socket) straight into a chunk's host memory and enqueues its
 //!   copy, then reads the next chunk while that copy runs;
 //!   [`Upload::write`] does the same for bytes already in memory.
+//! - [`OwnedUpload`]: the same pipeline owning its device handle, pool share
+//!   and buffer, fed across calls (and threads) by a reader that must not
+//!   block: it writes into [`OwnedUpload::space`] (the free part of the
+//!   current chunk) and counts the bytes with [`OwnedUpload::advance`].
 //! - [`download`]: device to host, several chunk copies in flight, each
 //!   finished chunk handed in order to a sink (a socket write) while later
 //!   ones are still copying.
@@ -59,9 +63,10 @@
 //! # Ok::<(), tensorferry_kernels::Error>(())
 //! ```
 
+use std::borrow::{Borrow, BorrowMut};
 use std::collections::VecDeque;
 use std::io::{self, Read};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::ThreadId;
 
 use crate::error::{Error, Result};
@@ -259,13 +264,23 @@ pub trait ChunkDevice {
     /// The backend's allocation error.
     fn alloc_chunk(&self, bytes: usize, direction: Direction) -> Result<Self::Chunk>;
 
-    /// Runs `f` on the chunk's host memory (all of it). Callers only do so
-    /// when no copy that uses the chunk is in flight.
+    /// The chunk's host memory (all of it), borrowed with the chunk. Callers
+    /// only ask when no copy that uses the chunk is in flight.
     ///
     /// # Errors
     ///
     /// The backend's error when the memory cannot be reached.
-    fn with_host<R>(&self, chunk: &mut Self::Chunk, f: impl FnOnce(&mut [u8]) -> R) -> Result<R>;
+    fn host_mut<'c>(&self, chunk: &'c mut Self::Chunk) -> Result<&'c mut [u8]>;
+
+    /// Runs `f` on the chunk's host memory (all of it), under the same
+    /// condition as [`ChunkDevice::host_mut`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ChunkDevice::host_mut`].
+    fn with_host<R>(&self, chunk: &mut Self::Chunk, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        Ok(f(self.host_mut(chunk)?))
+    }
 
     /// Enqueues a copy of the chunk's first `len` bytes into `dst` at
     /// `offset`, after every copy enqueued before it on this device handle.
@@ -432,61 +447,77 @@ impl<C> ChunkPool<C> {
         }
         Ok(None)
     }
+}
 
-    fn lease(&self, state: &mut PoolState<C>, chunk: C) -> Lease<'_, C> {
-        let thread = std::thread::current().id();
-        state.count(thread, true);
-        Lease {
-            pool: self,
-            chunk: Some(chunk),
-            thread,
-        }
+/// A handle on a pool: borrowed by a pipeline that lives within one call,
+/// shared (`Arc`) by one that outlives it ([`OwnedUpload`]).
+trait PoolHandle<C>: Borrow<ChunkPool<C>> + Clone {}
+
+impl<C, T: Borrow<ChunkPool<C>> + Clone> PoolHandle<C> for T {}
+
+fn pool_of<C, P: PoolHandle<C>>(handle: &P) -> &ChunkPool<C> {
+    handle.borrow()
+}
+
+fn lease<C, P: PoolHandle<C>>(pool: &P, state: &mut PoolState<C>, chunk: C) -> Lease<C, P> {
+    let thread = std::thread::current().id();
+    state.count(thread, true);
+    Lease {
+        pool: pool.clone(),
+        chunk: Some(chunk),
+        thread,
     }
+}
 
-    /// A chunk if one is free (or may still be allocated) now.
-    fn try_take<D: ChunkDevice<Chunk = C>>(&self, dev: &D) -> Result<Option<Lease<'_, C>>> {
-        let mut state = lock(&self.state);
-        let chunk = self.pop(&mut state, dev)?;
-        Ok(chunk.map(|c| self.lease(&mut state, c)))
-    }
+/// A chunk if one is free (or may still be allocated) now.
+fn try_take<D: ChunkDevice, P: PoolHandle<D::Chunk>>(
+    pool: &P,
+    dev: &D,
+) -> Result<Option<Lease<D::Chunk, P>>> {
+    let p = pool_of(pool);
+    let mut state = lock(&p.state);
+    let chunk = p.pop(&mut state, dev)?;
+    Ok(chunk.map(|c| lease(pool, &mut state, c)))
+}
 
-    /// A chunk, waiting for one to come back when all are taken. Only for a
-    /// pipeline that holds none.
-    fn take<D: ChunkDevice<Chunk = C>>(&self, dev: &D) -> Result<Lease<'_, C>> {
-        let me = std::thread::current().id();
-        let mut state = lock(&self.state);
-        loop {
-            if let Some(chunk) = self.pop(&mut state, dev)? {
-                return Ok(self.lease(&mut state, chunk));
-            }
-            // Every chunk is out. If this thread holds all of them (in a
-            // pipeline it has not finished), nobody else can give one back.
-            let mine = state.held_by(me);
-            if mine >= state.allocated {
-                return Err(Error::StagingExhausted {
-                    pool: self.name.clone(),
-                    chunks: state.allocated,
-                });
-            }
-            state.waiting += 1;
-            state = self
-                .returned
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-            state.waiting -= 1;
+/// A chunk, waiting for one to come back when all are taken. Only for a
+/// pipeline that holds none.
+fn take<D: ChunkDevice, P: PoolHandle<D::Chunk>>(pool: &P, dev: &D) -> Result<Lease<D::Chunk, P>> {
+    let me = std::thread::current().id();
+    let p = pool_of(pool);
+    let mut state = lock(&p.state);
+    loop {
+        if let Some(chunk) = p.pop(&mut state, dev)? {
+            return Ok(lease(pool, &mut state, chunk));
         }
+        // Every chunk is out. If this thread holds all of them (in a
+        // pipeline it has not finished), nobody else can give one back.
+        let mine = state.held_by(me);
+        if mine >= state.allocated {
+            return Err(Error::StagingExhausted {
+                pool: p.name.clone(),
+                chunks: state.allocated,
+            });
+        }
+        state.waiting += 1;
+        state = p
+            .returned
+            .wait(state)
+            .unwrap_or_else(PoisonError::into_inner);
+        state.waiting -= 1;
     }
 }
 
 /// A chunk taken from a pool; it goes back on drop. Whoever drops it makes
 /// sure no copy still uses it.
-struct Lease<'p, C> {
-    pool: &'p ChunkPool<C>,
+struct Lease<C, P: PoolHandle<C>> {
+    pool: P,
     chunk: Option<C>,
+    /// The thread it is counted against (for the pool's self-wait check).
     thread: ThreadId,
 }
 
-impl<C> Lease<'_, C> {
+impl<C, P: PoolHandle<C>> Lease<C, P> {
     fn chunk(&self) -> &C {
         self.chunk
             .as_ref()
@@ -498,23 +529,33 @@ impl<C> Lease<'_, C> {
             .as_mut()
             .expect("a lease holds its chunk until drop")
     }
+
+    /// Counts the chunk against `me` from now on (its pipeline moved there).
+    fn adopt(&mut self, state: &mut PoolState<C>, me: ThreadId) {
+        if self.thread != me {
+            state.count(self.thread, false);
+            state.count(me, true);
+            self.thread = me;
+        }
+    }
 }
 
-impl<C> Drop for Lease<'_, C> {
+impl<C, P: PoolHandle<C>> Drop for Lease<C, P> {
     fn drop(&mut self) {
         if let Some(chunk) = self.chunk.take() {
-            let mut state = lock(&self.pool.state);
+            let pool = pool_of(&self.pool);
+            let mut state = lock(&pool.state);
             state.free.push(chunk);
             state.count(self.thread, false);
             drop(state);
-            self.pool.returned.notify_one();
+            pool.returned.notify_one();
         }
     }
 }
 
 /// One enqueued copy: its chunk, its event, and how many bytes it moves.
-struct Flight<'p, D: ChunkDevice> {
-    lease: Lease<'p, D::Chunk>,
+struct Flight<D: ChunkDevice, P: PoolHandle<D::Chunk>> {
+    lease: Lease<D::Chunk, P>,
     event: D::Event,
     len: usize,
 }
@@ -523,14 +564,14 @@ struct Flight<'p, D: ChunkDevice> {
 /// before their chunks go back to the pool (a copy may still be reading or
 /// writing one); their errors were or will be reported by the call that saw
 /// them.
-struct Flights<'p, D: ChunkDevice> {
-    dev: &'p D,
-    pool: &'p ChunkPool<D::Chunk>,
-    queue: VecDeque<Flight<'p, D>>,
+struct Flights<D: ChunkDevice, R: Borrow<D>, P: PoolHandle<D::Chunk>> {
+    dev: R,
+    pool: P,
+    queue: VecDeque<Flight<D, P>>,
 }
 
-impl<'p, D: ChunkDevice> Flights<'p, D> {
-    fn new(dev: &'p D, pool: &'p ChunkPool<D::Chunk>) -> Self {
+impl<D: ChunkDevice, R: Borrow<D>, P: PoolHandle<D::Chunk>> Flights<D, R, P> {
+    fn new(dev: R, pool: P) -> Self {
         Self {
             dev,
             pool,
@@ -538,13 +579,32 @@ impl<'p, D: ChunkDevice> Flights<'p, D> {
         }
     }
 
+    fn dev(&self) -> &D {
+        self.dev.borrow()
+    }
+
+    fn pool(&self) -> &ChunkPool<D::Chunk> {
+        pool_of(&self.pool)
+    }
+
     /// Gives finished chunks back while another pipeline waits for one,
     /// keeping at least `keep`.
     fn yield_surplus(&mut self, keep: usize) -> Result<()> {
         while self.queue.len() > keep
-            && self.pool.has_waiters()
-            && self.dev.is_done(&self.queue[0].event)?
+            && self.pool().has_waiters()
+            && self.dev().is_done(&self.queue[0].event)?
         {
+            self.queue.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Gives back every chunk whose copy is done, oldest first; never blocks.
+    fn release_done(&mut self) -> Result<()> {
+        while let Some(oldest) = self.queue.front() {
+            if !self.dev().is_done(&oldest.event)? {
+                break;
+            }
             self.queue.pop_front();
         }
         Ok(())
@@ -553,16 +613,16 @@ impl<'p, D: ChunkDevice> Flights<'p, D> {
     /// The chunk for the next copy, by the pool rule: the oldest chunk if its
     /// copy is done; else a free one; else, holding some, the oldest after
     /// its copy; only when holding none, whatever the pool gives back first.
-    fn next_chunk(&mut self) -> Result<Lease<'p, D::Chunk>> {
+    fn next_chunk(&mut self) -> Result<Lease<D::Chunk, P>> {
         self.yield_surplus(1)?;
         let Some(oldest) = self.queue.front() else {
-            return self.pool.take(self.dev);
+            return take(&self.pool, self.dev());
         };
-        if !self.dev.is_done(&oldest.event)? {
-            if let Some(lease) = self.pool.try_take(self.dev)? {
+        if !self.dev().is_done(&oldest.event)? {
+            if let Some(lease) = try_take(&self.pool, self.dev())? {
                 return Ok(lease);
             }
-            self.dev.wait(&oldest.event)?;
+            self.dev().wait(&oldest.event)?;
         }
         Ok(self.queue.pop_front().expect("checked non-empty").lease)
     }
@@ -572,7 +632,7 @@ impl<'p, D: ChunkDevice> Flights<'p, D> {
     fn finish(&mut self) -> Result<()> {
         let mut first = Ok(());
         while let Some(flight) = self.queue.pop_front() {
-            let done = self.dev.wait(&flight.event);
+            let done = self.dev().wait(&flight.event);
             if first.is_ok() {
                 first = done;
             }
@@ -581,43 +641,45 @@ impl<'p, D: ChunkDevice> Flights<'p, D> {
     }
 }
 
-impl<D: ChunkDevice> Drop for Flights<'_, D> {
+impl<D: ChunkDevice, R: Borrow<D>, P: PoolHandle<D::Chunk>> Drop for Flights<D, R, P> {
     fn drop(&mut self) {
-        for flight in self.queue.drain(..) {
-            let _ = self.dev.wait(&flight.event);
+        while let Some(flight) = self.queue.pop_front() {
+            let _ = self.dev().wait(&flight.event);
         }
     }
 }
 
-/// A host-to-device pipeline into one buffer, from a start offset onwards.
+/// The host-to-device pipeline behind [`Upload`] and [`OwnedUpload`]: the
+/// device `R`, pool `P` and destination `B` borrowed or owned.
 ///
-/// Bytes fill a chunk; a full chunk (or the last bytes the buffer takes, or
-/// what is left at [`Upload::finish`]) is copied to the device while the next
-/// one fills. Dropping it without [`Upload::finish`] waits for the copies in
-/// flight and discards bytes not yet enqueued.
-pub struct Upload<'a, D: ChunkDevice> {
-    dst: &'a mut D::Buffer,
+/// Fields drop in order: the filling chunk (no copy uses it), then the
+/// copies in flight (waited for), then the destination.
+struct Pipe<D, R, P, B>
+where
+    D: ChunkDevice,
+    R: Borrow<D>,
+    P: PoolHandle<D::Chunk>,
+    B: BorrowMut<D::Buffer>,
+{
+    filling: Option<(Lease<D::Chunk, P>, usize)>,
+    flights: Flights<D, R, P>,
+    dst: B,
     /// Where the filling chunk lands.
     at: usize,
     end: usize,
-    filling: Option<(Lease<'a, D::Chunk>, usize)>,
-    flights: Flights<'a, D>,
+    /// The thread the pipeline's chunks are counted against.
+    thread: ThreadId,
 }
 
-impl<'a, D: ChunkDevice> Upload<'a, D> {
-    /// A pipeline writing `dst` from byte `offset`, through `pool`'s chunks
-    /// and copies enqueued on `dev`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::SizeMismatch`] for an offset past the buffer's end.
-    pub fn new(
-        dev: &'a D,
-        pool: &'a ChunkPool<D::Chunk>,
-        dst: &'a mut D::Buffer,
-        offset: usize,
-    ) -> Result<Self> {
-        let end = dev.buffer_len(dst);
+impl<D, R, P, B> Pipe<D, R, P, B>
+where
+    D: ChunkDevice,
+    R: Borrow<D>,
+    P: PoolHandle<D::Chunk>,
+    B: BorrowMut<D::Buffer>,
+{
+    fn new(dev: R, pool: P, dst: B, offset: usize) -> Result<Self> {
+        let end = dev.borrow().buffer_len(dst.borrow());
         if offset > end {
             return Err(Error::SizeMismatch {
                 op: "upload",
@@ -627,16 +689,16 @@ impl<'a, D: ChunkDevice> Upload<'a, D> {
             });
         }
         Ok(Self {
+            filling: None,
+            flights: Flights::new(dev, pool),
             dst,
             at: offset,
             end,
-            filling: None,
-            flights: Flights::new(dev, pool),
+            thread: std::thread::current().id(),
         })
     }
 
-    /// The offset the next byte lands at.
-    pub fn position(&self) -> usize {
+    fn position(&self) -> usize {
         self.at + self.filling.as_ref().map_or(0, |(_, n)| *n)
     }
 
@@ -653,13 +715,84 @@ impl<'a, D: ChunkDevice> Upload<'a, D> {
         Ok(())
     }
 
-    /// Copies `bytes` to the device at the current position.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::SizeMismatch`] past the buffer's end (nothing is written);
-    /// [`Error::StagingExhausted`]; the backend's errors.
-    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+    /// Counts the pipeline's chunks against the calling thread, when it is
+    /// not the one that used it last (an owned pipeline moves between
+    /// threads), so the pool's self-wait check stays right.
+    fn adopt(&mut self) {
+        let me = std::thread::current().id();
+        if me == self.thread {
+            return;
+        }
+        self.thread = me;
+        let mut state = lock(&pool_of(&self.flights.pool).state);
+        if let Some((lease, _)) = &mut self.filling {
+            lease.adopt(&mut state, me);
+        }
+        for flight in &mut self.flights.queue {
+            flight.lease.adopt(&mut state, me);
+        }
+    }
+
+    /// Bytes the filling chunk takes before its copy: a chunk never reaches
+    /// past the buffer, so it is full at the end.
+    fn cap(&self) -> usize {
+        self.flights
+            .pool()
+            .config()
+            .chunk_bytes()
+            .min(self.end - self.at)
+    }
+
+    /// The free part of the filling chunk (taking one first if needed);
+    /// empty once every byte is in.
+    fn space(&mut self) -> Result<&mut [u8]> {
+        self.adopt();
+        let cap = self.cap();
+        if cap == 0 {
+            return Ok(&mut []);
+        }
+        if self.filling.is_none() {
+            self.filling = Some((self.flights.next_chunk()?, 0));
+        }
+        let (lease, filled) = self.filling.as_mut().expect("taken above");
+        let host = self.flights.dev().host_mut(lease.chunk_mut())?;
+        let chunk = host.len();
+        host.get_mut(*filled..cap).ok_or(Error::SizeMismatch {
+            op: "upload",
+            what: "staging chunk",
+            expected: cap,
+            actual: chunk,
+        })
+    }
+
+    /// Counts `n` bytes written into [`Pipe::space`]; enqueues the chunk's
+    /// copy once it is full.
+    fn advance(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.adopt();
+        let cap = self.cap();
+        let filled = match &mut self.filling {
+            Some((_, filled)) if *filled + n <= cap => filled,
+            filling => {
+                let have = filling.as_ref().map_or(0, |(_, f)| *f);
+                return Err(Error::SizeMismatch {
+                    op: "upload: advance",
+                    what: "free space of the staging chunk",
+                    expected: n,
+                    actual: filling.as_ref().map_or(0, |_| cap - have),
+                });
+            }
+        };
+        *filled += n;
+        if *filled == cap {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
         self.room(bytes.len())?;
         while !bytes.is_empty() {
             let n = self.fill(|free| {
@@ -672,15 +805,7 @@ impl<'a, D: ChunkDevice> Upload<'a, D> {
         Ok(())
     }
 
-    /// Reads exactly `len` bytes from `reader` straight into chunks and
-    /// copies them to the device at the current position: each full chunk's
-    /// copy runs while the next is read.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::SizeMismatch`] past the buffer's end (nothing is read);
-    /// [`Error::Io`] when the reader fails or ends early; as [`Upload::write`].
-    pub fn write_from(&mut self, reader: &mut impl Read, len: usize) -> Result<()> {
+    fn write_from(&mut self, reader: &mut impl Read, len: usize) -> Result<()> {
         self.room(len)?;
         let mut done = 0;
         while done < len {
@@ -696,23 +821,9 @@ impl<'a, D: ChunkDevice> Upload<'a, D> {
     /// Runs `f` on the free part of the filling chunk (taking one first if
     /// needed) and enqueues the chunk's copy once it is full.
     fn fill(&mut self, f: impl FnOnce(&mut [u8]) -> Result<usize>) -> Result<usize> {
-        let chunk_bytes = self.flights.pool.config().chunk_bytes();
-        // A chunk never reaches past the buffer: it is full at the end.
-        let cap = chunk_bytes.min(self.end - self.at);
-        let (lease, filled) = match &mut self.filling {
-            Some(filling) => filling,
-            None => self.filling.insert((self.flights.next_chunk()?, 0)),
-        };
-        let start = *filled;
-        let n = self
-            .flights
-            .dev
-            .with_host(lease.chunk_mut(), |host| f(&mut host[start..cap]))??
-            .min(cap - start);
-        *filled += n;
-        if *filled == cap {
-            self.flush()?;
-        }
+        let free = self.space()?;
+        let n = f(free)?.min(free.len());
+        self.advance(n)?;
         Ok(n)
     }
 
@@ -725,18 +836,81 @@ impl<'a, D: ChunkDevice> Upload<'a, D> {
             return Ok(());
         }
         // SAFETY: `len` ≤ the chunk's bytes and `at + len` ≤ the buffer's end
-        // (`fill` caps a chunk at both); the lease moves into `flights`, which
-        // touches the chunk again, or hands it back, only after the event is
-        // done (`next_chunk`, `finish`, drop); `dst` is borrowed by `self`,
-        // whose `flights` waits for every copy before the borrow ends.
+        // (`cap` bounds a chunk by both, `advance` checks against it); the
+        // lease moves into `flights`, which touches the chunk again, or hands
+        // it back, only after the event is done (`next_chunk`,
+        // `release_done`, `finish`, drop); `dst` is borrowed or owned by
+        // `self` and declared after `flights`, whose drop waits for every
+        // copy before the destination can go.
         let event = unsafe {
-            self.flights
-                .dev
-                .copy_to_device(lease.chunk(), len, self.dst, self.at)
+            self.flights.dev.borrow().copy_to_device(
+                lease.chunk(),
+                len,
+                self.dst.borrow_mut(),
+                self.at,
+            )
         }?;
         self.at += len;
         self.flights.queue.push_back(Flight { lease, event, len });
         Ok(())
+    }
+
+    /// Enqueues what is left and waits for every copy.
+    fn finish_copies(&mut self) -> Result<()> {
+        self.flush()?;
+        self.flights.finish()
+    }
+}
+
+/// A host-to-device pipeline into one buffer, from a start offset onwards.
+///
+/// Bytes fill a chunk; a full chunk (or the last bytes the buffer takes, or
+/// what is left at [`Upload::finish`]) is copied to the device while the next
+/// one fills. Dropping it without [`Upload::finish`] waits for the copies in
+/// flight and discards bytes not yet enqueued.
+pub struct Upload<'a, D: ChunkDevice>(Pipe<D, &'a D, &'a ChunkPool<D::Chunk>, &'a mut D::Buffer>);
+
+impl<'a, D: ChunkDevice> Upload<'a, D> {
+    /// A pipeline writing `dst` from byte `offset`, through `pool`'s chunks
+    /// and copies enqueued on `dev`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] for an offset past the buffer's end.
+    pub fn new(
+        dev: &'a D,
+        pool: &'a ChunkPool<D::Chunk>,
+        dst: &'a mut D::Buffer,
+        offset: usize,
+    ) -> Result<Self> {
+        Pipe::new(dev, pool, dst, offset).map(Self)
+    }
+
+    /// The offset the next byte lands at.
+    pub fn position(&self) -> usize {
+        self.0.position()
+    }
+
+    /// Copies `bytes` to the device at the current position.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] past the buffer's end (nothing is written);
+    /// [`Error::StagingExhausted`]; the backend's errors.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0.write(bytes)
+    }
+
+    /// Reads exactly `len` bytes from `reader` straight into chunks and
+    /// copies them to the device at the current position: each full chunk's
+    /// copy runs while the next is read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] past the buffer's end (nothing is read);
+    /// [`Error::Io`] when the reader fails or ends early; as [`Upload::write`].
+    pub fn write_from(&mut self, reader: &mut impl Read, len: usize) -> Result<()> {
+        self.0.write_from(reader, len)
     }
 
     /// Enqueues what is left and waits for every copy; afterwards the bytes
@@ -746,8 +920,154 @@ impl<'a, D: ChunkDevice> Upload<'a, D> {
     ///
     /// The first copy's error; every chunk goes back all the same.
     pub fn finish(mut self) -> Result<()> {
-        self.flush()?;
-        self.flights.finish()
+        self.0.finish_copies()
+    }
+}
+
+/// A host-to-device pipeline that owns its device handle, a share of the
+/// pool and the whole destination buffer, so it can be kept across calls
+/// and threads (a reader that returns whenever its socket has nothing more
+/// and comes back later).
+///
+/// The caller writes into [`OwnedUpload::space`], the free part of the
+/// current chunk (the socket is read straight into it), and reports the
+/// bytes with [`OwnedUpload::advance`]; a full chunk's copy is enqueued at
+/// once and the next chunk taken, by the pool rule (module docs).
+/// [`OwnedUpload::finish`] waits for the copies and hands the buffer over.
+/// Dropping it unfinished waits for the copies in flight and returns every
+/// chunk; the buffer is freed.
+///
+/// # Examples
+///
+/// Through [`Runtime::begin_upload`](super::Runtime::begin_upload), which
+/// uses this on CUDA:
+///
+/// ```
+/// use tensorferry_kernels::runtime::Runtime;
+///
+/// let rt = Runtime::Cpu;
+/// let mut up = rt.begin_upload(5)?;
+/// for piece in [&b"ten"[..], b"so"] {
+///     up.space()?[..piece.len()].copy_from_slice(piece);
+///     up.advance(piece.len())?;
+/// }
+/// assert_eq!(rt.to_vec(&up.finish()?)?, b"tenso");
+/// # Ok::<(), tensorferry_kernels::Error>(())
+/// ```
+pub struct OwnedUpload<D: ChunkDevice>
+where
+    D::Buffer: Sized,
+{
+    pipe: Pipe<D, D, Arc<ChunkPool<D::Chunk>>, D::Buffer>,
+}
+
+impl<D: ChunkDevice> std::fmt::Debug for OwnedUpload<D>
+where
+    D::Buffer: Sized,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedUpload")
+            .field("position", &self.pipe.position())
+            .field("len", &self.pipe.end)
+            .field("in_flight", &self.pipe.flights.queue.len())
+            .finish()
+    }
+}
+
+impl<D: ChunkDevice> OwnedUpload<D>
+where
+    D::Buffer: Sized,
+{
+    /// A pipeline filling all of `dst` through `pool`'s chunks and copies
+    /// enqueued on `dev`.
+    pub fn new(dev: D, pool: Arc<ChunkPool<D::Chunk>>, dst: D::Buffer) -> Self {
+        let end = dev.buffer_len(&dst);
+        Self {
+            pipe: Pipe {
+                filling: None,
+                flights: Flights::new(dev, pool),
+                dst,
+                at: 0,
+                end,
+                thread: std::thread::current().id(),
+            },
+        }
+    }
+
+    /// Bytes the destination takes in all.
+    pub fn len(&self) -> usize {
+        self.pipe.end
+    }
+
+    /// True for an empty destination.
+    pub fn is_empty(&self) -> bool {
+        self.pipe.end == 0
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> usize {
+        self.pipe.position()
+    }
+
+    /// Host memory for the next bytes: the free part of the current chunk
+    /// (a chunk is taken first when none is held). Empty once every byte is in.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StagingExhausted`]; the backend's errors (a failed copy).
+    pub fn space(&mut self) -> Result<&mut [u8]> {
+        self.pipe.space()
+    }
+
+    /// Counts `n` bytes written at the start of [`OwnedUpload::space`]; a
+    /// chunk that is now full is copied to the device asynchronously.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] when `n` is more than the space offered (nothing is
+    /// counted); the backend's errors.
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        self.pipe.advance(n)
+    }
+
+    /// Copies `bytes` in at the current position.
+    ///
+    /// # Errors
+    ///
+    /// As [`Upload::write`].
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.pipe.write(bytes)
+    }
+
+    /// For a caller about to wait for more bytes: gives back the chunks whose
+    /// copies are done, keeping only the chunk being filled. Never blocks.
+    ///
+    /// # Errors
+    ///
+    /// A copy's error.
+    pub fn pause(&mut self) -> Result<()> {
+        self.pipe.adopt();
+        self.pipe.flights.release_done()
+    }
+
+    /// Waits for every copy and returns the filled buffer; every chunk is
+    /// back in the pool, on errors too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] when not every byte was written; the first
+    /// copy's error.
+    pub fn finish(mut self) -> Result<D::Buffer> {
+        if self.pipe.position() != self.pipe.end {
+            return Err(Error::SizeMismatch {
+                op: "upload: finish",
+                what: "bytes written",
+                expected: self.pipe.end,
+                actual: self.pipe.position(),
+            });
+        }
+        self.pipe.finish_copies()?;
+        Ok(self.pipe.dst)
     }
 }
 
@@ -781,7 +1101,7 @@ pub fn download<D: ChunkDevice>(
         }
     };
     let chunk_bytes = pool.config().chunk_bytes();
-    let mut flights = Flights::new(dev, pool);
+    let mut flights = Flights::<D, _, _>::new(dev, pool);
     // The chunk whose bytes the sink just took, for the next copy.
     let mut spare = None;
     let mut at = offset;
@@ -791,8 +1111,8 @@ pub fn download<D: ChunkDevice>(
         if at < end {
             let lease = match spare.take() {
                 Some(lease) => Some(lease),
-                None if flights.queue.is_empty() => Some(pool.take(dev)?),
-                None => pool.try_take(dev)?,
+                None if flights.queue.is_empty() => Some(take(&pool, dev)?),
+                None => try_take(&pool, dev)?,
             };
             if let Some(mut lease) = lease {
                 let n = chunk_bytes.min(end - at);
@@ -901,6 +1221,7 @@ mod tests {
         pending: Arc<AtomicUsize>,
     }
 
+    #[derive(Debug)]
     struct FakeBuffer {
         id: usize,
         mem: Bytes,
@@ -1020,14 +1341,26 @@ mod tests {
                         }
                     }
                 }
-                op.pending.fetch_sub(1, Ordering::SeqCst);
+                // The chunk's memory is the host's alone again before the
+                // copy counts as done (so `host_mut` may borrow it).
+                let Op {
+                    seq,
+                    copy,
+                    pending,
+                    chunk,
+                    device,
+                    snapshot,
+                } = op;
+                drop((chunk, device, snapshot));
+                pending.fetch_sub(1, Ordering::SeqCst);
+                let op = (seq, copy);
                 let mut state = locked(&shared.state);
                 if fails && state.failed.is_none() {
-                    state.failed = Some(op.seq);
+                    state.failed = Some(op.0);
                 }
                 state.violations.extend(violation);
-                state.copies.push(op.copy);
-                state.done = op.seq;
+                state.copies.push(op.1);
+                state.done = op.0;
                 shared.changed.notify_all();
             }
         }
@@ -1141,6 +1474,19 @@ mod tests {
                 mem: Arc::new(Mutex::new(vec![0xa5; bytes])),
                 pending: Arc::new(AtomicUsize::new(0)),
             })
+        }
+
+        fn host_mut<'c>(&self, chunk: &'c mut FakeChunk) -> Result<&'c mut [u8]> {
+            if chunk.pending.load(Ordering::SeqCst) > 0 {
+                locked(&self.shared.state).violations.push(format!(
+                    "the host borrowed chunk {} while a copy on it was pending",
+                    chunk.id
+                ));
+                return Err(Error::backend("fake host_mut", "a copy is pending"));
+            }
+            let mem = Arc::get_mut(&mut chunk.mem)
+                .ok_or_else(|| Error::backend("fake host_mut", "the chunk is shared"))?;
+            Ok(mem.get_mut().expect("test locks are not poisoned"))
         }
 
         fn with_host<R>(&self, chunk: &mut FakeChunk, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
@@ -1670,5 +2016,237 @@ mod tests {
         assert_eq!(parse_size("1.5M"), None);
         assert_eq!(parse_size("lots"), None);
         assert_eq!(parse_size(""), None);
+    }
+
+    /// The double by reference, so an owned pipeline can hold it.
+    impl ChunkDevice for &FakeDevice {
+        type Chunk = FakeChunk;
+        type Buffer = FakeBuffer;
+        type Event = FakeEvent;
+
+        fn buffer_len(&self, buf: &FakeBuffer) -> usize {
+            (**self).buffer_len(buf)
+        }
+
+        fn alloc_chunk(&self, bytes: usize, direction: Direction) -> Result<FakeChunk> {
+            (**self).alloc_chunk(bytes, direction)
+        }
+
+        fn host_mut<'c>(&self, chunk: &'c mut FakeChunk) -> Result<&'c mut [u8]> {
+            (**self).host_mut(chunk)
+        }
+
+        unsafe fn copy_to_device(
+            &self,
+            chunk: &FakeChunk,
+            len: usize,
+            dst: &mut FakeBuffer,
+            offset: usize,
+        ) -> Result<FakeEvent> {
+            // SAFETY: the caller keeps the contract, which is the same.
+            unsafe { (**self).copy_to_device(chunk, len, dst, offset) }
+        }
+
+        unsafe fn copy_to_host(
+            &self,
+            src: &FakeBuffer,
+            offset: usize,
+            chunk: &mut FakeChunk,
+            len: usize,
+        ) -> Result<FakeEvent> {
+            // SAFETY: the caller keeps the contract, which is the same.
+            unsafe { (**self).copy_to_host(src, offset, chunk, len) }
+        }
+
+        fn is_done(&self, event: &FakeEvent) -> Result<bool> {
+            (**self).is_done(event)
+        }
+
+        fn wait(&self, event: &FakeEvent) -> Result<()> {
+            (**self).wait(event)
+        }
+    }
+
+    fn shared_pool(chunks: usize) -> Arc<ChunkPool<FakeChunk>> {
+        Arc::new(pool(chunks))
+    }
+
+    /// Feeds `data` into `up` in pieces of 1 to `most` bytes, pausing now and then.
+    fn feed(up: &mut OwnedUpload<&FakeDevice>, data: &[u8], rng: &mut Rng, most: usize) {
+        let mut at = 0;
+        while at < data.len() {
+            let space = up.space().expect("space");
+            assert!(
+                !space.is_empty(),
+                "no space with {} bytes to go",
+                data.len() - at
+            );
+            let n = space.len().min(1 + rng.below(most)).min(data.len() - at);
+            space[..n].copy_from_slice(&data[at..at + n]);
+            up.advance(n).expect("advance");
+            at += n;
+            if rng.below(5) == 0 {
+                up.pause().expect("pause");
+            }
+        }
+    }
+
+    #[test]
+    fn owned_uploads_fed_in_tiny_steps_are_byte_exact_at_odd_lengths() {
+        let dev = FakeDevice::with_latency(20);
+        let up_pool = shared_pool(3);
+        let mut rng = Rng(30);
+        for len in LENGTHS {
+            for most in [1, 7, 3 * CHUNK] {
+                let data = rng.bytes(len);
+                let mut up =
+                    OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&vec![0; len]));
+                assert_eq!((up.len(), up.position()), (len, 0));
+                let buf = in_order(&dev, || {
+                    feed(&mut up, &data, &mut rng, most);
+                    assert!(up.space().expect("space").is_empty(), "all in");
+                    up.finish().expect("finish")
+                });
+                assert_eq!(
+                    FakeDevice::contents(&buf),
+                    data,
+                    "{len} bytes in steps of ≤ {most}"
+                );
+                assert_eq!(up_pool.in_use(), 0);
+            }
+        }
+        // Each chunk went whole, in order: 37 full chunks and the tail.
+        let data = rng.bytes(37 * CHUNK + 11);
+        let mut up = OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&vec![0; data.len()]));
+        let before = dev.copies().len();
+        feed(&mut up, &data, &mut rng, 5);
+        up.finish().expect("finish");
+        let lens: Vec<usize> = dev.copies()[before..].iter().map(|c| c.len).collect();
+        assert_eq!(lens.len(), 38);
+        assert!(lens[..37].iter().all(|&n| n == CHUNK), "{lens:?}");
+        assert_eq!(lens[37], 11);
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+        assert!(up_pool.allocated() <= 3);
+    }
+
+    #[test]
+    fn owned_uploads_refuse_too_much_and_too_little() {
+        let dev = FakeDevice::with_latency(0);
+        let up_pool = shared_pool(2);
+        let mut up = OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&[0; CHUNK + 5]));
+        let room = up.space().expect("space").len();
+        assert_eq!(room, CHUNK);
+        let err = up.advance(room + 1).expect_err("more than offered");
+        assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+        assert_eq!(up.position(), 0, "nothing counted");
+        up.write(&[3; CHUNK + 1]).expect("fits");
+        assert!(up.write(&[3; 5]).is_err(), "past the end");
+        let err = up.finish().expect_err("4 bytes missing");
+        assert!(err.to_string().contains("bytes written"), "{err}");
+        assert_eq!(up_pool.in_use(), 0);
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+    }
+
+    #[test]
+    fn two_owned_uploads_on_threads_share_a_pool_of_two() {
+        within(Duration::from_secs(60), || {
+            let dev = FakeDevice::with_latency(50);
+            let up_pool = shared_pool(2);
+            let inputs: Vec<Vec<u8>> = (0..2).map(|i| Rng(40 + i).bytes(20 * CHUNK + 3)).collect();
+            std::thread::scope(|s| {
+                for (i, data) in inputs.iter().enumerate() {
+                    let (dev, up_pool) = (&dev, &up_pool);
+                    s.spawn(move || {
+                        let mut rng = Rng(50 + i as u64);
+                        for _ in 0..3 {
+                            let buf = dev.buffer(&vec![0; data.len()]);
+                            let mut up = OwnedUpload::new(dev, Arc::clone(up_pool), buf);
+                            feed(&mut up, data, &mut rng, CHUNK / 2);
+                            let buf = up.finish().expect("finish");
+                            assert_eq!(&FakeDevice::contents(&buf), data);
+                        }
+                    });
+                }
+            });
+            assert_in_order(&dev.copies());
+            assert!(dev.max_in_flight() <= 2, "{}", dev.max_in_flight());
+            assert_eq!((up_pool.allocated(), up_pool.in_use()), (2, 0));
+            assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+        });
+    }
+
+    #[test]
+    fn an_owned_upload_moved_to_another_thread_counts_against_it() {
+        within(Duration::from_secs(30), || {
+            // Slow copies: the first upload still holds both chunks.
+            let dev = FakeDevice::with_latency(200_000);
+            let up_pool = shared_pool(2);
+            std::thread::scope(|s| {
+                let first = s
+                    .spawn(|| {
+                        let mut up = OwnedUpload::new(
+                            &dev,
+                            Arc::clone(&up_pool),
+                            dev.buffer(&[0; 4 * CHUNK]),
+                        );
+                        up.write(&[1; 2 * CHUNK]).expect("two chunks in flight");
+                        up
+                    })
+                    .join()
+                    .expect("first thread");
+                // This thread now holds every chunk through `first`: a second
+                // upload here must not wait for itself.
+                let mut first = first;
+                first.pause().expect("pause");
+                assert_eq!(up_pool.in_use(), 2);
+                let mut second =
+                    OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&[0; CHUNK]));
+                let err = second.space().expect_err("would wait for itself");
+                assert!(
+                    matches!(err, Error::StagingExhausted { chunks: 2, .. }),
+                    "{err}"
+                );
+                drop(second);
+                first.write(&[1; 2 * CHUNK]).expect("the first goes on");
+                let buf = first.finish().expect("finish");
+                assert_eq!(FakeDevice::contents(&buf), [1; 4 * CHUNK]);
+            });
+            assert_eq!(up_pool.in_use(), 0);
+        });
+    }
+
+    #[test]
+    fn dropping_an_owned_upload_midway_returns_every_chunk() {
+        let dev = FakeDevice::with_latency(2_000);
+        let up_pool = shared_pool(3);
+        let data = Rng(60).bytes(10 * CHUNK);
+        for cut in [1, CHUNK, 5 * CHUNK + 17, 10 * CHUNK - 1] {
+            let mut up =
+                OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&vec![0; data.len()]));
+            up.write(&data[..cut]).expect("write");
+            assert!(up_pool.in_use() > 0);
+            drop(up);
+            assert_eq!(up_pool.in_use(), 0, "cut at {cut}");
+        }
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+    }
+
+    #[test]
+    fn a_failing_copy_fails_the_owned_upload_and_every_chunk_comes_back() {
+        for k in [1, 3] {
+            let dev = FakeDevice::new(Faults {
+                latency: Duration::from_micros(20),
+                fail_copy: Some(k),
+                ..Faults::default()
+            });
+            let up_pool = shared_pool(2);
+            let data = Rng(70).bytes(8 * CHUNK);
+            let mut up =
+                OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&vec![0; data.len()]));
+            let outcome = up.write(&data).and_then(|()| up.finish().map(drop));
+            let err = outcome.expect_err("a copy failed");
+            assert!(err.to_string().contains("injected"), "copy {k}: {err}");
+            assert_eq!(up_pool.in_use(), 0, "copy {k} failed");
+        }
     }
 }

@@ -23,7 +23,9 @@ use crate::cast;
 use crate::cpu::pack::{self, Plan};
 use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
 use crate::error::{Error, Result};
-use crate::runtime::staging::{self, ChunkDevice, ChunkPool, Direction, StagingConfig, Upload};
+use crate::runtime::staging::{
+    self, ChunkDevice, ChunkPool, Direction, OwnedUpload, StagingConfig, Upload,
+};
 use crate::runtime::{lock, PerDevice};
 use crate::{DType, Layout};
 
@@ -120,18 +122,19 @@ pub(super) struct Chunk {
 /// does), device-to-host chunks ordinary pinned memory the CPU reads quickly.
 /// Both are portable, so another device's context may use them too.
 struct Pools {
-    h2d: ChunkPool<Chunk>,
+    /// Shared with the owned uploads that outlive a call ([`Runtime::begin_upload`]).
+    h2d: Arc<ChunkPool<Chunk>>,
     d2h: ChunkPool<Chunk>,
 }
 
 impl Pools {
     fn new(index: u32, config: StagingConfig) -> Arc<Self> {
         Arc::new(Self {
-            h2d: ChunkPool::new(
+            h2d: Arc::new(ChunkPool::new(
                 format!("cuda:{index} host-to-device staging"),
                 config,
                 Direction::ToDevice,
-            ),
+            )),
             d2h: ChunkPool::new(
                 format!("cuda:{index} device-to-host staging"),
                 config,
@@ -267,6 +270,10 @@ pub(super) struct Buffer {
     mem: Option<CudaSlice<u8>>,
 }
 
+/// An upload fed across calls: the pinned chunks of the device's
+/// host-to-device pool, copies on the runtime's stream.
+pub(super) type Feed = OwnedUpload<Runtime>;
+
 pub(super) struct Event {
     event: cu::CudaEvent,
 }
@@ -358,12 +365,11 @@ impl ChunkDevice for Runtime {
         Ok(Chunk { mem })
     }
 
-    fn with_host<R>(&self, chunk: &mut Chunk, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
-        let host = chunk
+    fn host_mut<'c>(&self, chunk: &'c mut Chunk) -> Result<&'c mut [u8]> {
+        chunk
             .mem
             .as_mut_slice()
-            .map_err(driver("reaching a pinned chunk"))?;
-        Ok(f(host))
+            .map_err(driver("reaching a pinned chunk"))
     }
 
     unsafe fn copy_to_device(
@@ -532,6 +538,12 @@ impl Runtime {
             upload.finish()?;
         }
         Ok(buf)
+    }
+
+    pub(super) fn begin_upload(&self, len: usize) -> Result<Feed> {
+        let buf = self.alloc(len)?;
+        let pools = self.dev.pools();
+        Ok(OwnedUpload::new(self.clone(), Arc::clone(&pools.h2d), buf))
     }
 
     pub(super) fn read(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {

@@ -73,6 +73,17 @@ pub struct CudaBuffer {
     inner: imp::Buffer,
 }
 
+/// An upload to one CUDA device fed piece by piece, across calls and
+/// threads: the caller writes into [`CudaUpload::space`], the free part of
+/// a pinned chunk from the device's host-to-device pool, and each full
+/// chunk is copied to the device asynchronously while the next one fills.
+/// Made by [`CudaRuntime::begin_upload`]; dropping it unfinished waits for
+/// the copies in flight and returns every chunk.
+pub struct CudaUpload {
+    inner: imp::Feed,
+    device: Device,
+}
+
 /// A point in a stream's work that other streams and the host can wait for.
 pub struct CudaEvent {
     inner: imp::Event,
@@ -140,6 +151,20 @@ impl CudaRuntime {
         self.inner
             .upload_from(reader, len)
             .map(|inner| CudaBuffer { inner })
+    }
+
+    /// An upload of `len` bytes into a new buffer, fed piece by piece
+    /// through [`CudaUpload::space`] and [`CudaUpload::advance`] (see
+    /// [`crate::runtime::staging::OwnedUpload`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`CudaRuntime::alloc`].
+    pub fn begin_upload(&self, len: usize) -> Result<CudaUpload> {
+        self.inner.begin_upload(len).map(|inner| CudaUpload {
+            inner,
+            device: self.device(),
+        })
     }
 
     /// Hands all of `buf`'s bytes to `sink`, in order, chunk by chunk: while
@@ -313,6 +338,79 @@ impl CudaBuffer {
     /// `cuda:N`.
     pub fn device(&self) -> Device {
         Device::cuda(self.inner.index())
+    }
+}
+
+impl CudaUpload {
+    /// `cuda:N`.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Bytes the upload takes in all.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// True for an empty upload.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> usize {
+        self.inner.position()
+    }
+
+    /// Pinned host memory for the next bytes: the free part of the current
+    /// chunk; empty once every byte is in.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StagingExhausted`](crate::Error::StagingExhausted) when this
+    /// thread holds every chunk in another pipeline; [`Error::Backend`](crate::Error::Backend).
+    pub fn space(&mut self) -> Result<&mut [u8]> {
+        self.inner.space()
+    }
+
+    /// Counts `n` bytes written at the start of [`CudaUpload::space`]; a
+    /// full chunk's copy is enqueued.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`](crate::Error::SizeMismatch) for more than the
+    /// space offered; [`Error::Backend`](crate::Error::Backend).
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        self.inner.advance(n)
+    }
+
+    /// Gives back the chunks whose copies are done (keeps the one being
+    /// filled); for a caller about to wait for more bytes. Never blocks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`](crate::Error::Backend) with a copy's error.
+    pub fn pause(&mut self) -> Result<()> {
+        self.inner.pause()
+    }
+
+    /// Waits for the copies (on their events) and returns the buffer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`](crate::Error::SizeMismatch) when bytes are
+    /// missing; [`Error::Backend`](crate::Error::Backend).
+    pub fn finish(self) -> Result<CudaBuffer> {
+        self.inner.finish().map(|inner| CudaBuffer { inner })
+    }
+}
+
+impl fmt::Debug for CudaUpload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaUpload")
+            .field("len", &self.len())
+            .field("position", &self.position())
+            .finish()
     }
 }
 

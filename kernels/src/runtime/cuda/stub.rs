@@ -14,6 +14,7 @@ use crate::{DType, Layout};
 pub(super) enum Runtime {}
 pub(super) enum Buffer {}
 pub(super) enum Event {}
+pub(super) enum Feed {}
 
 impl Runtime {
     pub(super) fn open(_index: u32) -> Result<Self> {
@@ -38,6 +39,9 @@ impl Runtime {
         match *self {}
     }
     pub(super) fn upload_from(&self, _reader: &mut impl Read, _len: usize) -> Result<Buffer> {
+        match *self {}
+    }
+    pub(super) fn begin_upload(&self, _len: usize) -> Result<Feed> {
         match *self {}
     }
     pub(super) fn download_to(
@@ -106,5 +110,26 @@ impl Buffer {
 impl Event {
     pub(super) fn synchronize(&self) -> Result<()> {
         match *self {}
+    }
+}
+
+impl Feed {
+    pub(super) fn len(&self) -> usize {
+        match *self {}
+    }
+    pub(super) fn position(&self) -> usize {
+        match *self {}
+    }
+    pub(super) fn space(&mut self) -> Result<&mut [u8]> {
+        match *self {}
+    }
+    pub(super) fn advance(&mut self, _n: usize) -> Result<()> {
+        match *self {}
+    }
+    pub(super) fn pause(&mut self) -> Result<()> {
+        match *self {}
+    }
+    pub(super) fn finish(self) -> Result<Buffer> {
+        match self {}
     }
 }

@@ -45,7 +45,7 @@ pub const PACK_WGSL: &str = include_str!("pack.wgsl");
 
 /// Bytes per step of [`WgpuRuntime::upload_from`] and
 /// [`WgpuRuntime::download_to`] (a multiple of wgpu's 4-byte copy unit).
-const STREAM_STEP_BYTES: usize = 4 << 20;
+pub(crate) const STREAM_STEP_BYTES: usize = 4 << 20;
 
 /// One wgpu adapter, opened as a device. Cloning shares it.
 ///
@@ -76,6 +76,116 @@ pub struct WgpuRuntime {
 /// A storage buffer on one wgpu device.
 pub struct WgpuBuffer {
     inner: imp::Buffer,
+}
+
+/// An upload to one wgpu adapter fed piece by piece, across calls and
+/// threads: the caller writes into [`WgpuUpload::space`], a host step of up
+/// to 4 MiB, and each full step goes to the adapter through a mapped
+/// staging buffer, its copy submitted without waiting, while the next step
+/// fills. Made by [`WgpuRuntime::begin_upload`].
+pub struct WgpuUpload {
+    rt: WgpuRuntime,
+    buf: WgpuBuffer,
+    step: Vec<u8>,
+    /// Where the step lands.
+    at: usize,
+    filled: usize,
+}
+
+impl WgpuUpload {
+    /// `wgpu:N`.
+    pub fn device(&self) -> Device {
+        self.rt.device()
+    }
+
+    /// Bytes the upload takes in all.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True for an empty upload.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> usize {
+        self.at + self.filled
+    }
+
+    fn cap(&self) -> usize {
+        STREAM_STEP_BYTES.min(self.len() - self.at)
+    }
+
+    /// Host memory for the next bytes: the free part of the current step;
+    /// empty once every byte is in.
+    ///
+    /// # Errors
+    ///
+    /// None so far; the signature matches the other backends'.
+    pub fn space(&mut self) -> Result<&mut [u8]> {
+        let cap = self.cap();
+        if self.step.len() < cap {
+            self.step.resize(cap, 0);
+        }
+        Ok(&mut self.step[self.filled..cap])
+    }
+
+    /// Counts `n` bytes written at the start of [`WgpuUpload::space`]; a
+    /// full step is written to the adapter.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`](crate::Error::SizeMismatch) for more than the
+    /// space offered; as [`WgpuRuntime::write`].
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        let cap = self.cap();
+        if self.filled + n > cap {
+            return Err(crate::Error::SizeMismatch {
+                op: "upload: advance",
+                what: "free space of the staging step",
+                expected: n,
+                actual: cap - self.filled,
+            });
+        }
+        self.filled += n;
+        if n > 0 && self.filled == cap {
+            self.rt.write(&mut self.buf, self.at, &self.step[..cap])?;
+            self.at += cap;
+            self.filled = 0;
+        }
+        Ok(())
+    }
+
+    /// Returns the buffer. Its copies are submitted: whatever is submitted
+    /// to the adapter afterwards (kernels, reads) runs after them, so there
+    /// is nothing to wait for (the staging buffers belong to wgpu, not to
+    /// the caller).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`](crate::Error::SizeMismatch) when bytes are
+    /// missing.
+    pub fn finish(self) -> Result<WgpuBuffer> {
+        if self.position() != self.len() {
+            return Err(crate::Error::SizeMismatch {
+                op: "upload: finish",
+                what: "bytes written",
+                expected: self.len(),
+                actual: self.position(),
+            });
+        }
+        Ok(self.buf)
+    }
+}
+
+impl fmt::Debug for WgpuUpload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WgpuUpload")
+            .field("len", &self.len())
+            .field("position", &self.position())
+            .finish()
+    }
 }
 
 impl WgpuRuntime {
@@ -140,6 +250,25 @@ impl WgpuRuntime {
             at += n;
         }
         Ok(buf)
+    }
+
+    /// An upload of `len` bytes into a new buffer, fed piece by piece
+    /// through [`WgpuUpload::space`] and [`WgpuUpload::advance`].
+    ///
+    /// # Errors
+    ///
+    /// As [`WgpuRuntime::alloc`].
+    // Without the feature `self` is uninhabited and rustc sees the literal as unreachable.
+    #[cfg_attr(not(feature = "wgpu"), allow(unreachable_code))]
+    pub fn begin_upload(&self, len: usize) -> Result<WgpuUpload> {
+        let buf = self.alloc(len)?;
+        Ok(WgpuUpload {
+            buf,
+            step: Vec::new(),
+            at: 0,
+            filled: 0,
+            rt: self.clone(),
+        })
     }
 
     /// Hands all of `buf`'s bytes to `sink` in order, read back in steps of
