@@ -517,7 +517,8 @@ fn tcp_frames_read_device_bound_tensors_straight_into_the_adapter() {
     let sub = client.subscribe(&addr, "/mix").expect("subscribe");
     let publisher = server.publisher("/mix");
     publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
-    let big = rng.f32s((5 << 20) / 4 + 3);
+    // 6 MiB on the wire: past one wgpu staging step, so it is read straight in.
+    let big = rng.f32s((12 << 20) / 4 + 3);
     let small: Vec<u8> = (0..1001).map(|i| (i * 7) as u8).collect();
     let back = rng.f32s(4099);
     let m = Message::new()
