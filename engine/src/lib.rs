@@ -1,4 +1,3 @@
-#![recursion_limit = "256"]
 //! The tensorferry engine: tensors, messages, the wire format and transports.
 //!
 //! The main type is [`Message`]: JSON fields plus an ordered list of named

@@ -319,7 +319,8 @@ struct NodeInner {
     connect_timeout: Duration,
     busy_poll: Duration,
     inventory: Option<Arc<Inventory>>,
-    stagers: Mutex<HashMap<(String, Direction), Arc<Stager>>>,
+    /// Each channel's stagers: forward (messages, requests) and reply.
+    stagers: Mutex<HashMap<String, [Option<Arc<Stager>>; 2]>>,
     bound: Mutex<Vec<Address>>,
     subs: Mutex<HashMap<String, Vec<Arc<Queue<Delivery>>>>>,
     peers: Mutex<Vec<Arc<Peer>>>,
@@ -850,12 +851,17 @@ impl NodeInner {
 
     /// The staging rules of `channel` for messages travelling `direction`.
     fn stager(&self, channel: &str, direction: Direction) -> Result<Arc<Stager>> {
-        let key = (channel.to_string(), direction);
+        let slot = match direction {
+            Direction::Forward => 0,
+            Direction::Reply => 1,
+        };
+        // Looked up by &str: no allocation on the request path.
         if let Some(s) = self
             .stagers
             .lock()
             .expect("lock is never poisoned")
-            .get(&key)
+            .get(channel)
+            .and_then(|pair| pair[slot].as_ref())
         {
             return Ok(Arc::clone(s));
         }
@@ -867,7 +873,8 @@ impl NodeInner {
         self.stagers
             .lock()
             .expect("lock is never poisoned")
-            .insert(key, Arc::clone(&stager));
+            .entry(channel.to_string())
+            .or_default()[slot] = Some(Arc::clone(&stager));
         Ok(stager)
     }
 

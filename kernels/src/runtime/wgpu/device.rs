@@ -194,21 +194,53 @@ fn entry(buffer: &wgpu::Buffer, binding: u32, offset: u64, size: u64) -> wgpu::B
     }
 }
 
+/// A value whose `Send` and `Sync` were proven where it was made, so that a
+/// type holding it need not prove them again: wgpu's types nest so deeply
+/// that re-checking them inside a larger type (a node holding runtimes, a
+/// message holding device tensors) exceeds the compiler's default recursion
+/// limit in every crate that uses them.
+struct Proven<T>(T);
+
+impl<T: Send + Sync> Proven<T> {
+    fn new(value: T) -> Self {
+        Self(value)
+    }
+}
+
+impl<T: Clone + Send + Sync> Clone for Proven<T> {
+    fn clone(&self) -> Self {
+        Self::new(self.0.clone())
+    }
+}
+
+impl<T> std::ops::Deref for Proven<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+// SAFETY: the only way to make a `Proven<T>` is `Proven::new`, which requires
+// `T: Send + Sync`; it adds no state of its own.
+unsafe impl<T> Send for Proven<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Proven<T> {}
+
 #[derive(Clone)]
 pub(super) struct Runtime {
-    dev: Arc<DeviceState>,
+    dev: Proven<Arc<DeviceState>>,
 }
 
 pub(super) struct Buffer {
-    dev: Arc<DeviceState>,
-    buffer: wgpu::Buffer,
+    dev: Proven<Arc<DeviceState>>,
+    buffer: Proven<wgpu::Buffer>,
     len: usize,
 }
 
 impl Buffer {
     pub(super) fn owner(&self) -> Result<Runtime> {
         Ok(Runtime {
-            dev: Arc::clone(&self.dev),
+            dev: self.dev.clone(),
         })
     }
     pub(super) fn len(&self) -> usize {
@@ -231,7 +263,9 @@ fn too_large(op: &'static str, bytes: u64, limit: u64) -> Error {
 
 impl Runtime {
     pub(super) fn open(index: u32) -> Result<Self> {
-        DeviceState::get(index).map(|dev| Self { dev })
+        DeviceState::get(index).map(|dev| Self {
+            dev: Proven::new(dev),
+        })
     }
 
     pub(super) fn index(&self) -> u32 {
@@ -278,8 +312,8 @@ impl Runtime {
             }))
         })?;
         Ok(Buffer {
-            dev: Arc::clone(&self.dev),
-            buffer,
+            dev: self.dev.clone(),
+            buffer: Proven::new(buffer),
             len,
         })
     }
@@ -412,11 +446,11 @@ impl Runtime {
             // Different adapters share nothing: through the host.
             let mut host = vec![0u8; src.len];
             Runtime {
-                dev: Arc::clone(&src.dev),
+                dev: src.dev.clone(),
             }
             .read(src, 0, &mut host)?;
             Runtime {
-                dev: Arc::clone(&dst.dev),
+                dev: dst.dev.clone(),
             }
             .write(dst, 0, &host)
         }
