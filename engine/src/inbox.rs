@@ -336,9 +336,17 @@ impl<S: Source> Assembler<S> {
         };
         let up = match &mut r.current {
             Some(up) => up,
-            None => r
-                .current
-                .insert(rt.begin_upload(range.len()).map_err(failed)?),
+            None => match rt.begin_upload(range.len()) {
+                Ok(up) => r.current.insert(up),
+                Err(_) => {
+                    // The device cannot take it now (out of memory, say): the
+                    // bytes go to the frame buffer instead, and landing the
+                    // message then copies them there or rejects that message
+                    // alone, with its reason; the connection goes on.
+                    r.targets.remove(r.next);
+                    return Ok(None);
+                }
+            },
         };
         let want = range.end - *filled;
         let have = self.end - self.start;

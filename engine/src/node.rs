@@ -36,7 +36,7 @@ use crate::stream::Router;
 use crate::wire::layout;
 use crate::wire::{
     decode_at, encode, encode_staged, EncodeOptions, Encoded, Frame, FrameMeta, HeadPlan, Kind,
-    Limits, TensorInfo,
+    Limits, Origin, TensorInfo,
 };
 use crate::HostBuffer;
 use tensorferry_kernels::DType;
@@ -222,23 +222,42 @@ impl Peer {
     }
 
     /// Writes one frame now (control frames, requests, replies).
+    /// Writes one frame. A failed write may have left part of the frame on
+    /// the stream, which the peer could not tell from the next frame: the
+    /// connection is shut down, and its reader reports the peer lost.
     fn write(&self, frame: &Encoded) -> Result<()> {
-        match &self.link {
+        let written = match &self.link {
             Link::Stream { writer, .. } => {
                 let mut w = writer.lock().expect("writer lock is never poisoned");
-                frame
-                    .write_to(&mut *w)
-                    .map_err(|e| Error::io(format!("writing to {}", self.label), e))
+                frame.write_to(&mut *w)
             }
             Link::Unix { writer, .. } => {
                 let mut w = writer.lock().expect("writer lock is never poisoned");
-                frame
-                    .write_to(&mut *w)
-                    .map_err(|e| Error::io(format!("writing to {}", self.label), e))
+                frame.write_to(&mut *w)
             }
-            Link::Inproc { .. } => Err(Error::Invalid(
-                "inproc peers take messages, not frames".into(),
-            )),
+            Link::Inproc { .. } => {
+                return Err(Error::Invalid(
+                    "inproc peers take messages, not frames".into(),
+                ))
+            }
+        };
+        written.map_err(|e| {
+            self.sever();
+            Error::io(format!("writing to {}", self.label), e)
+        })
+    }
+
+    /// Shuts the connection down without marking the peer lost: its reader
+    /// then ends and reports the loss to everything that depended on it.
+    fn sever(&self) {
+        match &self.link {
+            Link::Stream { stream, .. } => {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Link::Unix { stream, .. } => {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Link::Inproc { .. } => {}
         }
     }
 
@@ -618,7 +637,7 @@ impl Node {
                     let frame = match frame {
                         Ok(f) => f,
                         Err(e) => {
-                            feed.force(Err(e));
+                            feed.push(Err(e));
                             break;
                         }
                     };
@@ -636,7 +655,8 @@ impl Node {
                         first_byte: Instant::now(),
                     }));
                 }
-                feed.force(Err(Error::Closed));
+                // Pushed like a message, so it never displaces one.
+                feed.push(Err(Error::Closed));
             })
             .map_err(|e| Error::io("starting a replay thread", e))?;
         Ok(Subscription {
@@ -674,16 +694,40 @@ impl Node {
             .name("tf-record".into())
             .spawn(move || -> Result<u64> {
                 let mut written = 0;
-                loop {
-                    let next = match sub.queue.rx.recv_timeout(Duration::from_millis(50)) {
-                        Ok(d) => d,
-                        Err(_) if stopping.load(Ordering::Acquire) => break,
-                        Err(_) => continue,
-                    };
-                    let Ok(r) = next else { continue };
+                let mut write = |r: Received| -> Result<()> {
                     let meta = FrameMeta::message(r.channel.clone(), r.seq);
-                    writer.write(&inner.encode_for(&r.message, &meta)?)?;
+                    let frame = if r.tensors.is_empty() {
+                        // Published here: prepared as for a socket.
+                        inner.encode_for(&r.message, &meta)?
+                    } else {
+                        // Received: recorded as it came, with what its
+                        // sender said of each tensor (device, dtype before
+                        // the wire cast, checksum, still to be verified).
+                        let origins: Vec<Origin> = r
+                            .tensors
+                            .iter()
+                            .map(|i| Origin {
+                                device: i.device,
+                                cast_from: i.cast_from,
+                                checksum: i.checksum,
+                            })
+                            .collect();
+                        encode_staged(&r.message, &origins, &meta, EncodeOptions::default())?
+                    };
+                    writer.write(&frame)?;
                     written += 1;
+                    Ok(())
+                };
+                while !stopping.load(Ordering::Acquire) {
+                    if let Ok(Ok(r)) = sub.queue.rx.recv_timeout(Duration::from_millis(50)) {
+                        write(r)?;
+                    }
+                }
+                // Stopped: what was already taken goes in too.
+                while let Ok(next) = sub.queue.rx.try_recv() {
+                    if let Ok(r) = next {
+                        write(r)?;
+                    }
                 }
                 writer.sync()?;
                 Ok(written)
@@ -1880,7 +1924,7 @@ fn spawn_outlet(peer: &Arc<Peer>, spec: &ChannelSpec) -> Arc<Outlet> {
             let ok = peer.alive.load(Ordering::Acquire) && write_outgoing(&peer, frame).is_ok();
             o.inflight.fetch_sub(1, Ordering::AcqRel);
             if !ok {
-                peer.close();
+                peer.sever();
                 // Drain what is queued so publishers waiting on a flush are released.
                 while o.queue.rx.try_recv().is_ok() {
                     o.inflight.fetch_sub(1, Ordering::AcqRel);

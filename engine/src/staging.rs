@@ -384,7 +384,24 @@ impl Stager {
             }
         }
         let wire_dtype = landed.dtype();
-        if let Some(from) = info.and_then(|i| i.cast_from).filter(|_| !self.keep_wire) {
+        let cast_from = info.and_then(|i| i.cast_from);
+        if let Some(from) = cast_from {
+            // Only a cast this channel names is undone: a peer cannot make
+            // the receiver widen tensors (and allocate) as it pleases.
+            if !self
+                .wire
+                .iter()
+                .any(|(f, t)| *f == from && *t == wire_dtype)
+            {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "the sender cast {from} to {wire_dtype} for the wire, but this channel's wire_dtype does not name that cast; add {{\"{from}\": \"{wire_dtype}\"}} to it"
+                    ),
+                ));
+            }
+        }
+        if let Some(from) = cast_from.filter(|_| !self.keep_wire) {
             landed = if target == Device::Cpu {
                 cast_on_host(&landed, from)?
             } else {

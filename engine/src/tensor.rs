@@ -183,7 +183,13 @@ impl Tensor {
     /// As [`to_buffer_on`](Self::to_buffer_on).
     pub fn to_runtime(&self, rt: &Runtime) -> Result<Tensor> {
         let here = self.device == rt.device();
-        if here && self.is_contiguous() && self.layout.offset() == 0 {
+        let whole = match &self.storage {
+            Storage::Host(_) => true,
+            Storage::Device(b) => b.len() == self.size_bytes(),
+        };
+        // Shared only when the tensor is its whole buffer: device kernels
+        // (cast, checksum) and the wire take buffers whole.
+        if here && whole && self.is_contiguous() && self.layout.offset() == 0 {
             return Ok(self.clone());
         }
         if rt.device() == Device::Cpu {

@@ -427,6 +427,16 @@ impl Encoded {
     ///
     /// The writer's errors, and a device's read-back errors.
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        // Every device is opened before the first byte goes out, so that
+        // failing to reach one does not leave half a frame on the stream.
+        let mut runtimes: Vec<Runtime> = Vec::new();
+        for b in &self.buffers {
+            if let Payload::Device(d) = b {
+                if !runtimes.iter().any(|rt| rt.device() == d.device()) {
+                    runtimes.push(Runtime::open(d.device()).map_err(io::Error::other)?);
+                }
+            }
+        }
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * self.buffers.len());
         slices.push(IoSlice::new(&self.head));
         for b in &self.buffers {
@@ -435,7 +445,10 @@ impl Encoded {
                 Payload::Host(_) => {}
                 Payload::Device(d) => {
                     write_all_vectored(w, &mut slices)?;
-                    let rt = Runtime::open(d.device()).map_err(io::Error::other)?;
+                    let rt = runtimes
+                        .iter()
+                        .find(|rt| rt.device() == d.device())
+                        .expect("opened above");
                     let mut failed = None;
                     rt.download_to(d, &mut |chunk| {
                         w.write_all(chunk).inspect_err(|e| {

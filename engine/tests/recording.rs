@@ -67,3 +67,103 @@ fn a_recording_replays_every_message_in_order_with_every_byte() {
     assert!(missing.is_err());
     let _ = std::fs::remove_file(addr.trim_start_matches("file://"));
 }
+
+#[test]
+fn received_messages_are_recorded_as_they_came_and_replay_like_them() {
+    use tensorferry_device_map::{ChannelConfig, ChannelSpec, Pattern};
+    let addr = scratch("record-cast");
+    let mut config = ChannelConfig::new();
+    config
+        .insert(
+            "/act",
+            ChannelSpec::new(Pattern::PubSub)
+                .with_wire_dtype("f32", "bf16")
+                .with_checksum(true)
+                .with_queue(4, tensorferry_device_map::Overflow::Block),
+        )
+        .expect("config");
+    let server = Node::builder()
+        .channels(config.clone())
+        .listen("tcp://127.0.0.1:0")
+        .build()
+        .expect("server");
+    let tcp = server.listen_addrs()[0].to_string();
+    let client = Node::builder()
+        .channels(config.clone())
+        .build()
+        .expect("client");
+    let live = client.subscribe(&tcp, "/act").expect("subscribe");
+    let recording = client.record("/act", &addr).expect("record");
+    let publisher = server.publisher("/act");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let values: Vec<f32> = (0..300).map(|i| (i % 128) as f32 * 0.5).collect(); // exact in bf16
+                                                                               // More messages than the queues hold, sent while the recording runs.
+    let n = 40u64;
+    let feeder = std::thread::spawn(move || {
+        for seq in 0..n {
+            let t = tensorferry_engine::Tensor::from_slice(&values, &[300]).expect("t");
+            publisher
+                .send(Message::new().field("i", seq).tensor("x", t))
+                .expect("send");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        publisher
+    });
+    for _ in 0..n {
+        let got = live.recv_timeout(WAIT).expect("live");
+        assert_eq!(got.message.get("x").expect("x").dtype(), DType::F32);
+    }
+    let _publisher = feeder.join().expect("feeder");
+    assert_eq!(recording.stop().expect("stop"), n);
+
+    // Replayed with the same configuration: cast back, checksums verified,
+    // every message (a lagging reader of a queue of 4 included) and then the end.
+    let reader = Node::builder().channels(config).build().expect("reader");
+    let replay = reader.subscribe(&addr, "/act").expect("replay");
+    for seq in 0..n {
+        std::thread::sleep(Duration::from_millis(1));
+        let got = replay.recv_timeout(WAIT).expect("replayed");
+        assert_eq!(got.seq, seq);
+        let x = got.message.get("x").expect("x");
+        assert_eq!(x.dtype(), DType::F32, "cast back on replay");
+        assert_eq!(
+            x.as_slice::<f32>().expect("f32")[299],
+            (299 % 128) as f32 * 0.5
+        );
+        assert_eq!(got.tensors[0].cast_from, Some(DType::F32));
+        assert!(got.tensors[0].checksum.is_some());
+    }
+    assert!(matches!(replay.recv_timeout(WAIT), Err(Error::Closed)));
+    let _ = std::fs::remove_file(addr.trim_start_matches("file://"));
+}
+
+#[test]
+fn a_recording_stops_promptly_while_messages_keep_coming() {
+    let addr = scratch("record-busy");
+    let node = Node::builder().build().expect("node");
+    let recording = node.record(ALL_CHANNELS, &addr).expect("record");
+    let publisher = node.publisher("/tick");
+    let _sub = node.subscriber("/tick");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    let feeder = std::thread::spawn(move || {
+        let mut seq = 0u64;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = publisher.send(Message::new().field("i", seq));
+            seq += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let start = std::time::Instant::now();
+    let written = recording.stop().expect("stop");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(written > 0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().expect("feeder");
+    let _ = std::fs::remove_file(addr.trim_start_matches("file://"));
+}

@@ -158,6 +158,30 @@ fn wire_dtype_halves_the_bytes_and_casts_back_like_the_cpu_reference() {
 }
 
 #[test]
+fn a_wire_cast_the_receiving_channel_does_not_name_is_refused() {
+    let sender = ChannelSpec::new(Pattern::PubSub).with_wire_dtype("f64", "bf16");
+    let from = stager(&sender, Direction::Forward, "cpu");
+    let to = stager(
+        &ChannelSpec::new(Pattern::PubSub),
+        Direction::Forward,
+        "cpu",
+    );
+    let m = Message::new().tensor("w", Tensor::from_slice(&[1.0f64, 2.0], &[2]).expect("w"));
+    let err = travel(&from, &to, &m).expect_err("not named here");
+    let text = err.to_string();
+    assert!(
+        text.contains("`w`") && text.contains(r#"{"f64": "bf16"}"#),
+        "{text}"
+    );
+    // Named on both ends, it travels and comes back as f64.
+    let (got, _) = travel(&from, &from, &m).expect("named");
+    assert_eq!(
+        got.get("w").expect("w").as_slice::<f64>().expect("f64"),
+        &[1.0, 2.0]
+    );
+}
+
+#[test]
 fn a_corrupted_tensor_is_rejected_by_its_checksum_and_nothing_is_delivered() {
     let spec = ChannelSpec::new(Pattern::PubSub).with_checksum(true);
     let s = stager(&spec, Direction::Forward, "cpu");
@@ -259,6 +283,35 @@ fn tensors_land_on_a_wgpu_adapter_verified_and_cast_back_there() {
         assert_eq!((x.device(), x.dtype()), (Device::wgpu(0), DType::F32));
         assert_eq!(bytes_of(x), through(&values, DType::F16), "n = {n}");
     }
+
+    // A prefix view of a larger device buffer travels as exactly its own
+    // bytes: cast and checksummed as the view, not the whole buffer.
+    let values = rng.f32s(1000);
+    let whole = Tensor::from_slice(&values, &[1000])
+        .expect("x")
+        .to_runtime(&Runtime::open(Device::wgpu(0)).expect("wgpu"))
+        .expect("upload");
+    let view = whole.narrow(0, 0, 777).expect("narrow");
+    let spec_back = ChannelSpec::new(Pattern::PubSub)
+        .with_device_map(
+            DeviceMap::builder()
+                .entry("wgpu:0", "cpu")
+                .build()
+                .expect("map"),
+        )
+        .with_wire_dtype("f32", "bf16")
+        .with_checksum(true);
+    let (got, wire_bytes) = travel(
+        &stager(&spec_back, Direction::Forward, "cpu,wgpu:0"),
+        &stager(&spec_back, Direction::Forward, "cpu"),
+        &Message::new().tensor("v", view),
+    )
+    .expect("a view travels");
+    assert_eq!(wire_bytes, 777 * 2);
+    assert_eq!(
+        bytes_of(got.get("v").expect("v")),
+        through(&values[..777], DType::BF16)
+    );
 
     // A CUDA target on a host without CUDA: the wgpu fallback picks the adapter.
     let spec = ChannelSpec::new(Pattern::PubSub)

@@ -187,6 +187,8 @@ struct Replay {
     label: String,
     config: ChannelConfig,
     stagers: HashMap<String, Stager>,
+    /// `--channel`: messages of other channels are skipped, not landed.
+    only: Option<String>,
 }
 
 impl Replay {
@@ -218,6 +220,10 @@ impl Source {
                         from: replay.label.clone(),
                         first_byte: Instant::now(),
                     };
+                    if replay.only.as_ref().is_some_and(|c| *c != r.channel) {
+                        // Skipped by the caller's --channel filter.
+                        return Next::Got(r);
+                    }
                     match replay.land(r) {
                         Ok(r) => Next::Got(r),
                         Err(e) => Next::Rejected(e),
@@ -285,6 +291,7 @@ fn open(args: &Args) -> Result<(Source, String), String> {
                 label: addr.to_string(),
                 config,
                 stagers: HashMap::new(),
+                only: args.channel.clone(),
             };
             Ok((Source::File(replay), addr.to_string()))
         }

@@ -198,8 +198,10 @@ impl Uploading {
         Ok(())
     }
 
-    /// For a caller about to wait for more bytes: gives back staging chunks
-    /// whose copies are done, keeping only the one being filled. Never blocks.
+    /// For a caller about to wait for more bytes, perhaps for long: on CUDA
+    /// the partly filled chunk is copied now and every copy in flight waited
+    /// for (each at most one chunk), so a paused upload holds no staging
+    /// chunk and stalled peers cannot starve the device's pool.
     ///
     /// # Errors
     ///

@@ -599,17 +599,6 @@ impl<D: ChunkDevice, R: Borrow<D>, P: PoolHandle<D::Chunk>> Flights<D, R, P> {
         Ok(())
     }
 
-    /// Gives back every chunk whose copy is done, oldest first; never blocks.
-    fn release_done(&mut self) -> Result<()> {
-        while let Some(oldest) = self.queue.front() {
-            if !self.dev().is_done(&oldest.event)? {
-                break;
-            }
-            self.queue.pop_front();
-        }
-        Ok(())
-    }
-
     /// The chunk for the next copy, by the pool rule: the oldest chunk if its
     /// copy is done; else a free one; else, holding some, the oldest after
     /// its copy; only when holding none, whatever the pool gives back first.
@@ -839,7 +828,7 @@ where
         // (`cap` bounds a chunk by both, `advance` checks against it); the
         // lease moves into `flights`, which touches the chunk again, or hands
         // it back, only after the event is done (`next_chunk`,
-        // `release_done`, `finish`, drop); `dst` is borrowed or owned by
+        // `finish`, `pause`, drop); `dst` is borrowed or owned by
         // `self` and declared after `flights`, whose drop waits for every
         // copy before the destination can go.
         let event = unsafe {
@@ -1039,15 +1028,20 @@ where
         self.pipe.write(bytes)
     }
 
-    /// For a caller about to wait for more bytes: gives back the chunks whose
-    /// copies are done, keeping only the chunk being filled. Never blocks.
+    /// For a caller about to wait for more bytes, perhaps for long (a peer
+    /// that stalls mid-tensor): copies the partly filled chunk now and waits
+    /// for every copy in flight (each at most one chunk), so that a paused
+    /// upload holds no chunk and stalled uploads cannot starve the pool that
+    /// every other pipeline of the device draws from. The next bytes take a
+    /// fresh chunk.
     ///
     /// # Errors
     ///
     /// A copy's error.
     pub fn pause(&mut self) -> Result<()> {
         self.pipe.adopt();
-        self.pipe.flights.release_done()
+        self.pipe.flush()?;
+        self.pipe.flights.finish()
     }
 
     /// Waits for every copy and returns the filled buffer; every chunk is
@@ -2072,7 +2066,15 @@ mod tests {
     }
 
     /// Feeds `data` into `up` in pieces of 1 to `most` bytes, pausing now and then.
-    fn feed(up: &mut OwnedUpload<&FakeDevice>, data: &[u8], rng: &mut Rng, most: usize) {
+    /// Feeds `data` in random steps of at most `most` bytes, pausing now
+    /// and then when `pauses` (a paused upload must hold no chunk).
+    fn feed(
+        up: &mut OwnedUpload<&FakeDevice>,
+        data: &[u8],
+        rng: &mut Rng,
+        most: usize,
+        pauses: Option<&ChunkPool<FakeChunk>>,
+    ) {
         let mut at = 0;
         while at < data.len() {
             let space = up.space().expect("space");
@@ -2085,8 +2087,9 @@ mod tests {
             space[..n].copy_from_slice(&data[at..at + n]);
             up.advance(n).expect("advance");
             at += n;
-            if rng.below(5) == 0 {
+            if let Some(pool) = pauses.filter(|_| rng.below(5) == 0) {
                 up.pause().expect("pause");
+                assert_eq!(pool.in_use(), 0, "a paused upload holds no chunk");
             }
         }
     }
@@ -2103,7 +2106,7 @@ mod tests {
                     OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&vec![0; len]));
                 assert_eq!((up.len(), up.position()), (len, 0));
                 let buf = in_order(&dev, || {
-                    feed(&mut up, &data, &mut rng, most);
+                    feed(&mut up, &data, &mut rng, most, Some(&up_pool));
                     assert!(up.space().expect("space").is_empty(), "all in");
                     up.finish().expect("finish")
                 });
@@ -2115,11 +2118,11 @@ mod tests {
                 assert_eq!(up_pool.in_use(), 0);
             }
         }
-        // Each chunk went whole, in order: 37 full chunks and the tail.
+        // Never paused, each chunk went whole, in order: 37 full chunks and the tail.
         let data = rng.bytes(37 * CHUNK + 11);
         let mut up = OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&vec![0; data.len()]));
         let before = dev.copies().len();
-        feed(&mut up, &data, &mut rng, 5);
+        feed(&mut up, &data, &mut rng, 5, None);
         up.finish().expect("finish");
         let lens: Vec<usize> = dev.copies()[before..].iter().map(|c| c.len).collect();
         assert_eq!(lens.len(), 38);
@@ -2161,7 +2164,7 @@ mod tests {
                         for _ in 0..3 {
                             let buf = dev.buffer(&vec![0; data.len()]);
                             let mut up = OwnedUpload::new(dev, Arc::clone(up_pool), buf);
-                            feed(&mut up, data, &mut rng, CHUNK / 2);
+                            feed(&mut up, data, &mut rng, CHUNK / 2, None);
                             let buf = up.finish().expect("finish");
                             assert_eq!(&FakeDevice::contents(&buf), data);
                         }
@@ -2197,7 +2200,8 @@ mod tests {
                 // This thread now holds every chunk through `first`: a second
                 // upload here must not wait for itself.
                 let mut first = first;
-                first.pause().expect("pause");
+                // Touching it here counts its chunks against this thread.
+                first.space().expect("space");
                 assert_eq!(up_pool.in_use(), 2);
                 let mut second =
                     OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&[0; CHUNK]));

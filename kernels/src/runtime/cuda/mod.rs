@@ -384,8 +384,9 @@ impl CudaUpload {
         self.inner.advance(n)
     }
 
-    /// Gives back the chunks whose copies are done (keeps the one being
-    /// filled); for a caller about to wait for more bytes. Never blocks.
+    /// For a caller about to wait for more bytes: copies the partly filled
+    /// chunk now and waits for the copies in flight, so the paused upload
+    /// holds no chunk of the device's pool.
     ///
     /// # Errors
     ///
