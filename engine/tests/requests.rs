@@ -272,3 +272,67 @@ fn half_a_reply_does_not_hold_a_requester_past_its_timeout() {
     assert!(start.elapsed() < Duration::from_millis(500));
     fake.join().expect("fake server");
 }
+
+#[test]
+fn busy_polling_requesters_and_readers_share_one_connection() {
+    for transport in ["tcp", "shm"] {
+        let listen = match transport {
+            "shm" => format!("shm://tf-req-spin-{}", std::process::id()),
+            _ => "tcp://127.0.0.1:0".to_string(),
+        };
+        // Both ends spin: each reader keeps reading after a frame unless its
+        // node waits for a reply on that connection, which its requester
+        // then reads itself.
+        let a = Node::builder()
+            .name("a")
+            .busy_poll_us(300)
+            .listen(listen)
+            .build()
+            .expect("a");
+        let addr = a.listen_addrs()[0].to_string();
+        let b = Node::builder()
+            .name("b")
+            .busy_poll_us(300)
+            .build()
+            .expect("b");
+        a.serve("/a", echo(true)).expect("serve a");
+        let ticks = a.subscriber("/tick");
+        b.connect(&addr).expect("connect");
+        let b_ticks = b.publisher("/tick");
+        b_ticks.wait_for_subscribers(1, WAIT).expect("subscriber");
+        // Two requesters on b and a publisher, all on the one connection.
+        let askers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let b = b.clone();
+                let addr = addr.clone();
+                thread::spawn(move || {
+                    for i in 0..200u64 {
+                        let n = t * 1000 + i;
+                        let reply = b
+                            .request(
+                                &addr,
+                                "/a",
+                                Message::new().field("i", n).tensor("x", tensor(n)),
+                                WAIT,
+                            )
+                            .expect("reply from a");
+                        assert_eq!(reply.get_field("i"), Some(&serde_json::json!(n)));
+                        assert_eq!(reply.get_field("seen"), Some(&serde_json::json!(true)));
+                    }
+                })
+            })
+            .collect();
+        for i in 0..50u64 {
+            b_ticks
+                .send(Message::new().field("tick", i))
+                .expect("publish");
+        }
+        for asker in askers {
+            asker.join().expect("asker");
+        }
+        for i in 0..50u64 {
+            let got = ticks.recv_timeout(WAIT).expect("tick");
+            assert_eq!(got.message.get_field("tick"), Some(&serde_json::json!(i)));
+        }
+    }
+}

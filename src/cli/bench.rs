@@ -94,8 +94,9 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     subscribers: Option<usize>,
 
-    /// With --pattern reqrep: microseconds the requester spins for each reply
-    /// before sleeping (lower latency, one core kept busy). 0 turns it off.
+    /// With --pattern reqrep: microseconds the requester spins for each reply,
+    /// and the echo's reader for the next request, before sleeping (lower
+    /// latency, a core kept busy on each side). 0 turns it off.
     #[arg(long, value_name = "US", default_value_t = 0)]
     busy_poll_us: u64,
 
@@ -704,7 +705,13 @@ fn finish_role(child: Child) -> Result<Value, String> {
 }
 
 /// The hidden receiving roles.
-fn run_role(role: &str, listen: &str, size: u64, config: ChannelConfig) -> Outcome {
+fn run_role(
+    role: &str,
+    listen: &str,
+    size: u64,
+    config: ChannelConfig,
+    busy_poll_us: u64,
+) -> Outcome {
     let idle = Duration::from_secs(60);
     match role {
         "receiver" => {
@@ -736,6 +743,7 @@ fn run_role(role: &str, listen: &str, size: u64, config: ChannelConfig) -> Outco
         "responder" => {
             let node = Node::builder()
                 .name("bench-echo")
+                .busy_poll_us(busy_poll_us)
                 .listen(listen)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -847,7 +855,13 @@ fn request_reply(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Mea
             )
         }
     };
-    let (child, addr) = spawn_role("responder", &listen, size)?;
+    // Busy polling applies to both ends: the echo's reader spins for the next request too.
+    let (child, addr) = spawn_role_with(
+        "responder",
+        &listen,
+        size,
+        &["--busy-poll-us".to_string(), plan.busy_poll_us.to_string()],
+    )?;
     let node = Node::builder()
         .busy_poll_us(plan.busy_poll_us)
         .build()
@@ -1345,6 +1359,7 @@ pub fn run(args: &Args) -> Outcome {
             args.role_listen.as_deref().unwrap_or("tcp://127.0.0.1:0"),
             size,
             config,
+            args.busy_poll_us,
         );
     }
     let plan = Plan::from_args(args)?;
