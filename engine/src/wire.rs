@@ -467,6 +467,63 @@ impl Encoded {
     }
 }
 
+impl Encoded {
+    /// Copies the whole frame into `out`, which must be exactly
+    /// [`frame_len`](Self::frame_len) bytes (a shared-memory slot): large
+    /// host buffers are copied by several threads at once, device buffers
+    /// read back through their staging pipeline.
+    ///
+    /// # Errors
+    ///
+    /// A wrong length; a device's read-back error.
+    pub fn copy_into(&self, out: &mut [u8]) -> io::Result<()> {
+        if out.len() as u64 != self.frame_len {
+            return Err(io::Error::other(format!(
+                "a frame of {} bytes does not fit a region of {}",
+                self.frame_len,
+                out.len()
+            )));
+        }
+        let (head, mut rest) = out.split_at_mut(self.head.len());
+        head.copy_from_slice(&self.head);
+        for b in &self.buffers {
+            let padded = b.len() + pad_to_align(b.len());
+            let (dst, tail) = rest.split_at_mut(padded);
+            let (data, pad) = dst.split_at_mut(b.len());
+            match b {
+                Payload::Host(h) => parallel_copy(data, h.as_slice()),
+                Payload::Device(d) => {
+                    let rt = Runtime::open(d.device()).map_err(io::Error::other)?;
+                    let mut at = 0;
+                    rt.download_to(d, &mut |chunk| {
+                        data[at..at + chunk.len()].copy_from_slice(chunk);
+                        at += chunk.len();
+                        Ok(())
+                    })
+                    .map_err(io::Error::other)?;
+                }
+            }
+            pad.fill(0);
+            rest = tail;
+        }
+        Ok(())
+    }
+}
+
+/// Copies `src` into `dst` (same length); above a few MiB, in pieces on the
+/// thread pool, since one core alone does not reach the memory's bandwidth.
+fn parallel_copy(dst: &mut [u8], src: &[u8]) {
+    use rayon::prelude::*;
+    const PIECE: usize = 4 << 20;
+    if src.len() < 2 * PIECE {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(PIECE)
+            .zip(src.par_chunks(PIECE))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
 /// Writes every slice, then empties the list.
 fn write_all_vectored(w: &mut impl Write, slices: &mut Vec<IoSlice<'_>>) -> io::Result<()> {
     let mut rest = &mut slices[..];

@@ -410,3 +410,28 @@ fn enforces_configured_limits_before_allocating() {
         })
     ));
 }
+
+#[test]
+fn copying_a_frame_into_a_region_gives_the_bytes_a_stream_gets() {
+    // One buffer large enough to be copied in pieces on several threads.
+    let big: Vec<u8> = (0..(9 << 20) + 13).map(|i| (i * 31 % 251) as u8).collect();
+    let m = Message::new()
+        .tensor("big", Tensor::from_slice(&big, &[big.len()]).expect("big"))
+        .tensor(
+            "small",
+            Tensor::from_slice(&[1u16, 2, 3], &[3]).expect("small"),
+        );
+    let enc = encode(
+        &m,
+        &FrameMeta::message("/c", 4),
+        EncodeOptions { checksums: true },
+    )
+    .expect("encode");
+    let mut streamed = Vec::new();
+    enc.write_to(&mut streamed).expect("write");
+    let mut region = vec![0xAAu8; enc.frame_len() as usize];
+    enc.copy_into(&mut region).expect("copy");
+    assert_eq!(region, streamed, "padding zeroed, every byte in place");
+    let mut short = vec![0u8; region.len() - 64];
+    assert!(enc.copy_into(&mut short).is_err());
+}
