@@ -1176,6 +1176,24 @@ impl NodeInner {
             Assembler::new(reader, self.pool.clone(), self.limits)
                 .with_router(device_router(Arc::downgrade(self))),
         );
+        let link = Link::Stream {
+            writer: Mutex::new(Box::new(writer)),
+            stream,
+        };
+        self.start_reading(label, link, dialed, watch, frames, "tf-read")
+    }
+
+    /// Adds a socket peer whose read side is `frames` (watched through
+    /// `watch`), starts its reader thread and greets it.
+    fn start_reading(
+        self: &Arc<Self>,
+        label: String,
+        link: Link,
+        dialed: Option<Address>,
+        watch: OwnedFd,
+        frames: Frames,
+        thread_name: &str,
+    ) -> Result<Arc<Peer>> {
         let inbox = Inbox::new(
             watch,
             ReadSide {
@@ -1183,19 +1201,11 @@ impl NodeInner {
                 ended: false,
             },
         )?;
-        let peer = self.add_peer(
-            label,
-            Link::Stream {
-                writer: Mutex::new(Box::new(writer)),
-                stream,
-            },
-            dialed,
-            Some(inbox),
-        );
+        let peer = self.add_peer(label, link, dialed, Some(inbox));
         let node = Arc::downgrade(self);
         let p = Arc::clone(&peer);
         let started = thread::Builder::new()
-            .name("tf-read".into())
+            .name(thread_name.into())
             .spawn(move || read_loop(&p, &node));
         if let Err(e) = started {
             self.lose(&peer, "no reader thread");
@@ -1231,35 +1241,13 @@ impl NodeInner {
             fds,
             mapped: HashMap::new(),
         };
-        let inbox = Inbox::new(
-            watch,
-            ReadSide {
-                frames,
-                ended: false,
-            },
-        )?;
-        let peer = self.add_peer(
-            label,
-            Link::Unix {
-                writer: Mutex::new(writer),
-                stream,
-                known: Mutex::new(HashSet::new()),
-                awaiting: Mutex::new(HashMap::new()),
-            },
-            dialed,
-            Some(inbox),
-        );
-        let node = Arc::downgrade(self);
-        let p = Arc::clone(&peer);
-        let started = thread::Builder::new()
-            .name("tf-read-shm".into())
-            .spawn(move || read_loop(&p, &node));
-        if let Err(e) = started {
-            self.lose(&peer, "no reader thread");
-            return Err(Error::io("starting a reader thread", e));
-        }
-        self.greet(&peer);
-        Ok(peer)
+        let link = Link::Unix {
+            writer: Mutex::new(writer),
+            stream,
+            known: Mutex::new(HashSet::new()),
+            awaiting: Mutex::new(HashMap::new()),
+        };
+        self.start_reading(label, link, dialed, watch, frames, "tf-read-shm")
     }
 
     /// Sends a subscribe or unsubscribe to `peer`.
