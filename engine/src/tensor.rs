@@ -207,10 +207,15 @@ impl Tensor {
     pub fn to_host(&self) -> Result<Tensor> {
         match &self.storage {
             Storage::Host(_) => Ok(self.clone()),
-            Storage::Device(_) => {
+            Storage::Device(buf) => {
+                let rt = Runtime::open(self.device)?;
                 let mut out = HostBufferMut::zeroed(self.size_bytes());
-                let packed = self.to_buffer_on(&Runtime::open(self.device)?)?;
-                Runtime::open(self.device)?.download(&packed, out.as_mut_slice())?;
+                if self.is_contiguous() && self.layout.offset() == 0 && buf.len() == out.len() {
+                    // Read straight back: no copy on the device first.
+                    rt.download(buf, out.as_mut_slice())?;
+                } else {
+                    rt.download(&self.to_buffer_on(&rt)?, out.as_mut_slice())?;
+                }
                 Tensor::from_host(self.dtype, self.shape(), out.freeze())
             }
         }
