@@ -6,9 +6,10 @@
 //! socket and dispatches each as the reader thread would. A requester takes
 //! the lead before it writes its request and reads until its reply arrives, so
 //! the reply wakes the thread that waits for it and no other, as in a raw
-//! ping-pong. The reader thread waits on an epoll and reads only when it can
-//! take the lead; a requester switches that wait off while it leads and back
-//! on when it leaves, which reports anything left unread. Every thread that
+//! ping-pong. The reader thread waits on an epoll (for a `shm://` pipe, on
+//! its futex with the reader's wake bit) and reads only when it can take the
+//! lead; a requester switches that wait off while it leads and back on when
+//! it leaves, which reports anything left unread. Every thread that
 //! switches the wait off while it holds the inbox switches it back on after
 //! letting go, so the wait is on whenever no one leads.
 //!
@@ -21,7 +22,7 @@ use std::io;
 use std::net::TcpStream;
 use std::ops::{Deref, DerefMut, Range};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -31,6 +32,7 @@ use nix::sys::socket::{recv, MsgFlags};
 use tensorferry_kernels::runtime::{DeviceBuffer, Runtime, Uploading};
 
 use crate::error::{Error, Result};
+use crate::pipe::Pipe;
 use crate::pool::{BufferPool, PooledBuffer};
 use crate::stream::{device_targets, with_device_tensors, Router};
 use crate::wire::{decode_at, plan_head, Frame, Limits, Prelude, PRELUDE_BYTES};
@@ -43,6 +45,13 @@ const AHEAD_BYTES: usize = 64 << 10;
 pub(crate) trait Source {
     /// Reads what is there now; `WouldBlock` when nothing is.
     fn recv_now(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Whether a read costs no system call (a shared-memory ring): then a
+    /// frame is read straight into its buffer after its prelude, not through
+    /// the read-ahead buffer, which would copy it twice.
+    fn cheap_reads(&self) -> bool {
+        false
+    }
 }
 
 impl Source for TcpStream {
@@ -243,7 +252,12 @@ impl<S: Source> Assembler<S> {
             }
             self.ahead.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, have);
-            match self.source.recv_now(&mut self.ahead[have..]) {
+            let upto = if self.source.cheap_reads() {
+                PRELUDE_BYTES
+            } else {
+                self.ahead.len()
+            };
+            match self.source.recv_now(&mut self.ahead[have..upto]) {
                 Ok(0) if have == 0 => return Ok(Next::End),
                 Ok(0) => return Err(self.cut()),
                 Ok(n) => self.end += n,
@@ -290,7 +304,7 @@ impl<S: Source> Assembler<S> {
         }
         // `ahead` is used up; a large rest goes straight into the frame.
         (self.start, self.end) = (0, 0);
-        let direct = upto - p.filled >= AHEAD_BYTES;
+        let direct = upto - p.filled >= AHEAD_BYTES || self.source.cheap_reads();
         let target = if direct {
             &mut bytes[p.filled..upto]
         } else {
@@ -442,10 +456,20 @@ impl<S: Source> Assembler<S> {
 /// The read side of a connection: its reading state `R`, held by one leader at a time.
 pub(crate) struct Inbox<R> {
     reading: Mutex<R>,
-    /// The reader thread's wait: the socket, level-triggered.
-    epoll: Epoll,
-    /// A duplicate of the socket's descriptor, to wait on.
-    watch: OwnedFd,
+    waits: Waits,
+}
+
+/// What the reader thread and leaders wait on.
+enum Waits {
+    /// A socket's readiness.
+    Socket {
+        /// The reader thread's wait: the socket, level-triggered.
+        epoll: Epoll,
+        /// A duplicate of the socket's descriptor, to wait on.
+        watch: OwnedFd,
+    },
+    /// A shared-memory pipe's futex words.
+    Pipe(Arc<Pipe>),
 }
 
 fn armed() -> EpollEvent {
@@ -464,9 +488,16 @@ impl<R> Inbox<R> {
             .map_err(|e| Error::io("setting up a connection's reader", e.into()))?;
         Ok(Self {
             reading: Mutex::new(reading),
-            epoll,
-            watch,
+            waits: Waits::Socket { epoll, watch },
         })
+    }
+
+    /// An inbox whose bytes come through the shared-memory pipe `pipe`.
+    pub(crate) fn pipe(pipe: Arc<Pipe>, reading: R) -> Self {
+        Self {
+            reading: Mutex::new(reading),
+            waits: Waits::Pipe(pipe),
+        }
     }
 
     /// For the reader thread: waits until the socket is readable (or hung up)
@@ -476,9 +507,16 @@ impl<R> Inbox<R> {
     ///
     /// The epoll's errors (`Interrupted` is retried).
     pub(crate) fn wait(&self) -> io::Result<()> {
+        let epoll = match &self.waits {
+            Waits::Socket { epoll, .. } => epoll,
+            Waits::Pipe(pipe) => {
+                pipe.wait_reader();
+                return Ok(());
+            }
+        };
         let mut events = [EpollEvent::empty()];
         loop {
-            match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            match epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(0) => {}
                 Ok(_) => return Ok(()),
                 Err(nix::errno::Errno::EINTR) => {}
@@ -533,10 +571,13 @@ impl<R> Inbox<R> {
     }
 
     fn disarm(&self) {
-        // It cannot fail for a descriptor this inbox owns and registered.
-        let _ = self
-            .epoll
-            .modify(&self.watch, &mut EpollEvent::new(EpollFlags::empty(), 0));
+        match &self.waits {
+            Waits::Socket { epoll, watch } => {
+                // It cannot fail for a descriptor this inbox owns and registered.
+                let _ = epoll.modify(watch, &mut EpollEvent::new(EpollFlags::empty(), 0));
+            }
+            Waits::Pipe(pipe) => pipe.lead(),
+        }
     }
 
     /// Waits until the socket is readable, at most until `deadline`; `false` when it passed.
@@ -545,13 +586,17 @@ impl<R> Inbox<R> {
     ///
     /// The poll's errors (`Interrupted` counts as readable: the caller reads and comes back).
     pub(crate) fn wait_readable(&self, deadline: Instant) -> io::Result<bool> {
+        let watch = match &self.waits {
+            Waits::Socket { watch, .. } => watch,
+            Waits::Pipe(pipe) => return Ok(pipe.wait_leader(deadline)),
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(false);
         }
         // Rounded up: a wait never ends before the deadline, so it never spins.
         let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        let mut fds = [PollFd::new(self.watch.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [PollFd::new(watch.as_fd(), PollFlags::POLLIN)];
         match poll(
             &mut fds,
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
@@ -563,8 +608,13 @@ impl<R> Inbox<R> {
     }
 
     fn rearm(&self) {
-        // It cannot fail for a descriptor this inbox owns and registered.
-        let _ = self.epoll.modify(&self.watch, &mut armed());
+        match &self.waits {
+            Waits::Socket { epoll, watch } => {
+                // It cannot fail for a descriptor this inbox owns and registered.
+                let _ = epoll.modify(watch, &mut armed());
+            }
+            Waits::Pipe(pipe) => pipe.unlead(),
+        }
     }
 }
 

@@ -38,6 +38,7 @@ mod inbox;
 mod message;
 mod node;
 pub mod pattern;
+mod pipe;
 mod pool;
 pub mod safetensors;
 mod service;

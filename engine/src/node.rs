@@ -9,7 +9,7 @@
 //! bound. A lost connection is reported to the subscriptions and requests that
 //! depended on it; the node and its other peers carry on.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
@@ -28,9 +28,10 @@ use crate::error::{Error, Result};
 use crate::file::{FileReader, FileWriter};
 use crate::inbox::{Assembler, Inbox, Lead, Next};
 use crate::message::Message;
+use crate::pipe::{self, Pipe, PipeReader, PipeWriter};
 use crate::pool::BufferPool;
 use crate::service::{Handler, Schema, Service, ServiceError};
-use crate::shm::{self, FdReader, MappedSlot, SlotPool, SlotUse};
+use crate::shm::{self, MappedSlot, SlotPool, SlotUse};
 use crate::staging::{self, Direction, Stager};
 use crate::stream::Router;
 use crate::wire::layout;
@@ -151,7 +152,9 @@ enum Link {
         twin: OnceLock<Weak<Peer>>,
     },
     Unix {
-        writer: Mutex<UnixStream>,
+        /// Frames go through the connection's shared-memory pipe; slot
+        /// descriptors through its socket.
+        writer: Mutex<PipeWriter>,
         stream: UnixStream,
         /// Slots whose descriptor this peer has received.
         known: Mutex<HashSet<u32>>,
@@ -185,9 +188,9 @@ struct ReadSide {
 enum Frames {
     Stream(Assembler<TcpStream>),
     Unix {
-        frames: Assembler<FdReader>,
-        /// Descriptors received and not yet claimed by a `shm` frame.
-        fds: Arc<Mutex<VecDeque<OwnedFd>>>,
+        frames: Assembler<PipeReader>,
+        /// The pipe, whose socket brings the descriptors `shm` frames claim.
+        pipe: Arc<Pipe>,
         /// Slots mapped so far, by id.
         mapped: HashMap<u32, Arc<MappedSlot>>,
     },
@@ -233,7 +236,8 @@ impl Peer {
             }
             Link::Unix { writer, .. } => {
                 let mut w = writer.lock().expect("writer lock is never poisoned");
-                frame.write_to(&mut *w)
+                // The flush publishes the frame to the reader (one wake-up).
+                frame.write_to(&mut *w).and_then(|()| w.flush())
             }
             Link::Inproc { .. } => {
                 return Err(Error::Invalid(
@@ -1180,7 +1184,14 @@ impl NodeInner {
             writer: Mutex::new(Box::new(writer)),
             stream,
         };
-        self.start_reading(label, link, dialed, watch, frames, "tf-read")
+        let inbox = Inbox::new(
+            watch,
+            ReadSide {
+                frames,
+                ended: false,
+            },
+        )?;
+        self.start_reading(label, link, dialed, inbox, "tf-read")
     }
 
     /// Adds a socket peer whose read side is `frames` (watched through
@@ -1190,17 +1201,9 @@ impl NodeInner {
         label: String,
         link: Link,
         dialed: Option<Address>,
-        watch: OwnedFd,
-        frames: Frames,
+        inbox: Inbox<ReadSide>,
         thread_name: &str,
     ) -> Result<Arc<Peer>> {
-        let inbox = Inbox::new(
-            watch,
-            ReadSide {
-                frames,
-                ended: false,
-            },
-        )?;
         let peer = self.add_peer(label, link, dialed, Some(inbox));
         let node = Arc::downgrade(self);
         let p = Arc::clone(&peer);
@@ -1225,20 +1228,23 @@ impl NodeInner {
             s.try_clone()
                 .map_err(|e| Error::io("cloning the socket", e))
         };
-        let reader = clone(&stream)?;
-        let writer = clone(&stream)?;
-        let watch = OwnedFd::from(clone(&stream)?);
-        let fds = Arc::new(Mutex::new(VecDeque::new()));
+        // Each side sends the ring it writes and maps the other's; from then
+        // on frames go through the rings and the socket carries only slot
+        // descriptors, read by a watcher thread that also sees the end.
+        let pipe = pipe::handshake(&stream)?;
+        pipe::watch(&pipe, clone(&stream)?)?;
+        let writer = PipeWriter::new(Arc::clone(&pipe), clone(&stream)?);
         // No router here: a message's bytes come in a shared-memory slot
-        // that is mapped already, not through the socket, so there is no
-        // read to overlap with a copy; landing copies them to their devices.
+        // that is mapped already, or in the pipe's ring, not through a
+        // socket, so there is no read to overlap with a copy; landing copies
+        // them to their devices.
         let frames = Frames::Unix {
             frames: Assembler::new(
-                FdReader::new(reader, Arc::clone(&fds)),
+                PipeReader::new(Arc::clone(&pipe)),
                 self.pool.clone(),
                 self.limits,
             ),
-            fds,
+            pipe: Arc::clone(&pipe),
             mapped: HashMap::new(),
         };
         let link = Link::Unix {
@@ -1247,7 +1253,14 @@ impl NodeInner {
             known: Mutex::new(HashSet::new()),
             awaiting: Mutex::new(HashMap::new()),
         };
-        self.start_reading(label, link, dialed, watch, frames, "tf-read-shm")
+        let inbox = Inbox::pipe(
+            pipe,
+            ReadSide {
+                frames,
+                ended: false,
+            },
+        );
+        self.start_reading(label, link, dialed, inbox, "tf-read-shm")
     }
 
     /// Sends a subscribe or unsubscribe to `peer`.
@@ -1749,12 +1762,12 @@ fn read_step(inner: &Arc<NodeInner>, peer: &Arc<Peer>, side: &mut ReadSide) -> S
         Ok(Next::End) => return Step::Ended("the peer closed the connection".into()),
         Err(e) => return Step::Ended(report(inner, peer, &e)),
     };
-    let Frames::Unix { fds, mapped, .. } = &mut side.frames else {
+    let Frames::Unix { pipe, mapped, .. } = &mut side.frames else {
         handle_frame(inner, peer, frame, first_byte);
         return Step::Dispatched;
     };
     match frame.meta.kind {
-        Kind::Shm => match open_slot_frame(inner, peer, &frame, fds, mapped) {
+        Kind::Shm => match open_slot_frame(inner, peer, &frame, pipe, mapped) {
             Ok(f) => handle_frame(inner, peer, f, first_byte),
             Err(e) => return Step::Ended(report(inner, peer, &e)),
         },
@@ -1795,7 +1808,7 @@ fn open_slot_frame(
     inner: &NodeInner,
     peer: &Arc<Peer>,
     pointer: &Frame,
-    fds: &Mutex<VecDeque<OwnedFd>>,
+    pipe: &Pipe,
     mapped: &mut HashMap<u32, Arc<MappedSlot>>,
 ) -> Result<Frame> {
     let field = |k: &str| pointer.message.get_field(k);
@@ -1808,13 +1821,9 @@ fn open_slot_frame(
     let slot = u32::try_from(slot)
         .map_err(|_| Error::Invalid(format!("shm slot {slot} is out of range")))?;
     if field("fd").and_then(serde_json::Value::as_bool) == Some(true) {
-        let fd = fds
-            .lock()
-            .expect("fd queue lock is never poisoned")
-            .pop_front()
-            .ok_or_else(|| {
-                Error::Invalid("a shm frame announced a descriptor that did not arrive".into())
-            })?;
+        let fd = pipe.take_fd().ok_or_else(|| {
+            Error::Invalid("a shm frame announced a descriptor that did not arrive".into())
+        })?;
         mapped.insert(slot, Arc::new(MappedSlot::map(fd)?));
     }
     let map = mapped
@@ -1993,12 +2002,13 @@ fn write_outgoing(peer: &Peer, item: Outgoing) -> Result<()> {
                 .expect("lock is never poisoned")
                 .insert((id, 0), held);
             let mut w = writer.lock().expect("writer lock is never poisoned");
-            shm::write_with_fd(
-                &mut w,
-                &bytes,
-                first.then(|| held_fd(awaiting, id)).flatten(),
-            )
-            .map_err(|e| Error::io(format!("writing to {}", peer.label), e))
+            // The descriptor goes first, through the socket: the reader waits
+            // for it when the frame announcing it comes through the pipe.
+            let fd = first.then(|| held_fd(awaiting, id)).flatten();
+            fd.map_or(Ok(()), |fd| w.send_fd(fd))
+                .and_then(|()| w.write_all(&bytes))
+                .and_then(|()| w.flush())
+                .map_err(|e| Error::io(format!("writing to {}", peer.label), e))
         }
     }
 }

@@ -9,10 +9,9 @@
 //! slot is reused. memfds are anonymous and the socket lives in the abstract
 //! namespace, so nothing outlives the processes: no file in /dev/shm or anywhere.
 
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +19,6 @@ use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 
 use crate::buffer::{Backing, HostBuffer};
 use crate::error::{Error, Result};
@@ -180,71 +178,6 @@ impl SlotPool {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
     }
-}
-
-/// Reads a Unix socket with `recvmsg`, keeping the file descriptors that arrive.
-pub(crate) struct FdReader {
-    stream: UnixStream,
-    fds: Arc<Mutex<VecDeque<OwnedFd>>>,
-    /// Room for the control message, kept: one allocation per connection, not per read.
-    cmsg: Vec<u8>,
-}
-
-impl FdReader {
-    pub(crate) fn new(stream: UnixStream, fds: Arc<Mutex<VecDeque<OwnedFd>>>) -> Self {
-        Self {
-            stream,
-            fds,
-            cmsg: nix::cmsg_space!([RawFd; 4]),
-        }
-    }
-}
-
-impl crate::inbox::Source for FdReader {
-    fn recv_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = recvmsg::<UnixAddr>(
-            self.stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut self.cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?;
-        let n = msg.bytes;
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                let mut q = self.fds.lock().expect("fd queue lock is never poisoned");
-                for fd in fds {
-                    // SAFETY: SCM_RIGHTS installed this descriptor in our table
-                    // for this message; nothing else owns it.
-                    q.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        Ok(n)
-    }
-}
-
-/// Writes `bytes` to `stream`, attaching `fd` to the first write when given.
-pub(crate) fn write_with_fd(
-    stream: &mut UnixStream,
-    bytes: &[u8],
-    fd: Option<RawFd>,
-) -> io::Result<()> {
-    let mut done = 0;
-    if let Some(fd) = fd {
-        let fds = [fd];
-        let cmsg = [ControlMessage::ScmRights(&fds)];
-        done = sendmsg::<UnixAddr>(
-            stream.as_raw_fd(),
-            &[IoSlice::new(bytes)],
-            &cmsg,
-            MsgFlags::empty(),
-            None,
-        )
-        .map_err(io::Error::from)?;
-    }
-    stream.write_all(&bytes[done..])
 }
 
 /// A slot mapped read-only on the receiving side.
