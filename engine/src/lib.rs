@@ -18,7 +18,7 @@
 //!
 //! let image = Tensor::from_slice(&[0.25f32; 6], &[2, 3])?;
 //! let msg = Message::new().field("step", 17).tensor("image", image.transpose(0, 1)?);
-//! let frame = wire::encode(&msg, &FrameMeta::message("/camera", 17), EncodeOptions { checksums: true })?;
+//! let frame = wire::encode(&msg, &FrameMeta::message("/camera", 17), EncodeOptions { checksums: true, ..EncodeOptions::default() })?;
 //! let mut bytes = Vec::new();
 //! frame.write_to(&mut bytes)?; // one vectored write of head + buffers
 //!

@@ -42,6 +42,13 @@ use crate::wire::{
 use crate::HostBuffer;
 use tensorferry_kernels::DType;
 
+/// How a node encodes what it sends and records: compact headers, which cost
+/// a fraction of JSON to write and read (checksums are a channel setting).
+const LINK_ENCODING: EncodeOptions = EncodeOptions {
+    checksums: false,
+    compact: true,
+};
+
 /// The channel name that subscribes to every channel.
 pub const ALL_CHANNELS: &str = "*";
 
@@ -719,7 +726,7 @@ impl Node {
                                 checksum: i.checksum,
                             })
                             .collect();
-                        encode_staged(&r.message, &origins, &meta, EncodeOptions::default())?
+                        encode_staged(&r.message, &origins, &meta, LINK_ENCODING)?
                     };
                     writer.write(&frame)?;
                     written += 1;
@@ -1273,7 +1280,7 @@ impl NodeInner {
                     kind,
                     id: None,
                 };
-                if let Ok(frame) = encode(&Message::new(), &meta, EncodeOptions::default()) {
+                if let Ok(frame) = encode(&Message::new(), &meta, LINK_ENCODING) {
                     if peer.write(&frame).is_err() {
                         self.lose(peer, "write failed");
                     }
@@ -1839,7 +1846,7 @@ fn open_slot_frame(
                 kind: Kind::Release,
                 id: None,
             };
-            if let Ok(f) = encode(&fields, &meta, EncodeOptions::default()) {
+            if let Ok(f) = encode(&fields, &meta, LINK_ENCODING) {
                 let _ = peer.write(&f);
             }
         }
@@ -1859,10 +1866,10 @@ fn open_slot_frame(
 fn encode_with(stager: &Stager, message: &Message, meta: &FrameMeta) -> Result<Encoded> {
     let on_host = message.tensors().all(|(_, t)| t.device() == Device::Cpu);
     if on_host && !stager.prepares_host_tensors() {
-        return encode(message, meta, EncodeOptions::default());
+        return encode(message, meta, LINK_ENCODING);
     }
     let (wire, origins) = stager.prepare(message)?;
-    encode_staged(&wire, &origins, meta, EncodeOptions::default())
+    encode_staged(&wire, &origins, meta, LINK_ENCODING)
 }
 
 fn handle_frame(inner: &Arc<NodeInner>, peer: &Arc<Peer>, frame: Frame, first_byte: Instant) {
@@ -1992,7 +1999,7 @@ fn write_outgoing(peer: &Peer, item: Outgoing) -> Result<()> {
                 kind: Kind::Shm,
                 id: None,
             };
-            let frame = encode(&pointer, &meta, EncodeOptions::default())?;
+            let frame = encode(&pointer, &meta, LINK_ENCODING)?;
             let mut bytes = Vec::with_capacity(frame.frame_len() as usize);
             frame
                 .write_to(&mut bytes)
@@ -2080,7 +2087,7 @@ fn send_reply(to: &ReplyTo, result: std::result::Result<Message, ServiceError>) 
             };
             let encoded = match &to.stager {
                 Some(stager) => encode_with(stager, &message, &meta),
-                None => encode(&message, &meta, EncodeOptions::default()),
+                None => encode(&message, &meta, LINK_ENCODING),
             };
             match encoded {
                 Ok(frame) => {
@@ -2097,7 +2104,7 @@ fn send_reply(to: &ReplyTo, result: std::result::Result<Message, ServiceError>) 
                             kind: Kind::Error,
                             ..meta
                         },
-                        EncodeOptions::default(),
+                        LINK_ENCODING,
                     ) {
                         let _ = to.peer.write(&frame);
                     }

@@ -95,10 +95,24 @@ fn good_desc() -> serde_json::Value {
     json!({"name": "x", "dtype": "f32", "shape": [2], "device": "cpu", "buffer": 0, "bytes": 8})
 }
 
+/// Both header forms, with checksums.
+fn both_forms() -> [EncodeOptions; 2] {
+    [false, true].map(|compact| EncodeOptions {
+        checksums: true,
+        compact,
+    })
+}
+
 #[test]
 fn round_trips_fields_tensors_and_strided_views() {
+    for opts in both_forms() {
+        round_trip_sample(opts);
+    }
+}
+
+fn round_trip_sample(opts: EncodeOptions) {
     let m = sample();
-    let frame = dec(&bytes_of(&m, EncodeOptions { checksums: true })).expect("decode");
+    let frame = dec(&bytes_of(&m, opts)).expect("decode");
     assert_eq!(
         frame.meta,
         FrameMeta {
@@ -160,19 +174,27 @@ fn encoding_shares_tensor_bytes_and_decoding_views_the_frame() {
 
 #[test]
 fn truncation_at_every_byte_is_an_error() {
-    let bytes = bytes_of(&sample(), EncodeOptions { checksums: true });
-    for cut in 0..bytes.len() {
-        let err = dec(&bytes[..cut]).expect_err("truncated");
-        assert!(
-            matches!(err, Error::Truncated { .. }),
-            "cut at {cut}: {err}"
-        );
+    for opts in both_forms() {
+        let bytes = bytes_of(&sample(), opts);
+        for cut in 0..bytes.len() {
+            let err = dec(&bytes[..cut]).expect_err("truncated");
+            assert!(
+                matches!(err, Error::Truncated { .. }),
+                "cut at {cut}: {err}"
+            );
+        }
     }
 }
 
 #[test]
 fn every_single_byte_corruption_is_an_error_or_a_consistent_frame() {
-    let bytes = bytes_of(&sample(), EncodeOptions { checksums: true });
+    for opts in both_forms() {
+        corrupt_every_byte(opts);
+    }
+}
+
+fn corrupt_every_byte(opts: EncodeOptions) {
+    let bytes = bytes_of(&sample(), opts);
     for i in 0..bytes.len() {
         let mut b = bytes.clone();
         b[i] ^= 0x41;
@@ -220,8 +242,101 @@ fn rejects_unknown_versions_naming_both() {
         .to_string()
         .contains("not a tensorferry frame"));
     let mut b = bytes_of(&sample(), EncodeOptions::default());
-    b[6] = 1;
+    b[6] = 2;
     assert!(dec(&b).expect_err("flags").to_string().contains("flags"));
+    // A JSON header flagged as compact is refused, not misread.
+    let mut b = bytes_of(&sample(), EncodeOptions::default());
+    b[6] = 1;
+    assert!(dec(&b)
+        .expect_err("compact flag on JSON")
+        .to_string()
+        .contains("compact header"));
+}
+
+#[test]
+fn compact_headers_carry_what_json_headers_carry() {
+    use tensorferry_device_map::Device;
+    use tensorferry_engine::wire::{decode_at, encode_staged, Origin};
+    let m = sample();
+    let origins: Vec<Origin> = m
+        .tensors()
+        .enumerate()
+        .map(|(i, _)| Origin {
+            device: if i % 2 == 0 {
+                Device::Cpu
+            } else {
+                Device::Cuda(1)
+            },
+            cast_from: (i == 0).then_some(DType::F64),
+            checksum: None,
+        })
+        .collect();
+    let metas = [
+        FrameMeta::message("/camera/ä", 9),
+        FrameMeta {
+            channel: "/detect".into(),
+            seq: 0,
+            kind: Kind::Request,
+            id: Some(u64::MAX),
+        },
+        FrameMeta {
+            channel: "/detect".into(),
+            seq: 3,
+            kind: Kind::Error,
+            id: Some(7),
+        },
+    ];
+    for meta in metas {
+        let frames = [false, true].map(|compact| {
+            let opts = EncodeOptions {
+                checksums: true,
+                compact,
+            };
+            let enc = encode_staged(&m, &origins, &meta, opts).expect("encode");
+            let mut out = Vec::new();
+            enc.write_to(&mut out).expect("write");
+            (
+                out.len(),
+                decode_at(&HostBuffer::copy_from(&out), &Limits::default(), 0),
+            )
+        });
+        let [(json_len, json), (compact_len, compact)] = frames;
+        let (json, compact) = (json.expect("json"), compact.expect("compact"));
+        assert!(
+            compact_len <= json_len,
+            "compact {compact_len} > json {json_len}"
+        );
+        assert_eq!(compact.meta, json.meta);
+        assert_eq!(compact.tensors, json.tensors);
+        assert_eq!(compact.message.fields(), json.message.fields());
+        for (name, t) in json.message.tensors() {
+            let c = compact.message.get(name).expect("same names");
+            assert_eq!((c.dtype(), c.shape()), (t.dtype(), t.shape()), "{name}");
+            assert_eq!(
+                c.packed().expect("host").as_slice(),
+                t.packed().expect("host").as_slice()
+            );
+        }
+    }
+    // No fields at all is the common case of a request: nothing to parse.
+    let bare = Message::new().tensor("x", Tensor::from_slice(&[1.0f32, 2.0], &[2]).expect("t"));
+    let b = bytes_of(
+        &bare,
+        EncodeOptions {
+            checksums: false,
+            compact: true,
+        },
+    );
+    let f = dec(&b).expect("decode");
+    assert!(f.message.fields().is_empty());
+    assert_eq!(
+        f.message
+            .get("x")
+            .expect("x")
+            .as_slice::<f32>()
+            .expect("f32"),
+        [1.0, 2.0]
+    );
 }
 
 #[test]
@@ -424,7 +539,10 @@ fn copying_a_frame_into_a_region_gives_the_bytes_a_stream_gets() {
     let enc = encode(
         &m,
         &FrameMeta::message("/c", 4),
-        EncodeOptions { checksums: true },
+        EncodeOptions {
+            checksums: true,
+            ..EncodeOptions::default()
+        },
     )
     .expect("encode");
     let mut streamed = Vec::new();

@@ -48,7 +48,7 @@ struct Seed {
 }
 
 fn encoded(name: &'static str, m: &Message, meta: FrameMeta, checksums: bool) -> Result<Seed> {
-    let enc = encode(m, &meta, EncodeOptions { checksums })?;
+    let enc = encode(m, &meta, EncodeOptions { checksums, ..EncodeOptions::default() })?;
     let len = u32::from_le_bytes([enc.head()[8], enc.head()[9], enc.head()[10], enc.head()[11]]);
     Ok(Seed {
         name,
@@ -190,6 +190,47 @@ fn main() -> std::result::Result<(), Box<dyn StdError>> {
             frame.len(),
             seed.header.len()
         );
+    }
+    // Nodes write compact headers on their connections: whole frames of
+    // those for the frame target (flag bit 0 of the prelude set).
+    let grid = Tensor::from_slice(&(0..6).map(|i| i as f32).collect::<Vec<_>>(), &[2, 3])?;
+    let compact_seeds = [
+        (
+            "compact-request",
+            Message::new().tensor("x", grid.clone()),
+            FrameMeta {
+                channel: "/svc/echo".into(),
+                seq: 0,
+                kind: Kind::Request,
+                id: Some(9),
+            },
+        ),
+        (
+            "compact-message",
+            Message::new()
+                .field("step", 3)
+                .field("tags", json!(["a", {"b": null}]))
+                .tensor("grid", grid.clone())
+                .tensor("grid_t", grid.transpose(0, 1)?)
+                .tensor("ids", Tensor::from_slice(&[7i64, -1], &[2])?),
+            FrameMeta::message("/camera", 17),
+        ),
+    ];
+    for (name, m, meta) in compact_seeds {
+        let enc = encode(
+            &m,
+            &meta,
+            EncodeOptions {
+                checksums: true,
+                compact: true,
+            },
+        )?;
+        let mut frame = Vec::new();
+        enc.write_to(&mut frame)?;
+        let decoded = decode(&HostBuffer::copy_from(&frame), &Limits::default())?;
+        check_frame(&decoded, frame.len());
+        fs::write(frames.join(format!("seed-{name}")), &frame)?;
+        println!("seed-{name}: frame {} bytes", frame.len());
     }
     Ok(())
 }

@@ -219,7 +219,7 @@ pub fn check_frame(frame: &Frame, input_len: usize) {
     let encoded = encode(
         &frame.message,
         &frame.meta,
-        EncodeOptions { checksums: true },
+        EncodeOptions { checksums: true, ..EncodeOptions::default() },
     )
     .expect("a decoded message encodes again");
     let mut bytes = Vec::new();
