@@ -10,7 +10,8 @@ use crate::tensor::Tensor;
 /// A name that occurs twice, if any. Sorting keeps the check O(n log n) even
 /// for names a peer chose to collide in a hash table.
 pub(crate) fn first_duplicate<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let mut sorted: Vec<&str> = names.collect();
+    // Messages hold a few names: no allocation for up to 16.
+    let mut sorted: smallvec::SmallVec<[&str; 16]> = names.collect();
     sorted.sort_unstable();
     sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }

@@ -1690,15 +1690,16 @@ fn read_loop(peer: &Arc<Peer>, node: &Weak<NodeInner>) {
         // frame instead of sleeping, unless a requester of this node waits
         // for a reply on this connection (it reads that itself).
         let spin = !inner.busy_poll.is_zero();
-        let mut spin_until = Instant::now() + inner.busy_poll;
+        let mut spin_until = spin.then(|| Instant::now() + inner.busy_poll);
         loop {
             match read_step(&inner, peer, &mut side) {
-                Step::Dispatched if spin => spin_until = Instant::now() + inner.busy_poll,
+                Step::Dispatched if spin => spin_until = Some(Instant::now() + inner.busy_poll),
                 // The wait is level-triggered: what is left in the socket wakes it again.
                 Step::Dispatched if !side.holds_bytes() => break,
                 Step::Dispatched => {}
                 Step::Pending
-                    if spin && Instant::now() < spin_until && !inner.awaits_reply_from(peer) =>
+                    if spin_until.is_some_and(|until| Instant::now() < until)
+                        && !inner.awaits_reply_from(peer) =>
                 {
                     std::hint::spin_loop();
                 }
@@ -1762,13 +1763,13 @@ fn read_step(inner: &Arc<NodeInner>, peer: &Arc<Peer>, side: &mut ReadSide) -> S
         Frames::Stream(frames) => frames.next(),
         Frames::Unix { frames, .. } => frames.next(),
     };
-    let first_byte = Instant::now();
     let frame = match next {
         Ok(Next::Frame(f)) => f,
         Ok(Next::Pending) => return Step::Pending,
         Ok(Next::End) => return Step::Ended("the peer closed the connection".into()),
         Err(e) => return Step::Ended(report(inner, peer, &e)),
     };
+    let first_byte = Instant::now();
     let Frames::Unix { pipe, mapped, .. } = &mut side.frames else {
         handle_frame(inner, peer, frame, first_byte);
         return Step::Dispatched;

@@ -153,6 +153,9 @@ struct Header<'a> {
     objects: Vec<ObjectDesc>,
 }
 
+/// A column of tensor descriptors: no allocation for messages of up to 4 tensors.
+type Few<T> = smallvec::SmallVec<[T; 4]>;
+
 /// A JSON string borrowed from the frame when it has no escapes, owned otherwise.
 /// (`Cow<str>` inside a `Vec` always deserializes owned.)
 struct Text<'a>(Cow<'a, str>);
@@ -186,7 +189,7 @@ impl std::ops::Deref for Text<'_> {
 /// A column whose entries may all be the same: an array with one entry per
 /// tensor, or one string for every tensor.
 enum Column<'a> {
-    Each(Vec<Text<'a>>),
+    Each(Few<Text<'a>>),
     All(Text<'a>),
 }
 
@@ -208,7 +211,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Column<'a> {
                 self,
                 mut seq: A,
             ) -> std::result::Result<Column<'a>, A::Error> {
-                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                let mut v = Few::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
                 while let Some(t) = seq.next_element::<Text<'a>>()? {
                     v.push(t);
                 }
@@ -241,20 +244,20 @@ impl Column<'_> {
 #[serde(deny_unknown_fields)]
 struct Columns<'a> {
     #[serde(borrow)]
-    name: Vec<Text<'a>>,
+    name: Few<Text<'a>>,
     #[serde(borrow)]
     dtype: Column<'a>,
-    shape: Vec<Dims>,
+    shape: Few<Dims>,
     #[serde(default)]
     strides: Option<Vec<Option<Dims>>>,
     #[serde(borrow)]
     device: Column<'a>,
-    buffer: Vec<u64>,
-    bytes: Vec<u64>,
+    buffer: Few<u64>,
+    bytes: Few<u64>,
     #[serde(default, borrow)]
-    checksum: Option<Vec<Option<Text<'a>>>>,
+    checksum: Option<Few<Option<Text<'a>>>>,
     #[serde(default, borrow)]
-    cast_from: Option<Vec<Option<Text<'a>>>>,
+    cast_from: Option<Few<Option<Text<'a>>>>,
 }
 
 /// One row of [`Columns`].
@@ -272,7 +275,7 @@ struct TensorDesc<'c> {
 
 impl Columns<'_> {
     /// The rows, after checking every column has one entry per tensor.
-    fn rows(&self) -> Result<Vec<TensorDesc<'_>>> {
+    fn rows(&self) -> Result<Few<TensorDesc<'_>>> {
         let n = self.name.len();
         let lens = [
             ("dtype", self.dtype.len_or(n)),
@@ -281,8 +284,8 @@ impl Columns<'_> {
             ("buffer", self.buffer.len()),
             ("bytes", self.bytes.len()),
             ("strides", self.strides.as_ref().map_or(n, Vec::len)),
-            ("checksum", self.checksum.as_ref().map_or(n, Vec::len)),
-            ("cast_from", self.cast_from.as_ref().map_or(n, Vec::len)),
+            ("checksum", self.checksum.as_ref().map_or(n, |c| c.len())),
+            ("cast_from", self.cast_from.as_ref().map_or(n, |c| c.len())),
         ];
         if let Some((key, len)) = lens.iter().find(|(_, len)| *len != n) {
             return Err(Error::Header {
@@ -329,7 +332,7 @@ struct HeaderOut<'a> {
 }
 
 /// A column the encoder writes as one value when every tensor shares it.
-struct ColumnOut<T>(Vec<T>);
+struct ColumnOut<T>(Few<T>);
 
 impl<T: Serialize + PartialEq> Serialize for ColumnOut<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -342,16 +345,16 @@ impl<T: Serialize + PartialEq> Serialize for ColumnOut<T> {
 
 #[derive(Serialize)]
 struct ColumnsOut<'a> {
-    name: Vec<&'a str>,
+    name: Few<&'a str>,
     dtype: ColumnOut<&'static str>,
-    shape: Vec<&'a [usize]>,
+    shape: Few<&'a [usize]>,
     device: ColumnOut<Device>,
-    buffer: Vec<u64>,
-    bytes: Vec<u64>,
+    buffer: Few<u64>,
+    bytes: Few<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    checksum: Option<Vec<String>>,
+    checksum: Option<Few<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    cast_from: Option<Vec<Option<&'static str>>>,
+    cast_from: Option<Few<Option<&'static str>>>,
 }
 
 /// Encoding options.
@@ -619,14 +622,14 @@ fn encode_inner(
     let with_casts = (0..n).any(|i| origin(i).is_some_and(|o| o.cast_from.is_some()));
     let mut buffers = Vec::with_capacity(n);
     let mut tensors = ColumnsOut {
-        name: Vec::with_capacity(n),
-        dtype: ColumnOut(Vec::with_capacity(n)),
-        shape: Vec::with_capacity(n),
-        device: ColumnOut(Vec::with_capacity(n)),
-        buffer: Vec::with_capacity(n),
-        bytes: Vec::with_capacity(n),
-        checksum: with_sums.then(|| Vec::with_capacity(n)),
-        cast_from: with_casts.then(|| Vec::with_capacity(n)),
+        name: Few::with_capacity(n),
+        dtype: ColumnOut(Few::with_capacity(n)),
+        shape: Few::with_capacity(n),
+        device: ColumnOut(Few::with_capacity(n)),
+        buffer: Few::with_capacity(n),
+        bytes: Few::with_capacity(n),
+        checksum: with_sums.then(|| Few::with_capacity(n)),
+        cast_from: with_casts.then(|| Few::with_capacity(n)),
     };
     for (i, (name, t)) in message.tensors().enumerate() {
         let packed = payload(t).map_err(|e| Error::tensor(name, e.to_string()))?;
@@ -672,7 +675,7 @@ fn encode_inner(
         tensors,
         objects,
     };
-    let lens: Vec<u64> = buffers.iter().map(|b| b.len() as u64).collect();
+    let lens: Few<u64> = buffers.iter().map(|b| b.len() as u64).collect();
     let compact = options.compact && header.objects.is_empty();
     let (head, frame_len) = assemble(&header, &lens, compact)?;
     Ok(Encoded {
@@ -787,9 +790,9 @@ pub fn layout(
             name: tensors.iter().map(|(n, _, _)| *n).collect(),
             dtype: ColumnOut(tensors.iter().map(|(_, d, _)| d.name()).collect()),
             shape: tensors.iter().map(|(_, _, s)| *s).collect(),
-            device: ColumnOut(vec![Device::Cpu; tensors.len()]),
+            device: ColumnOut(smallvec::smallvec![Device::Cpu; tensors.len()]),
             buffer: (0..tensors.len() as u64).collect(),
-            bytes: lens.clone(),
+            bytes: lens.iter().copied().collect(),
             checksum: None,
             cast_from: None,
         },
@@ -1324,7 +1327,7 @@ mod compact {
     use serde_json::Map;
     use tensorferry_kernels::Dims;
 
-    use super::{Column, Columns, Header, HeaderOut, Kind, Text};
+    use super::{Column, Columns, Few, Header, HeaderOut, Kind, Text};
     use crate::error::{Error, Result};
 
     const HAS_ID: u8 = 1;
@@ -1521,15 +1524,15 @@ mod compact {
             return Err(r.fail(format!("{n} tensors cannot fit in what is left of it")));
         }
         let mut cols = Columns {
-            name: Vec::with_capacity(n),
-            dtype: Column::Each(Vec::with_capacity(n)),
-            shape: Vec::with_capacity(n),
+            name: Few::with_capacity(n),
+            dtype: Column::Each(Few::with_capacity(n)),
+            shape: Few::with_capacity(n),
             strides: None,
-            device: Column::Each(Vec::with_capacity(n)),
-            buffer: Vec::with_capacity(n),
-            bytes: Vec::with_capacity(n),
-            checksum: (opt & HAS_CHECKSUMS != 0).then(|| Vec::with_capacity(n)),
-            cast_from: (opt & HAS_CASTS != 0).then(|| Vec::with_capacity(n)),
+            device: Column::Each(Few::with_capacity(n)),
+            buffer: Few::with_capacity(n),
+            bytes: Few::with_capacity(n),
+            checksum: (opt & HAS_CHECKSUMS != 0).then(|| Few::with_capacity(n)),
+            cast_from: (opt & HAS_CASTS != 0).then(|| Few::with_capacity(n)),
         };
         for _ in 0..n {
             cols.name.push(Text(Cow::Borrowed(r.str("a tensor name")?)));
