@@ -113,10 +113,19 @@ fn a_listening_sender_fans_out_to_several_receivers() {
 
 #[test]
 fn a_sender_killed_mid_message_leaves_the_receiver_serving_others() {
+    killed_sender_leaves_receiver_serving("tcp://127.0.0.1:0".to_string());
+}
+
+#[test]
+fn a_shm_sender_killed_mid_message_leaves_the_receiver_serving_others() {
+    killed_sender_leaves_receiver_serving(format!("shm://tf-killed-{}", std::process::id()));
+}
+
+fn killed_sender_leaves_receiver_serving(listen: String) {
     let (recv, addr) = spawn_listening(&[
         "recv",
         "--listen",
-        "tcp://127.0.0.1:0",
+        &listen,
         "--channel",
         "/k",
         "--count",

@@ -1034,7 +1034,7 @@ impl NodeInner {
                             stream.set_nonblocking(false)?;
                             Ok((stream, format!("tcp://{from}")))
                         };
-                        accept_loop(&node, &what, accept, NodeInner::start_stream_peer);
+                        accept_loop(&node, &what, accept, start_accepted_stream_peer);
                     })
                     .map_err(|e| Error::io("starting the accept thread", e))?;
                 Ok(())
@@ -1058,7 +1058,7 @@ impl NodeInner {
                             stream.set_nonblocking(false)?;
                             Ok((stream, format!("{label} peer")))
                         };
-                        accept_loop(&node, &label, accept, NodeInner::start_unix_peer);
+                        accept_loop(&node, &label, accept, start_accepted_unix_peer);
                     })
                     .map_err(|e| Error::io("starting the accept thread", e))?;
                 Ok(())
@@ -1630,7 +1630,42 @@ fn retry<T>(
 }
 
 /// Makes an accepted stream a peer of the node.
-type StartPeer<S> = fn(&Arc<NodeInner>, S, String, Option<Address>) -> Result<Arc<Peer>>;
+type StartPeer<S> = fn(&Arc<NodeInner>, S, String, Option<Address>) -> Result<()>;
+
+/// Starts an accepted TCP peer.
+fn start_accepted_stream_peer(
+    inner: &Arc<NodeInner>,
+    stream: TcpStream,
+    label: String,
+    dialed: Option<Address>,
+) -> Result<()> {
+    inner.start_stream_peer(stream, label, dialed).map(drop)
+}
+
+/// Starts an accepted shm peer on a thread of its own: its handshake waits
+/// for the peer's pipe, and a peer that never sends one must not hold up
+/// the connections behind it.
+fn start_accepted_unix_peer(
+    inner: &Arc<NodeInner>,
+    stream: UnixStream,
+    label: String,
+    dialed: Option<Address>,
+) -> Result<()> {
+    let node = Arc::downgrade(inner);
+    thread::Builder::new()
+        .name("tf-hello-shm".into())
+        .spawn(move || {
+            let Some(inner) = node.upgrade() else { return };
+            if let Err(e) = inner.start_unix_peer(stream, label.clone(), dialed) {
+                eprintln!(
+                    "tensorferry: {}: dropping the connection {label}: {e}",
+                    inner.name
+                );
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::io("starting a shm connection", e))
+}
 
 /// Accepts connections until the node shuts down. `accept` gives a stream and
 /// the label its peer will carry (it fails with `WouldBlock` when none waits);

@@ -42,13 +42,15 @@ use crate::error::{Error, Result};
 pub(crate) const RING_BYTES: usize = 1 << 20;
 /// Bytes before the data area: the positions and futex words.
 const HEADER: usize = 4096;
-/// Offsets in the header, one cache line each.
+/// Offsets in the header: what the writer writes and the reader's sleepers
+/// share one cache line, what the reader writes the next, so publishing a
+/// frame moves one line between the processes.
 const HEAD: usize = 0;
+const DATA_WORD: usize = 8;
+const SLEEPERS: usize = 12;
 const TAIL: usize = 64;
-const DATA_WORD: usize = 128;
-const SLEEPERS: usize = 132;
-const SPACE_WORD: usize = 192;
-const WRITER_WAITS: usize = 196;
+const SPACE_WORD: usize = 72;
+const WRITER_WAITS: usize = 76;
 
 /// Bitset of the connection's reader thread.
 const READER: u32 = 1;
@@ -574,8 +576,10 @@ impl crate::inbox::Source for PipeReader {
         ring.copy_out(self.tail, &mut buf[..n]);
         self.tail = self.tail.wrapping_add(n as u64);
         ring.tail().store(self.tail, Ordering::SeqCst);
-        ring.space_word().fetch_add(1, Ordering::SeqCst);
+        // The writer says it waits before it looks at `tail` a last time, so
+        // either it sees the room made here or this sees it waiting.
         if ring.writer_waits().load(Ordering::SeqCst) != 0 {
+            ring.space_word().fetch_add(1, Ordering::SeqCst);
             futex_wake(ring.space_word(), u32::MAX);
         }
         Ok(n)
@@ -590,9 +594,11 @@ impl crate::inbox::Source for PipeReader {
 /// when it sleeps.
 fn publish(ring: &Ring, head: u64) {
     ring.head().store(head, Ordering::SeqCst);
-    ring.data_word().fetch_add(1, Ordering::SeqCst);
+    // A reader says it sleeps before it looks at `head` a last time, so
+    // either it sees the bytes published here or this sees it sleeping.
     let sleepers = ring.sleepers().load(Ordering::SeqCst);
     if sleepers != 0 {
+        ring.data_word().fetch_add(1, Ordering::SeqCst);
         futex_wake(ring.data_word(), sleepers);
     }
 }
@@ -608,16 +614,21 @@ pub(crate) struct PipeWriter {
     head: u64,
     /// Bytes the reader has been told of.
     published: u64,
+    /// The reader's position when last looked at: room is at least what it
+    /// leaves, so the reader's cache line is read only when that runs out.
+    seen_tail: u64,
 }
 
 impl PipeWriter {
     pub(crate) fn new(pipe: Arc<Pipe>, stream: UnixStream) -> Self {
         let head = pipe.outgoing.head().load(Ordering::SeqCst);
+        let seen_tail = pipe.outgoing.tail().load(Ordering::SeqCst);
         Self {
             pipe,
             stream,
             head,
             published: head,
+            seen_tail,
         }
     }
 
@@ -636,6 +647,16 @@ impl PipeWriter {
     /// Room in the ring now; waits for some when there is none.
     fn room(&mut self) -> io::Result<usize> {
         let ring = &self.pipe.outgoing;
+        if self.pipe.gone.load(Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the peer closed the connection",
+            ));
+        }
+        let filled = ring.filled(self.head, self.seen_tail)?;
+        if filled < ring.cap {
+            return Ok(ring.cap - filled);
+        }
         loop {
             let seen = ring.space_word().load(Ordering::SeqCst);
             if self.pipe.gone.load(Ordering::SeqCst) {
@@ -644,7 +665,8 @@ impl PipeWriter {
                     "the peer closed the connection",
                 ));
             }
-            let filled = ring.filled(self.head, ring.tail().load(Ordering::SeqCst))?;
+            self.seen_tail = ring.tail().load(Ordering::SeqCst);
+            let filled = ring.filled(self.head, self.seen_tail)?;
             if filled < ring.cap {
                 return Ok(ring.cap - filled);
             }
@@ -654,7 +676,8 @@ impl PipeWriter {
                 self.published = self.head;
             }
             ring.writer_waits().store(1, Ordering::SeqCst);
-            let filled = ring.filled(self.head, ring.tail().load(Ordering::SeqCst))?;
+            self.seen_tail = ring.tail().load(Ordering::SeqCst);
+            let filled = ring.filled(self.head, self.seen_tail)?;
             if filled == ring.cap && !self.pipe.gone.load(Ordering::SeqCst) {
                 futex_wait(ring.space_word(), seen, u32::MAX, None);
             }

@@ -423,6 +423,109 @@ fn shm_requests_and_replies_work_like_tcp() {
     );
 }
 
+#[test]
+fn shm_requests_larger_than_the_pipe_stream_through_it_from_several_threads() {
+    let _shm = shm_lock();
+    let name = format!("tf-svc-big-{}", std::process::id());
+    let server = Node::builder()
+        .listen(format!("shm://{name}"))
+        .build()
+        .expect("server");
+    // Replies twice the request's size: both directions overflow the 1 MiB ring.
+    server
+        .serve(
+            "/double",
+            Service::new(|m: Message| {
+                let x = m
+                    .get("x")
+                    .expect("x")
+                    .as_slice::<u32>()
+                    .expect("u32")
+                    .to_vec();
+                let twice: Vec<u32> = x.iter().chain(x.iter()).map(|v| v ^ 0xA5A5_A5A5).collect();
+                let n = twice.len();
+                Ok(Message::new().tensor("y", Tensor::from_slice(&twice, &[n]).expect("t")))
+            }),
+        )
+        .expect("serve");
+    let client = Arc::new(Node::builder().build().expect("client"));
+    let workers: Vec<_> = (0..3u32)
+        .map(|w| {
+            let client = Arc::clone(&client);
+            let addr = format!("shm://{name}");
+            std::thread::spawn(move || {
+                for round in 0..3u32 {
+                    // 3 MiB of u32s plus an odd tail, different in every request.
+                    let n = (3 << 18) + 7 * (w as usize) + round as usize;
+                    let x: Vec<u32> = (0..n as u32)
+                        .map(|i| i.wrapping_mul(2_654_435_761) ^ (w << 24) ^ round)
+                        .collect();
+                    let m = Message::new().tensor("x", Tensor::from_slice(&x, &[n]).expect("t"));
+                    let reply = client.request(&addr, "/double", m, WAIT).expect("reply");
+                    let y = reply
+                        .get("y")
+                        .expect("y")
+                        .as_slice::<u32>()
+                        .expect("u32")
+                        .to_vec();
+                    assert_eq!(y.len(), 2 * n);
+                    for (i, v) in y.iter().enumerate() {
+                        assert_eq!(
+                            *v,
+                            x[i % n] ^ 0xA5A5_A5A5,
+                            "worker {w} round {round} element {i}"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+}
+
+#[test]
+fn a_shm_peer_that_skips_the_handshake_is_dropped_and_others_are_served() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixStream};
+    let _shm = shm_lock();
+    let name = format!("tf-svc-rude-{}", std::process::id());
+    let server = Node::builder()
+        .listen(format!("shm://{name}"))
+        .build()
+        .expect("server");
+    server.serve("/echo", Service::new(Ok)).expect("serve");
+    // Frame bytes where the pipe's descriptor should be, then silence.
+    let addr =
+        SocketAddr::from_abstract_name(format!("tensorferry/{name}").as_bytes()).expect("address");
+    let mut rude = UnixStream::connect_addr(&addr).expect("connect");
+    rude.write_all(b"TFRM garbage, no descriptor")
+        .expect("write");
+    let mut quiet = UnixStream::connect_addr(&addr).expect("connect");
+    quiet.write_all(b"P").expect("write");
+    // And one that says nothing at all: its handshake times out on its own thread.
+    let silent = UnixStream::connect_addr(&addr).expect("connect");
+    let client = Node::builder().build().expect("client");
+    let started = Instant::now();
+    let reply = client
+        .request(
+            &format!("shm://{name}"),
+            "/echo",
+            Message::new().tensor("x", tensor(2)),
+            Duration::from_secs(20),
+        )
+        .expect("a well-behaved peer is served");
+    assert!(reply.get("x").is_some());
+    // Nobody waited for the silent peer's handshake (5 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "served after {:?}",
+        started.elapsed()
+    );
+    drop((rude, quiet, silent));
+}
+
 /// True when `addr` lies in a mapping of a tensorferry shared slot.
 fn in_shared_slot(addr: usize) -> bool {
     std::fs::read_to_string("/proc/self/maps")
