@@ -1238,7 +1238,23 @@ impl NodeInner {
         // Each side sends the ring it writes and maps the other's; from then
         // on frames go through the rings and the socket carries only slot
         // descriptors, read by a watcher thread that also sees the end.
-        let pipe = pipe::handshake(&stream)?;
+        let pipe = pipe::handshake(&stream).map_err(|e| match e {
+            // Closed while opening: the node there is going (or gone).
+            Error::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                Error::PeerLost {
+                    peer: label.clone(),
+                    reason: format!("the connection closed while it opened: {source}"),
+                }
+            }
+            e => e,
+        })?;
         pipe::watch(&pipe, clone(&stream)?)?;
         let writer = PipeWriter::new(Arc::clone(&pipe), clone(&stream)?);
         // No router here: a message's bytes come in a shared-memory slot
