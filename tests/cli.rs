@@ -492,6 +492,13 @@ fn bench_reqrep_measures_round_trips_against_a_raw_ping_pong() {
     }
     assert_eq!(rows[0]["baseline"], "raw unix");
     assert_eq!(rows[1]["baseline"], "raw tcp");
+    // shm rows also measure the floor of a sleeping hand-off; tcp rows do not.
+    assert!(
+        rows[0]["futex_floor_p50_us"].as_f64().expect("floor") > 0.0,
+        "{}",
+        rows[0]
+    );
+    assert!(rows[1]["futex_floor_p50_us"].is_null(), "{}", rows[1]);
     assert_eq!(v["settings"]["pattern"], "reqrep");
 }
 

@@ -22,7 +22,7 @@ use tensorferry::kernels::cast;
 use tensorferry::kernels::runtime::cpu::CpuInfo;
 use tensorferry::kernels::runtime::{HostReport, Runtime};
 
-use super::{human_bytes, print_json, Outcome};
+use super::{futex_floor, human_bytes, print_json, Outcome};
 
 const DEFAULT_SIZES: [u64; 4] = [4 << 10, 1 << 20, 64 << 20, 256 << 20];
 const DEFAULT_DURATION_S: f64 = 2.0;
@@ -79,7 +79,9 @@ pub struct Args {
     duration: Option<f64>,
 
     /// `pubsub` streams messages one way; `reqrep` measures request/reply round
-    /// trips (an echo service in the other process) against a raw ping-pong.
+    /// trips (an echo service in the other process) against a raw ping-pong
+    /// (shm rows also against a futex ping-pong through shared memory, what
+    /// waking another process costs at least).
     #[arg(long, default_value = "pubsub")]
     pattern: Pattern,
 
@@ -764,6 +766,16 @@ fn run_role(
                 .map_err(|e| e.to_string())?;
             say!("{{}}");
         }
+        "futex-echo" => {
+            let fd = listen
+                .strip_prefix("fd://")
+                .and_then(|n| n.parse::<i32>().ok())
+                .ok_or_else(|| format!("futex-echo needs fd://N, not `{listen}`"))?;
+            let region = futex_floor::Region::open(fd, size as usize)?;
+            say!("listening {listen}");
+            futex_floor::echo(region);
+            say!("{{}}");
+        }
         "raw-echo" => {
             let mut stream: Box<dyn ReadWrite> = if let Some(name) = listen.strip_prefix("unix://")
             {
@@ -1076,9 +1088,31 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
 }
 
 /// One request/reply row beside a raw ping-pong of the same bytes.
+/// Round trips of `size` bytes through shared memory with futex wake-ups:
+/// the floor of any hand-off that sleeps (see `futex_floor`).
+fn futex_ping_pong(size: u64, duration: Duration) -> Result<Measured, String> {
+    let (region, fd) = futex_floor::Region::create(size as usize)?;
+    let (child, _) = spawn_role("futex-echo", &futex_floor::fd_arg(&fd), size)?;
+    drop(fd);
+    let latencies_ns = futex_floor::ask(region, duration)?;
+    finish_role(child)?;
+    let messages = latencies_ns.len() as u64;
+    Ok(Measured {
+        seconds: latencies_ns.iter().sum::<u64>() as f64 / 1e9,
+        messages,
+        bytes: 2 * size * messages,
+        latencies_ns,
+        ..Measured::default()
+    })
+}
+
 fn round_trips(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, String> {
     let mut m = request_reply(t, size, plan, row)?;
     let mut raw = raw_ping_pong(t, size, plan.duration() / 2, row)?;
+    let floor = match t {
+        Transport::Shm => Some(futex_ping_pong(size, plan.duration() / 2)?.percentile_us(0.5)),
+        _ => None,
+    };
     let base_name = if t == Transport::Shm {
         "raw unix"
     } else {
@@ -1092,6 +1126,7 @@ fn round_trips(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value
         "messages_per_s": if m.seconds > 0.0 { m.messages as f64 / m.seconds } else { 0.0 },
         "p50_us": p50, "p99_us": m.percentile_us(0.99),
         "baseline": base_name, "baseline_p50_us": base, "ratio": if base > 0.0 { p50 / base } else { 0.0 },
+        "futex_floor_p50_us": floor,
     }))
 }
 
@@ -1476,6 +1511,15 @@ fn print_round_trips(plan: &Plan, cpu: &CpuInfo, rows: &[Value]) {
         );
     }
     say!("ratio: median round trip over the raw socket's median round trip (lower is better)");
+    for r in rows {
+        if let Some(floor) = r["futex_floor_p50_us"].as_f64() {
+            say!(
+                "{} {}: a futex ping-pong of the same bytes through shared memory (no socket, no engine, both sides sleeping) takes {floor:.1} µs",
+                r["transport"].as_str().unwrap_or(""),
+                human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
+            );
+        }
+    }
 }
 
 fn print_pubsub_header() {

@@ -104,6 +104,7 @@ mod bench;
 mod check_map;
 mod convert;
 mod devices;
+mod futex_floor;
 mod inspect;
 mod recv;
 mod send;
