@@ -1073,11 +1073,15 @@ impl NodeInner {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        if let Some(p) = self
-            .live_peers()
-            .into_iter()
-            .find(|p| p.dialed.as_ref() == Some(addr))
-        {
+        // Looked up in place: a request pays no copy of the peer list.
+        let known = self
+            .peers
+            .lock()
+            .expect("lock is never poisoned")
+            .iter()
+            .find(|p| p.alive.load(Ordering::Acquire) && p.dialed.as_ref() == Some(addr))
+            .cloned();
+        if let Some(p) = known {
             return Ok(p);
         }
         match addr {

@@ -155,17 +155,10 @@ impl fmt::Display for DType {
     }
 }
 
-impl FromStr for DType {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        // Canonical names (what the wire carries) need no allocation.
-        if let Some(d) = DType::ALL.into_iter().find(|d| d.name() == s) {
-            return Ok(d);
-        }
-        let lower = s.trim().to_ascii_lowercase();
-        let name = lower.strip_prefix("torch.").unwrap_or(&lower);
-        Ok(match name {
+impl DType {
+    /// The dtype a name or alias stands for, as written (no trimming or case folding).
+    fn by_name(name: &str) -> Option<DType> {
+        Some(match name {
             "bool" | "b8" => DType::Bool,
             "u8" | "uint8" => DType::U8,
             "u16" | "uint16" => DType::U16,
@@ -181,11 +174,23 @@ impl FromStr for DType {
             "f64" | "float64" | "double" => DType::F64,
             "f8e4m3" | "f8_e4m3" | "float8_e4m3fn" | "float8_e4m3" | "e4m3" => DType::F8E4M3,
             "f8e5m2" | "f8_e5m2" | "float8_e5m2" | "e5m2" => DType::F8E5M2,
-            _ => {
-                return Err(Error::UnknownDType {
-                    text: s.to_string(),
-                })
-            }
+            _ => return None,
+        })
+    }
+}
+
+impl FromStr for DType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        // Names as the wire carries them need no allocation.
+        if let Some(d) = DType::by_name(s) {
+            return Ok(d);
+        }
+        let lower = s.trim().to_ascii_lowercase();
+        let name = lower.strip_prefix("torch.").unwrap_or(&lower);
+        DType::by_name(name).ok_or_else(|| Error::UnknownDType {
+            text: s.to_string(),
         })
     }
 }
