@@ -32,11 +32,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::fcntl::SealFlag;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 
 use crate::error::{Error, Result};
+use crate::shm::{check_seals, sealed_memfd};
 
 /// Bytes of a ring's data area (each direction of a connection has one).
 pub(crate) const RING_BYTES: usize = 1 << 20;
@@ -85,21 +85,7 @@ unsafe impl Sync for Ring {}
 impl Ring {
     /// A new ring of `cap` bytes in a sealed memfd, and its descriptor to send.
     fn create(cap: usize) -> Result<(Ring, OwnedFd)> {
-        let fd = memfd_create(
-            c"tensorferry-pipe",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )
-        .map_err(|e| Error::io("creating a shared-memory pipe (memfd_create)", e.into()))?;
-        let file = File::from(fd);
-        file.set_len((HEADER + cap) as u64)
-            .map_err(|e| Error::io("sizing a shared-memory pipe", e))?;
-        fcntl(
-            &file,
-            FcntlArg::F_ADD_SEALS(
-                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
-            ),
-        )
-        .map_err(|e| Error::io("sealing a shared-memory pipe", e.into()))?;
+        let file = sealed_memfd(c"tensorferry-pipe", (HEADER + cap) as u64)?;
         let ring = Ring::map(&file)?;
         Ok((ring, OwnedFd::from(file)))
     }
@@ -108,15 +94,11 @@ impl Ring {
     /// that its size is one this side would make.
     fn open(fd: OwnedFd) -> Result<Ring> {
         let file = File::from(fd);
-        let seals = fcntl(&file, FcntlArg::F_GET_SEALS)
-            .map_err(|e| Error::io("reading a pipe's seals", e.into()))?;
-        let required = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW;
-        if SealFlag::from_bits_truncate(seals) & required != required {
-            return Err(Error::Invalid(
-                "the peer sent a shared-memory pipe that can change size under our mapping; refusing it"
-                    .into(),
-            ));
-        }
+        check_seals(
+            &file,
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
+            "a shared-memory pipe",
+        )?;
         Ring::map(&file)
     }
 

@@ -41,6 +41,36 @@ pub(crate) fn connect(name: &str) -> io::Result<UnixStream> {
     UnixStream::connect_addr(&addr)
 }
 
+/// An anonymous memfd of `len` bytes, sealed so that it can never shrink
+/// under a receiver's mapping (which would fault) nor change size at all.
+pub(crate) fn sealed_memfd(name: &std::ffi::CStr, len: u64) -> Result<File> {
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+        .map_err(|e| Error::io("creating shared memory (memfd_create)", e.into()))?;
+    let file = File::from(fd);
+    file.set_len(len)
+        .map_err(|e| Error::io("sizing shared memory", e))?;
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+        ),
+    )
+    .map_err(|e| Error::io("sealing shared memory", e.into()))?;
+    Ok(file)
+}
+
+/// Checks that shared memory a peer sent carries the `required` seals.
+pub(crate) fn check_seals(file: &File, required: SealFlag, what: &str) -> Result<()> {
+    let seals = fcntl(file, FcntlArg::F_GET_SEALS)
+        .map_err(|e| Error::io("reading shared-memory seals", e.into()))?;
+    if SealFlag::from_bits_truncate(seals) & required != required {
+        return Err(Error::Invalid(format!(
+            "the peer sent {what} that can change size under our mapping; refusing it"
+        )));
+    }
+    Ok(())
+}
+
 /// A shared-memory region that holds one frame at a time.
 pub(crate) struct Slot {
     pub(crate) id: u32,
@@ -53,23 +83,7 @@ pub(crate) struct Slot {
 
 impl Slot {
     fn create(id: u32, size: usize) -> Result<Slot> {
-        let fd = memfd_create(
-            c"tensorferry-slot",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )
-        .map_err(|e| Error::io("creating shared memory (memfd_create)", e.into()))?;
-        let file = File::from(fd);
-        file.set_len(size as u64)
-            .map_err(|e| Error::io("sizing shared memory", e))?;
-        // Receivers require these seals: the segment can never shrink under
-        // their mapping (which would fault), nor be resized at all.
-        fcntl(
-            &file,
-            FcntlArg::F_ADD_SEALS(
-                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
-            ),
-        )
-        .map_err(|e| Error::io("sealing shared memory", e.into()))?;
+        let file = sealed_memfd(c"tensorferry-slot", size as u64)?;
         // SAFETY: the memfd was just created by this process, sized and sealed
         // against shrinking, so the mapping stays valid for its whole length.
         let map = unsafe { memmap2::MmapMut::map_mut(&file) }
@@ -189,14 +203,7 @@ impl MappedSlot {
     /// Maps a received slot descriptor after checking its seals.
     pub(crate) fn map(fd: OwnedFd) -> Result<MappedSlot> {
         let file = File::from(fd);
-        let seals = fcntl(&file, FcntlArg::F_GET_SEALS)
-            .map_err(|e| Error::io("reading shared-memory seals", e.into()))?;
-        let required = SealFlag::F_SEAL_SHRINK;
-        if SealFlag::from_bits_truncate(seals) & required != required {
-            return Err(Error::Invalid(
-                "the peer sent shared memory that can shrink under our mapping; refusing it".into(),
-            ));
-        }
+        check_seals(&file, SealFlag::F_SEAL_SHRINK, "shared memory")?;
         // SAFETY: read-only mapping of a memfd sealed against shrinking (checked
         // above), so every page of its current length stays mapped. The peer may
         // still write to it: its bytes are treated as untrusted input.
