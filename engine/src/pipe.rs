@@ -66,6 +66,9 @@ const SLOT_FD: u8 = b'F';
 const HANDSHAKE: Duration = Duration::from_secs(5);
 /// How long a reader waits for a slot descriptor announced in the ring.
 const FD_WAIT: Duration = Duration::from_secs(5);
+/// Most slot descriptors a peer may send ahead of the frames that claim them
+/// (a sender announces each slot once, so a well-behaved peer has a few).
+const MAX_UNCLAIMED_FDS: usize = 1024;
 
 /// A ring mapped into this process.
 struct Ring {
@@ -500,8 +503,9 @@ fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
 }
 
 /// Starts the thread that reads a connection's socket after the handshake:
-/// slot descriptors go to the pipe's queue; the end of the stream (or
-/// anything that is not a descriptor) ends the pipe and wakes its waiters.
+/// slot descriptors go to the pipe's queue; the end of the stream, anything
+/// that is not a descriptor, or more than [`MAX_UNCLAIMED_FDS`] unclaimed
+/// ones end the connection and wake the pipe's waiters.
 ///
 /// # Errors
 ///
@@ -512,12 +516,17 @@ pub(crate) fn watch(pipe: &Arc<Pipe>, stream: UnixStream) -> Result<()> {
         .name("tf-watch-shm".into())
         .spawn(move || {
             while let Ok((SLOT_FD, Some(fd))) = recv_fd(&stream) {
-                p.fds
-                    .lock()
-                    .expect("fd queue lock is never poisoned")
-                    .push_back(fd);
+                let mut q = p.fds.lock().expect("fd queue lock is never poisoned");
+                if q.len() >= MAX_UNCLAIMED_FDS {
+                    // A peer piling up descriptors: it ends its own connection.
+                    break;
+                }
+                q.push_back(fd);
+                drop(q);
                 p.fd_arrived.notify_all();
             }
+            // Ended, or broken by the peer: either way the peer learns it too.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
             p.end();
         });
     started.map(|_| ()).map_err(|e| {
@@ -817,6 +826,27 @@ mod tests {
         // The received descriptor is the same memory: it maps with the same size.
         let ring = Ring::open(got).expect("open");
         assert_eq!(ring.cap, 4096);
+    }
+
+    #[test]
+    fn a_peer_piling_up_descriptors_ends_its_connection() {
+        let (pa, pb, a, b) = pair();
+        watch(&pb, b).expect("watch");
+        let (_ring, fd) = Ring::create(4096).expect("ring");
+        let mut w = PipeWriter::new(pa, a);
+        let mut sent = 0;
+        // Sends fail once the receiving side has ended the connection.
+        while sent <= MAX_UNCLAIMED_FDS && w.send_fd(fd.as_raw_fd()).is_ok() {
+            sent += 1;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pb.gone.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            pb.gone.load(Ordering::SeqCst),
+            "still open after {sent} descriptors"
+        );
     }
 
     #[test]
