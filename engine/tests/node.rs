@@ -393,28 +393,29 @@ fn shm_fan_out_delivers_every_byte_and_reuses_slots() {
     );
 }
 
+/// A node listening on a fresh `shm://` name (tagged `tag`) that serves
+/// `service` on `channel`; and the address.
+fn shm_server(tag: &str, channel: &str, service: Service) -> (Node, String) {
+    let addr = format!("shm://tf-svc-{tag}-{}", std::process::id());
+    let server = Node::builder()
+        .listen(addr.clone())
+        .build()
+        .expect("server");
+    server.serve(channel, service).expect("serve");
+    (server, addr)
+}
+
 #[test]
 fn shm_requests_and_replies_work_like_tcp() {
     let _shm = shm_lock();
-    let name = format!("tf-svc-{}", std::process::id());
-    let server = Node::builder()
-        .listen(format!("shm://{name}"))
-        .build()
-        .expect("server");
-    server
-        .serve(
-            "/echo",
-            Service::new(|m: Message| Ok(m.field("seen", true))),
-        )
-        .expect("serve");
+    let (_server, addr) = shm_server(
+        "echo",
+        "/echo",
+        Service::new(|m: Message| Ok(m.field("seen", true))),
+    );
     let client = Node::builder().build().expect("client");
     let reply = client
-        .request(
-            &format!("shm://{name}"),
-            "/echo",
-            Message::new().tensor("x", tensor(1)),
-            WAIT,
-        )
+        .request(&addr, "/echo", Message::new().tensor("x", tensor(1)), WAIT)
         .expect("reply");
     assert_eq!(reply.get_field("seen"), Some(&serde_json::json!(true)));
     assert_eq!(
@@ -426,33 +427,27 @@ fn shm_requests_and_replies_work_like_tcp() {
 #[test]
 fn shm_requests_larger_than_the_pipe_stream_through_it_from_several_threads() {
     let _shm = shm_lock();
-    let name = format!("tf-svc-big-{}", std::process::id());
-    let server = Node::builder()
-        .listen(format!("shm://{name}"))
-        .build()
-        .expect("server");
     // Replies twice the request's size: both directions overflow the 1 MiB ring.
-    server
-        .serve(
-            "/double",
-            Service::new(|m: Message| {
-                let x = m
-                    .get("x")
-                    .expect("x")
-                    .as_slice::<u32>()
-                    .expect("u32")
-                    .to_vec();
-                let twice: Vec<u32> = x.iter().chain(x.iter()).map(|v| v ^ 0xA5A5_A5A5).collect();
-                let n = twice.len();
-                Ok(Message::new().tensor("y", Tensor::from_slice(&twice, &[n]).expect("t")))
-            }),
-        )
-        .expect("serve");
+    let (_server, addr) = shm_server(
+        "big",
+        "/double",
+        Service::new(|m: Message| {
+            let x = m
+                .get("x")
+                .expect("x")
+                .as_slice::<u32>()
+                .expect("u32")
+                .to_vec();
+            let twice: Vec<u32> = x.iter().chain(x.iter()).map(|v| v ^ 0xA5A5_A5A5).collect();
+            let n = twice.len();
+            Ok(Message::new().tensor("y", Tensor::from_slice(&twice, &[n]).expect("t")))
+        }),
+    );
     let client = Arc::new(Node::builder().build().expect("client"));
     let workers: Vec<_> = (0..3u32)
         .map(|w| {
             let client = Arc::clone(&client);
-            let addr = format!("shm://{name}");
+            let addr = addr.clone();
             std::thread::spawn(move || {
                 for round in 0..3u32 {
                     // 3 MiB of u32s plus an odd tail, different in every request.
@@ -490,12 +485,8 @@ fn a_shm_peer_that_skips_the_handshake_is_dropped_and_others_are_served() {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixStream};
     let _shm = shm_lock();
-    let name = format!("tf-svc-rude-{}", std::process::id());
-    let server = Node::builder()
-        .listen(format!("shm://{name}"))
-        .build()
-        .expect("server");
-    server.serve("/echo", Service::new(Ok)).expect("serve");
+    let (_server, shm_addr) = shm_server("rude", "/echo", Service::new(Ok));
+    let name = shm_addr.trim_start_matches("shm://");
     // Frame bytes where the pipe's descriptor should be, then silence.
     let addr =
         SocketAddr::from_abstract_name(format!("tensorferry/{name}").as_bytes()).expect("address");
@@ -510,7 +501,7 @@ fn a_shm_peer_that_skips_the_handshake_is_dropped_and_others_are_served() {
     let started = Instant::now();
     let reply = client
         .request(
-            &format!("shm://{name}"),
+            &shm_addr,
             "/echo",
             Message::new().tensor("x", tensor(2)),
             Duration::from_secs(20),
