@@ -675,6 +675,8 @@ mod tests {
         most: usize,
         seed: u64,
         blocked: bool,
+        /// Reads cost nothing (a shared-memory ring): frames skip the read-ahead.
+        cheap: bool,
     }
 
     impl Pieces {
@@ -686,6 +688,7 @@ mod tests {
                 most,
                 seed: 0x9E37_79B9_7F4A_7C15,
                 blocked: false,
+                cheap: false,
             }
         }
 
@@ -709,6 +712,10 @@ mod tests {
             buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
             self.at += n;
             Ok(n)
+        }
+
+        fn cheap_reads(&self) -> bool {
+            self.cheap
         }
     }
 
@@ -823,6 +830,23 @@ mod tests {
             assert!(pending > 0);
             check(&frames, &want, Device::Cpu);
             assert!(!a.holds_bytes());
+        }
+    }
+
+    #[test]
+    fn cheap_reads_take_each_frame_straight_into_its_buffer() {
+        let (data, want) = stream();
+        let pool = BufferPool::new(16 << 20);
+        for most in [1 << 20, 4096, 7] {
+            let mut source = Pieces::new(data.clone(), most);
+            source.cheap = true;
+            let mut a = Assembler::new(source, pool.clone(), Limits::default());
+            let (frames, _) = read_all(&mut a).expect("frames");
+            // No router: every tensor on the host, every byte in place.
+            check(&frames, &want, Device::Cpu);
+            assert!(!a.holds_bytes());
+            // Nothing past a prelude was ever read ahead.
+            assert!(a.end <= PRELUDE_BYTES);
         }
     }
 

@@ -1259,8 +1259,11 @@ impl NodeInner {
             }
             e => e,
         })?;
-        pipe::watch(&pipe, clone(&stream)?)?;
-        let writer = PipeWriter::new(Arc::clone(&pipe), clone(&stream)?);
+        // Both clones first: once the watcher runs, nothing here can fail
+        // and leave it holding the socket open.
+        let (watched, for_fds) = (clone(&stream)?, clone(&stream)?);
+        pipe::watch(&pipe, watched)?;
+        let writer = PipeWriter::new(Arc::clone(&pipe), for_fds);
         // No router here: a message's bytes come in a shared-memory slot
         // that is mapped already, or in the pipe's ring, not through a
         // socket, so there is no read to overlap with a copy; landing copies
