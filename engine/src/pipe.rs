@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::shm::{check_seals, sealed_memfd};
 
 /// Bytes of a ring's data area (each direction of a connection has one).
-pub(crate) const RING_BYTES: usize = 1 << 20;
+const RING_BYTES: usize = 1 << 20;
 /// Bytes before the data area: the positions and futex words.
 const HEADER: usize = 4096;
 /// Offsets in the header: what the writer writes and the reader's sleepers
@@ -454,8 +454,8 @@ fn send_fd(stream: &UnixStream, byte: u8, fd: RawFd) -> io::Result<()> {
     }
 }
 
-/// Receives one byte and the descriptor that came with it, if any; the byte
-/// is `None`… never: end of stream is `UnexpectedEof`.
+/// Receives one byte and the descriptor that came with it, if any. The end
+/// of the stream is an `UnexpectedEof` error.
 fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
     let mut byte = [0u8; 1];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
