@@ -1333,7 +1333,7 @@ mod compact {
     const HAS_ID: u8 = 1;
     const HAS_CHECKSUMS: u8 = 2;
     const HAS_CASTS: u8 = 4;
-    /// Most dimensions a shape may have here (as many as a `u8` counts).
+    /// Each kind's code: its place in this list.
     const KINDS: [Kind; 8] = [
         Kind::Message,
         Kind::Request,
