@@ -142,6 +142,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A peer broke the protocol (sent a frame that cannot be read, lied
+    /// about its lengths, named memory it never shared): its connection was
+    /// closed.
+    #[error("closed the connection to {peer}: {offence}")]
+    Misbehaved {
+        /// The peer's address.
+        peer: String,
+        /// What it did.
+        offence: String,
+    },
+
     /// A service answered with an error.
     #[error("service `{channel}` replied with error `{code}`: {message}")]
     Remote {

@@ -32,21 +32,23 @@
 mod address;
 mod buffer;
 mod codec;
+pub mod delivery;
 mod error;
-pub mod file;
-mod inbox;
+pub mod futex;
 mod message;
 mod node;
 pub mod pattern;
-mod pipe;
 mod pool;
+mod queue;
+mod reactor;
 pub mod safetensors;
 mod service;
-mod shm;
-pub mod staging;
-pub mod stream;
+mod signal;
 mod tensor;
+mod transport;
 pub mod wire;
+
+pub use transport::file;
 
 pub use address::Address;
 pub use buffer::{Backing, HostBuffer, HostBufferMut, ALIGN};
@@ -54,7 +56,8 @@ pub use codec::{Codec, CodecRegistry};
 pub use error::{Error, Result};
 pub use message::{Message, Object};
 pub use node::{
-    Loan, Node, NodeBuilder, Publisher, Received, Recording, Subscription, ALL_CHANNELS,
+    ChannelStats, Loan, Node, NodeBuilder, NodeStats, Publisher, Received, Recording, RecvFuture,
+    RequestFuture, SendFuture, Subscription, ALL_CHANNELS,
 };
 pub use pool::{BufferPool, PooledBuffer};
 pub use service::{Dim, Handler, Schema, Service, ServiceError};

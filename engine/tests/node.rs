@@ -210,7 +210,7 @@ fn services_check_schemas_report_errors_and_run_fini() {
         let addr = server.listen_addrs()[0].to_string();
         // Busy polling changes how the requester waits, never what it gets.
         let client = Node::builder()
-            .busy_poll_us(if inline { 300 } else { 0 })
+            .busy_poll(Duration::from_micros(if inline { 300 } else { 0 }))
             .build()
             .expect("client");
         let image = Tensor::zeros(DType::U8, &[3, 4]).expect("t");

@@ -23,7 +23,7 @@ fn a_recording_replays_every_message_in_order_with_every_byte() {
     let client = Node::builder().build().expect("client");
     // The client records what it receives from the server on /cam.
     let live = client.subscribe(&tcp, "/cam").expect("subscribe");
-    let recording = client.record("/cam", &addr).expect("record");
+    let recording = client.record(&addr, "/cam").expect("record");
     let publisher = server.publisher("/cam");
     publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
     let other = server.publisher("/other");
@@ -93,7 +93,7 @@ fn received_messages_are_recorded_as_they_came_and_replay_like_them() {
         .build()
         .expect("client");
     let live = client.subscribe(&tcp, "/act").expect("subscribe");
-    let recording = client.record("/act", &addr).expect("record");
+    let recording = client.record(&addr, "/act").expect("record");
     let publisher = server.publisher("/act");
     publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
     let values: Vec<f32> = (0..300).map(|i| (i % 128) as f32 * 0.5).collect(); // exact in bf16
@@ -141,7 +141,7 @@ fn received_messages_are_recorded_as_they_came_and_replay_like_them() {
 fn a_recording_stops_promptly_while_messages_keep_coming() {
     let addr = scratch("record-busy");
     let node = Node::builder().build().expect("node");
-    let recording = node.record(ALL_CHANNELS, &addr).expect("record");
+    let recording = node.record(&addr, ALL_CHANNELS).expect("record");
     let publisher = node.publisher("/tick");
     let _sub = node.subscriber("/tick");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -285,14 +285,14 @@ fn busy_polling_requesters_and_readers_share_one_connection() {
         // then reads itself.
         let a = Node::builder()
             .name("a")
-            .busy_poll_us(300)
+            .busy_poll(Duration::from_micros(300))
             .listen(listen)
             .build()
             .expect("a");
         let addr = a.listen_addrs()[0].to_string();
         let b = Node::builder()
             .name("b")
-            .busy_poll_us(300)
+            .busy_poll(Duration::from_micros(300))
             .build()
             .expect("b");
         a.serve("/a", echo(true)).expect("serve a");

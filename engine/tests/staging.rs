@@ -10,7 +10,7 @@ use std::time::Duration;
 use tensorferry_device_map::{
     ChannelConfig, ChannelSpec, Device, DeviceMap, Fallback, Inventory, Pattern,
 };
-use tensorferry_engine::staging::{Direction, Stager};
+use tensorferry_engine::delivery::{Delivery, Direction};
 use tensorferry_engine::wire::{decode, encode_staged, EncodeOptions, FrameMeta, Limits, Payload};
 use tensorferry_engine::{DType, Error, HostBuffer, Message, Node, Service, Tensor, ALL_CHANNELS};
 use tensorferry_kernels::cpu;
@@ -77,14 +77,14 @@ impl Rng {
     }
 }
 
-fn stager(spec: &ChannelSpec, direction: Direction, inventory: &str) -> Stager {
+fn stager(spec: &ChannelSpec, direction: Direction, inventory: &str) -> Delivery {
     let inventory: Inventory = inventory.parse().expect("inventory");
-    Stager::new(spec, direction, Some(Arc::new(inventory))).expect("stager")
+    Delivery::new(spec, direction, Some(Arc::new(inventory))).expect("stager")
 }
 
 /// Sends `message` through `from` (prepare + encode), the bytes of a frame,
 /// and `to` (decode + land), as two hosts would.
-fn travel(from: &Stager, to: &Stager, message: &Message) -> Result<(Message, u64), Error> {
+fn travel(from: &Delivery, to: &Delivery, message: &Message) -> Result<(Message, u64), Error> {
     let (wire, origins) = from.prepare(message)?;
     let frame = encode_staged(
         &wire,

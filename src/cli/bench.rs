@@ -745,7 +745,7 @@ fn run_role(
         "responder" => {
             let node = Node::builder()
                 .name("bench-echo")
-                .busy_poll_us(busy_poll_us)
+                .busy_poll(std::time::Duration::from_micros(busy_poll_us))
                 .listen(listen)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -875,7 +875,7 @@ fn request_reply(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Mea
         &["--busy-poll-us".to_string(), plan.busy_poll_us.to_string()],
     )?;
     let node = Node::builder()
-        .busy_poll_us(plan.busy_poll_us)
+        .busy_poll(std::time::Duration::from_micros(plan.busy_poll_us))
         .build()
         .map_err(|e| e.to_string())?;
     let elems = (size as usize / plan.dtype.size_bytes()).max(1);

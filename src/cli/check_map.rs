@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tensorferry_device_map::{check, ChannelConfig, Inventory};
-use tensorferry_engine::staging;
+use tensorferry_engine::delivery;
 use tensorferry_kernels::runtime::HostReport;
 
 use super::{print_json, Outcome, EXIT_INVALID};
@@ -40,7 +40,7 @@ pub fn run(args: &Args) -> Outcome {
     let mut report = check(&text, &inventory);
     // Wire dtypes are checked where dtypes and casts are known.
     let parsed = ChannelConfig::parse(&text);
-    report.errors.extend(staging::validate_specs(
+    report.errors.extend(delivery::validate_specs(
         parsed.attempted.iter().map(|(n, s)| (n.as_str(), s)),
     ));
     let code = if report.is_valid() {

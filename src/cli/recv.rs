@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use serde_json::json;
 use tensorferry::device_map::ChannelConfig;
+use tensorferry::engine::delivery::{Delivery, Direction};
 use tensorferry::engine::file::FileReader;
-use tensorferry::engine::staging::{Direction, Stager};
 use tensorferry::engine::{pattern, Address, Error, Node, Received, Subscription, ALL_CHANNELS};
 use tensorferry::kernels::{cpu, DType};
 
@@ -186,7 +186,7 @@ struct Replay {
     reader: FileReader,
     label: String,
     config: ChannelConfig,
-    stagers: HashMap<String, Stager>,
+    stagers: HashMap<String, Delivery>,
     /// `--channel`: messages of other channels are skipped, not landed.
     only: Option<String>,
 }
@@ -195,7 +195,8 @@ impl Replay {
     fn land(&mut self, mut r: Received) -> Result<Received, String> {
         if !self.stagers.contains_key(&r.channel) {
             let spec = self.config.get(&r.channel).cloned().unwrap_or_default();
-            let stager = Stager::new(&spec, Direction::Forward, None).map_err(|e| e.to_string())?;
+            let stager =
+                Delivery::new(&spec, Direction::Forward, None).map_err(|e| e.to_string())?;
             self.stagers.insert(r.channel.clone(), stager);
         }
         let (message, _) = self.stagers[&r.channel]

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use tensorferry::device_map::{ChannelConfig, Device};
+use tensorferry::engine::delivery::{Delivery, Direction};
 use tensorferry::engine::file::FileWriter;
-use tensorferry::engine::staging::{Direction, Stager};
 use tensorferry::engine::wire::{encode_staged, EncodeOptions, Encoded, FrameMeta};
 use tensorferry::engine::{pattern, Address, Message, Node, Publisher};
 use tensorferry::kernels::runtime::Runtime;
@@ -153,7 +153,7 @@ impl Sink {
                 let node = Node::builder()
                     .name("send")
                     .channels(config.clone())
-                    .connect_timeout_ms(wait.as_millis() as u64)
+                    .connect_timeout(wait)
                     .build()
                     .map_err(|e| e.to_string())?;
                 node.connect(text).map_err(|e| e.to_string())?;
@@ -198,7 +198,7 @@ pub fn run(args: &Args) -> Outcome {
     config
         .insert(args.channel.clone(), spec.clone())
         .map_err(|e| e.to_string())?;
-    let stager = Stager::new(&spec, Direction::Forward, None).map_err(|e| e.to_string())?;
+    let stager = Delivery::new(&spec, Direction::Forward, None).map_err(|e| e.to_string())?;
     let mut runtimes: HashMap<Device, Runtime> = HashMap::new();
     for t in &args.tensors {
         if let std::collections::hash_map::Entry::Vacant(slot) = runtimes.entry(t.device) {

@@ -1,17 +1,17 @@
-//! Staging: where each tensor of a message lands, and getting it there.
+//! Delivery: where each tensor of a message lands, and getting it there.
 //!
-//! A [`Stager`] holds one channel's rules — its device map (or, for
+//! A [`Delivery`] holds one channel's rules — its device map (or, for
 //! replies, the reverse of it), the fallback policy, the wire casts and
 //! whether tensors carry checksums — resolved against the devices this host
 //! has. It works on both ends of a channel:
 //!
-//! - [`Stager::prepare`] (sender): each tensor is cast to its wire dtype and
+//! - [`Delivery::prepare`] (sender): each tensor is cast to its wire dtype and
 //!   checksummed **on the device that holds it**; a device tensor stays
 //!   there, and the encoded frame reads it back while it is written (CUDA
 //!   through pinned chunks, a chunk on the socket while the next is copied;
 //!   wgpu through mapped staging buffers). What the header must say of it (its device, its dtype before
 //!   the cast, its checksum) comes back as an [`Origin`] per tensor.
-//! - [`Stager::land`] (receiver): each tensor goes to the device the map
+//! - [`Delivery::land`] (receiver): each tensor goes to the device the map
 //!   resolves its source device to; its checksum is verified there, after
 //!   the copy, and it is cast back to the sender's dtype there (unless the
 //!   channel keeps the wire dtype). Any failure rejects the whole message:
@@ -22,13 +22,13 @@
 //! ```
 //! use std::sync::Arc;
 //! use tensorferry_device_map::{ChannelSpec, Device, Inventory, Pattern};
-//! use tensorferry_engine::staging::{Direction, Stager};
+//! use tensorferry_engine::delivery::{Direction, Delivery};
 //! use tensorferry_engine::{DType, Message, Tensor};
 //!
 //! let spec = ChannelSpec::new(Pattern::PubSub).with_wire_dtype("f32", "bf16").with_checksum(true);
-//! let stager = Stager::new(&spec, Direction::Forward, Some(Arc::new(Inventory::cpu_only())))?;
+//! let delivery = Delivery::new(&spec, Direction::Forward, Some(Arc::new(Inventory::cpu_only())))?;
 //! let m = Message::new().tensor("x", Tensor::from_slice(&[1.5f32, -2.0], &[2])?);
-//! let (wire, origins) = stager.prepare(&m)?;
+//! let (wire, origins) = delivery.prepare(&m)?;
 //! assert_eq!(wire.get("x").map(Tensor::dtype), Some(DType::BF16)); // half the bytes travel
 //! assert_eq!(origins[0].cast_from, Some(DType::F32));
 //! # Ok::<(), tensorferry_engine::Error>(())
@@ -78,9 +78,9 @@ pub struct Landing {
     pub verified: bool,
 }
 
-/// One channel's staging rules on this host; see the [module docs](self).
+/// One channel's delivery rules on this host; see the [module docs](self).
 #[derive(Debug)]
-pub struct Stager {
+pub struct Delivery {
     map: DeviceMap,
     fallback: Fallback,
     inventory: OnceLock<Arc<Inventory>>,
@@ -88,6 +88,10 @@ pub struct Stager {
     keep_wire: bool,
     checksum: bool,
     runtimes: Mutex<HashMap<Device, Runtime>>,
+    /// Each source device's resolved target: resolved once per channel and
+    /// direction, then shared by the reader that routes a frame's bytes and
+    /// the landing that puts them there.
+    targets: Mutex<Vec<(Device, Device, Reason)>>,
 }
 
 /// The devices this process can reach (probed once, then shared).
@@ -164,7 +168,7 @@ pub fn validate_specs<'a>(
     out
 }
 
-impl Stager {
+impl Delivery {
     /// The rules of a channel with `spec`, for messages travelling `direction`,
     /// on a host that has `inventory` (`None`: this host's devices, probed
     /// when a tensor first needs a target).
@@ -197,6 +201,7 @@ impl Stager {
             keep_wire: spec.keep_wire_dtype,
             checksum: spec.checksum,
             runtimes: Mutex::new(HashMap::new()),
+            targets: Mutex::new(Vec::new()),
         })
     }
 
@@ -226,12 +231,20 @@ impl Stager {
     ///
     /// [`tensorferry_device_map::Error::MissingDevice`] under the `error` fallback.
     pub fn target(&self, source: Device) -> Result<(Device, Reason)> {
+        let mut known = self
+            .targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, target, reason)) = known.iter().find(|(s, _, _)| *s == source) {
+            return Ok((*target, reason.clone()));
+        }
         let inventory = self.inventory.get_or_init(host_inventory);
         let r = resolve(&self.map, self.fallback, source, inventory)?;
+        known.push((source, r.target, r.reason.clone()));
         Ok((r.target, r.reason))
     }
 
-    /// The runtime of `device`, opened once per stager.
+    /// The runtime of `device`, opened once per channel and direction.
     ///
     /// # Errors
     ///

@@ -1,41 +1,31 @@
-//! [`Inbox`]: the read side of one connection, shared by the connection's
-//! reader thread and by requesters waiting for their replies
-//! (leader/follower).
+//! [`Assembler`]: builds frames from a byte stream read without blocking,
+//! across calls, so that whoever reads a connection — its I/O thread, or a
+//! requester reading its own reply — can stop at any byte and the next
+//! reader goes on from there.
 //!
-//! Whoever holds the inbox is the *leader*: it reads the next frames from the
-//! socket and dispatches each as the reader thread would. A requester takes
-//! the lead before it writes its request and reads until its reply arrives, so
-//! the reply wakes the thread that waits for it and no other, as in a raw
-//! ping-pong. The reader thread waits on an epoll (for a `shm://` pipe, on
-//! its futex with the reader's wake bit) and reads only when it can take the
-//! lead; a requester switches that wait off while it leads and back on when
-//! it leaves, which reports anything left unread. Every thread that
-//! switches the wait off while it holds the inbox switches it back on after
-//! letting go, so the wait is on whenever no one leads.
-//!
-//! Reads never block: an [`Assembler`] builds frames across calls, so a leader
-//! that gives up mid-frame (its timeout passed) leaves the half-read frame
-//! intact for the next one — with a router, uploads of tensors read straight
-//! into their devices included.
+//! Each frame is read straight into a pooled buffer once its prelude has
+//! been checked against the limits (nothing past the prelude is allocated
+//! for a frame over them). With a [`Router`], a frame's head decides where
+//! each tensor's bytes go: a buffer routed to a device is read from the
+//! socket straight into that device's upload ([`Runtime::begin_upload`]:
+//! CUDA's pinned chunks, each copied while the next one arrives; wgpu's
+//! staging steps), the rest into the frame buffer. What is read of a frame,
+//! uploads included, survives `Pending` returns.
 
 use std::io;
-use std::net::TcpStream;
-use std::ops::{Deref, DerefMut, Range};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::Instant;
-
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::socket::{recv, MsgFlags};
+use std::ops::Range;
+use std::sync::Arc;
 
 use tensorferry_kernels::runtime::{DeviceBuffer, Runtime, Uploading};
 
 use crate::error::{Error, Result};
-use crate::pipe::Pipe;
 use crate::pool::{BufferPool, PooledBuffer};
-use crate::stream::{device_targets, with_device_tensors, Router};
-use crate::wire::{decode_at, plan_head, Frame, Limits, Prelude, PRELUDE_BYTES};
+use crate::tensor::Tensor;
+use crate::wire::{decode_at, plan_head, Frame, HeadPlan, Limits, Prelude, PRELUDE_BYTES};
+
+/// Given what a frame's head says, the runtime each tensor's bytes should
+/// be read into (one entry per tensor; `None`: the host frame buffer).
+pub type Router = Arc<dyn Fn(&HeadPlan) -> Vec<Option<Runtime>> + Send + Sync>;
 
 /// Bytes read ahead of the current frame: a small frame and the prelude of the
 /// next one come in one `recv`.
@@ -51,12 +41,6 @@ pub(crate) trait Source {
     /// the read-ahead buffer, which would copy it twice.
     fn cheap_reads(&self) -> bool {
         false
-    }
-}
-
-impl Source for TcpStream {
-    fn recv_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        recv(self.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
     }
 }
 
@@ -127,8 +111,7 @@ impl Partial {
 /// copied while the next one arrives; wgpu's staging steps), the rest into
 /// the frame buffer. What is read of a frame, uploads included, survives
 /// `Pending` returns.
-pub(crate) struct Assembler<S> {
-    source: S,
+pub(crate) struct Assembler {
     pool: BufferPool,
     limits: Limits,
     /// Stream offset of the frame being built, for error messages.
@@ -143,11 +126,10 @@ pub(crate) struct Assembler<S> {
     route_min_bytes: usize,
 }
 
-impl<S: Source> Assembler<S> {
-    /// Builds frames read from `source` into buffers from `pool`, within `limits`.
-    pub(crate) fn new(source: S, pool: BufferPool, limits: Limits) -> Self {
+impl Assembler {
+    /// Builds frames into buffers from `pool`, within `limits`.
+    pub(crate) fn new(pool: BufferPool, limits: Limits) -> Self {
         Self {
-            source,
             pool,
             limits,
             offset: 0,
@@ -179,8 +161,8 @@ impl<S: Source> Assembler<S> {
     /// Nothing beyond the prelude is allocated for a frame over the limits.
     /// After an error the partial frame is dropped, its uploads with it
     /// (their staging chunks go back to the pool).
-    pub(crate) fn next(&mut self) -> Result<Next> {
-        let outcome = self.step();
+    pub(crate) fn next(&mut self, source: &mut dyn Source) -> Result<Next> {
+        let outcome = self.step(source);
         match &outcome {
             Err(_) => self.partial = None,
             Ok(Next::Pending) => {
@@ -205,7 +187,7 @@ impl<S: Source> Assembler<S> {
         outcome
     }
 
-    fn step(&mut self) -> Result<Next> {
+    fn step(&mut self, source: &mut dyn Source) -> Result<Next> {
         loop {
             if let Some(p) = &self.partial {
                 if matches!(p.route, Route::Unplanned) && p.filled >= p.head {
@@ -217,9 +199,9 @@ impl<S: Source> Assembler<S> {
                 }
                 let (upto, to_device) = p.stretch();
                 let read = if to_device {
-                    self.feed_device()?
+                    self.feed_device(source)?
                 } else {
-                    self.feed_host(upto)?
+                    self.feed_host(source, upto)?
                 };
                 if let Some(next) = read {
                     return Ok(next);
@@ -252,12 +234,12 @@ impl<S: Source> Assembler<S> {
             }
             self.ahead.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, have);
-            let upto = if self.source.cheap_reads() {
+            let upto = if source.cheap_reads() {
                 PRELUDE_BYTES
             } else {
                 self.ahead.len()
             };
-            match self.source.recv_now(&mut self.ahead[have..upto]) {
+            match source.recv_now(&mut self.ahead[have..upto]) {
                 Ok(0) if have == 0 => return Ok(Next::End),
                 Ok(0) => return Err(self.cut()),
                 Ok(n) => self.end += n,
@@ -290,7 +272,7 @@ impl<S: Source> Assembler<S> {
 
     /// Moves bytes of the partial frame up to `upto` into its buffer: first
     /// those read ahead, then one read. `Some` when the read says to stop.
-    fn feed_host(&mut self, upto: usize) -> Result<Option<Next>> {
+    fn feed_host(&mut self, source: &mut dyn Source, upto: usize) -> Result<Option<Next>> {
         let Some(p) = &mut self.partial else {
             return Ok(None);
         };
@@ -304,13 +286,13 @@ impl<S: Source> Assembler<S> {
         }
         // `ahead` is used up; a large rest goes straight into the frame.
         (self.start, self.end) = (0, 0);
-        let direct = upto - p.filled >= AHEAD_BYTES || self.source.cheap_reads();
+        let direct = upto - p.filled >= AHEAD_BYTES || source.cheap_reads();
         let target = if direct {
             &mut bytes[p.filled..upto]
         } else {
             &mut self.ahead[..]
         };
-        match self.source.recv_now(target) {
+        match source.recv_now(target) {
             Ok(0) => Err(self.cut()),
             Ok(n) if direct => {
                 p.filled += n;
@@ -331,7 +313,7 @@ impl<S: Source> Assembler<S> {
     /// space. Finishes the upload once its last byte is in, so that at most
     /// one upload per connection holds staging chunks. `Some` when the read
     /// says to stop.
-    fn feed_device(&mut self) -> Result<Option<Next>> {
+    fn feed_device(&mut self, source: &mut dyn Source) -> Result<Option<Next>> {
         let context = self.context();
         let Some(Partial {
             filled,
@@ -387,9 +369,9 @@ impl<S: Source> Assembler<S> {
             let outcome = if direct {
                 let space = up.space().map_err(failed)?;
                 let m = space.len().min(want);
-                self.source.recv_now(&mut space[..m])
+                source.recv_now(&mut space[..m])
             } else {
-                self.source.recv_now(&mut self.ahead[..])
+                source.recv_now(&mut self.ahead[..])
             };
             match outcome {
                 Ok(0) => return Err(self.cut()),
@@ -453,208 +435,55 @@ impl<S: Source> Assembler<S> {
     }
 }
 
-/// The read side of a connection: its reading state `R`, held by one leader at a time.
-pub(crate) struct Inbox<R> {
-    reading: Mutex<R>,
-    waits: Waits,
-}
-
-/// What the reader thread and leaders wait on.
-enum Waits {
-    /// A socket's readiness.
-    Socket {
-        /// The reader thread's wait: the socket, level-triggered.
-        epoll: Epoll,
-        /// A duplicate of the socket's descriptor, to wait on.
-        watch: OwnedFd,
-    },
-    /// A shared-memory pipe's futex words.
-    Pipe(Arc<Pipe>),
-}
-
-fn armed() -> EpollEvent {
-    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, 0)
-}
-
-impl<R> Inbox<R> {
-    /// An inbox for the socket `watch` (a duplicate of the one `reading` reads).
-    ///
-    /// # Errors
-    ///
-    /// When the epoll instance cannot be made.
-    pub(crate) fn new(watch: OwnedFd, reading: R) -> Result<Self> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .and_then(|e| e.add(&watch, armed()).map(|()| e))
-            .map_err(|e| Error::io("setting up a connection's reader", e.into()))?;
-        Ok(Self {
-            reading: Mutex::new(reading),
-            waits: Waits::Socket { epoll, watch },
-        })
-    }
-
-    /// An inbox whose bytes come through the shared-memory pipe `pipe`.
-    pub(crate) fn pipe(pipe: Arc<Pipe>, reading: R) -> Self {
-        Self {
-            reading: Mutex::new(reading),
-            waits: Waits::Pipe(pipe),
+/// The buffers of a frame to read straight into a device, in stream order:
+/// `(buffer index, byte range in the frame, runtime)` for each contiguous
+/// tensor that `routes` (one entry per tensor of `plan`) sends to a runtime.
+pub(crate) fn device_targets(
+    plan: &HeadPlan,
+    routes: &[Option<Runtime>],
+) -> Vec<(usize, std::ops::Range<usize>, Runtime)> {
+    let mut streamed: Vec<Option<&Runtime>> = vec![None; plan.buffers.len()];
+    for (t, route) in plan.tensors.iter().zip(routes) {
+        if let (Some(rt), true) = (route, t.contiguous) {
+            // `plan_head` checked the index against the table.
+            if let Some(slot) = streamed.get_mut(t.buffer) {
+                *slot = Some(rt);
+            }
         }
     }
+    streamed
+        .into_iter()
+        .zip(&plan.buffers)
+        .enumerate()
+        .filter_map(|(i, (rt, range))| rt.map(|rt| (i, range.clone(), rt.clone())))
+        .collect()
+}
 
-    /// For the reader thread: waits until the socket is readable (or hung up)
-    /// while no leader holds the inbox.
-    ///
-    /// # Errors
-    ///
-    /// The epoll's errors (`Interrupted` is retried).
-    pub(crate) fn wait(&self) -> io::Result<()> {
-        let epoll = match &self.waits {
-            Waits::Socket { epoll, .. } => epoll,
-            Waits::Pipe(pipe) => {
-                pipe.wait_reader();
-                return Ok(());
+/// `frame` with the tensors whose buffers were read into devices taking
+/// those device buffers (their host ranges were never filled).
+///
+/// # Errors
+///
+/// [`Error::Tensor`] for a device buffer whose length does not fit its
+/// tensor's dtype and shape.
+pub(crate) fn with_device_tensors(
+    mut frame: Frame,
+    mut on_devices: Vec<(usize, DeviceBuffer)>,
+) -> Result<Frame> {
+    let mut tensors = Vec::with_capacity(frame.tensors.len());
+    for ((name, t), info) in frame.message.tensors().zip(&frame.tensors) {
+        let t = match on_devices.iter().position(|(i, _)| *i == info.buffer) {
+            Some(k) => {
+                let (_, dev) = on_devices.swap_remove(k);
+                Tensor::from_device(t.dtype(), t.shape(), dev)
+                    .map_err(|e| Error::tensor(name, e.to_string()))?
             }
+            None => t.clone(),
         };
-        let mut events = [EpollEvent::empty()];
-        loop {
-            match epoll.wait(&mut events, EpollTimeout::NONE) {
-                Ok(0) => {}
-                Ok(_) => return Ok(()),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        tensors.push((name.to_string(), t));
     }
-
-    /// For the reader thread: the reading state, unless a leader holds it; then
-    /// [`wait`](Self::wait) is off until that leader leaves.
-    pub(crate) fn read_turn(&self) -> Option<Lead<'_, R>> {
-        if let Some(guard) = self.try_read() {
-            return Some(Lead {
-                inbox: self,
-                guard: Some(guard),
-                rearm: false,
-            });
-        }
-        // Level-triggered, the wait would fire again at once while the leader
-        // reads: switch it off, then look again. If the inbox is still held,
-        // its holder switches the wait back on after letting go, which is
-        // after this; if not, this thread does, as a leader would.
-        self.disarm();
-        let guard = self.try_read()?;
-        Some(Lead {
-            inbox: self,
-            guard: Some(guard),
-            rearm: true,
-        })
-    }
-
-    fn try_read(&self) -> Option<MutexGuard<'_, R>> {
-        match self.reading.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        }
-    }
-
-    /// Takes the lead when no one holds it: the reader thread's wait is off
-    /// until the returned lead drops.
-    pub(crate) fn try_lead(&self) -> Option<Lead<'_, R>> {
-        let guard = self.try_read()?;
-        // Off while this thread reads, so the reader thread is not woken for
-        // bytes it cannot take.
-        self.disarm();
-        Some(Lead {
-            inbox: self,
-            guard: Some(guard),
-            rearm: true,
-        })
-    }
-
-    fn disarm(&self) {
-        match &self.waits {
-            Waits::Socket { epoll, watch } => {
-                // It cannot fail for a descriptor this inbox owns and registered.
-                let _ = epoll.modify(watch, &mut EpollEvent::new(EpollFlags::empty(), 0));
-            }
-            Waits::Pipe(pipe) => pipe.lead(),
-        }
-    }
-
-    /// Waits until the socket is readable, at most until `deadline`; `false` when it passed.
-    ///
-    /// # Errors
-    ///
-    /// The poll's errors (`Interrupted` counts as readable: the caller reads and comes back).
-    pub(crate) fn wait_readable(&self, deadline: Instant) -> io::Result<bool> {
-        let watch = match &self.waits {
-            Waits::Socket { watch, .. } => watch,
-            Waits::Pipe(pipe) => return Ok(pipe.wait_leader(deadline)),
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(false);
-        }
-        // Rounded up: a wait never ends before the deadline, so it never spins.
-        let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        let mut fds = [PollFd::new(watch.as_fd(), PollFlags::POLLIN)];
-        match poll(
-            &mut fds,
-            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-        ) {
-            Ok(0) => Ok(Instant::now() < deadline),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(true),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn rearm(&self) {
-        match &self.waits {
-            Waits::Socket { epoll, watch } => {
-                // It cannot fail for a descriptor this inbox owns and registered.
-                let _ = epoll.modify(watch, &mut armed());
-            }
-            Waits::Pipe(pipe) => pipe.unlead(),
-        }
-    }
-}
-
-/// The lead of an [`Inbox`]: its reading state, held until dropped.
-pub(crate) struct Lead<'a, R> {
-    inbox: &'a Inbox<R>,
-    guard: Option<MutexGuard<'a, R>>,
-    /// Switch the reader thread's wait back on when letting go.
-    rearm: bool,
-}
-
-impl<R> Lead<'_, R> {
-    /// The inbox led.
-    pub(crate) fn inbox(&self) -> &Inbox<R> {
-        self.inbox
-    }
-}
-
-impl<R> Deref for Lead<'_, R> {
-    type Target = R;
-    fn deref(&self) -> &R {
-        self.guard.as_ref().expect("held until dropped")
-    }
-}
-
-impl<R> DerefMut for Lead<'_, R> {
-    fn deref_mut(&mut self) -> &mut R {
-        self.guard.as_mut().expect("held until dropped")
-    }
-}
-
-impl<R> Drop for Lead<'_, R> {
-    fn drop(&mut self) {
-        // Unlock first, then re-arm: a reader thread woken by the re-arm finds
-        // the inbox free (or held by a new leader, who re-arms in turn).
-        drop(self.guard.take());
-        if self.rearm {
-            self.inbox.rearm();
-        }
-    }
+    frame.message = frame.message.with_tensors(tensors);
+    Ok(frame)
 }
 
 #[cfg(test)]
@@ -775,14 +604,38 @@ mod tests {
         })
     }
 
-    fn assembler(source: Pieces, router: Router, pool: &BufferPool) -> Assembler<Pieces> {
-        let mut a = Assembler::new(source, pool.clone(), Limits::default()).with_router(router);
-        a.route_min_bytes = 0;
-        a
+    /// An assembler with the source it reads.
+    struct Fed {
+        a: Assembler,
+        source: Pieces,
+    }
+
+    impl Fed {
+        fn new(source: Pieces, pool: &BufferPool) -> Self {
+            Self {
+                a: Assembler::new(pool.clone(), Limits::default()),
+                source,
+            }
+        }
+
+        fn next(&mut self) -> Result<Next> {
+            self.a.next(&mut self.source)
+        }
+
+        fn holds_bytes(&self) -> bool {
+            self.a.holds_bytes()
+        }
+    }
+
+    fn assembler(source: Pieces, router: Router, pool: &BufferPool) -> Fed {
+        let mut fed = Fed::new(source, pool);
+        fed.a = fed.a.with_router(router);
+        fed.a.route_min_bytes = 0;
+        fed
     }
 
     /// Reads frames until the stream ends; counts the `Pending`s.
-    fn read_all(a: &mut Assembler<Pieces>) -> Result<(Vec<Frame>, usize)> {
+    fn read_all(a: &mut Fed) -> Result<(Vec<Frame>, usize)> {
         let (mut frames, mut pending) = (Vec::new(), 0);
         loop {
             match a.next()? {
@@ -840,13 +693,13 @@ mod tests {
         for most in [1 << 20, 4096, 7] {
             let mut source = Pieces::new(data.clone(), most);
             source.cheap = true;
-            let mut a = Assembler::new(source, pool.clone(), Limits::default());
+            let mut a = Fed::new(source, &pool);
             let (frames, _) = read_all(&mut a).expect("frames");
             // No router: every tensor on the host, every byte in place.
             check(&frames, &want, Device::Cpu);
             assert!(!a.holds_bytes());
             // Nothing past a prelude was ever read ahead.
-            assert!(a.end <= PRELUDE_BYTES);
+            assert!(a.a.end <= PRELUDE_BYTES);
         }
     }
 
@@ -884,7 +737,7 @@ mod tests {
         }
         assert!(a.holds_bytes());
         assert!(
-            matches!(&a.partial, Some(Partial { route: Route::Devices(r), .. }) if r.current.is_some()),
+            matches!(&a.a.partial, Some(Partial { route: Route::Devices(r), .. }) if r.current.is_some()),
             "an upload is under way"
         );
         let (frames, _) = std::thread::spawn(move || {
@@ -909,7 +762,7 @@ mod tests {
         );
         let err = read_all(&mut a).expect_err("cut");
         assert!(err.to_string().contains("ended mid-frame"), "{err}");
-        assert!(a.partial.is_none(), "the partial frame is dropped");
+        assert!(a.a.partial.is_none(), "the partial frame is dropped");
         assert!(
             pool.idle_bytes() >= first,
             "its buffer went back to the pool"
@@ -937,7 +790,7 @@ mod tests {
             }
         };
         assert!(err.to_string().contains("tpu"), "{err}");
-        assert!(a.partial.is_none());
+        assert!(a.a.partial.is_none());
     }
 
     #[test]
@@ -951,8 +804,8 @@ mod tests {
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             inner(plan)
         });
-        let mut a =
-            Assembler::new(Pieces::new(data, 1 << 20), pool, Limits::default()).with_router(router);
+        let mut a = Fed::new(Pieces::new(data, 1 << 20), &pool);
+        a.a = a.a.with_router(router);
         let (frames, _) = read_all(&mut a).expect("frames");
         // Only the first two frames are larger than one read-ahead.
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);

@@ -6,14 +6,11 @@
 //! receiver maps the slot read-only and decodes the frame in place, with every
 //! check of [`wire::decode`](crate::wire::decode), so its tensors view shared
 //! memory. When the receiver drops the last view it sends a release, and the
-//! slot is reused. memfds are anonymous and the socket lives in the abstract
-//! namespace, so nothing outlives the processes: no file in /dev/shm or anywhere.
+//! slot is reused. memfds are anonymous, so nothing outlives the processes:
+//! no file in /dev/shm or anywhere.
 
 use std::fs::File;
-use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -22,24 +19,6 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::buffer::{Backing, HostBuffer};
 use crate::error::{Error, Result};
-
-/// The abstract socket address of `shm://NAME`.
-fn socket_addr(name: &str) -> Result<SocketAddr> {
-    SocketAddr::from_abstract_name(format!("tensorferry/{name}").as_bytes())
-        .map_err(|e| Error::io(format!("naming shm://{name}"), e))
-}
-
-/// Binds `shm://NAME`.
-pub(crate) fn bind(name: &str) -> Result<UnixListener> {
-    UnixListener::bind_addr(&socket_addr(name)?)
-        .map_err(|e| Error::io(format!("binding shm://{name}"), e))
-}
-
-/// Connects to `shm://NAME`.
-pub(crate) fn connect(name: &str) -> io::Result<UnixStream> {
-    let addr = socket_addr(name).map_err(|e| io::Error::other(e.to_string()))?;
-    UnixStream::connect_addr(&addr)
-}
 
 /// An anonymous memfd of `len` bytes, sealed so that it can never shrink
 /// under a receiver's mapping (which would fault) nor change size at all.

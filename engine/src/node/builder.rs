@@ -1,0 +1,213 @@
+//! [`NodeBuilder`]: a node's settings, checked once in [`NodeBuilder::build`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tensorferry_device_map::{ChannelConfig, Inventory};
+
+use super::services::Workers;
+use super::stats::Counters;
+use super::{Guard, Node, NodeInner};
+use crate::address::Address;
+use crate::error::Result;
+use crate::pool::BufferPool;
+use crate::reactor::Reactor;
+use crate::signal::Signal;
+use crate::transport::shm::slots::SlotPool;
+use crate::wire::Limits;
+
+/// Builds a [`Node`]; everything is checked in [`build`](NodeBuilder::build).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tensorferry_engine::Node;
+///
+/// let node = Node::builder()
+///     .name("trainer-0")
+///     .listen("tcp://127.0.0.1:0")
+///     .connect_timeout(Duration::from_secs(2))
+///     .io_threads(1)
+///     .build()?;
+/// assert_eq!(node.listen_addrs().len(), 1);
+/// # Ok::<(), tensorferry_engine::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    name: String,
+    listen: Vec<(String, bool)>,
+    config: ChannelConfig,
+    limits: Limits,
+    connect_timeout: Duration,
+    pool_idle_bytes: usize,
+    shm_bytes: usize,
+    busy_poll: Duration,
+    io_threads: usize,
+    service_threads: usize,
+    inventory: Option<Inventory>,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        Self {
+            name: "tensorferry".into(),
+            listen: Vec::new(),
+            config: ChannelConfig::new(),
+            limits: Limits::default(),
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_bytes: 1 << 30,
+            shm_bytes: 4 << 30,
+            busy_poll: Duration::ZERO,
+            io_threads: 1,
+            service_threads: 2,
+            inventory: None,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// The node's name, shown to peers and in logs. Default `tensorferry`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Listens on `addr` (`inproc://NAME`, `shm://NAME`, `tcp://HOST:PORT`).
+    /// TCP must be a loopback address; use
+    /// [`listen_public`](Self::listen_public) to accept other hosts.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen.push((addr.into(), false));
+        self
+    }
+
+    /// Listens on `addr`, which may be reachable from other hosts (e.g. `tcp://0.0.0.0:7070`).
+    pub fn listen_public(mut self, addr: impl Into<String>) -> Self {
+        self.listen.push((addr.into(), true));
+        self
+    }
+
+    /// Per-channel settings (queue depth, overflow policy, device maps, wire
+    /// casts, checksums). Default: none, so every channel gets
+    /// [`ChannelSpec::default`](tensorferry_device_map::ChannelSpec::default).
+    pub fn channels(mut self, config: ChannelConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Decoder limits for frames from peers. Default [`Limits::default`].
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How long connecting retries (with backoff) before giving up. Default 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Most bytes of receive buffers kept for reuse. Default 1 GiB.
+    pub fn pool_idle_bytes(mut self, bytes: usize) -> Self {
+        self.pool_idle_bytes = bytes;
+        self
+    }
+
+    /// Most bytes of shared-memory slots this node creates for `shm://`
+    /// subscribers. Default 4 GiB; past it, publishers wait for receivers to
+    /// release slots (a message larger than the limit still gets one slot).
+    pub fn shm_bytes(mut self, bytes: usize) -> Self {
+        self.shm_bytes = bytes;
+        self
+    }
+
+    /// Busy polling, for lower round-trip latency at the cost of a core kept
+    /// busy: a requester waiting for its reply spins this long before it
+    /// sleeps, and so does an I/O thread after each frame while this node
+    /// awaits no reply (a responder catching the next request). Default 0 (off).
+    pub fn busy_poll(mut self, spin: Duration) -> Self {
+        self.busy_poll = spin;
+        self
+    }
+
+    /// How many I/O threads drive the node's connections (each connection
+    /// belongs to one). Default 1: one thread serves any number of peers.
+    pub fn io_threads(mut self, threads: usize) -> Self {
+        self.io_threads = threads.max(1);
+        self
+    }
+
+    /// How many threads run service handlers that are not marked inline
+    /// (started with the first such service). Default 2. A service runs one
+    /// request at a time; several services share these threads.
+    pub fn service_threads(mut self, threads: usize) -> Self {
+        self.service_threads = threads.max(1);
+        self
+    }
+
+    /// The devices tensors may land on, instead of the ones this host has
+    /// (probed when first needed): for tests, and to keep a node off some
+    /// devices.
+    pub fn inventory(mut self, inventory: Inventory) -> Self {
+        self.inventory = Some(inventory);
+        self
+    }
+
+    /// Checks the settings, starts the I/O threads and binds every listen address.
+    ///
+    /// # Errors
+    ///
+    /// A channel configuration that is not valid (every error, with its
+    /// place), a malformed address, a non-loopback address given to
+    /// `listen`, an inproc name already taken, or a socket that cannot be
+    /// bound.
+    pub fn build(self) -> Result<Node> {
+        let errors = crate::delivery::validate(&self.config);
+        if !errors.is_empty() {
+            return Err(tensorferry_device_map::Error::Invalid { errors }.into());
+        }
+        let addrs = self
+            .listen
+            .iter()
+            .map(|(text, public)| Ok((text.parse::<Address>()?, *public)))
+            .collect::<Result<Vec<_>>>()?;
+        let reactor = Reactor::new(self.io_threads, self.busy_poll, &self.name)?;
+        let inner = Arc::new_cyclic(|me| NodeInner {
+            name: self.name,
+            config: self.config,
+            limits: self.limits,
+            pool: BufferPool::new(self.pool_idle_bytes),
+            connect_timeout: self.connect_timeout,
+            busy_poll: self.busy_poll,
+            inventory: self.inventory.map(Arc::new),
+            deliveries: Mutex::new(HashMap::new()),
+            listening: Mutex::new(Vec::new()),
+            subs: Mutex::new(HashMap::new()),
+            peers: Mutex::new(Vec::new()),
+            services: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            taps: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            slots: SlotPool::new(
+                self.shm_bytes,
+                self.connect_timeout.max(Duration::from_secs(30)),
+            ),
+            reactor: Mutex::new(Some(reactor)),
+            workers: Workers::new(self.service_threads),
+            subscribers_changed: Signal::default(),
+            counters: Counters::default(),
+            me: me.clone(),
+        });
+        let node = Node {
+            guard: Arc::new(Guard(Arc::clone(&inner))),
+            inner,
+        };
+        for (addr, public) in &addrs {
+            node.inner.listen(addr, *public)?;
+        }
+        Ok(node)
+    }
+}

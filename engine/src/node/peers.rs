@@ -1,0 +1,205 @@
+//! Peers: each connection as the node sees it — what the other end
+//! subscribed to, who depends on it, a delivery waiting for room — driven by
+//! an I/O thread (byte connections) or by the sender (inproc); and losing one.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Wake, Waker};
+
+use mio::Interest;
+
+use super::read::{Stalled, Wait};
+use super::subscribe::SubQueue;
+use super::{lock, NodeInner, ALL_CHANNELS};
+use crate::address::Address;
+use crate::error::Error;
+use crate::reactor::{Readiness, Registration, Watched};
+use crate::transport::shm::slots::MappedSlot;
+use crate::transport::{Connection, Lane, ReadStop};
+
+/// One connection of a node.
+pub(crate) struct Peer {
+    pub(crate) id: u64,
+    pub(crate) label: String,
+    pub(crate) conn: Arc<dyn Connection>,
+    pub(crate) node: Weak<NodeInner>,
+    alive: AtomicBool,
+    /// Channels the other end subscribed to, each with its lane on this
+    /// connection (none for inproc, where the other node's queues wait).
+    pub(crate) wants: Mutex<HashMap<String, Option<Arc<Lane>>>>,
+    /// Subscriptions made through `subscribe(addr, …)` to this peer, told when it is lost.
+    pub(crate) origin: Mutex<Vec<Weak<SubQueue>>>,
+    /// The address this node dialed to reach it (none for accepted ones).
+    pub(crate) dialed: Option<Address>,
+    /// What the read side could not deliver yet, and where it still goes.
+    pub(crate) stalled: Mutex<Option<Stalled>>,
+    /// Shared slots mapped so far (shm), by id.
+    pub(crate) mapped: Mutex<HashMap<u32, Arc<MappedSlot>>>,
+    /// Runs this peer on its I/O thread soon: what a full queue calls when
+    /// it has room again.
+    waker: OnceLock<Waker>,
+}
+
+/// A waker that nudges a connection's I/O thread.
+struct Nudge(Registration);
+
+impl Wake for Nudge {
+    fn wake(self: Arc<Self>) {
+        self.0.nudge();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.nudge();
+    }
+}
+
+impl Peer {
+    pub(crate) fn new(
+        id: u64,
+        conn: Arc<dyn Connection>,
+        node: Weak<NodeInner>,
+        dialed: Option<Address>,
+    ) -> Self {
+        Self {
+            id,
+            label: conn.label().to_string(),
+            conn,
+            node,
+            alive: AtomicBool::new(true),
+            wants: Mutex::new(HashMap::new()),
+            origin: Mutex::new(Vec::new()),
+            dialed,
+            stalled: Mutex::new(None),
+            mapped: Mutex::new(HashMap::new()),
+            waker: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Records the peer's place on its I/O thread.
+    pub(crate) fn set_registration(&self, registration: Registration) {
+        let _ = self
+            .waker
+            .set(Waker::from(Arc::new(Nudge(registration.clone()))));
+        if let Some(stream) = self.conn.stream() {
+            stream.set_registration(registration);
+        }
+    }
+
+    /// What to wake to run this peer again (none for inproc peers, whose
+    /// deliveries wait on the sender's thread).
+    pub(crate) fn waker(&self) -> Option<&Waker> {
+        self.waker.get()
+    }
+
+    /// Whether the other end subscribed to `channel` (or to every channel),
+    /// and the lane its messages take.
+    pub(crate) fn wants(&self, channel: &str) -> Option<Option<Arc<Lane>>> {
+        let wants = lock(&self.wants);
+        wants
+            .get(channel)
+            .or_else(|| wants.get(ALL_CHANNELS))
+            .cloned()
+    }
+
+    /// Marks the peer dead; `false` when it already was.
+    pub(crate) fn mark_lost(&self) -> bool {
+        self.alive.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// A peer as its I/O thread drives it.
+pub(crate) struct Driven(pub(crate) Arc<Peer>);
+
+impl Watched for Driven {
+    fn fd(&self) -> RawFd {
+        self.0.conn.stream().map_or(-1, |s| s.link().fd())
+    }
+
+    fn interest(&self) -> Interest {
+        match self.0.conn.stream() {
+            Some(s) if s.link().wants_writable() => Interest::READABLE | Interest::WRITABLE,
+            _ => Interest::READABLE,
+        }
+    }
+
+    fn ready(&self, why: Readiness) -> bool {
+        let peer = &self.0;
+        let (Some(node), Some(stream)) = (peer.node.upgrade(), peer.conn.stream()) else {
+            return false;
+        };
+        if !peer.is_alive() {
+            return false;
+        }
+        // Writes first: the room the transport reported (a socket says so
+        // with writability, a ring with a wake-up to read), or a nudge. A
+        // failed write shuts the link down; the read below then ends.
+        if why.writable || why.nudged || !stream.link().wants_writable() {
+            let _ = stream.pump();
+        }
+        if !(why.readable || why.nudged) {
+            return true;
+        }
+        // A delivery that waited for room goes before anything newer.
+        if !node.retry_stalled(peer) {
+            return true;
+        }
+        let stop = stream.read(&mut |frame| node.on_frame(peer, frame, Wait::Stall));
+        match stop {
+            ReadStop::Idle | ReadStop::Busy | ReadStop::Stalled => true,
+            ReadStop::Ended(why) => {
+                node.lose(peer, &why);
+                false
+            }
+        }
+    }
+
+    fn may_spin(&self) -> bool {
+        self.0
+            .node
+            .upgrade()
+            .is_some_and(|node| !node.awaits_reply_from(&self.0))
+    }
+}
+
+impl NodeInner {
+    /// Whether a requester of this node waits for a reply from `peer`.
+    pub(crate) fn awaits_reply_from(&self, peer: &Peer) -> bool {
+        lock(&self.pending).values().any(|p| p.peer == peer.id)
+    }
+
+    /// Marks `peer` lost: closes its connection and tells the subscriptions
+    /// and requests that depended on it.
+    pub(crate) fn lose(&self, peer: &Arc<Peer>, reason: &str) {
+        self.drop_peer(peer, reason, &|| Error::PeerLost {
+            peer: peer.label.clone(),
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Closes `peer`'s connection and tells what depended on it `error`.
+    pub(crate) fn drop_peer(&self, peer: &Arc<Peer>, reason: &str, error: &dyn Fn() -> Error) {
+        if !peer.mark_lost() {
+            return;
+        }
+        if !self.is_closed() {
+            tracing::info!(node = %self.name, peer = %peer.label, reason, "peer lost");
+        }
+        peer.conn.close(reason);
+        lock(&self.peers).retain(|p| p.id != peer.id);
+        self.counters.peer_lost();
+        for lane in lock(&peer.wants).values().flatten() {
+            lane.close();
+        }
+        lock(&peer.stalled).take();
+        for q in lock(&peer.origin).iter().filter_map(Weak::upgrade) {
+            q.force(Err(error()));
+        }
+        self.fail_requests_to(peer, error);
+        self.subscribers_changed.notify();
+    }
+}

@@ -1,0 +1,636 @@
+//! Services and requests: [`Node::serve`] registers a handler on a channel,
+//! [`Node::request`] sends a request and waits for its reply.
+//!
+//! A request lands on its devices and is checked against the service's
+//! input schema before the handler sees it. Handlers run on the node's
+//! bounded worker pool, one request at a time per service (services share
+//! the pool's threads), or inline on the thread that read the request when
+//! marked quick ([`Service::inline`]). A requester reads the connection
+//! itself while it waits (see [`crate::transport::stream`]), so its reply
+//! wakes it directly.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Sender};
+use serde_json::json;
+use tensorferry_device_map::Overflow;
+
+use super::peers::Peer;
+use super::publish::encode_with;
+use super::read::{Stalled, Wait};
+use super::{lock, Node, NodeInner};
+use crate::address::Address;
+use crate::delivery::Direction;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::queue::{Offer, Pop, Queue};
+use crate::service::{Handler, Schema, Service, ServiceError};
+use crate::transport::outbox::LINK_ENCODING;
+use crate::transport::stream::{Lead, Step};
+use crate::transport::{Carry, Flow, Outgoing};
+use crate::wire::{encode, FrameMeta, Kind, TensorInfo};
+
+/// A reply and what its header said of each tensor.
+pub(crate) type Reply = std::result::Result<(Message, Vec<TensorInfo>), Error>;
+
+/// A request this node waits on.
+pub(crate) struct Pending {
+    /// The peer it was sent to.
+    pub(crate) peer: u64,
+    slot: Arc<Queue<Reply>>,
+}
+
+/// A request on its way to a service.
+pub(crate) struct Job {
+    peer: Arc<Peer>,
+    channel: String,
+    id: u64,
+    message: Message,
+    infos: Vec<TensorInfo>,
+}
+
+impl Job {
+    pub(crate) fn new(
+        peer: &Arc<Peer>,
+        channel: String,
+        id: u64,
+        message: Message,
+        infos: Vec<TensorInfo>,
+    ) -> Self {
+        Self {
+            peer: Arc::clone(peer),
+            channel,
+            id,
+            message,
+            infos,
+        }
+    }
+}
+
+/// A registered service.
+pub(crate) struct ServiceSlot {
+    input: Schema,
+    output: Schema,
+    handler: Mutex<Box<dyn Handler>>,
+    inline: bool,
+    queue: Queue<Job>,
+    /// A worker is draining the queue (or is about to).
+    scheduled: AtomicBool,
+    /// `fini` ran.
+    finished: AtomicBool,
+}
+
+impl ServiceSlot {
+    fn finish(&self) {
+        self.queue.close();
+        if !self.finished.swap(true, Ordering::AcqRel) {
+            lock(&self.handler).fini();
+        }
+    }
+}
+
+/// The node's worker pool for service handlers: a fixed number of threads,
+/// started with the first service that needs them.
+pub(crate) struct Workers {
+    threads: usize,
+    jobs: OnceLock<Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Workers {
+    pub(crate) fn new(threads: usize) -> Self {
+        Self {
+            threads,
+            jobs: OnceLock::new(),
+        }
+    }
+
+    fn start(&self, node: &str) -> Result<&Sender<Box<dyn FnOnce() + Send>>> {
+        if let Some(tx) = self.jobs.get() {
+            return Ok(tx);
+        }
+        let (tx, rx) = unbounded::<Box<dyn FnOnce() + Send>>();
+        for i in 0..self.threads {
+            let rx = rx.clone();
+            thread::Builder::new()
+                .name(format!("tf-worker-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })
+                .map_err(|e| Error::io("starting a service worker thread", e))?;
+        }
+        tracing::debug!(node, threads = self.threads, "service workers started");
+        Ok(self.jobs.get_or_init(|| tx))
+    }
+
+    fn spawn(&self, job: Box<dyn FnOnce() + Send>) -> bool {
+        self.jobs.get().is_some_and(|tx| tx.send(job).is_ok())
+    }
+}
+
+impl Node {
+    /// Registers a request/reply service on `channel`, running its `init` now
+    /// and its `fini` when the node shuts down.
+    ///
+    /// # Errors
+    ///
+    /// When a service already serves `channel`, `init` fails, or the worker
+    /// threads cannot be started.
+    pub fn serve(&self, channel: impl Into<String>, service: Service) -> Result<()> {
+        let channel = channel.into();
+        let Service {
+            input,
+            output,
+            mut handler,
+            inline,
+        } = service;
+        if !inline {
+            self.inner.workers.start(&self.inner.name)?;
+        }
+        let mut services = lock(&self.inner.services);
+        if services.contains_key(&channel) {
+            return Err(Error::Invalid(format!(
+                "a service already serves `{channel}`"
+            )));
+        }
+        handler.init().map_err(|e| Error::Remote {
+            channel: channel.clone(),
+            code: e.code,
+            message: format!("init failed: {}", e.message),
+        })?;
+        let spec = self.inner.spec(&channel);
+        services.insert(
+            channel,
+            Arc::new(ServiceSlot {
+                input,
+                output,
+                handler: Mutex::new(handler),
+                inline,
+                queue: Queue::new(spec.queue_depth, Overflow::Block),
+                scheduled: AtomicBool::new(false),
+                finished: AtomicBool::new(false),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Sends `request` to the service on `channel` at `addr` and waits for its reply.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when no reply comes in `timeout`; [`Error::Remote`] for
+    /// an error reply (a schema mismatch, a handler error, no such service);
+    /// [`Error::PeerLost`] when the connection drops first.
+    pub fn request(
+        &self,
+        addr: &str,
+        channel: &str,
+        request: Message,
+        timeout: Duration,
+    ) -> Result<Message> {
+        let inner = &self.inner;
+        let (peer, id, slot) = inner.open_request(addr)?;
+        let deadline = Instant::now() + timeout;
+        // Lead the connection's read side when no one else does, before the
+        // reply can arrive: this thread then reads the reply itself.
+        let lead = peer.conn.stream().and_then(|s| s.lead());
+        let outcome = inner
+            .send_request(&peer, channel, id, &request)
+            .and_then(|()| inner.wait_reply(&peer, lead, &slot, deadline))
+            .and_then(|reply| match reply {
+                Some(result) => result,
+                None => Err(Error::Timeout {
+                    what: format!("waiting for the reply of `{channel}` at {addr}"),
+                    ms: timeout.as_millis() as u64,
+                }),
+            })
+            .and_then(|(reply, infos)| inner.land(channel, Direction::Reply, reply, &infos));
+        lock(&inner.pending).remove(&id);
+        outcome
+    }
+
+    /// The async form of [`request`](Self::request), for any executor,
+    /// without a time limit (use your executor's timeout; dropping the
+    /// future gives the request up). Connecting, when there is no
+    /// connection to `addr` yet, happens before the future is returned.
+    ///
+    /// # Errors
+    ///
+    /// A malformed or unreachable address, or a request that cannot be
+    /// encoded; the future's own errors are those of [`request`](Self::request).
+    pub fn request_async(
+        &self,
+        addr: &str,
+        channel: &str,
+        request: Message,
+    ) -> Result<RequestFuture> {
+        let inner = &self.inner;
+        let (peer, id, slot) = inner.open_request(addr)?;
+        if let Err(e) = inner.send_request(&peer, channel, id, &request) {
+            lock(&inner.pending).remove(&id);
+            return Err(e);
+        }
+        Ok(RequestFuture {
+            node: Arc::clone(inner),
+            channel: channel.to_string(),
+            id,
+            slot,
+        })
+    }
+}
+
+/// The future of [`Node::request_async`]: the reply, landed on its devices.
+#[must_use = "a future does nothing unless awaited"]
+pub struct RequestFuture {
+    node: Arc<NodeInner>,
+    channel: String,
+    id: u64,
+    slot: Arc<Queue<Reply>>,
+}
+
+impl std::fmt::Debug for RequestFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RequestFuture({} #{})", self.channel, self.id)
+    }
+}
+
+impl Future for RequestFuture {
+    type Output = Result<Message>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.slot.poll_pop(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Err(Error::Closed)),
+            Poll::Ready(Some(reply)) => Poll::Ready(reply.and_then(|(reply, infos)| {
+                self.node
+                    .land(&self.channel, Direction::Reply, reply, &infos)
+            })),
+        }
+    }
+}
+
+impl Drop for RequestFuture {
+    fn drop(&mut self) {
+        lock(&self.node.pending).remove(&self.id);
+    }
+}
+
+impl NodeInner {
+    /// Connects, picks an id and records the request as pending.
+    fn open_request(&self, addr: &str) -> Result<(Arc<Peer>, u64, Arc<Queue<Reply>>)> {
+        let addr: Address = addr.parse()?;
+        let peer = self.connect(&addr)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(Queue::new(1, Overflow::Block));
+        lock(&self.pending).insert(
+            id,
+            Pending {
+                peer: peer.id,
+                slot: Arc::clone(&slot),
+            },
+        );
+        Ok((peer, id, slot))
+    }
+
+    fn send_request(
+        &self,
+        peer: &Arc<Peer>,
+        channel: &str,
+        id: u64,
+        request: &Message,
+    ) -> Result<()> {
+        let meta = FrameMeta {
+            channel: channel.to_string(),
+            seq: 0,
+            kind: Kind::Request,
+            id: Some(id),
+        };
+        let item = match peer.conn.carries() {
+            Carry::Messages => Outgoing::Message {
+                meta,
+                message: request.clone(),
+            },
+            Carry::Frames | Carry::Slots => {
+                Outgoing::Frame(Arc::new(self.encode_for(request, &meta)?))
+            }
+        };
+        peer.conn
+            .send(item, None)
+            .map_err(|reason| Error::PeerLost {
+                peer: peer.label.clone(),
+                reason,
+            })
+    }
+
+    /// Waits for the reply in `slot` until `deadline` (`None` when it
+    /// passed): reading the connection itself when it leads it, spinning
+    /// first for the node's busy-poll time.
+    fn wait_reply(
+        &self,
+        peer: &Arc<Peer>,
+        lead: Option<Lead<'_>>,
+        slot: &Queue<Reply>,
+        deadline: Instant,
+    ) -> Result<Option<Reply>> {
+        let spin_until = Instant::now() + self.busy_poll;
+        if let Some(lead) = lead {
+            if let Some(reply) = self.read_until_reply(peer, lead, slot, deadline, spin_until) {
+                return Ok(Some(reply));
+            }
+        }
+        while Instant::now() < spin_until {
+            if let Ok(Some(reply)) = slot.try_pop() {
+                return Ok(Some(reply));
+            }
+            std::hint::spin_loop();
+        }
+        match slot.pop(Some(deadline)) {
+            Pop::Item(reply) => Ok(Some(reply)),
+            Pop::TimedOut => Ok(None),
+            Pop::Closed => Err(Error::Closed),
+        }
+    }
+
+    /// Reads and hands on `peer`'s frames as its I/O thread would, until the
+    /// reply arrives (`Some`), or the deadline passes or a full queue
+    /// stalls the connection (`None`: the caller waits on the slot, the I/O
+    /// thread reads on).
+    fn read_until_reply(
+        &self,
+        peer: &Arc<Peer>,
+        mut lead: Lead<'_>,
+        slot: &Queue<Reply>,
+        deadline: Instant,
+        spin_until: Instant,
+    ) -> Option<Reply> {
+        // The reply cannot be there yet: wait before the first read (unless spinning).
+        let mut wait_first = self.busy_poll.is_zero() && !lead.holds_bytes();
+        loop {
+            if let Ok(Some(reply)) = slot.try_pop() {
+                return Some(reply);
+            }
+            if std::mem::take(&mut wait_first) {
+                if let Err(e) = lead.wait_readable(deadline) {
+                    drop(lead);
+                    self.lose(peer, &format!("waiting to read: {e}"));
+                    return None;
+                }
+            }
+            match lead.step(&mut |frame| self.on_frame(peer, frame, Wait::Stall)) {
+                Step::Frame => {}
+                Step::Stalled => return None,
+                Step::Pending => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
+                    if now < spin_until {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    if let Err(e) = lead.wait_readable(deadline) {
+                        drop(lead);
+                        self.lose(peer, &format!("waiting to read: {e}"));
+                        return None;
+                    }
+                }
+                Step::Ended(reason) => {
+                    drop(lead);
+                    // Fails every request pending on the peer, this one included.
+                    self.lose(peer, &reason);
+                    return slot.try_pop().ok().flatten();
+                }
+            }
+        }
+    }
+
+    /// Hands a reply to the requester waiting for it.
+    pub(crate) fn complete(&self, id: u64, result: Reply) {
+        if let Some(p) = lock(&self.pending).remove(&id) {
+            let _ = p.slot.offer(result);
+        }
+    }
+
+    /// Fails every request waiting on `peer` with `error`.
+    pub(crate) fn fail_requests_to(&self, peer: &Peer, error: &dyn Fn() -> Error) {
+        let failed: Vec<Pending> = {
+            let mut pending = lock(&self.pending);
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.peer == peer.id)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| pending.remove(&id))
+                .collect()
+        };
+        for p in failed {
+            let _ = p.slot.offer(Err(error()));
+        }
+    }
+
+    /// A request arrived: to its service, inline or through the service's queue.
+    pub(crate) fn dispatch_request(&self, job: Job, wait: Wait) -> Flow {
+        let service = lock(&self.services).get(&job.channel).cloned();
+        let Some(service) = service else {
+            let err = ServiceError::new(
+                "no_service",
+                format!(
+                    "no service is registered on `{}` at {}",
+                    job.channel, self.name
+                ),
+            );
+            self.send_reply(&job, Err(err));
+            return Flow::Continue;
+        };
+        if service.inline {
+            self.run_job(&service, job);
+            return Flow::Continue;
+        }
+        self.queue_request(job, service, wait)
+    }
+
+    /// Queues a request for its service's worker.
+    pub(crate) fn queue_request(&self, job: Job, service: Arc<ServiceSlot>, wait: Wait) -> Flow {
+        let refused = match wait {
+            Wait::Block => match service.queue.push(job, None) {
+                Ok(()) => None,
+                Err(Offer::Closed(job) | Offer::Full(job)) => Some(job),
+                Err(Offer::Taken) => None,
+            },
+            Wait::Stall => match service.queue.offer(job) {
+                Offer::Taken => None,
+                Offer::Closed(job) => Some(job),
+                Offer::Full(job) => {
+                    let peer = Arc::clone(&job.peer);
+                    if let Some(waker) = peer.waker() {
+                        service.queue.wake_on_room(waker);
+                    }
+                    *lock(&peer.stalled) = Some(Stalled::Request { job, service });
+                    return Flow::Stall;
+                }
+            },
+        };
+        if let Some(job) = refused {
+            self.send_reply(
+                &job,
+                Err(ServiceError::new(
+                    "shutting_down",
+                    "the service is stopping",
+                )),
+            );
+            return Flow::Continue;
+        }
+        self.schedule(&service);
+        Flow::Continue
+    }
+
+    /// Has a worker drain `service`'s queue, unless one does already.
+    fn schedule(&self, service: &Arc<ServiceSlot>) {
+        if service.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (node, svc) = (self.me.clone(), Arc::clone(service));
+        let ran = self.workers.spawn(Box::new(move || loop {
+            let Some(node) = node.upgrade() else { return };
+            while let Ok(Some(job)) = svc.queue.try_pop() {
+                node.run_job(&svc, job);
+            }
+            svc.scheduled.store(false, Ordering::Release);
+            // A request queued between the last look and the flag going
+            // down is taken by this worker, unless another took the flag.
+            if svc.queue.len() == 0 || svc.scheduled.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }));
+        if !ran {
+            service.scheduled.store(false, Ordering::Release);
+        }
+    }
+
+    /// Lands a request, checks it and answers it.
+    fn run_job(&self, service: &ServiceSlot, job: Job) {
+        let request = match self.land(
+            &job.channel,
+            Direction::Forward,
+            job.message.clone(),
+            &job.infos,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                let err = ServiceError::new(
+                    "staging",
+                    format!("the request could not be delivered here: {e}"),
+                );
+                self.send_reply(&job, Err(err));
+                return;
+            }
+        };
+        if let Err(why) = service.input.check(&request) {
+            self.send_reply(&job, Err(ServiceError::new("bad_request", why)));
+            return;
+        }
+        let reply = {
+            let mut handler = lock(&service.handler);
+            if service.finished.load(Ordering::Acquire) {
+                Err(ServiceError::new(
+                    "shutting_down",
+                    "the service is stopping",
+                ))
+            } else {
+                answer(&job.channel, handler.as_mut(), &service.output, request)
+            }
+        };
+        self.send_reply(&job, reply);
+    }
+
+    /// Sends the reply (or error) of `job` back on its connection, cast and
+    /// checksummed by the channel's reply rules.
+    fn send_reply(&self, job: &Job, result: std::result::Result<Message, ServiceError>) {
+        let (kind, message) = match result {
+            Ok(m) => (Kind::Reply, m),
+            Err(e) => (
+                Kind::Error,
+                Message::new()
+                    .field("code", e.code)
+                    .field("message", e.message),
+            ),
+        };
+        let meta = FrameMeta {
+            channel: job.channel.clone(),
+            seq: 0,
+            kind,
+            id: Some(job.id),
+        };
+        let item = match job.peer.conn.carries() {
+            Carry::Messages => Ok(Outgoing::Message {
+                meta: meta.clone(),
+                message,
+            }),
+            Carry::Frames | Carry::Slots => self
+                .delivery(&job.channel, Direction::Reply)
+                .and_then(|d| encode_with(&d, &message, &meta))
+                .map(|f| Outgoing::Frame(Arc::new(f))),
+        };
+        let item = item.or_else(|e| {
+            let fallback = Message::new().field("code", "bad_reply").field(
+                "message",
+                json!(format!("the reply cannot be encoded: {e}")),
+            );
+            encode(
+                &fallback,
+                &FrameMeta {
+                    kind: Kind::Error,
+                    ..meta
+                },
+                LINK_ENCODING,
+            )
+            .map(|f| Outgoing::Frame(Arc::new(f)))
+        });
+        if let Ok(item) = item {
+            // A connection that fails is reported lost by its reader.
+            let _ = job.peer.conn.send(item, None);
+        }
+    }
+
+    /// Stops every service: nothing more is queued, and each `fini` runs
+    /// once its handler is idle.
+    pub(crate) fn stop_services(&self) {
+        let services: Vec<Arc<ServiceSlot>> =
+            lock(&self.services).drain().map(|(_, s)| s).collect();
+        for s in services {
+            s.finish();
+        }
+    }
+}
+
+/// Runs `exec` on one request, turning a panic into an error reply and checking
+/// the reply against the output schema.
+fn answer(
+    channel: &str,
+    handler: &mut dyn Handler,
+    output: &Schema,
+    request: Message,
+) -> std::result::Result<Message, ServiceError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.exec(request))) {
+        Ok(Ok(reply)) => match output.check(&reply) {
+            Ok(()) => Ok(reply),
+            Err(why) => Err(ServiceError::new(
+                "bad_reply",
+                format!("the handler's reply {why}"),
+            )),
+        },
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ServiceError::new(
+            "handler_panicked",
+            format!("the handler of `{channel}` panicked"),
+        )),
+    }
+}

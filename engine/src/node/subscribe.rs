@@ -1,0 +1,320 @@
+//! Subscribing: [`Subscription`] takes a channel's messages from its queue
+//! (or from a recording it replays) and lands each tensor on the device its
+//! channel's map names before handing the message over.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use super::{lock, Guard, Node, NodeInner, ALL_CHANNELS};
+use crate::address::Address;
+use crate::delivery::Direction;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::queue::{Pop, Queue};
+use crate::transport::file::FileConn;
+use crate::transport::Connection;
+use crate::wire::{Kind, TensorInfo};
+
+/// A message as a subscriber receives it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The channel it was published on.
+    pub channel: String,
+    /// The publisher's sequence number.
+    pub seq: u64,
+    /// The message. Tensors that crossed a socket view a pooled receive buffer.
+    pub message: Message,
+    /// What the sender's header said of each tensor (source device, checksum),
+    /// in message order; empty for messages that never left the process.
+    pub tensors: Vec<TensorInfo>,
+    /// Who sent it: the peer's address, or `local`.
+    pub from: String,
+    /// When its first byte arrived (for a local message: when it was published).
+    pub first_byte: Instant,
+}
+
+/// What waits in a subscription's queue: a message, or what went wrong
+/// (a lost peer).
+pub(crate) type SubQueue = Queue<Result<Received>>;
+
+/// Where a subscription's messages come from.
+enum Source {
+    /// Publishers here and peers, through the queue.
+    Queue(Arc<SubQueue>),
+    /// A recording, read as the subscription takes its messages.
+    Replay(FileConn),
+}
+
+/// Receives the messages of one channel.
+pub struct Subscription {
+    node: Arc<NodeInner>,
+    _guard: Arc<Guard>,
+    channel: String,
+    source: Source,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("channel", &self.channel)
+            .field("replay", &matches!(self.source, Source::Replay(_)))
+            .finish()
+    }
+}
+
+impl Node {
+    /// A subscription to `channel` ([`ALL_CHANNELS`] for every channel) from
+    /// every peer, present and future, and from this node's own publishers.
+    pub fn subscriber(&self, channel: impl Into<String>) -> Subscription {
+        let channel = channel.into();
+        let spec = self.inner.spec(&channel);
+        let queue = Arc::new(SubQueue::new(spec.queue_depth, spec.overflow));
+        if self.inner.is_closed() {
+            queue.close();
+        }
+        let first = {
+            let mut subs = lock(&self.inner.subs);
+            let list = subs.entry(channel.clone()).or_default();
+            list.push(Arc::clone(&queue));
+            list.len() == 1
+        };
+        if first {
+            for peer in self.inner.live_peers() {
+                self.inner.announce(&peer, &channel, Kind::Subscribe);
+            }
+        }
+        self.inner.subscribers_changed.notify();
+        Subscription {
+            node: Arc::clone(&self.inner),
+            _guard: Arc::clone(&self.guard),
+            channel,
+            source: Source::Queue(queue),
+        }
+    }
+
+    /// Connects to `addr` (if not yet connected) and subscribes to `channel`.
+    /// If that connection is lost, the subscription reports it.
+    ///
+    /// A `file://PATH` address replays a recording (see [`Node::record`]):
+    /// its messages on `channel` (every channel for [`ALL_CHANNELS`]) arrive
+    /// in order, as fast as the subscription takes them, landed by this
+    /// node's channel configuration like any others; after the last one the
+    /// subscription reports [`Error::Closed`].
+    ///
+    /// # Errors
+    ///
+    /// When `addr` cannot be reached within the connect timeout.
+    pub fn subscribe(&self, addr: &str, channel: impl Into<String>) -> Result<Subscription> {
+        let addr: Address = addr.parse()?;
+        if let Address::File(path) = &addr {
+            return Ok(Subscription {
+                node: Arc::clone(&self.inner),
+                _guard: Arc::clone(&self.guard),
+                channel: channel.into(),
+                source: Source::Replay(FileConn::replay(path, self.inner.limits)?),
+            });
+        }
+        let peer = self.inner.connect(&addr)?;
+        let sub = self.subscriber(channel);
+        if let Source::Queue(q) = &sub.source {
+            lock(&peer.origin).push(Arc::downgrade(q));
+        }
+        if !peer.is_alive() {
+            return Err(Error::PeerLost {
+                peer: peer.label.clone(),
+                reason: "closed while subscribing".into(),
+            });
+        }
+        Ok(sub)
+    }
+}
+
+impl Subscription {
+    /// The channel.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// The next message, waiting as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PeerLost`] when the connection this subscription was made
+    /// through is lost (once; later calls wait for other peers); [`Error::Closed`]
+    /// when the node shut down (or a replay ended).
+    pub fn recv(&self) -> Result<Received> {
+        self.recv_until(None)
+    }
+
+    /// The next message, waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] when nothing arrives in time; otherwise as [`recv`](Self::recv).
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Received> {
+        self.recv_until(Some(Instant::now() + timeout))
+            .map_err(|e| match e {
+                Error::Timeout { what, .. } => Error::Timeout {
+                    what,
+                    ms: timeout.as_millis() as u64,
+                },
+                e => e,
+            })
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Result<Received> {
+        match &self.source {
+            Source::Queue(q) => match q.pop(deadline) {
+                Pop::Item(d) => self.land(d),
+                Pop::Closed => Err(Error::Closed),
+                Pop::TimedOut => Err(Error::Timeout {
+                    what: format!("waiting for a message on `{}`", self.channel),
+                    ms: 0,
+                }),
+            },
+            Source::Replay(file) => self.next_replayed(file),
+        }
+    }
+
+    /// The next message if one is queued.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Self::recv).
+    pub fn try_recv(&self) -> Result<Option<Received>> {
+        match &self.source {
+            Source::Queue(q) => match q.try_pop() {
+                Ok(Some(d)) => self.land(d).map(Some),
+                Ok(None) => Ok(None),
+                Err(()) => Err(Error::Closed),
+            },
+            Source::Replay(file) => self.next_replayed(file).map(Some),
+        }
+    }
+
+    /// The next message, without blocking the thread: the async form of
+    /// [`recv`](Self::recv), for any executor.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use tensorferry_engine::{Message, Node};
+    /// let node = Node::builder().build()?;
+    /// let sub = node.subscriber("/ticks");
+    /// node.publisher("/ticks").send(Message::new().field("n", 1))?;
+    /// let got = futures_lite_block_on(sub.recv_async())?;
+    /// assert_eq!(got.message.get_field("n"), Some(&serde_json::json!(1)));
+    /// # fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     let waker = std::task::Waker::noop();
+    /// #     let mut cx = std::task::Context::from_waker(waker);
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; }
+    /// #         std::thread::yield_now();
+    /// #     }
+    /// # }
+    /// # Ok::<(), tensorferry_engine::Error>(())
+    /// ```
+    pub fn recv_async(&self) -> RecvFuture<'_> {
+        RecvFuture { sub: self }
+    }
+
+    /// Messages as they arrive; ends when the node shuts down (or a replay ends).
+    pub fn iter(&self) -> impl Iterator<Item = Result<Received>> + '_ {
+        std::iter::from_fn(move || match self.recv() {
+            Err(Error::Closed) => None,
+            other => Some(other),
+        })
+    }
+
+    /// Messages this subscription's queue dropped under `drop_oldest`.
+    pub fn dropped(&self) -> u64 {
+        match &self.source {
+            Source::Queue(q) => q.dropped(),
+            Source::Replay(_) => 0,
+        }
+    }
+
+    /// Brings a delivered message's tensors to their target devices.
+    fn land(&self, delivered: Result<Received>) -> Result<Received> {
+        let mut r = delivered?;
+        r.message = self
+            .node
+            .land(&r.channel, Direction::Forward, r.message, &r.tensors)?;
+        Ok(r)
+    }
+
+    /// The recording's next message on this subscription's channel.
+    fn next_replayed(&self, file: &FileConn) -> Result<Received> {
+        loop {
+            let Some(frame) = file.next_frame() else {
+                return Err(Error::Closed);
+            };
+            let frame = frame?;
+            if frame.meta.kind != Kind::Message
+                || (self.channel != ALL_CHANNELS && frame.meta.channel != self.channel)
+            {
+                continue;
+            }
+            return self.land(Ok(Received {
+                channel: frame.meta.channel,
+                seq: frame.meta.seq,
+                message: frame.message,
+                tensors: frame.tensors,
+                from: file.label().to_string(),
+                first_byte: Instant::now(),
+            }));
+        }
+    }
+}
+
+/// The future of [`Subscription::recv_async`].
+#[must_use = "a future does nothing unless awaited"]
+pub struct RecvFuture<'a> {
+    sub: &'a Subscription,
+}
+
+impl Future for RecvFuture<'_> {
+    type Output = Result<Received>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let sub = self.sub;
+        match &sub.source {
+            Source::Queue(q) => match q.poll_pop(cx) {
+                Poll::Ready(Some(d)) => Poll::Ready(sub.land(d)),
+                Poll::Ready(None) => Poll::Ready(Err(Error::Closed)),
+                Poll::Pending => Poll::Pending,
+            },
+            // A mapped file: the next message is there, never waited for.
+            Source::Replay(file) => Poll::Ready(sub.next_replayed(file)),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Source::Queue(queue) = &self.source else {
+            return;
+        };
+        queue.close();
+        let last = {
+            let mut subs = lock(&self.node.subs);
+            let list = subs.entry(self.channel.clone()).or_default();
+            list.retain(|q| !Arc::ptr_eq(q, queue));
+            let empty = list.is_empty();
+            if empty {
+                subs.remove(&self.channel);
+            }
+            empty
+        };
+        if last && !self.node.is_closed() {
+            for peer in self.node.live_peers() {
+                self.node.announce(&peer, &self.channel, Kind::Unsubscribe);
+            }
+        }
+        self.node.subscribers_changed.notify();
+    }
+}

@@ -1,0 +1,368 @@
+//! [`Queue`]: the bounded queue that sits between a producer and a consumer
+//! everywhere in a node (a subscription's messages, a service's requests),
+//! with the channel's overflow policy, and waits in both forms: blocking
+//! (with a deadline) and async (through [`Waker`]s, on any executor).
+//!
+//! A producer that must not block — an I/O thread delivering what it read —
+//! uses [`Queue::offer`]: under `block` a full queue hands the item back, and
+//! the producer registers a waker with [`Queue::wake_on_room`] to be told
+//! when a consumer has made room. That is how backpressure reaches a peer's
+//! socket without stopping the thread that serves every other peer.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use tensorferry_device_map::Overflow;
+
+/// What [`Queue::offer`] did with an item.
+#[derive(Debug)]
+pub(crate) enum Offer<T> {
+    /// Queued (under `drop_oldest`, possibly after dropping the oldest).
+    Taken,
+    /// The queue is full and its policy is `block`: the item is handed back.
+    Full(T),
+    /// The queue is closed: the item is handed back.
+    Closed(T),
+}
+
+/// What a blocking [`Queue::pop`] found.
+#[derive(Debug)]
+pub(crate) enum Pop<T> {
+    /// The next item.
+    Item(T),
+    /// Nothing came before the deadline.
+    TimedOut,
+    /// The queue is closed and empty.
+    Closed,
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    closed: bool,
+    dropped: u64,
+    /// Async consumers (and anything else) waiting for an item.
+    item_wakers: Vec<Waker>,
+    /// Async producers and stalled readers waiting for room.
+    room_wakers: Vec<Waker>,
+}
+
+/// A bounded queue with an overflow policy; see the [module docs](self).
+pub(crate) struct Queue<T> {
+    state: Mutex<State<T>>,
+    item_arrived: Condvar,
+    room_made: Condvar,
+    depth: usize,
+    overflow: Overflow,
+}
+
+fn wake_all(wakers: &mut Vec<Waker>) {
+    for w in wakers.drain(..) {
+        w.wake();
+    }
+}
+
+fn register(wakers: &mut Vec<Waker>, waker: &Waker) {
+    if !wakers.iter().any(|w| w.will_wake(waker)) {
+        wakers.push(waker.clone());
+    }
+}
+
+impl<T> Queue<T> {
+    /// A queue of at most `depth` items (at least one) with `overflow`.
+    pub(crate) fn new(depth: usize, overflow: Overflow) -> Self {
+        Self {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                closed: false,
+                dropped: 0,
+                item_wakers: Vec::new(),
+                room_wakers: Vec::new(),
+            }),
+            item_arrived: Condvar::new(),
+            room_made: Condvar::new(),
+            depth: depth.max(1),
+            overflow,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `item` without blocking: under `drop_oldest` a full queue
+    /// drops its oldest item (and counts it); under `block` it hands `item`
+    /// back.
+    pub(crate) fn offer(&self, item: T) -> Offer<T> {
+        let mut s = self.lock();
+        if s.closed {
+            return Offer::Closed(item);
+        }
+        if s.items.len() >= self.depth {
+            match self.overflow {
+                Overflow::Block => return Offer::Full(item),
+                Overflow::DropOldest => {
+                    s.items.pop_front();
+                    s.dropped += 1;
+                }
+            }
+        }
+        s.items.push_back(item);
+        self.arrived(s);
+        Offer::Taken
+    }
+
+    fn arrived(&self, mut s: MutexGuard<'_, State<T>>) {
+        let mut wakers = std::mem::take(&mut s.item_wakers);
+        drop(s);
+        self.item_arrived.notify_one();
+        wake_all(&mut wakers);
+    }
+
+    /// Queues `item` by the policy, waiting for room under `block` until
+    /// `deadline` (`None`: as long as it takes).
+    ///
+    /// # Errors
+    ///
+    /// The item back, as [`Offer::Full`] when the deadline passed or
+    /// [`Offer::Closed`] when the queue was closed.
+    pub(crate) fn push(&self, item: T, deadline: Option<Instant>) -> Result<(), Offer<T>> {
+        let mut item = item;
+        loop {
+            match self.offer(item) {
+                Offer::Taken => return Ok(()),
+                Offer::Closed(back) => return Err(Offer::Closed(back)),
+                Offer::Full(back) => item = back,
+            }
+            let s = self.lock();
+            if s.closed {
+                return Err(Offer::Closed(item));
+            }
+            if s.items.len() < self.depth {
+                continue;
+            }
+            match deadline {
+                None => drop(self.room_made.wait(s).unwrap_or_else(|p| p.into_inner())),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Offer::Full(item));
+                    }
+                    drop(
+                        self.room_made
+                            .wait_timeout(s, left)
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether a [`push`](Self::push) would find room now (or the queue
+    /// closed, or its policy drops instead of waiting); if not, the
+    /// context's waker is woken when room is made.
+    pub(crate) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.closed || s.items.len() < self.depth || self.overflow == Overflow::DropOldest {
+            return Poll::Ready(());
+        }
+        register(&mut s.room_wakers, cx.waker());
+        Poll::Pending
+    }
+
+    /// Queues `item` whatever the depth: for events that must not be lost
+    /// (a lost peer). The queue may hold one more than its depth.
+    pub(crate) fn force(&self, item: T) {
+        let mut s = self.lock();
+        s.items.push_back(item);
+        self.arrived(s);
+    }
+
+    /// Wakes `waker` once when the queue has room (or is closed): at once
+    /// when it has room now.
+    pub(crate) fn wake_on_room(&self, waker: &Waker) {
+        let mut s = self.lock();
+        if s.closed || s.items.len() < self.depth {
+            drop(s);
+            waker.wake_by_ref();
+        } else {
+            register(&mut s.room_wakers, waker);
+        }
+    }
+
+    fn took(&self, mut s: MutexGuard<'_, State<T>>) {
+        let mut wakers = std::mem::take(&mut s.room_wakers);
+        drop(s);
+        self.room_made.notify_one();
+        wake_all(&mut wakers);
+    }
+
+    /// The next item if one is queued; `Err(())` when closed and empty.
+    pub(crate) fn try_pop(&self) -> Result<Option<T>, ()> {
+        let mut s = self.lock();
+        match s.items.pop_front() {
+            Some(item) => {
+                self.took(s);
+                Ok(Some(item))
+            }
+            None if s.closed => Err(()),
+            None => Ok(None),
+        }
+    }
+
+    /// The next item, waiting until `deadline` (`None`: as long as it takes).
+    pub(crate) fn pop(&self, deadline: Option<Instant>) -> Pop<T> {
+        let mut s = self.lock();
+        loop {
+            if let Some(item) = s.items.pop_front() {
+                self.took(s);
+                return Pop::Item(item);
+            }
+            if s.closed {
+                return Pop::Closed;
+            }
+            s = match deadline {
+                None => self.item_arrived.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Pop::TimedOut;
+                    }
+                    self.item_arrived
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// The async form of [`pop`](Self::pop): `Ready(None)` when closed and empty.
+    pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut s = self.lock();
+        if let Some(item) = s.items.pop_front() {
+            self.took(s);
+            return Poll::Ready(Some(item));
+        }
+        if s.closed {
+            return Poll::Ready(None);
+        }
+        register(&mut s.item_wakers, cx.waker());
+        Poll::Pending
+    }
+
+    /// Closes the queue: producers are refused from now on, consumers take
+    /// what is left and then learn it is closed; every waiter is woken.
+    pub(crate) fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        let mut wakers = std::mem::take(&mut s.item_wakers);
+        wakers.append(&mut s.room_wakers);
+        drop(s);
+        self.item_arrived.notify_all();
+        self.room_made.notify_all();
+        wake_all(&mut wakers);
+    }
+
+    /// Items queued now.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    /// Items dropped by `drop_oldest` so far.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+    use std::time::Duration;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counter() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count(AtomicUsize::new(0)));
+        (Arc::clone(&c), Waker::from(c))
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_counts_the_rest() {
+        let q = Queue::new(2, Overflow::DropOldest);
+        for i in 0..5 {
+            assert!(matches!(q.offer(i), Offer::Taken));
+        }
+        assert_eq!(q.dropped(), 3);
+        assert!(matches!(q.try_pop(), Ok(Some(3))));
+        assert!(matches!(q.try_pop(), Ok(Some(4))));
+        assert!(matches!(q.try_pop(), Ok(None)));
+    }
+
+    #[test]
+    fn block_hands_the_item_back_and_wakes_the_producer_when_room_is_made() {
+        let q = Queue::new(1, Overflow::Block);
+        assert!(matches!(q.offer(1), Offer::Taken));
+        assert!(matches!(q.offer(2), Offer::Full(2)));
+        let (count, waker) = counter();
+        q.wake_on_room(&waker);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        assert!(matches!(q.try_pop(), Ok(Some(1))));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(q.offer(2), Offer::Taken));
+    }
+
+    #[test]
+    fn a_blocked_push_goes_on_when_a_consumer_takes_an_item() {
+        let q = Arc::new(Queue::new(1, Overflow::Block));
+        q.push(1, None).expect("room");
+        let consumer = std::thread::spawn({
+            let q = Arc::clone(&q);
+            move || {
+                std::thread::sleep(Duration::from_millis(20));
+                matches!(q.pop(None), Pop::Item(1))
+            }
+        });
+        q.push(2, None).expect("room after the pop");
+        assert!(consumer.join().expect("consumer"));
+        assert!(matches!(q.try_pop(), Ok(Some(2))));
+        let deadline = Instant::now() + Duration::from_millis(10);
+        q.push(3, None).expect("room");
+        assert!(matches!(q.push(4, Some(deadline)), Err(Offer::Full(4))));
+    }
+
+    #[test]
+    fn closing_lets_consumers_take_what_is_left_then_says_closed() {
+        let q = Queue::new(4, Overflow::Block);
+        q.push(7, None).expect("room");
+        q.close();
+        assert!(matches!(q.offer(8), Offer::Closed(8)));
+        assert!(matches!(q.pop(None), Pop::Item(7)));
+        assert!(matches!(q.pop(None), Pop::Closed));
+        assert!(matches!(q.try_pop(), Err(())));
+    }
+
+    #[test]
+    fn an_async_consumer_is_woken_by_an_item_and_by_the_close() {
+        let q = Queue::new(4, Overflow::Block);
+        let (count, waker) = counter();
+        let mut cx = Context::from_waker(&waker);
+        assert!(q.poll_pop(&mut cx).is_pending());
+        q.force(5);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(q.poll_pop(&mut cx), Poll::Ready(Some(5)));
+        assert!(q.poll_pop(&mut cx).is_pending());
+        q.close();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(q.poll_pop(&mut cx), Poll::Ready(None));
+    }
+}

@@ -1,0 +1,472 @@
+//! [`Reactor`]: the node's I/O threads. A small, fixed set of threads (one
+//! by default) waits for readiness events (epoll, through mio) on every
+//! connection and listener of a node and runs what each one does when it can
+//! read, write or accept. Threads do not grow with peers or channels.
+//!
+//! What an I/O thread drives implements [`Watched`]. Other threads talk to
+//! an I/O thread through its command list and its waker: to add or remove a
+//! source, or to *nudge* one (run it as if its socket were ready: a reader
+//! that stalled on a full subscription queue, bytes a requester left
+//! unread). A requester that reads its own reply takes a connection out of
+//! its I/O thread's wait for the duration ([`Registration::pause`]) and puts
+//! it back after ([`Registration::resume`]); putting it back reports what
+//! arrived meanwhile.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::error::{Error, Result};
+
+/// The token of each I/O thread's waker.
+const WAKER: Token = Token(usize::MAX);
+
+/// Why an I/O thread calls [`Watched::ready`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Readiness {
+    /// The source can be read (or has ended, or failed).
+    pub(crate) readable: bool,
+    /// The source can take writes.
+    pub(crate) writable: bool,
+    /// Another thread asked (a nudge), or a deadline passed: look at everything.
+    pub(crate) nudged: bool,
+}
+
+impl Readiness {
+    /// Look at everything: reads, writes, deadlines.
+    pub(crate) const ALL: Readiness = Readiness {
+        readable: true,
+        writable: true,
+        nudged: true,
+    };
+}
+
+/// What an I/O thread drives: a connection, a listener, a handshake.
+pub(crate) trait Watched: Send + Sync {
+    /// The descriptor to wait on.
+    fn fd(&self) -> RawFd;
+
+    /// What to wait for.
+    fn interest(&self) -> Interest {
+        Interest::READABLE
+    }
+
+    /// Runs on the I/O thread when the descriptor is ready, when nudged, or
+    /// when [`deadline`](Self::deadline) passes. Returns `false` to be
+    /// removed (the descriptor is taken out of the wait).
+    fn ready(&self, why: Readiness) -> bool;
+
+    /// When `ready` must run even if nothing happens (a handshake's time
+    /// limit). Asked once, when the source is added.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Whether the I/O thread may keep polling without sleeping for a while
+    /// after this source's last work (busy polling); see
+    /// [`Reactor::new`]'s `busy_poll`.
+    fn may_spin(&self) -> bool {
+        false
+    }
+}
+
+enum Command {
+    Add(Token, Arc<dyn Watched>),
+    Remove(Token),
+    Nudge(Token),
+    Stop,
+}
+
+struct Shared {
+    registry: mio::Registry,
+    waker: mio::Waker,
+    commands: Mutex<Vec<Command>>,
+    stopped: AtomicBool,
+}
+
+impl Shared {
+    fn send(&self, command: Command) {
+        let first = {
+            let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+            commands.push(command);
+            commands.len() == 1
+        };
+        // The thread takes every command each time it wakes: one wake-up
+        // covers all that came before it looked.
+        if first {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// A source's place on an I/O thread.
+#[derive(Clone)]
+pub(crate) struct Registration {
+    shared: Weak<Shared>,
+    token: Token,
+    fd: RawFd,
+    interest: Interest,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registration({})", self.token.0)
+    }
+}
+
+impl Registration {
+    /// A registration with no I/O thread behind it (the node shut down):
+    /// every call does nothing.
+    pub(crate) fn detached() -> Registration {
+        Registration {
+            shared: Weak::new(),
+            token: Token(usize::MAX - 1),
+            fd: -1,
+            interest: Interest::READABLE,
+        }
+    }
+
+    /// Runs the source's [`Watched::ready`] on its I/O thread soon, as if
+    /// everything were ready.
+    pub(crate) fn nudge(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.send(Command::Nudge(self.token));
+        }
+    }
+
+    /// Takes the descriptor out of the I/O thread's wait (a requester reads
+    /// the connection itself meanwhile). The source stays registered.
+    pub(crate) fn pause(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            // Fails only for a descriptor already gone: nothing to pause then.
+            let _ = shared.registry.deregister(&mut SourceFd(&self.fd));
+        }
+    }
+
+    /// Puts a paused descriptor back; readiness that arrived meanwhile is
+    /// reported at once.
+    pub(crate) fn resume(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            let _ = shared
+                .registry
+                .register(&mut SourceFd(&self.fd), self.token, self.interest);
+        }
+    }
+
+    /// Removes the source from its I/O thread.
+    pub(crate) fn remove(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.send(Command::Remove(self.token));
+        }
+    }
+}
+
+/// A node's I/O threads; see the [module docs](self).
+pub(crate) struct Reactor {
+    threads: Vec<(Arc<Shared>, Option<thread::JoinHandle<()>>)>,
+    next_thread: AtomicUsize,
+    next_token: AtomicUsize,
+}
+
+impl Reactor {
+    /// Starts `threads` I/O threads (at least one), named after `name`.
+    /// With `busy_poll` above zero, a thread keeps polling without sleeping
+    /// for that long after a source that [`may_spin`](Watched::may_spin)
+    /// did work.
+    ///
+    /// # Errors
+    ///
+    /// When the poller or a thread cannot be created.
+    pub(crate) fn new(threads: usize, busy_poll: Duration, name: &str) -> Result<Reactor> {
+        let mut started = Vec::new();
+        for i in 0..threads.max(1) {
+            let poll = Poll::new().map_err(|e| Error::io("creating an I/O poller (epoll)", e))?;
+            let registry = poll
+                .registry()
+                .try_clone()
+                .map_err(|e| Error::io("creating an I/O poller (epoll)", e))?;
+            let waker = mio::Waker::new(poll.registry(), WAKER)
+                .map_err(|e| Error::io("creating an I/O thread's waker (eventfd)", e))?;
+            let shared = Arc::new(Shared {
+                registry,
+                waker,
+                commands: Mutex::new(Vec::new()),
+                stopped: AtomicBool::new(false),
+            });
+            let s = Arc::clone(&shared);
+            let handle = thread::Builder::new()
+                .name(format!("tf-io-{i}"))
+                .spawn(move || run(poll, &s, busy_poll))
+                .map_err(|e| Error::io("starting an I/O thread", e))?;
+            tracing::debug!(node = name, thread = i, "I/O thread started");
+            started.push((shared, Some(handle)));
+        }
+        Ok(Reactor {
+            threads: started,
+            next_thread: AtomicUsize::new(0),
+            next_token: AtomicUsize::new(0),
+        })
+    }
+
+    /// Hands `source` to one of the I/O threads (in turn) and returns its
+    /// registration.
+    pub(crate) fn add(&self, source: Arc<dyn Watched>) -> Registration {
+        let i = self.next_thread.fetch_add(1, Ordering::Relaxed) % self.threads.len();
+        let shared = &self.threads[i].0;
+        let token = Token(self.next_token.fetch_add(1, Ordering::Relaxed));
+        let registration = Registration {
+            shared: Arc::downgrade(shared),
+            token,
+            fd: source.fd(),
+            interest: source.interest(),
+        };
+        shared.send(Command::Add(token, source));
+        registration
+    }
+
+    /// Stops every I/O thread and waits for them (unless called on one of
+    /// them). What they held is dropped.
+    pub(crate) fn stop(&mut self) {
+        let me = thread::current().id();
+        for (shared, handle) in &mut self.threads {
+            shared.stopped.store(true, Ordering::Release);
+            shared.send(Command::Stop);
+            if let Some(h) = handle.take() {
+                if h.thread().id() != me {
+                    let _ = h.join();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One I/O thread's loop.
+fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
+    let mut events = Events::with_capacity(256);
+    let mut watched: HashMap<Token, Arc<dyn Watched>> = HashMap::new();
+    let mut deadlines: BTreeSet<(Instant, Token)> = BTreeSet::new();
+    let mut spin_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let timeout = match (spin_until.filter(|&t| t > now), deadlines.first()) {
+            (Some(_), _) => Some(Duration::ZERO),
+            (None, Some((at, _))) => Some(at.saturating_duration_since(now)),
+            (None, None) => None,
+        };
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "I/O thread: waiting for events failed; it stops");
+                return;
+            }
+        }
+        let mut nudged: Vec<Token> = Vec::new();
+        let commands =
+            std::mem::take(&mut *shared.commands.lock().unwrap_or_else(|p| p.into_inner()));
+        for command in commands {
+            match command {
+                Command::Add(token, source) => {
+                    let fd = source.fd();
+                    if let Err(e) =
+                        shared
+                            .registry
+                            .register(&mut SourceFd(&fd), token, source.interest())
+                    {
+                        tracing::warn!(error = %e, "I/O thread: a connection could not be watched; it is closed");
+                        let _ = source.ready(Readiness::ALL);
+                        continue;
+                    }
+                    if let Some(at) = source.deadline() {
+                        deadlines.insert((at, token));
+                    }
+                    watched.insert(token, source);
+                    // What arrived before the registration is looked at now.
+                    nudged.push(token);
+                }
+                Command::Remove(token) => {
+                    if let Some(source) = watched.remove(&token) {
+                        let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
+                    }
+                }
+                Command::Nudge(token) => nudged.push(token),
+                Command::Stop => return,
+            }
+        }
+        let mut worked = false;
+        for event in events.iter() {
+            let token = event.token();
+            if token == WAKER {
+                continue;
+            }
+            let why = Readiness {
+                readable: event.is_readable() || event.is_read_closed() || event.is_error(),
+                writable: event.is_writable() || event.is_write_closed(),
+                nudged: false,
+            };
+            worked |= dispatch(shared, &mut watched, token, why);
+        }
+        let now = Instant::now();
+        while let Some(&(at, token)) = deadlines.first() {
+            if at > now {
+                break;
+            }
+            deadlines.pop_first();
+            nudged.push(token);
+        }
+        for token in nudged {
+            worked |= dispatch(shared, &mut watched, token, Readiness::ALL);
+        }
+        if !busy_poll.is_zero() && worked {
+            spin_until = Some(Instant::now() + busy_poll);
+        }
+        if shared.stopped.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+/// Runs one source; `true` when it may spin (busy polling).
+fn dispatch(
+    shared: &Shared,
+    watched: &mut HashMap<Token, Arc<dyn Watched>>,
+    token: Token,
+    why: Readiness,
+) -> bool {
+    let Some(source) = watched.get(&token).cloned() else {
+        return false;
+    };
+    if source.ready(why) {
+        source.may_spin()
+    } else {
+        watched.remove(&token);
+        let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::AtomicU32;
+
+    struct Echoless {
+        stream: UnixStream,
+        read: AtomicU32,
+        nudges: AtomicU32,
+    }
+
+    impl Watched for Echoless {
+        fn fd(&self) -> RawFd {
+            self.stream.as_raw_fd()
+        }
+        fn ready(&self, why: Readiness) -> bool {
+            if why.nudged {
+                self.nudges.fetch_add(1, Ordering::SeqCst);
+            }
+            let mut buf = [0u8; 64];
+            loop {
+                match (&self.stream).read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(n) => {
+                        self.read.fetch_add(n as u32, Ordering::SeqCst);
+                    }
+                    Err(_) => return true,
+                }
+            }
+        }
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn one_thread_reads_many_sockets_and_takes_nudges() {
+        let reactor = Reactor::new(1, Duration::ZERO, "test").expect("reactor");
+        let mut peers = Vec::new();
+        let mut sources = Vec::new();
+        for _ in 0..50 {
+            let (a, b) = UnixStream::pair().expect("pair");
+            b.set_nonblocking(true).expect("nonblocking");
+            let source = Arc::new(Echoless {
+                stream: b,
+                read: AtomicU32::new(0),
+                nudges: AtomicU32::new(0),
+            });
+            let reg = reactor.add(Arc::clone(&source) as Arc<dyn Watched>);
+            peers.push((a, reg));
+            sources.push(source);
+        }
+        for (i, (a, _)) in peers.iter_mut().enumerate() {
+            a.write_all(&vec![1u8; i + 1]).expect("write");
+        }
+        wait_for("every byte", || {
+            sources
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.read.load(Ordering::SeqCst) == i as u32 + 1)
+        });
+        let before = sources[7].nudges.load(Ordering::SeqCst);
+        peers[7].1.nudge();
+        wait_for("the nudge", || {
+            sources[7].nudges.load(Ordering::SeqCst) > before
+        });
+    }
+
+    #[test]
+    fn a_paused_source_is_not_run_and_resuming_reports_what_came() {
+        let reactor = Reactor::new(1, Duration::ZERO, "test").expect("reactor");
+        let (mut a, b) = UnixStream::pair().expect("pair");
+        b.set_nonblocking(true).expect("nonblocking");
+        let source = Arc::new(Echoless {
+            stream: b,
+            read: AtomicU32::new(0),
+            nudges: AtomicU32::new(0),
+        });
+        let reg = reactor.add(Arc::clone(&source) as Arc<dyn Watched>);
+        wait_for("the first look", || {
+            source.nudges.load(Ordering::SeqCst) == 1
+        });
+        reg.pause();
+        a.write_all(b"abc").expect("write");
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(source.read.load(Ordering::SeqCst), 0, "read while paused");
+        reg.resume();
+        wait_for("the bytes", || source.read.load(Ordering::SeqCst) == 3);
+    }
+
+    #[test]
+    fn a_source_that_ends_is_removed() {
+        let reactor = Reactor::new(2, Duration::ZERO, "test").expect("reactor");
+        let (a, b) = UnixStream::pair().expect("pair");
+        b.set_nonblocking(true).expect("nonblocking");
+        let source = Arc::new(Echoless {
+            stream: b,
+            read: AtomicU32::new(0),
+            nudges: AtomicU32::new(0),
+        });
+        let weak = Arc::downgrade(&source);
+        reactor.add(source as Arc<dyn Watched>);
+        drop(a);
+        wait_for("the removal", || weak.strong_count() == 0);
+    }
+}

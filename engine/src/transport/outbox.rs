@@ -1,0 +1,766 @@
+//! [`Outbox`]: the write side of a byte connection. Items wait in one queue
+//! in the order they were sent; whoever holds the *write turn* writes them
+//! without blocking, as far as the transport takes them now. A thread that
+//! sends writes at once when nobody else is writing (a request, a reply or a
+//! small message leaves on the sender's own thread, with no hand-off); what
+//! does not fit is left where it stopped, and the connection's I/O thread
+//! goes on when the transport has room. Nothing here ever waits for a peer.
+//!
+//! Published messages count against their channel's [`Lane`] on this
+//! connection (`queue_depth` and `overflow`): under `block` a publisher waits
+//! for room in the lane, under `drop_oldest` the lane's oldest item that has
+//! not started is dropped and counted.
+//!
+//! A frame whose tensors are still on a device (CUDA, wgpu) is read back
+//! chunk by chunk as it is written ([`Runtime::download_range`]), so a device
+//! buffer never needs a host copy of its whole size.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use tensorferry_device_map::Overflow;
+use tensorferry_kernels::runtime::{DeviceBuffer, Runtime};
+
+use super::{ByteLink, Outgoing};
+use crate::buffer::{HostBufferMut, ALIGN};
+use crate::wire::{encode, EncodeOptions, Encoded, FrameMeta, Kind, Payload};
+use crate::Message;
+
+/// Zeros for the padding after each buffer.
+static ZEROS: [u8; ALIGN] = [0; ALIGN];
+
+/// Bytes of a device buffer read back at a time while a frame is written.
+const DEVICE_CHUNK: usize = 4 << 20;
+
+/// How a node encodes the frames it makes itself (control frames, pointers
+/// to shared slots, errors): compact headers.
+pub(crate) const LINK_ENCODING: EncodeOptions = EncodeOptions {
+    checksums: false,
+    compact: true,
+};
+
+/// One channel's share of a connection's outbox: how many of its published
+/// messages wait there, against the channel's depth and overflow policy.
+pub(crate) struct Lane {
+    depth: usize,
+    overflow: Overflow,
+    state: Mutex<LaneState>,
+    room: Condvar,
+    dropped: AtomicU64,
+}
+
+struct LaneState {
+    /// Items queued or being written.
+    queued: usize,
+    /// The connection is gone: nothing more is taken.
+    closed: bool,
+    wakers: Vec<Waker>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lane(depth {}, {:?})", self.depth, self.overflow)
+    }
+}
+
+impl Lane {
+    /// A lane of at most `depth` messages with `overflow`.
+    pub(crate) fn new(depth: usize, overflow: Overflow) -> Self {
+        Self {
+            depth: depth.max(1),
+            overflow,
+            state: Mutex::new(LaneState {
+                queued: 0,
+                closed: false,
+                wakers: Vec::new(),
+            }),
+            room: Condvar::new(),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Messages queued or being written.
+    pub(crate) fn queued(&self) -> usize {
+        self.lock().queued
+    }
+
+    /// Messages dropped under `drop_oldest`.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The overflow policy.
+    pub(crate) fn overflow(&self) -> Overflow {
+        self.overflow
+    }
+
+    /// Waits until the lane has room, or `deadline` passes (`false`), or
+    /// the connection closes (`true`: the send then finds it closed).
+    pub(crate) fn wait_room(&self, deadline: Option<Instant>) -> bool {
+        let mut s = self.lock();
+        while !s.closed && s.queued >= self.depth {
+            s = match deadline {
+                None => self.room.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.room
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+        true
+    }
+
+    /// The async form of [`wait_room`](Self::wait_room).
+    pub(crate) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.closed || s.queued < self.depth {
+            return Poll::Ready(());
+        }
+        if !s.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            s.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Waits until nothing is queued, or `deadline` passes (`false`).
+    pub(crate) fn wait_empty(&self, deadline: Instant) -> bool {
+        let mut s = self.lock();
+        while !s.closed && s.queued > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self
+                .room
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn add(&self) {
+        self.lock().queued += 1;
+    }
+
+    fn done(&self) {
+        let mut s = self.lock();
+        s.queued = s.queued.saturating_sub(1);
+        let wakers = std::mem::take(&mut s.wakers);
+        drop(s);
+        self.room.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// The connection is gone: every waiter goes on (and finds it closed).
+    pub(crate) fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        let wakers = std::mem::take(&mut s.wakers);
+        drop(s);
+        self.room.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+/// An item and the lane it counts against.
+struct Queued {
+    item: Outgoing,
+    lane: Option<Arc<Lane>>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        // Written, dropped by the policy, or dropped with the connection:
+        // either way it no longer waits.
+        if let Some(lane) = &self.lane {
+            lane.done();
+        }
+    }
+}
+
+/// An item being written, and how far.
+enum Writing {
+    Frame(FrameWriter),
+    /// A shm pointer frame (its descriptor sent first on first use).
+    Bytes {
+        bytes: Vec<u8>,
+        at: usize,
+    },
+}
+
+struct OutState {
+    queue: VecDeque<Queued>,
+    /// The item being written, with the queue entry it came from.
+    current: Option<(Writing, Queued)>,
+    /// A thread holds the write turn.
+    turn: bool,
+    /// Someone asked for a write while the turn was held: the holder looks
+    /// again before letting go.
+    again: bool,
+    /// Why the connection can take no more (it failed or closed).
+    closed: Option<String>,
+    /// Shared slots whose descriptor the peer has (shm).
+    known_slots: HashSet<u32>,
+}
+
+/// The write side of one byte connection; see the [module docs](self).
+pub(crate) struct Outbox {
+    state: Mutex<OutState>,
+}
+
+/// The end of a write attempt.
+#[derive(Debug)]
+pub(crate) enum Pumped {
+    /// Everything queued is written.
+    Done,
+    /// Someone else writes, or the rest waits for room (the transport will say).
+    Later,
+    /// The connection failed: it must be shut down and reported lost.
+    Failed(String),
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Mutex::new(OutState {
+                queue: VecDeque::new(),
+                current: None,
+                turn: false,
+                again: false,
+                closed: None,
+                known_slots: HashSet::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `item` (counted against `lane` when given; under
+    /// `drop_oldest` a full lane first drops its oldest item not yet
+    /// started). The caller writes with [`pump`](Self::pump) next.
+    ///
+    /// # Errors
+    ///
+    /// Why the connection takes nothing more, when it is closed.
+    pub(crate) fn push(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> Result<(), String> {
+        let mut s = self.lock();
+        if let Some(why) = &s.closed {
+            return Err(why.clone());
+        }
+        if let Some(lane) = &lane {
+            if lane.overflow == Overflow::DropOldest && lane.queued() >= lane.depth {
+                let oldest = s
+                    .queue
+                    .iter()
+                    .position(|q| q.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane)));
+                if let Some(i) = oldest {
+                    // Dropped after the lock is let go (its lane is told then).
+                    let dropped = s.queue.remove(i);
+                    lane.dropped.fetch_add(1, Ordering::Relaxed);
+                    drop(s);
+                    drop(dropped);
+                    s = self.lock();
+                }
+            }
+            lane.add();
+        }
+        s.queue.push_back(Queued { item, lane });
+        Ok(())
+    }
+
+    /// Writes what is queued, as far as `link` takes it now, unless another
+    /// thread holds the write turn (then that one goes on, this returns
+    /// [`Pumped::Later`]).
+    pub(crate) fn pump(&self, link: &dyn ByteLink) -> Pumped {
+        let mut s = self.lock();
+        if s.turn {
+            s.again = true;
+            return Pumped::Later;
+        }
+        if s.closed.is_some() {
+            return Pumped::Done;
+        }
+        s.turn = true;
+        s.again = false;
+        loop {
+            let (mut writing, queued) = match s.current.take() {
+                Some(c) => c,
+                None => match s.queue.pop_front() {
+                    Some(q) => match start(&q.item, link, &mut s.known_slots) {
+                        Ok(w) => (w, q),
+                        Err(e) => {
+                            // This item cannot be written (a device that
+                            // cannot be opened): it is dropped, with its
+                            // reason, and the connection goes on.
+                            tracing::warn!(peer = link.label(), error = %e, "a frame was dropped before its first byte");
+                            drop(s);
+                            drop(q);
+                            s = self.lock();
+                            continue;
+                        }
+                    },
+                    None => {
+                        s.turn = false;
+                        drop(s);
+                        link.flush();
+                        return Pumped::Done;
+                    }
+                },
+            };
+            drop(s);
+            let outcome = match &mut writing {
+                Writing::Frame(w) => w.write_some(link),
+                Writing::Bytes { bytes, at } => write_bytes(link, bytes, at),
+            };
+            match outcome {
+                Ok(true) => {
+                    if let Outgoing::Slot { held, .. } = &queued.item {
+                        // The peer releases the slot when it is done with it.
+                        link.keep_until_released(held.share());
+                    }
+                    drop(queued);
+                    s = self.lock();
+                }
+                Ok(false) => {
+                    link.flush();
+                    let room = link.idle_write();
+                    s = self.lock();
+                    s.current = Some((writing, queued));
+                    if room || s.again {
+                        s.again = false;
+                        continue;
+                    }
+                    s.turn = false;
+                    return Pumped::Later;
+                }
+                Err(e) => {
+                    let why = format!("writing to {}: {e}", link.label());
+                    let dropped = {
+                        let mut s = self.lock();
+                        s.closed = Some(why.clone());
+                        s.turn = false;
+                        std::mem::take(&mut s.queue)
+                    };
+                    drop(queued);
+                    drop(dropped);
+                    return Pumped::Failed(why);
+                }
+            }
+        }
+    }
+
+    /// Closes the outbox: nothing more is taken, and what waits is dropped
+    /// (its lanes are told).
+    pub(crate) fn close(&self, why: &str) {
+        let (queue, current) = {
+            let mut s = self.lock();
+            if s.closed.is_none() {
+                s.closed = Some(why.to_string());
+            }
+            (std::mem::take(&mut s.queue), s.current.take())
+        };
+        drop(queue);
+        drop(current);
+    }
+}
+
+/// Prepares the writing of one item.
+fn start(item: &Outgoing, link: &dyn ByteLink, known: &mut HashSet<u32>) -> io::Result<Writing> {
+    match item {
+        Outgoing::Frame(frame) => Ok(Writing::Frame(FrameWriter::new(Arc::clone(frame))?)),
+        Outgoing::Slot { held, len, meta } => {
+            let id = held.0.id;
+            let first = known.insert(id);
+            let pointer = Message::new()
+                .field("slot", id)
+                .field("offset", 0)
+                .field("len", *len)
+                .field("fd", first);
+            let meta = FrameMeta {
+                kind: Kind::Shm,
+                id: None,
+                ..meta.clone()
+            };
+            let frame = encode(&pointer, &meta, LINK_ENCODING).map_err(io::Error::other)?;
+            let mut bytes = Vec::with_capacity(frame.frame_len() as usize);
+            frame.write_to(&mut bytes)?;
+            // The descriptor goes first, through the socket: the reader
+            // takes it when the frame announcing it comes.
+            if first {
+                if let Err(e) = link.send_fd(held.0.fd()) {
+                    known.remove(&id);
+                    return Err(e);
+                }
+            }
+            Ok(Writing::Bytes { bytes, at: 0 })
+        }
+        Outgoing::Message { .. } => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a byte connection carries frames, not messages",
+        )),
+    }
+}
+
+/// Writes what fits of `bytes` from `at`; `Ok(true)` when all is written.
+fn write_bytes(link: &dyn ByteLink, bytes: &[u8], at: &mut usize) -> io::Result<bool> {
+    while *at < bytes.len() {
+        match link.write_now(&[IoSlice::new(&bytes[*at..])]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => *at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// One frame being written without blocking: how far it is, and the chunk
+/// of a device buffer read back and not yet written.
+pub(crate) struct FrameWriter {
+    frame: Arc<Encoded>,
+    /// Bytes of the frame written.
+    at: u64,
+    /// The runtime of each device payload, opened before the first byte.
+    runtimes: Vec<Runtime>,
+    /// A device chunk on the host: `(start in the frame, bytes)`.
+    staged: Option<(u64, HostBufferMut)>,
+}
+
+/// A frame's pieces in order: bytes on the host, or a device buffer.
+enum Piece<'a> {
+    Host(&'a [u8]),
+    Device(&'a DeviceBuffer),
+}
+
+impl FrameWriter {
+    /// Opens every device the frame's payloads are on, so that failing to
+    /// reach one happens before a byte is written.
+    ///
+    /// # Errors
+    ///
+    /// A device that cannot be opened.
+    pub(crate) fn new(frame: Arc<Encoded>) -> io::Result<FrameWriter> {
+        let mut runtimes: Vec<Runtime> = Vec::new();
+        for b in frame.buffers() {
+            if let Payload::Device(d) = b {
+                if !runtimes.iter().any(|rt| rt.device() == d.device()) {
+                    runtimes.push(Runtime::open(d.device()).map_err(io::Error::other)?);
+                }
+            }
+        }
+        Ok(FrameWriter {
+            frame,
+            at: 0,
+            runtimes,
+            staged: None,
+        })
+    }
+
+    fn pieces(frame: &Encoded) -> impl Iterator<Item = Piece<'_>> {
+        std::iter::once(Piece::Host(frame.head())).chain(frame.buffers().iter().flat_map(|b| {
+            let pad = (ALIGN - b.len() % ALIGN) % ALIGN;
+            let data = match b {
+                Payload::Host(h) => Piece::Host(h.as_slice()),
+                Payload::Device(d) => Piece::Device(d),
+            };
+            [data, Piece::Host(&ZEROS[..pad])]
+        }))
+    }
+
+    /// Writes what fits now; `Ok(true)` when the whole frame is written.
+    ///
+    /// # Errors
+    ///
+    /// The transport's errors; a device read-back that fails (the frame
+    /// is then cut: the connection must be shut down).
+    pub(crate) fn write_some(&mut self, link: &dyn ByteLink) -> io::Result<bool> {
+        let total = self.frame.frame_len();
+        while self.at < total {
+            let n = match self.slices_now()? {
+                Some(slices) => match link.write_now(&slices) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                    Err(e) => return Err(e),
+                },
+                None => 0,
+            };
+            self.at += n as u64;
+        }
+        Ok(true)
+    }
+
+    /// The next run of bytes to write from `at`: host pieces as they are,
+    /// or the staged chunk of a device buffer (read back first when none
+    /// covers `at`; then `None`, and the caller asks again).
+    fn slices_now(&mut self) -> io::Result<Option<Vec<IoSlice<'_>>>> {
+        let at = self.at;
+        let covered = self
+            .staged
+            .as_ref()
+            .is_some_and(|(start, chunk)| (*start..start + chunk.len() as u64).contains(&at));
+        if covered {
+            let (start, chunk) = self.staged.as_ref().expect("checked above");
+            let off = (at - start) as usize;
+            return Ok(Some(vec![IoSlice::new(&chunk.as_slice()[off..])]));
+        }
+        let mut slices = Vec::new();
+        let mut pos = 0u64;
+        for piece in Self::pieces(&self.frame) {
+            let len = match &piece {
+                Piece::Host(b) => b.len() as u64,
+                Piece::Device(d) => d.len() as u64,
+            };
+            let end = pos + len;
+            if end <= self.at || len == 0 {
+                pos = end;
+                continue;
+            }
+            let off = self.at.max(pos) - pos;
+            match piece {
+                Piece::Host(b) => slices.push(IoSlice::new(&b[off as usize..])),
+                Piece::Device(d) if slices.is_empty() => {
+                    let n = (len - off).min(DEVICE_CHUNK as u64) as usize;
+                    let rt = self
+                        .runtimes
+                        .iter()
+                        .find(|rt| rt.device() == d.device())
+                        .ok_or_else(|| {
+                            io::Error::other("a device payload's runtime is not open")
+                        })?;
+                    let mut chunk = HostBufferMut::zeroed(n);
+                    download_range(rt, d, off as usize, chunk.as_mut_slice())?;
+                    self.staged = Some((self.at, chunk));
+                    return Ok(None);
+                }
+                Piece::Device(_) => break,
+            }
+            pos = end;
+            if slices.len() >= 64 {
+                break;
+            }
+        }
+        Ok(Some(slices))
+    }
+}
+
+/// Bytes `offset..offset + out.len()` of a device buffer, on the host.
+fn download_range(
+    rt: &Runtime,
+    buf: &DeviceBuffer,
+    offset: usize,
+    out: &mut [u8],
+) -> io::Result<()> {
+    let all = rt.to_vec(buf).map_err(io::Error::other)?;
+    let end = offset
+        .checked_add(out.len())
+        .filter(|&e| e <= all.len())
+        .ok_or_else(|| io::Error::other("a device read-back past the buffer's end"))?;
+    out.copy_from_slice(&all[offset..end]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tensor;
+    use std::os::fd::RawFd;
+    use std::sync::Mutex;
+
+    /// A link that takes at most `room` bytes per call, then `WouldBlock`
+    /// until `room` is refilled.
+    struct Trickle {
+        out: Mutex<Vec<u8>>,
+        room: Mutex<usize>,
+        per_call: usize,
+    }
+
+    impl ByteLink for Trickle {
+        fn label(&self) -> &str {
+            "trickle"
+        }
+        fn fd(&self) -> RawFd {
+            -1
+        }
+        fn wants_writable(&self) -> bool {
+            true
+        }
+        fn carries(&self) -> super::super::Carry {
+            super::super::Carry::Frames
+        }
+        fn read_now(&self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn write_now(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut room = self.room.lock().expect("lock");
+            if *room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            let mut out = self.out.lock().expect("lock");
+            for b in bufs {
+                let take = b.len().min(*room).min(self.per_call - n);
+                out.extend_from_slice(&b[..take]);
+                n += take;
+                *room -= take;
+                if *room == 0 || n == self.per_call {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn wait_readable(&self, _: Instant) -> io::Result<bool> {
+            Ok(false)
+        }
+        fn shutdown(&self) {}
+    }
+
+    fn frame(seq: u64, n: usize) -> Arc<Encoded> {
+        let data: Vec<u8> = (0..n).map(|i| (i * 13 + seq as usize) as u8).collect();
+        let m = Message::new()
+            .field("seq", seq)
+            .tensor("x", Tensor::from_slice(&data, &[n]).expect("tensor"));
+        Arc::new(encode(&m, &FrameMeta::message("/t", seq), LINK_ENCODING).expect("encode"))
+    }
+
+    fn bytes_of(f: &Encoded) -> Vec<u8> {
+        let mut out = Vec::new();
+        f.write_to(&mut out).expect("write");
+        out
+    }
+
+    #[test]
+    fn frames_written_in_pieces_arrive_whole_and_in_order() {
+        let link = Trickle {
+            out: Mutex::new(Vec::new()),
+            room: Mutex::new(0),
+            per_call: 1000,
+        };
+        let outbox = Outbox::new();
+        let frames: Vec<_> = (0..5).map(|i| frame(i, 777 * i as usize + 3)).collect();
+        for f in &frames {
+            outbox
+                .push(Outgoing::Frame(Arc::clone(f)), None)
+                .expect("open");
+        }
+        let mut rounds = 0;
+        loop {
+            *link.room.lock().expect("lock") = 1501;
+            match outbox.pump(&link) {
+                Pumped::Done => break,
+                Pumped::Later => rounds += 1,
+                Pumped::Failed(why) => panic!("{why}"),
+            }
+        }
+        assert!(rounds > 2, "the frames needed several rounds");
+        let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
+        assert!(*link.out.lock().expect("lock") == want);
+    }
+
+    #[test]
+    fn drop_oldest_drops_only_items_not_started() {
+        let link = Trickle {
+            out: Mutex::new(Vec::new()),
+            room: Mutex::new(10),
+            per_call: 10,
+        };
+        let outbox = Outbox::new();
+        let lane = Arc::new(Lane::new(2, Overflow::DropOldest));
+        let frames: Vec<_> = (0..5).map(|i| frame(i, 100)).collect();
+        outbox
+            .push(
+                Outgoing::Frame(Arc::clone(&frames[0])),
+                Some(Arc::clone(&lane)),
+            )
+            .expect("open");
+        // The first frame starts, and stops after 10 bytes.
+        assert!(matches!(outbox.pump(&link), Pumped::Later));
+        for f in &frames[1..] {
+            outbox
+                .push(Outgoing::Frame(Arc::clone(f)), Some(Arc::clone(&lane)))
+                .expect("open");
+        }
+        assert_eq!(lane.dropped(), 3, "frames 1, 2 and 3 made room in turn");
+        loop {
+            *link.room.lock().expect("lock") = 1 << 20;
+            if let Pumped::Done = outbox.pump(&link) {
+                break;
+            }
+        }
+        let want: Vec<u8> = bytes_of(&frames[0])
+            .into_iter()
+            .chain(bytes_of(&frames[4]))
+            .collect();
+        assert!(*link.out.lock().expect("lock") == want);
+        assert_eq!(lane.queued(), 0);
+    }
+
+    #[test]
+    fn a_failed_write_closes_the_outbox_and_frees_its_lanes() {
+        struct Broken;
+        impl ByteLink for Broken {
+            fn label(&self) -> &str {
+                "broken"
+            }
+            fn fd(&self) -> RawFd {
+                -1
+            }
+            fn wants_writable(&self) -> bool {
+                true
+            }
+            fn carries(&self) -> super::super::Carry {
+                super::super::Carry::Frames
+            }
+            fn read_now(&self, _: &mut [u8]) -> io::Result<usize> {
+                Ok(0)
+            }
+            fn write_now(&self, _: &[IoSlice<'_>]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+            fn wait_readable(&self, _: Instant) -> io::Result<bool> {
+                Ok(true)
+            }
+            fn shutdown(&self) {}
+        }
+        let outbox = Outbox::new();
+        let lane = Arc::new(Lane::new(8, Overflow::Block));
+        for i in 0..3 {
+            outbox
+                .push(Outgoing::Frame(frame(i, 10)), Some(Arc::clone(&lane)))
+                .expect("open");
+        }
+        assert!(matches!(outbox.pump(&Broken), Pumped::Failed(_)));
+        assert_eq!(lane.queued(), 0);
+        assert!(outbox.push(Outgoing::Frame(frame(9, 1)), None).is_err());
+    }
+}

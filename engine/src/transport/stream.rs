@@ -1,0 +1,320 @@
+//! [`StreamConn`]: one `tcp://` or `shm://` connection — its [`ByteLink`],
+//! the frame [`Assembler`] of its read side and the [`Outbox`] of its write
+//! side — as the node's I/O thread and its requesters use it.
+//!
+//! The read side is held by one reader at a time. Normally that is the I/O
+//! thread, when the connection is readable. A requester waiting for its
+//! reply takes the *lead* instead ([`StreamConn::lead`]): it writes its
+//! request, then reads the connection itself until the reply comes, so the
+//! reply wakes the thread that waits for it and no other, as in a raw
+//! ping-pong. Meanwhile the I/O thread is kept from being woken for those
+//! bytes (a socket is taken out of its wait; a ring stops ringing it), and
+//! anything the I/O thread was asked to read meanwhile is handed back to it
+//! when the lead ends.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
+use std::time::Instant;
+
+use super::assembler::{Assembler, Next, Router, Source};
+use super::outbox::{Lane, Outbox, Pumped};
+use super::{ByteLink, Carry, Connection, Flow, Outgoing, ReadStop};
+use crate::pool::BufferPool;
+use crate::reactor::Registration;
+use crate::wire::{Frame, Limits};
+use std::sync::Arc;
+
+/// The read side: frames being built, and whether the stream is over.
+struct ReadSide {
+    assembler: Assembler,
+    ended: Option<String>,
+}
+
+/// A link's reads as the assembler's byte source.
+struct LinkSource<'a>(&'a dyn ByteLink);
+
+impl Source for LinkSource<'_> {
+    fn recv_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_now(buf)
+    }
+    fn cheap_reads(&self) -> bool {
+        self.0.cheap_reads()
+    }
+}
+
+/// One byte connection; see the [module docs](self).
+pub(crate) struct StreamConn {
+    link: Box<dyn ByteLink>,
+    read: Mutex<ReadSide>,
+    out: Outbox,
+    registration: OnceLock<Registration>,
+    /// The I/O thread was asked to read while someone else held the read
+    /// side: the holder hands the read back when it lets go.
+    missed: AtomicBool,
+}
+
+/// What one step of a leader's read did.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// A frame was read and handed on.
+    Frame,
+    /// Nothing whole is there now.
+    Pending,
+    /// The handler could not take the frame now (a full queue).
+    Stalled,
+    /// The stream is over, and why.
+    Ended(String),
+}
+
+impl StreamConn {
+    /// A connection over `link` whose frames are read into buffers from
+    /// `pool` within `limits`, tensors bound for devices straight to them
+    /// when a `router` is given.
+    pub(crate) fn new(
+        link: Box<dyn ByteLink>,
+        pool: BufferPool,
+        limits: Limits,
+        router: Option<Router>,
+    ) -> Self {
+        let mut assembler = Assembler::new(pool, limits);
+        if let Some(router) = router {
+            assembler = assembler.with_router(router);
+        }
+        Self {
+            link,
+            read: Mutex::new(ReadSide {
+                assembler,
+                ended: None,
+            }),
+            out: Outbox::new(),
+            registration: OnceLock::new(),
+            missed: AtomicBool::new(false),
+        }
+    }
+
+    /// The bytes underneath.
+    pub(crate) fn link(&self) -> &dyn ByteLink {
+        &*self.link
+    }
+
+    /// Records the connection's place on its I/O thread.
+    pub(crate) fn set_registration(&self, registration: Registration) {
+        let _ = self.registration.set(registration);
+    }
+
+    /// Asks the I/O thread to run the connection soon.
+    pub(crate) fn nudge(&self) {
+        if let Some(r) = self.registration.get() {
+            r.nudge();
+        }
+    }
+
+    fn try_read(&self) -> Option<MutexGuard<'_, ReadSide>> {
+        match self.read.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// For the I/O thread: reads every whole frame there is now and hands
+    /// each to `on_frame`, unless a requester holds the read side (it reads
+    /// them instead).
+    fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow) -> ReadStop {
+        if let Err(e) = self.link.on_readable() {
+            self.link.shutdown();
+            let why = format!("the peer broke the {} connection: {e}", self.label());
+            let mut side = self.read.lock().unwrap_or_else(|p| p.into_inner());
+            side.ended.get_or_insert(why.clone());
+            return ReadStop::Ended(why);
+        }
+        loop {
+            let side = match self.try_read() {
+                Some(side) => side,
+                None => {
+                    self.missed.store(true, Ordering::SeqCst);
+                    // The holder may have let go between the try and the mark.
+                    match self.try_read() {
+                        Some(side) => side,
+                        None => return ReadStop::Busy,
+                    }
+                }
+            };
+            self.missed.store(false, Ordering::SeqCst);
+            let mut side = side;
+            let stop = self.read_frames(&mut side, on_frame);
+            drop(side);
+            if matches!(stop, ReadStop::Idle) && self.missed.swap(false, Ordering::SeqCst) {
+                continue;
+            }
+            return stop;
+        }
+    }
+
+    fn read_frames(
+        &self,
+        side: &mut ReadSide,
+        on_frame: &mut dyn FnMut(Frame) -> Flow,
+    ) -> ReadStop {
+        loop {
+            match self.step(side) {
+                Ok(Some(frame)) => {
+                    if on_frame(frame) == Flow::Stall {
+                        return ReadStop::Stalled;
+                    }
+                }
+                Ok(None) => {
+                    if self.link.idle_read() {
+                        continue;
+                    }
+                    return ReadStop::Idle;
+                }
+                Err(why) => return ReadStop::Ended(why),
+            }
+        }
+    }
+
+    /// The next whole frame, if there is one now.
+    fn step(&self, side: &mut ReadSide) -> Result<Option<Frame>, String> {
+        if let Some(why) = &side.ended {
+            return Err(why.clone());
+        }
+        let outcome = side.assembler.next(&mut LinkSource(&*self.link));
+        let why = match outcome {
+            Ok(Next::Frame(f)) => return Ok(Some(f)),
+            Ok(Next::Pending) => return Ok(None),
+            Ok(Next::End) => "the peer closed the connection".to_string(),
+            Err(e) => {
+                tracing::warn!(peer = self.label(), error = %e, "closing the connection: the peer sent what cannot be read");
+                e.to_string()
+            }
+        };
+        self.link.shutdown();
+        side.ended = Some(why.clone());
+        Err(why)
+    }
+
+    /// Writes what waits in the outbox, as far as the link takes it now.
+    ///
+    /// # Errors
+    ///
+    /// Why the connection failed; it is shut down (its read side then
+    /// reports the end).
+    pub(crate) fn pump(&self) -> Result<(), String> {
+        match self.out.pump(&*self.link) {
+            Pumped::Done | Pumped::Later => Ok(()),
+            Pumped::Failed(why) => {
+                self.link.shutdown();
+                // The I/O thread reads the end and reports the peer lost.
+                self.nudge();
+                Err(why)
+            }
+        }
+    }
+
+    /// Takes the read side for a requester, unless someone holds it.
+    pub(crate) fn lead(&self) -> Option<Lead<'_>> {
+        let side = self.try_read()?;
+        self.link.lead();
+        let paused = self.link.pause_while_led() && self.registration.get().is_some();
+        if paused {
+            if let Some(r) = self.registration.get() {
+                r.pause();
+            }
+        }
+        Some(Lead {
+            conn: self,
+            side: Some(side),
+            paused,
+        })
+    }
+}
+
+impl Connection for StreamConn {
+    fn label(&self) -> &str {
+        self.link.label()
+    }
+
+    fn carries(&self) -> Carry {
+        self.link.carries()
+    }
+
+    /// Queues `item` and writes what it can now, on this thread.
+    fn send(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> Result<(), String> {
+        self.out.push(item, lane)?;
+        self.pump()
+    }
+
+    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow) -> ReadStop {
+        self.read_all(on_frame)
+    }
+
+    /// Nothing more is written, what waits is dropped, and the link is
+    /// shut down both ways (the read side then reports the end).
+    fn close(&self, why: &str) {
+        self.out.close(why);
+        self.link.shutdown();
+    }
+
+    fn stream(&self) -> Option<&StreamConn> {
+        Some(self)
+    }
+}
+
+/// A requester's hold on a connection's read side; dropping it hands the
+/// connection back to its I/O thread.
+pub(crate) struct Lead<'a> {
+    conn: &'a StreamConn,
+    side: Option<MutexGuard<'a, ReadSide>>,
+    paused: bool,
+}
+
+impl Lead<'_> {
+    /// Reads the next frame if all of it is there and hands it to `on_frame`.
+    pub(crate) fn step(&mut self, on_frame: &mut dyn FnMut(Frame) -> Flow) -> Step {
+        let side = self.side.as_mut().expect("held until dropped");
+        match self.conn.step(side) {
+            Ok(Some(frame)) => match on_frame(frame) {
+                Flow::Continue => Step::Frame,
+                Flow::Stall => Step::Stalled,
+            },
+            Ok(None) => Step::Pending,
+            Err(why) => Step::Ended(why),
+        }
+    }
+
+    /// Whether bytes were read ahead that no frame has taken yet.
+    pub(crate) fn holds_bytes(&self) -> bool {
+        self.side
+            .as_ref()
+            .is_some_and(|s| s.assembler.holds_bytes())
+    }
+
+    /// Waits until there may be something to read, at most until `deadline`.
+    ///
+    /// # Errors
+    ///
+    /// The wait's own errors.
+    pub(crate) fn wait_readable(&self, deadline: Instant) -> io::Result<bool> {
+        self.conn.link.wait_readable(deadline)
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let holds = self.holds_bytes();
+        self.conn.link.unlead();
+        drop(self.side.take());
+        if self.paused {
+            // Readiness that came meanwhile is reported by the putting back.
+            if let Some(r) = self.conn.registration.get() {
+                r.resume();
+            }
+        }
+        let pending = self.conn.link.idle_read();
+        if holds || pending || self.conn.missed.swap(false, Ordering::SeqCst) {
+            self.conn.nudge();
+        }
+    }
+}
