@@ -27,7 +27,7 @@
 
 pub mod cpu;
 pub mod cuda;
-pub mod staging;
+pub mod pinned;
 pub mod wgpu;
 
 use serde::Serialize;
@@ -71,7 +71,7 @@ pub enum DeviceBuffer {
 ///
 /// - CUDA: the space is the free part of a pinned chunk from the device's
 ///   host-to-device pool; a full chunk's copy is enqueued at once and the
-///   next chunk taken, by the pool rule of [`staging`] (a pipeline holding
+///   next chunk taken, by the pool rule of [`pinned`] (a pipeline holding
 ///   chunks never waits for the pool).
 /// - wgpu: the space is a host step of up to 4 MiB; a full step goes to the
 ///   adapter through a mapped staging buffer, its copy submitted without
@@ -137,7 +137,7 @@ impl Uploading {
     ///
     /// # Errors
     ///
-    /// [`Error::StagingExhausted`]; a backend's errors (an earlier copy's
+    /// [`Error::PinnedExhausted`]; a backend's errors (an earlier copy's
     /// failure shows here).
     pub fn space(&mut self) -> Result<&mut [u8]> {
         match &mut self.inner {
@@ -200,7 +200,7 @@ impl Uploading {
 
     /// For a caller about to wait for more bytes, perhaps for long: on CUDA
     /// the partly filled chunk is copied now and every copy in flight waited
-    /// for (each at most one chunk), so a paused upload holds no staging
+    /// for (each at most one chunk), so a paused upload holds no pinned
     /// chunk and stalled peers cannot starve the device's pool.
     ///
     /// # Errors
@@ -370,13 +370,13 @@ impl Runtime {
     /// A buffer on this device holding `len` bytes read from `reader` (a
     /// socket, a file), without a whole host copy first: on the CPU straight
     /// into the aligned buffer; on CUDA into pinned chunks, each copied to
-    /// the device while the next is read (see [`staging`]); on wgpu in 4 MiB
+    /// the device while the next is read (see [`pinned`]); on wgpu in 4 MiB
     /// steps through staging buffers.
     ///
     /// # Errors
     ///
     /// [`Error::Io`] when the reader fails or ends before `len` bytes;
-    /// [`Error::StagingExhausted`]; a backend's allocation or copy error.
+    /// [`Error::PinnedExhausted`]; a backend's allocation or copy error.
     ///
     /// # Examples
     ///
@@ -394,7 +394,7 @@ impl Runtime {
         Ok(match self {
             Runtime::Cpu => {
                 let mut buf = AlignedBuffer::zeroed(len);
-                staging::read_full(reader, buf.as_mut_slice())?;
+                pinned::read_full(reader, buf.as_mut_slice())?;
                 DeviceBuffer::Host(buf)
             }
             Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.upload_from(reader, len)?),
@@ -481,7 +481,7 @@ impl Runtime {
     ) -> Result<()> {
         match (self, buf) {
             (Runtime::Cpu, DeviceBuffer::Host(b)) if b.is_empty() => Ok(()),
-            (Runtime::Cpu, DeviceBuffer::Host(b)) => staging::to_sink(sink, b.as_slice()),
+            (Runtime::Cpu, DeviceBuffer::Host(b)) => pinned::to_sink(sink, b.as_slice()),
             (Runtime::Cuda(rt), DeviceBuffer::Cuda(b)) => rt.download_to(b, sink),
             (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(b)) => rt.download_to(b, sink),
             _ => Err(self.wrong("download_to", "source", buf)),

@@ -1,5 +1,5 @@
 //! The CUDA runtime proper (feature `cuda`): per-device contexts, streams,
-//! events, device buffers, the pinned staging chunks ([`ChunkDevice`]) and the
+//! events, device buffers, the pinned host chunks ([`ChunkDevice`]) and the
 //! NVRTC kernels.
 //!
 //! Unsafe code here is limited to what cudarc marks unsafe: allocating pinned
@@ -23,8 +23,8 @@ use crate::cast;
 use crate::cpu::pack::{self, Plan};
 use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
 use crate::error::{Error, Result};
-use crate::runtime::staging::{
-    self, ChunkDevice, ChunkPool, Direction, OwnedUpload, StagingConfig, Upload,
+use crate::runtime::pinned::{
+    self, ChunkDevice, ChunkPool, Direction, OwnedUpload, PinnedConfig, Upload,
 };
 use crate::runtime::{lock, PerDevice};
 use crate::{DType, Layout};
@@ -112,12 +112,12 @@ impl Drop for ContextGuard {
     }
 }
 
-/// A pinned host chunk for staging copies.
+/// A pinned host chunk for copies between the host and the device.
 pub(super) struct Chunk {
     mem: PinnedHostSlice<u8>,
 }
 
-/// The staging pools of one device: host-to-device chunks are write-combined
+/// The pinned pools of one device: host-to-device chunks are write-combined
 /// (fast for the device to read, slow for the CPU to read, which it never
 /// does), device-to-host chunks ordinary pinned memory the CPU reads quickly.
 /// Both are portable, so another device's context may use them too.
@@ -128,15 +128,15 @@ struct Pools {
 }
 
 impl Pools {
-    fn new(index: u32, config: StagingConfig) -> Arc<Self> {
+    fn new(index: u32, config: PinnedConfig) -> Arc<Self> {
         Arc::new(Self {
             h2d: Arc::new(ChunkPool::new(
-                format!("cuda:{index} host-to-device staging"),
+                format!("cuda:{index} host-to-device pinned pool"),
                 config,
                 Direction::ToDevice,
             )),
             d2h: ChunkPool::new(
-                format!("cuda:{index} device-to-host staging"),
+                format!("cuda:{index} device-to-host pinned pool"),
                 config,
                 Direction::ToHost,
             ),
@@ -149,9 +149,9 @@ struct DeviceState {
     index: u32,
     ctx: Arc<CudaContext>,
     kernels: OnceLock<std::result::Result<Kernels, String>>,
-    /// The staging pools; replaced whole by `set_staging`, so a pipeline
+    /// The pinned pools; replaced whole by `set_pinned`, so a pipeline
     /// keeps the pools it started with.
-    staging: Mutex<Arc<Pools>>,
+    pinned: Mutex<Arc<Pools>>,
     /// Devices whose memory this one's context may access directly.
     peers: Mutex<Vec<u32>>,
 }
@@ -183,20 +183,20 @@ impl DeviceState {
                 count,
             });
         }
-        let config = StagingConfig::from_env()?;
+        let config = PinnedConfig::from_env()?;
         let ctx = CudaContext::new(index as usize).map_err(driver("creating a CUDA context"))?;
         Ok(DeviceState {
             index,
             ctx,
             kernels: OnceLock::new(),
-            staging: Mutex::new(Pools::new(index, config)),
+            pinned: Mutex::new(Pools::new(index, config)),
             peers: Mutex::new(Vec::new()),
         })
     }
 
-    /// The staging pools new pipelines use.
+    /// The pinned pools new pipelines use.
     fn pools(&self) -> Arc<Pools> {
-        Arc::clone(&lock(&self.staging))
+        Arc::clone(&lock(&self.pinned))
     }
 
     /// The kernel `name`, loading the module into this context on first use.
@@ -314,7 +314,7 @@ impl Event {
 
 fn chunk_too_short(len: usize, chunk: usize) -> Error {
     Error::SizeMismatch {
-        op: "staging copy",
+        op: "pinned copy",
         what: "pinned chunk",
         expected: len,
         actual: chunk,
@@ -509,12 +509,12 @@ impl Runtime {
         })
     }
 
-    pub(super) fn staging(&self) -> StagingConfig {
-        lock(&self.dev.staging).h2d.config()
+    pub(super) fn pinned(&self) -> PinnedConfig {
+        lock(&self.dev.pinned).h2d.config()
     }
 
-    pub(super) fn set_staging(&self, config: StagingConfig) {
-        *lock(&self.dev.staging) = Pools::new(self.dev.index, config);
+    pub(super) fn set_pinned(&self, config: PinnedConfig) {
+        *lock(&self.dev.pinned) = Pools::new(self.dev.index, config);
     }
 
     pub(super) fn write(&self, dst: &mut Buffer, offset: usize, src: &[u8]) -> Result<()> {
@@ -554,7 +554,7 @@ impl Runtime {
         }
         let pools = self.dev.pools();
         let mut at = 0;
-        staging::download(self, &pools.d2h, src, offset, dst.len(), |bytes| {
+        pinned::download(self, &pools.d2h, src, offset, dst.len(), |bytes| {
             dst[at..at + bytes.len()].copy_from_slice(bytes);
             at += bytes.len();
             Ok(())
@@ -571,8 +571,8 @@ impl Runtime {
             return Ok(());
         }
         let pools = self.dev.pools();
-        staging::download(self, &pools.d2h, src, 0, src.len(), |bytes| {
-            staging::to_sink(sink, bytes)
+        pinned::download(self, &pools.d2h, src, 0, src.len(), |bytes| {
+            pinned::to_sink(sink, bytes)
         })
     }
 
@@ -603,7 +603,7 @@ impl Runtime {
         let (src_pools, dst_pools) = (src.dev.pools(), dst.dev.pools());
         let len = src.len();
         let mut upload = Upload::new(&to, &dst_pools.h2d, dst, 0)?;
-        staging::download(&from, &src_pools.d2h, src, 0, len, |bytes| {
+        pinned::download(&from, &src_pools.d2h, src, 0, len, |bytes| {
             upload.write(bytes)
         })?;
         upload.finish()

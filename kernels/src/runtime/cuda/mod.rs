@@ -7,10 +7,10 @@
 //! [`CudaRuntime::new`] opens one device: its context (one per device per
 //! process, shared by every runtime on it), a stream of its own, the kernels
 //! (compiled once per process by NVRTC, loaded once per context) and two pools
-//! of pinned host chunks for staging copies (see [`super::staging`]): sized
+//! of pinned host chunks for copies to and from the host (see [`super::pinned`]): sized
 //! by `TENSORFERRY_PINNED_CHUNK_BYTES` and `TENSORFERRY_PINNED_CHUNKS` when
 //! the device is first opened (default 16 × 1 MiB per direction), or by
-//! [`CudaRuntime::set_staging`]. Every operation binds that
+//! [`CudaRuntime::set_pinned`]. Every operation binds that
 //! device's context to the calling thread first, so nothing runs on — or
 //! creates a context on — a device it was not asked for; a buffer from another
 //! device is an [`Error::WrongDevice`](crate::Error::WrongDevice) unless the operation is a copy.
@@ -24,7 +24,7 @@ use std::io::Read;
 use serde::Serialize;
 use tensorferry_device_map::Device;
 
-use super::staging::StagingConfig;
+use super::pinned::PinnedConfig;
 use super::Probe;
 use crate::cpu::Checksum;
 use crate::error::Result;
@@ -144,7 +144,7 @@ impl CudaRuntime {
     /// # Errors
     ///
     /// As [`CudaRuntime::alloc`]; [`Error::Io`](crate::Error::Io) when the
-    /// reader fails or ends early; [`Error::StagingExhausted`](crate::Error::StagingExhausted)
+    /// reader fails or ends early; [`Error::PinnedExhausted`](crate::Error::PinnedExhausted)
     /// when this thread holds every chunk in another pipeline;
     /// [`Error::Backend`](crate::Error::Backend).
     pub fn upload_from(&self, reader: &mut impl Read, len: usize) -> Result<CudaBuffer> {
@@ -155,7 +155,7 @@ impl CudaRuntime {
 
     /// An upload of `len` bytes into a new buffer, fed piece by piece
     /// through [`CudaUpload::space`] and [`CudaUpload::advance`] (see
-    /// [`crate::runtime::staging::OwnedUpload`]).
+    /// [`crate::runtime::pinned::OwnedUpload`]).
     ///
     /// # Errors
     ///
@@ -183,18 +183,18 @@ impl CudaRuntime {
         self.inner.download_to(&buf.inner, sink)
     }
 
-    /// The size of this device's staging pools.
-    pub fn staging(&self) -> StagingConfig {
-        self.inner.staging()
+    /// The size of this device's pinned pools.
+    pub fn pinned(&self) -> PinnedConfig {
+        self.inner.pinned()
     }
 
-    /// Sizes this device's staging pools (for every runtime on the device).
+    /// Sizes this device's pinned pools (for every runtime on the device).
     /// Transfers already running finish on the old pools, whose chunks are
     /// freed when they are done; later ones use the new. The default comes
     /// from `TENSORFERRY_PINNED_CHUNK_BYTES` and `TENSORFERRY_PINNED_CHUNKS`,
     /// else 16 × 1 MiB per direction.
-    pub fn set_staging(&self, config: StagingConfig) {
-        self.inner.set_staging(config);
+    pub fn set_pinned(&self, config: PinnedConfig) {
+        self.inner.set_pinned(config);
     }
 
     /// Copies `src` into `dst` from byte `offset`, staged through pinned
@@ -367,7 +367,7 @@ impl CudaUpload {
     ///
     /// # Errors
     ///
-    /// [`Error::StagingExhausted`](crate::Error::StagingExhausted) when this
+    /// [`Error::PinnedExhausted`](crate::Error::PinnedExhausted) when this
     /// thread holds every chunk in another pipeline; [`Error::Backend`](crate::Error::Backend).
     pub fn space(&mut self) -> Result<&mut [u8]> {
         self.inner.space()

@@ -6,7 +6,7 @@ use std::io::Read;
 use super::NOT_BUILT;
 use crate::cpu::Checksum;
 use crate::error::{Error, Result};
-use crate::runtime::staging::StagingConfig;
+use crate::runtime::pinned::PinnedConfig;
 use crate::{DType, Layout};
 
 /// Uninhabited: no value exists, so every method below is unreachable.
@@ -51,10 +51,10 @@ impl Runtime {
     ) -> Result<()> {
         match *self {}
     }
-    pub(super) fn staging(&self) -> StagingConfig {
+    pub(super) fn pinned(&self) -> PinnedConfig {
         match *self {}
     }
-    pub(super) fn set_staging(&self, _config: StagingConfig) {
+    pub(super) fn set_pinned(&self, _config: PinnedConfig) {
         match *self {}
     }
     pub(super) fn copy(&self, _src: &Buffer, _dst: &mut Buffer) -> Result<()> {

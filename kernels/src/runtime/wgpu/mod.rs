@@ -245,7 +245,7 @@ impl WgpuRuntime {
         let mut at = 0;
         while at < len {
             let n = STREAM_STEP_BYTES.min(len - at);
-            super::staging::read_full(reader, &mut step[..n])?;
+            super::pinned::read_full(reader, &mut step[..n])?;
             self.write(&mut buf, at, &step[..n])?;
             at += n;
         }
@@ -289,7 +289,7 @@ impl WgpuRuntime {
         while at < len {
             let n = STREAM_STEP_BYTES.min(len - at);
             self.read(buf, at, &mut step[..n])?;
-            super::staging::to_sink(sink, &step[..n])?;
+            super::pinned::to_sink(sink, &step[..n])?;
             at += n;
         }
         Ok(())

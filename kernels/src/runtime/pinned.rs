@@ -1,4 +1,4 @@
-//! Staging: bytes between the host and a device through a fixed pool of
+//! Pinned chunks: bytes between the host and a device through a fixed pool of
 //! (pinned) host chunks, with copies in flight while the host fills or drains
 //! the next chunk.
 //!
@@ -7,7 +7,7 @@
 //! event), ask whether an event is done or wait for it. On top of it:
 //!
 //! - [`ChunkPool`]: the chunks of one device and direction, shared by every
-//!   pipeline, sized by [`StagingConfig`] (default 16 × 1 MiB).
+//!   pipeline, sized by [`PinnedConfig`] (default 16 × 1 MiB).
 //! - [`Upload`]: host to device into one buffer. [`Upload::write_from`] reads
 //!   a source (a socket) straight into a chunk's host memory and enqueues its
 //!   copy, then reads the next chunk while that copy runs;
@@ -39,7 +39,7 @@
 //!
 //! One case the rule cannot help: a thread that holds every taken chunk in
 //! one unfinished pipeline and starts a second on the same pool would wait for
-//! itself. The pool detects it and answers [`Error::StagingExhausted`]
+//! itself. The pool detects it and answers [`Error::PinnedExhausted`]
 //! instead of hanging.
 //!
 //! # Examples
@@ -72,33 +72,33 @@ use std::thread::ThreadId;
 use crate::error::{Error, Result};
 use crate::runtime::lock;
 
-/// Environment variable with the bytes per staging chunk (`1048576`, `1M`,
-/// `256K`, `4MiB`); default [`StagingConfig::DEFAULT_CHUNK_BYTES`].
+/// Environment variable with the bytes per pinned chunk (`1048576`, `1M`,
+/// `256K`, `4MiB`); default [`PinnedConfig::DEFAULT_CHUNK_BYTES`].
 pub const CHUNK_BYTES_VAR: &str = "TENSORFERRY_PINNED_CHUNK_BYTES";
-/// Environment variable with the staging chunks per device and direction;
-/// default [`StagingConfig::DEFAULT_CHUNKS`].
+/// Environment variable with the pinned chunks per device and direction;
+/// default [`PinnedConfig::DEFAULT_CHUNKS`].
 pub const CHUNKS_VAR: &str = "TENSORFERRY_PINNED_CHUNKS";
 
-/// The size of one device's staging pool: `chunks` chunks of `chunk_bytes`
+/// The size of one device's pinned pools: `chunks` chunks of `chunk_bytes`
 /// each, per direction. Valid once made.
 ///
 /// # Examples
 ///
 /// ```
-/// use tensorferry_kernels::runtime::staging::StagingConfig;
+/// use tensorferry_kernels::runtime::pinned::PinnedConfig;
 ///
-/// let config = StagingConfig::new(4 << 20, 8)?;
+/// let config = PinnedConfig::new(4 << 20, 8)?;
 /// assert_eq!(config.total_bytes(), 32 << 20);
-/// assert!(StagingConfig::new(0, 8).is_err());
+/// assert!(PinnedConfig::new(0, 8).is_err());
 /// # Ok::<(), tensorferry_kernels::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StagingConfig {
+pub struct PinnedConfig {
     chunk_bytes: usize,
     chunks: usize,
 }
 
-impl Default for StagingConfig {
+impl Default for PinnedConfig {
     fn default() -> Self {
         Self {
             chunk_bytes: Self::DEFAULT_CHUNK_BYTES,
@@ -107,7 +107,7 @@ impl Default for StagingConfig {
     }
 }
 
-impl StagingConfig {
+impl PinnedConfig {
     /// Default bytes per chunk: 1 MiB.
     pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
     /// Default chunks per device and direction: 16.
@@ -123,11 +123,11 @@ impl StagingConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::BadStaging`] for zero, or for more than
-    /// [`StagingConfig::MAX_CHUNK_BYTES`], [`StagingConfig::MAX_CHUNKS`] or
-    /// [`StagingConfig::MAX_TOTAL_BYTES`] in all.
+    /// [`Error::BadPinned`] for zero, or for more than
+    /// [`PinnedConfig::MAX_CHUNK_BYTES`], [`PinnedConfig::MAX_CHUNKS`] or
+    /// [`PinnedConfig::MAX_TOTAL_BYTES`] in all.
     pub fn new(chunk_bytes: usize, chunks: usize) -> Result<Self> {
-        Self::checked(chunk_bytes, chunks, "StagingConfig::new")
+        Self::checked(chunk_bytes, chunks, "PinnedConfig::new")
     }
 
     /// The configuration from [`CHUNK_BYTES_VAR`] and [`CHUNKS_VAR`], each
@@ -135,7 +135,7 @@ impl StagingConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::BadStaging`] for a value that is not a size or is out of range.
+    /// [`Error::BadPinned`] for a value that is not a size or is out of range.
     pub fn from_env() -> Result<Self> {
         let chunk_bytes = env_size(CHUNK_BYTES_VAR, "chunk bytes", Self::DEFAULT_CHUNK_BYTES)?;
         let chunks = env_size(CHUNKS_VAR, "chunks", Self::DEFAULT_CHUNKS)?;
@@ -143,7 +143,7 @@ impl StagingConfig {
     }
 
     fn checked(chunk_bytes: usize, chunks: usize, origin: &str) -> Result<Self> {
-        let bad = |setting, value: usize, reason: String| Error::BadStaging {
+        let bad = |setting, value: usize, reason: String| Error::BadPinned {
             setting,
             value: value.to_string(),
             origin: origin.to_string(),
@@ -209,7 +209,7 @@ fn env_size(var: &'static str, setting: &'static str, default: usize) -> Result<
     let Ok(text) = std::env::var(var) else {
         return Ok(default);
     };
-    parse_size(&text).ok_or_else(|| Error::BadStaging {
+    parse_size(&text).ok_or_else(|| Error::BadPinned {
         setting,
         value: text.clone(),
         origin: var.to_string(),
@@ -336,12 +336,12 @@ pub trait ChunkDevice {
     fn wait(&self, event: &Self::Event) -> Result<()>;
 }
 
-/// The staging chunks of one device and direction, shared by every pipeline
-/// on it: allocated on first use (at most [`StagingConfig::chunks`]), reused,
+/// The pinned chunks of one device and direction, shared by every pipeline
+/// on it: allocated on first use (at most [`PinnedConfig::chunks`]), reused,
 /// freed with the pool. See the module docs for the rule that hands them out.
 pub struct ChunkPool<C> {
     name: String,
-    config: StagingConfig,
+    config: PinnedConfig,
     direction: Direction,
     state: Mutex<PoolState<C>>,
     returned: Condvar,
@@ -391,7 +391,7 @@ impl<C> std::fmt::Debug for ChunkPool<C> {
 
 impl<C> ChunkPool<C> {
     /// An empty pool named `name` (for messages, e.g. `cuda:0 host-to-device`).
-    pub fn new(name: impl Into<String>, config: StagingConfig, direction: Direction) -> Self {
+    pub fn new(name: impl Into<String>, config: PinnedConfig, direction: Direction) -> Self {
         Self {
             name: name.into(),
             config,
@@ -407,7 +407,7 @@ impl<C> ChunkPool<C> {
     }
 
     /// The pool's size.
-    pub fn config(&self) -> StagingConfig {
+    pub fn config(&self) -> PinnedConfig {
         self.config
     }
 
@@ -494,7 +494,7 @@ fn take<D: ChunkDevice, P: PoolHandle<D::Chunk>>(pool: &P, dev: &D) -> Result<Le
         // pipeline it has not finished), nobody else can give one back.
         let mine = state.held_by(me);
         if mine >= state.allocated {
-            return Err(Error::StagingExhausted {
+            return Err(Error::PinnedExhausted {
                 pool: p.name.clone(),
                 chunks: state.allocated,
             });
@@ -748,7 +748,7 @@ where
         let chunk = host.len();
         host.get_mut(*filled..cap).ok_or(Error::SizeMismatch {
             op: "upload",
-            what: "staging chunk",
+            what: "pinned chunk",
             expected: cap,
             actual: chunk,
         })
@@ -768,7 +768,7 @@ where
                 let have = filling.as_ref().map_or(0, |(_, f)| *f);
                 return Err(Error::SizeMismatch {
                     op: "upload: advance",
-                    what: "free space of the staging chunk",
+                    what: "free space of the pinned chunk",
                     expected: n,
                     actual: filling.as_ref().map_or(0, |_| cap - have),
                 });
@@ -885,7 +885,7 @@ impl<'a, D: ChunkDevice> Upload<'a, D> {
     /// # Errors
     ///
     /// [`Error::SizeMismatch`] past the buffer's end (nothing is written);
-    /// [`Error::StagingExhausted`]; the backend's errors.
+    /// [`Error::PinnedExhausted`]; the backend's errors.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.0.write(bytes)
     }
@@ -1003,7 +1003,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::StagingExhausted`]; the backend's errors (a failed copy).
+    /// [`Error::PinnedExhausted`]; the backend's errors (a failed copy).
     pub fn space(&mut self) -> Result<&mut [u8]> {
         self.pipe.space()
     }
@@ -1073,7 +1073,7 @@ where
 /// # Errors
 ///
 /// [`Error::SizeMismatch`] for a range past the buffer's end;
-/// [`Error::StagingExhausted`]; the sink's error; the backend's errors.
+/// [`Error::PinnedExhausted`]; the sink's error; the backend's errors.
 pub fn download<D: ChunkDevice>(
     dev: &D,
     pool: &ChunkPool<D::Chunk>,
@@ -1607,7 +1607,7 @@ mod tests {
     fn pool(chunks: usize) -> ChunkPool<FakeChunk> {
         ChunkPool::new(
             "fake",
-            StagingConfig::new(CHUNK, chunks).expect("valid"),
+            PinnedConfig::new(CHUNK, chunks).expect("valid"),
             Direction::ToDevice,
         )
     }
@@ -1848,7 +1848,7 @@ mod tests {
                 .write(&[2; CHUNK])
                 .expect_err("would wait for itself");
             assert!(
-                matches!(err, Error::StagingExhausted { chunks: 2, .. }),
+                matches!(err, Error::PinnedExhausted { chunks: 2, .. }),
                 "{err}"
             );
             assert!(err.to_string().contains("finish or drop"), "{err}");
@@ -1990,9 +1990,9 @@ mod tests {
     }
 
     #[test]
-    fn staging_settings_are_checked() {
-        assert_eq!(StagingConfig::default().chunk_bytes(), 1 << 20);
-        assert_eq!(StagingConfig::default().chunks(), 16);
+    fn pinned_settings_are_checked() {
+        assert_eq!(PinnedConfig::default().chunk_bytes(), 1 << 20);
+        assert_eq!(PinnedConfig::default().chunks(), 16);
         for (bytes, chunks) in [
             (0, 16),
             (1 << 20, 0),
@@ -2000,9 +2000,9 @@ mod tests {
             (1, 1025),
             (1 << 30, 17),
         ] {
-            let err = StagingConfig::new(bytes, chunks).expect_err("out of range");
-            assert!(matches!(err, Error::BadStaging { .. }), "{err}");
-            assert!(err.to_string().contains("StagingConfig::new"), "{err}");
+            let err = PinnedConfig::new(bytes, chunks).expect_err("out of range");
+            assert!(matches!(err, Error::BadPinned { .. }), "{err}");
+            assert!(err.to_string().contains("PinnedConfig::new"), "{err}");
         }
         assert_eq!(parse_size("256K"), Some(256 << 10));
         assert_eq!(parse_size(" 4MiB "), Some(4 << 20));
@@ -2207,7 +2207,7 @@ mod tests {
                     OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&[0; CHUNK]));
                 let err = second.space().expect_err("would wait for itself");
                 assert!(
-                    matches!(err, Error::StagingExhausted { chunks: 2, .. }),
+                    matches!(err, Error::PinnedExhausted { chunks: 2, .. }),
                     "{err}"
                 );
                 drop(second);
