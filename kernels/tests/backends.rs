@@ -12,7 +12,7 @@ mod common;
 
 use common::{assert_same, casts, Rng, POISON};
 use tensorferry_device_map::Device;
-use tensorferry_kernels::runtime::{required, DeviceBuffer, Runtime};
+use tensorferry_kernels::runtime::{required, Backend, DeviceBuffer, Runtime};
 use tensorferry_kernels::{cpu, DType, Error, Layout};
 
 /// The runtime for `device`, or `None` with a printed reason; panics when
@@ -307,7 +307,8 @@ fn wgpu_reads_any_range_and_writes_whole_words() {
     let data: Vec<u8> = (0..23).collect();
     let mut buf = rt.upload(&data).expect("upload");
     let mut part = [0u8; 5];
-    rt.read(&buf, 7, &mut part).expect("unaligned read");
+    rt.download_range(&buf, 7, &mut part)
+        .expect("unaligned read");
     assert_eq!(part, [7, 8, 9, 10, 11]);
     rt.write(&mut buf, 4, &[0xff; 8]).expect("aligned write");
     rt.write(&mut buf, 20, &[1, 2, 3])
@@ -317,9 +318,12 @@ fn wgpu_reads_any_range_and_writes_whole_words() {
         rt.write(&mut buf, 8, &[0; 3]).is_err(),
         "partial word mid-buffer"
     );
-    assert!(rt.read(&buf, 20, &mut [0u8; 4]).is_err(), "past the end");
+    assert!(
+        rt.download_range(&buf, 20, &mut [0u8; 4]).is_err(),
+        "past the end"
+    );
     let mut all = [0u8; 23];
-    rt.read(&buf, 0, &mut all).expect("read");
+    rt.download_range(&buf, 0, &mut all).expect("read");
     assert_eq!(&all[4..12], &[0xff; 8]);
     assert_eq!(&all[20..], &[1, 2, 3]);
     assert_eq!(&all[..4], &[0, 1, 2, 3]);

@@ -65,10 +65,11 @@
 
 use std::borrow::{Borrow, BorrowMut};
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::ThreadId;
 
+use super::backend::{range, read_some};
 use crate::error::{Error, Result};
 use crate::runtime::lock;
 
@@ -1082,18 +1083,7 @@ pub fn download<D: ChunkDevice>(
     len: usize,
     mut sink: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
-    let buffer = dev.buffer_len(src);
-    let end = match offset.checked_add(len) {
-        Some(end) if end <= buffer => end,
-        _ => {
-            return Err(Error::SizeMismatch {
-                op: "download",
-                what: "device buffer",
-                expected: offset.saturating_add(len),
-                actual: buffer,
-            })
-        }
-    };
+    let end = range("download", offset, len, dev.buffer_len(src))?.end;
     let chunk_bytes = pool.config().chunk_bytes();
     let mut flights = Flights::<D, _, _>::new(dev, pool);
     // The chunk whose bytes the sink just took, for the next copy.
@@ -1140,46 +1130,25 @@ pub fn download<D: ChunkDevice>(
     }
 }
 
-/// Reads at least one byte into `buf` (non-empty), retrying interruptions;
-/// `done` of `total` bytes were read before, for the message.
-fn read_some(reader: &mut impl Read, buf: &mut [u8], done: usize, total: usize) -> Result<usize> {
-    loop {
-        match reader.read(buf) {
-            Ok(0) => {
-                return Err(Error::Io {
-                    op: "upload_from: reading the tensor's bytes",
-                    source: io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the source ended after {done} of {total} bytes; it must deliver the whole tensor"),
-                    ),
-                })
-            }
-            Ok(n) => return Ok(n.min(buf.len())),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    op: "upload_from: reading the tensor's bytes",
-                    source,
-                })
-            }
-        }
-    }
-}
-
-/// Fills all of `buf` from `reader`.
-pub(crate) fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> Result<()> {
-    let (mut done, total) = (0, buf.len());
-    while done < total {
-        done += read_some(reader, &mut buf[done..], done, total)?;
-    }
-    Ok(())
-}
-
-/// Hands `bytes` to an I/O sink, naming the failure.
-pub(crate) fn to_sink(sink: &mut dyn FnMut(&[u8]) -> io::Result<()>, bytes: &[u8]) -> Result<()> {
-    sink(bytes).map_err(|source| Error::Io {
-        op: "download_to: handing the bytes to the sink",
-        source,
+/// Copies bytes `offset..offset + out.len()` of `src` into `out` through
+/// `pool`'s chunks, as [`download`] does: each chunk is copied into `out`
+/// while the copies of the next ones run.
+///
+/// # Errors
+///
+/// As [`download`].
+pub fn download_into<D: ChunkDevice>(
+    dev: &D,
+    pool: &ChunkPool<D::Chunk>,
+    src: &D::Buffer,
+    offset: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    let mut at = 0;
+    download(dev, pool, src, offset, out.len(), |bytes| {
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+        Ok(())
     })
 }
 
@@ -1189,6 +1158,7 @@ mod tests {
     //! vectors, copies run in order by a worker thread after a set latency.
 
     use std::collections::VecDeque;
+    use std::io;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{mpsc, Arc, Condvar, Mutex};
     use std::thread::JoinHandle;
