@@ -269,12 +269,54 @@ fn check_streams(rt: &Runtime, rng: &mut Rng) {
     assert_eq!(rt.to_vec(&buf).expect("download"), data);
 }
 
+/// Ranges read back against slices of the data: odd offsets and lengths,
+/// empty ones, the whole buffer, outputs poisoned first; ranges past the
+/// end are errors that write nothing.
+fn check_ranges(rt: &Runtime, rng: &mut Rng) {
+    for len in [0usize, 1, 5, 4096 + 3, (1 << 20) + 7, (5 << 20) + 1] {
+        let data = rng.bytes(len);
+        let buf = rt.upload(&data).expect("upload");
+        let mut ranges = vec![(0, len), (len, 0), (len / 2, 0)];
+        for _ in 0..8 {
+            let from = rng.below(len as u64 + 1) as usize;
+            let n = rng.below((len - from) as u64 + 1) as usize;
+            ranges.push((from, n));
+            // An odd offset, and a length that is not a whole word.
+            let from = (from | 1).min(len);
+            ranges.push((from, (len - from).min(3)));
+        }
+        for (from, n) in ranges {
+            let mut out = vec![POISON; n];
+            rt.download_range(&buf, from, &mut out)
+                .expect("download_range");
+            assert_same(
+                &format!(
+                    "{} download_range {n} bytes at {from} of {len}",
+                    rt.device()
+                ),
+                &out,
+                &data[from..from + n],
+                1,
+            );
+        }
+        for (from, n) in [(len, 1), (len / 2, len - len / 2 + 1), (usize::MAX, 2)] {
+            let mut out = vec![POISON; n];
+            let err = rt
+                .download_range(&buf, from, &mut out)
+                .expect_err("past the end");
+            assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+            assert!(out.iter().all(|&b| b == POISON), "written before the check");
+        }
+    }
+}
+
 fn check_backend(rt: &Runtime) {
     let mut rng = Rng::fresh(&rt.device().to_string());
     check_casts(rt, &mut rng);
     check_checksums(rt, &mut rng);
     check_pack(rt, &mut rng);
     check_copies(rt, &mut rng);
+    check_ranges(rt, &mut rng);
     check_streams(rt, &mut rng);
 }
 

@@ -431,6 +431,35 @@ impl Runtime {
         self.backend().download_range(buf, 0, out)
     }
 
+    /// Copies bytes `offset..offset + out.len()` of `buf` (on this device)
+    /// into `out`: on CUDA through the device's pinned chunks, several in
+    /// flight, each copied into `out` while later ones run; on wgpu through
+    /// mapped staging buffers (whole words around the range, any offset and
+    /// length); on the CPU by slicing. To read a device tensor back piece by
+    /// piece, e.g. while writing a frame, call it per piece.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] when the range reaches past the buffer's end
+    /// (nothing is copied); [`Error::WrongDevice`]; a backend's errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tensorferry_kernels::runtime::Runtime;
+    ///
+    /// let rt = Runtime::Cpu;
+    /// let buf = rt.upload(b"a tensor's bytes")?;
+    /// let mut piece = [0u8; 6];
+    /// rt.download_range(&buf, 2, &mut piece)?;
+    /// assert_eq!(&piece, b"tensor");
+    /// assert!(rt.download_range(&buf, 12, &mut piece).is_err(), "past the end");
+    /// # Ok::<(), tensorferry_kernels::Error>(())
+    /// ```
+    pub fn download_range(&self, buf: &DeviceBuffer, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.backend().download_range(buf, offset, out)
+    }
+
     /// All of `buf`'s bytes, in a new vector.
     ///
     /// # Errors

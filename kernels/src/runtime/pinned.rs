@@ -1680,6 +1680,36 @@ mod tests {
     }
 
     #[test]
+    fn ranges_download_into_memory_byte_exact_at_odd_offsets() {
+        let dev = FakeDevice::with_latency(20);
+        let down = pool(3);
+        let mut rng = Rng(7);
+        for len in LENGTHS {
+            let data = rng.bytes(len);
+            let buf = dev.buffer(&data);
+            for _ in 0..4 {
+                let from = rng.below(len + 1);
+                let n = rng.below(len - from + 1);
+                let mut out = vec![0xa5; n];
+                in_order(&dev, || {
+                    download_into(&dev, &down, &buf, from, &mut out).expect("download_into")
+                });
+                assert_eq!(out, data[from..from + n], "{n} bytes at {from} of {len}");
+            }
+            // Past the end, or an offset that overflows: refused, nothing written.
+            for (from, n) in [(len, 1), (len / 2, len - len / 2 + 1), (usize::MAX, 2)] {
+                let mut out = vec![0xa5; n];
+                let err =
+                    download_into(&dev, &down, &buf, from, &mut out).expect_err("past the end");
+                assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+                assert!(out.iter().all(|&b| b == 0xa5), "written before the check");
+            }
+        }
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+        assert_eq!(down.in_use(), 0);
+    }
+
+    #[test]
     fn writes_past_the_end_are_refused_whole() {
         let dev = FakeDevice::with_latency(0);
         let up = pool(2);
