@@ -444,6 +444,12 @@ impl<C> ChunkPool<C> {
         if state.allocated < self.config.chunks {
             let chunk = dev.alloc_chunk(self.config.chunk_bytes, self.direction)?;
             state.allocated += 1;
+            tracing::trace!(
+                pool = %self.name,
+                allocated = state.allocated,
+                chunk_bytes = self.config.chunk_bytes,
+                "allocated a pinned chunk"
+            );
             return Ok(Some(chunk));
         }
         Ok(None)
@@ -500,6 +506,7 @@ fn take<D: ChunkDevice, P: PoolHandle<D::Chunk>>(pool: &P, dev: &D) -> Result<Le
                 chunks: state.allocated,
             });
         }
+        tracing::trace!(pool = %p.name, "every pinned chunk is taken; waiting for one");
         state.waiting += 1;
         state = p
             .returned

@@ -73,9 +73,16 @@ fn ptx() -> Result<Ptx> {
             name: Some("tensorferry_kernels.cu".to_string()),
             ..Default::default()
         };
-        nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, opts)
+        let started = std::time::Instant::now();
+        let compiled = nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, opts)
             .map(|p| p.to_src())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            ok = compiled.is_ok(),
+            "compiled the CUDA kernels with NVRTC"
+        );
+        compiled
     });
     match compiled {
         Ok(src) => Ok(Ptx::from_src(src.clone())),
@@ -189,6 +196,12 @@ impl DeviceState {
         }
         let config = PinnedConfig::from_env()?;
         let ctx = CudaContext::new(index as usize).map_err(driver("creating a CUDA context"))?;
+        tracing::debug!(
+            device = %Device::cuda(index),
+            pinned_chunk_bytes = config.chunk_bytes(),
+            pinned_chunks = config.chunks(),
+            "opened a CUDA device"
+        );
         Ok(DeviceState {
             index,
             ctx,
@@ -537,6 +550,12 @@ impl CudaRuntime {
     /// from `TENSORFERRY_PINNED_CHUNK_BYTES` and `TENSORFERRY_PINNED_CHUNKS`,
     /// else 16 × 1 MiB per direction.
     pub fn set_pinned(&self, config: PinnedConfig) {
+        tracing::debug!(
+            device = %self.device(),
+            pinned_chunk_bytes = config.chunk_bytes(),
+            pinned_chunks = config.chunks(),
+            "resized the pinned pools"
+        );
         *lock(&self.dev.pinned) = Pools::new(self.dev.index, config);
     }
 

@@ -73,6 +73,13 @@ impl DeviceState {
             });
         }
         let adapter = adapters.swap_remove(index as usize);
+        let info = adapter.get_info();
+        tracing::debug!(
+            device = %Device::wgpu(index),
+            adapter = %info.name,
+            backend = %info.backend,
+            "opening a wgpu adapter"
+        );
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("tensorferry"),
@@ -83,6 +90,8 @@ impl DeviceState {
         let uncaptured = Arc::new(Mutex::new(None));
         let sink = Arc::clone(&uncaptured);
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            // Kept for the next call to return; said now, as it happens.
+            tracing::warn!(device = %Device::wgpu(index), error = %e, "wgpu error outside an error scope");
             let mut slot = lock(&sink);
             if slot.is_none() {
                 *slot = Some(e.to_string());
@@ -149,6 +158,7 @@ impl DeviceState {
                 }))
         })?;
         let pipeline = Arc::new(pipeline);
+        tracing::debug!(device = %Device::wgpu(self.index), pipeline = name, "built a WGSL pipeline");
         lock(&self.pipelines).insert(name.to_string(), Arc::clone(&pipeline));
         Ok(pipeline)
     }
