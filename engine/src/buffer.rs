@@ -5,13 +5,11 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
+use tensorferry_kernels::cpu::{AlignedBuffer, HOST_ALIGN};
+
 /// The alignment of every buffer this crate allocates, and of every tensor
 /// payload in a frame.
-pub const ALIGN: usize = 64;
-
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-#[repr(C, align(64))]
-pub(crate) struct Block(pub(crate) [u8; ALIGN]);
+pub const ALIGN: usize = HOST_ALIGN;
 
 /// Where a [`HostBuffer`]'s bytes live. Implement it to wrap memory the engine
 /// does not own (a mapped segment, a foreign allocation).
@@ -20,24 +18,13 @@ pub trait Backing: Send + Sync + 'static {
     fn bytes(&self) -> &[u8];
 }
 
-struct Owned {
-    blocks: Vec<Block>,
-    len: usize,
-}
-
-impl Backing for Owned {
-    fn bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.blocks)[..self.len]
-    }
-}
-
 impl Backing for memmap2::Mmap {
     fn bytes(&self) -> &[u8] {
         self
     }
 }
 
-impl Backing for tensorferry_kernels::cpu::AlignedBuffer {
+impl Backing for AlignedBuffer {
     fn bytes(&self) -> &[u8] {
         self.as_slice()
     }
@@ -129,8 +116,7 @@ impl AsRef<[u8]> for HostBuffer {
 
 /// Owned, writable, 64-byte-aligned host bytes; [`freeze`](HostBufferMut::freeze) makes them shareable.
 pub struct HostBufferMut {
-    pub(crate) blocks: Vec<Block>,
-    pub(crate) len: usize,
+    pub(crate) buf: AlignedBuffer,
 }
 
 impl HostBufferMut {
@@ -138,43 +124,39 @@ impl HostBufferMut {
     /// zeroed, so untouched pages cost nothing until written.
     pub fn zeroed(len: usize) -> Self {
         Self {
-            blocks: vec![Block([0; ALIGN]); len.div_ceil(ALIGN)],
-            len,
+            buf: AlignedBuffer::zeroed(len),
         }
     }
 
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.blocks)[..self.len]
+        self.buf.as_slice()
     }
 
     /// The bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut(&mut self.blocks)[..self.len]
+        self.buf.as_mut_slice()
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.buf.len()
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.buf.is_empty()
     }
 
     /// Makes the bytes immutable and shareable, without copying.
     pub fn freeze(self) -> HostBuffer {
-        HostBuffer::from_backing(Owned {
-            blocks: self.blocks,
-            len: self.len,
-        })
+        HostBuffer::from_backing(self.buf)
     }
 }
 
 impl fmt::Debug for HostBufferMut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HostBufferMut({} bytes)", self.len)
+        write!(f, "HostBufferMut({} bytes)", self.len())
     }
 }
 

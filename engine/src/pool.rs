@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use crate::buffer::{Backing, Block, HostBuffer, HostBufferMut, ALIGN};
+use tensorferry_kernels::cpu::AlignedBuffer;
 
-const PAGE: usize = 4096;
+use crate::buffer::{Backing, HostBuffer, HostBufferMut, ALIGN};
 
 /// A pool of receive buffers, shared by the connections of a node.
 #[derive(Clone, Debug)]
@@ -19,22 +19,24 @@ pub struct BufferPool {
 }
 
 struct Inner {
-    /// Free buffers by capacity in blocks.
-    free: Mutex<BTreeMap<usize, Vec<Vec<Block>>>>,
+    /// Free buffers by capacity in bytes.
+    free: Mutex<BTreeMap<usize, Vec<AlignedBuffer>>>,
     /// Most bytes kept idle in the pool.
     max_idle_bytes: usize,
 }
 
-/// Capacity class for `len` bytes, in blocks: powers of two up to 1 MiB, then
-/// whole MiB, so repeated messages of one size always reuse one buffer.
+/// Capacity class for `len` bytes, in bytes: powers of two of [`ALIGN`]-byte
+/// blocks up to 1 MiB, then whole MiB, so repeated messages of one size
+/// always reuse one buffer.
 fn class(len: usize) -> usize {
     let blocks = len.div_ceil(ALIGN).max(1);
     let mib = (1 << 20) / ALIGN;
-    if blocks <= mib {
+    let blocks = if blocks <= mib {
         blocks.next_power_of_two()
     } else {
         blocks.div_ceil(mib) * mib
-    }
+    };
+    blocks * ALIGN
 }
 
 impl BufferPool {
@@ -60,17 +62,16 @@ impl BufferPool {
             .expect("pool lock is never poisoned")
             .get_mut(&cap)
             .and_then(Vec::pop);
-        let blocks = reused.unwrap_or_else(|| {
-            let mut blocks = vec![Block([0; ALIGN]); cap];
-            // Touch one byte per page so the faults happen here, once, and not
-            // while a frame streams in.
-            for b in blocks.iter_mut().step_by(PAGE / ALIGN) {
-                b.0[0] = 1;
-            }
-            blocks
+        let mut buf = reused.unwrap_or_else(|| {
+            // The faults happen here, once, and not while a frame streams in.
+            let mut buf = AlignedBuffer::zeroed(cap);
+            buf.prefault();
+            buf
         });
+        buf.resize(len)
+            .expect("a buffer of len's class holds len bytes");
         PooledBuffer {
-            buf: Some(HostBufferMut { blocks, len }),
+            buf: Some(HostBufferMut { buf }),
             pool: Arc::clone(&self.inner),
         }
     }
@@ -78,7 +79,7 @@ impl BufferPool {
     /// Bytes held idle in the pool.
     pub fn idle_bytes(&self) -> usize {
         let free = self.inner.free.lock().expect("pool lock is never poisoned");
-        free.iter().map(|(cap, v)| cap * ALIGN * v.len()).sum()
+        free.iter().map(|(cap, v)| cap * v.len()).sum()
     }
 }
 
@@ -89,12 +90,12 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
-    fn give_back(&self, blocks: Vec<Block>) {
-        let bytes = blocks.len() * ALIGN;
+    fn give_back(&self, buf: AlignedBuffer) {
+        let bytes = buf.capacity();
         let mut free = self.free.lock().expect("pool lock is never poisoned");
-        let idle: usize = free.iter().map(|(cap, v)| cap * ALIGN * v.len()).sum();
+        let idle: usize = free.iter().map(|(cap, v)| cap * v.len()).sum();
         if idle + bytes <= self.max_idle_bytes {
-            free.entry(blocks.len()).or_default().push(blocks);
+            free.entry(bytes).or_default().push(buf);
         }
     }
 }
@@ -129,7 +130,7 @@ impl PooledBuffer {
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            self.pool.give_back(buf.blocks);
+            self.pool.give_back(buf.buf);
         }
     }
 }
@@ -148,7 +149,7 @@ impl Backing for Returning {
 impl Drop for Returning {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            self.pool.give_back(buf.blocks);
+            self.pool.give_back(buf.buf);
         }
     }
 }
@@ -169,7 +170,7 @@ mod tests {
         assert_eq!(view.as_slice()[9], 7);
         let ptr = view.as_slice().as_ptr() as usize - 4990;
         drop(view);
-        assert_eq!(pool.idle_bytes(), class(5000) * ALIGN);
+        assert_eq!(pool.idle_bytes(), class(5000));
         let again = pool.get(6000);
         assert_eq!(
             again.buf.as_ref().map(|b| b.as_slice().as_ptr() as usize),

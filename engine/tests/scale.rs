@@ -21,7 +21,9 @@ fn threads() -> usize {
 }
 
 fn open_files() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").count()
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
 }
 
 /// The frame a peer sends to subscribe to `channel`.
@@ -91,9 +93,7 @@ fn a_thousand_idle_peers_cost_no_thread_and_one_descriptor_each() {
     // The well-behaved peer is served meanwhile, every byte intact.
     for seq in 0..50u64 {
         let t = pattern::tensor(DType::F32, &[256, 1024], 3, seq, "x").expect("tensor");
-        publisher
-            .send(Message::new().tensor("x", t))
-            .expect("send");
+        publisher.send(Message::new().tensor("x", t)).expect("send");
     }
     for seq in 0..50u64 {
         let got = live.recv_timeout(WAIT).expect("message");

@@ -95,9 +95,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// A staging pool setting that is not a size or is out of range.
-    #[error("staging {setting} `{value}` from {origin}: {reason}")]
-    BadStaging {
+    /// A pinned pool setting that is not a size or is out of range.
+    #[error("pinned pool {setting} `{value}` from {origin}: {reason}")]
+    BadPinned {
         /// `chunk bytes`, `chunks`, or their product.
         setting: &'static str,
         /// The value as given.
@@ -108,10 +108,10 @@ pub enum Error {
         reason: String,
     },
 
-    /// A pipeline would wait for a staging chunk that only its own thread can
+    /// A pipeline would wait for a pinned chunk that only its own thread can
     /// give back.
-    #[error("{pool}: all {chunks} staging chunks are held by this thread in a pipeline it has not finished, so waiting for one would never end; finish or drop that pipeline before starting another on this thread, or raise TENSORFERRY_PINNED_CHUNKS")]
-    StagingExhausted {
+    #[error("{pool}: all {chunks} pinned chunks are held by this thread in a pipeline it has not finished, so waiting for one would never end; finish or drop that pipeline before starting another on this thread, or raise TENSORFERRY_PINNED_CHUNKS")]
+    PinnedExhausted {
         /// The pool (device and direction).
         pool: String,
         /// Its chunks.

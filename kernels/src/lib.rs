@@ -41,6 +41,9 @@
 //! # Ok::<(), tensorferry_kernels::Error>(())
 //! ```
 
+// Library output goes through `tracing`; only tests print (their `SKIP:` lines).
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+
 pub mod cast;
 pub mod cpu;
 mod dtype;

@@ -12,7 +12,7 @@ mod common;
 
 use common::{assert_same, casts, Rng, POISON};
 use tensorferry_device_map::Device;
-use tensorferry_kernels::runtime::{required, DeviceBuffer, Runtime};
+use tensorferry_kernels::runtime::{required, Backend, DeviceBuffer, Runtime};
 use tensorferry_kernels::{cpu, DType, Error, Layout};
 
 /// The runtime for `device`, or `None` with a printed reason; panics when
@@ -269,12 +269,54 @@ fn check_streams(rt: &Runtime, rng: &mut Rng) {
     assert_eq!(rt.to_vec(&buf).expect("download"), data);
 }
 
+/// Ranges read back against slices of the data: odd offsets and lengths,
+/// empty ones, the whole buffer, outputs poisoned first; ranges past the
+/// end are errors that write nothing.
+fn check_ranges(rt: &Runtime, rng: &mut Rng) {
+    for len in [0usize, 1, 5, 4096 + 3, (1 << 20) + 7, (5 << 20) + 1] {
+        let data = rng.bytes(len);
+        let buf = rt.upload(&data).expect("upload");
+        let mut ranges = vec![(0, len), (len, 0), (len / 2, 0)];
+        for _ in 0..8 {
+            let from = rng.below(len as u64 + 1) as usize;
+            let n = rng.below((len - from) as u64 + 1) as usize;
+            ranges.push((from, n));
+            // An odd offset, and a length that is not a whole word.
+            let from = (from | 1).min(len);
+            ranges.push((from, (len - from).min(3)));
+        }
+        for (from, n) in ranges {
+            let mut out = vec![POISON; n];
+            rt.download_range(&buf, from, &mut out)
+                .expect("download_range");
+            assert_same(
+                &format!(
+                    "{} download_range {n} bytes at {from} of {len}",
+                    rt.device()
+                ),
+                &out,
+                &data[from..from + n],
+                1,
+            );
+        }
+        for (from, n) in [(len, 1), (len / 2, len - len / 2 + 1), (usize::MAX, 2)] {
+            let mut out = vec![POISON; n];
+            let err = rt
+                .download_range(&buf, from, &mut out)
+                .expect_err("past the end");
+            assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+            assert!(out.iter().all(|&b| b == POISON), "written before the check");
+        }
+    }
+}
+
 fn check_backend(rt: &Runtime) {
     let mut rng = Rng::fresh(&rt.device().to_string());
     check_casts(rt, &mut rng);
     check_checksums(rt, &mut rng);
     check_pack(rt, &mut rng);
     check_copies(rt, &mut rng);
+    check_ranges(rt, &mut rng);
     check_streams(rt, &mut rng);
 }
 
@@ -307,7 +349,8 @@ fn wgpu_reads_any_range_and_writes_whole_words() {
     let data: Vec<u8> = (0..23).collect();
     let mut buf = rt.upload(&data).expect("upload");
     let mut part = [0u8; 5];
-    rt.read(&buf, 7, &mut part).expect("unaligned read");
+    rt.download_range(&buf, 7, &mut part)
+        .expect("unaligned read");
     assert_eq!(part, [7, 8, 9, 10, 11]);
     rt.write(&mut buf, 4, &[0xff; 8]).expect("aligned write");
     rt.write(&mut buf, 20, &[1, 2, 3])
@@ -317,9 +360,12 @@ fn wgpu_reads_any_range_and_writes_whole_words() {
         rt.write(&mut buf, 8, &[0; 3]).is_err(),
         "partial word mid-buffer"
     );
-    assert!(rt.read(&buf, 20, &mut [0u8; 4]).is_err(), "past the end");
+    assert!(
+        rt.download_range(&buf, 20, &mut [0u8; 4]).is_err(),
+        "past the end"
+    );
     let mut all = [0u8; 23];
-    rt.read(&buf, 0, &mut all).expect("read");
+    rt.download_range(&buf, 0, &mut all).expect("read");
     assert_eq!(&all[4..12], &[0xff; 8]);
     assert_eq!(&all[20..], &[1, 2, 3]);
     assert_eq!(&all[..4], &[0, 1, 2, 3]);

@@ -559,7 +559,8 @@ impl FrameWriter {
                             io::Error::other("a device payload's runtime is not open")
                         })?;
                     let mut chunk = HostBufferMut::zeroed(n);
-                    download_range(rt, d, off as usize, chunk.as_mut_slice())?;
+                    rt.download_range(d, off as usize, chunk.as_mut_slice())
+                        .map_err(io::Error::other)?;
                     self.staged = Some((self.at, chunk));
                     return Ok(None);
                 }
@@ -572,22 +573,6 @@ impl FrameWriter {
         }
         Ok(Some(slices))
     }
-}
-
-/// Bytes `offset..offset + out.len()` of a device buffer, on the host.
-fn download_range(
-    rt: &Runtime,
-    buf: &DeviceBuffer,
-    offset: usize,
-    out: &mut [u8],
-) -> io::Result<()> {
-    let all = rt.to_vec(buf).map_err(io::Error::other)?;
-    let end = offset
-        .checked_add(out.len())
-        .filter(|&e| e <= all.len())
-        .ok_or_else(|| io::Error::other("a device read-back past the buffer's end"))?;
-    out.copy_from_slice(&all[offset..end]);
-    Ok(())
 }
 
 #[cfg(test)]

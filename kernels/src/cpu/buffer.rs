@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::error::{Error, Result};
+
 /// The alignment of an [`AlignedBuffer`]: a cache line, and enough for every dtype.
 pub const HOST_ALIGN: usize = 64;
 
@@ -9,8 +11,16 @@ pub const HOST_ALIGN: usize = 64;
 #[repr(C, align(64))]
 struct Line([u8; HOST_ALIGN]);
 
+/// Bytes per page: [`AlignedBuffer::prefault`] touches one byte in each.
+const PAGE: usize = 4096;
+
 /// Owned host bytes that start on a [`HOST_ALIGN`]-byte boundary, so any
 /// dtype can be viewed in place and vector loads never split a cache line.
+///
+/// The allocation (its [`capacity`](AlignedBuffer::capacity), a multiple of
+/// [`HOST_ALIGN`]) may be longer than the bytes, so a buffer can be reused
+/// for another length ([`AlignedBuffer::resize`]) without allocating: the
+/// engine's receive buffers are these, pooled.
 ///
 /// # Examples
 ///
@@ -23,6 +33,12 @@ struct Line([u8; HOST_ALIGN]);
 /// assert_eq!(b.as_slice().as_ptr() as usize % 64, 0);
 /// let f: &[f32] = bytemuck::cast_slice(&b.as_slice()[..8]);
 /// assert_eq!(f, [0.0, 0.0]);
+///
+/// // Reused for 60 bytes: the allocation holds 64, and the bytes are kept.
+/// b.resize(60)?;
+/// assert_eq!((b.len(), b.capacity(), b.as_slice()[9]), (60, 64, 7));
+/// assert!(b.resize(65).is_err(), "past the capacity");
+/// # Ok::<(), tensorferry_kernels::Error>(())
 /// ```
 #[derive(Clone, Default)]
 pub struct AlignedBuffer {
@@ -31,10 +47,11 @@ pub struct AlignedBuffer {
 }
 
 impl AlignedBuffer {
-    /// `len` zero bytes.
+    /// `len` zero bytes. The allocation comes from the allocator zeroed, so
+    /// the pages of a large buffer cost nothing until first touched.
     pub fn zeroed(len: usize) -> Self {
         Self {
-            lines: vec![Line([0; HOST_ALIGN]); len.div_ceil(HOST_ALIGN)],
+            lines: bytemuck::zeroed_vec(len.div_ceil(HOST_ALIGN)),
             len,
         }
     }
@@ -65,6 +82,45 @@ impl AlignedBuffer {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Bytes in the allocation: the length rounded up to [`HOST_ALIGN`], or
+    /// more for a buffer made longer and resized down.
+    pub fn capacity(&self) -> usize {
+        self.lines.len() * HOST_ALIGN
+    }
+
+    /// Makes the buffer `len` bytes long within its capacity, without
+    /// allocating: bytes up to the shorter length are kept, and bytes past
+    /// the old length hold whatever the allocation held there (zero, unless
+    /// the buffer was longer before).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] when `len` exceeds the capacity (the buffer is
+    /// left as it was).
+    pub fn resize(&mut self, len: usize) -> Result<()> {
+        if len > self.capacity() {
+            return Err(Error::SizeMismatch {
+                op: "resize",
+                what: "aligned buffer's allocation",
+                expected: len,
+                actual: self.capacity(),
+            });
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Touches every page of the allocation now, keeping the bytes, so the
+    /// page faults happen here, once, and not while the buffer is first
+    /// written (a frame streaming in, where each fault stalls the copy).
+    pub fn prefault(&mut self) {
+        for line in self.lines.iter_mut().step_by(PAGE / HOST_ALIGN) {
+            // A store the compiler cannot drop as a no-op: the value is
+            // opaque to it, so the page is written and made resident.
+            line.0[0] = std::hint::black_box(line.0[0]);
+        }
+    }
 }
 
 impl fmt::Debug for AlignedBuffer {
@@ -82,5 +138,38 @@ impl AsRef<[u8]> for AlignedBuffer {
 impl AsMut<[u8]> for AlignedBuffer {
     fn as_mut(&mut self) -> &mut [u8] {
         self.as_mut_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_zeroed_and_resize_within_their_capacity() {
+        for len in [0, 1, 63, 64, 65, 3 * PAGE + 5] {
+            let mut b = AlignedBuffer::zeroed(len);
+            assert_eq!(b.as_slice().as_ptr() as usize % HOST_ALIGN, 0);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            assert_eq!(b.capacity(), len.div_ceil(HOST_ALIGN) * HOST_ALIGN);
+            b.as_mut_slice()
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = i as u8);
+            b.prefault();
+            assert!(b.as_slice().iter().enumerate().all(|(i, &x)| x == i as u8));
+            let cap = b.capacity();
+            b.resize(len / 2).expect("shorter");
+            assert_eq!((b.len(), b.capacity()), (len / 2, cap));
+            b.resize(cap).expect("up to the capacity");
+            assert!(b.as_slice()[..len]
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == i as u8));
+            assert!(b.as_slice()[len..].iter().all(|&x| x == 0));
+            let err = b.resize(cap + 1).expect_err("past the capacity");
+            assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+            assert_eq!(b.len(), cap, "left as it was");
+        }
     }
 }

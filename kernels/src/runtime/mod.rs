@@ -7,7 +7,10 @@
 //!
 //! [`Runtime`] is one device (`cpu`, `cuda:N`, `wgpu:N`) and [`DeviceBuffer`]
 //! bytes on one; the same calls allocate, move bytes and run the kernels on
-//! any of them, and every backend computes the CPU's bits.
+//! any of them, and every backend computes the CPU's bits. Each call goes to
+//! the device's [`Backend`]: [`cpu::CpuRuntime`], [`cuda::CudaRuntime`] or
+//! [`wgpu::WgpuRuntime`], or [`Unavailable`] for a feature this build leaves
+//! out.
 //!
 //! # Examples
 //!
@@ -25,16 +28,19 @@
 //! # Ok::<(), tensorferry_kernels::Error>(())
 //! ```
 
+mod backend;
 pub mod cpu;
 pub mod cuda;
-pub mod staging;
+pub mod pinned;
 pub mod wgpu;
 
 use serde::Serialize;
 use tensorferry_device_map::{Device, Inventory};
 
-use self::cuda::{CudaBuffer, CudaRuntime, CudaUpload};
-use self::wgpu::{WgpuBuffer, WgpuRuntime, WgpuUpload};
+use self::backend::Feed;
+pub use self::backend::{Backend, Feature, Packing, Unavailable};
+use self::cuda::{CudaBuffer, CudaRuntime};
+use self::wgpu::{WgpuBuffer, WgpuRuntime};
 use crate::cpu::{AlignedBuffer, Checksum};
 use crate::error::{Error, Result};
 use crate::{DType, Layout};
@@ -42,7 +48,8 @@ use crate::{DType, Layout};
 /// One device that holds bytes and runs the kernels.
 #[derive(Clone, Debug)]
 pub enum Runtime {
-    /// The host: [`crate::cpu`] kernels on [`AlignedBuffer`]s.
+    /// The host: [`crate::cpu`] kernels on [`AlignedBuffer`]s
+    /// ([`cpu::CpuRuntime`]).
     Cpu,
     /// A CUDA device.
     Cuda(CudaRuntime),
@@ -71,7 +78,7 @@ pub enum DeviceBuffer {
 ///
 /// - CUDA: the space is the free part of a pinned chunk from the device's
 ///   host-to-device pool; a full chunk's copy is enqueued at once and the
-///   next chunk taken, by the pool rule of [`staging`] (a pipeline holding
+///   next chunk taken, by the pool rule of [`pinned`] (a pipeline holding
 ///   chunks never waits for the pool).
 /// - wgpu: the space is a host step of up to 4 MiB; a full step goes to the
 ///   adapter through a mapped staging buffer, its copy submitted without
@@ -83,33 +90,24 @@ pub enum DeviceBuffer {
 /// returns every chunk.
 #[derive(Debug)]
 pub struct Uploading {
-    inner: UploadingOn,
-}
-
-#[derive(Debug)]
-enum UploadingOn {
-    Host { buf: AlignedBuffer, at: usize },
-    Cuda(CudaUpload),
-    Wgpu(WgpuUpload),
+    device: Device,
+    feed: Box<dyn Feed>,
 }
 
 impl Uploading {
+    /// An upload to `device` through a backend's feed.
+    pub(crate) fn new(device: Device, feed: Box<dyn Feed>) -> Self {
+        Self { device, feed }
+    }
+
     /// The device the bytes go to.
     pub fn device(&self) -> Device {
-        match &self.inner {
-            UploadingOn::Host { .. } => Device::Cpu,
-            UploadingOn::Cuda(u) => u.device(),
-            UploadingOn::Wgpu(u) => u.device(),
-        }
+        self.device
     }
 
     /// Bytes the upload takes in all.
     pub fn len(&self) -> usize {
-        match &self.inner {
-            UploadingOn::Host { buf, .. } => buf.len(),
-            UploadingOn::Cuda(u) => u.len(),
-            UploadingOn::Wgpu(u) => u.len(),
-        }
+        self.feed.len()
     }
 
     /// True for an empty upload.
@@ -119,11 +117,7 @@ impl Uploading {
 
     /// Bytes written so far.
     pub fn position(&self) -> usize {
-        match &self.inner {
-            UploadingOn::Host { at, .. } => *at,
-            UploadingOn::Cuda(u) => u.position(),
-            UploadingOn::Wgpu(u) => u.position(),
-        }
+        self.feed.position()
     }
 
     /// Bytes still to come.
@@ -137,14 +131,10 @@ impl Uploading {
     ///
     /// # Errors
     ///
-    /// [`Error::StagingExhausted`]; a backend's errors (an earlier copy's
+    /// [`Error::PinnedExhausted`]; a backend's errors (an earlier copy's
     /// failure shows here).
     pub fn space(&mut self) -> Result<&mut [u8]> {
-        match &mut self.inner {
-            UploadingOn::Host { buf, at } => Ok(&mut buf.as_mut_slice()[*at..]),
-            UploadingOn::Cuda(u) => u.space(),
-            UploadingOn::Wgpu(u) => u.space(),
-        }
+        self.feed.space()
     }
 
     /// Counts `n` bytes written at the start of [`Uploading::space`]; a full
@@ -155,22 +145,7 @@ impl Uploading {
     /// [`Error::SizeMismatch`] when `n` is more than the space offered
     /// (nothing is counted); a backend's errors.
     pub fn advance(&mut self, n: usize) -> Result<()> {
-        match &mut self.inner {
-            UploadingOn::Host { buf, at } => {
-                if n > buf.len() - *at {
-                    return Err(Error::SizeMismatch {
-                        op: "upload: advance",
-                        what: "space left in the buffer",
-                        expected: n,
-                        actual: buf.len() - *at,
-                    });
-                }
-                *at += n;
-                Ok(())
-            }
-            UploadingOn::Cuda(u) => u.advance(n),
-            UploadingOn::Wgpu(u) => u.advance(n),
-        }
+        self.feed.advance(n)
     }
 
     /// Copies `bytes` in at the current position.
@@ -200,17 +175,14 @@ impl Uploading {
 
     /// For a caller about to wait for more bytes, perhaps for long: on CUDA
     /// the partly filled chunk is copied now and every copy in flight waited
-    /// for (each at most one chunk), so a paused upload holds no staging
+    /// for (each at most one chunk), so a paused upload holds no pinned
     /// chunk and stalled peers cannot starve the device's pool.
     ///
     /// # Errors
     ///
     /// A backend's errors (a failed copy).
     pub fn pause(&mut self) -> Result<()> {
-        match &mut self.inner {
-            UploadingOn::Cuda(u) => u.pause(),
-            UploadingOn::Host { .. } | UploadingOn::Wgpu(_) => Ok(()),
-        }
+        self.feed.pause()
     }
 
     /// Waits for the outstanding copies and returns the buffer on the device.
@@ -220,17 +192,15 @@ impl Uploading {
     /// [`Error::SizeMismatch`] when not every byte was written; the first
     /// failed copy's error.
     pub fn finish(self) -> Result<DeviceBuffer> {
-        match self.inner {
-            UploadingOn::Host { buf, at } if at == buf.len() => Ok(DeviceBuffer::Host(buf)),
-            UploadingOn::Host { buf, at } => Err(Error::SizeMismatch {
+        if self.remaining() != 0 {
+            return Err(Error::SizeMismatch {
                 op: "upload: finish",
                 what: "bytes written",
-                expected: buf.len(),
-                actual: at,
-            }),
-            UploadingOn::Cuda(u) => u.finish().map(DeviceBuffer::Cuda),
-            UploadingOn::Wgpu(u) => u.finish().map(DeviceBuffer::Wgpu),
+                expected: self.len(),
+                actual: self.position(),
+            });
         }
+        self.feed.finish()
     }
 }
 
@@ -265,6 +235,16 @@ impl DeviceBuffer {
         }
     }
 
+    /// The runtime of the device (for CUDA, of the stream) the buffer was
+    /// allocated on.
+    fn owner(&self) -> Result<Runtime> {
+        Ok(match self {
+            DeviceBuffer::Host(_) => Runtime::Cpu,
+            DeviceBuffer::Cuda(b) => Runtime::Cuda(b.owner()?),
+            DeviceBuffer::Wgpu(b) => Runtime::Wgpu(b.owner()?),
+        })
+    }
+
     /// Copies all of `src`, on any device, into this buffer of the same
     /// length: directly within a device, peer to peer between CUDA devices
     /// that allow it, through the host otherwise.
@@ -273,31 +253,15 @@ impl DeviceBuffer {
     ///
     /// [`Error::SizeMismatch`] for different lengths; a backend's errors.
     pub fn copy_from(&mut self, src: &DeviceBuffer) -> Result<()> {
-        if src.len() != self.len() {
-            return Err(Error::SizeMismatch {
-                op: "copy",
-                what: "destination",
-                expected: src.len(),
-                actual: self.len(),
-            });
-        }
+        backend::same_len(src.len(), self.len())?;
         if src.is_empty() {
             return Ok(());
         }
-        match (src, self) {
-            (DeviceBuffer::Host(s), DeviceBuffer::Host(d)) => {
-                d.as_mut_slice().copy_from_slice(s.as_slice());
-                Ok(())
-            }
-            (DeviceBuffer::Cuda(s), DeviceBuffer::Cuda(d)) => d.owner()?.copy(s, d),
-            (DeviceBuffer::Wgpu(s), DeviceBuffer::Wgpu(d)) => d.owner()?.copy(s, d),
-            (DeviceBuffer::Host(s), DeviceBuffer::Cuda(d)) => d.owner()?.write(d, 0, s.as_slice()),
-            (DeviceBuffer::Host(s), DeviceBuffer::Wgpu(d)) => d.owner()?.write(d, 0, s.as_slice()),
-            (DeviceBuffer::Cuda(s), DeviceBuffer::Host(d)) => {
-                s.owner()?.read(s, 0, d.as_mut_slice())
-            }
-            (DeviceBuffer::Wgpu(s), DeviceBuffer::Host(d)) => {
-                s.owner()?.read(s, 0, d.as_mut_slice())
+        match (src, &mut *self) {
+            (s, d) if s.device().kind() == d.device().kind() => d.owner()?.backend().copy(s, d),
+            (DeviceBuffer::Host(s), d) => d.owner()?.backend().write(d, 0, s.as_slice()),
+            (s, DeviceBuffer::Host(d)) => {
+                s.owner()?.backend().download_range(s, 0, d.as_mut_slice())
             }
             (s, d) => {
                 let mut host = DeviceBuffer::Host(AlignedBuffer::zeroed(s.len()));
@@ -323,22 +287,18 @@ impl Runtime {
         })
     }
 
-    /// The device this runtime runs on.
-    pub fn device(&self) -> Device {
+    /// The device's backend, which every call below goes to.
+    fn backend(&self) -> &dyn Backend {
         match self {
-            Runtime::Cpu => Device::Cpu,
-            Runtime::Cuda(rt) => rt.device(),
-            Runtime::Wgpu(rt) => rt.device(),
+            Runtime::Cpu => &cpu::CpuRuntime,
+            Runtime::Cuda(rt) => rt,
+            Runtime::Wgpu(rt) => rt,
         }
     }
 
-    fn wrong(&self, op: &'static str, what: &'static str, buf: &DeviceBuffer) -> Error {
-        Error::WrongDevice {
-            op,
-            what,
-            runtime: self.device(),
-            found: buf.device(),
-        }
+    /// The device this runtime runs on.
+    pub fn device(&self) -> Device {
+        self.backend().device()
     }
 
     /// `len` zero bytes on this device.
@@ -347,11 +307,7 @@ impl Runtime {
     ///
     /// A backend's allocation error.
     pub fn alloc(&self, len: usize) -> Result<DeviceBuffer> {
-        Ok(match self {
-            Runtime::Cpu => DeviceBuffer::Host(AlignedBuffer::zeroed(len)),
-            Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.alloc(len)?),
-            Runtime::Wgpu(rt) => DeviceBuffer::Wgpu(rt.alloc(len)?),
-        })
+        self.backend().alloc(len)
     }
 
     /// A copy of `bytes` on this device.
@@ -360,23 +316,19 @@ impl Runtime {
     ///
     /// A backend's allocation or copy error.
     pub fn upload(&self, bytes: &[u8]) -> Result<DeviceBuffer> {
-        Ok(match self {
-            Runtime::Cpu => DeviceBuffer::Host(AlignedBuffer::copy_from(bytes)),
-            Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.upload(bytes)?),
-            Runtime::Wgpu(rt) => DeviceBuffer::Wgpu(rt.upload(bytes)?),
-        })
+        self.backend().upload(bytes)
     }
 
     /// A buffer on this device holding `len` bytes read from `reader` (a
     /// socket, a file), without a whole host copy first: on the CPU straight
     /// into the aligned buffer; on CUDA into pinned chunks, each copied to
-    /// the device while the next is read (see [`staging`]); on wgpu in 4 MiB
+    /// the device while the next is read (see [`pinned`]); on wgpu in 4 MiB
     /// steps through staging buffers.
     ///
     /// # Errors
     ///
     /// [`Error::Io`] when the reader fails or ends before `len` bytes;
-    /// [`Error::StagingExhausted`]; a backend's allocation or copy error.
+    /// [`Error::PinnedExhausted`]; a backend's allocation or copy error.
     ///
     /// # Examples
     ///
@@ -391,15 +343,7 @@ impl Runtime {
     /// # Ok::<(), tensorferry_kernels::Error>(())
     /// ```
     pub fn upload_from(&self, reader: &mut impl std::io::Read, len: usize) -> Result<DeviceBuffer> {
-        Ok(match self {
-            Runtime::Cpu => {
-                let mut buf = AlignedBuffer::zeroed(len);
-                staging::read_full(reader, buf.as_mut_slice())?;
-                DeviceBuffer::Host(buf)
-            }
-            Runtime::Cuda(rt) => DeviceBuffer::Cuda(rt.upload_from(reader, len)?),
-            Runtime::Wgpu(rt) => DeviceBuffer::Wgpu(rt.upload_from(reader, len)?),
-        })
+        self.backend().upload_from(reader, len)
     }
 
     /// An upload of `len` bytes to this device fed piece by piece across
@@ -426,15 +370,7 @@ impl Runtime {
     /// # Ok::<(), tensorferry_kernels::Error>(())
     /// ```
     pub fn begin_upload(&self, len: usize) -> Result<Uploading> {
-        let inner = match self {
-            Runtime::Cpu => UploadingOn::Host {
-                buf: AlignedBuffer::zeroed(len),
-                at: 0,
-            },
-            Runtime::Cuda(rt) => UploadingOn::Cuda(rt.begin_upload(len)?),
-            Runtime::Wgpu(rt) => UploadingOn::Wgpu(rt.begin_upload(len)?),
-        };
-        Ok(Uploading { inner })
+        self.backend().begin_upload(len)
     }
 
     /// True when an upload of `len` bytes fed piece by piece
@@ -444,11 +380,7 @@ impl Runtime {
     /// pinned chunk is copied while the next fills, and the bytes skip a host
     /// copy); on wgpu past one 4 MiB staging step; never on the CPU.
     pub fn overlaps_upload(&self, len: usize) -> bool {
-        match self {
-            Runtime::Cpu => false,
-            Runtime::Cuda(_) => true,
-            Runtime::Wgpu(_) => len > wgpu::STREAM_STEP_BYTES,
-        }
+        self.backend().overlaps_upload(len)
     }
 
     /// Hands all of `buf`'s bytes (on this device) to `sink` in order, in one
@@ -479,13 +411,7 @@ impl Runtime {
         buf: &DeviceBuffer,
         sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<()> {
-        match (self, buf) {
-            (Runtime::Cpu, DeviceBuffer::Host(b)) if b.is_empty() => Ok(()),
-            (Runtime::Cpu, DeviceBuffer::Host(b)) => staging::to_sink(sink, b.as_slice()),
-            (Runtime::Cuda(rt), DeviceBuffer::Cuda(b)) => rt.download_to(b, sink),
-            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(b)) => rt.download_to(b, sink),
-            _ => Err(self.wrong("download_to", "source", buf)),
-        }
+        self.backend().download_to(buf, sink)
     }
 
     /// Copies all of `buf` (on this device) into `out`, which must be as long.
@@ -502,15 +428,36 @@ impl Runtime {
                 actual: out.len(),
             });
         }
-        match (self, buf) {
-            (Runtime::Cpu, DeviceBuffer::Host(b)) => {
-                out.copy_from_slice(b.as_slice());
-                Ok(())
-            }
-            (Runtime::Cuda(rt), DeviceBuffer::Cuda(b)) => rt.read(b, 0, out),
-            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(b)) => rt.read(b, 0, out),
-            _ => Err(self.wrong("download", "source", buf)),
-        }
+        self.backend().download_range(buf, 0, out)
+    }
+
+    /// Copies bytes `offset..offset + out.len()` of `buf` (on this device)
+    /// into `out`: on CUDA through the device's pinned chunks, several in
+    /// flight, each copied into `out` while later ones run; on wgpu through
+    /// mapped staging buffers (whole words around the range, any offset and
+    /// length); on the CPU by slicing. To read a device tensor back piece by
+    /// piece, e.g. while writing a frame, call it per piece.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SizeMismatch`] when the range reaches past the buffer's end
+    /// (nothing is copied); [`Error::WrongDevice`]; a backend's errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tensorferry_kernels::runtime::Runtime;
+    ///
+    /// let rt = Runtime::Cpu;
+    /// let buf = rt.upload(b"a tensor's bytes")?;
+    /// let mut piece = [0u8; 6];
+    /// rt.download_range(&buf, 2, &mut piece)?;
+    /// assert_eq!(&piece, b"tensor");
+    /// assert!(rt.download_range(&buf, 12, &mut piece).is_err(), "past the end");
+    /// # Ok::<(), tensorferry_kernels::Error>(())
+    /// ```
+    pub fn download_range(&self, buf: &DeviceBuffer, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.backend().download_range(buf, offset, out)
     }
 
     /// All of `buf`'s bytes, in a new vector.
@@ -536,26 +483,7 @@ impl Runtime {
         dst: &mut DeviceBuffer,
         to: DType,
     ) -> Result<()> {
-        match (self, src, dst) {
-            (Runtime::Cpu, DeviceBuffer::Host(s), DeviceBuffer::Host(d)) => {
-                crate::cpu::cast(s.as_slice(), from, d.as_mut_slice(), to)
-            }
-            (Runtime::Cuda(rt), DeviceBuffer::Cuda(s), DeviceBuffer::Cuda(d)) => {
-                rt.cast(s, from, d, to)
-            }
-            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(s), DeviceBuffer::Wgpu(d)) => {
-                rt.cast(s, from, d, to)
-            }
-            (_, s, d) => Err(self.misplaced("cast", s, d)),
-        }
-    }
-
-    fn misplaced(&self, op: &'static str, a: &DeviceBuffer, b: &DeviceBuffer) -> Error {
-        if a.device().kind() != self.device().kind() {
-            self.wrong(op, "source", a)
-        } else {
-            self.wrong(op, "destination", b)
-        }
+        self.backend().cast(src, from, dst, to)
     }
 
     /// The checksum of `buf`'s bytes (see `docs/wire-format.md`).
@@ -564,12 +492,7 @@ impl Runtime {
     ///
     /// [`Error::WrongDevice`]; a backend's errors.
     pub fn checksum(&self, buf: &DeviceBuffer) -> Result<Checksum> {
-        match (self, buf) {
-            (Runtime::Cpu, DeviceBuffer::Host(b)) => Ok(crate::cpu::checksum(b.as_slice())),
-            (Runtime::Cuda(rt), DeviceBuffer::Cuda(b)) => rt.checksum(b),
-            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(b)) => rt.checksum(b),
-            _ => Err(self.wrong("checksum", "input", buf)),
-        }
+        self.backend().checksum(buf)
     }
 
     /// Packs the view `layout` of `storage` into `out` (see [`crate::cpu::pack`]).
@@ -584,18 +507,8 @@ impl Runtime {
         layout: &Layout,
         out: &mut DeviceBuffer,
     ) -> Result<()> {
-        match (self, storage, out) {
-            (Runtime::Cpu, DeviceBuffer::Host(s), DeviceBuffer::Host(o)) => {
-                crate::cpu::pack(s.as_slice(), elem_bytes, layout, o.as_mut_slice())
-            }
-            (Runtime::Cuda(rt), DeviceBuffer::Cuda(s), DeviceBuffer::Cuda(o)) => {
-                rt.pack(s, elem_bytes, layout, o)
-            }
-            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(s), DeviceBuffer::Wgpu(o)) => {
-                rt.pack(s, elem_bytes, layout, o)
-            }
-            (_, s, o) => Err(self.misplaced("pack", s, o)),
-        }
+        self.backend()
+            .pack(Packing::Pack, storage, elem_bytes, layout, out)
     }
 
     /// Unpacks `packed` into the view `layout` of `storage` (see [`crate::cpu::unpack`]).
@@ -611,18 +524,8 @@ impl Runtime {
         layout: &Layout,
         storage: &mut DeviceBuffer,
     ) -> Result<()> {
-        match (self, packed, storage) {
-            (Runtime::Cpu, DeviceBuffer::Host(p), DeviceBuffer::Host(s)) => {
-                crate::cpu::unpack(p.as_slice(), elem_bytes, layout, s.as_mut_slice())
-            }
-            (Runtime::Cuda(rt), DeviceBuffer::Cuda(p), DeviceBuffer::Cuda(s)) => {
-                rt.unpack(p, elem_bytes, layout, s)
-            }
-            (Runtime::Wgpu(rt), DeviceBuffer::Wgpu(p), DeviceBuffer::Wgpu(s)) => {
-                rt.unpack(p, elem_bytes, layout, s)
-            }
-            (_, p, s) => Err(self.misplaced("unpack", p, s)),
-        }
+        self.backend()
+            .pack(Packing::Unpack, packed, elem_bytes, layout, storage)
     }
 
     /// Waits for the work queued on this runtime.
@@ -631,11 +534,7 @@ impl Runtime {
     ///
     /// A backend's errors, including those of earlier asynchronous work.
     pub fn synchronize(&self) -> Result<()> {
-        match self {
-            Runtime::Cpu => Ok(()),
-            Runtime::Cuda(rt) => rt.synchronize(),
-            Runtime::Wgpu(rt) => rt.synchronize(),
-        }
+        self.backend().synchronize()
     }
 }
 

@@ -1,6 +1,6 @@
 //! The CUDA runtime proper (feature `cuda`): per-device contexts, streams,
-//! events, device buffers, the pinned staging chunks ([`ChunkDevice`]) and the
-//! NVRTC kernels.
+//! events, device buffers, the pinned host chunks ([`ChunkDevice`]), the
+//! NVRTC kernels, and the [`Backend`] they make.
 //!
 //! Unsafe code here is limited to what cudarc marks unsafe: allocating pinned
 //! memory (uninitialised until we zero it), kernel launches (argument lists
@@ -9,7 +9,8 @@
 //! device memory, whose contract [`ChunkDevice`] states.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::fmt;
+use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
@@ -18,15 +19,18 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{self, CompileOptions, Ptx};
 
+use tensorferry_device_map::Device;
+
 use super::KERNELS_SOURCE;
 use crate::cast;
-use crate::cpu::pack::{self, Plan};
+use crate::cpu::pack::Plan;
 use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
 use crate::error::{Error, Result};
-use crate::runtime::staging::{
-    self, ChunkDevice, ChunkPool, Direction, OwnedUpload, StagingConfig, Upload,
+use crate::runtime::backend::{self, sealed, Backend, Feed, Packing};
+use crate::runtime::pinned::{
+    self, ChunkDevice, ChunkPool, Direction, OwnedUpload, PinnedConfig, Upload,
 };
-use crate::runtime::{lock, PerDevice};
+use crate::runtime::{lock, DeviceBuffer, PerDevice, Uploading};
 use crate::{DType, Layout};
 
 fn driver(op: &'static str) -> impl FnOnce(cu::DriverError) -> Error {
@@ -69,9 +73,16 @@ fn ptx() -> Result<Ptx> {
             name: Some("tensorferry_kernels.cu".to_string()),
             ..Default::default()
         };
-        nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, opts)
+        let started = std::time::Instant::now();
+        let compiled = nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, opts)
             .map(|p| p.to_src())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            ok = compiled.is_ok(),
+            "compiled the CUDA kernels with NVRTC"
+        );
+        compiled
     });
     match compiled {
         Ok(src) => Ok(Ptx::from_src(src.clone())),
@@ -112,31 +123,31 @@ impl Drop for ContextGuard {
     }
 }
 
-/// A pinned host chunk for staging copies.
-pub(super) struct Chunk {
+/// A pinned host chunk for copies between the host and the device.
+pub struct Chunk {
     mem: PinnedHostSlice<u8>,
 }
 
-/// The staging pools of one device: host-to-device chunks are write-combined
+/// The pinned pools of one device: host-to-device chunks are write-combined
 /// (fast for the device to read, slow for the CPU to read, which it never
 /// does), device-to-host chunks ordinary pinned memory the CPU reads quickly.
 /// Both are portable, so another device's context may use them too.
 struct Pools {
-    /// Shared with the owned uploads that outlive a call ([`Runtime::begin_upload`]).
+    /// Shared with the owned uploads that outlive a call ([`Backend::begin_upload`]).
     h2d: Arc<ChunkPool<Chunk>>,
     d2h: ChunkPool<Chunk>,
 }
 
 impl Pools {
-    fn new(index: u32, config: StagingConfig) -> Arc<Self> {
+    fn new(index: u32, config: PinnedConfig) -> Arc<Self> {
         Arc::new(Self {
             h2d: Arc::new(ChunkPool::new(
-                format!("cuda:{index} host-to-device staging"),
+                format!("cuda:{index} host-to-device pinned pool"),
                 config,
                 Direction::ToDevice,
             )),
             d2h: ChunkPool::new(
-                format!("cuda:{index} device-to-host staging"),
+                format!("cuda:{index} device-to-host pinned pool"),
                 config,
                 Direction::ToHost,
             ),
@@ -149,9 +160,9 @@ struct DeviceState {
     index: u32,
     ctx: Arc<CudaContext>,
     kernels: OnceLock<std::result::Result<Kernels, String>>,
-    /// The staging pools; replaced whole by `set_staging`, so a pipeline
+    /// The pinned pools; replaced whole by `set_pinned`, so a pipeline
     /// keeps the pools it started with.
-    staging: Mutex<Arc<Pools>>,
+    pinned: Mutex<Arc<Pools>>,
     /// Devices whose memory this one's context may access directly.
     peers: Mutex<Vec<u32>>,
 }
@@ -183,20 +194,26 @@ impl DeviceState {
                 count,
             });
         }
-        let config = StagingConfig::from_env()?;
+        let config = PinnedConfig::from_env()?;
         let ctx = CudaContext::new(index as usize).map_err(driver("creating a CUDA context"))?;
+        tracing::debug!(
+            device = %Device::cuda(index),
+            pinned_chunk_bytes = config.chunk_bytes(),
+            pinned_chunks = config.chunks(),
+            "opened a CUDA device"
+        );
         Ok(DeviceState {
             index,
             ctx,
             kernels: OnceLock::new(),
-            staging: Mutex::new(Pools::new(index, config)),
+            pinned: Mutex::new(Pools::new(index, config)),
             peers: Mutex::new(Vec::new()),
         })
     }
 
-    /// The staging pools new pipelines use.
+    /// The pinned pools new pipelines use.
     fn pools(&self) -> Arc<Pools> {
-        Arc::clone(&lock(&self.staging))
+        Arc::clone(&lock(&self.pinned))
     }
 
     /// The kernel `name`, loading the module into this context on first use.
@@ -258,45 +275,61 @@ impl DeviceState {
     }
 }
 
+/// One CUDA device, with a stream of its own. Cloning shares the stream;
+/// [`CudaRuntime::fork`] makes another on the same device.
+///
+/// Work is queued on the stream in call order and runs asynchronously;
+/// whatever hands bytes to the host waits for it. Its operations are those
+/// of [`Backend`].
 #[derive(Clone)]
-pub(super) struct Runtime {
+pub struct CudaRuntime {
     dev: Arc<DeviceState>,
     stream: Arc<CudaStream>,
 }
 
-pub(super) struct Buffer {
+/// Device memory on one CUDA device.
+pub struct CudaBuffer {
     dev: Arc<DeviceState>,
     /// `None` for an empty buffer: the driver allocates no zero-byte memory.
     mem: Option<CudaSlice<u8>>,
 }
 
-/// An upload fed across calls: the pinned chunks of the device's
-/// host-to-device pool, copies on the runtime's stream.
-pub(super) type Feed = OwnedUpload<Runtime>;
-
-pub(super) struct Event {
+/// A point in a stream's work that other streams and the host can wait for.
+pub struct CudaEvent {
     event: cu::CudaEvent,
 }
 
-impl Buffer {
-    pub(super) fn len(&self) -> usize {
+impl CudaBuffer {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
         self.mem.as_ref().map_or(0, |m| m.len())
     }
-    pub(super) fn index(&self) -> u32 {
-        self.dev.index
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
-    /// A runtime on the stream the buffer was allocated on.
-    pub(super) fn owner(&self) -> Result<Runtime> {
-        Ok(Runtime {
+
+    /// `cuda:N`.
+    pub fn device(&self) -> Device {
+        Device::cuda(self.dev.index)
+    }
+
+    /// A runtime on the stream the buffer was allocated on (empty buffers
+    /// have none).
+    pub(crate) fn owner(&self) -> Result<CudaRuntime> {
+        Ok(CudaRuntime {
             dev: Arc::clone(&self.dev),
             stream: Arc::clone(self.mem()?.stream()),
         })
     }
+
     fn mem(&self) -> Result<&CudaSlice<u8>> {
         self.mem
             .as_ref()
             .ok_or_else(|| Error::backend("using a CUDA buffer", "the buffer is empty".to_string()))
     }
+
     fn mem_mut(&mut self) -> Result<&mut CudaSlice<u8>> {
         self.mem
             .as_mut()
@@ -304,17 +337,45 @@ impl Buffer {
     }
 }
 
-impl Event {
-    pub(super) fn synchronize(&self) -> Result<()> {
+impl CudaEvent {
+    /// Blocks the calling thread until the recorded work is done.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`].
+    pub fn synchronize(&self) -> Result<()> {
         self.event
             .synchronize()
             .map_err(driver("cuEventSynchronize"))
     }
 }
 
+impl fmt::Debug for CudaRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaRuntime(cuda:{})", self.dev.index)
+    }
+}
+
+impl fmt::Debug for CudaBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CudaBuffer(cuda:{}, {} bytes)",
+            self.dev.index,
+            self.len()
+        )
+    }
+}
+
+impl fmt::Debug for CudaEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CudaEvent")
+    }
+}
+
 fn chunk_too_short(len: usize, chunk: usize) -> Error {
     Error::SizeMismatch {
-        op: "staging copy",
+        op: "pinned copy",
         what: "pinned chunk",
         expected: len,
         actual: chunk,
@@ -336,12 +397,12 @@ fn chunk_part_mut(host: &mut [u8], len: usize) -> Result<&mut [u8]> {
 
 /// Copies between pinned chunks and device memory on the runtime's stream,
 /// each followed by an event the pipeline waits on.
-impl ChunkDevice for Runtime {
+impl ChunkDevice for CudaRuntime {
     type Chunk = Chunk;
-    type Buffer = Buffer;
+    type Buffer = CudaBuffer;
     type Event = cu::CudaEvent;
 
-    fn buffer_len(&self, buf: &Buffer) -> usize {
+    fn buffer_len(&self, buf: &CudaBuffer) -> usize {
         buf.len()
     }
 
@@ -376,16 +437,16 @@ impl ChunkDevice for Runtime {
         &self,
         chunk: &Chunk,
         len: usize,
-        dst: &mut Buffer,
+        dst: &mut CudaBuffer,
         offset: usize,
     ) -> Result<cu::CudaEvent> {
-        range_check("copy to device", offset, len, dst.len())?;
+        let at = backend::range("copy to device", offset, len, dst.len())?;
         let host = chunk
             .mem
             .as_slice()
             .map_err(driver("reaching a pinned chunk"))?;
         let host = chunk_part(host, len)?;
-        let mut view = dst.mem_mut()?.slice_mut(offset..offset + len);
+        let mut view = dst.mem_mut()?.slice_mut(at);
         // Asynchronous: the chunk is pinned, so the driver reads it while the
         // host goes on; the caller leaves it alone until the event is done.
         self.stream
@@ -398,18 +459,18 @@ impl ChunkDevice for Runtime {
 
     unsafe fn copy_to_host(
         &self,
-        src: &Buffer,
+        src: &CudaBuffer,
         offset: usize,
         chunk: &mut Chunk,
         len: usize,
     ) -> Result<cu::CudaEvent> {
-        range_check("copy to host", offset, len, src.len())?;
+        let at = backend::range("copy to host", offset, len, src.len())?;
         let host = chunk
             .mem
             .as_mut_slice()
             .map_err(driver("reaching a pinned chunk"))?;
         let host = chunk_part_mut(host, len)?;
-        let view = src.mem()?.slice(offset..offset + len);
+        let view = src.mem()?.slice(at);
         self.stream
             .memcpy_dtoh(&view, host)
             .map_err(driver("copying device to host"))?;
@@ -442,20 +503,16 @@ fn grid(n: u64) -> LaunchConfig {
     }
 }
 
-fn range_check(op: &'static str, offset: usize, len: usize, buffer: usize) -> Result<()> {
-    match offset.checked_add(len) {
-        Some(end) if end <= buffer => Ok(()),
-        _ => Err(Error::SizeMismatch {
-            op,
-            what: "device buffer",
-            expected: offset.saturating_add(len),
-            actual: buffer,
-        }),
-    }
-}
-
-impl Runtime {
-    pub(super) fn open(index: u32) -> Result<Self> {
+impl CudaRuntime {
+    /// Opens `cuda:index`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] without a driver; [`Error::NoSuchDevice`] for
+    /// an index the driver does not list; [`Error::BadPinned`] for a bad
+    /// pinned pool setting in the environment; [`Error::Backend`] when the
+    /// driver fails.
+    pub fn new(index: u32) -> Result<Self> {
         let dev = DeviceState::get(index)?;
         let stream = dev
             .ctx
@@ -464,7 +521,13 @@ impl Runtime {
         Ok(Self { dev, stream })
     }
 
-    pub(super) fn fork(&self) -> Result<Self> {
+    /// A runtime on the same device with a new stream, for work that should
+    /// overlap this one's (copies beside kernels).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when the driver cannot create a stream.
+    pub fn fork(&self) -> Result<Self> {
         let stream = self
             .dev
             .ctx
@@ -476,24 +539,51 @@ impl Runtime {
         })
     }
 
-    pub(super) fn index(&self) -> u32 {
-        self.dev.index
+    /// The size of this device's pinned pools.
+    pub fn pinned(&self) -> PinnedConfig {
+        lock(&self.dev.pinned).h2d.config()
     }
 
-    fn same_device(&self, op: &'static str, what: &'static str, buf: &Buffer) -> Result<()> {
-        if buf.dev.index == self.dev.index {
-            Ok(())
-        } else {
-            Err(Error::WrongDevice {
-                op,
-                what,
-                runtime: tensorferry_device_map::Device::cuda(self.dev.index),
-                found: tensorferry_device_map::Device::cuda(buf.dev.index),
-            })
-        }
+    /// Sizes this device's pinned pools (for every runtime on the device).
+    /// Transfers already running finish on the old pools, whose chunks are
+    /// freed when they are done; later ones use the new. The default comes
+    /// from `TENSORFERRY_PINNED_CHUNK_BYTES` and `TENSORFERRY_PINNED_CHUNKS`,
+    /// else 16 × 1 MiB per direction.
+    pub fn set_pinned(&self, config: PinnedConfig) {
+        tracing::debug!(
+            device = %self.device(),
+            pinned_chunk_bytes = config.chunk_bytes(),
+            pinned_chunks = config.chunks(),
+            "resized the pinned pools"
+        );
+        *lock(&self.dev.pinned) = Pools::new(self.dev.index, config);
     }
 
-    pub(super) fn alloc(&self, len: usize) -> Result<Buffer> {
+    /// Records the work queued so far.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`].
+    pub fn record_event(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(None)
+            .map(|event| CudaEvent { event })
+            .map_err(driver("recording an event"))
+    }
+
+    /// Makes work queued after this call wait for `event` (on any stream of this device).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`].
+    pub fn wait_event(&self, event: &CudaEvent) -> Result<()> {
+        self.stream
+            .wait(&event.event)
+            .map_err(driver("waiting for an event"))
+    }
+
+    /// `len` zeroed bytes of device memory.
+    fn alloc_buffer(&self, len: usize) -> Result<CudaBuffer> {
         let mem = if len == 0 {
             None
         } else {
@@ -503,23 +593,42 @@ impl Runtime {
                     .map_err(driver("allocating device memory"))?,
             )
         };
-        Ok(Buffer {
+        Ok(CudaBuffer {
             dev: Arc::clone(&self.dev),
             mem,
         })
     }
 
-    pub(super) fn staging(&self) -> StagingConfig {
-        lock(&self.dev.staging).h2d.config()
+    /// The plan's `(size, stride)` pairs on the device.
+    fn dims(&self, plan: &Plan) -> Result<CudaSlice<u64>> {
+        let dims: Vec<u64> = plan
+            .dims
+            .iter()
+            .flat_map(|&(n, s)| [n as u64, s as u64])
+            .collect();
+        self.stream
+            .clone_htod(&dims)
+            .map_err(driver("copying a layout to the device"))
+    }
+}
+
+impl sealed::Sealed for CudaRuntime {}
+
+impl Backend for CudaRuntime {
+    fn device(&self) -> Device {
+        Device::cuda(self.dev.index)
     }
 
-    pub(super) fn set_staging(&self, config: StagingConfig) {
-        *lock(&self.dev.staging) = Pools::new(self.dev.index, config);
+    fn alloc(&self, len: usize) -> Result<DeviceBuffer> {
+        self.alloc_buffer(len).map(DeviceBuffer::Cuda)
     }
 
-    pub(super) fn write(&self, dst: &mut Buffer, offset: usize, src: &[u8]) -> Result<()> {
-        self.same_device("write", "destination", dst)?;
-        range_check("write", offset, src.len(), dst.len())?;
+    /// Staged through pinned chunks: the host copies into one chunk while
+    /// earlier ones are on their way to the device; returns once the bytes
+    /// are on the device.
+    fn write(&self, dst: &mut DeviceBuffer, offset: usize, src: &[u8]) -> Result<()> {
+        let dst: &mut CudaBuffer = dst.on_mut(self.device(), "write", "destination")?;
+        backend::range("write", offset, src.len(), dst.len())?;
         if src.is_empty() {
             return Ok(());
         }
@@ -529,63 +638,53 @@ impl Runtime {
         upload.finish()
     }
 
-    pub(super) fn upload_from(&self, reader: &mut impl Read, len: usize) -> Result<Buffer> {
-        let mut buf = self.alloc(len)?;
-        if len > 0 {
-            let pools = self.dev.pools();
-            let mut upload = Upload::new(self, &pools.h2d, &mut buf, 0)?;
-            upload.write_from(reader, len)?;
-            upload.finish()?;
-        }
-        Ok(buf)
-    }
-
-    pub(super) fn begin_upload(&self, len: usize) -> Result<Feed> {
-        let buf = self.alloc(len)?;
+    fn begin_upload(&self, len: usize) -> Result<Uploading> {
+        let buf = self.alloc_buffer(len)?;
         let pools = self.dev.pools();
-        Ok(OwnedUpload::new(self.clone(), Arc::clone(&pools.h2d), buf))
+        let feed = OwnedUpload::new(self.clone(), Arc::clone(&pools.h2d), buf);
+        Ok(Uploading::new(self.device(), Box::new(feed)))
     }
 
-    pub(super) fn read(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
-        self.same_device("read", "source", src)?;
-        range_check("read", offset, dst.len(), src.len())?;
-        if dst.is_empty() {
-            return Ok(());
-        }
+    /// Always: each pinned chunk is copied while the next fills, and the
+    /// bytes skip a host copy.
+    fn overlaps_upload(&self, _len: usize) -> bool {
+        true
+    }
+
+    /// Through the device-to-host pinned pipeline, several chunk copies in
+    /// flight, each chunk copied into `out` while later ones still run.
+    fn download_range(&self, src: &DeviceBuffer, offset: usize, out: &mut [u8]) -> Result<()> {
+        let src: &CudaBuffer = src.on(self.device(), "download", "source")?;
         let pools = self.dev.pools();
-        let mut at = 0;
-        staging::download(self, &pools.d2h, src, offset, dst.len(), |bytes| {
-            dst[at..at + bytes.len()].copy_from_slice(bytes);
-            at += bytes.len();
-            Ok(())
-        })
+        pinned::download_into(self, &pools.d2h, src, offset, out)
     }
 
-    pub(super) fn download_to(
+    /// Pinned chunk by chunk: while the sink takes one chunk (a socket
+    /// write), the copies of the next ones run.
+    fn download_to(
         &self,
-        src: &Buffer,
-        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+        src: &DeviceBuffer,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<()> {
-        self.same_device("download_to", "source", src)?;
-        if src.len() == 0 {
+        let src: &CudaBuffer = src.on(self.device(), "download_to", "source")?;
+        if src.is_empty() {
             return Ok(());
         }
         let pools = self.dev.pools();
-        staging::download(self, &pools.d2h, src, 0, src.len(), |bytes| {
-            staging::to_sink(sink, bytes)
+        pinned::download(self, &pools.d2h, src, 0, src.len(), |bytes| {
+            backend::to_sink(sink, bytes)
         })
     }
 
-    pub(super) fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()> {
-        if src.len() != dst.len() {
-            return Err(Error::SizeMismatch {
-                op: "copy",
-                what: "destination",
-                expected: src.len(),
-                actual: dst.len(),
-            });
-        }
-        if src.len() == 0 {
+    /// Between devices, peer to peer where the hardware allows, else a
+    /// download from the source's device feeding an upload to the
+    /// destination's, both through pinned chunks.
+    fn copy(&self, src: &DeviceBuffer, dst: &mut DeviceBuffer) -> Result<()> {
+        // Buffers of any CUDA device, not only this one.
+        let src: &CudaBuffer = src.of_kind(self.device(), "copy", "source")?;
+        let dst: &mut CudaBuffer = dst.of_kind_mut(self.device(), "copy", "destination")?;
+        backend::same_len(src.len(), dst.len())?;
+        if src.is_empty() {
             return Ok(());
         }
         if src.dev.index == dst.dev.index || dst.dev.peer_with(&src.dev)? {
@@ -597,28 +696,26 @@ impl Runtime {
                 .memcpy_dtod(from, dst.mem_mut()?)
                 .map_err(driver("copying device to device"));
         }
-        // No peer path: a download from the source's device feeds an upload
-        // to the destination's, chunk by chunk, both pipelined.
         let (from, to) = (src.owner()?, dst.owner()?);
         let (src_pools, dst_pools) = (src.dev.pools(), dst.dev.pools());
         let len = src.len();
         let mut upload = Upload::new(&to, &dst_pools.h2d, dst, 0)?;
-        staging::download(&from, &src_pools.d2h, src, 0, len, |bytes| {
+        pinned::download(&from, &src_pools.d2h, src, 0, len, |bytes| {
             upload.write(bytes)
         })?;
         upload.finish()
     }
 
-    pub(super) fn cast(
+    fn cast(
         &self,
-        src: &Buffer,
+        src: &DeviceBuffer,
         from: DType,
-        dst: &mut Buffer,
+        dst: &mut DeviceBuffer,
         to: DType,
     ) -> Result<()> {
+        let src: &CudaBuffer = src.on(self.device(), "cast", "source")?;
+        let dst: &mut CudaBuffer = dst.on_mut(self.device(), "cast", "destination")?;
         let n = cast::check_sizes(src.len(), from, dst.len(), to)?;
-        self.same_device("cast", "source", src)?;
-        self.same_device("cast", "destination", dst)?;
         if n == 0 {
             return Ok(());
         }
@@ -641,8 +738,8 @@ impl Runtime {
         Ok(())
     }
 
-    pub(super) fn checksum(&self, buf: &Buffer) -> Result<Checksum> {
-        self.same_device("checksum", "input", buf)?;
+    fn checksum(&self, buf: &DeviceBuffer) -> Result<Checksum> {
+        let buf: &CudaBuffer = buf.on(self.device(), "checksum", "input")?;
         let len = buf.len() as u64;
         if len == 0 {
             return Ok(finish_checksum(0, 0, 0));
@@ -676,86 +773,31 @@ impl Runtime {
         Ok(finish_checksum(host[0], host[1], len))
     }
 
-    /// The plan's `(size, stride)` pairs on the device.
-    fn dims(&self, plan: &Plan) -> Result<CudaSlice<u64>> {
-        let dims: Vec<u64> = plan
-            .dims
-            .iter()
-            .flat_map(|&(n, s)| [n as u64, s as u64])
-            .collect();
-        self.stream
-            .clone_htod(&dims)
-            .map_err(driver("copying a layout to the device"))
-    }
-
-    pub(super) fn pack(
+    fn pack(
         &self,
-        storage: &Buffer,
-        elem: usize,
+        way: Packing,
+        src: &DeviceBuffer,
+        elem_bytes: usize,
         layout: &Layout,
-        out: &mut Buffer,
+        dst: &mut DeviceBuffer,
     ) -> Result<()> {
-        pack::check(layout, elem, storage.len(), out.len())?;
-        self.same_device("pack", "storage", storage)?;
-        self.same_device("pack", "output", out)?;
-        self.run_pack(
-            "tf_pack",
-            storage.mem.as_ref(),
-            elem,
-            layout,
-            out.mem.as_mut(),
-        )
-    }
-
-    pub(super) fn unpack(
-        &self,
-        packed: &Buffer,
-        elem: usize,
-        layout: &Layout,
-        storage: &mut Buffer,
-    ) -> Result<()> {
-        pack::check(layout, elem, storage.len(), packed.len())?;
-        self.same_device("unpack", "packed", packed)?;
-        self.same_device("unpack", "storage", storage)?;
-        if layout.numel() > 1 && pack::overlaps(&Plan::new(layout)) {
-            return Err(Error::Unsupported {
-                op: "unpack",
-                backend: "cuda",
-                reason: "the view's elements may overlap, and only the CPU defines which write wins; unpack on the CPU".to_string(),
-            });
-        }
-        self.run_pack(
-            "tf_unpack",
-            packed.mem.as_ref(),
-            elem,
-            layout,
-            storage.mem.as_mut(),
-        )
-    }
-
-    fn run_pack(
-        &self,
-        kernel: &str,
-        from: Option<&CudaSlice<u8>>,
-        elem: usize,
-        layout: &Layout,
-        to: Option<&mut CudaSlice<u8>>,
-    ) -> Result<()> {
-        let n = layout.numel() as u64;
-        let (Some(from), Some(to)) = (from, to) else {
-            // Checked above: an empty view moves nothing.
+        let src: &CudaBuffer = src.on(self.device(), way.name(), "source")?;
+        let dst: &mut CudaBuffer = dst.on_mut(self.device(), way.name(), "destination")?;
+        let n = way.check("cuda", src.len(), elem_bytes, layout, dst.len())? as u64;
+        let (Some(from), Some(to), true) = (src.mem.as_ref(), dst.mem.as_mut(), n > 0) else {
+            // An empty view moves nothing.
             return Ok(());
         };
-        if n == 0 {
-            return Ok(());
-        }
         let plan = Plan::new(layout);
         let dims = self.dims(&plan)?;
-        let elem32 = u32::try_from(elem)
-            .map_err(|_| Error::BadLayout(format!("element size {elem} is too large")))?;
+        let elem32 = u32::try_from(elem_bytes)
+            .map_err(|_| Error::BadLayout(format!("element size {elem_bytes} is too large")))?;
         let rank = plan.dims.len() as u32;
         let offset = plan.offset as u64;
-        let f = self.dev.kernel(kernel)?;
+        let f = self.dev.kernel(match way {
+            Packing::Pack => "tf_pack",
+            Packing::Unpack => "tf_unpack",
+        })?;
         let mut launch = self.stream.launch_builder(f);
         launch
             .arg(from)
@@ -766,29 +808,44 @@ impl Runtime {
             .arg(&dims)
             .arg(&offset);
         // SAFETY: `tf_pack`/`tf_unpack(const u8* from, u8* to, u64 n, u32
-        // elem, u32 rank, const u64* dims, u64 offset)`; pack::check verified
-        // that every element of the view lies inside the storage and that the
-        // packed buffer holds n × elem bytes; dims holds 2 × rank values.
+        // elem, u32 rank, const u64* dims, u64 offset)`; `way.check` verified
+        // that every element of the view lies inside its buffer and that the
+        // contiguous one holds n × elem bytes; dims holds 2 × rank values.
         unsafe { launch.launch(grid(n)) }.map_err(driver("launching the pack kernel"))?;
         Ok(())
     }
 
-    pub(super) fn record_event(&self) -> Result<Event> {
-        self.stream
-            .record_event(None)
-            .map(|event| Event { event })
-            .map_err(driver("recording an event"))
-    }
-
-    pub(super) fn wait_event(&self, event: &Event) -> Result<()> {
-        self.stream
-            .wait(&event.event)
-            .map_err(driver("waiting for an event"))
-    }
-
-    pub(super) fn synchronize(&self) -> Result<()> {
+    fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
             .map_err(driver("cuStreamSynchronize"))
+    }
+}
+
+/// CUDA's upload fed piece by piece: the pinned chunks of the device's
+/// host-to-device pool, copies on the runtime's stream.
+impl Feed for OwnedUpload<CudaRuntime> {
+    fn len(&self) -> usize {
+        OwnedUpload::len(self)
+    }
+
+    fn position(&self) -> usize {
+        OwnedUpload::position(self)
+    }
+
+    fn space(&mut self) -> Result<&mut [u8]> {
+        OwnedUpload::space(self)
+    }
+
+    fn advance(&mut self, n: usize) -> Result<()> {
+        OwnedUpload::advance(self, n)
+    }
+
+    fn pause(&mut self) -> Result<()> {
+        OwnedUpload::pause(self)
+    }
+
+    fn finish(self: Box<Self>) -> Result<DeviceBuffer> {
+        OwnedUpload::finish(*self).map(DeviceBuffer::Cuda)
     }
 }

@@ -1,20 +1,25 @@
 //! The wgpu runtime proper (feature `wgpu`): one logical device per adapter
-//! per process, buffers, staging through mapped buffers, and the WGSL
-//! kernels, each compiled into a pipeline once and cached.
+//! per process, buffers, staging through mapped buffers, the WGSL kernels,
+//! each compiled into a pipeline once and cached, and the [`Backend`] they
+//! make.
 //!
 //! Every operation runs inside wgpu error scopes, and an uncaptured-error
 //! handler is installed, so a validation or memory error becomes an
 //! [`Error::Backend`] instead of wgpu's default panic.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::{Arc, Mutex};
+
+use tensorferry_device_map::Device;
 
 use super::{CAST_WGSL, CHECKSUM_WGSL, PACK_WGSL};
 use crate::cast;
-use crate::cpu::pack::{self, Plan};
+use crate::cpu::pack::Plan;
 use crate::cpu::{finish_checksum, Checksum, CHECKSUM_BLOCK_BYTES};
 use crate::error::{Error, Result};
-use crate::runtime::{lock, PerDevice};
+use crate::runtime::backend::{self, sealed, Backend, Feed, Packing, STEP_BYTES};
+use crate::runtime::{lock, DeviceBuffer, PerDevice, Uploading};
 use crate::{DType, Layout};
 
 /// Invocations per workgroup in every shader.
@@ -68,6 +73,13 @@ impl DeviceState {
             });
         }
         let adapter = adapters.swap_remove(index as usize);
+        let info = adapter.get_info();
+        tracing::debug!(
+            device = %Device::wgpu(index),
+            adapter = %info.name,
+            backend = %info.backend,
+            "opening a wgpu adapter"
+        );
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("tensorferry"),
@@ -78,6 +90,8 @@ impl DeviceState {
         let uncaptured = Arc::new(Mutex::new(None));
         let sink = Arc::clone(&uncaptured);
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            // Kept for the next call to return; said now, as it happens.
+            tracing::warn!(device = %Device::wgpu(index), error = %e, "wgpu error outside an error scope");
             let mut slot = lock(&sink);
             if slot.is_none() {
                 *slot = Some(e.to_string());
@@ -144,6 +158,7 @@ impl DeviceState {
                 }))
         })?;
         let pipeline = Arc::new(pipeline);
+        tracing::debug!(device = %Device::wgpu(self.index), pipeline = name, "built a WGSL pipeline");
         lock(&self.pipelines).insert(name.to_string(), Arc::clone(&pipeline));
         Ok(pipeline)
     }
@@ -226,28 +241,55 @@ unsafe impl<T> Send for Proven<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for Proven<T> {}
 
+/// One wgpu adapter, opened as a device. Cloning shares it.
+///
+/// Work is submitted to the device's queue in call order; whatever hands
+/// bytes to the host waits for it. Its operations are those of [`Backend`].
 #[derive(Clone)]
-pub(super) struct Runtime {
+pub struct WgpuRuntime {
     dev: Proven<Arc<DeviceState>>,
 }
 
-pub(super) struct Buffer {
+/// A storage buffer on one wgpu device.
+pub struct WgpuBuffer {
     dev: Proven<Arc<DeviceState>>,
     buffer: Proven<wgpu::Buffer>,
     len: usize,
 }
 
-impl Buffer {
-    pub(super) fn owner(&self) -> Result<Runtime> {
-        Ok(Runtime {
+impl WgpuBuffer {
+    /// Length in bytes (the allocation is padded to a multiple of 4).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `wgpu:N`.
+    pub fn device(&self) -> Device {
+        Device::wgpu(self.dev.index)
+    }
+
+    /// The runtime of the device this buffer lives on.
+    pub(crate) fn owner(&self) -> Result<WgpuRuntime> {
+        Ok(WgpuRuntime {
             dev: self.dev.clone(),
         })
     }
-    pub(super) fn len(&self) -> usize {
-        self.len
+}
+
+impl fmt::Debug for WgpuRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgpuRuntime(wgpu:{})", self.dev.index)
     }
-    pub(super) fn index(&self) -> u32 {
-        self.dev.index
+}
+
+impl fmt::Debug for WgpuBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgpuBuffer(wgpu:{}, {} bytes)", self.dev.index, self.len)
     }
 }
 
@@ -261,35 +303,27 @@ fn too_large(op: &'static str, bytes: u64, limit: u64) -> Error {
     }
 }
 
-impl Runtime {
-    pub(super) fn open(index: u32) -> Result<Self> {
+impl WgpuRuntime {
+    /// Opens `wgpu:index`, the index-th adapter of the list
+    /// [`probe`](super::probe) shows.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] without adapters; [`Error::NoSuchDevice`] for
+    /// an index past the list; [`Error::Backend`] when wgpu cannot open the
+    /// device.
+    pub fn new(index: u32) -> Result<Self> {
         DeviceState::get(index).map(|dev| Self {
             dev: Proven::new(dev),
         })
     }
 
-    pub(super) fn index(&self) -> u32 {
-        self.dev.index
-    }
-
-    pub(super) fn adapter(&self) -> super::AdapterInfo {
+    /// The adapter: name, backend (`vulkan`, `gl`, …), kind and driver.
+    pub fn adapter(&self) -> super::AdapterInfo {
         super::AdapterInfo::new(self.dev.index, self.dev.device.adapter_info())
     }
 
-    fn same_device(&self, op: &'static str, what: &'static str, buf: &Buffer) -> Result<()> {
-        if buf.dev.index == self.dev.index {
-            Ok(())
-        } else {
-            Err(Error::WrongDevice {
-                op,
-                what,
-                runtime: tensorferry_device_map::Device::wgpu(self.dev.index),
-                found: tensorferry_device_map::Device::wgpu(buf.dev.index),
-            })
-        }
-    }
-
-    pub(super) fn alloc(&self, len: usize) -> Result<Buffer> {
+    fn alloc_buffer(&self, len: usize) -> Result<WgpuBuffer> {
         let size = padded(len);
         if size > self.dev.limits.max_buffer_size {
             return Err(Error::Unsupported {
@@ -311,24 +345,16 @@ impl Runtime {
                 mapped_at_creation: false,
             }))
         })?;
-        Ok(Buffer {
+        Ok(WgpuBuffer {
             dev: self.dev.clone(),
             buffer: Proven::new(buffer),
             len,
         })
     }
 
-    pub(super) fn write(&self, dst: &mut Buffer, offset: usize, src: &[u8]) -> Result<()> {
-        self.same_device("write", "destination", dst)?;
-        let end = offset.checked_add(src.len()).filter(|&e| e <= dst.len);
-        if end.is_none() {
-            return Err(Error::SizeMismatch {
-                op: "write",
-                what: "device buffer",
-                expected: offset.saturating_add(src.len()),
-                actual: dst.len,
-            });
-        }
+    /// Copies `src` into `dst` at `offset` through mapped staging buffers.
+    fn write_into(&self, dst: &mut WgpuBuffer, offset: usize, src: &[u8]) -> Result<()> {
+        backend::range("write", offset, src.len(), dst.len)?;
         if offset % WORD != 0 || (src.len() % WORD != 0 && offset + src.len() != dst.len) {
             return Err(Error::Unsupported {
                 op: "write",
@@ -367,6 +393,25 @@ impl Runtime {
         Ok(())
     }
 
+    /// Copies all of `src` into `dst`, on this adapter or another.
+    fn copy_buffers(&self, src: &WgpuBuffer, dst: &mut WgpuBuffer) -> Result<()> {
+        backend::same_len(src.len, dst.len)?;
+        if src.len == 0 {
+            return Ok(());
+        }
+        if src.dev.index == dst.dev.index {
+            return self.dev.scoped("copying between wgpu buffers", || {
+                let mut encoder = self.dev.device.create_command_encoder(&Default::default());
+                encoder.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, padded(src.len));
+                self.dev.queue.submit([encoder.finish()]);
+                Ok(())
+            });
+        }
+        let mut host = vec![0u8; src.len];
+        src.owner()?.read(src, 0, &mut host)?;
+        dst.owner()?.write_into(dst, 0, &host)
+    }
+
     /// Copies `len` bytes from `buffer` at `offset` (both multiples of 4) to the host.
     fn fetch(&self, buffer: &wgpu::Buffer, offset: u64, len: u64, out: &mut [u8]) -> Result<()> {
         self.dev.scoped("downloading from a wgpu buffer", || {
@@ -398,16 +443,10 @@ impl Runtime {
         })
     }
 
-    pub(super) fn read(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
-        self.same_device("read", "source", src)?;
-        if offset.checked_add(dst.len()).is_none_or(|e| e > src.len) {
-            return Err(Error::SizeMismatch {
-                op: "read",
-                what: "device buffer",
-                expected: offset.saturating_add(dst.len()),
-                actual: src.len,
-            });
-        }
+    /// Copies bytes `offset..offset + dst.len()` of `src` to the host, after
+    /// the work submitted before it.
+    fn read(&self, src: &WgpuBuffer, offset: usize, dst: &mut [u8]) -> Result<()> {
+        backend::range("download", offset, dst.len(), src.len)?;
         // Whole words around the range, then the bytes asked for.
         let mut at = 0;
         while at < dst.len() {
@@ -421,39 +460,6 @@ impl Runtime {
             at += n;
         }
         Ok(())
-    }
-
-    pub(super) fn copy(&self, src: &Buffer, dst: &mut Buffer) -> Result<()> {
-        if src.len != dst.len {
-            return Err(Error::SizeMismatch {
-                op: "copy",
-                what: "destination",
-                expected: src.len,
-                actual: dst.len,
-            });
-        }
-        if src.len == 0 {
-            return Ok(());
-        }
-        if src.dev.index == dst.dev.index {
-            self.dev.scoped("copying between wgpu buffers", || {
-                let mut encoder = self.dev.device.create_command_encoder(&Default::default());
-                encoder.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, padded(src.len));
-                self.dev.queue.submit([encoder.finish()]);
-                Ok(())
-            })
-        } else {
-            // Different adapters share nothing: through the host.
-            let mut host = vec![0u8; src.len];
-            Runtime {
-                dev: src.dev.clone(),
-            }
-            .read(src, 0, &mut host)?;
-            Runtime {
-                dev: dst.dev.clone(),
-            }
-            .write(dst, 0, &host)
-        }
     }
 
     /// Records one dispatch of `pipeline` over `units` invocations.
@@ -483,21 +489,148 @@ impl Runtime {
         pass.dispatch_workgroups(x, y, 1);
     }
 
-    pub(super) fn cast(
+    /// Runs the pack kernel `way` between the strided `storage` and the
+    /// contiguous `packed` (arguments checked).
+    fn run_pack(
         &self,
-        src: &Buffer,
+        way: Packing,
+        storage: &WgpuBuffer,
+        elem: usize,
+        layout: &Layout,
+        packed: &WgpuBuffer,
+    ) -> Result<()> {
+        let op = way.name();
+        if packed.len == 0 {
+            return Ok(());
+        }
+        let max = self.dev.max_binding();
+        for bytes in [padded(storage.len), padded(packed.len)] {
+            if bytes > max {
+                return Err(too_large(op, bytes, max));
+            }
+        }
+        let plan = Plan::new(layout);
+        let small = |v: usize| {
+            u32::try_from(v).map_err(|_| Error::Unsupported {
+                op,
+                backend: "wgpu",
+                reason: format!("the view's size or stride {v} does not fit WGSL's 32-bit indices"),
+            })
+        };
+        let mut dims = Vec::with_capacity(plan.dims.len() * 2);
+        for &(n, s) in &plan.dims {
+            dims.push(small(n)?);
+            dims.push(small(s)?);
+        }
+        let n = small(layout.numel())?;
+        let elem32 = small(elem)?;
+        let offset = small(plan.offset)?;
+        let words = packed.len.div_ceil(WORD) as u64;
+        let whole_words = elem % WORD == 0;
+        let name = match (way, whole_words) {
+            (Packing::Pack, true) => "pack_words",
+            (Packing::Pack, false) => "pack_bytes",
+            (Packing::Unpack, true) => "unpack_words",
+            (Packing::Unpack, false) => "unpack_bytes",
+        };
+        let pipeline = self.dev.pipeline(name, || pack_source(name))?;
+        self.dev.scoped("running the pack kernel", || {
+            let dims_buffer = self.dev.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensorferry dims"),
+                size: (dims.len() * 4) as u64,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: true,
+            });
+            if let Ok(mut view) = dims_buffer.get_mapped_range_mut(..) {
+                view.copy_from_slice(bytemuck::cast_slice(&dims));
+            }
+            dims_buffer.unmap();
+            let params = self.dev.uniform(&[
+                n,
+                elem32,
+                plan.dims.len() as u32,
+                offset,
+                words as u32,
+                0,
+                0,
+                0,
+            ]);
+            let entries = [
+                entry(&storage.buffer, 0, 0, padded(storage.len)),
+                entry(&packed.buffer, 1, 0, padded(packed.len)),
+                entry(&params, 2, 0, 32),
+                entry(&dims_buffer, 3, 0, (dims.len() * 4) as u64),
+            ];
+            let mut encoder = self.dev.device.create_command_encoder(&Default::default());
+            self.dispatch(&mut encoder, &pipeline, &entries, words);
+            self.dev.queue.submit([encoder.finish()]);
+            Ok(())
+        })
+    }
+}
+
+impl sealed::Sealed for WgpuRuntime {}
+
+impl Backend for WgpuRuntime {
+    fn device(&self) -> Device {
+        Device::wgpu(self.dev.index)
+    }
+
+    fn alloc(&self, len: usize) -> Result<DeviceBuffer> {
+        self.alloc_buffer(len).map(DeviceBuffer::Wgpu)
+    }
+
+    fn write(&self, dst: &mut DeviceBuffer, offset: usize, src: &[u8]) -> Result<()> {
+        let dst: &mut WgpuBuffer = dst.on_mut(self.device(), "write", "destination")?;
+        self.write_into(dst, offset, src)
+    }
+
+    /// Host steps of up to 4 MiB, each written through a mapped staging
+    /// buffer once full, its copy submitted without waiting.
+    fn begin_upload(&self, len: usize) -> Result<Uploading> {
+        let feed = Steps {
+            buf: self.alloc_buffer(len)?,
+            step: Vec::new(),
+            at: 0,
+            filled: 0,
+            rt: self.clone(),
+        };
+        Ok(Uploading::new(self.device(), Box::new(feed)))
+    }
+
+    /// Past one 4 MiB step: one step's copy runs while the next fills.
+    fn overlaps_upload(&self, len: usize) -> bool {
+        len > STEP_BYTES
+    }
+
+    fn download_range(&self, src: &DeviceBuffer, offset: usize, out: &mut [u8]) -> Result<()> {
+        let src: &WgpuBuffer = src.on(self.device(), "download", "source")?;
+        self.read(src, offset, out)
+    }
+
+    /// Between adapters through the host: they share nothing.
+    fn copy(&self, src: &DeviceBuffer, dst: &mut DeviceBuffer) -> Result<()> {
+        // Buffers of any adapter, not only this one.
+        let src: &WgpuBuffer = src.of_kind(self.device(), "copy", "source")?;
+        let dst: &mut WgpuBuffer = dst.of_kind_mut(self.device(), "copy", "destination")?;
+        self.copy_buffers(src, dst)
+    }
+
+    fn cast(
+        &self,
+        src: &DeviceBuffer,
         from: DType,
-        dst: &mut Buffer,
+        dst: &mut DeviceBuffer,
         to: DType,
     ) -> Result<()> {
+        let src: &WgpuBuffer = src.on(self.device(), "cast", "source")?;
+        let dst: &mut WgpuBuffer = dst.on_mut(self.device(), "cast", "destination")?;
         let n = cast::check_sizes(src.len, from, dst.len, to)?;
-        self.same_device("cast", "source", src)?;
-        self.same_device("cast", "destination", dst)?;
         if n == 0 {
             return Ok(());
         }
         if from == to {
-            return self.copy(src, dst);
+            return self.copy_buffers(src, dst);
         }
         let (s, d) = (from.size_bytes() as u64, to.size_bytes() as u64);
         let name = format!("cast_{from}_{to}");
@@ -533,8 +666,8 @@ impl Runtime {
         })
     }
 
-    pub(super) fn checksum(&self, buf: &Buffer) -> Result<Checksum> {
-        self.same_device("checksum", "input", buf)?;
+    fn checksum(&self, buf: &DeviceBuffer) -> Result<Checksum> {
+        let buf: &WgpuBuffer = buf.on(self.device(), "checksum", "input")?;
         let len = buf.len as u64;
         if len == 0 {
             return Ok(finish_checksum(0, 0, 0));
@@ -582,137 +715,96 @@ impl Runtime {
         Ok(finish_checksum(lo, hi, len))
     }
 
-    pub(super) fn pack(
+    fn pack(
         &self,
-        storage: &Buffer,
-        elem: usize,
+        way: Packing,
+        src: &DeviceBuffer,
+        elem_bytes: usize,
         layout: &Layout,
-        out: &mut Buffer,
+        dst: &mut DeviceBuffer,
     ) -> Result<()> {
-        pack::check(layout, elem, storage.len, out.len)?;
-        self.same_device("pack", "storage", storage)?;
-        self.same_device("pack", "output", out)?;
-        self.run_pack(
-            true,
-            &storage.buffer,
-            storage.len,
-            elem,
-            layout,
-            &out.buffer,
-            out.len,
-        )
-    }
-
-    pub(super) fn unpack(
-        &self,
-        packed: &Buffer,
-        elem: usize,
-        layout: &Layout,
-        storage: &mut Buffer,
-    ) -> Result<()> {
-        pack::check(layout, elem, storage.len, packed.len)?;
-        self.same_device("unpack", "packed", packed)?;
-        self.same_device("unpack", "storage", storage)?;
-        if layout.numel() > 1 && pack::overlaps(&Plan::new(layout)) {
-            return Err(Error::Unsupported {
-                op: "unpack",
-                backend: "wgpu",
-                reason: "the view's elements may overlap, and only the CPU defines which write wins; unpack on the CPU".to_string(),
-            });
-        }
-        self.run_pack(
-            false,
-            &storage.buffer,
-            storage.len,
-            elem,
-            layout,
-            &packed.buffer,
-            packed.len,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn run_pack(
-        &self,
-        gather: bool,
-        storage: &wgpu::Buffer,
-        storage_len: usize,
-        elem: usize,
-        layout: &Layout,
-        packed: &wgpu::Buffer,
-        packed_len: usize,
-    ) -> Result<()> {
-        let op = if gather { "pack" } else { "unpack" };
-        if packed_len == 0 {
-            return Ok(());
-        }
-        let max = self.dev.max_binding();
-        for bytes in [padded(storage_len), padded(packed_len)] {
-            if bytes > max {
-                return Err(too_large(op, bytes, max));
-            }
-        }
-        let plan = Plan::new(layout);
-        let small = |v: usize| {
-            u32::try_from(v).map_err(|_| Error::Unsupported {
-                op,
-                backend: "wgpu",
-                reason: format!("the view's size or stride {v} does not fit WGSL's 32-bit indices"),
-            })
+        let src: &WgpuBuffer = src.on(self.device(), way.name(), "source")?;
+        let dst: &WgpuBuffer = dst.on(self.device(), way.name(), "destination")?;
+        way.check("wgpu", src.len, elem_bytes, layout, dst.len)?;
+        let (storage, packed) = match way {
+            Packing::Pack => (src, dst),
+            Packing::Unpack => (dst, src),
         };
-        let mut dims = Vec::with_capacity(plan.dims.len() * 2);
-        for &(n, s) in &plan.dims {
-            dims.push(small(n)?);
-            dims.push(small(s)?);
-        }
-        let n = small(layout.numel())?;
-        let elem32 = small(elem)?;
-        let offset = small(plan.offset)?;
-        let words = packed_len.div_ceil(WORD) as u64;
-        let whole_words = elem % WORD == 0;
-        let name = match (gather, whole_words) {
-            (true, true) => "pack_words",
-            (true, false) => "pack_bytes",
-            (false, true) => "unpack_words",
-            (false, false) => "unpack_bytes",
-        };
-        let pipeline = self.dev.pipeline(name, || pack_source(name))?;
-        self.dev.scoped("running the pack kernel", || {
-            let dims_buffer = self.dev.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("tensorferry dims"),
-                size: (dims.len() * 4) as u64,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: true,
-            });
-            if let Ok(mut view) = dims_buffer.get_mapped_range_mut(..) {
-                view.copy_from_slice(bytemuck::cast_slice(&dims));
-            }
-            dims_buffer.unmap();
-            let params = self.dev.uniform(&[
-                n,
-                elem32,
-                plan.dims.len() as u32,
-                offset,
-                words as u32,
-                0,
-                0,
-                0,
-            ]);
-            let entries = [
-                entry(storage, 0, 0, padded(storage_len)),
-                entry(packed, 1, 0, padded(packed_len)),
-                entry(&params, 2, 0, 32),
-                entry(&dims_buffer, 3, 0, (dims.len() * 4) as u64),
-            ];
-            let mut encoder = self.dev.device.create_command_encoder(&Default::default());
-            self.dispatch(&mut encoder, &pipeline, &entries, words);
-            self.dev.queue.submit([encoder.finish()]);
-            Ok(())
-        })
+        self.run_pack(way, storage, elem_bytes, layout, packed)
     }
 
-    pub(super) fn synchronize(&self) -> Result<()> {
+    fn synchronize(&self) -> Result<()> {
         self.dev.wait()
+    }
+}
+
+/// wgpu's upload fed piece by piece: a host step of up to 4 MiB, written to
+/// the adapter through a mapped staging buffer once full. Nothing waits at
+/// the end: later work on the queue runs after the copies, and the staging
+/// buffers belong to wgpu, not to the caller.
+struct Steps {
+    rt: WgpuRuntime,
+    buf: WgpuBuffer,
+    step: Vec<u8>,
+    /// Where the step lands.
+    at: usize,
+    filled: usize,
+}
+
+impl Steps {
+    fn cap(&self) -> usize {
+        STEP_BYTES.min(self.buf.len - self.at)
+    }
+}
+
+impl Feed for Steps {
+    fn len(&self) -> usize {
+        self.buf.len
+    }
+
+    fn position(&self) -> usize {
+        self.at + self.filled
+    }
+
+    fn space(&mut self) -> Result<&mut [u8]> {
+        let cap = self.cap();
+        if self.step.len() < cap {
+            self.step.resize(cap, 0);
+        }
+        Ok(&mut self.step[self.filled..cap])
+    }
+
+    fn advance(&mut self, n: usize) -> Result<()> {
+        let cap = self.cap();
+        if self.filled + n > cap {
+            return Err(Error::SizeMismatch {
+                op: "upload: advance",
+                what: "free space of the staging step",
+                expected: n,
+                actual: cap - self.filled,
+            });
+        }
+        self.filled += n;
+        if n > 0 && self.filled == cap {
+            self.rt
+                .write_into(&mut self.buf, self.at, &self.step[..cap])?;
+            self.at += cap;
+            self.filled = 0;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<DeviceBuffer> {
+        Ok(DeviceBuffer::Wgpu(self.buf))
+    }
+}
+
+impl fmt::Debug for Steps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Steps")
+            .field("len", &self.buf.len)
+            .field("position", &self.position())
+            .finish()
     }
 }
 

@@ -3,10 +3,10 @@
 //! same run.
 //!
 //! ```text
-//! cargo run --release -p tensorferry-kernels --features cuda --example staging_bench
+//! cargo run --release -p tensorferry-kernels --features cuda --example pinned_bench
 //! ```
 //!
-//! Staged: `CudaRuntime::write` from, and `CudaRuntime::read` into, ordinary
+//! Staged: `Backend::write` from, and `Backend::download_range` into, ordinary
 //! (pageable) memory, as bytes from or for a socket would be; plain:
 //! `cuMemcpyHtoDAsync` / `cuMemcpyDtoHAsync` of the whole size from or into
 //! one pinned buffer, then a stream synchronize. Sizes 64 MiB and 256 MiB;
@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::{sys, CudaContext};
 use tensorferry_kernels::runtime::cuda::{probe, CudaRuntime};
-use tensorferry_kernels::runtime::staging::StagingConfig;
+use tensorferry_kernels::runtime::pinned::PinnedConfig;
+use tensorferry_kernels::runtime::Backend;
 
 const RUNS: usize = 5;
 const SIZES: [usize; 2] = [64 << 20, 256 << 20];
@@ -92,9 +93,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut buf = rt.alloc(size)?;
         for chunk_bytes in CHUNK_BYTES {
             for chunks in CHUNKS {
-                rt.set_staging(StagingConfig::new(chunk_bytes, chunks)?);
+                rt.set_pinned(PinnedConfig::new(chunk_bytes, chunks)?);
                 let h2d = best(|| Ok(rt.write(&mut buf, 0, &data)?))?;
-                let d2h = best(|| Ok(rt.read(&buf, 0, &mut back)?))?;
+                let d2h = best(|| Ok(rt.download_range(&buf, 0, &mut back)?))?;
                 if back != data {
                     return Err("staged round trip changed the bytes".into());
                 }

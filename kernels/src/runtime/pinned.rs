@@ -1,4 +1,4 @@
-//! Staging: bytes between the host and a device through a fixed pool of
+//! Pinned chunks: bytes between the host and a device through a fixed pool of
 //! (pinned) host chunks, with copies in flight while the host fills or drains
 //! the next chunk.
 //!
@@ -7,7 +7,7 @@
 //! event), ask whether an event is done or wait for it. On top of it:
 //!
 //! - [`ChunkPool`]: the chunks of one device and direction, shared by every
-//!   pipeline, sized by [`StagingConfig`] (default 16 × 1 MiB).
+//!   pipeline, sized by [`PinnedConfig`] (default 16 × 1 MiB).
 //! - [`Upload`]: host to device into one buffer. [`Upload::write_from`] reads
 //!   a source (a socket) straight into a chunk's host memory and enqueues its
 //!   copy, then reads the next chunk while that copy runs;
@@ -39,7 +39,7 @@
 //!
 //! One case the rule cannot help: a thread that holds every taken chunk in
 //! one unfinished pipeline and starts a second on the same pool would wait for
-//! itself. The pool detects it and answers [`Error::StagingExhausted`]
+//! itself. The pool detects it and answers [`Error::PinnedExhausted`]
 //! instead of hanging.
 //!
 //! # Examples
@@ -65,40 +65,41 @@
 
 use std::borrow::{Borrow, BorrowMut};
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::ThreadId;
 
+use super::backend::{range, read_some};
 use crate::error::{Error, Result};
 use crate::runtime::lock;
 
-/// Environment variable with the bytes per staging chunk (`1048576`, `1M`,
-/// `256K`, `4MiB`); default [`StagingConfig::DEFAULT_CHUNK_BYTES`].
+/// Environment variable with the bytes per pinned chunk (`1048576`, `1M`,
+/// `256K`, `4MiB`); default [`PinnedConfig::DEFAULT_CHUNK_BYTES`].
 pub const CHUNK_BYTES_VAR: &str = "TENSORFERRY_PINNED_CHUNK_BYTES";
-/// Environment variable with the staging chunks per device and direction;
-/// default [`StagingConfig::DEFAULT_CHUNKS`].
+/// Environment variable with the pinned chunks per device and direction;
+/// default [`PinnedConfig::DEFAULT_CHUNKS`].
 pub const CHUNKS_VAR: &str = "TENSORFERRY_PINNED_CHUNKS";
 
-/// The size of one device's staging pool: `chunks` chunks of `chunk_bytes`
+/// The size of one device's pinned pools: `chunks` chunks of `chunk_bytes`
 /// each, per direction. Valid once made.
 ///
 /// # Examples
 ///
 /// ```
-/// use tensorferry_kernels::runtime::staging::StagingConfig;
+/// use tensorferry_kernels::runtime::pinned::PinnedConfig;
 ///
-/// let config = StagingConfig::new(4 << 20, 8)?;
+/// let config = PinnedConfig::new(4 << 20, 8)?;
 /// assert_eq!(config.total_bytes(), 32 << 20);
-/// assert!(StagingConfig::new(0, 8).is_err());
+/// assert!(PinnedConfig::new(0, 8).is_err());
 /// # Ok::<(), tensorferry_kernels::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StagingConfig {
+pub struct PinnedConfig {
     chunk_bytes: usize,
     chunks: usize,
 }
 
-impl Default for StagingConfig {
+impl Default for PinnedConfig {
     fn default() -> Self {
         Self {
             chunk_bytes: Self::DEFAULT_CHUNK_BYTES,
@@ -107,7 +108,7 @@ impl Default for StagingConfig {
     }
 }
 
-impl StagingConfig {
+impl PinnedConfig {
     /// Default bytes per chunk: 1 MiB.
     pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
     /// Default chunks per device and direction: 16.
@@ -123,11 +124,11 @@ impl StagingConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::BadStaging`] for zero, or for more than
-    /// [`StagingConfig::MAX_CHUNK_BYTES`], [`StagingConfig::MAX_CHUNKS`] or
-    /// [`StagingConfig::MAX_TOTAL_BYTES`] in all.
+    /// [`Error::BadPinned`] for zero, or for more than
+    /// [`PinnedConfig::MAX_CHUNK_BYTES`], [`PinnedConfig::MAX_CHUNKS`] or
+    /// [`PinnedConfig::MAX_TOTAL_BYTES`] in all.
     pub fn new(chunk_bytes: usize, chunks: usize) -> Result<Self> {
-        Self::checked(chunk_bytes, chunks, "StagingConfig::new")
+        Self::checked(chunk_bytes, chunks, "PinnedConfig::new")
     }
 
     /// The configuration from [`CHUNK_BYTES_VAR`] and [`CHUNKS_VAR`], each
@@ -135,7 +136,7 @@ impl StagingConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::BadStaging`] for a value that is not a size or is out of range.
+    /// [`Error::BadPinned`] for a value that is not a size or is out of range.
     pub fn from_env() -> Result<Self> {
         let chunk_bytes = env_size(CHUNK_BYTES_VAR, "chunk bytes", Self::DEFAULT_CHUNK_BYTES)?;
         let chunks = env_size(CHUNKS_VAR, "chunks", Self::DEFAULT_CHUNKS)?;
@@ -143,7 +144,7 @@ impl StagingConfig {
     }
 
     fn checked(chunk_bytes: usize, chunks: usize, origin: &str) -> Result<Self> {
-        let bad = |setting, value: usize, reason: String| Error::BadStaging {
+        let bad = |setting, value: usize, reason: String| Error::BadPinned {
             setting,
             value: value.to_string(),
             origin: origin.to_string(),
@@ -209,7 +210,7 @@ fn env_size(var: &'static str, setting: &'static str, default: usize) -> Result<
     let Ok(text) = std::env::var(var) else {
         return Ok(default);
     };
-    parse_size(&text).ok_or_else(|| Error::BadStaging {
+    parse_size(&text).ok_or_else(|| Error::BadPinned {
         setting,
         value: text.clone(),
         origin: var.to_string(),
@@ -336,12 +337,12 @@ pub trait ChunkDevice {
     fn wait(&self, event: &Self::Event) -> Result<()>;
 }
 
-/// The staging chunks of one device and direction, shared by every pipeline
-/// on it: allocated on first use (at most [`StagingConfig::chunks`]), reused,
+/// The pinned chunks of one device and direction, shared by every pipeline
+/// on it: allocated on first use (at most [`PinnedConfig::chunks`]), reused,
 /// freed with the pool. See the module docs for the rule that hands them out.
 pub struct ChunkPool<C> {
     name: String,
-    config: StagingConfig,
+    config: PinnedConfig,
     direction: Direction,
     state: Mutex<PoolState<C>>,
     returned: Condvar,
@@ -391,7 +392,7 @@ impl<C> std::fmt::Debug for ChunkPool<C> {
 
 impl<C> ChunkPool<C> {
     /// An empty pool named `name` (for messages, e.g. `cuda:0 host-to-device`).
-    pub fn new(name: impl Into<String>, config: StagingConfig, direction: Direction) -> Self {
+    pub fn new(name: impl Into<String>, config: PinnedConfig, direction: Direction) -> Self {
         Self {
             name: name.into(),
             config,
@@ -407,7 +408,7 @@ impl<C> ChunkPool<C> {
     }
 
     /// The pool's size.
-    pub fn config(&self) -> StagingConfig {
+    pub fn config(&self) -> PinnedConfig {
         self.config
     }
 
@@ -443,6 +444,12 @@ impl<C> ChunkPool<C> {
         if state.allocated < self.config.chunks {
             let chunk = dev.alloc_chunk(self.config.chunk_bytes, self.direction)?;
             state.allocated += 1;
+            tracing::trace!(
+                pool = %self.name,
+                allocated = state.allocated,
+                chunk_bytes = self.config.chunk_bytes,
+                "allocated a pinned chunk"
+            );
             return Ok(Some(chunk));
         }
         Ok(None)
@@ -494,11 +501,12 @@ fn take<D: ChunkDevice, P: PoolHandle<D::Chunk>>(pool: &P, dev: &D) -> Result<Le
         // pipeline it has not finished), nobody else can give one back.
         let mine = state.held_by(me);
         if mine >= state.allocated {
-            return Err(Error::StagingExhausted {
+            return Err(Error::PinnedExhausted {
                 pool: p.name.clone(),
                 chunks: state.allocated,
             });
         }
+        tracing::trace!(pool = %p.name, "every pinned chunk is taken; waiting for one");
         state.waiting += 1;
         state = p
             .returned
@@ -748,7 +756,7 @@ where
         let chunk = host.len();
         host.get_mut(*filled..cap).ok_or(Error::SizeMismatch {
             op: "upload",
-            what: "staging chunk",
+            what: "pinned chunk",
             expected: cap,
             actual: chunk,
         })
@@ -768,7 +776,7 @@ where
                 let have = filling.as_ref().map_or(0, |(_, f)| *f);
                 return Err(Error::SizeMismatch {
                     op: "upload: advance",
-                    what: "free space of the staging chunk",
+                    what: "free space of the pinned chunk",
                     expected: n,
                     actual: filling.as_ref().map_or(0, |_| cap - have),
                 });
@@ -885,7 +893,7 @@ impl<'a, D: ChunkDevice> Upload<'a, D> {
     /// # Errors
     ///
     /// [`Error::SizeMismatch`] past the buffer's end (nothing is written);
-    /// [`Error::StagingExhausted`]; the backend's errors.
+    /// [`Error::PinnedExhausted`]; the backend's errors.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.0.write(bytes)
     }
@@ -1003,7 +1011,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::StagingExhausted`]; the backend's errors (a failed copy).
+    /// [`Error::PinnedExhausted`]; the backend's errors (a failed copy).
     pub fn space(&mut self) -> Result<&mut [u8]> {
         self.pipe.space()
     }
@@ -1073,7 +1081,7 @@ where
 /// # Errors
 ///
 /// [`Error::SizeMismatch`] for a range past the buffer's end;
-/// [`Error::StagingExhausted`]; the sink's error; the backend's errors.
+/// [`Error::PinnedExhausted`]; the sink's error; the backend's errors.
 pub fn download<D: ChunkDevice>(
     dev: &D,
     pool: &ChunkPool<D::Chunk>,
@@ -1082,18 +1090,7 @@ pub fn download<D: ChunkDevice>(
     len: usize,
     mut sink: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
-    let buffer = dev.buffer_len(src);
-    let end = match offset.checked_add(len) {
-        Some(end) if end <= buffer => end,
-        _ => {
-            return Err(Error::SizeMismatch {
-                op: "download",
-                what: "device buffer",
-                expected: offset.saturating_add(len),
-                actual: buffer,
-            })
-        }
-    };
+    let end = range("download", offset, len, dev.buffer_len(src))?.end;
     let chunk_bytes = pool.config().chunk_bytes();
     let mut flights = Flights::<D, _, _>::new(dev, pool);
     // The chunk whose bytes the sink just took, for the next copy.
@@ -1140,46 +1137,25 @@ pub fn download<D: ChunkDevice>(
     }
 }
 
-/// Reads at least one byte into `buf` (non-empty), retrying interruptions;
-/// `done` of `total` bytes were read before, for the message.
-fn read_some(reader: &mut impl Read, buf: &mut [u8], done: usize, total: usize) -> Result<usize> {
-    loop {
-        match reader.read(buf) {
-            Ok(0) => {
-                return Err(Error::Io {
-                    op: "upload_from: reading the tensor's bytes",
-                    source: io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the source ended after {done} of {total} bytes; it must deliver the whole tensor"),
-                    ),
-                })
-            }
-            Ok(n) => return Ok(n.min(buf.len())),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    op: "upload_from: reading the tensor's bytes",
-                    source,
-                })
-            }
-        }
-    }
-}
-
-/// Fills all of `buf` from `reader`.
-pub(crate) fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> Result<()> {
-    let (mut done, total) = (0, buf.len());
-    while done < total {
-        done += read_some(reader, &mut buf[done..], done, total)?;
-    }
-    Ok(())
-}
-
-/// Hands `bytes` to an I/O sink, naming the failure.
-pub(crate) fn to_sink(sink: &mut dyn FnMut(&[u8]) -> io::Result<()>, bytes: &[u8]) -> Result<()> {
-    sink(bytes).map_err(|source| Error::Io {
-        op: "download_to: handing the bytes to the sink",
-        source,
+/// Copies bytes `offset..offset + out.len()` of `src` into `out` through
+/// `pool`'s chunks, as [`download`] does: each chunk is copied into `out`
+/// while the copies of the next ones run.
+///
+/// # Errors
+///
+/// As [`download`].
+pub fn download_into<D: ChunkDevice>(
+    dev: &D,
+    pool: &ChunkPool<D::Chunk>,
+    src: &D::Buffer,
+    offset: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    let mut at = 0;
+    download(dev, pool, src, offset, out.len(), |bytes| {
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+        Ok(())
     })
 }
 
@@ -1189,6 +1165,7 @@ mod tests {
     //! vectors, copies run in order by a worker thread after a set latency.
 
     use std::collections::VecDeque;
+    use std::io;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{mpsc, Arc, Condvar, Mutex};
     use std::thread::JoinHandle;
@@ -1607,7 +1584,7 @@ mod tests {
     fn pool(chunks: usize) -> ChunkPool<FakeChunk> {
         ChunkPool::new(
             "fake",
-            StagingConfig::new(CHUNK, chunks).expect("valid"),
+            PinnedConfig::new(CHUNK, chunks).expect("valid"),
             Direction::ToDevice,
         )
     }
@@ -1707,6 +1684,36 @@ mod tests {
         }
         assert!(dev.violations().is_empty(), "{:?}", dev.violations());
         assert_eq!((up.in_use(), down.in_use()), (0, 0));
+    }
+
+    #[test]
+    fn ranges_download_into_memory_byte_exact_at_odd_offsets() {
+        let dev = FakeDevice::with_latency(20);
+        let down = pool(3);
+        let mut rng = Rng(7);
+        for len in LENGTHS {
+            let data = rng.bytes(len);
+            let buf = dev.buffer(&data);
+            for _ in 0..4 {
+                let from = rng.below(len + 1);
+                let n = rng.below(len - from + 1);
+                let mut out = vec![0xa5; n];
+                in_order(&dev, || {
+                    download_into(&dev, &down, &buf, from, &mut out).expect("download_into")
+                });
+                assert_eq!(out, data[from..from + n], "{n} bytes at {from} of {len}");
+            }
+            // Past the end, or an offset that overflows: refused, nothing written.
+            for (from, n) in [(len, 1), (len / 2, len - len / 2 + 1), (usize::MAX, 2)] {
+                let mut out = vec![0xa5; n];
+                let err =
+                    download_into(&dev, &down, &buf, from, &mut out).expect_err("past the end");
+                assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+                assert!(out.iter().all(|&b| b == 0xa5), "written before the check");
+            }
+        }
+        assert!(dev.violations().is_empty(), "{:?}", dev.violations());
+        assert_eq!(down.in_use(), 0);
     }
 
     #[test]
@@ -1848,7 +1855,7 @@ mod tests {
                 .write(&[2; CHUNK])
                 .expect_err("would wait for itself");
             assert!(
-                matches!(err, Error::StagingExhausted { chunks: 2, .. }),
+                matches!(err, Error::PinnedExhausted { chunks: 2, .. }),
                 "{err}"
             );
             assert!(err.to_string().contains("finish or drop"), "{err}");
@@ -1990,9 +1997,9 @@ mod tests {
     }
 
     #[test]
-    fn staging_settings_are_checked() {
-        assert_eq!(StagingConfig::default().chunk_bytes(), 1 << 20);
-        assert_eq!(StagingConfig::default().chunks(), 16);
+    fn pinned_settings_are_checked() {
+        assert_eq!(PinnedConfig::default().chunk_bytes(), 1 << 20);
+        assert_eq!(PinnedConfig::default().chunks(), 16);
         for (bytes, chunks) in [
             (0, 16),
             (1 << 20, 0),
@@ -2000,9 +2007,9 @@ mod tests {
             (1, 1025),
             (1 << 30, 17),
         ] {
-            let err = StagingConfig::new(bytes, chunks).expect_err("out of range");
-            assert!(matches!(err, Error::BadStaging { .. }), "{err}");
-            assert!(err.to_string().contains("StagingConfig::new"), "{err}");
+            let err = PinnedConfig::new(bytes, chunks).expect_err("out of range");
+            assert!(matches!(err, Error::BadPinned { .. }), "{err}");
+            assert!(err.to_string().contains("PinnedConfig::new"), "{err}");
         }
         assert_eq!(parse_size("256K"), Some(256 << 10));
         assert_eq!(parse_size(" 4MiB "), Some(4 << 20));
@@ -2207,7 +2214,7 @@ mod tests {
                     OwnedUpload::new(&dev, Arc::clone(&up_pool), dev.buffer(&[0; CHUNK]));
                 let err = second.space().expect_err("would wait for itself");
                 assert!(
-                    matches!(err, Error::StagingExhausted { chunks: 2, .. }),
+                    matches!(err, Error::PinnedExhausted { chunks: 2, .. }),
                     "{err}"
                 );
                 drop(second);
