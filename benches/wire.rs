@@ -10,7 +10,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tensorferry::engine::wire::{decode, encode, EncodeOptions, FrameMeta, Limits};
-use tensorferry::engine::{pattern, DType, HostBuffer, Message};
+use tensorferry::engine::{outbound, pattern, DType, HostBuffer, Message};
 
 fn frame_bytes(m: &Message) -> HostBuffer {
     let enc = encode(
@@ -20,7 +20,7 @@ fn frame_bytes(m: &Message) -> HostBuffer {
     )
     .expect("encode");
     let mut bytes = Vec::new();
-    enc.write_to(&mut bytes).expect("write");
+    outbound::write_frame(&enc, &mut bytes).expect("write");
     HostBuffer::copy_from(&bytes)
 }
 

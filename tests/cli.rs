@@ -693,3 +693,113 @@ fn bench_rejects_invalid_fan_out_and_two_host_options() {
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
     }
 }
+
+/// The binary with `args` and the environment changed as `env` says
+/// (`None` removes a variable); its output and its process id.
+fn tensorferry_env(args: &[&str], env: &[(&str, Option<&str>)]) -> (Output, u32) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorferry"));
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in env {
+        match value {
+            Some(v) => cmd.env(key, v),
+            None => cmd.env_remove(key),
+        };
+    }
+    let child = cmd.spawn().expect("the tensorferry binary runs");
+    let pid = child.id();
+    (child.wait_with_output().expect("it ends"), pid)
+}
+
+#[test]
+fn without_xdg_runtime_dir_no_driver_error_reaches_stderr_and_nothing_is_left() {
+    let bench = [
+        "bench",
+        "--transport",
+        "inproc,shm",
+        "--sizes",
+        "4KiB",
+        "--duration",
+        "0.05",
+    ];
+    for args in [&["devices"][..], &["devices", "--json"], &bench] {
+        let (out, pid) = tensorferry_env(args, &[("XDG_RUNTIME_DIR", None)]);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            !err.lines().any(|l| l.starts_with("error:")) && !err.contains("XDG_RUNTIME_DIR"),
+            "{args:?}: {err}"
+        );
+        let left = std::fs::read_dir(std::env::temp_dir())
+            .expect("temp dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| {
+                n.strip_prefix(&format!("tensorferry-runtime-{pid}"))
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+            });
+        assert_eq!(left, None, "{args:?}: its runtime directory is removed");
+    }
+}
+
+#[test]
+fn host_runs_start_no_gpu_driver() {
+    // wgpu logs (through RUST_LOG) whenever something probes its adapters.
+    let log = [("RUST_LOG", Some("wgpu_core=trace,wgpu_hal=trace"))];
+    let (out, _) = tensorferry_env(&["devices"], &log);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    if !stderr(&out).contains("wgpu_") {
+        println!("SKIP: this build's wgpu logs nothing when probed");
+        return;
+    }
+    let path = scratch("host-only.tfm");
+    send_file(&path, &["--checksum"]);
+    let from = format!("file://{path}");
+    let bench = [
+        "bench",
+        "--transport",
+        "inproc,shm",
+        "--sizes",
+        "4KiB",
+        "--duration",
+        "0.05",
+        "--checksum",
+        "--json",
+    ];
+    for args in [&["recv", "--from", &from, "--verify"][..], &bench] {
+        let (out, _) = tensorferry_env(args, &log);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("wgpu_"),
+            "{args:?} probed wgpu: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn every_subcommand_takes_verbose_flags_and_help_explains_them() {
+    for args in [
+        &["-v", "devices"][..],
+        &["devices", "-vv"],
+        &[
+            "--verbose",
+            "check-map",
+            EXAMPLE,
+            "--devices",
+            "cpu,cuda:0,cuda:1,cuda:2,cuda:3,wgpu:0",
+        ],
+        &["-vvv", "inspect", "--help"],
+    ] {
+        let out = tensorferry(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+    }
+    let help = stdout(&tensorferry(&["--help"]));
+    assert!(
+        help.contains("-v, --verbose") && help.contains("RUST_LOG"),
+        "{help}"
+    );
+    let help = stdout(&tensorferry(&["bench", "--help"]));
+    assert!(help.contains("--verbose"), "{help}");
+}

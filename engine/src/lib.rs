@@ -4,23 +4,24 @@
 //! [`Tensor`]s (and values of your own types through a [`Codec`]). A tensor's
 //! host bytes are a [`HostBuffer`]: aligned, reference-counted, and possibly a
 //! view into a received frame or a mapped file. [`wire::encode`] turns a
-//! message into header bytes plus a list of buffers for one vectored write;
-//! [`wire::decode`] turns a frame back into a message whose tensors view the
-//! frame without copying, after checking every length against the bytes
-//! present and the configured [`wire::Limits`]. [`file`] records and replays
-//! frames (`file://`).
+//! message into header bytes plus a list of buffers, and
+//! [`outbound::write_frame`] sends them with one vectored write (reading
+//! back any buffer still on a device as it goes); [`wire::decode`] turns a
+//! frame back into a message whose tensors view the frame without copying,
+//! after checking every length against the bytes present and the configured
+//! [`wire::Limits`]. [`file`](mod@file) records and replays frames (`file://`).
 //!
 //! # Examples
 //!
 //! ```
 //! use tensorferry_engine::wire::{self, EncodeOptions, FrameMeta, Limits};
-//! use tensorferry_engine::{HostBuffer, Message, Tensor};
+//! use tensorferry_engine::{outbound, HostBuffer, Message, Tensor};
 //!
 //! let image = Tensor::from_slice(&[0.25f32; 6], &[2, 3])?;
 //! let msg = Message::new().field("step", 17).tensor("image", image.transpose(0, 1)?);
 //! let frame = wire::encode(&msg, &FrameMeta::message("/camera", 17), EncodeOptions { checksums: true, ..EncodeOptions::default() })?;
 //! let mut bytes = Vec::new();
-//! frame.write_to(&mut bytes)?; // one vectored write of head + buffers
+//! outbound::write_frame(&frame, &mut bytes)?; // one vectored write of head + buffers
 //!
 //! let got = wire::decode(&HostBuffer::copy_from(&bytes), &Limits::default())?;
 //! assert_eq!(got.meta.channel, "/camera");
@@ -37,6 +38,7 @@ mod error;
 pub mod futex;
 mod message;
 mod node;
+pub mod outbound;
 pub mod pattern;
 mod pool;
 mod queue;

@@ -4,7 +4,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use tensorferry_device_map::Device;
-use tensorferry_kernels::runtime::{DeviceBuffer, Runtime};
+// Re-exported for the wire format, which names the type of a device
+// payload but opens no device.
+pub(crate) use tensorferry_kernels::runtime::DeviceBuffer;
+use tensorferry_kernels::runtime::Runtime;
 use tensorferry_kernels::{cpu, element_count, DType, Element, Layout};
 
 use crate::buffer::{HostBuffer, HostBufferMut};
@@ -218,6 +221,27 @@ impl Tensor {
                 }
                 Tensor::from_host(self.dtype, self.shape(), out.freeze())
             }
+        }
+    }
+
+    /// The checksum of the visible elements, packed (docs/wire-format.md):
+    /// computed on the device that holds the tensor when it is a whole
+    /// device buffer (only the sum comes back), on the host otherwise.
+    ///
+    /// # Errors
+    ///
+    /// A runtime's checksum or copy error.
+    pub fn checksum(&self) -> Result<cpu::Checksum> {
+        match &self.storage {
+            Storage::Device(buf)
+                if self.is_contiguous()
+                    && self.layout.offset() == 0
+                    && buf.len() == self.size_bytes() =>
+            {
+                Ok(Runtime::open(self.device)?.checksum(buf)?)
+            }
+            Storage::Device(_) => self.to_host()?.checksum(),
+            Storage::Host(_) => Ok(cpu::checksum(self.packed()?.as_slice())),
         }
     }
 

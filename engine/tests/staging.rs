@@ -11,6 +11,7 @@ use tensorferry_device_map::{
     ChannelConfig, ChannelSpec, Device, DeviceMap, Fallback, Inventory, Pattern,
 };
 use tensorferry_engine::delivery::{Delivery, Direction};
+use tensorferry_engine::outbound::write_frame;
 use tensorferry_engine::wire::{decode, encode_staged, EncodeOptions, FrameMeta, Limits, Payload};
 use tensorferry_engine::{DType, Error, HostBuffer, Message, Node, Service, Tensor, ALL_CHANNELS};
 use tensorferry_kernels::cpu;
@@ -93,7 +94,7 @@ fn travel(from: &Delivery, to: &Delivery, message: &Message) -> Result<(Message,
         EncodeOptions::default(),
     )?;
     let mut bytes = Vec::new();
-    frame.write_to(&mut bytes).expect("write");
+    write_frame(&frame, &mut bytes).expect("write");
     let got = decode(&HostBuffer::copy_from(&bytes), &Limits::default())?;
     let wire_bytes = got.tensors.iter().map(|i| i.bytes).sum();
     Ok((to.land(got.message, &got.tensors)?.0, wire_bytes))
@@ -198,7 +199,7 @@ fn a_corrupted_tensor_is_rejected_by_its_checksum_and_nothing_is_delivered() {
     )
     .expect("encode");
     let mut bytes = Vec::new();
-    frame.write_to(&mut bytes).expect("write");
+    write_frame(&frame, &mut bytes).expect("write");
     let last = bytes.len() - 64; // inside `b`'s 400 bytes (padding follows them)
     bytes[last - 100] ^= 0x10;
     let got = decode(&HostBuffer::copy_from(&bytes), &Limits::default()).expect("decode");

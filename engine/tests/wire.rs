@@ -1,6 +1,7 @@
 //! The wire format: round trips, zero-copy, and every rejection a hostile peer can provoke.
 
 use serde_json::json;
+use tensorferry_engine::outbound::{copy_frame_into, write_frame};
 use tensorferry_engine::wire::{
     decode, encode, EncodeOptions, FrameMeta, Kind, Limits, MAGIC, PRELUDE_BYTES,
 };
@@ -9,7 +10,7 @@ use tensorferry_engine::{DType, Error, HostBuffer, Message, Tensor};
 fn bytes_of(m: &Message, opts: EncodeOptions) -> Vec<u8> {
     let enc = encode(m, &FrameMeta::message("/t", 5), opts).expect("encode");
     let mut out = Vec::new();
-    enc.write_to(&mut out).expect("write");
+    write_frame(&enc, &mut out).expect("write");
     assert_eq!(out.len() as u64, enc.frame_len());
     out
 }
@@ -162,7 +163,7 @@ fn encoding_shares_tensor_bytes_and_decoding_views_the_frame() {
         big.contiguous_bytes().expect("host").as_ptr()
     );
     let mut bytes = Vec::new();
-    enc.write_to(&mut bytes).expect("write");
+    write_frame(&enc, &mut bytes).expect("write");
     let region = HostBuffer::copy_from(&bytes);
     let frame = decode(&region, &Limits::default()).expect("decode");
     let t = frame.message.get("big").expect("big");
@@ -294,7 +295,7 @@ fn compact_headers_carry_what_json_headers_carry() {
             };
             let enc = encode_staged(&m, &origins, &meta, opts).expect("encode");
             let mut out = Vec::new();
-            enc.write_to(&mut out).expect("write");
+            write_frame(&enc, &mut out).expect("write");
             (
                 out.len(),
                 decode_at(&HostBuffer::copy_from(&out), &Limits::default(), 0),
@@ -546,10 +547,10 @@ fn copying_a_frame_into_a_region_gives_the_bytes_a_stream_gets() {
     )
     .expect("encode");
     let mut streamed = Vec::new();
-    enc.write_to(&mut streamed).expect("write");
+    write_frame(&enc, &mut streamed).expect("write");
     let mut region = vec![0xAAu8; enc.frame_len() as usize];
-    enc.copy_into(&mut region).expect("copy");
+    copy_frame_into(&enc, &mut region).expect("copy");
     assert_eq!(region, streamed, "padding zeroed, every byte in place");
     let mut short = vec![0u8; region.len() - 64];
-    assert!(enc.copy_into(&mut short).is_err());
+    assert!(copy_frame_into(&enc, &mut short).is_err());
 }

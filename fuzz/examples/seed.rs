@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tensorferry_engine::wire::{
     decode, encode, EncodeOptions, FrameMeta, Kind, Limits, PRELUDE_BYTES,
 };
+use tensorferry_engine::outbound::write_frame;
 use tensorferry_engine::{Codec, DType, HostBuffer, Message, Result, Tensor};
 use tensorferry_fuzz::{build_frame, check_frame, header_input, set_tensor_key};
 
@@ -226,7 +227,7 @@ fn main() -> std::result::Result<(), Box<dyn StdError>> {
             },
         )?;
         let mut frame = Vec::new();
-        enc.write_to(&mut frame)?;
+        write_frame(&enc, &mut frame)?;
         let decoded = decode(&HostBuffer::copy_from(&frame), &Limits::default())?;
         check_frame(&decoded, frame.len());
         fs::write(frames.join(format!("seed-{name}")), &frame)?;

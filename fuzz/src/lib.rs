@@ -7,6 +7,7 @@ use serde_json::Value;
 use tensorferry_engine::wire::{
     decode, encode, plan_head, EncodeOptions, Frame, Limits, MAGIC, PRELUDE_BYTES, VERSION,
 };
+use tensorferry_engine::outbound::write_frame;
 use tensorferry_engine::{HostBuffer, ALIGN};
 use tensorferry_device_map::Device;
 
@@ -223,9 +224,7 @@ pub fn check_frame(frame: &Frame, input_len: usize) {
     )
     .expect("a decoded message encodes again");
     let mut bytes = Vec::new();
-    encoded
-        .write_to(&mut bytes)
-        .expect("writing to a Vec cannot fail");
+    write_frame(&encoded, &mut bytes).expect("writing to a Vec cannot fail");
     assert_eq!(bytes.len() as u64, encoded.frame_len());
     let again =
         decode(&HostBuffer::copy_from(&bytes), &no_limits()).expect("a re-encoded frame decodes");
@@ -299,7 +298,7 @@ mod tests {
         let enc =
             encode(&m, &FrameMeta::message("/x", 3), EncodeOptions::default()).expect("encode");
         let mut bytes = Vec::new();
-        enc.write_to(&mut bytes).expect("write");
+        write_frame(&enc, &mut bytes).expect("write");
         let header_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
         let header = &bytes[PRELUDE_BYTES..PRELUDE_BYTES + header_len];
         let buffers: Vec<&[u8]> = enc

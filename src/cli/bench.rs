@@ -14,13 +14,15 @@ use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use tensorferry::device_map::{ChannelConfig, ChannelSpec, Device, DeviceMap, Pattern};
+use tensorferry::device_map::{ChannelConfig, ChannelSpec, Device, DeviceMap, Inventory, Pattern};
 use tensorferry::engine::{
     pattern, Address, DType, Message, Node, Publisher, Subscription, Tensor, ALL_CHANNELS,
 };
 use tensorferry::kernels::cast;
 use tensorferry::kernels::runtime::cpu::CpuInfo;
-use tensorferry::kernels::runtime::{HostReport, Runtime};
+use tensorferry::kernels::runtime::cuda::CudaDeviceInfo;
+use tensorferry::kernels::runtime::wgpu::AdapterInfo;
+use tensorferry::kernels::runtime::{HostReport, Probe, Runtime};
 
 use super::{futex_floor, human_bytes, print_json, Outcome};
 
@@ -471,12 +473,20 @@ impl Plan {
 }
 
 /// The machine a run measured: processor, cores, memory, and the GPUs the
-/// CUDA and wgpu runtimes find (or why they find none).
-fn machine(cpu: &CpuInfo) -> Value {
-    let host = HostReport::probe();
+/// CUDA and wgpu runtimes find (or why they find none). GPUs are probed only
+/// when the run involves one (`with_gpus`): probing starts the drivers,
+/// which a run of host rows has no need of.
+fn machine(cpu: &CpuInfo, with_gpus: bool) -> Value {
     let mut v = json!(cpu);
-    v["cuda"] = json!(host.cuda);
-    v["wgpu"] = json!(host.wgpu);
+    if with_gpus {
+        let host = HostReport::probe();
+        v["cuda"] = json!(host.cuda);
+        v["wgpu"] = json!(host.wgpu);
+    } else {
+        let why = "not probed: this run involves no device";
+        v["cuda"] = json!(Probe::<CudaDeviceInfo>::unavailable(why));
+        v["wgpu"] = json!(Probe::<AdapterInfo>::unavailable(why));
+    }
     v
 }
 
@@ -678,6 +688,7 @@ fn spawn_role_with(
             &format!("{size}B"),
         ])
         .args(extra)
+        .args(super::verbose_args())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -712,6 +723,7 @@ fn run_role(
     listen: &str,
     size: u64,
     config: ChannelConfig,
+    dst: Device,
     busy_poll_us: u64,
 ) -> Outcome {
     let idle = Duration::from_secs(60);
@@ -720,6 +732,7 @@ fn run_role(
             let node = Node::builder()
                 .name("bench-recv")
                 .channels(config)
+                .inventory(inventory(dst))
                 .listen(listen)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -932,6 +945,14 @@ fn channel_config(
     Ok(config)
 }
 
+/// The devices a bench node lands tensors on: the CPU and `dst` (opened
+/// once when the run starts). Stating them keeps a node from probing every
+/// device of the host, which would start GPU drivers a run of host rows
+/// has no use for.
+fn inventory(dst: Device) -> Inventory {
+    Inventory::new([dst])
+}
+
 /// A plain copy of `size` bytes from the host to `dst` (or from `src` to the
 /// host), repeated for `duration`: the device side of a device row's baseline.
 fn device_copy_gbps(
@@ -1014,6 +1035,7 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
             let name = format!("inproc://bench-{pid}-{row}");
             let server = Node::builder()
                 .channels(plan.channel_config()?)
+                .inventory(inventory(plan.dst))
                 .listen(&name)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -1022,6 +1044,7 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
             for _ in 0..n {
                 let client = Node::builder()
                     .channels(plan.channel_config()?)
+                    .inventory(inventory(plan.dst))
                     .build()
                     .map_err(|e| e.to_string())?;
                 let sub = client.subscribe(&name, DATA).map_err(|e| e.to_string())?;
@@ -1043,6 +1066,7 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
         Transport::Shm | Transport::Tcp => {
             let node = Node::builder()
                 .channels(plan.channel_config()?)
+                .inventory(inventory(plan.dst))
                 .build()
                 .map_err(|e| e.to_string())?;
             let mut children = Vec::new();
@@ -1187,7 +1211,7 @@ fn listen_side(end: &Endpoint, plan: &Plan, json_out: bool) -> Outcome {
         .send(
             Message::new()
                 .field("raw_port", raw_addr.port())
-                .field("machine", machine(&cpu)),
+                .field("machine", machine(&cpu, false)),
         )
         .map_err(|e| e.to_string())?;
     let (mut stream, peer) = raw.accept().map_err(|e| e.to_string())?;
@@ -1266,7 +1290,7 @@ fn listen_side(end: &Endpoint, plan: &Plan, json_out: bool) -> Outcome {
     }
     settings["sender_machine"] = sender["machine"].clone();
     if json_out {
-        print_json(&json!({"settings": settings, "machine": machine(&cpu), "rows": rows}));
+        print_json(&json!({"settings": settings, "machine": machine(&cpu, false), "rows": rows}));
     } else {
         print_pubsub_footer(true);
     }
@@ -1325,7 +1349,7 @@ fn to_side(end: &Endpoint, plan: &Plan, bar: &indicatif::ProgressBar) -> Result<
                     .field("sizes_bytes", json!(plan.sizes))
                     .field("dtype", json!(plan.dtype))
                     .field("duration_s", plan.duration)
-                    .field("machine", machine(&cpu)),
+                    .field("machine", machine(&cpu, false)),
             )
             .map_err(|e| e.to_string())?;
         let sent = blast(&publisher, plan.dtype, plan.src, size, plan.duration())?;
@@ -1371,7 +1395,7 @@ fn to_side(end: &Endpoint, plan: &Plan, bar: &indicatif::ProgressBar) -> Result<
     let mut settings = plan.settings_json();
     settings["raw_baseline_to"] = json!(raw_to);
     Ok(
-        json!({"settings": settings, "machine": machine(&cpu), "listener_machine": listener_machine, "rows": rows}),
+        json!({"settings": settings, "machine": machine(&cpu, false), "listener_machine": listener_machine, "rows": rows}),
     )
 }
 
@@ -1382,9 +1406,10 @@ pub fn run(args: &Args) -> Outcome {
             .as_ref()
             .and_then(|s| s.first())
             .map_or(4 << 20, |s| s.0);
+        let dst = args.dst.unwrap_or(Device::Cpu);
         let config = channel_config(
             args.src.unwrap_or(Device::Cpu),
-            args.dst.unwrap_or(Device::Cpu),
+            dst,
             args.dtype.unwrap_or(DType::F32),
             args.wire_dtype,
             args.checksum,
@@ -1394,6 +1419,7 @@ pub fn run(args: &Args) -> Outcome {
             args.role_listen.as_deref().unwrap_or("tcp://127.0.0.1:0"),
             size,
             config,
+            dst,
             args.busy_poll_us,
         );
     }
@@ -1423,12 +1449,13 @@ pub fn run(args: &Args) -> Outcome {
             }
         }
         bar.finish_and_clear();
-        json!({"settings": plan.settings_json(), "machine": machine(&cpu), "rows": rows})
+        let with_gpus = plan.src != Device::Cpu || plan.dst != Device::Cpu;
+        json!({"settings": plan.settings_json(), "machine": machine(&cpu, with_gpus), "rows": rows})
     };
     let rows = report["rows"].as_array().cloned().unwrap_or_default();
     if let Some(path) = &args.plot {
         if plan.pattern == Pattern::ReqRep {
-            eprintln!("--plot draws throughput; it is skipped for --pattern reqrep");
+            tracing::warn!("--plot draws throughput; it is skipped for --pattern reqrep");
         } else {
             let title = format!(
                 "tensorferry bench: {} {}, {} subscriber(s), {} ({} cores)",

@@ -10,8 +10,23 @@ pub const EXIT_INVALID: u8 = 2;
 /// GPU-aware tensor transport: move named tensors between threads, processes and
 /// hosts, with per-channel device maps that say where each tensor lands.
 #[derive(Debug, Parser)]
-#[command(name = "tensorferry", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "tensorferry",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Diagnostics go to stderr: warnings and errors of tensorferry's crates by default, \
+more with -v (info), -vv (debug) or -vvv (trace). RUST_LOG, when set, replaces that filter \
+and may name other crates too, e.g. RUST_LOG=tensorferry_engine=debug,wgpu_hal=info. \
+Without a usable XDG_RUNTIME_DIR, the GPU drivers get a private one for the run, removed at exit."
+)]
 struct Cli {
+    /// Log more to stderr: -v info, -vv debug, -vvv trace [default: warnings
+    /// only]. RUST_LOG, when set, takes precedence.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -41,9 +56,25 @@ enum Command {
     Convert(convert::Args),
 }
 
+/// How many times `-v` was given: processes this one starts get as many.
+static VERBOSE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// `-v` repeated as often as it was given here, for a process this one starts.
+pub fn verbose_args() -> Vec<String> {
+    let n = VERBOSE.load(std::sync::atomic::Ordering::Relaxed);
+    (0..n).map(|_| "-v".to_string()).collect()
+}
+
 /// Parses the command line and runs the subcommand.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // Help, version and usage errors leave through `exit`, which runs no
+        // destructors: the runtime directory goes first.
+        runtime_dir::remove();
+        e.exit()
+    });
+    VERBOSE.store(cli.verbose, std::sync::atomic::Ordering::Relaxed);
+    logging::init(cli.verbose);
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         Command::Devices(args) => devices::run(&args),
@@ -87,6 +118,8 @@ pub fn emit(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        // `exit` runs no destructors: the runtime directory goes first.
+        runtime_dir::remove();
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
@@ -106,7 +139,9 @@ mod convert;
 mod devices;
 mod futex_floor;
 mod inspect;
+mod logging;
 mod recv;
+pub mod runtime_dir;
 mod send;
 mod tensor_spec;
 

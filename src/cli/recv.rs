@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::json;
-use tensorferry::device_map::ChannelConfig;
+use tensorferry::device_map::{ChannelConfig, ChannelSpec, Device, Inventory, Reason};
 use tensorferry::engine::delivery::{Delivery, Direction};
 use tensorferry::engine::file::FileReader;
 use tensorferry::engine::{pattern, Address, Error, Node, Received, Subscription, ALL_CHANNELS};
@@ -186,25 +187,47 @@ struct Replay {
     reader: FileReader,
     label: String,
     config: ChannelConfig,
-    stagers: HashMap<String, Delivery>,
+    /// Per channel, and whether its messages land on the host alone.
+    stagers: HashMap<(String, bool), Delivery>,
     /// `--channel`: messages of other channels are skipped, not landed.
     only: Option<String>,
 }
 
 impl Replay {
     fn land(&mut self, mut r: Received) -> Result<Received, String> {
-        if !self.stagers.contains_key(&r.channel) {
-            let spec = self.config.get(&r.channel).cloned().unwrap_or_default();
+        let default = ChannelSpec::default();
+        let spec = self.config.get(&r.channel).unwrap_or(&default);
+        // A message whose every tensor the map sends to the host lands the
+        // same whatever devices this host has: its stager gets the CPU as
+        // its inventory instead of probing the host, which would start
+        // every GPU driver to replay host tensors.
+        let host_only = r.tensors.iter().all(|i| lands_on_host(spec, i.device));
+        let key = (r.channel.clone(), host_only);
+        if !self.stagers.contains_key(&key) {
+            let inventory = host_only.then(|| Arc::new(Inventory::cpu_only()));
             let stager =
-                Delivery::new(&spec, Direction::Forward, None).map_err(|e| e.to_string())?;
-            self.stagers.insert(r.channel.clone(), stager);
+                Delivery::new(spec, Direction::Forward, inventory).map_err(|e| e.to_string())?;
+            self.stagers.insert(key.clone(), stager);
         }
-        let (message, _) = self.stagers[&r.channel]
+        let (message, _) = self.stagers[&key]
             .land(r.message, &r.tensors)
             .map_err(|e| format!("message {} on {}: {e}", r.seq, r.channel))?;
         r.message = message;
         Ok(r)
     }
+}
+
+/// True when `spec` sends tensors from `source` to the host by its own rules
+/// (an entry, the default, or keeping a host tensor on the host), not as a
+/// fallback for a device this host might lack.
+fn lands_on_host(spec: &ChannelSpec, source: Device) -> bool {
+    spec.resolve(source, &Inventory::cpu_only()).is_ok_and(|r| {
+        r.target == Device::Cpu
+            && !matches!(
+                r.reason,
+                Reason::FallbackCpu { .. } | Reason::FallbackWgpu { .. }
+            )
+    })
 }
 
 impl Source {
@@ -328,7 +351,7 @@ pub fn run(args: &Args) -> Outcome {
             None => break,
             Some(Next::Got(r)) => r,
             Some(Next::Rejected(why)) => {
-                eprintln!("rejected: {why}");
+                tracing::warn!("rejected: {why}");
                 rejected.push(why);
                 arrived += 1;
                 continue;

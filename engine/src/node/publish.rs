@@ -279,7 +279,7 @@ impl Publisher {
             .slots
             .take(usize::try_from(len).map_err(|_| Error::Invalid("frame too large".into()))?)?;
         held.0
-            .with_bytes(|bytes| frame.copy_into(&mut bytes[..len as usize]))
+            .with_bytes(|bytes| crate::outbound::copy_frame_into(frame, &mut bytes[..len as usize]))
             .map_err(|e| Error::io("writing into shared memory", e))?;
         Ok((held, len))
     }

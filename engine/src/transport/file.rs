@@ -15,6 +15,7 @@ use super::{Carry, Connection, Context, Flow, Listener, Outgoing, ReadStop, Tran
 use crate::address::Address;
 use crate::buffer::HostBuffer;
 use crate::error::{Error, Result};
+use crate::outbound::write_frame;
 use crate::wire::{decode_at, Encoded, Frame, Limits};
 
 /// Appends frames to a record file.
@@ -60,14 +61,14 @@ impl FileWriter {
         })
     }
 
-    /// Writes one frame with vectored writes.
+    /// Writes one frame with vectored writes (buffers still on a device
+    /// are read back as they are written).
     ///
     /// # Errors
     ///
-    /// When the write fails.
+    /// When the write fails, or a device buffer cannot be read back.
     pub fn write(&mut self, frame: &Encoded) -> Result<()> {
-        frame
-            .write_to(&mut self.file)
+        write_frame(frame, &mut self.file)
             .map_err(|e| Error::io_path("cannot write to", &self.path, e))?;
         self.written += frame.frame_len();
         Ok(())

@@ -12,8 +12,8 @@
 //! not started is dropped and counted.
 //!
 //! A frame whose tensors are still on a device (CUDA, wgpu) is read back
-//! chunk by chunk as it is written ([`Runtime::download_range`]), so a device
-//! buffer never needs a host copy of its whole size.
+//! chunk by chunk as it is written ([`FrameWriter`]), so a device buffer
+//! never needs a host copy of its whole size.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
@@ -23,18 +23,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use tensorferry_device_map::Overflow;
-use tensorferry_kernels::runtime::{DeviceBuffer, Runtime};
 
 use super::{ByteLink, Outgoing};
-use crate::buffer::{HostBufferMut, ALIGN};
-use crate::wire::{encode, EncodeOptions, Encoded, FrameMeta, Kind, Payload};
+use crate::outbound::{write_frame, FrameWriter};
+use crate::wire::{encode, EncodeOptions, FrameMeta, Kind};
 use crate::Message;
-
-/// Zeros for the padding after each buffer.
-static ZEROS: [u8; ALIGN] = [0; ALIGN];
-
-/// Bytes of a device buffer read back at a time while a frame is written.
-const DEVICE_CHUNK: usize = 4 << 20;
 
 /// How a node encodes the frames it makes itself (control frames, pointers
 /// to shared slots, errors): compact headers.
@@ -337,7 +330,7 @@ impl Outbox {
             };
             drop(s);
             let outcome = match &mut writing {
-                Writing::Frame(w) => w.write_some(link),
+                Writing::Frame(w) => w.write_some(&mut |bufs| link.write_now(bufs)),
                 Writing::Bytes { bytes, at } => write_bytes(link, bytes, at),
             };
             match outcome {
@@ -411,7 +404,7 @@ fn start(item: &Outgoing, link: &dyn ByteLink, known: &mut HashSet<u32>) -> io::
             };
             let frame = encode(&pointer, &meta, LINK_ENCODING).map_err(io::Error::other)?;
             let mut bytes = Vec::with_capacity(frame.frame_len() as usize);
-            frame.write_to(&mut bytes)?;
+            write_frame(&frame, &mut bytes)?;
             // The descriptor goes first, through the socket: the reader
             // takes it when the frame announcing it comes.
             if first {
@@ -443,141 +436,10 @@ fn write_bytes(link: &dyn ByteLink, bytes: &[u8], at: &mut usize) -> io::Result<
     Ok(true)
 }
 
-/// One frame being written without blocking: how far it is, and the chunk
-/// of a device buffer read back and not yet written.
-pub(crate) struct FrameWriter {
-    frame: Arc<Encoded>,
-    /// Bytes of the frame written.
-    at: u64,
-    /// The runtime of each device payload, opened before the first byte.
-    runtimes: Vec<Runtime>,
-    /// A device chunk on the host: `(start in the frame, bytes)`.
-    staged: Option<(u64, HostBufferMut)>,
-}
-
-/// A frame's pieces in order: bytes on the host, or a device buffer.
-enum Piece<'a> {
-    Host(&'a [u8]),
-    Device(&'a DeviceBuffer),
-}
-
-impl FrameWriter {
-    /// Opens every device the frame's payloads are on, so that failing to
-    /// reach one happens before a byte is written.
-    ///
-    /// # Errors
-    ///
-    /// A device that cannot be opened.
-    pub(crate) fn new(frame: Arc<Encoded>) -> io::Result<FrameWriter> {
-        let mut runtimes: Vec<Runtime> = Vec::new();
-        for b in frame.buffers() {
-            if let Payload::Device(d) = b {
-                if !runtimes.iter().any(|rt| rt.device() == d.device()) {
-                    runtimes.push(Runtime::open(d.device()).map_err(io::Error::other)?);
-                }
-            }
-        }
-        Ok(FrameWriter {
-            frame,
-            at: 0,
-            runtimes,
-            staged: None,
-        })
-    }
-
-    fn pieces(frame: &Encoded) -> impl Iterator<Item = Piece<'_>> {
-        std::iter::once(Piece::Host(frame.head())).chain(frame.buffers().iter().flat_map(|b| {
-            let pad = (ALIGN - b.len() % ALIGN) % ALIGN;
-            let data = match b {
-                Payload::Host(h) => Piece::Host(h.as_slice()),
-                Payload::Device(d) => Piece::Device(d),
-            };
-            [data, Piece::Host(&ZEROS[..pad])]
-        }))
-    }
-
-    /// Writes what fits now; `Ok(true)` when the whole frame is written.
-    ///
-    /// # Errors
-    ///
-    /// The transport's errors; a device read-back that fails (the frame
-    /// is then cut: the connection must be shut down).
-    pub(crate) fn write_some(&mut self, link: &dyn ByteLink) -> io::Result<bool> {
-        let total = self.frame.frame_len();
-        while self.at < total {
-            let n = match self.slices_now()? {
-                Some(slices) => match link.write_now(&slices) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                    Err(e) => return Err(e),
-                },
-                None => 0,
-            };
-            self.at += n as u64;
-        }
-        Ok(true)
-    }
-
-    /// The next run of bytes to write from `at`: host pieces as they are,
-    /// or the staged chunk of a device buffer (read back first when none
-    /// covers `at`; then `None`, and the caller asks again).
-    fn slices_now(&mut self) -> io::Result<Option<Vec<IoSlice<'_>>>> {
-        let at = self.at;
-        let covered = self
-            .staged
-            .as_ref()
-            .is_some_and(|(start, chunk)| (*start..start + chunk.len() as u64).contains(&at));
-        if covered {
-            let (start, chunk) = self.staged.as_ref().expect("checked above");
-            let off = (at - start) as usize;
-            return Ok(Some(vec![IoSlice::new(&chunk.as_slice()[off..])]));
-        }
-        let mut slices = Vec::new();
-        let mut pos = 0u64;
-        for piece in Self::pieces(&self.frame) {
-            let len = match &piece {
-                Piece::Host(b) => b.len() as u64,
-                Piece::Device(d) => d.len() as u64,
-            };
-            let end = pos + len;
-            if end <= self.at || len == 0 {
-                pos = end;
-                continue;
-            }
-            let off = self.at.max(pos) - pos;
-            match piece {
-                Piece::Host(b) => slices.push(IoSlice::new(&b[off as usize..])),
-                Piece::Device(d) if slices.is_empty() => {
-                    let n = (len - off).min(DEVICE_CHUNK as u64) as usize;
-                    let rt = self
-                        .runtimes
-                        .iter()
-                        .find(|rt| rt.device() == d.device())
-                        .ok_or_else(|| {
-                            io::Error::other("a device payload's runtime is not open")
-                        })?;
-                    let mut chunk = HostBufferMut::zeroed(n);
-                    rt.download_range(d, off as usize, chunk.as_mut_slice())
-                        .map_err(io::Error::other)?;
-                    self.staged = Some((self.at, chunk));
-                    return Ok(None);
-                }
-                Piece::Device(_) => break,
-            }
-            pos = end;
-            if slices.len() >= 64 {
-                break;
-            }
-        }
-        Ok(Some(slices))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Encoded;
     use crate::Tensor;
     use std::os::fd::RawFd;
     use std::sync::Mutex;
@@ -640,7 +502,7 @@ mod tests {
 
     fn bytes_of(f: &Encoded) -> Vec<u8> {
         let mut out = Vec::new();
-        f.write_to(&mut out).expect("write");
+        write_frame(f, &mut out).expect("write");
         out
     }
 
