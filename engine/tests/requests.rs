@@ -248,7 +248,14 @@ fn garbage_instead_of_a_reply_fails_the_request() {
     let (addr, fake) = fake_server(vec![0xAB; 300]);
     let client = Node::builder().name("client").build().expect("client");
     let r = client.request(&addr, "/x", Message::new(), WAIT);
-    assert!(matches!(r, Err(Error::PeerLost { .. })), "{r:?}");
+    // The error names the peer and what it did wrong.
+    match &r {
+        Err(Error::Misbehaved { peer, offence }) => {
+            assert_eq!(peer, &addr);
+            assert!(offence.contains("bad frame"), "{offence}");
+        }
+        other => panic!("{other:?}"),
+    }
     fake.join().expect("fake server");
 }
 

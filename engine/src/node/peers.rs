@@ -155,6 +155,10 @@ impl Watched for Driven {
                 node.lose(peer, &why);
                 false
             }
+            ReadStop::Broken(what) => {
+                node.offend(peer, &what);
+                false
+            }
         }
     }
 

@@ -86,6 +86,8 @@ impl NodeInner {
                 {
                     if let Ok(slot) = u32::try_from(slot) {
                         stream.link().release_slot(slot, offset);
+                        // A slot that waited for this release goes now.
+                        let _ = stream.pump();
                     }
                 }
                 Flow::Continue

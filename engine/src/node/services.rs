@@ -32,7 +32,7 @@ use crate::message::Message;
 use crate::queue::{Offer, Pop, Queue};
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::transport::outbox::LINK_ENCODING;
-use crate::transport::stream::{Lead, Step};
+use crate::transport::stream::{End, Lead, Step};
 use crate::transport::{Carry, Flow, Outgoing};
 use crate::wire::{encode, FrameMeta, Kind, TensorInfo};
 
@@ -401,10 +401,13 @@ impl NodeInner {
                         return None;
                     }
                 }
-                Step::Ended(reason) => {
+                Step::Ended(end) => {
                     drop(lead);
                     // Fails every request pending on the peer, this one included.
-                    self.lose(peer, &reason);
+                    match end {
+                        End::Closed(why) => self.lose(peer, &why),
+                        End::Broken(what) => self.offend(peer, &what),
+                    }
                     return slot.try_pop().ok().flatten();
                 }
             }

@@ -308,7 +308,7 @@ impl Connection for FileConn {
                         return ReadStop::Stalled;
                     }
                 }
-                Some(Err(e)) => return ReadStop::Ended(e.to_string()),
+                Some(Err(e)) => return ReadStop::Broken(e.to_string()),
                 None => return ReadStop::Ended("the end of the recording".into()),
             }
         }

@@ -98,6 +98,9 @@ pub(crate) enum ReadStop {
     Stalled,
     /// The connection is over, and why.
     Ended(String),
+    /// The peer broke the protocol (a frame that cannot be read, a lie about
+    /// its lengths): the connection was closed, and what it did.
+    Broken(String),
 }
 
 /// What [`Transport::connect`] and a listener need from the node.
@@ -325,6 +328,13 @@ pub(crate) trait ByteLink: Send + Sync + 'static {
 
     /// The peer is done with the frame at `offset` in shared slot `slot`.
     fn release_slot(&self, _slot: u32, _offset: u64) {}
+
+    /// Whether the peer may be sent another shared slot now: it holds
+    /// fewer than the transport allows (shm). A slot that must wait is
+    /// written once the peer releases one.
+    fn slot_room(&self) -> bool {
+        true
+    }
 
     /// Ends the connection both ways; the read side then reports the end.
     fn shutdown(&self);

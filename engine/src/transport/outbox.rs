@@ -304,6 +304,17 @@ impl Outbox {
         s.turn = true;
         s.again = false;
         loop {
+            let slot_waits = s.current.is_none()
+                && matches!(s.queue.front(), Some(q) if matches!(q.item, Outgoing::Slot { .. }))
+                && !link.slot_room();
+            if slot_waits {
+                // The peer holds as many slots as it may: the rest waits
+                // for a release, which pumps again.
+                s.turn = false;
+                drop(s);
+                link.flush();
+                return Pumped::Later;
+            }
             let (mut writing, queued) = match s.current.take() {
                 Some(c) => c,
                 None => match s.queue.pop_front() {

@@ -28,7 +28,25 @@ use std::sync::Arc;
 /// The read side: frames being built, and whether the stream is over.
 struct ReadSide {
     assembler: Assembler,
-    ended: Option<String>,
+    ended: Option<End>,
+}
+
+/// Why a stream is over.
+#[derive(Debug, Clone)]
+pub(crate) enum End {
+    /// It closed or failed.
+    Closed(String),
+    /// The peer broke the protocol; the connection was closed.
+    Broken(String),
+}
+
+impl End {
+    fn stop(self) -> ReadStop {
+        match self {
+            End::Closed(why) => ReadStop::Ended(why),
+            End::Broken(what) => ReadStop::Broken(what),
+        }
+    }
 }
 
 /// A link's reads as the assembler's byte source.
@@ -64,7 +82,7 @@ pub(crate) enum Step {
     /// The handler could not take the frame now (a full queue).
     Stalled,
     /// The stream is over, and why.
-    Ended(String),
+    Ended(End),
 }
 
 impl StreamConn {
@@ -124,10 +142,13 @@ impl StreamConn {
     fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow) -> ReadStop {
         if let Err(e) = self.link.on_readable() {
             self.link.shutdown();
-            let why = format!("the peer broke the {} connection: {e}", self.label());
+            let end = if e.kind() == io::ErrorKind::InvalidData {
+                End::Broken(e.to_string())
+            } else {
+                End::Closed(format!("reading {}: {e}", self.label()))
+            };
             let mut side = self.read.lock().unwrap_or_else(|p| p.into_inner());
-            side.ended.get_or_insert(why.clone());
-            return ReadStop::Ended(why);
+            return side.ended.get_or_insert(end).clone().stop();
         }
         loop {
             let side = match self.try_read() {
@@ -170,29 +191,36 @@ impl StreamConn {
                     }
                     return ReadStop::Idle;
                 }
-                Err(why) => return ReadStop::Ended(why),
+                Err(end) => return end.stop(),
             }
         }
     }
 
     /// The next whole frame, if there is one now.
-    fn step(&self, side: &mut ReadSide) -> Result<Option<Frame>, String> {
-        if let Some(why) = &side.ended {
-            return Err(why.clone());
+    fn step(&self, side: &mut ReadSide) -> Result<Option<Frame>, End> {
+        if let Some(end) = &side.ended {
+            return Err(end.clone());
         }
         let outcome = side.assembler.next(&mut LinkSource(&*self.link));
-        let why = match outcome {
+        let end = match outcome {
             Ok(Next::Frame(f)) => return Ok(Some(f)),
             Ok(Next::Pending) => return Ok(None),
-            Ok(Next::End) => "the peer closed the connection".to_string(),
-            Err(e) => {
-                tracing::warn!(peer = self.label(), error = %e, "closing the connection: the peer sent what cannot be read");
-                e.to_string()
+            Ok(Next::End) => End::Closed("the peer closed the connection".to_string()),
+            // A transport's own rules broken (a ring that claims more than
+            // it holds) is the peer's doing too.
+            Err(crate::error::Error::Io { context, source })
+                if source.kind() == io::ErrorKind::InvalidData =>
+            {
+                End::Broken(format!("{context}: {source}"))
             }
+            // The connection itself failed (reset, cut mid-frame).
+            Err(e @ crate::error::Error::Io { .. }) => End::Closed(e.to_string()),
+            // What came is not a frame this side may accept.
+            Err(e) => End::Broken(e.to_string()),
         };
         self.link.shutdown();
-        side.ended = Some(why.clone());
-        Err(why)
+        side.ended = Some(end.clone());
+        Err(end)
     }
 
     /// Writes what waits in the outbox, as far as the link takes it now.
@@ -280,7 +308,7 @@ impl Lead<'_> {
                 Flow::Stall => Step::Stalled,
             },
             Ok(None) => Step::Pending,
-            Err(why) => Step::Ended(why),
+            Err(end) => Step::Ended(end),
         }
     }
 

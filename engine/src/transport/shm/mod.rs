@@ -66,6 +66,12 @@ const HANDSHAKE: Duration = Duration::from_secs(5);
 /// Most slot descriptors a peer may send ahead of the frames that claim them
 /// (a sender announces each slot once, so a well-behaved peer has a few).
 pub(crate) const MAX_UNCLAIMED_FDS: usize = 1024;
+/// Most shared slots a peer may hold (frames written, not yet released):
+/// past it, the next published frames wait in the connection's queue, so a
+/// subscriber that keeps its messages slows its publisher instead of making
+/// it create slot after slot. It also bounds the descriptors this side
+/// sends ahead of the frames that claim them, well below [`MAX_UNCLAIMED_FDS`].
+const MAX_SLOTS_HELD: usize = 256;
 
 /// The `shm://` transport.
 pub(crate) struct Shm;
@@ -523,6 +529,14 @@ impl ByteLink for ShmLink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(slot, offset));
+    }
+
+    fn slot_room(&self) -> bool {
+        self.awaiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            < MAX_SLOTS_HELD
     }
 
     fn shutdown(&self) {

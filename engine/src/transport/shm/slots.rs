@@ -135,7 +135,13 @@ impl SlotPool {
     /// [`Error::Timeout`] when no slot is released in time; an error when the
     /// shared memory cannot be created.
     pub(crate) fn take(&self, len: usize) -> Result<SlotUse> {
-        let size = len.max(1).div_ceil(1 << 20) << 20;
+        // Powers of two up to 1 MiB (a small message takes a small slot),
+        // then whole MiB, so messages of one size keep reusing the same slots.
+        let size = if len <= 1 << 20 {
+            len.max(4096).next_power_of_two()
+        } else {
+            len.div_ceil(1 << 20) << 20
+        };
         let deadline = std::time::Instant::now() + self.wait;
         loop {
             {

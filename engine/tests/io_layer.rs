@@ -1,0 +1,252 @@
+//! The I/O layer as a user meets it: one I/O thread serves every connection
+//! of a node, a full queue slows only its own connection, small messages
+//! through shared memory keep coming when the subscriber lags, async waits
+//! work on any executor, and the node's counters say what happened.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow, Pattern};
+use tensorferry_engine::{pattern, DType, Error, Message, Node, Service};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The least executor there is: polls on this thread, parks until woken.
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(thread::Thread, AtomicBool);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.1.store(true, Ordering::SeqCst);
+            self.0.unpark();
+        }
+    }
+    let unpark = Arc::new(Unpark(thread::current(), AtomicBool::new(false)));
+    let waker = Waker::from(Arc::clone(&unpark));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        while !unpark.1.swap(false, Ordering::SeqCst) {
+            thread::park_timeout(Duration::from_millis(100));
+        }
+    }
+}
+
+fn publisher_node(name: &str) -> (Node, String) {
+    let node = Node::builder()
+        .name(name)
+        .listen("tcp://127.0.0.1:0")
+        .build()
+        .expect("node");
+    let addr = node.listen_addrs()[0].to_string();
+    (node, addr)
+}
+
+#[test]
+fn a_full_queue_stalls_its_own_connection_and_the_io_thread_serves_the_others() {
+    let (slow_pub, slow_addr) = publisher_node("slow");
+    let (fast_pub, fast_addr) = publisher_node("fast");
+    let mut config = ChannelConfig::new();
+    config
+        .insert(
+            "/slow",
+            ChannelSpec::new(Pattern::PubSub).with_queue(1, Overflow::Block),
+        )
+        .expect("config");
+    // One I/O thread reads both connections.
+    let receiver = Node::builder()
+        .name("receiver")
+        .channels(config)
+        .io_threads(1)
+        .build()
+        .expect("receiver");
+    let stuck = receiver.subscribe(&slow_addr, "/slow").expect("subscribe");
+    let fast = receiver.subscribe(&fast_addr, "/fast").expect("subscribe");
+    let slow = slow_pub.publisher("/slow");
+    slow.wait_for_subscribers(1, WAIT).expect("subscriber");
+    // Far more than the subscription's queue, and than the socket holds:
+    // the connection from `slow` stalls, and so does its publisher.
+    let flood = thread::spawn(move || {
+        for seq in 0..200u64 {
+            let t = pattern::tensor(DType::U8, &[256 << 10], 1, seq, "x").expect("tensor");
+            if slow.send(Message::new().tensor("x", t)).is_err() {
+                break;
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(200));
+    let quick = fast_pub.publisher("/fast");
+    quick.wait_for_subscribers(1, WAIT).expect("subscriber");
+    for seq in 0..100u64 {
+        quick.send(Message::new().field("seq", seq)).expect("send");
+    }
+    for seq in 0..100u64 {
+        let got = fast
+            .recv_timeout(WAIT)
+            .expect("the other connection is served");
+        assert_eq!(got.seq, seq);
+    }
+    // The stalled one lost nothing: every message comes, in order, as it is taken.
+    for seq in 0..200u64 {
+        let got = stuck
+            .recv_timeout(WAIT)
+            .expect("the stalled connection goes on");
+        assert_eq!(got.seq, seq);
+        let bytes = got.message.get("x").expect("x").packed().expect("host");
+        assert_eq!(
+            pattern::first_mismatch(DType::U8, 1, seq, "x", bytes.as_slice()),
+            None
+        );
+    }
+    flood.join().expect("publisher");
+}
+
+#[test]
+fn small_messages_through_shared_memory_all_arrive_when_the_subscriber_lags() {
+    let name = format!("shm://tf-io-lag-{}", std::process::id());
+    let server = Node::builder()
+        .name("server")
+        .listen(&name)
+        .build()
+        .expect("server");
+    let client = Node::builder().name("client").build().expect("client");
+    let sub = client.subscribe(&name, "/small").expect("subscribe");
+    let publisher = server.publisher("/small");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    const N: u64 = 20_000;
+    let sender = thread::spawn(move || {
+        for seq in 0..N {
+            let t = pattern::tensor(DType::U8, &[4096], 2, seq, "x").expect("tensor");
+            publisher.send(Message::new().tensor("x", t)).expect("send");
+        }
+        publisher
+    });
+    for seq in 0..N {
+        let got = sub.recv_timeout(WAIT).expect("message");
+        assert_eq!(got.seq, seq);
+        if seq % 1000 == 0 {
+            let bytes = got.message.get("x").expect("x").packed().expect("host");
+            assert_eq!(
+                pattern::first_mismatch(DType::U8, 2, seq, "x", bytes.as_slice()),
+                None
+            );
+            // A lagging subscriber: the publisher waits instead of the
+            // connection filling with slots.
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let publisher = sender.join().expect("publisher");
+    assert_eq!(client.peer_count(), 1, "the connection is still up");
+    assert_eq!(publisher.dropped(), 0);
+}
+
+#[test]
+fn async_waits_work_without_any_runtime_of_the_engine() {
+    let (server, addr) = publisher_node("server");
+    server
+        .serve(
+            "/double",
+            Service::new(|m: Message| {
+                let n = m.get_field("n").and_then(|v| v.as_u64()).unwrap_or(0);
+                Ok(Message::new().field("n", n * 2))
+            }),
+        )
+        .expect("serve");
+    let client = Node::builder().name("client").build().expect("client");
+    let sub = client.subscribe(&addr, "/ticks").expect("subscribe");
+    let publisher = server.publisher("/ticks");
+    block_on(publisher.wait_for_subscribers_async(1)).expect("subscriber");
+    let sending = thread::spawn(move || {
+        block_on(async {
+            for n in 0..10u64 {
+                publisher
+                    .send_async(Message::new().field("n", n))
+                    .await
+                    .expect("send");
+            }
+        });
+        publisher
+    });
+    let got: Vec<u64> = block_on(async {
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let r = sub.recv_async().await.expect("message");
+            got.push(
+                r.message
+                    .get_field("n")
+                    .and_then(|v| v.as_u64())
+                    .expect("n"),
+            );
+        }
+        got
+    });
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    sending.join().expect("sender");
+    let reply = block_on(
+        client
+            .request_async(&addr, "/double", Message::new().field("n", 21))
+            .expect("request"),
+    )
+    .expect("reply");
+    assert_eq!(reply.get_field("n").and_then(|v| v.as_u64()), Some(42));
+    // An error reply comes back as an error, asynchronously too.
+    let missing = block_on(
+        client
+            .request_async(&addr, "/nobody", Message::new())
+            .expect("request"),
+    );
+    assert!(
+        matches!(&missing, Err(Error::Remote { code, .. }) if code == "no_service"),
+        "{missing:?}"
+    );
+    // A shut-down node ends an async receive.
+    let idle = client.subscriber("/never");
+    let ender = {
+        let client = client.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(50));
+            client.shutdown();
+        })
+    };
+    let start = Instant::now();
+    assert!(matches!(block_on(idle.recv_async()), Err(Error::Closed)));
+    assert!(start.elapsed() < WAIT);
+    ender.join().expect("ender");
+}
+
+#[test]
+fn counters_say_what_a_node_sent_received_and_lost() {
+    let (server, addr) = publisher_node("server");
+    let client = Node::builder().name("client").build().expect("client");
+    let sub = client.subscribe(&addr, "/count").expect("subscribe");
+    let publisher = server.publisher("/count");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    for seq in 0..5u64 {
+        let t = pattern::tensor(DType::F32, &[100], 1, seq, "x").expect("tensor");
+        publisher.send(Message::new().tensor("x", t)).expect("send");
+    }
+    for _ in 0..5 {
+        sub.recv_timeout(WAIT).expect("message");
+    }
+    let sent = server.channel_stats("/count");
+    let received = client.channel_stats("/count");
+    assert_eq!(sent.messages_sent, 5);
+    assert_eq!(received.messages_received, 5);
+    assert_eq!(sent.bytes_sent, received.bytes_received);
+    assert!(received.bytes_received >= 5 * 400);
+    assert_eq!(client.stats().peers, 1);
+    server.shutdown();
+    assert!(matches!(
+        sub.recv_timeout(WAIT),
+        Err(Error::PeerLost { .. })
+    ));
+    let after = client.stats();
+    assert_eq!((after.peers, after.peers_lost), (0, 1));
+    assert_eq!(client.channel_stats("/nothing"), Default::default());
+}
