@@ -138,8 +138,64 @@ pub fn wire_casts(spec: &ChannelSpec) -> std::result::Result<Vec<(DType, DType)>
     }
 }
 
-/// Every staging error of a configuration (wire dtypes that do not parse or
-/// cannot be cast), each with its place in the file.
+/// Checks a configuration file whole — the one check behind `check-map`,
+/// the CLI's `--config` and [`crate::NodeBuilder::build`]: every error of
+/// its device maps, fallbacks and queue settings (as
+/// [`tensorferry_device_map::check`] finds them) and of its wire dtypes
+/// (names that do not parse, casts that do not exist both ways), each with
+/// its place in the file, and each valid channel's table resolved against
+/// `inventory`.
+///
+/// # Examples
+///
+/// ```
+/// use tensorferry_device_map::Inventory;
+/// use tensorferry_engine::delivery;
+///
+/// let text = r#"{"channels": {"/act": {"device_map": {"cuda:0": "cuda:9"}, "wire_dtype": {"f32": "int4"}}}}"#;
+/// let report = delivery::check(text, &Inventory::cpu_only());
+/// let places: Vec<&str> = report.errors.iter().map(|e| e.path.as_str()).collect();
+/// assert!(places.iter().any(|p| p.contains("wire_dtype")), "{places:?}");
+/// assert!(!report.is_valid());
+/// ```
+pub fn check(text: &str, inventory: &Inventory) -> tensorferry_device_map::CheckReport {
+    let mut report = tensorferry_device_map::check(text, inventory);
+    let parsed = ChannelConfig::parse(text);
+    report.errors.extend(validate_specs(
+        parsed.attempted.iter().map(|(n, s)| (n.as_str(), s)),
+    ));
+    report
+}
+
+/// Reads a configuration file for a node (the CLI's `--config`): every
+/// error of the file at once, maps and wire dtypes alike, each with its
+/// place.
+///
+/// # Errors
+///
+/// A file that cannot be read; [`tensorferry_device_map::Error::Invalid`]
+/// listing every error.
+pub fn load_config(path: impl AsRef<std::path::Path>) -> Result<ChannelConfig> {
+    let path = path.as_ref();
+    let text =
+        std::fs::read_to_string(path).map_err(|source| tensorferry_device_map::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let parsed = ChannelConfig::parse(&text);
+    let mut errors = parsed.errors;
+    errors.extend(validate_specs(
+        parsed.attempted.iter().map(|(n, s)| (n.as_str(), s)),
+    ));
+    if errors.is_empty() {
+        Ok(parsed.config)
+    } else {
+        Err(tensorferry_device_map::Error::Invalid { errors }.into())
+    }
+}
+
+/// Every wire-dtype error of a configuration already in memory (its maps
+/// were checked when it was built), each with its place.
 pub fn validate(config: &ChannelConfig) -> Vec<Located> {
     validate_specs(config.iter())
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tensorferry_device_map::{check, ChannelConfig, Inventory};
+use tensorferry_device_map::Inventory;
 use tensorferry_engine::delivery;
 use tensorferry_kernels::runtime::HostReport;
 
@@ -37,12 +37,7 @@ pub fn run(args: &Args) -> Outcome {
     };
     let text = std::fs::read_to_string(&args.file)
         .map_err(|e| format!("cannot read `{}`: {e}", args.file.display()))?;
-    let mut report = check(&text, &inventory);
-    // Wire dtypes are checked where dtypes and casts are known.
-    let parsed = ChannelConfig::parse(&text);
-    report.errors.extend(delivery::validate_specs(
-        parsed.attempted.iter().map(|(n, s)| (n.as_str(), s)),
-    ));
+    let report = delivery::check(&text, &inventory);
     let code = if report.is_valid() {
         ExitCode::SUCCESS
     } else {

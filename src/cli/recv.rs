@@ -272,7 +272,9 @@ impl Source {
 
 fn open(args: &Args) -> Result<(Source, String), String> {
     let config = match &args.config {
-        Some(path) => ChannelConfig::from_file(path).map_err(|e| e.to_string())?,
+        Some(path) => {
+            tensorferry::engine::delivery::load_config(path).map_err(|e| e.to_string())?
+        }
         None => ChannelConfig::new(),
     };
     let channel = args

@@ -190,7 +190,9 @@ pub fn run(args: &Args) -> Outcome {
         .map(|f| parse_field(f))
         .collect::<Result<Vec<_>, _>>()?;
     let mut config = match &args.config {
-        Some(path) => ChannelConfig::from_file(path).map_err(|e| e.to_string())?,
+        Some(path) => {
+            tensorferry::engine::delivery::load_config(path).map_err(|e| e.to_string())?
+        }
         None => ChannelConfig::new(),
     };
     let mut spec = config.get(&args.channel).cloned().unwrap_or_default();
