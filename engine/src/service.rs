@@ -33,7 +33,8 @@ impl fmt::Display for ServiceError {
 }
 
 /// The stages of a service: set up once, run per request, tear down at shutdown.
-/// Every stage runs on the service's own thread, so state needs no locking.
+/// A service runs one request at a time (on the node's worker pool, or inline),
+/// so its state needs no locking.
 pub trait Handler: Send + 'static {
     /// Runs once when the service is registered.
     ///
@@ -217,11 +218,15 @@ impl Service {
         }
     }
 
-    /// Runs `exec` on the thread that read the request (one request at a time,
-    /// under a lock) instead of handing it to the service's own thread: one
-    /// thread hand-off less per round trip, for handlers that are quick. A slow
-    /// handler then delays that connection's other traffic. `init` runs at
-    /// registration and `fini` when the node shuts down either way. Default: off.
+    /// Runs `exec` on the thread that read the request — the connection's
+    /// I/O thread, or a requester reading its reply — (one request at a
+    /// time, under a lock) instead of handing it to the node's worker pool:
+    /// one thread hand-off less per round trip, for handlers that return at
+    /// once. A slow handler delays every connection of that I/O thread, and
+    /// an inline handler must not wait on the node (a request, a `send` on a
+    /// `block` channel whose queue is full): the thread it would wait for is
+    /// its own. `init` runs at registration and `fini` when the node shuts
+    /// down either way. Default: off.
     pub fn inline(mut self, inline: bool) -> Self {
         self.inline = inline;
         self
