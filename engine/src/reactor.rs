@@ -391,6 +391,18 @@ mod tests {
         }
     }
 
+    /// A socket pair, one end watched as an `Echoless`.
+    fn echoless() -> (UnixStream, Arc<Echoless>) {
+        let (a, b) = UnixStream::pair().expect("pair");
+        b.set_nonblocking(true).expect("nonblocking");
+        let source = Arc::new(Echoless {
+            stream: b,
+            read: AtomicU32::new(0),
+            nudges: AtomicU32::new(0),
+        });
+        (a, source)
+    }
+
     fn wait_for(what: &str, f: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !f() {
@@ -405,13 +417,7 @@ mod tests {
         let mut peers = Vec::new();
         let mut sources = Vec::new();
         for _ in 0..50 {
-            let (a, b) = UnixStream::pair().expect("pair");
-            b.set_nonblocking(true).expect("nonblocking");
-            let source = Arc::new(Echoless {
-                stream: b,
-                read: AtomicU32::new(0),
-                nudges: AtomicU32::new(0),
-            });
+            let (a, source) = echoless();
             let reg = reactor.add(Arc::clone(&source) as Arc<dyn Watched>);
             peers.push((a, reg));
             sources.push(source);
@@ -435,13 +441,7 @@ mod tests {
     #[test]
     fn a_paused_source_is_not_run_and_resuming_reports_what_came() {
         let reactor = Reactor::new(1, Duration::ZERO, "test").expect("reactor");
-        let (mut a, b) = UnixStream::pair().expect("pair");
-        b.set_nonblocking(true).expect("nonblocking");
-        let source = Arc::new(Echoless {
-            stream: b,
-            read: AtomicU32::new(0),
-            nudges: AtomicU32::new(0),
-        });
+        let (mut a, source) = echoless();
         let reg = reactor.add(Arc::clone(&source) as Arc<dyn Watched>);
         wait_for("the first look", || {
             source.nudges.load(Ordering::SeqCst) == 1
@@ -457,13 +457,7 @@ mod tests {
     #[test]
     fn a_source_that_ends_is_removed() {
         let reactor = Reactor::new(2, Duration::ZERO, "test").expect("reactor");
-        let (a, b) = UnixStream::pair().expect("pair");
-        b.set_nonblocking(true).expect("nonblocking");
-        let source = Arc::new(Echoless {
-            stream: b,
-            read: AtomicU32::new(0),
-            nudges: AtomicU32::new(0),
-        });
+        let (a, source) = echoless();
         let weak = Arc::downgrade(&source);
         reactor.add(source as Arc<dyn Watched>);
         drop(a);

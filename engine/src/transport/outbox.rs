@@ -461,6 +461,19 @@ mod tests {
         out: Mutex<Vec<u8>>,
         room: Mutex<usize>,
         per_call: usize,
+        /// Every write fails, as to a peer that went away.
+        broken: bool,
+    }
+
+    impl Trickle {
+        fn new(room: usize, per_call: usize) -> Self {
+            Self {
+                out: Mutex::new(Vec::new()),
+                room: Mutex::new(room),
+                per_call,
+                broken: false,
+            }
+        }
     }
 
     impl ByteLink for Trickle {
@@ -480,6 +493,9 @@ mod tests {
             Err(io::ErrorKind::WouldBlock.into())
         }
         fn write_now(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.broken {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
             let mut room = self.room.lock().expect("lock");
             if *room == 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -519,11 +535,7 @@ mod tests {
 
     #[test]
     fn frames_written_in_pieces_arrive_whole_and_in_order() {
-        let link = Trickle {
-            out: Mutex::new(Vec::new()),
-            room: Mutex::new(0),
-            per_call: 1000,
-        };
+        let link = Trickle::new(0, 1000);
         let outbox = Outbox::new();
         let frames: Vec<_> = (0..5).map(|i| frame(i, 777 * i as usize + 3)).collect();
         for f in &frames {
@@ -547,11 +559,7 @@ mod tests {
 
     #[test]
     fn drop_oldest_drops_only_items_not_started() {
-        let link = Trickle {
-            out: Mutex::new(Vec::new()),
-            room: Mutex::new(10),
-            per_call: 10,
-        };
+        let link = Trickle::new(10, 10);
         let outbox = Outbox::new();
         let lane = Arc::new(Lane::new(2, Overflow::DropOldest));
         let frames: Vec<_> = (0..5).map(|i| frame(i, 100)).collect();
@@ -585,31 +593,10 @@ mod tests {
 
     #[test]
     fn a_failed_write_closes_the_outbox_and_frees_its_lanes() {
-        struct Broken;
-        impl ByteLink for Broken {
-            fn label(&self) -> &str {
-                "broken"
-            }
-            fn fd(&self) -> RawFd {
-                -1
-            }
-            fn wants_writable(&self) -> bool {
-                true
-            }
-            fn carries(&self) -> super::super::Carry {
-                super::super::Carry::Frames
-            }
-            fn read_now(&self, _: &mut [u8]) -> io::Result<usize> {
-                Ok(0)
-            }
-            fn write_now(&self, _: &[IoSlice<'_>]) -> io::Result<usize> {
-                Err(io::ErrorKind::BrokenPipe.into())
-            }
-            fn wait_readable(&self, _: Instant) -> io::Result<bool> {
-                Ok(true)
-            }
-            fn shutdown(&self) {}
-        }
+        let broken = Trickle {
+            broken: true,
+            ..Trickle::new(1 << 20, 1 << 20)
+        };
         let outbox = Outbox::new();
         let lane = Arc::new(Lane::new(8, Overflow::Block));
         for i in 0..3 {
@@ -617,7 +604,7 @@ mod tests {
                 .push(Outgoing::Frame(frame(i, 10)), Some(Arc::clone(&lane)))
                 .expect("open");
         }
-        assert!(matches!(outbox.pump(&Broken), Pumped::Failed(_)));
+        assert!(matches!(outbox.pump(&broken), Pumped::Failed(_)));
         assert_eq!(lane.queued(), 0);
         assert!(outbox.push(Outgoing::Frame(frame(9, 1)), None).is_err());
     }
