@@ -46,6 +46,10 @@ struct State<T> {
     item_wakers: Vec<Waker>,
     /// Async producers and stalled readers waiting for room.
     room_wakers: Vec<Waker>,
+    /// Threads blocked on each condition variable: a notify costs a system
+    /// call whether or not anyone waits, so it is made only when someone does.
+    waiting_items: usize,
+    waiting_room: usize,
 }
 
 /// A bounded queue with an overflow policy; see the [module docs](self).
@@ -79,6 +83,8 @@ impl<T> Queue<T> {
                 dropped: 0,
                 item_wakers: Vec::new(),
                 room_wakers: Vec::new(),
+                waiting_items: 0,
+                waiting_room: 0,
             }),
             item_arrived: Condvar::new(),
             room_made: Condvar::new(),
@@ -115,8 +121,11 @@ impl<T> Queue<T> {
 
     fn arrived(&self, mut s: MutexGuard<'_, State<T>>) {
         let mut wakers = std::mem::take(&mut s.item_wakers);
+        let blocked = s.waiting_items > 0;
         drop(s);
-        self.item_arrived.notify_one();
+        if blocked {
+            self.item_arrived.notify_one();
+        }
         wake_all(&mut wakers);
     }
 
@@ -135,27 +144,29 @@ impl<T> Queue<T> {
                 Offer::Closed(back) => return Err(Offer::Closed(back)),
                 Offer::Full(back) => item = back,
             }
-            let s = self.lock();
+            let mut s = self.lock();
             if s.closed {
                 return Err(Offer::Closed(item));
             }
             if s.items.len() < self.depth {
                 continue;
             }
-            match deadline {
-                None => drop(self.room_made.wait(s).unwrap_or_else(|p| p.into_inner())),
+            s.waiting_room += 1;
+            let mut s = match deadline {
+                None => self.room_made.wait(s).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
+                        s.waiting_room -= 1;
                         return Err(Offer::Full(item));
                     }
-                    drop(
-                        self.room_made
-                            .wait_timeout(s, left)
-                            .unwrap_or_else(|p| p.into_inner()),
-                    );
+                    self.room_made
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
                 }
-            }
+            };
+            s.waiting_room -= 1;
         }
     }
 
@@ -193,8 +204,11 @@ impl<T> Queue<T> {
 
     fn took(&self, mut s: MutexGuard<'_, State<T>>) {
         let mut wakers = std::mem::take(&mut s.room_wakers);
+        let blocked = s.waiting_room > 0;
         drop(s);
-        self.room_made.notify_one();
+        if blocked {
+            self.room_made.notify_one();
+        }
         wake_all(&mut wakers);
     }
 
@@ -222,11 +236,13 @@ impl<T> Queue<T> {
             if s.closed {
                 return Pop::Closed;
             }
+            s.waiting_items += 1;
             s = match deadline {
                 None => self.item_arrived.wait(s).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
+                        s.waiting_items -= 1;
                         return Pop::TimedOut;
                     }
                     self.item_arrived
@@ -235,6 +251,7 @@ impl<T> Queue<T> {
                         .0
                 }
             };
+            s.waiting_items -= 1;
         }
     }
 

@@ -53,11 +53,6 @@ pub(crate) trait Watched: Send + Sync {
     /// The descriptor to wait on.
     fn fd(&self) -> RawFd;
 
-    /// What to wait for.
-    fn interest(&self) -> Interest {
-        Interest::READABLE
-    }
-
     /// Runs on the I/O thread when the descriptor is ready, when nudged, or
     /// when [`deadline`](Self::deadline) passes. Returns `false` to be
     /// removed (the descriptor is taken out of the wait).
@@ -107,12 +102,20 @@ impl Shared {
 }
 
 /// A source's place on an I/O thread.
+///
+/// A source is waited on for readability, and for writability only while
+/// it asks ([`want_writable`](Registration::want_writable)): a socket is
+/// writable nearly always, and being told so at every turn would wake the
+/// I/O thread for nothing.
 #[derive(Clone)]
 pub(crate) struct Registration {
     shared: Weak<Shared>,
     token: Token,
     fd: RawFd,
-    interest: Interest,
+    /// Writability is waited for too.
+    writable: Arc<AtomicBool>,
+    /// Taken out of the wait by a requester.
+    paused: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Registration {
@@ -129,7 +132,8 @@ impl Registration {
             shared: Weak::new(),
             token: Token(usize::MAX - 1),
             fd: -1,
-            interest: Interest::READABLE,
+            writable: Arc::default(),
+            paused: Arc::default(),
         }
     }
 
@@ -141,9 +145,34 @@ impl Registration {
         }
     }
 
+    fn interest(&self) -> Interest {
+        if self.writable.load(Ordering::Acquire) {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        }
+    }
+
+    /// Waits for writability too (`true`: a write could not finish), or no
+    /// longer (`false`). Costs a system call only when it changes.
+    pub(crate) fn want_writable(&self, on: bool) {
+        if self.writable.swap(on, Ordering::AcqRel) == on || self.paused.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(shared) = self.shared.upgrade() {
+            // Fails only for a descriptor not (or no longer) in the wait:
+            // its next registration takes the new interest.
+            let _ =
+                shared
+                    .registry
+                    .reregister(&mut SourceFd(&self.fd), self.token, self.interest());
+        }
+    }
+
     /// Takes the descriptor out of the I/O thread's wait (a requester reads
     /// the connection itself meanwhile). The source stays registered.
     pub(crate) fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
         if let Some(shared) = self.shared.upgrade() {
             // Fails only for a descriptor already gone: nothing to pause then.
             let _ = shared.registry.deregister(&mut SourceFd(&self.fd));
@@ -153,10 +182,10 @@ impl Registration {
     /// Puts a paused descriptor back; readiness that arrived meanwhile is
     /// reported at once.
     pub(crate) fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
         if let Some(shared) = self.shared.upgrade() {
-            let _ = shared
-                .registry
-                .register(&mut SourceFd(&self.fd), self.token, self.interest);
+            // Fails only for a descriptor already gone: nothing to watch then.
+            let _ = watch(&shared.registry, self.fd, self.token, self.interest());
         }
     }
 
@@ -225,7 +254,8 @@ impl Reactor {
             shared: Arc::downgrade(shared),
             token,
             fd: source.fd(),
-            interest: source.interest(),
+            writable: Arc::default(),
+            paused: Arc::default(),
         };
         shared.send(Command::Add(token, source));
         registration
@@ -278,11 +308,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
         for command in commands {
             match command {
                 Command::Add(token, source) => {
-                    let fd = source.fd();
-                    if let Err(e) =
-                        shared
-                            .registry
-                            .register(&mut SourceFd(&fd), token, source.interest())
+                    if let Err(e) = watch(&shared.registry, source.fd(), token, Interest::READABLE)
                     {
                         tracing::warn!(error = %e, "I/O thread: a connection could not be watched; it is closed");
                         let _ = source.ready(Readiness::ALL);
@@ -334,6 +360,18 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
         if shared.stopped.load(Ordering::Acquire) {
             return;
         }
+    }
+}
+
+/// Adds `fd` to the registry's wait. A requester that paused and resumed a
+/// new connection before its I/O thread took it in has added it already:
+/// then its interest is set again instead.
+fn watch(registry: &mio::Registry, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
+    match registry.register(&mut SourceFd(&fd), token, interest) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            registry.reregister(&mut SourceFd(&fd), token, interest)
+        }
+        other => other,
     }
 }
 

@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Wake, Waker};
 
-use mio::Interest;
-
 use super::read::{Stalled, Wait};
 use super::subscribe::SubQueue;
 use super::{lock, NodeInner, ALL_CHANNELS};
@@ -118,13 +116,6 @@ pub(crate) struct Driven(pub(crate) Arc<Peer>);
 impl Watched for Driven {
     fn fd(&self) -> RawFd {
         self.0.conn.stream().map_or(-1, |s| s.link().fd())
-    }
-
-    fn interest(&self) -> Interest {
-        match self.0.conn.stream() {
-            Some(s) if s.link().wants_writable() => Interest::READABLE | Interest::WRITABLE,
-            _ => Interest::READABLE,
-        }
     }
 
     fn ready(&self, why: Readiness) -> bool {

@@ -49,6 +49,8 @@ pub(crate) struct Lane {
 struct LaneState {
     /// Items queued or being written.
     queued: usize,
+    /// Threads blocked on `room` (a notify is a system call: made only for them).
+    blocked: usize,
     /// The connection is gone: nothing more is taken.
     closed: bool,
     wakers: Vec<Waker>,
@@ -68,6 +70,7 @@ impl Lane {
             overflow,
             state: Mutex::new(LaneState {
                 queued: 0,
+                blocked: 0,
                 closed: false,
                 wakers: Vec::new(),
             }),
@@ -100,21 +103,33 @@ impl Lane {
     pub(crate) fn wait_room(&self, deadline: Option<Instant>) -> bool {
         let mut s = self.lock();
         while !s.closed && s.queued >= self.depth {
-            s = match deadline {
-                None => self.room.wait(s).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return false;
-                    }
-                    self.room
-                        .wait_timeout(s, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return false;
+            }
+            s = self.block(s, left);
         }
         true
+    }
+
+    /// Waits on `room` once, at most `left`, counted as blocked meanwhile.
+    fn block<'a>(
+        &self,
+        mut s: MutexGuard<'a, LaneState>,
+        left: Option<std::time::Duration>,
+    ) -> MutexGuard<'a, LaneState> {
+        s.blocked += 1;
+        let mut s = match left {
+            None => self.room.wait(s).unwrap_or_else(|p| p.into_inner()),
+            Some(left) => {
+                self.room
+                    .wait_timeout(s, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+        };
+        s.blocked -= 1;
+        s
     }
 
     /// The async form of [`wait_room`](Self::wait_room).
@@ -137,11 +152,7 @@ impl Lane {
             if left.is_zero() {
                 return false;
             }
-            s = self
-                .room
-                .wait_timeout(s, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            s = self.block(s, Some(left));
         }
         true
     }
@@ -154,8 +165,11 @@ impl Lane {
         let mut s = self.lock();
         s.queued = s.queued.saturating_sub(1);
         let wakers = std::mem::take(&mut s.wakers);
+        let blocked = s.blocked > 0;
         drop(s);
-        self.room.notify_all();
+        if blocked {
+            self.room.notify_all();
+        }
         for w in wakers {
             w.wake();
         }
@@ -225,8 +239,10 @@ pub(crate) struct Outbox {
 pub(crate) enum Pumped {
     /// Everything queued is written.
     Done,
-    /// Someone else writes, or the rest waits for room (the transport will say).
+    /// Someone else writes (and goes on), or the rest waits for a slot release.
     Later,
+    /// The rest waits for room in the transport, which it was asked to report.
+    Full,
     /// The connection failed: it must be shut down and reported lost.
     Failed(String),
 }
@@ -309,10 +325,17 @@ impl Outbox {
                 && !link.slot_room();
             if slot_waits {
                 // The peer holds as many slots as it may: the rest waits
-                // for a release, which pumps again.
-                s.turn = false;
+                // for a release, which pumps again. What was written is
+                // published while the turn is still held: two threads
+                // publishing at once could move the position back.
                 drop(s);
                 link.flush();
+                s = self.lock();
+                s.turn = false;
+                if std::mem::take(&mut s.again) && link.slot_room() {
+                    drop(s);
+                    return self.pump(link);
+                }
                 return Pumped::Later;
             }
             let (mut writing, queued) = match s.current.take() {
@@ -332,9 +355,15 @@ impl Outbox {
                         }
                     },
                     None => {
-                        s.turn = false;
+                        // Published while the turn is held (see above).
                         drop(s);
                         link.flush();
+                        s = self.lock();
+                        if !s.queue.is_empty() {
+                            continue;
+                        }
+                        s.turn = false;
+                        s.again = false;
                         return Pumped::Done;
                     }
                 },
@@ -363,10 +392,11 @@ impl Outbox {
                         continue;
                     }
                     s.turn = false;
-                    return Pumped::Later;
+                    return Pumped::Full;
                 }
                 Err(e) => {
                     let why = format!("writing to {}: {e}", link.label());
+                    tracing::debug!(peer = link.label(), error = %e, kind = ?e.kind(), "a write failed");
                     let dropped = {
                         let mut s = self.lock();
                         s.closed = Some(why.clone());
@@ -548,8 +578,8 @@ mod tests {
             *link.room.lock().expect("lock") = 1501;
             match outbox.pump(&link) {
                 Pumped::Done => break,
-                Pumped::Later => rounds += 1,
-                Pumped::Failed(why) => panic!("{why}"),
+                Pumped::Full => rounds += 1,
+                other => panic!("{other:?}"),
             }
         }
         assert!(rounds > 2, "the frames needed several rounds");
@@ -570,7 +600,7 @@ mod tests {
             )
             .expect("open");
         // The first frame starts, and stops after 10 bytes.
-        assert!(matches!(outbox.pump(&link), Pumped::Later));
+        assert!(matches!(outbox.pump(&link), Pumped::Full));
         for f in &frames[1..] {
             outbox
                 .push(Outgoing::Frame(Arc::clone(f)), Some(Arc::clone(&lane)))

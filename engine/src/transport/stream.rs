@@ -230,8 +230,19 @@ impl StreamConn {
     /// Why the connection failed; it is shut down (its read side then
     /// reports the end).
     pub(crate) fn pump(&self) -> Result<(), String> {
-        match self.out.pump(&*self.link) {
-            Pumped::Done | Pumped::Later => Ok(()),
+        let pumped = self.out.pump(&*self.link);
+        if self.link.wants_writable() {
+            if let Some(r) = self.registration.get() {
+                match pumped {
+                    // The socket is full: its I/O thread waits for room.
+                    Pumped::Full => r.want_writable(true),
+                    Pumped::Done => r.want_writable(false),
+                    Pumped::Later | Pumped::Failed(_) => {}
+                }
+            }
+        }
+        match pumped {
+            Pumped::Done | Pumped::Later | Pumped::Full => Ok(()),
             Pumped::Failed(why) => {
                 self.link.shutdown();
                 // The I/O thread reads the end and reports the peer lost.

@@ -296,8 +296,10 @@ impl ShmLink {
     }
 
     /// The connection is over: wakes a requester waiting on the ring.
-    fn end(&self) {
-        self.gone.store(true, Ordering::SeqCst);
+    fn end(&self, why: &str) {
+        if !self.gone.swap(true, Ordering::SeqCst) {
+            tracing::debug!(peer = %self.label, why, "shm connection ended");
+        }
         self.incoming.data_word().fetch_add(1, Ordering::SeqCst);
         futex::wake(self.incoming.data_word(), futex::ALL);
     }
@@ -309,7 +311,7 @@ impl ShmLink {
             match recv_fd(&self.stream) {
                 Ok((SLOT_FD, Some(fd))) => {
                     if socket_in.fds.len() >= MAX_UNCLAIMED_FDS {
-                        self.end();
+                        self.end("too many descriptors");
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
                             format!(
@@ -321,7 +323,7 @@ impl ShmLink {
                 }
                 Ok((DATA | SPACE, None)) => {}
                 Ok((byte, _)) => {
-                    self.end();
+                    self.end("an unexpected byte on the socket");
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("the peer sent byte {byte:#04x} on the shm socket, which carries only descriptors and wake-ups"),
@@ -329,11 +331,11 @@ impl ShmLink {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    self.end();
+                    self.end("the socket ended");
                     return Ok(());
                 }
                 Err(e) => {
-                    self.end();
+                    self.end("the socket failed");
                     return Err(e);
                 }
             }
@@ -541,7 +543,7 @@ impl ByteLink for ShmLink {
 
     fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        self.end();
+        self.end("shut down here");
         self.awaiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
