@@ -101,7 +101,7 @@
 //!
 //! | module | what | top-level names |
 //! |---|---|---|
-//! | [`engine`] | nodes, channels, services, recording; tensors, messages, codecs; the wire format and transports | [`Node`], [`NodeBuilder`], [`Publisher`], [`Subscription`], [`Received`], [`Recording`], [`Loan`], [`Service`], [`Schema`], [`Dim`], [`Handler`], [`ServiceError`], [`Message`], [`Tensor`], [`HostBuffer`], [`Codec`], [`CodecRegistry`], [`Object`], [`NodeStats`], [`ChannelStats`], [`ALL_CHANNELS`], [`RecvFuture`], [`SendFuture`], [`RequestFuture`], [`Error`], [`Result`] |
+//! | [`engine`] | nodes, channels, services, recording; tensors, messages, codecs; the wire format and transports | [`Node`], [`NodeBuilder`], [`Publisher`], [`Subscription`], [`Received`], [`Recording`], [`Loan`], [`Service`], [`Schema`], [`Dim`], [`Handler`], [`ServiceError`], [`Message`], [`Tensor`], [`HostBuffer`], [`Codec`], [`CodecRegistry`], [`Object`], [`NodeStats`], [`ChannelStats`], [`ALL_CHANNELS`], [`RecvFuture`], [`SendFuture`], [`SubscribersFuture`], [`RequestFuture`], [`Error`], [`Result`] |
 //! | [`kernels`] | device runtimes (cpu, cuda, wgpu) and the kernels run where data lives (cast, checksum, pack) | [`DType`] |
 //! | [`device_map`] | device names, device maps, channel configuration, validation and resolution | [`Device`], [`DeviceMap`], [`ChannelConfig`], [`ChannelSpec`], [`Fallback`], [`Inventory`], [`Pattern`] |
 //!
@@ -142,6 +142,6 @@ pub use tensorferry_device_map::{
 pub use tensorferry_engine::{
     ChannelStats, Codec, CodecRegistry, DType, Dim, Error, Handler, HostBuffer, Loan, Message,
     Node, NodeBuilder, NodeStats, Object, Publisher, Received, Recording, RecvFuture,
-    RequestFuture, Result, Schema, SendFuture, Service, ServiceError, Subscription, Tensor,
-    ALL_CHANNELS,
+    RequestFuture, Result, Schema, SendFuture, Service, ServiceError, SubscribersFuture,
+    Subscription, Tensor, ALL_CHANNELS,
 };

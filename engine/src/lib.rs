@@ -59,7 +59,7 @@ pub use error::{Error, Result};
 pub use message::{Message, Object};
 pub use node::{
     ChannelStats, Loan, Node, NodeBuilder, NodeStats, Publisher, Received, Recording, RecvFuture,
-    RequestFuture, SendFuture, Subscription, ALL_CHANNELS,
+    RequestFuture, SendFuture, SubscribersFuture, Subscription, ALL_CHANNELS,
 };
 pub use pool::{BufferPool, PooledBuffer};
 pub use service::{Dim, Handler, Schema, Service, ServiceError};

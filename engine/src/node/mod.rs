@@ -52,7 +52,7 @@ use crate::transport::Listener;
 use crate::wire::{Limits, TensorInfo};
 
 pub use builder::NodeBuilder;
-pub use publish::{Loan, Publisher, SendFuture};
+pub use publish::{Loan, Publisher, SendFuture, SubscribersFuture};
 pub use record::Recording;
 pub use services::RequestFuture;
 pub use stats::{ChannelStats, NodeStats};
