@@ -10,6 +10,7 @@
 //! socket without stopping the thread that serves every other peer.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -55,10 +56,27 @@ struct State<T> {
 /// A bounded queue with an overflow policy; see the [module docs](self).
 pub(crate) struct Queue<T> {
     state: Mutex<State<T>>,
+    /// Items queued, readable without the lock: what a consumer about to
+    /// sleep looks at while it spins a little first.
+    queued: AtomicUsize,
     item_arrived: Condvar,
     room_made: Condvar,
     depth: usize,
     overflow: Overflow,
+}
+
+/// How many times a consumer looks again before it sleeps.
+const SPINS: u32 = 10;
+
+/// Waits a little before looking again: a few spins, growing, then a yield.
+fn backoff(step: u32) {
+    if step < 6 {
+        for _ in 0..1u32 << step {
+            std::hint::spin_loop();
+        }
+    } else {
+        std::thread::yield_now();
+    }
 }
 
 fn wake_all(wakers: &mut Vec<Waker>) {
@@ -86,6 +104,7 @@ impl<T> Queue<T> {
                 waiting_items: 0,
                 waiting_room: 0,
             }),
+            queued: AtomicUsize::new(0),
             item_arrived: Condvar::new(),
             room_made: Condvar::new(),
             depth: depth.max(1),
@@ -120,6 +139,7 @@ impl<T> Queue<T> {
     }
 
     fn arrived(&self, mut s: MutexGuard<'_, State<T>>) {
+        self.queued.store(s.items.len(), Ordering::Release);
         let mut wakers = std::mem::take(&mut s.item_wakers);
         let blocked = s.waiting_items > 0;
         drop(s);
@@ -203,6 +223,7 @@ impl<T> Queue<T> {
     }
 
     fn took(&self, mut s: MutexGuard<'_, State<T>>) {
+        self.queued.store(s.items.len(), Ordering::Release);
         let mut wakers = std::mem::take(&mut s.room_wakers);
         let blocked = s.waiting_room > 0;
         drop(s);
@@ -228,6 +249,7 @@ impl<T> Queue<T> {
     /// The next item, waiting until `deadline` (`None`: as long as it takes).
     pub(crate) fn pop(&self, deadline: Option<Instant>) -> Pop<T> {
         let mut s = self.lock();
+        let mut spins = 0;
         loop {
             if let Some(item) = s.items.pop_front() {
                 self.took(s);
@@ -235,6 +257,17 @@ impl<T> Queue<T> {
             }
             if s.closed {
                 return Pop::Closed;
+            }
+            // A producer that is busy now usually has the next item soon:
+            // a short spin saves the sleep and the wake-up (as channels do).
+            if spins < SPINS {
+                drop(s);
+                while spins < SPINS && self.queued.load(Ordering::Acquire) == 0 {
+                    backoff(spins);
+                    spins += 1;
+                }
+                s = self.lock();
+                continue;
             }
             s.waiting_items += 1;
             s = match deadline {

@@ -48,15 +48,27 @@ impl Readiness {
     };
 }
 
+/// What a source tells its I/O thread after running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ready {
+    /// Keep it; it has arranged to be reported when there is more to do.
+    Wait,
+    /// Keep it, and poll it while the thread spins (busy polling): it has
+    /// *not* arranged to be woken, to spare its peer a wake-up per message;
+    /// [`Watched::arm`] is called before the thread sleeps.
+    Spin,
+    /// Remove it (its descriptor leaves the wait).
+    Done,
+}
+
 /// What an I/O thread drives: a connection, a listener, a handshake.
 pub(crate) trait Watched: Send + Sync {
     /// The descriptor to wait on.
     fn fd(&self) -> RawFd;
 
     /// Runs on the I/O thread when the descriptor is ready, when nudged, or
-    /// when [`deadline`](Self::deadline) passes. Returns `false` to be
-    /// removed (the descriptor is taken out of the wait).
-    fn ready(&self, why: Readiness) -> bool;
+    /// when [`deadline`](Self::deadline) passes.
+    fn ready(&self, why: Readiness) -> Ready;
 
     /// When `ready` must run even if nothing happens (a handshake's time
     /// limit). Asked once, when the source is added.
@@ -64,10 +76,15 @@ pub(crate) trait Watched: Send + Sync {
         None
     }
 
-    /// Whether the I/O thread may keep polling without sleeping for a while
-    /// after this source's last work (busy polling); see
-    /// [`Reactor::new`]'s `busy_poll`.
-    fn may_spin(&self) -> bool {
+    /// For a spinning source: whether there is work now that no event
+    /// reports (bytes in a shared-memory ring). Costs no system call.
+    fn has_work(&self) -> bool {
+        false
+    }
+
+    /// For a spinning source, before its thread sleeps: arranges to be
+    /// reported when there is more; `true` when there is work already.
+    fn arm(&self) -> bool {
         false
     }
 }
@@ -207,8 +224,8 @@ pub(crate) struct Reactor {
 impl Reactor {
     /// Starts `threads` I/O threads (at least one), named after `name`.
     /// With `busy_poll` above zero, a thread keeps polling without sleeping
-    /// for that long after a source that [`may_spin`](Watched::may_spin)
-    /// did work.
+    /// for that long after a source that asked to [spin](Ready::Spin) did
+    /// work.
     ///
     /// # Errors
     ///
@@ -288,13 +305,28 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
     let mut events = Events::with_capacity(256);
     let mut watched: HashMap<Token, Arc<dyn Watched>> = HashMap::new();
     let mut deadlines: BTreeSet<(Instant, Token)> = BTreeSet::new();
-    let mut spin_until: Option<Instant> = None;
+    // Sources that asked to spin, and until when the thread spins.
+    let mut spinning: Vec<Token> = Vec::new();
+    let mut spin_until = Instant::now();
     loop {
         let now = Instant::now();
-        let timeout = match (spin_until.filter(|&t| t > now), deadlines.first()) {
-            (Some(_), _) => Some(Duration::ZERO),
-            (None, Some((at, _))) => Some(at.saturating_duration_since(now)),
-            (None, None) => None,
+        if !spinning.is_empty() && now >= spin_until {
+            // About to sleep: every spinning source arms its wake-ups; one
+            // with work already runs (and may spin on).
+            let mut again = false;
+            for token in std::mem::take(&mut spinning) {
+                if watched.get(&token).is_some_and(|s| s.arm()) {
+                    again |= run_one(shared, &mut watched, token, Readiness::ALL, &mut spinning);
+                }
+            }
+            if again {
+                spin_until = Instant::now() + busy_poll;
+            }
+        }
+        let timeout = match (spinning.is_empty(), deadlines.first()) {
+            (false, _) => Some(Duration::ZERO),
+            (true, Some((at, _))) => Some(at.saturating_duration_since(now)),
+            (true, None) => None,
         };
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -325,12 +357,15 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                     if let Some(source) = watched.remove(&token) {
                         let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
                     }
+                    spinning.retain(|t| *t != token);
                 }
                 Command::Nudge(token) => nudged.push(token),
                 Command::Stop => return,
             }
         }
+        // Whether a source that spins did work: the spin goes on from now.
         let mut worked = false;
+        let spun = spinning.len();
         for event in events.iter() {
             let token = event.token();
             if token == WAKER {
@@ -341,7 +376,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 writable: event.is_writable() || event.is_write_closed(),
                 nudged: false,
             };
-            worked |= dispatch(shared, &mut watched, token, why);
+            worked |= run_one(shared, &mut watched, token, why, &mut spinning);
         }
         let now = Instant::now();
         while let Some(&(at, token)) = deadlines.first() {
@@ -352,10 +387,17 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
             nudged.push(token);
         }
         for token in nudged {
-            worked |= dispatch(shared, &mut watched, token, Readiness::ALL);
+            worked |= run_one(shared, &mut watched, token, Readiness::ALL, &mut spinning);
         }
-        if !busy_poll.is_zero() && worked {
-            spin_until = Some(Instant::now() + busy_poll);
+        // Spinning sources with work no event reports (a ring) run too.
+        for i in 0..spun.min(spinning.len()) {
+            let token = spinning[i];
+            if watched.get(&token).is_some_and(|s| s.has_work()) {
+                worked |= run_one(shared, &mut watched, token, Readiness::ALL, &mut spinning);
+            }
+        }
+        if worked {
+            spin_until = Instant::now() + busy_poll;
         }
         if shared.stopped.load(Ordering::Acquire) {
             return;
@@ -375,22 +417,35 @@ fn watch(registry: &mio::Registry, fd: RawFd, token: Token, interest: Interest) 
     }
 }
 
-/// Runs one source; `true` when it may spin (busy polling).
-fn dispatch(
+/// Runs one source: removes it when it is done, and keeps it among the
+/// spinning ones when it asks to spin (then `true`).
+fn run_one(
     shared: &Shared,
     watched: &mut HashMap<Token, Arc<dyn Watched>>,
     token: Token,
     why: Readiness,
+    spinning: &mut Vec<Token>,
 ) -> bool {
     let Some(source) = watched.get(&token).cloned() else {
         return false;
     };
-    if source.ready(why) {
-        source.may_spin()
-    } else {
-        watched.remove(&token);
-        let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
-        false
+    match source.ready(why) {
+        Ready::Wait => {
+            spinning.retain(|t| *t != token);
+            false
+        }
+        Ready::Spin => {
+            if !spinning.contains(&token) {
+                spinning.push(token);
+            }
+            true
+        }
+        Ready::Done => {
+            spinning.retain(|t| *t != token);
+            watched.remove(&token);
+            let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
+            false
+        }
     }
 }
 
@@ -412,18 +467,18 @@ mod tests {
         fn fd(&self) -> RawFd {
             self.stream.as_raw_fd()
         }
-        fn ready(&self, why: Readiness) -> bool {
+        fn ready(&self, why: Readiness) -> Ready {
             if why.nudged {
                 self.nudges.fetch_add(1, Ordering::SeqCst);
             }
             let mut buf = [0u8; 64];
             loop {
                 match (&self.stream).read(&mut buf) {
-                    Ok(0) => return false,
+                    Ok(0) => return Ready::Done,
                     Ok(n) => {
                         self.read.fetch_add(n as u32, Ordering::SeqCst);
                     }
-                    Err(_) => return true,
+                    Err(_) => return Ready::Wait,
                 }
             }
         }

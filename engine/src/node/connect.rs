@@ -14,7 +14,7 @@ use super::read::Wait;
 use super::{lock, Listening, NodeInner};
 use crate::address::Address;
 use crate::error::{Error, Result};
-use crate::reactor::{Readiness, Watched};
+use crate::reactor::{Readiness, Ready, Watched};
 use crate::transport::assembler::Router;
 use crate::transport::inproc::{Accept, InprocConn};
 use crate::transport::{self, Accepted, Connection, Context, Handshake, Listener};
@@ -191,13 +191,13 @@ impl Watched for Accepting {
         self.listener.fd().unwrap_or(-1)
     }
 
-    fn ready(&self, _why: Readiness) -> bool {
+    fn ready(&self, _why: Readiness) -> Ready {
         let Some(node) = self.node.upgrade() else {
-            return false;
+            return Ready::Done;
         };
         loop {
             if node.is_closed() {
-                return false;
+                return Ready::Done;
             }
             match self.listener.accept(&self.ctx) {
                 Ok(Some(Accepted::Open(conn))) => {
@@ -213,12 +213,12 @@ impl Watched for Accepting {
                         ctx: self.ctx.clone(),
                     }));
                 }
-                Ok(None) => return true,
+                Ok(None) => return Ready::Wait,
                 Err(e) => {
                     // Out of descriptors, say: the waiting connection stays
                     // in the backlog and is tried again with the next event.
                     tracing::warn!(node = %node.name, listener = %self.listener.address(), error = %e, "accepting a connection failed");
-                    return true;
+                    return Ready::Wait;
                 }
             }
         }
@@ -243,13 +243,13 @@ impl Watched for Shaking {
         Some(self.deadline)
     }
 
-    fn ready(&self, _why: Readiness) -> bool {
+    fn ready(&self, _why: Readiness) -> Ready {
         let Some(node) = self.node.upgrade() else {
-            return false;
+            return Ready::Done;
         };
         let mut slot = lock(&self.shake);
         let Some(shake) = slot.as_mut() else {
-            return false;
+            return Ready::Done;
         };
         match shake.advance(&self.ctx) {
             Ok(Some(conn)) => {
@@ -258,18 +258,18 @@ impl Watched for Shaking {
                 // The connection gets a place of its own on an I/O thread;
                 // this one is done.
                 node.add_peer(conn, None);
-                false
+                Ready::Done
             }
-            Ok(None) if Instant::now() < self.deadline => true,
+            Ok(None) if Instant::now() < self.deadline => Ready::Wait,
             Ok(None) => {
                 tracing::info!(node = %node.name, "dropping a shm connection whose peer never sent its ring");
                 slot.take();
-                false
+                Ready::Done
             }
             Err(e) => {
                 tracing::info!(node = %node.name, error = %e, "dropping a connection that failed its handshake");
                 slot.take();
-                false
+                Ready::Done
             }
         }
     }

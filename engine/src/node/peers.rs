@@ -13,7 +13,7 @@ use super::subscribe::SubQueue;
 use super::{lock, NodeInner, ALL_CHANNELS};
 use crate::address::Address;
 use crate::error::Error;
-use crate::reactor::{Readiness, Registration, Watched};
+use crate::reactor::{Readiness, Ready, Registration, Watched};
 use crate::transport::shm::slots::MappedSlot;
 use crate::transport::{Connection, Lane, ReadStop};
 
@@ -118,13 +118,13 @@ impl Watched for Driven {
         self.0.conn.stream().map_or(-1, |s| s.link().fd())
     }
 
-    fn ready(&self, why: Readiness) -> bool {
+    fn ready(&self, why: Readiness) -> Ready {
         let peer = &self.0;
         let (Some(node), Some(stream)) = (peer.node.upgrade(), peer.conn.stream()) else {
-            return false;
+            return Ready::Done;
         };
         if !peer.is_alive() {
-            return false;
+            return Ready::Done;
         }
         // Writes first: the room the transport reported (a socket says so
         // with writability, a ring with a wake-up to read), or a nudge. A
@@ -132,32 +132,38 @@ impl Watched for Driven {
         if why.writable || why.nudged || !stream.link().wants_writable() {
             let _ = stream.pump();
         }
+        // With busy polling, and no requester of this node reading this
+        // connection itself, the I/O thread polls the connection for a
+        // while instead of asking its peer for a wake-up.
+        let spin = !node.busy_poll.is_zero() && !node.awaits_reply_from(peer);
+        let idle = if spin { Ready::Spin } else { Ready::Wait };
         if !(why.readable || why.nudged) {
-            return true;
+            return idle;
         }
         // A delivery that waited for room goes before anything newer.
         if !node.retry_stalled(peer) {
-            return true;
+            return idle;
         }
-        let stop = stream.read(&mut |frame| node.on_frame(peer, frame, Wait::Stall));
+        let stop = stream.read(&mut |frame| node.on_frame(peer, frame, Wait::Stall), !spin);
         match stop {
-            ReadStop::Idle | ReadStop::Busy | ReadStop::Stalled => true,
+            ReadStop::Idle | ReadStop::Busy | ReadStop::Stalled => idle,
             ReadStop::Ended(why) => {
                 node.lose(peer, &why);
-                false
+                Ready::Done
             }
             ReadStop::Broken(what) => {
                 node.offend(peer, &what);
-                false
+                Ready::Done
             }
         }
     }
 
-    fn may_spin(&self) -> bool {
-        self.0
-            .node
-            .upgrade()
-            .is_some_and(|node| !node.awaits_reply_from(&self.0))
+    fn has_work(&self) -> bool {
+        self.0.conn.stream().is_some_and(|s| s.link().has_input())
+    }
+
+    fn arm(&self) -> bool {
+        self.0.conn.stream().is_some_and(|s| s.link().idle_read())
     }
 }
 

@@ -80,9 +80,10 @@ impl NodeInner {
 
     /// The peers subscribed to `channel`, each with the lane its messages take.
     fn subscribed_peers(&self, channel: &str) -> Vec<(Arc<Peer>, Option<Arc<Lane>>)> {
-        self.live_peers()
-            .into_iter()
-            .filter_map(|p| p.wants(channel).map(|lane| (p, lane)))
+        lock(&self.peers)
+            .iter()
+            .filter(|p| p.is_alive())
+            .filter_map(|p| p.wants(channel).map(|lane| (Arc::clone(p), lane)))
             .collect()
     }
 

@@ -17,6 +17,8 @@ use super::peers::Peer;
 use super::services::Job;
 use super::subscribe::{Received, SubQueue};
 use super::{lock, NodeInner, ALL_CHANNELS};
+use smallvec::SmallVec;
+
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::queue::Offer;
@@ -149,7 +151,7 @@ impl NodeInner {
     /// Hands a message to this node's subscriptions of its channel (and of
     /// `*`). Under [`Wait::Stall`] a full queue stalls `peer`.
     pub(crate) fn deliver(&self, received: Received, wait: Wait, peer: Option<&Arc<Peer>>) -> Flow {
-        let queues: Vec<Arc<SubQueue>> = {
+        let queues: SmallVec<[Arc<SubQueue>; 4]> = {
             let subs = lock(&self.subs);
             subs.get(&received.channel)
                 .into_iter()
@@ -164,13 +166,20 @@ impl NodeInner {
     fn deliver_to(
         &self,
         received: Received,
-        queues: Vec<Arc<SubQueue>>,
+        queues: impl IntoIterator<Item = Arc<SubQueue>>,
         wait: Wait,
         peer: Option<&Arc<Peer>>,
     ) -> Flow {
         let mut full = Vec::new();
-        for q in &queues {
-            let item = Ok(received.clone());
+        let mut queues = queues.into_iter().peekable();
+        let mut received = Some(received);
+        while let Some(q) = queues.next() {
+            // The last queue takes the message itself, the others a clone.
+            let item = match queues.peek() {
+                Some(_) => received.clone(),
+                None => received.take(),
+            };
+            let Some(item) = item.map(Ok) else { break };
             match wait {
                 Wait::Block => {
                     // Refused only when the subscription closed meanwhile.
@@ -178,14 +187,19 @@ impl NodeInner {
                 }
                 Wait::Stall => match q.offer(item) {
                     Offer::Taken | Offer::Closed(_) => {}
-                    Offer::Full(_) => full.push(Arc::clone(q)),
+                    Offer::Full(back) => {
+                        full.push(q);
+                        if received.is_none() {
+                            received = back.ok();
+                        }
+                    }
                 },
             }
         }
         if full.is_empty() {
             return Flow::Continue;
         }
-        let Some(peer) = peer else {
+        let (Some(peer), Some(received)) = (peer, received) else {
             return Flow::Continue;
         };
         if let Some(waker) = peer.waker() {

@@ -155,8 +155,11 @@ pub(crate) trait Connection: Send + Sync {
     /// Why the connection takes nothing more (it failed or closed).
     fn send(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> std::result::Result<(), String>;
 
-    /// Reads the frames there are now, handing each to `on_frame`.
-    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow) -> ReadStop;
+    /// Reads the frames there are now, handing each to `on_frame`. With
+    /// `arm`, the transport is asked to report the next bytes before the
+    /// read goes idle; without, the caller polls (busy polling) and arms
+    /// later.
+    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, arm: bool) -> ReadStop;
 
     /// Ends the connection: nothing more is written, what waits is dropped.
     fn close(&self, why: &str);
@@ -275,6 +278,12 @@ pub(crate) trait ByteLink: Send + Sync + 'static {
     /// The read side is going idle: arranges for the I/O thread to be told
     /// of the next bytes. `true` when bytes came meanwhile (read again).
     fn idle_read(&self) -> bool {
+        false
+    }
+
+    /// Whether bytes wait that no readiness event reports (a ring): what a
+    /// busy-polling I/O thread looks at. Costs no system call.
+    fn has_input(&self) -> bool {
         false
     }
 

@@ -139,7 +139,7 @@ impl StreamConn {
     /// For the I/O thread: reads every whole frame there is now and hands
     /// each to `on_frame`, unless a requester holds the read side (it reads
     /// them instead).
-    fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow) -> ReadStop {
+    fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, arm: bool) -> ReadStop {
         if let Err(e) = self.link.on_readable() {
             self.link.shutdown();
             let end = if e.kind() == io::ErrorKind::InvalidData {
@@ -164,7 +164,7 @@ impl StreamConn {
             };
             self.missed.store(false, Ordering::SeqCst);
             let mut side = side;
-            let stop = self.read_frames(&mut side, on_frame);
+            let stop = self.read_frames(&mut side, on_frame, arm);
             drop(side);
             if matches!(stop, ReadStop::Idle) && self.missed.swap(false, Ordering::SeqCst) {
                 continue;
@@ -177,6 +177,7 @@ impl StreamConn {
         &self,
         side: &mut ReadSide,
         on_frame: &mut dyn FnMut(Frame) -> Flow,
+        arm: bool,
     ) -> ReadStop {
         loop {
             match self.step(side) {
@@ -186,7 +187,7 @@ impl StreamConn {
                     }
                 }
                 Ok(None) => {
-                    if self.link.idle_read() {
+                    if arm && self.link.idle_read() {
                         continue;
                     }
                     return ReadStop::Idle;
@@ -285,8 +286,8 @@ impl Connection for StreamConn {
         self.pump()
     }
 
-    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow) -> ReadStop {
-        self.read_all(on_frame)
+    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, arm: bool) -> ReadStop {
+        self.read_all(on_frame, arm)
     }
 
     /// Nothing more is written, what waits is dropped, and the link is

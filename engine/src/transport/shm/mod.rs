@@ -470,6 +470,10 @@ impl ByteLink for ShmLink {
         room || self.gone.load(Ordering::SeqCst)
     }
 
+    fn has_input(&self) -> bool {
+        self.readable()
+    }
+
     fn pause_while_led(&self) -> bool {
         false
     }
