@@ -10,6 +10,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use tensorferry::engine::futex;
+
 /// Where the request and the reply lie in the shared region.
 const DATA: usize = 4096;
 /// Word offsets: requests sent, replies sent, stop.
@@ -85,35 +87,18 @@ impl Region {
 /// Sleeps until `word` leaves `seen`; `false` when that took longer than `idle`.
 fn wait(word: &AtomicU32, seen: u32, idle: Duration) -> bool {
     let until = Instant::now() + idle;
-    let tick = libc::timespec {
-        tv_sec: 1,
-        tv_nsec: 0,
-    };
     while word.load(Ordering::SeqCst) == seen {
         if Instant::now() > until {
             return false;
         }
-        // SAFETY: a futex wait on a live, aligned word of a shared mapping,
-        // with a relative timeout; it returns at once when the word changed.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAIT,
-                seen,
-                &tick as *const libc::timespec,
-            );
-        }
+        futex::wait(word, seen, futex::ALL, Some(Duration::from_secs(1)));
     }
     true
 }
 
 fn post(word: &AtomicU32) {
     word.fetch_add(1, Ordering::SeqCst);
-    // SAFETY: a futex wake on a live, aligned word; it touches no memory.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, 1);
-    }
+    futex::wake(word, futex::ALL);
 }
 
 /// The echo side: copies each request out and back as the reply, until told
