@@ -4,8 +4,7 @@
 //! A waiter passes the value it last saw; the kernel puts it to sleep only if
 //! the word still holds that value, so a wake-up that comes between the look
 //! and the sleep is never lost. Bitsets let several kinds of waiter share a
-//! word and be woken apart (a `shm://` pipe's reader thread and a requester
-//! reading its own reply).
+//! word and be woken apart.
 //!
 //! # Examples
 //!

@@ -284,7 +284,10 @@ impl NodeInner {
             tap.stop();
         }
         self.subscribers_changed.notify();
-        if let Some(mut reactor) = lock(&self.reactor).take() {
+        // Taken out first: an I/O thread may need the lock (to hand a new
+        // connection over) while this one waits for it to stop.
+        let reactor = lock(&self.reactor).take();
+        if let Some(mut reactor) = reactor {
             reactor.stop();
         }
     }

@@ -82,15 +82,27 @@ pub(crate) struct ServiceSlot {
     queue: Queue<Job>,
     /// A worker is draining the queue (or is about to).
     scheduled: AtomicBool,
+    /// The node is shutting down: no request runs any more.
+    stopping: AtomicBool,
     /// `fini` ran.
     finished: AtomicBool,
 }
 
 impl ServiceSlot {
+    /// Stops the service: nothing more is queued, and `fini` runs once —
+    /// here if the handler is idle, else on the thread running it, when it
+    /// is done (which may be this thread: a handler that shut its node down).
     fn finish(&self) {
         self.queue.close();
+        self.stopping.store(true, Ordering::Release);
+        if let Ok(mut handler) = self.handler.try_lock() {
+            self.fini_once(handler.as_mut());
+        }
+    }
+
+    fn fini_once(&self, handler: &mut dyn Handler) {
         if !self.finished.swap(true, Ordering::AcqRel) {
-            lock(&self.handler).fini();
+            handler.fini();
         }
     }
 }
@@ -175,6 +187,7 @@ impl Node {
                 inline,
                 queue: Queue::new(spec.queue_depth, Overflow::Block),
                 scheduled: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
                 finished: AtomicBool::new(false),
             }),
         );
@@ -542,14 +555,19 @@ impl NodeInner {
         }
         let reply = {
             let mut handler = lock(&service.handler);
-            if service.finished.load(Ordering::Acquire) {
+            let reply = if service.stopping.load(Ordering::Acquire) {
                 Err(ServiceError::new(
                     "shutting_down",
                     "the service is stopping",
                 ))
             } else {
                 answer(&job.channel, handler.as_mut(), &service.output, request)
+            };
+            // Stopped while it ran: `fini` is this thread's to run.
+            if service.stopping.load(Ordering::Acquire) {
+                service.fini_once(handler.as_mut());
             }
+            reply
         };
         self.send_reply(&job, reply);
     }

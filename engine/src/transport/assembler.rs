@@ -124,6 +124,32 @@ pub(crate) struct Assembler {
     router: Option<Router>,
     /// Smaller frames are never routed.
     route_min_bytes: usize,
+    /// The last read from a socket returned less than it asked for: the
+    /// socket was empty then, and new bytes will be reported, so the next
+    /// read is not tried (it would only say "nothing yet").
+    short_read: bool,
+}
+
+/// A socket source that says "nothing yet" without a system call right
+/// after a read came back short (see [`Assembler::short_read`]).
+struct Drained<'a> {
+    inner: &'a mut dyn Source,
+    skip: &'a mut bool,
+}
+
+impl Source for Drained<'_> {
+    fn recv_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if std::mem::take(self.skip) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.inner.recv_now(buf)?;
+        *self.skip = n > 0 && n < buf.len() && !self.inner.cheap_reads();
+        Ok(n)
+    }
+
+    fn cheap_reads(&self) -> bool {
+        self.inner.cheap_reads()
+    }
 }
 
 impl Assembler {
@@ -139,6 +165,7 @@ impl Assembler {
             partial: None,
             router: None,
             route_min_bytes: AHEAD_BYTES,
+            short_read: false,
         }
     }
 
@@ -162,7 +189,12 @@ impl Assembler {
     /// After an error the partial frame is dropped, its uploads with it
     /// (their staging chunks go back to the pool).
     pub(crate) fn next(&mut self, source: &mut dyn Source) -> Result<Next> {
-        let outcome = self.step(source);
+        let mut skip = std::mem::take(&mut self.short_read);
+        let outcome = self.step(&mut Drained {
+            inner: source,
+            skip: &mut skip,
+        });
+        self.short_read = skip;
         match &outcome {
             Err(_) => self.partial = None,
             Ok(Next::Pending) => {
@@ -411,6 +443,12 @@ impl Assembler {
             Route::Devices(r) if !r.done.is_empty() => with_device_tensors(frame, r.done),
             _ => Ok(frame),
         }
+    }
+
+    /// The socket has reported new bytes (or whoever reads is about to wait
+    /// for it to): the next read is tried again, short read or not.
+    pub(crate) fn expect_more(&mut self) {
+        self.short_read = false;
     }
 
     /// Whether bytes were read ahead that no frame has taken yet: the socket

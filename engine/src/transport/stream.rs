@@ -179,6 +179,8 @@ impl StreamConn {
         on_frame: &mut dyn FnMut(Frame) -> Flow,
         arm: bool,
     ) -> ReadStop {
+        // Called because the transport reported something (or was nudged).
+        side.assembler.expect_more();
         loop {
             match self.step(side) {
                 Ok(Some(frame)) => {
@@ -336,7 +338,10 @@ impl Lead<'_> {
     /// # Errors
     ///
     /// The wait's own errors.
-    pub(crate) fn wait_readable(&self, deadline: Instant) -> io::Result<bool> {
+    pub(crate) fn wait_readable(&mut self, deadline: Instant) -> io::Result<bool> {
+        if let Some(side) = self.side.as_mut() {
+            side.assembler.expect_more();
+        }
         self.conn.link.wait_readable(deadline)
     }
 }
