@@ -15,7 +15,7 @@ use crate::address::Address;
 use crate::error::Error;
 use crate::reactor::{Readiness, Ready, Registration, Watched};
 use crate::transport::shm::slots::MappedSlot;
-use crate::transport::{Connection, Lane, ReadStop};
+use crate::transport::{Connection, Lane, ReadStop, Reading};
 
 /// One connection of a node.
 pub(crate) struct Peer {
@@ -144,7 +144,13 @@ impl Watched for Driven {
         if !node.retry_stalled(peer) {
             return idle;
         }
-        let stop = stream.read(&mut |frame| node.on_frame(peer, frame, Wait::Stall), !spin);
+        let stop = peer.conn.read(
+            &mut |frame| node.on_frame(peer, frame, Wait::Stall),
+            Reading {
+                arm: !spin,
+                evented: why.readable,
+            },
+        );
         match stop {
             ReadStop::Idle | ReadStop::Busy | ReadStop::Stalled => idle,
             ReadStop::Ended(why) => {

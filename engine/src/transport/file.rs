@@ -297,7 +297,7 @@ impl Connection for FileConn {
     }
 
     /// The recording's next frames, until the handler stalls or the file ends.
-    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, _arm: bool) -> ReadStop {
+    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, _how: super::Reading) -> ReadStop {
         if self.reader.is_none() {
             return ReadStop::Idle;
         }

@@ -213,7 +213,7 @@ impl Connection for InprocConn {
         })
     }
 
-    fn read(&self, _on_frame: &mut dyn FnMut(Frame) -> Flow, _arm: bool) -> ReadStop {
+    fn read(&self, _on_frame: &mut dyn FnMut(Frame) -> Flow, _how: super::Reading) -> ReadStop {
         // Frames are handed over by the sender, never read.
         ReadStop::Idle
     }

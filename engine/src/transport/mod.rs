@@ -86,6 +86,17 @@ pub(crate) enum Flow {
     Stall,
 }
 
+/// How a connection is read (by its I/O thread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reading {
+    /// Ask the transport to report the next bytes before the read goes
+    /// idle; without, the reader polls (busy polling) and arms later.
+    pub(crate) arm: bool,
+    /// The transport reported readiness (not a nudge): a read side held by
+    /// someone else then learns it may have missed something.
+    pub(crate) evented: bool,
+}
+
 /// Why a read stopped.
 #[derive(Debug)]
 pub(crate) enum ReadStop {
@@ -155,11 +166,8 @@ pub(crate) trait Connection: Send + Sync {
     /// Why the connection takes nothing more (it failed or closed).
     fn send(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> std::result::Result<(), String>;
 
-    /// Reads the frames there are now, handing each to `on_frame`. With
-    /// `arm`, the transport is asked to report the next bytes before the
-    /// read goes idle; without, the caller polls (busy polling) and arms
-    /// later.
-    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, arm: bool) -> ReadStop;
+    /// Reads the frames there are now, handing each to `on_frame`.
+    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, how: Reading) -> ReadStop;
 
     /// Ends the connection: nothing more is written, what waits is dropped.
     fn close(&self, why: &str);

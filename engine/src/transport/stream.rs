@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::assembler::{Assembler, Next, Router, Source};
 use super::outbox::{Lane, Outbox, Pumped};
-use super::{ByteLink, Carry, Connection, Flow, Outgoing, ReadStop};
+use super::{ByteLink, Carry, Connection, Flow, Outgoing, ReadStop, Reading};
 use crate::pool::BufferPool;
 use crate::reactor::Registration;
 use crate::wire::{Frame, Limits};
@@ -139,7 +139,11 @@ impl StreamConn {
     /// For the I/O thread: reads every whole frame there is now and hands
     /// each to `on_frame`, unless a requester holds the read side (it reads
     /// them instead).
-    fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, arm: bool) -> ReadStop {
+    /// Only a read the transport reported (`how.evented`) tells a busy read
+    /// side it missed something: the lead that holds it looks at what is
+    /// left when it ends, and a nudge recorded as missed would only make it
+    /// nudge again.
+    fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, how: Reading) -> ReadStop {
         if let Err(e) = self.link.on_readable() {
             self.link.shutdown();
             let end = if e.kind() == io::ErrorKind::InvalidData {
@@ -153,6 +157,7 @@ impl StreamConn {
         loop {
             let side = match self.try_read() {
                 Some(side) => side,
+                None if !how.evented => return ReadStop::Busy,
                 None => {
                     self.missed.store(true, Ordering::SeqCst);
                     // The holder may have let go between the try and the mark.
@@ -164,7 +169,7 @@ impl StreamConn {
             };
             self.missed.store(false, Ordering::SeqCst);
             let mut side = side;
-            let stop = self.read_frames(&mut side, on_frame, arm);
+            let stop = self.read_frames(&mut side, on_frame, how.arm);
             drop(side);
             if matches!(stop, ReadStop::Idle) && self.missed.swap(false, Ordering::SeqCst) {
                 continue;
@@ -288,8 +293,8 @@ impl Connection for StreamConn {
         self.pump()
     }
 
-    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, arm: bool) -> ReadStop {
-        self.read_all(on_frame, arm)
+    fn read(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, how: Reading) -> ReadStop {
+        self.read_all(on_frame, how)
     }
 
     /// Nothing more is written, what waits is dropped, and the link is

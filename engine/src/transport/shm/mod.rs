@@ -305,30 +305,15 @@ impl ShmLink {
     }
 
     /// Takes what the socket brought: descriptors into the queue, wake-ups
-    /// dropped (their only job was to wake), the end noted.
+    /// dropped (their only job was to wake), the end noted. A read takes a
+    /// run of wake-ups at once, and at most one descriptor (the system ends
+    /// a read after the message that carries one); a read that comes back
+    /// short emptied the socket.
     fn drain_socket(&self, socket_in: &mut SocketIn) -> io::Result<()> {
+        let mut bytes = [0u8; 64];
         loop {
-            match recv_fd(&self.stream) {
-                Ok((SLOT_FD, Some(fd))) => {
-                    if socket_in.fds.len() >= MAX_UNCLAIMED_FDS {
-                        self.end("too many descriptors");
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!(
-                                "the peer sent more than {MAX_UNCLAIMED_FDS} shared-memory descriptors that no frame claimed"
-                            ),
-                        ));
-                    }
-                    socket_in.fds.push_back(fd);
-                }
-                Ok((DATA | SPACE, None)) => {}
-                Ok((byte, _)) => {
-                    self.end("an unexpected byte on the socket");
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("the peer sent byte {byte:#04x} on the shm socket, which carries only descriptors and wake-ups"),
-                    ));
-                }
+            let (n, fd) = match recv_with_fd(&self.stream, &mut bytes) {
+                Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     self.end("the socket ended");
@@ -338,6 +323,37 @@ impl ShmLink {
                     self.end("the socket failed");
                     return Err(e);
                 }
+            };
+            let mut fd = fd;
+            for &byte in &bytes[..n] {
+                let offence = match byte {
+                    DATA | SPACE => continue,
+                    SLOT_FD => match fd.take() {
+                        Some(_) if socket_in.fds.len() >= MAX_UNCLAIMED_FDS => format!(
+                            "the peer sent more than {MAX_UNCLAIMED_FDS} shared-memory descriptors that no frame claimed"
+                        ),
+                        Some(fd) => {
+                            socket_in.fds.push_back(fd);
+                            continue;
+                        }
+                        None => "the peer announced a descriptor on the shm socket without sending one".into(),
+                    },
+                    other => format!(
+                        "the peer sent byte {other:#04x} on the shm socket, which carries only descriptors and wake-ups"
+                    ),
+                };
+                self.end("the peer broke the socket's protocol");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, offence));
+            }
+            if fd.is_some() {
+                self.end("the peer broke the socket's protocol");
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the peer sent a descriptor with a wake-up instead of an `F`",
+                ));
+            }
+            if n < bytes.len() {
+                return Ok(());
             }
         }
     }
@@ -591,9 +607,16 @@ fn send_fd(stream: &UnixStream, byte: u8, fd: RawFd) -> io::Result<()> {
 /// `UnexpectedEof` error.
 fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
     let mut byte = [0u8; 1];
+    let (_, fd) = recv_with_fd(stream, &mut byte)?;
+    Ok((byte[0], fd))
+}
+
+/// Receives what fits in `buf` and the one descriptor that came with it,
+/// if any. The end of the stream is an `UnexpectedEof` error.
+fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     loop {
-        let mut iov = [IoSliceMut::new(&mut byte)];
+        let mut iov = [IoSliceMut::new(buf)];
         let msg = match recvmsg::<UnixAddr>(
             stream.as_raw_fd(),
             &mut iov,
@@ -631,7 +654,7 @@ fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
                 "the peer sent more descriptors than a message may carry",
             ));
         }
-        return Ok((byte[0], got));
+        return Ok((msg.bytes, got));
     }
 }
 
