@@ -139,8 +139,18 @@ fn received_messages_are_recorded_as_they_came_and_replay_like_them() {
 
 #[test]
 fn a_recording_stops_promptly_while_messages_keep_coming() {
+    use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow, Pattern};
     let addr = scratch("record-busy");
-    let node = Node::builder().build().expect("node");
+    // The subscriber never reads: its queue drops the oldest, so the
+    // publisher never waits for it whatever the recording's stop takes.
+    let mut config = ChannelConfig::new();
+    config
+        .insert(
+            "/tick",
+            ChannelSpec::new(Pattern::PubSub).with_queue(4, Overflow::DropOldest),
+        )
+        .expect("config");
+    let node = Node::builder().channels(config).build().expect("node");
     let recording = node.record(&addr, ALL_CHANNELS).expect("record");
     let publisher = node.publisher("/tick");
     let _sub = node.subscriber("/tick");
