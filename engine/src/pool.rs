@@ -1,16 +1,31 @@
-//! [`BufferPool`]: reusable, prefaulted, 64-byte-aligned receive buffers.
+//! [`BufferPool`]: reusable 64-byte-aligned receive buffers, and the node's
+//! budget of received bytes.
 //!
 //! Writing into fresh pages costs a page fault per 4 KiB (on a machine where a
 //! memcpy runs at 10 GB/s, filling fresh pages runs near 2 GB/s), so frames are
 //! read into buffers that come back to the pool when the last tensor viewing
-//! them is dropped.
+//! them is dropped. A new buffer is allocated without touching its pages:
+//! memory becomes resident only as a frame's bytes actually arrive, so a
+//! peer that announces a frame and sends nothing costs no memory, and a
+//! length the system cannot allocate fails that frame, not the process.
+//!
+//! A frame's buffer is *reserved* against the pool's receive budget before
+//! its first byte is read, for its whole length, until the buffer comes back
+//! (the last tensor viewing it is dropped): received frames, whether still
+//! arriving or waiting in a queue, never hold more than the budget, and a
+//! frame that was let in always has room to finish. A reader whose next
+//! frame does not fit waits, its connection unread, and is woken when bytes
+//! come back.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
 
 use tensorferry_kernels::cpu::AlignedBuffer;
 
 use crate::buffer::{Backing, HostBuffer, HostBufferMut, ALIGN};
+use crate::error::{Error, Result};
 
 /// A pool of receive buffers, shared by the connections of a node.
 #[derive(Clone, Debug)]
@@ -23,6 +38,12 @@ struct Inner {
     free: Mutex<BTreeMap<usize, Vec<AlignedBuffer>>>,
     /// Most bytes kept idle in the pool.
     max_idle_bytes: usize,
+    /// Most bytes read into buffers and not yet given back.
+    budget: u64,
+    /// Bytes read into buffers and not yet given back.
+    charged: AtomicU64,
+    /// Readers waiting for the budget.
+    waiting: Mutex<Vec<Waker>>,
 }
 
 /// Capacity class for `len` bytes, in bytes: powers of two of [`ALIGN`]-byte
@@ -40,20 +61,34 @@ fn class(len: usize) -> usize {
 }
 
 impl BufferPool {
-    /// A pool that keeps at most `max_idle_bytes` of free buffers.
+    /// A pool that keeps at most `max_idle_bytes` of free buffers, with no
+    /// receive budget.
     pub fn new(max_idle_bytes: usize) -> Self {
+        Self::with_budget(max_idle_bytes, u64::MAX)
+    }
+
+    /// A pool that keeps at most `max_idle_bytes` of free buffers and lets
+    /// at most `budget` bytes be read into its buffers before they come back.
+    pub fn with_budget(max_idle_bytes: usize, budget: u64) -> Self {
         Self {
             inner: Arc::new(Inner {
                 free: Mutex::new(BTreeMap::new()),
                 max_idle_bytes,
+                budget,
+                charged: AtomicU64::new(0),
+                waiting: Mutex::new(Vec::new()),
             }),
         }
     }
 
     /// A buffer of `len` bytes: a reused one when the pool has one of its
-    /// class, else a new one whose pages are touched now (prefaulted).
+    /// class, else a new one whose pages become resident as they are written.
     /// Its contents are unspecified.
-    pub fn get(&self, len: usize) -> PooledBuffer {
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kernels`] (host memory) when a new buffer cannot be allocated.
+    pub fn try_get(&self, len: usize) -> Result<PooledBuffer> {
         let cap = class(len);
         let reused = self
             .inner
@@ -62,17 +97,101 @@ impl BufferPool {
             .expect("pool lock is never poisoned")
             .get_mut(&cap)
             .and_then(Vec::pop);
-        let mut buf = reused.unwrap_or_else(|| {
-            // The faults happen here, once, and not while a frame streams in.
-            let mut buf = AlignedBuffer::zeroed(cap);
-            buf.prefault();
-            buf
-        });
+        let mut buf = match reused {
+            Some(buf) => buf,
+            None => AlignedBuffer::try_zeroed(cap)?,
+        };
         buf.resize(len)
             .expect("a buffer of len's class holds len bytes");
-        PooledBuffer {
+        Ok(PooledBuffer {
             buf: Some(HostBufferMut { buf }),
             pool: Arc::clone(&self.inner),
+            charged: 0,
+        })
+    }
+
+    /// As [`try_get`](Self::try_get), for a length this process chose.
+    ///
+    /// # Panics
+    ///
+    /// When the memory cannot be allocated.
+    pub fn get(&self, len: usize) -> PooledBuffer {
+        self.try_get(len)
+            .unwrap_or_else(|e| panic!("a receive buffer of {len} bytes: {e}"))
+    }
+
+    /// A buffer for a frame of `len` bytes, its length reserved against the
+    /// receive budget: `Ok(None)` when the budget has no room for it now
+    /// (wait with [`wake_when_room`](Self::wake_when_room)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Limit`] for a frame larger than the whole budget (it could
+    /// never be let in); [`Error::Kernels`] (host memory) when the buffer
+    /// cannot be allocated.
+    pub fn reserve(&self, len: usize) -> Result<Option<PooledBuffer>> {
+        let want = len as u64;
+        let budget = self.inner.budget;
+        if want > budget {
+            return Err(Error::Limit {
+                what: "frame size against the node's receive budget",
+                value: want,
+                limit: budget,
+            });
+        }
+        let mut charged = self.inner.charged.load(Ordering::Acquire);
+        loop {
+            if charged.saturating_add(want) > budget {
+                return Ok(None);
+            }
+            match self.inner.charged.compare_exchange_weak(
+                charged,
+                charged + want,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => charged = now,
+            }
+        }
+        match self.try_get(len) {
+            Ok(mut buf) => {
+                buf.charged = want;
+                Ok(Some(buf))
+            }
+            Err(e) => {
+                self.inner.release(want);
+                Err(e)
+            }
+        }
+    }
+
+    /// Bytes reserved by frames and not yet given back.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.inner.charged.load(Ordering::Acquire)
+    }
+
+    /// The receive budget in bytes.
+    pub fn budget_bytes(&self) -> u64 {
+        self.inner.budget
+    }
+
+    /// Wakes `waker` once when the budget has room for `len` more bytes (at
+    /// once when it has now), or at least when some comes back.
+    pub fn wake_when_room(&self, len: usize, waker: &Waker) {
+        let mut waiting = self
+            .inner
+            .waiting
+            .lock()
+            .expect("pool lock is never poisoned");
+        let charged = self.inner.charged.load(Ordering::Acquire);
+        if charged.saturating_add(len as u64) <= self.inner.budget {
+            drop(waiting);
+            waker.wake_by_ref();
+            return;
+        }
+        if !waiting.iter().any(|w| w.will_wake(waker)) {
+            waiting.push(waker.clone());
         }
     }
 
@@ -90,6 +209,19 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
+    /// `bytes` of the budget come back; readers waiting for it are woken.
+    fn release(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        self.charged.fetch_sub(bytes, Ordering::AcqRel);
+        let wakers =
+            std::mem::take(&mut *self.waiting.lock().expect("pool lock is never poisoned"));
+        for w in wakers {
+            w.wake();
+        }
+    }
+
     fn give_back(&self, buf: AlignedBuffer) {
         let bytes = buf.capacity();
         let mut free = self.free.lock().expect("pool lock is never poisoned");
@@ -106,6 +238,8 @@ impl Inner {
 pub struct PooledBuffer {
     buf: Option<HostBufferMut>,
     pool: Arc<Inner>,
+    /// Bytes of the budget this buffer holds.
+    charged: u64,
 }
 
 impl PooledBuffer {
@@ -117,18 +251,21 @@ impl PooledBuffer {
             .as_mut_slice()
     }
 
-    /// Makes the bytes shareable; they return to the pool when the last view drops.
+    /// Makes the bytes shareable; they return to the pool (and their bytes
+    /// to the budget) when the last view drops.
     pub fn freeze(mut self) -> HostBuffer {
         let buf = self.buf.take().expect("present until frozen");
         HostBuffer::from_backing(Returning {
             buf: Some(buf),
             pool: Arc::clone(&self.pool),
+            charged: std::mem::take(&mut self.charged),
         })
     }
 }
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
+        self.pool.release(self.charged);
         if let Some(buf) = self.buf.take() {
             self.pool.give_back(buf.buf);
         }
@@ -138,6 +275,7 @@ impl Drop for PooledBuffer {
 struct Returning {
     buf: Option<HostBufferMut>,
     pool: Arc<Inner>,
+    charged: u64,
 }
 
 impl Backing for Returning {
@@ -148,6 +286,7 @@ impl Backing for Returning {
 
 impl Drop for Returning {
     fn drop(&mut self) {
+        self.pool.release(self.charged);
         if let Some(buf) = self.buf.take() {
             self.pool.give_back(buf.buf);
         }

@@ -8,6 +8,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// Host memory that could not be allocated.
+    #[error("{bytes} bytes of host memory could not be allocated")]
+    HostMemory {
+        /// Bytes asked for.
+        bytes: usize,
+    },
+
     /// A runtime that this build or this host cannot provide.
     #[error("{runtime} is unavailable: {reason}")]
     Unavailable {

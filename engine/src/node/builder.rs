@@ -43,6 +43,7 @@ pub struct NodeBuilder {
     limits: Limits,
     connect_timeout: Duration,
     pool_idle_bytes: usize,
+    receive_budget_bytes: u64,
     shm_bytes: usize,
     busy_poll: Duration,
     io_threads: usize,
@@ -59,6 +60,7 @@ impl Default for NodeBuilder {
             limits: Limits::default(),
             connect_timeout: Duration::from_secs(5),
             pool_idle_bytes: 1 << 30,
+            receive_budget_bytes: 8 << 30,
             shm_bytes: 4 << 30,
             busy_poll: Duration::ZERO,
             io_threads: 1,
@@ -109,9 +111,21 @@ impl NodeBuilder {
         self
     }
 
-    /// Most bytes of receive buffers kept for reuse. Default 1 GiB.
+    /// Most bytes of receive buffers kept for reuse once their messages are
+    /// done with; past it, buffers are freed. Default 1 GiB.
     pub fn pool_idle_bytes(mut self, bytes: usize) -> Self {
         self.pool_idle_bytes = bytes;
+        self
+    }
+
+    /// Most bytes of received frames this node holds at once — arriving, or
+    /// waiting in queues until their messages are dropped — over every
+    /// connection together. A frame is let in only when its whole length
+    /// fits (its memory becomes resident only as its bytes arrive); until
+    /// then its connection is not read. A frame larger than the budget is
+    /// refused and its connection closed. Default 8 GiB.
+    pub fn receive_budget_bytes(mut self, bytes: u64) -> Self {
+        self.receive_budget_bytes = bytes;
         self
     }
 
@@ -178,7 +192,7 @@ impl NodeBuilder {
             name: self.name,
             config: self.config,
             limits: self.limits,
-            pool: BufferPool::new(self.pool_idle_bytes),
+            pool: BufferPool::with_budget(self.pool_idle_bytes, self.receive_budget_bytes),
             connect_timeout: self.connect_timeout,
             busy_poll: self.busy_poll,
             inventory: self.inventory.map(Arc::new),

@@ -334,12 +334,14 @@ impl NodeInner {
                 Outgoing::Frame(Arc::new(self.encode_for(request, &meta)?))
             }
         };
-        peer.conn
-            .send(item, None)
-            .map_err(|reason| Error::PeerLost {
+        peer.conn.send(item, None).map_err(|reason| {
+            // The connection is broken: the next request dials anew.
+            self.lose(peer, &reason);
+            Error::PeerLost {
                 peer: peer.label.clone(),
                 reason,
-            })
+            }
+        })
     }
 
     /// Waits for the reply in `slot` until `deadline` (`None` when it

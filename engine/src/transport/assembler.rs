@@ -128,6 +128,8 @@ pub(crate) struct Assembler {
     /// socket was empty then, and new bytes will be reported, so the next
     /// read is not tried (it would only say "nothing yet").
     short_read: bool,
+    /// The next frame's length, when the receive budget has no room for it.
+    starved: Option<usize>,
 }
 
 /// A socket source that says "nothing yet" without a system call right
@@ -166,6 +168,7 @@ impl Assembler {
             router: None,
             route_min_bytes: AHEAD_BYTES,
             short_read: false,
+            starved: None,
         }
     }
 
@@ -189,6 +192,7 @@ impl Assembler {
     /// After an error the partial frame is dropped, its uploads with it
     /// (their staging chunks go back to the pool).
     pub(crate) fn next(&mut self, source: &mut dyn Source) -> Result<Next> {
+        self.starved = None;
         let mut skip = std::mem::take(&mut self.short_read);
         let outcome = self.step(&mut Drained {
             inner: source,
@@ -250,8 +254,25 @@ impl Assembler {
                     limit: usize::MAX as u64,
                 })?;
                 let routed = self.router.is_some() && len >= self.route_min_bytes;
+                // The whole frame is reserved against the node's receive
+                // budget before its first byte is read (its pages become
+                // resident only as bytes arrive); no room: the prelude stays
+                // where it is and the connection waits.
+                let buf = match self.pool.reserve(len) {
+                    Ok(Some(buf)) => buf,
+                    Ok(None) => {
+                        self.starved = Some(len);
+                        return Ok(Next::Pending);
+                    }
+                    Err(e) => {
+                        return Err(Error::Frame {
+                            offset: self.offset,
+                            what: format!("a frame of {len} bytes cannot be taken in: {e}"),
+                        })
+                    }
+                };
                 self.partial = Some(Partial {
-                    buf: self.pool.get(len),
+                    buf,
                     len,
                     filled: 0,
                     // `Prelude::parse` checked it is within the frame.
@@ -442,6 +463,19 @@ impl Assembler {
         match p.route {
             Route::Devices(r) if !r.done.is_empty() => with_device_tensors(frame, r.done),
             _ => Ok(frame),
+        }
+    }
+
+    /// Whether the last `Pending` came from the receive budget (the next
+    /// frame does not fit now) rather than from the socket; then `waker` is
+    /// woken when the budget has room, and `true` is returned.
+    pub(crate) fn wait_for_budget(&self, waker: &std::task::Waker) -> bool {
+        match self.starved {
+            Some(len) => {
+                self.pool.wake_when_room(len, waker);
+                true
+            }
+            None => false,
         }
     }
 

@@ -15,6 +15,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
+use std::task::{Wake, Waker};
 use std::time::Instant;
 
 use super::assembler::{Assembler, Next, Router, Source};
@@ -45,6 +46,17 @@ impl End {
         match self {
             End::Closed(why) => ReadStop::Ended(why),
             End::Broken(what) => ReadStop::Broken(what),
+        }
+    }
+}
+
+/// Wakes a connection's I/O thread (a nudge).
+struct NudgeConn(Option<Registration>);
+
+impl Wake for NudgeConn {
+    fn wake(self: Arc<Self>) {
+        if let Some(r) = &self.0 {
+            r.nudge();
         }
     }
 }
@@ -121,6 +133,11 @@ impl StreamConn {
         let _ = self.registration.set(registration);
     }
 
+    /// A waker that asks the I/O thread to run the connection.
+    fn waker(&self) -> Waker {
+        Waker::from(Arc::new(NudgeConn(self.registration.get().cloned())))
+    }
+
     /// Asks the I/O thread to run the connection soon.
     pub(crate) fn nudge(&self) {
         if let Some(r) = self.registration.get() {
@@ -194,6 +211,11 @@ impl StreamConn {
                     }
                 }
                 Ok(None) => {
+                    if side.assembler.wait_for_budget(&self.waker()) {
+                        // The node's receive budget is spent: this connection
+                        // waits, unread, until bytes come back.
+                        return ReadStop::Stalled;
+                    }
                     if arm && self.link.idle_read() {
                         continue;
                     }
@@ -326,6 +348,8 @@ impl Lead<'_> {
                 Flow::Continue => Step::Frame,
                 Flow::Stall => Step::Stalled,
             },
+            // Waiting for the receive budget is the I/O thread's to do.
+            Ok(None) if side.assembler.wait_for_budget(&self.conn.waker()) => Step::Stalled,
             Ok(None) => Step::Pending,
             Err(end) => Step::Ended(end),
         }

@@ -40,20 +40,71 @@ const PAGE: usize = 4096;
 /// assert!(b.resize(65).is_err(), "past the capacity");
 /// # Ok::<(), tensorferry_kernels::Error>(())
 /// ```
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct AlignedBuffer {
-    lines: Vec<Line>,
+    storage: Storage,
     len: usize,
 }
 
+/// Where the bytes are: small buffers on the heap; large ones in an
+/// anonymous mapping, whose pages the system hands out zeroed as they are
+/// first touched (the heap's zeroed allocation at this alignment writes
+/// every byte, which would make the whole buffer resident at once).
+enum Storage {
+    Heap(Vec<Line>),
+    Map(memmap2::MmapMut),
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage::Heap(Vec::new())
+    }
+}
+
+/// Buffers of at least this many bytes are mapped rather than allocated.
+const MAP_BYTES: usize = 1 << 20;
+
+impl Clone for AlignedBuffer {
+    fn clone(&self) -> Self {
+        let mut copy = Self::zeroed(self.len);
+        copy.as_mut_slice().copy_from_slice(self.as_slice());
+        copy
+    }
+}
+
 impl AlignedBuffer {
-    /// `len` zero bytes. The allocation comes from the allocator zeroed, so
-    /// the pages of a large buffer cost nothing until first touched.
+    /// `len` zero bytes. The pages of a large buffer cost nothing until
+    /// first touched.
+    ///
+    /// # Panics
+    ///
+    /// When the memory cannot be had (see [`try_zeroed`](Self::try_zeroed)
+    /// for lengths that come from outside).
     pub fn zeroed(len: usize) -> Self {
-        Self {
-            lines: bytemuck::zeroed_vec(len.div_ceil(HOST_ALIGN)),
-            len,
-        }
+        Self::try_zeroed(len).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `len` zero bytes, or an error when the memory cannot be had: for a
+    /// length that comes from outside (a peer's frame), where running out
+    /// must fail that frame and not abort the process. Like
+    /// [`zeroed`](Self::zeroed), the pages of a large buffer cost nothing
+    /// until first touched.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::HostMemory`] when the memory cannot be had.
+    pub fn try_zeroed(len: usize) -> Result<Self> {
+        let lines = len.div_ceil(HOST_ALIGN);
+        let refused = || Error::HostMemory { bytes: len };
+        let storage = if lines * HOST_ALIGN >= MAP_BYTES {
+            Storage::Map(memmap2::MmapMut::map_anon(lines * HOST_ALIGN).map_err(|_| refused())?)
+        } else {
+            let mut v: Vec<Line> = Vec::new();
+            v.try_reserve_exact(lines).map_err(|_| refused())?;
+            v.resize(lines, Line([0; HOST_ALIGN]));
+            Storage::Heap(v)
+        };
+        Ok(Self { storage, len })
     }
 
     /// An aligned copy of `bytes`.
@@ -63,14 +114,29 @@ impl AlignedBuffer {
         b
     }
 
+    fn all(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Heap(v) => bytemuck::cast_slice(v),
+            Storage::Map(m) => m,
+        }
+    }
+
+    fn all_mut(&mut self) -> &mut [u8] {
+        match &mut self.storage {
+            Storage::Heap(v) => bytemuck::cast_slice_mut(v),
+            Storage::Map(m) => m,
+        }
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.lines)[..self.len]
+        &self.all()[..self.len]
     }
 
     /// The bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
+        let len = self.len;
+        &mut self.all_mut()[..len]
     }
 
     /// Length in bytes.
@@ -86,7 +152,7 @@ impl AlignedBuffer {
     /// Bytes in the allocation: the length rounded up to [`HOST_ALIGN`], or
     /// more for a buffer made longer and resized down.
     pub fn capacity(&self) -> usize {
-        self.lines.len() * HOST_ALIGN
+        self.all().len()
     }
 
     /// Makes the buffer `len` bytes long within its capacity, without
@@ -115,10 +181,10 @@ impl AlignedBuffer {
     /// page faults happen here, once, and not while the buffer is first
     /// written (a frame streaming in, where each fault stalls the copy).
     pub fn prefault(&mut self) {
-        for line in self.lines.iter_mut().step_by(PAGE / HOST_ALIGN) {
+        for byte in self.all_mut().iter_mut().step_by(PAGE) {
             // A store the compiler cannot drop as a no-op: the value is
             // opaque to it, so the page is written and made resident.
-            line.0[0] = std::hint::black_box(line.0[0]);
+            *byte = std::hint::black_box(*byte);
         }
     }
 }

@@ -1,0 +1,181 @@
+//! Peers that announce what they never send: a frame as large as the limit,
+//! frames of a gigabyte from several connections at once. The receiver
+//! stays up, its memory does not grow with what was announced, and a
+//! well-behaved peer is served meanwhile.
+//!
+//! One test in its own binary: it reads this process's resident memory.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use tensorferry_engine::{pattern, DType, Error, Message, Node};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// This process's resident memory, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// A valid prelude announcing a frame of `len` bytes (a header of 2 bytes,
+/// no buffers), and the header itself; nothing more follows.
+fn announce(len: u64) -> Vec<u8> {
+    let mut prelude = Vec::new();
+    prelude.extend_from_slice(b"TFRM");
+    prelude.extend_from_slice(&1u16.to_le_bytes());
+    prelude.extend_from_slice(&0u16.to_le_bytes());
+    prelude.extend_from_slice(&2u32.to_le_bytes());
+    prelude.extend_from_slice(&0u32.to_le_bytes());
+    prelude.extend_from_slice(&len.to_le_bytes());
+    prelude.extend_from_slice(&0u64.to_le_bytes());
+    prelude.extend_from_slice(b"{}");
+    prelude
+}
+
+#[test]
+fn announced_frames_cost_no_memory_and_the_budget_holds() {
+    let receiver = Node::builder()
+        .name("receiver")
+        .listen("tcp://127.0.0.1:0")
+        .receive_budget_bytes(8 << 30)
+        .build()
+        .expect("receiver");
+    let addr = receiver.listen_addrs()[0].to_string();
+    let host = addr.trim_start_matches("tcp://").to_string();
+    let sub = receiver.subscriber("/data");
+    let before = rss();
+
+    // A frame as large as the default limit (64 GiB), more than the budget:
+    // refused, and only that connection closed.
+    let mut huge = TcpStream::connect(&host).expect("connect");
+    huge.write_all(&announce(64 << 30)).expect("announce");
+    // Four frames of 1 GiB, let in (they fit the budget) and never sent.
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(&host).expect("connect");
+            s.write_all(&announce(1 << 30)).expect("announce");
+            s
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while receiver.stats().rejected == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(receiver.stats().rejected, 1, "the 64 GiB frame is refused");
+
+    // A well-behaved peer is served meanwhile, every byte intact.
+    let sender = Node::builder().name("sender").build().expect("sender");
+    sender.connect(&addr).expect("connect");
+    let publisher = sender.publisher("/data");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    for seq in 0..20u64 {
+        let t = pattern::tensor(DType::U8, &[1 << 20], 4, seq, "x").expect("tensor");
+        publisher.send(Message::new().tensor("x", t)).expect("send");
+    }
+    for seq in 0..20u64 {
+        let got = sub.recv_timeout(WAIT).expect("message");
+        let bytes = got.message.get("x").expect("x").packed().expect("host");
+        assert_eq!(
+            pattern::first_mismatch(DType::U8, 4, seq, "x", bytes.as_slice()),
+            None
+        );
+    }
+    // 68 GiB announced; what is resident grew by what was really received
+    // (20 MiB) and the buffers around it, nowhere near a gigabyte.
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 256 << 20, "resident memory grew by {grown} bytes");
+    println!(
+        "68 GiB announced, 20 MiB received: resident memory grew by {} MiB",
+        grown >> 20
+    );
+
+    // The idle connections are still open, their frames waiting: the
+    // receiver did not give up on them, nor crash.
+    for s in &mut idle {
+        s.write_all(b"").expect("still open");
+    }
+    assert!(receiver.stats().peers >= 5);
+    drop(huge);
+}
+
+#[test]
+fn a_frame_larger_than_the_budget_is_refused_and_the_node_goes_on() {
+    let receiver = Node::builder()
+        .name("small")
+        .listen("tcp://127.0.0.1:0")
+        .receive_budget_bytes(1 << 20)
+        .build()
+        .expect("receiver");
+    receiver
+        .serve("/echo", tensorferry_engine::Service::new(Ok))
+        .expect("serve");
+    let addr = receiver.listen_addrs()[0].to_string();
+    let sender = Node::builder().name("sender").build().expect("sender");
+    let big = Message::new().tensor(
+        "x",
+        pattern::tensor(DType::U8, &[2 << 20], 1, 0, "x").expect("tensor"),
+    );
+    // The receiver closes the connection: the sender learns it lost it.
+    let r = sender.request(&addr, "/echo", big, WAIT);
+    assert!(
+        matches!(r, Err(Error::PeerLost { .. } | Error::Misbehaved { .. })),
+        "{r:?}"
+    );
+    assert_eq!(receiver.stats().rejected, 1);
+    // A request that fits is answered on a new connection.
+    let small = Message::new().tensor(
+        "x",
+        pattern::tensor(DType::U8, &[1000], 1, 1, "x").expect("tensor"),
+    );
+    let reply = sender.request(&addr, "/echo", small, WAIT).expect("reply");
+    assert_eq!(reply.get("x").map(|t| t.shape().to_vec()), Some(vec![1000]));
+}
+
+#[test]
+fn received_frames_never_hold_more_than_the_budget_and_nothing_is_lost() {
+    let receiver = Node::builder()
+        .name("bounded")
+        .listen("tcp://127.0.0.1:0")
+        .receive_budget_bytes(4 << 20)
+        .build()
+        .expect("receiver");
+    let addr = receiver.listen_addrs()[0].to_string();
+    let sub = receiver.subscriber("/data");
+    let sender = Node::builder().name("sender").build().expect("sender");
+    sender.connect(&addr).expect("connect");
+    let publisher = sender.publisher("/data");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let feeding = std::thread::spawn(move || {
+        for seq in 0..40u64 {
+            let t = pattern::tensor(DType::U8, &[1 << 20], 6, seq, "x").expect("tensor");
+            publisher.send(Message::new().tensor("x", t)).expect("send");
+        }
+        publisher
+    });
+    // Nobody reads for a while: at most four frames of 1 MiB are let in.
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = receiver.channel_stats("/data");
+    assert!(
+        stats.messages_received <= 4,
+        "{} frames taken in with a budget of four",
+        stats.messages_received
+    );
+    // Taking them lets the rest in, in order, every byte intact.
+    for seq in 0..40u64 {
+        let got = sub.recv_timeout(WAIT).expect("message");
+        assert_eq!(got.seq, seq);
+        let bytes = got.message.get("x").expect("x").packed().expect("host");
+        assert_eq!(
+            pattern::first_mismatch(DType::U8, 6, seq, "x", bytes.as_slice()),
+            None
+        );
+    }
+    feeding.join().expect("publisher");
+}
