@@ -57,6 +57,55 @@ fn tcp_send_to_a_listening_receiver_verifies_every_byte() {
 }
 
 #[test]
+fn send_fails_and_says_how_many_were_written_when_its_receiver_is_killed() {
+    for listen in [
+        "tcp://127.0.0.1:0".to_string(),
+        format!("shm://tf-lost-{}", std::process::id()),
+    ] {
+        let (mut recv, addr) = spawn_listening(&[
+            "recv",
+            "--listen",
+            &listen,
+            "--json",
+            "--idle-timeout",
+            "30",
+        ]);
+        let mut send = bin()
+            .args([
+                "send",
+                "--to",
+                &addr,
+                "--tensor",
+                "x=u8:65536",
+                "--count",
+                "1000000",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("send runs");
+        std::thread::sleep(Duration::from_millis(500));
+        recv.kill().expect("kill the receiver");
+        let _ = recv.wait();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = send.try_wait().expect("send") {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "{listen}: send did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = send.wait_with_output().expect("send output");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!status.success(), "{listen}: {err}");
+        assert!(
+            err.contains("was lost") && err.contains("of 1000000 message(s) were written"),
+            "{listen}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_listening_sender_fans_out_to_several_receivers() {
     let (send, addr) = spawn_listening(&[
         "send",

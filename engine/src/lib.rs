@@ -58,8 +58,9 @@ pub use codec::{Codec, CodecRegistry};
 pub use error::{Error, Result};
 pub use message::{Message, Object};
 pub use node::{
-    ChannelStats, Loan, Node, NodeBuilder, NodeStats, Publisher, Received, Recording, RecvFuture,
-    RequestFuture, SendFuture, SubscribersFuture, Subscription, ALL_CHANNELS,
+    ChannelStats, Loan, LostSubscriber, Node, NodeBuilder, NodeStats, Publisher, Received,
+    Recording, RecvFuture, RequestFuture, SendFuture, SubscribersFuture, Subscription,
+    ALL_CHANNELS,
 };
 pub use pool::{BufferPool, PooledBuffer};
 pub use service::{Dim, Handler, Schema, Service, ServiceError};

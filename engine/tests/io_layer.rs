@@ -250,3 +250,41 @@ fn counters_say_what_a_node_sent_received_and_lost() {
     assert_eq!((after.peers, after.peers_lost), (0, 1));
     assert_eq!(client.channel_stats("/nothing"), Default::default());
 }
+
+#[test]
+fn a_publisher_learns_which_subscriber_was_lost_and_how_far_it_got() {
+    let (server, addr) = publisher_node("server");
+    let client = Node::builder().name("client").build().expect("client");
+    let sub = client.subscribe(&addr, "/lost").expect("subscribe");
+    let publisher = server.publisher("/lost");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    for n in 0..3u64 {
+        publisher.send(Message::new().field("n", n)).expect("send");
+    }
+    for _ in 0..3 {
+        sub.recv_timeout(WAIT).expect("message");
+    }
+    assert!(publisher.lost_subscribers().is_empty());
+    // The subscriber's node goes without unsubscribing (as a killed process would).
+    client.shutdown();
+    let deadline = Instant::now() + WAIT;
+    while publisher.lost_subscribers().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let lost = publisher.lost_subscribers();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(
+        (lost[0].channel.as_str(), lost[0].written, lost[0].unsent),
+        ("/lost", 3, 0)
+    );
+    // A subscriber that unsubscribes is not lost.
+    let other = Node::builder().name("other").build().expect("other");
+    let leaving = other.subscribe(&addr, "/lost").expect("subscribe");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    drop(leaving);
+    let deadline = Instant::now() + WAIT;
+    while publisher.subscribers() > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(publisher.lost_subscribers().len(), 1);
+}

@@ -175,10 +175,40 @@ impl Sink {
         }
     }
 
-    fn finish(&mut self, wait: Duration) -> Result<(), String> {
+    /// An error when a receiver was lost before all `count` messages were
+    /// written to it (it says how many were, and why it was lost).
+    fn check_receivers(&self, count: u64) -> Result<(), String> {
+        let Sink::Net { publisher, .. } = self else {
+            return Ok(());
+        };
+        let short: Vec<String> = publisher
+            .lost_subscribers()
+            .into_iter()
+            .filter(|l| l.written < count)
+            .map(|l| {
+                format!(
+                    "{}: {} of {count} message(s) were written to it before it was lost ({})",
+                    l.peer, l.written, l.reason
+                )
+            })
+            .collect();
+        if short.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("a receiver was lost: {}", short.join("; ")))
+        }
+    }
+
+    /// Flushes what was sent; an error when a receiver was lost before all
+    /// `count` messages were written to it.
+    fn finish(&mut self, wait: Duration, count: u64) -> Result<(), String> {
         match self {
             Sink::File(w) => w.sync().map_err(|e| e.to_string()),
-            Sink::Net { publisher, .. } => publisher.flush(wait).map_err(|e| e.to_string()),
+            Sink::Net { publisher, .. } => {
+                let flushed = publisher.flush(wait);
+                self.check_receivers(count)?;
+                flushed.map_err(|e| e.to_string())
+            }
         }
     }
 }
@@ -258,8 +288,10 @@ pub fn run(args: &Args) -> Outcome {
         let bytes = message.payload_bytes();
         sink.send(message, record)?;
         summary.record_bytes(bytes, start.elapsed());
+        // A receiver lost on the way: stop now, and say how far it got.
+        sink.check_receivers(args.count)?;
     }
-    sink.finish(wait)?;
+    sink.finish(wait, args.count)?;
     summary.seconds_to(start.elapsed());
     if args.json {
         let mut v = summary.to_json();

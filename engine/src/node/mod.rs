@@ -52,7 +52,7 @@ use crate::transport::Listener;
 use crate::wire::{Limits, TensorInfo};
 
 pub use builder::NodeBuilder;
-pub use publish::{Loan, Publisher, SendFuture, SubscribersFuture};
+pub use publish::{Loan, LostSubscriber, Publisher, SendFuture, SubscribersFuture};
 pub use record::Recording;
 pub use services::RequestFuture;
 pub use stats::{ChannelStats, NodeStats};
@@ -65,6 +65,9 @@ use subscribe::SubQueue;
 
 /// The channel name that subscribes to every channel.
 pub const ALL_CHANNELS: &str = "*";
+
+/// How many lost subscribers a node remembers for its publishers.
+const MAX_LOST_RECORDS: usize = 4096;
 
 /// Locks a mutex whose data stays consistent even if a holder panicked
 /// (every critical section here leaves it whole).
@@ -103,6 +106,9 @@ pub(crate) struct NodeInner {
     workers: Workers,
     /// Told whenever subscribers come or go (here or at a peer).
     subscribers_changed: Signal,
+    /// Subscribers lost with their connection, oldest first (the last
+    /// [`MAX_LOST_RECORDS`]), with their index since the node started.
+    lost_subscribers: Mutex<Vec<publish::LostSubscriber>>,
     counters: Counters,
     /// This node, for what must hold a reference back (connections' handlers).
     me: Weak<NodeInner>,

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Wake, Waker};
 
+use super::publish::LostSubscriber;
 use super::read::{Stalled, Wait};
 use super::subscribe::SubQueue;
 use super::{lock, NodeInner, ALL_CHANNELS};
@@ -195,6 +196,24 @@ impl NodeInner {
         }
         if !self.is_closed() {
             tracing::info!(node = %self.name, peer = %peer.label, reason, "peer lost");
+        }
+        // What each channel's publishers had handed this peer, before the
+        // connection's queue is dropped.
+        let lost: Vec<LostSubscriber> = lock(&peer.wants)
+            .iter()
+            .map(|(channel, lane)| LostSubscriber {
+                peer: peer.label.clone(),
+                channel: channel.clone(),
+                reason: reason.to_string(),
+                written: lane.as_ref().map_or(0, |l| l.written()),
+                unsent: lane.as_ref().map_or(0, |l| l.queued() as u64),
+            })
+            .collect();
+        if !lost.is_empty() {
+            let mut record = lock(&self.lost_subscribers);
+            record.extend(lost);
+            let over = record.len().saturating_sub(super::MAX_LOST_RECORDS);
+            record.drain(..over);
         }
         peer.conn.close(reason);
         lock(&self.peers).retain(|p| p.id != peer.id);

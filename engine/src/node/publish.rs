@@ -34,6 +34,25 @@ pub struct Publisher {
     seq: AtomicU64,
 }
 
+/// A subscriber of a channel whose connection was lost, and what the
+/// channel's publishers had handed it: read with [`Publisher::lost_subscribers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostSubscriber {
+    /// The peer's address.
+    pub peer: String,
+    /// The channel it had subscribed to (`*` for every channel).
+    pub channel: String,
+    /// Why the connection ended.
+    pub reason: String,
+    /// Messages of the channel written whole to its connection before the
+    /// loss (written is not acknowledged: the peer may not have read the
+    /// last of them).
+    pub written: u64,
+    /// Messages queued for it and not written when the connection ended:
+    /// they are lost.
+    pub unsent: u64,
+}
+
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
@@ -352,6 +371,29 @@ impl Publisher {
             }
         }
         Ok(())
+    }
+
+    /// The subscribers of this channel whose connection was lost (oldest
+    /// first), each with how many messages had been written to it and how
+    /// many were queued and lost: the status a publisher reads to know that
+    /// not everything reached everyone. Cumulative for the node (the last
+    /// 4,096 losses).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tensorferry_engine::Node;
+    ///
+    /// let node = Node::builder().build()?;
+    /// assert!(node.publisher("/x").lost_subscribers().is_empty());
+    /// # Ok::<(), tensorferry_engine::Error>(())
+    /// ```
+    pub fn lost_subscribers(&self) -> Vec<LostSubscriber> {
+        lock(&self.node.lost_subscribers)
+            .iter()
+            .filter(|l| l.channel == self.channel || l.channel == ALL_CHANNELS)
+            .cloned()
+            .collect()
     }
 
     /// Messages dropped by `drop_oldest` in the queues of peers subscribed to this channel.

@@ -44,6 +44,8 @@ pub(crate) struct Lane {
     state: Mutex<LaneState>,
     room: Condvar,
     dropped: AtomicU64,
+    /// Messages written whole to the connection.
+    written: AtomicU64,
 }
 
 struct LaneState {
@@ -76,6 +78,7 @@ impl Lane {
             }),
             room: Condvar::new(),
             dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         }
     }
 
@@ -91,6 +94,11 @@ impl Lane {
     /// Messages dropped under `drop_oldest`.
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Messages written whole to the connection.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// The overflow policy.
@@ -378,6 +386,9 @@ impl Outbox {
                     if let Outgoing::Slot { held, .. } = &queued.item {
                         // The peer releases the slot when it is done with it.
                         link.keep_until_released(held.share());
+                    }
+                    if let Some(lane) = &queued.lane {
+                        lane.written.fetch_add(1, Ordering::Relaxed);
                     }
                     drop(queued);
                     s = self.lock();
