@@ -138,6 +138,11 @@ pub struct ChannelSpec {
     pub fallback: Fallback,
     /// Messages each subscriber's queue holds. Default: [`DEFAULT_QUEUE_DEPTH`].
     pub queue_depth: usize,
+    /// Bytes of tensors each subscriber's queue holds, besides its depth in
+    /// messages (the overflow policy applies on either limit; a single
+    /// message larger than this still passes through an empty queue).
+    /// Default: none (messages only).
+    pub queue_bytes: Option<u64>,
     /// What a publisher does when a subscriber's queue is full. Default: block.
     pub overflow: Overflow,
     /// Dtypes cast before they travel, as written in the file (lowercase):
@@ -161,6 +166,7 @@ impl Default for ChannelSpec {
             device_map: DeviceMap::default(),
             fallback: Fallback::default(),
             queue_depth: DEFAULT_QUEUE_DEPTH,
+            queue_bytes: None,
             overflow: Overflow::default(),
             wire_dtype: Vec::new(),
             keep_wire_dtype: false,
@@ -194,6 +200,13 @@ impl ChannelSpec {
     pub fn with_queue(mut self, depth: usize, overflow: Overflow) -> Self {
         self.queue_depth = depth.max(1);
         self.overflow = overflow;
+        self
+    }
+
+    /// Bounds each subscriber's queue in bytes of tensors too (see
+    /// [`ChannelSpec::queue_bytes`]).
+    pub fn with_queue_bytes(mut self, bytes: u64) -> Self {
+        self.queue_bytes = Some(bytes.max(1));
         self
     }
 
@@ -607,12 +620,13 @@ impl Walk<'_> {
 }
 
 const ROOT_KEYS: &str = "\"channels\"";
-const CHANNEL_KEYS: &str = "\"pattern\", \"device_map\", \"fallback\", \"queue_depth\", \"overflow\", \"wire_dtype\", \"keep_wire_dtype\", \"checksum\"";
+const CHANNEL_KEYS: &str = "\"pattern\", \"device_map\", \"fallback\", \"queue_depth\", \"queue_bytes\", \"overflow\", \"wire_dtype\", \"keep_wire_dtype\", \"checksum\"";
 const CHANNEL_KEY_LIST: &[&str] = &[
     "pattern",
     "device_map",
     "fallback",
     "queue_depth",
+    "queue_bytes",
     "overflow",
     "wire_dtype",
     "keep_wire_dtype",
@@ -743,6 +757,22 @@ fn parse_channel(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<ChannelSpe
                             other => other.type_name().to_string(),
                         },
                         expected: "a whole number of messages, at least 1",
+                    },
+                ),
+            },
+            "queue_bytes" => match value {
+                Raw::Number(n) if n.as_u64().is_some_and(|b| b >= 1) => {
+                    spec.queue_bytes = n.as_u64();
+                }
+                other => walk.error(
+                    here,
+                    Error::InvalidValue {
+                        value: match other {
+                            Raw::Number(n) => n.to_string(),
+                            Raw::String(s) => s,
+                            other => other.type_name().to_string(),
+                        },
+                        expected: "a whole number of bytes, at least 1",
                     },
                 ),
             },
@@ -958,11 +988,12 @@ mod tests {
     #[test]
     fn queue_settings_parse_and_bad_ones_are_errors() {
         let config = ChannelConfig::from_json_str(
-            r#"{"channels": {"/a": {"queue_depth": 4, "overflow": "drop_oldest"}, "/b": {}}}"#,
+            r#"{"channels": {"/a": {"queue_depth": 4, "queue_bytes": 1048576, "overflow": "drop_oldest"}, "/b": {}}}"#,
         )
         .expect("valid");
         let a = config.channel("/a").expect("a");
         assert_eq!((a.queue_depth, a.overflow), (4, Overflow::DropOldest));
+        assert_eq!(a.queue_bytes, Some(1 << 20));
         let b = config.channel("/b").expect("b");
         assert_eq!(
             (b.queue_depth, b.overflow),

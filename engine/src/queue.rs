@@ -41,6 +41,8 @@ pub(crate) enum Pop<T> {
 
 struct State<T> {
     items: VecDeque<T>,
+    /// What the queued items weigh (see [`Queue::with_bytes`]).
+    bytes: u64,
     closed: bool,
     dropped: u64,
     /// Async consumers (and anything else) waiting for an item.
@@ -53,6 +55,9 @@ struct State<T> {
     waiting_room: usize,
 }
 
+/// How many bytes an item counts for.
+type Weigh<T> = fn(&T) -> u64;
+
 /// A bounded queue with an overflow policy; see the [module docs](self).
 pub(crate) struct Queue<T> {
     state: Mutex<State<T>>,
@@ -63,6 +68,8 @@ pub(crate) struct Queue<T> {
     room_made: Condvar,
     depth: usize,
     overflow: Overflow,
+    /// Most bytes queued, and how an item's bytes are counted.
+    bytes: Option<(u64, Weigh<T>)>,
 }
 
 /// How many times a consumer looks again before it sleeps.
@@ -97,6 +104,7 @@ impl<T> Queue<T> {
         Self {
             state: Mutex::new(State {
                 items: VecDeque::new(),
+                bytes: 0,
                 closed: false,
                 dropped: 0,
                 item_wakers: Vec::new(),
@@ -109,7 +117,44 @@ impl<T> Queue<T> {
             room_made: Condvar::new(),
             depth: depth.max(1),
             overflow,
+            bytes: None,
         }
+    }
+
+    /// Bounds the queue in bytes too, each item weighing what `weigh` says:
+    /// the policy applies on either limit; a single item heavier than
+    /// `max` still passes through an empty queue.
+    pub(crate) fn with_bytes(mut self, max: u64, weigh: Weigh<T>) -> Self {
+        self.bytes = Some((max.max(1), weigh));
+        self
+    }
+
+    fn weight(&self, item: &T) -> u64 {
+        self.bytes.map_or(0, |(_, weigh)| weigh(item))
+    }
+
+    /// Whether `weight` more fits now.
+    fn fits(&self, s: &State<T>, weight: u64) -> bool {
+        s.items.len() < self.depth
+            && match self.bytes {
+                Some((max, _)) => s.items.is_empty() || s.bytes.saturating_add(weight) <= max,
+                None => true,
+            }
+    }
+
+    /// Whether a waiting producer should look again: a place is free and
+    /// some bytes are.
+    fn has_room(&self, s: &State<T>) -> bool {
+        s.items.len() < self.depth
+            && self
+                .bytes
+                .is_none_or(|(max, _)| s.bytes < max || s.items.is_empty())
+    }
+
+    fn pop_front(&self, s: &mut State<T>) -> Option<T> {
+        let item = s.items.pop_front()?;
+        s.bytes = s.bytes.saturating_sub(self.weight(&item));
+        Some(item)
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
@@ -124,15 +169,17 @@ impl<T> Queue<T> {
         if s.closed {
             return Offer::Closed(item);
         }
-        if s.items.len() >= self.depth {
+        let weight = self.weight(&item);
+        while !self.fits(&s, weight) {
             match self.overflow {
                 Overflow::Block => return Offer::Full(item),
                 Overflow::DropOldest => {
-                    s.items.pop_front();
+                    self.pop_front(&mut s);
                     s.dropped += 1;
                 }
             }
         }
+        s.bytes += weight;
         s.items.push_back(item);
         self.arrived(s);
         Offer::Taken
@@ -168,7 +215,7 @@ impl<T> Queue<T> {
             if s.closed {
                 return Err(Offer::Closed(item));
             }
-            if s.items.len() < self.depth {
+            if self.has_room(&s) {
                 continue;
             }
             s.waiting_room += 1;
@@ -195,7 +242,7 @@ impl<T> Queue<T> {
     /// context's waker is woken when room is made.
     pub(crate) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.lock();
-        if s.closed || s.items.len() < self.depth || self.overflow == Overflow::DropOldest {
+        if s.closed || self.has_room(&s) || self.overflow == Overflow::DropOldest {
             return Poll::Ready(());
         }
         register(&mut s.room_wakers, cx.waker());
@@ -206,6 +253,7 @@ impl<T> Queue<T> {
     /// (a lost peer). The queue may hold one more than its depth.
     pub(crate) fn force(&self, item: T) {
         let mut s = self.lock();
+        s.bytes += self.weight(&item);
         s.items.push_back(item);
         self.arrived(s);
     }
@@ -214,7 +262,7 @@ impl<T> Queue<T> {
     /// when it has room now.
     pub(crate) fn wake_on_room(&self, waker: &Waker) {
         let mut s = self.lock();
-        if s.closed || s.items.len() < self.depth {
+        if s.closed || self.has_room(&s) {
             drop(s);
             waker.wake_by_ref();
         } else {
@@ -236,7 +284,7 @@ impl<T> Queue<T> {
     /// The next item if one is queued; `Err(())` when closed and empty.
     pub(crate) fn try_pop(&self) -> Result<Option<T>, ()> {
         let mut s = self.lock();
-        match s.items.pop_front() {
+        match self.pop_front(&mut s) {
             Some(item) => {
                 self.took(s);
                 Ok(Some(item))
@@ -251,7 +299,7 @@ impl<T> Queue<T> {
         let mut s = self.lock();
         let mut spins = 0;
         loop {
-            if let Some(item) = s.items.pop_front() {
+            if let Some(item) = self.pop_front(&mut s) {
                 self.took(s);
                 return Pop::Item(item);
             }
@@ -291,7 +339,7 @@ impl<T> Queue<T> {
     /// The async form of [`pop`](Self::pop): `Ready(None)` when closed and empty.
     pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut s = self.lock();
-        if let Some(item) = s.items.pop_front() {
+        if let Some(item) = self.pop_front(&mut s) {
             self.took(s);
             return Poll::Ready(Some(item));
         }
@@ -388,6 +436,27 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(10);
         q.push(3, None).expect("room");
         assert!(matches!(q.push(4, Some(deadline)), Err(Offer::Full(4))));
+    }
+
+    #[test]
+    fn a_byte_bound_applies_the_policy_on_bytes_too() {
+        let weigh: Weigh<usize> = |n| *n as u64;
+        // Ten places, but 100 bytes.
+        let q = Queue::new(10, Overflow::Block).with_bytes(100, weigh);
+        assert!(matches!(q.offer(60), Offer::Taken));
+        assert!(matches!(q.offer(60), Offer::Full(60)));
+        assert!(matches!(q.offer(40), Offer::Taken));
+        assert!(matches!(q.try_pop(), Ok(Some(60))));
+        assert!(matches!(q.offer(60), Offer::Taken));
+        // One item larger than the bound passes an empty queue.
+        let q = Queue::new(10, Overflow::DropOldest).with_bytes(100, weigh);
+        assert!(matches!(q.offer(500), Offer::Taken));
+        for n in [30, 30, 30, 30] {
+            assert!(matches!(q.offer(n), Offer::Taken));
+        }
+        // The 500 and one 30 were dropped to make room for the last 30.
+        assert_eq!(q.dropped(), 2);
+        assert_eq!(q.len(), 3);
     }
 
     #[test]

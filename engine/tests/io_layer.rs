@@ -288,3 +288,30 @@ fn a_publisher_learns_which_subscriber_was_lost_and_how_far_it_got() {
     }
     assert_eq!(publisher.lost_subscribers().len(), 1);
 }
+
+#[test]
+fn queues_bounded_in_bytes_keep_the_newest_and_count_the_rest() {
+    let mut config = ChannelConfig::new();
+    config
+        .insert(
+            "/big",
+            ChannelSpec::new(Pattern::PubSub)
+                .with_queue(64, Overflow::DropOldest)
+                .with_queue_bytes(3 << 20),
+        )
+        .expect("config");
+    let node = Node::builder().channels(config).build().expect("node");
+    let sub = node.subscriber("/big");
+    let publisher = node.publisher("/big");
+    for seq in 0..10u64 {
+        let t = pattern::tensor(DType::U8, &[1 << 20], 7, seq, "x").expect("tensor");
+        publisher.send(Message::new().tensor("x", t)).expect("send");
+    }
+    // 64 places, but 3 MiB: the three newest are kept.
+    assert_eq!(sub.dropped(), 7);
+    let kept: Vec<u64> = (0..3)
+        .map(|_| sub.recv_timeout(WAIT).expect("message").seq)
+        .collect();
+    assert_eq!(kept, vec![7, 8, 9]);
+    assert!(sub.try_recv().expect("open").is_none());
+}

@@ -232,7 +232,7 @@ impl NodeInner {
             Kind::Subscribe if !wants.contains_key(channel) => {
                 let lane = peer.conn.stream().map(|_| {
                     let spec = self.spec(channel);
-                    Arc::new(Lane::new(spec.queue_depth, spec.overflow))
+                    Arc::new(Lane::new(spec.queue_depth, spec.queue_bytes, spec.overflow))
                 });
                 wants.insert(channel.to_string(), lane);
             }

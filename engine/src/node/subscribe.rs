@@ -40,6 +40,11 @@ pub struct Received {
 /// (a lost peer).
 pub(crate) type SubQueue = Queue<Result<Received>>;
 
+/// What a queued delivery weighs: its tensors' bytes.
+fn delivered_bytes(d: &Result<Received>) -> u64 {
+    d.as_ref().map_or(0, |r| r.message.payload_bytes())
+}
+
 /// Where a subscription's messages come from.
 enum Source {
     /// Publishers here and peers, through the queue.
@@ -71,7 +76,11 @@ impl Node {
     pub fn subscriber(&self, channel: impl Into<String>) -> Subscription {
         let channel = channel.into();
         let spec = self.inner.spec(&channel);
-        let queue = Arc::new(SubQueue::new(spec.queue_depth, spec.overflow));
+        let mut queue = SubQueue::new(spec.queue_depth, spec.overflow);
+        if let Some(bytes) = spec.queue_bytes {
+            queue = queue.with_bytes(bytes, delivered_bytes);
+        }
+        let queue = Arc::new(queue);
         if self.inner.is_closed() {
             queue.close();
         }

@@ -40,6 +40,8 @@ pub(crate) const LINK_ENCODING: EncodeOptions = EncodeOptions {
 /// messages wait there, against the channel's depth and overflow policy.
 pub(crate) struct Lane {
     depth: usize,
+    /// Most bytes of frames queued, when bounded.
+    max_bytes: Option<u64>,
     overflow: Overflow,
     state: Mutex<LaneState>,
     room: Condvar,
@@ -51,6 +53,8 @@ pub(crate) struct Lane {
 struct LaneState {
     /// Items queued or being written.
     queued: usize,
+    /// Their bytes.
+    bytes: u64,
     /// Threads blocked on `room` (a notify is a system call: made only for them).
     blocked: usize,
     /// The connection is gone: nothing more is taken.
@@ -65,13 +69,16 @@ impl std::fmt::Debug for Lane {
 }
 
 impl Lane {
-    /// A lane of at most `depth` messages with `overflow`.
-    pub(crate) fn new(depth: usize, overflow: Overflow) -> Self {
+    /// A lane of at most `depth` messages (and `max_bytes` bytes of frames,
+    /// when given) with `overflow`.
+    pub(crate) fn new(depth: usize, max_bytes: Option<u64>, overflow: Overflow) -> Self {
         Self {
             depth: depth.max(1),
+            max_bytes,
             overflow,
             state: Mutex::new(LaneState {
                 queued: 0,
+                bytes: 0,
                 blocked: 0,
                 closed: false,
                 wakers: Vec::new(),
@@ -106,11 +113,20 @@ impl Lane {
         self.overflow
     }
 
+    /// Whether one more message fits: a place is free, and (when bounded)
+    /// bytes are, or the lane is empty (a single large frame passes).
+    fn full(&self, s: &LaneState) -> bool {
+        s.queued >= self.depth
+            || self
+                .max_bytes
+                .is_some_and(|max| s.queued > 0 && s.bytes >= max)
+    }
+
     /// Waits until the lane has room, or `deadline` passes (`false`), or
     /// the connection closes (`true`: the send then finds it closed).
     pub(crate) fn wait_room(&self, deadline: Option<Instant>) -> bool {
         let mut s = self.lock();
-        while !s.closed && s.queued >= self.depth {
+        while !s.closed && self.full(&s) {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if left.is_some_and(|l| l.is_zero()) {
                 return false;
@@ -143,7 +159,7 @@ impl Lane {
     /// The async form of [`wait_room`](Self::wait_room).
     pub(crate) fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.lock();
-        if s.closed || s.queued < self.depth {
+        if s.closed || !self.full(&s) {
             return Poll::Ready(());
         }
         if !s.wakers.iter().any(|w| w.will_wake(cx.waker())) {
@@ -165,13 +181,16 @@ impl Lane {
         true
     }
 
-    fn add(&self) {
-        self.lock().queued += 1;
+    fn add(&self, bytes: u64) {
+        let mut s = self.lock();
+        s.queued += 1;
+        s.bytes += bytes;
     }
 
-    fn done(&self) {
+    fn done(&self, bytes: u64) {
         let mut s = self.lock();
         s.queued = s.queued.saturating_sub(1);
+        s.bytes = s.bytes.saturating_sub(bytes);
         let wakers = std::mem::take(&mut s.wakers);
         let blocked = s.blocked > 0;
         drop(s);
@@ -200,6 +219,8 @@ impl Lane {
 struct Queued {
     item: Outgoing,
     lane: Option<Arc<Lane>>,
+    /// Bytes it counts for in its lane.
+    bytes: u64,
 }
 
 impl Drop for Queued {
@@ -207,8 +228,17 @@ impl Drop for Queued {
         // Written, dropped by the policy, or dropped with the connection:
         // either way it no longer waits.
         if let Some(lane) = &self.lane {
-            lane.done();
+            lane.done(self.bytes);
         }
+    }
+}
+
+/// Bytes an item takes on its connection.
+fn weight(item: &Outgoing) -> u64 {
+    match item {
+        Outgoing::Frame(f) => f.frame_len(),
+        Outgoing::Slot { len, .. } => *len,
+        Outgoing::Message { message, .. } => message.payload_bytes(),
     }
 }
 
@@ -292,24 +322,24 @@ impl Outbox {
         if let Some(why) = &s.closed {
             return Err(why.clone());
         }
+        let bytes = weight(&item);
         if let Some(lane) = &lane {
-            if lane.overflow == Overflow::DropOldest && lane.queued() >= lane.depth {
+            while lane.overflow == Overflow::DropOldest && lane.full(&lane.lock()) {
                 let oldest = s
                     .queue
                     .iter()
                     .position(|q| q.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane)));
-                if let Some(i) = oldest {
-                    // Dropped after the lock is let go (its lane is told then).
-                    let dropped = s.queue.remove(i);
-                    lane.dropped.fetch_add(1, Ordering::Relaxed);
-                    drop(s);
-                    drop(dropped);
-                    s = self.lock();
-                }
+                let Some(i) = oldest else { break };
+                // Dropped after the lock is let go (its lane is told then).
+                let dropped = s.queue.remove(i);
+                lane.dropped.fetch_add(1, Ordering::Relaxed);
+                drop(s);
+                drop(dropped);
+                s = self.lock();
             }
-            lane.add();
+            lane.add(bytes);
         }
-        s.queue.push_back(Queued { item, lane });
+        s.queue.push_back(Queued { item, lane, bytes });
         Ok(())
     }
 
@@ -602,7 +632,7 @@ mod tests {
     fn drop_oldest_drops_only_items_not_started() {
         let link = Trickle::new(10, 10);
         let outbox = Outbox::new();
-        let lane = Arc::new(Lane::new(2, Overflow::DropOldest));
+        let lane = Arc::new(Lane::new(2, None, Overflow::DropOldest));
         let frames: Vec<_> = (0..5).map(|i| frame(i, 100)).collect();
         outbox
             .push(
@@ -639,7 +669,7 @@ mod tests {
             ..Trickle::new(1 << 20, 1 << 20)
         };
         let outbox = Outbox::new();
-        let lane = Arc::new(Lane::new(8, Overflow::Block));
+        let lane = Arc::new(Lane::new(8, None, Overflow::Block));
         for i in 0..3 {
             outbox
                 .push(Outgoing::Frame(frame(i, 10)), Some(Arc::clone(&lane)))
