@@ -106,6 +106,59 @@ fn send_fails_and_says_how_many_were_written_when_its_receiver_is_killed() {
 }
 
 #[test]
+fn a_shm_listener_refuses_processes_of_another_user() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP: running a process as another user needs root");
+        return;
+    }
+    let name = format!("shm://tf-uid-{}", std::process::id());
+    let (recv, addr) = spawn_listening(&[
+        "recv",
+        "--listen",
+        &name,
+        "--count",
+        "1",
+        "--json",
+        "--idle-timeout",
+        "20",
+    ]);
+    // `nobody`: another user than the receiver's.
+    let out = match bin()
+        .args([
+            "send", "--to", &addr, "--tensor", "x=u8:16", "--count", "1", "--wait", "2",
+        ])
+        .uid(65534)
+        .gid(65534)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            println!("SKIP: the binary cannot run as another user here: {e}");
+            let _ = finish(recv);
+            return;
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Permission denied") && err.contains("exec") {
+        println!("SKIP: the binary cannot run as another user here: {err}");
+        let _ = finish(recv);
+        return;
+    }
+    assert!(
+        !out.status.success(),
+        "another user's send succeeded: {err}"
+    );
+    // The receiver's own user still gets in.
+    let ok = run(&["send", "--to", &addr, "--tensor", "x=u8:16", "--count", "1"]);
+    assert_ok(&ok);
+    let (out, v) = finish(recv);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(v["messages"], 1);
+}
+
+#[test]
 fn a_listening_sender_fans_out_to_several_receivers() {
     let (send, addr) = spawn_listening(&[
         "send",

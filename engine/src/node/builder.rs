@@ -45,6 +45,7 @@ pub struct NodeBuilder {
     pool_idle_bytes: usize,
     receive_budget_bytes: u64,
     shm_bytes: usize,
+    shm_uids: Vec<u32>,
     busy_poll: Duration,
     io_threads: usize,
     service_threads: usize,
@@ -62,6 +63,7 @@ impl Default for NodeBuilder {
             pool_idle_bytes: 1 << 30,
             receive_budget_bytes: 8 << 30,
             shm_bytes: 4 << 30,
+            shm_uids: Vec::new(),
             busy_poll: Duration::ZERO,
             io_threads: 1,
             service_threads: 2,
@@ -137,6 +139,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Lets processes of these users connect to this node's `shm://`
+    /// listeners too. By default only processes of this process's own
+    /// user may (checked with the socket's peer credentials before the
+    /// connection is taken): the shared memory is theirs to read and write.
+    pub fn shm_peer_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {
+        self.shm_uids = uids.into_iter().collect();
+        self
+    }
+
     /// Busy polling, for lower round-trip latency at the cost of a core kept
     /// busy: a requester waiting for its reply spins this long before it
     /// sleeps, and so does an I/O thread after each frame while this node
@@ -195,6 +206,7 @@ impl NodeBuilder {
             pool: BufferPool::with_budget(self.pool_idle_bytes, self.receive_budget_bytes),
             connect_timeout: self.connect_timeout,
             busy_poll: self.busy_poll,
+            shm_uids: self.shm_uids,
             inventory: self.inventory.map(Arc::new),
             deliveries: Mutex::new(HashMap::new()),
             listening: Mutex::new(Vec::new()),

@@ -30,6 +30,7 @@ impl NodeInner {
             limits: self.limits,
             router: Some(self.device_router()),
             inproc: Some(self.me.clone() as Weak<dyn Accept>),
+            shm_uids: self.shm_uids.clone(),
         }
     }
 

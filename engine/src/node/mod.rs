@@ -89,6 +89,8 @@ pub(crate) struct NodeInner {
     pool: BufferPool,
     connect_timeout: Duration,
     busy_poll: Duration,
+    /// Other users whose processes may connect over `shm://`.
+    shm_uids: Vec<u32>,
     inventory: Option<Arc<Inventory>>,
     /// Each channel's delivery rules: forward (messages, requests) and reply.
     deliveries: Mutex<HashMap<String, [Option<Arc<Delivery>>; 2]>>,

@@ -129,6 +129,9 @@ pub(crate) struct Context {
     pub(crate) router: Option<Router>,
     /// The node, for in-process connections made to it.
     pub(crate) inproc: Option<std::sync::Weak<dyn inproc::Accept>>,
+    /// Users (besides this process's own) whose processes may connect over
+    /// `shm://`.
+    pub(crate) shm_uids: Vec<u32>,
 }
 
 /// A way to reach other nodes: one per scheme.

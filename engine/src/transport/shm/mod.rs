@@ -33,7 +33,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+use nix::sys::socket::sockopt::PeerCredentials;
+use nix::sys::socket::{
+    getsockopt, recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr,
+};
 
 use std::sync::Arc;
 
@@ -157,11 +160,27 @@ impl Listener for ShmListening {
         Some(self.listener.as_raw_fd())
     }
 
-    fn accept(&self, _ctx: &Context) -> io::Result<Option<Accepted>> {
-        let stream = match self.listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(e),
+    fn accept(&self, ctx: &Context) -> io::Result<Option<Accepted>> {
+        let stream = loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            // Only processes of this user (or of users the node allows) may
+            // share its memory: checked before anything is sent.
+            let creds = getsockopt(&stream, PeerCredentials)?;
+            // SAFETY: geteuid takes no arguments, cannot fail and touches no memory.
+            let own = unsafe { libc::geteuid() };
+            if creds.uid() == own || ctx.shm_uids.contains(&creds.uid()) {
+                break stream;
+            }
+            tracing::warn!(
+                listener = %self.address,
+                uid = creds.uid(),
+                pid = creds.pid(),
+                "refused a shm connection from another user (allow it with NodeBuilder::shm_peer_uids)"
+            );
         };
         stream.set_nonblocking(true)?;
         let (outgoing, fd) = Ring::create(RING_BYTES).map_err(io::Error::other)?;
