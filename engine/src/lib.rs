@@ -50,6 +50,7 @@ mod tensor;
 mod transport;
 pub mod wire;
 
+pub use transport::auth::Secret;
 pub use transport::file;
 
 pub use address::Address;

@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::pool::BufferPool;
 use crate::reactor::Reactor;
 use crate::signal::Signal;
+use crate::transport::auth::Secret;
 use crate::transport::shm::slots::SlotPool;
 use crate::wire::Limits;
 
@@ -46,6 +47,7 @@ pub struct NodeBuilder {
     receive_budget_bytes: u64,
     shm_bytes: usize,
     shm_uids: Vec<u32>,
+    secret: Option<Secret>,
     busy_poll: Duration,
     io_threads: usize,
     service_threads: usize,
@@ -64,6 +66,7 @@ impl Default for NodeBuilder {
             receive_budget_bytes: 8 << 30,
             shm_bytes: 4 << 30,
             shm_uids: Vec::new(),
+            secret: None,
             busy_poll: Duration::ZERO,
             io_threads: 1,
             service_threads: 2,
@@ -139,6 +142,19 @@ impl NodeBuilder {
         self
     }
 
+    /// Authenticates every tcp peer, both ways, with this shared secret
+    /// before its first frame (HMAC-SHA256 challenge–response: the secret
+    /// never travels, an answer cannot be replayed); a peer without it is
+    /// dropped and counted in [`NodeStats::rejected`](crate::NodeStats).
+    /// Both ends must have the same secret. Read it from a file
+    /// ([`Secret::from_file`]) or the environment ([`Secret::from_env`]),
+    /// never from a command line. Default: none (any peer that reaches a
+    /// listener is served). It authenticates; it does not encrypt.
+    pub fn secret(mut self, secret: Secret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
     /// Lets processes of these users connect to this node's `shm://`
     /// listeners too. By default only processes of this process's own
     /// user may (checked with the socket's peer credentials before the
@@ -207,6 +223,7 @@ impl NodeBuilder {
             connect_timeout: self.connect_timeout,
             busy_poll: self.busy_poll,
             shm_uids: self.shm_uids,
+            secret: self.secret,
             inventory: self.inventory.map(Arc::new),
             deliveries: Mutex::new(HashMap::new()),
             listening: Mutex::new(Vec::new()),

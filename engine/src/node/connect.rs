@@ -31,6 +31,7 @@ impl NodeInner {
             router: Some(self.device_router()),
             inproc: Some(self.me.clone() as Weak<dyn Accept>),
             shm_uids: self.shm_uids.clone(),
+            secret: self.secret.clone(),
         }
     }
 
@@ -268,7 +269,8 @@ impl Watched for Shaking {
                 Ready::Done
             }
             Err(e) => {
-                tracing::info!(node = %node.name, error = %e, "dropping a connection that failed its handshake");
+                tracing::warn!(node = %node.name, error = %e, "dropping a connection that failed its handshake");
+                node.counters.rejected();
                 slot.take();
                 Ready::Done
             }

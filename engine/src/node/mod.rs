@@ -91,6 +91,8 @@ pub(crate) struct NodeInner {
     busy_poll: Duration,
     /// Other users whose processes may connect over `shm://`.
     shm_uids: Vec<u32>,
+    /// The secret tcp peers must prove they know.
+    secret: Option<crate::transport::auth::Secret>,
     inventory: Option<Arc<Inventory>>,
     /// Each channel's delivery rules: forward (messages, requests) and reply.
     deliveries: Mutex<HashMap<String, [Option<Arc<Delivery>>; 2]>>,

@@ -18,6 +18,7 @@
 //! how a sleeping reader or writer is woken.
 
 pub(crate) mod assembler;
+pub mod auth;
 pub mod file;
 pub(crate) mod inproc;
 pub(crate) mod outbox;
@@ -132,6 +133,8 @@ pub(crate) struct Context {
     /// Users (besides this process's own) whose processes may connect over
     /// `shm://`.
     pub(crate) shm_uids: Vec<u32>,
+    /// The shared secret every tcp peer must prove it knows.
+    pub(crate) secret: Option<auth::Secret>,
 }
 
 /// A way to reach other nodes: one per scheme.

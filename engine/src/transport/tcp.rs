@@ -14,8 +14,10 @@ use nix::sys::socket::{recv, sendmsg, MsgFlags, SockaddrStorage};
 
 use std::sync::Arc;
 
+use super::auth::{self, Challenge};
 use super::{
-    retry, stream_connection, Accepted, ByteLink, Carry, Connection, Context, Listener, Transport,
+    retry, stream_connection, Accepted, ByteLink, Carry, Connection, Context, Handshake, Listener,
+    Transport,
 };
 use crate::address::Address;
 use crate::error::{Error, Result};
@@ -24,7 +26,7 @@ use crate::error::{Error, Result};
 pub(crate) struct Tcp;
 
 impl Transport for Tcp {
-    fn listen(&self, addr: &Address, public: bool, _ctx: &Context) -> Result<Box<dyn Listener>> {
+    fn listen(&self, addr: &Address, public: bool, ctx: &Context) -> Result<Box<dyn Listener>> {
         if !public && !addr.is_local_only()? {
             return Err(Error::Invalid(format!(
                 "{addr} is reachable from other hosts; bind it with listen_public (the CLI: write the address explicitly) or use 127.0.0.1"
@@ -42,12 +44,16 @@ impl Transport for Tcp {
         Ok(Box::new(TcpListening {
             listener,
             address: Address::Tcp(local.to_string()),
+            secret: ctx.secret.clone(),
         }))
     }
 
     fn connect(&self, addr: &Address, ctx: &Context) -> Result<Arc<dyn Connection>> {
         let sock = addr.socket_addrs()?;
-        let stream = retry(addr, ctx.connect_timeout, || TcpStream::connect(&sock[..]))?;
+        let mut stream = retry(addr, ctx.connect_timeout, || TcpStream::connect(&sock[..]))?;
+        if let Some(secret) = &ctx.secret {
+            auth::dial(&mut stream, secret, &addr.to_string(), ctx.connect_timeout)?;
+        }
         let link = TcpLink::new(stream, addr.to_string())?;
         Ok(stream_connection(Box::new(link), ctx))
     }
@@ -56,6 +62,8 @@ impl Transport for Tcp {
 struct TcpListening {
     listener: TcpListener,
     address: Address,
+    /// With a secret, every connection is challenged before its first frame.
+    secret: Option<auth::Secret>,
 }
 
 impl Listener for TcpListening {
@@ -70,13 +78,48 @@ impl Listener for TcpListening {
     fn accept(&self, ctx: &Context) -> io::Result<Option<Accepted>> {
         match self.listener.accept() {
             Ok((stream, from)) => {
-                let link =
-                    TcpLink::new(stream, format!("tcp://{from}")).map_err(io::Error::other)?;
+                let label = format!("tcp://{from}");
+                if let Some(secret) = &self.secret {
+                    let challenge = Challenge::start(stream, secret.clone())?;
+                    return Ok(Some(Accepted::Handshaking(Box::new(Authenticating {
+                        challenge,
+                        label,
+                    }))));
+                }
+                let link = TcpLink::new(stream, label).map_err(io::Error::other)?;
                 Ok(Some(Accepted::Open(stream_connection(Box::new(link), ctx))))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// An accepted connection answering its authentication challenge.
+struct Authenticating {
+    challenge: Challenge,
+    label: String,
+}
+
+impl Handshake for Authenticating {
+    fn fd(&self) -> RawFd {
+        self.challenge.fd()
+    }
+
+    fn advance(&mut self, ctx: &Context) -> Result<Option<Arc<dyn Connection>>> {
+        let Some(stream) = self.challenge.advance().map_err(|e| Error::Misbehaved {
+            peer: self.label.clone(),
+            offence: e.to_string(),
+        })?
+        else {
+            return Ok(None);
+        };
+        let link = TcpLink::new(stream, self.label.clone())?;
+        Ok(Some(stream_connection(Box::new(link), ctx)))
+    }
+
+    fn deadline(&self) -> Instant {
+        self.challenge.deadline()
     }
 }
 
