@@ -638,7 +638,10 @@ fn bench_lands_on_a_device_and_reports_the_device_copy_beside_the_transport() {
 #[test]
 fn bench_rejects_invalid_fan_out_and_two_host_options() {
     for (args, says) in [
-        (vec!["--subscribers", "0"], "--subscribers 0"),
+        (
+            vec!["--subscribers", "0"],
+            "--subscribers must be a whole number from 1 to 64, not `0`",
+        ),
         (vec!["--subscribers", "x"], "--subscribers"),
         (
             vec!["--subscribers", "2", "--pattern", "reqrep"],
@@ -802,4 +805,256 @@ fn every_subcommand_takes_verbose_flags_and_help_explains_them() {
     );
     let help = stdout(&tensorferry(&["bench", "--help"]));
     assert!(help.contains("--verbose"), "{help}");
+}
+
+/// Runs `args`, which must be refused as bad input: exit 2, every one of
+/// `says` on stderr, and no panic or failed allocation on the way there.
+fn refused(args: &[&str], says: &[&str]) -> String {
+    let out = tensorferry(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("memory allocation of"),
+        "{args:?}: {err}"
+    );
+    for s in says {
+        assert!(err.contains(s), "{args:?} should say `{s}`: {err}");
+    }
+    err
+}
+
+/// This machine's memory in bytes, as the binary reads it.
+fn mem_total() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("MemTotal in kB");
+    kib * 1024
+}
+
+#[test]
+fn send_refuses_tensors_this_machine_cannot_hold_before_allocating_them() {
+    let path = scratch("too-large.tfm");
+    let to = format!("file://{path}");
+    refused(
+        &[
+            "send",
+            "--to",
+            &to,
+            "--tensor",
+            "x=f32:100000x100000x100000",
+        ],
+        &[
+            "--tensor x (f32 of shape 100000x100000x100000)",
+            "needs 4000000000000000 bytes",
+            "this machine's memory",
+            "MemTotal",
+        ],
+    );
+    // Each fits alone; one message holds both.
+    let each = format!("{}", mem_total() / 4 * 3);
+    let (a, b) = (format!("a=u8:{each}"), format!("b=u8:{each}"));
+    refused(
+        &["send", "--to", &to, "--tensor", &a, "--tensor", &b],
+        &[
+            "host tensors a, b",
+            &format!("needs {} bytes", mem_total() / 4 * 6),
+        ],
+    );
+    // Counts that overflow 64 bits, even where a zero dimension leaves no element.
+    refused(
+        &[
+            "send",
+            "--to",
+            &to,
+            "--tensor",
+            "x=f32:0x99999999999x99999999999",
+        ],
+        &["its dimensions multiply to more than a 64-bit count holds"],
+    );
+    refused(
+        &["send", "--to", &to, "--tensor", "x=f64:4611686018427387904"],
+        &["4611686018427387904 elements of 8 bytes"],
+    );
+    assert!(
+        !std::path::Path::new(&path).exists(),
+        "nothing is opened before the sizes are checked"
+    );
+}
+
+#[test]
+fn bench_refuses_sizes_this_machine_cannot_hold_before_allocating_them() {
+    refused(
+        &["bench", "--sizes", "1000GiB"],
+        &[
+            "--sizes 1000GiB",
+            "2 buffers of 1073741824000 bytes",
+            "needs 2147483648000 bytes",
+            "MemTotal",
+            "give smaller --sizes",
+        ],
+    );
+    // Two buffers fit; a tcp row with three subscribers holds four.
+    let half = format!("{}B", mem_total() / 2 / 4 * 4);
+    refused(
+        &[
+            "bench",
+            "--transport",
+            "tcp",
+            "--subscribers",
+            "3",
+            "--sizes",
+            &half,
+        ],
+        &["the tcp row holds 4 buffers", "each receiving process"],
+    );
+    refused(
+        &[
+            "bench",
+            "--pattern",
+            "reqrep",
+            "--transport",
+            "shm",
+            "--sizes",
+            &half,
+        ],
+        &["holds 3 buffers"],
+    );
+}
+
+#[test]
+fn bench_sizes_take_the_documented_units_exactly() {
+    for (size, meant) in [
+        ("4kb", "4KiB"),
+        ("4KB", "4KiB"),
+        ("4Kb", "4KiB"),
+        ("4k", "4KiB"),
+        ("64MB", "64MiB"),
+        ("1gb", "1GiB"),
+        ("4 KiB", "4KiB"),
+        ("1.5MiB", "1536KiB"),
+    ] {
+        refused(
+            &["bench", "--sizes", size],
+            &[
+                "--sizes takes",
+                "B, KiB, MiB",
+                &format!("did you mean {meant}?"),
+            ],
+        );
+    }
+    refused(&["bench", "--sizes", "4XB"], &["B, KiB, MiB and GiB"]);
+    refused(&["bench", "--sizes", "0"], &["at least 1 byte"]);
+    refused(&["bench", "--sizes", "-4KiB"], &["at least 1 byte"]);
+    refused(
+        &["bench", "--sizes", "4097B"],
+        &["whole number of 4-byte elements"],
+    );
+    let out = tensorferry(&[
+        "bench",
+        "--transport",
+        "inproc",
+        "--sizes",
+        "4096,8KiB",
+        "--duration",
+        "0.05",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(
+        v["settings"]["sizes_bytes"],
+        serde_json::json!([4096, 8192])
+    );
+}
+
+#[test]
+fn negative_zero_and_unbounded_numbers_are_refused_by_name() {
+    let to = format!("file://{}", scratch("never-numbers.tfm"));
+    let send = ["send", "--to", to.as_str(), "--tensor", "x=f32:4"];
+    let recv = ["recv", "--listen", "tcp://127.0.0.1:0"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            [&send[..], &["--count", "-1"]].concat(),
+            "--count must be a whole number ≥ 1, not `-1`",
+        ),
+        ([&send[..], &["--count", "0"]].concat(), "--count must be"),
+        ([&send[..], &["--count", "1.5"]].concat(), "not `1.5`"),
+        (
+            [&send[..], &["--count", "--json"]].concat(),
+            "was the value left out?",
+        ),
+        ([&send[..], &["--seed", "-3"]].concat(), "--seed must be"),
+        (
+            [&send[..], &["--subscribers", "-1"]].concat(),
+            "--subscribers must be a whole number ≥ 1",
+        ),
+        ([&send[..], &["--wait", "-1"]].concat(), "--wait must be"),
+        ([&send[..], &["--wait", "1e30"]].concat(), "at most 604800"),
+        ([&send[..], &["--rate", "-3"]].concat(), "--rate must be"),
+        ([&send[..], &["--rate", "1e-30"]].concat(), "one a week"),
+        (
+            [&recv[..], &["--count", "-1"]].concat(),
+            "--count must be a whole number ≥ 1, not `-1`",
+        ),
+        ([&recv[..], &["--seed", "-1"]].concat(), "--seed must be"),
+        (
+            [&recv[..], &["--idle-timeout", "NaN"]].concat(),
+            "--idle-timeout must be a number of seconds above 0",
+        ),
+        (
+            vec!["bench", "--subscribers", "-1"],
+            "--subscribers must be a whole number from 1 to 64, not `-1`",
+        ),
+        (
+            vec!["bench", "--duration", "-1"],
+            "--duration must be a number of seconds above 0 and at most 604800",
+        ),
+        (vec!["bench", "--duration", "0"], "not `0`"),
+        (vec!["bench", "--duration", "nan"], "not `nan`"),
+        (vec!["bench", "--duration", "-inf"], "not `-inf`"),
+        (vec!["bench", "--duration", "1e30"], "not `1e30`"),
+        (vec!["bench", "--duration", "2s"], "write 2, without a unit"),
+        (
+            vec!["bench", "--busy-poll-us", "-5"],
+            "--busy-poll-us must be a whole number from 0 to 1000000, not `-5`",
+        ),
+        (vec!["bench", "--busy-poll-us", "1.5"], "not `1.5`"),
+        (vec!["bench", "--busy-poll-us", "2000000"], "not `2000000`"),
+    ];
+    for (args, says) in cases {
+        refused(&args, &[says]);
+    }
+}
+
+#[test]
+fn inproc_is_refused_where_another_process_must_connect() {
+    for args in [
+        &["recv", "--listen", "inproc://x", "--idle-timeout", "5"][..],
+        &["recv", "--from", "inproc://x", "--idle-timeout", "5"],
+        &["send", "--to", "inproc://x", "--tensor", "x=f32:4"],
+        &[
+            "send",
+            "--listen",
+            "inproc://x",
+            "--tensor",
+            "x=f32:4",
+            "--wait",
+            "5",
+        ],
+    ] {
+        refused(
+            args,
+            &[
+                "inproc://x",
+                "no other process can reach it",
+                "shm://NAME",
+                "tcp://HOST:PORT",
+            ],
+        );
+    }
+    refused(&["bench", "--to", "inproc://x"], &["tcp://HOST:PORT"]);
 }

@@ -24,7 +24,8 @@ use tensorferry::kernels::runtime::cuda::CudaDeviceInfo;
 use tensorferry::kernels::runtime::wgpu::AdapterInfo;
 use tensorferry::kernels::runtime::{HostReport, Probe, Runtime};
 
-use super::{futex_floor, human_bytes, print_json, Outcome};
+use super::values::{self, Strict};
+use super::{futex_floor, human_bytes, memory, print_json, Outcome};
 
 const DEFAULT_SIZES: [u64; 4] = [4 << 10, 1 << 20, 64 << 20, 256 << 20];
 const DEFAULT_DURATION_S: f64 = 2.0;
@@ -42,10 +43,17 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     transport: Option<Vec<Transport>>,
 
-    /// Message sizes, comma-separated, with units B, KiB, MiB, GiB (one tensor
-    /// per message) [default: 4KiB,1MiB,64MiB,256MiB].
-    #[arg(long, value_delimiter = ',')]
-    sizes: Option<Vec<Size>>,
+    /// Message sizes, comma-separated: whole numbers with one of the units
+    /// B, KiB, MiB, GiB, written exactly so (1KiB = 1024 bytes), or bytes
+    /// without a unit (one tensor per message) [default: 4KiB,1MiB,64MiB,256MiB].
+    ///
+    /// Each size is at least 1 byte and a whole number of --dtype elements.
+    /// A row holds several messages of its size at once (two, or with tcp one
+    /// more per subscriber, three with --pattern reqrep); a size whose row
+    /// would need more than this machine's memory is refused before anything
+    /// is allocated.
+    #[arg(long, value_delimiter = ',', value_parser = Strict(values::size), allow_hyphen_values = true)]
+    sizes: Option<Vec<u64>>,
 
     /// Element type of the tensor [default: f32].
     #[arg(long)]
@@ -75,9 +83,10 @@ pub struct Args {
     #[arg(long)]
     checksum: bool,
 
-    /// Seconds of sending per row [default: 2] (a memcpy baseline takes a fifth
-    /// of that; a raw tcp baseline sends as many messages as its row).
-    #[arg(long, value_name = "SECS")]
+    /// Seconds of sending per row, above 0 and at most 604800 (a week)
+    /// [default: 2] (a memcpy baseline takes a fifth of that; a raw tcp
+    /// baseline sends as many messages as its row).
+    #[arg(long, value_name = "SECS", value_parser = Strict(values::seconds), allow_hyphen_values = true)]
     duration: Option<f64>,
 
     /// `pubsub` streams messages one way; `reqrep` measures request/reply round
@@ -88,20 +97,21 @@ pub struct Args {
     pattern: Pattern,
 
     /// Publish/subscribe fan-out: every message goes to N subscribers (N
-    /// receiving processes for shm and tcp, N subscribing nodes for inproc)
-    /// [default: 1].
+    /// receiving processes for shm and tcp, N subscribing nodes for inproc),
+    /// 1 to 64 [default: 1].
     ///
     /// Each row reports the aggregate GB/s of all subscribers, each
     /// subscriber's GB/s (--json) and the slowest one's. The baseline stays one
     /// memcpy, or one raw socket stream, of the same bytes. Not with --pattern
     /// reqrep, --listen or --to.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = Strict(subscribers), allow_hyphen_values = true)]
     subscribers: Option<usize>,
 
     /// With --pattern reqrep: microseconds the requester spins for each reply,
     /// and the echo's reader for the next request, before sleeping (lower
-    /// latency, a core kept busy on each side). 0 turns it off.
-    #[arg(long, value_name = "US", default_value_t = 0)]
+    /// latency, a core kept busy on each side). 0 turns it off; at most
+    /// 1000000 (a second).
+    #[arg(long, value_name = "US", default_value_t = 0, value_parser = Strict(values::busy_poll_us), allow_hyphen_values = true)]
     busy_poll_us: u64,
 
     /// Run only the receiving side of tcp rows, for a `bench --to` on another
@@ -181,37 +191,11 @@ impl Transport {
     }
 }
 
-/// A byte count written with a unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Size(u64);
-
-impl FromStr for Size {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (digits, unit) = t.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size such as 4KiB or 64MiB"))?;
-        let mult = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "kib" | "k" | "kb" => 1 << 10,
-            "mib" | "m" | "mb" => 1 << 20,
-            "gib" | "g" | "gb" => 1 << 30,
-            other => {
-                return Err(format!(
-                    "`{s}`: unknown unit `{other}`; use B, KiB, MiB or GiB"
-                ))
-            }
-        };
-        let bytes = n
-            .checked_mul(mult)
-            .filter(|&b| b > 0)
-            .ok_or_else(|| format!("`{s}` is not a usable size"))?;
-        Ok(Size(bytes))
-    }
+/// `--subscribers`: 1 to [`MAX_SUBSCRIBERS`], each one a process or a node.
+fn subscribers(text: &str) -> Result<usize, String> {
+    values::whole(text, 1, MAX_SUBSCRIBERS as u64)
+        .map(|n| usize::try_from(n).expect("at most MAX_SUBSCRIBERS"))
+        .map_err(|e| format!("{e} (each subscriber is a process or a node)"))
 }
 
 /// A `tcp://HOST:PORT` given to --listen or --to.
@@ -241,6 +225,25 @@ impl Endpoint {
             host: host.to_string(),
             port,
         })
+    }
+}
+
+/// How many buffers of a message's size a row holds at once on this
+/// machine, and which they are.
+fn held_at_once(
+    t: Transport,
+    pattern: Pattern,
+    subscribers: usize,
+    mode: &Mode,
+) -> (u64, &'static str) {
+    match (mode, pattern, t) {
+        (Mode::Listen(_) | Mode::To(_), _, _) => (2, "the message and the raw baseline's buffer"),
+        (Mode::Local, Pattern::ReqRep, _) => (3, "the request, the echo's copy and the reply"),
+        (Mode::Local, _, Transport::Tcp) => (
+            subscribers as u64 + 1,
+            "the message sent and its copy in each receiving process",
+        ),
+        (Mode::Local, _, _) => (2, "the message and the memcpy baseline's second buffer"),
     }
 }
 
@@ -274,28 +277,10 @@ struct Plan {
 
 impl Plan {
     fn from_args(args: &Args) -> Result<Plan, String> {
+        // Checked when parsed: positive, and at most a week.
         let duration = args.duration.unwrap_or(DEFAULT_DURATION_S);
-        if !(duration > 0.0 && duration.is_finite()) {
-            return Err(format!(
-                "--duration {duration}: give a positive number of seconds"
-            ));
-        }
-        match args.subscribers {
-            Some(0) => {
-                return Err(
-                    "--subscribers 0: give at least 1 (the number of receivers of every message)"
-                        .into(),
-                )
-            }
-            Some(n) if n > MAX_SUBSCRIBERS => {
-                return Err(format!(
-                    "--subscribers {n}: at most {MAX_SUBSCRIBERS} (each one is a process or a node)"
-                ))
-            }
-            Some(_) if args.pattern == Pattern::ReqRep => {
-                return Err("--subscribers applies to --pattern pubsub (fan-out); a reqrep row has one requester and one echo service: drop --subscribers".into())
-            }
-            _ => {}
+        if args.subscribers.is_some() && args.pattern == Pattern::ReqRep {
+            return Err("--subscribers applies to --pattern pubsub (fan-out); a reqrep row has one requester and one echo service: drop --subscribers".into());
         }
         let two_host = args.listen.is_some() || args.to.is_some();
         if two_host {
@@ -371,26 +356,45 @@ impl Plan {
                 ));
             }
         }
-        for (option, device) in [("--src", args.src), ("--dst", args.dst)] {
-            if let Some(d) = device.filter(|d| *d != Device::Cpu) {
-                Runtime::open(d).map_err(|e| format!("{option} {d}: {e}"))?;
-            }
-        }
         let transports = match (&args.transport, &mode) {
             (Some(t), _) => t.clone(),
             (None, Mode::Local) => vec![Transport::Inproc, Transport::Shm, Transport::Tcp],
             (None, _) => vec![Transport::Tcp],
         };
+        let sizes = args.sizes.clone().unwrap_or_else(|| DEFAULT_SIZES.to_vec());
+        let subscribers = args.subscribers.unwrap_or(1);
+        // Before anything of these sizes (or a device) is allocated.
+        for &size in &sizes {
+            let element = dtype.size_bytes() as u64;
+            if size % element != 0 {
+                return Err(format!(
+                    "--sizes {}: a message is one {dtype} tensor, a whole number of {element}-byte elements; give a multiple of {element} bytes, e.g. {}",
+                    values::in_largest_unit(size),
+                    values::in_largest_unit((size / element).max(1) * element)
+                ));
+            }
+            for &t in &transports {
+                let (copies, which) = held_at_once(t, args.pattern, subscribers, &mode);
+                let what = format!(
+                    "--sizes {}: the {} row holds {copies} buffers of {size} bytes at once ({which}), so it",
+                    values::in_largest_unit(size),
+                    t.name()
+                );
+                memory::check(&what, size.checked_mul(copies), "give smaller --sizes")?;
+            }
+        }
+        for (option, device) in [("--src", args.src), ("--dst", args.dst)] {
+            if let Some(d) = device.filter(|d| *d != Device::Cpu) {
+                Runtime::open(d).map_err(|e| format!("{option} {d}: {e}"))?;
+            }
+        }
         Ok(Plan {
             transports,
-            sizes: args.sizes.as_ref().map_or_else(
-                || DEFAULT_SIZES.to_vec(),
-                |s| s.iter().map(|s| s.0).collect(),
-            ),
+            sizes,
             dtype,
             duration,
             pattern: args.pattern,
-            subscribers: args.subscribers.unwrap_or(1),
+            subscribers,
             busy_poll_us: args.busy_poll_us,
             mode,
             src: args.src.unwrap_or(Device::Cpu),
@@ -1258,11 +1262,20 @@ fn listen_side(end: &Endpoint, plan: &Plan, json_out: bool) -> Outcome {
             .map_err(|e| format!("the raw baseline stream: {e}"))?;
         let raw_size = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
         let raw_count = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
-        if raw_size != size || raw_size > 1 << 40 {
+        if raw_size != size || raw_size == 0 {
             return Err(format!(
                 "the raw baseline stream announced {raw_size}-byte messages for a {size}-byte row"
             ));
         }
+        // The sender checked its --sizes against its own memory, not this machine's.
+        memory::check(
+            &format!(
+                "the sender's {} row: its raw baseline's buffer",
+                values::in_largest_unit(size)
+            ),
+            Some(raw_size),
+            "give smaller --sizes to the sending side (--to)",
+        )?;
         let mut base = read_raw(&mut stream, raw_size, raw_count)?;
         control
             .send(
@@ -1405,7 +1418,7 @@ pub fn run(args: &Args) -> Outcome {
             .sizes
             .as_ref()
             .and_then(|s| s.first())
-            .map_or(4 << 20, |s| s.0);
+            .map_or(4 << 20, |&s| s);
         let dst = args.dst.unwrap_or(Device::Cpu);
         let config = channel_config(
             args.src.unwrap_or(Device::Cpu),

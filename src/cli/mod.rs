@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 /// Exit status for invalid input (a bad option, an invalid file).
 pub const EXIT_INVALID: u8 = 2;
 
+/// Why an `inproc://` address is refused where another process must reach it.
+pub const INPROC_ELSEWHERE: &str = "inproc:// reaches nodes inside this one process, and no other process can reach it; use shm://NAME between processes on this host, or tcp://HOST:PORT";
+
 /// GPU-aware tensor transport: move named tensors between threads, processes and
 /// hosts, with per-channel device maps that say where each tensor lands.
 #[derive(Debug, Parser)]
@@ -98,7 +101,7 @@ pub type Outcome = Result<ExitCode, String>;
 
 /// Formats a byte count for people: `23.4 GiB`.
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
     while value >= 1024.0 && unit + 1 < UNITS.len() {
@@ -140,10 +143,12 @@ mod devices;
 mod futex_floor;
 mod inspect;
 mod logging;
+mod memory;
 mod recv;
 pub mod runtime_dir;
 mod send;
 mod tensor_spec;
+mod values;
 
 /// Prints a JSON value to stdout, pretty.
 pub fn print_json(value: &serde_json::Value) {

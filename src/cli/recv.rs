@@ -14,7 +14,8 @@ use tensorferry::engine::file::FileReader;
 use tensorferry::engine::{pattern, Address, Error, Node, Received, Subscription, ALL_CHANNELS};
 use tensorferry::kernels::{cpu, DType};
 
-use super::{human_bytes, print_json, Outcome, Summary, EXIT_INVALID};
+use super::values::{self, Strict};
+use super::{human_bytes, print_json, Outcome, Summary, EXIT_INVALID, INPROC_ELSEWHERE};
 
 /// Options of `tensorferry recv`.
 #[derive(Debug, clap::Args)]
@@ -44,12 +45,13 @@ pub struct Args {
     #[arg(long)]
     channel: Option<String>,
 
-    /// Stop after this many messages; a file holding fewer is an error.
-    #[arg(long)]
+    /// Stop after this many messages (1 or more); a file holding fewer is an error.
+    #[arg(long, value_name = "N", value_parser = Strict(values::count), allow_hyphen_values = true)]
     count: Option<u64>,
 
-    /// Give up after this many seconds without a message (network sources).
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    /// Give up after this many seconds without a message (network sources;
+    /// above 0, at most 604800: a week).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = Strict(values::seconds), allow_hyphen_values = true)]
     idle_timeout: f64,
 
     /// Check every byte of every tensor against the content `send --seed` generates,
@@ -57,8 +59,8 @@ pub struct Args {
     #[arg(long)]
     verify: bool,
 
-    /// Seed the sender used (with --verify).
-    #[arg(long, default_value_t = 0)]
+    /// Seed the sender used (with --verify; 0 to 2^64-1).
+    #[arg(long, default_value_t = 0, value_parser = Strict(values::seed), allow_hyphen_values = true)]
     seed: u64,
 
     /// Print no per-message line.
@@ -333,13 +335,21 @@ fn open(args: &Args) -> Result<(Source, String), String> {
     }
 }
 
-pub fn run(args: &Args) -> Outcome {
-    if !(args.idle_timeout > 0.0 && args.idle_timeout.is_finite()) {
-        return Err(format!(
-            "--idle-timeout {}: give a positive number of seconds",
-            args.idle_timeout
-        ));
+/// Refuses an address no sender can reach, before anything is opened.
+fn check_address(args: &Args) -> Result<(), String> {
+    for (option, text) in [("--listen", &args.listen), ("--from", &args.from)] {
+        let Some(text) = text else { continue };
+        let addr: Address = text.parse().map_err(|e| format!("{option}: {e}"))?;
+        if matches!(addr, Address::Inproc(_)) {
+            return Err(format!("{option} {addr}: {INPROC_ELSEWHERE}"));
+        }
     }
+    Ok(())
+}
+
+pub fn run(args: &Args) -> Outcome {
+    check_address(args)?;
+    // Checked when parsed: positive, and at most a week.
     let idle = Duration::from_secs_f64(args.idle_timeout);
     let (mut source, label) = open(args)?;
     let mut summary = Summary::default();

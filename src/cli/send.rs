@@ -15,7 +15,8 @@ use tensorferry::engine::{pattern, Address, Message, Node, Publisher};
 use tensorferry::kernels::runtime::Runtime;
 
 use super::tensor_spec::TensorSpec;
-use super::{print_json, Outcome, Summary};
+use super::values::{self, Strict};
+use super::{memory, print_json, Outcome, Summary};
 
 /// Options of `tensorferry send`.
 #[derive(Debug, clap::Args)]
@@ -35,12 +36,13 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
 
-    /// Receivers to wait for before sending (network transports).
-    #[arg(long, default_value_t = 1)]
+    /// Receivers to wait for before sending (network transports), 1 or more.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = Strict(values::receivers), allow_hyphen_values = true)]
     subscribers: usize,
 
-    /// Seconds to wait for receivers and for the last message to be written.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    /// Seconds to wait for receivers and for the last message to be written
+    /// (above 0, at most 604800: a week).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = Strict(values::seconds), allow_hyphen_values = true)]
     wait: f64,
 
     /// Channel name carried in every message.
@@ -51,7 +53,8 @@ pub struct Args {
     /// `x=f32:1024x1024@wgpu:0`. Repeat for several. Its content is generated
     /// from --seed, the message's sequence number and NAME, so `recv --verify`
     /// can check every byte; a tensor @DEVICE is generated on the host and
-    /// copied there first, so it is sent from that device.
+    /// copied there first, so it is sent from that device. A tensor larger
+    /// than this machine's memory is refused before anything is allocated.
     #[arg(long = "tensor", value_name = "SPEC", required = true)]
     tensors: Vec<TensorSpec>,
 
@@ -59,16 +62,16 @@ pub struct Args {
     #[arg(long = "field", value_name = "KEY=JSON")]
     fields: Vec<String>,
 
-    /// Number of messages (sequence numbers 0, 1, …).
-    #[arg(long, default_value_t = 1)]
+    /// Number of messages (sequence numbers 0, 1, …), 1 or more.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = Strict(values::count), allow_hyphen_values = true)]
     count: u64,
 
-    /// Seed of the generated content.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the generated content (0 to 2^64-1).
+    #[arg(long, default_value_t = 0, value_parser = Strict(values::seed), allow_hyphen_values = true)]
     seed: u64,
 
-    /// Messages per second; without it, as fast as possible.
-    #[arg(long, value_name = "HZ")]
+    /// Messages per second (at least one a week); without it, as fast as possible.
+    #[arg(long, value_name = "HZ", value_parser = Strict(values::rate), allow_hyphen_values = true)]
     rate: Option<f64>,
 
     /// Send each tensor's checksum (computed on the device that holds it),
@@ -114,12 +117,8 @@ impl Sink {
         wait: Duration,
     ) -> Result<(Sink, Address), String> {
         if let Some(text) = &args.listen {
+            // Not a file nor inproc: check_address said so.
             let addr: Address = text.parse().map_err(|e| format!("--listen: {e}"))?;
-            if matches!(addr, Address::File(_)) {
-                return Err(
-                    "--listen takes a network address; record a file with --to file://PATH".into(),
-                );
-            }
             let node = Node::builder()
                 .name("send")
                 .channels(config.clone())
@@ -144,11 +143,14 @@ impl Sink {
         let addr: Address = text.parse().map_err(|e| format!("--to: {e}"))?;
         match &addr {
             Address::File(path) => {
-                let writer = if args.append { FileWriter::append(path) } else { FileWriter::create(path) }
-                    .map_err(|e| e.to_string())?;
+                let writer = if args.append {
+                    FileWriter::append(path)
+                } else {
+                    FileWriter::create(path)
+                }
+                .map_err(|e| e.to_string())?;
                 Ok((Sink::File(writer), addr))
             }
-            Address::Inproc(_) => Err(format!("--to {addr}: inproc:// reaches nodes in this process only; use tcp:// between processes")),
             _ => {
                 let node = Node::builder()
                     .name("send")
@@ -158,8 +160,16 @@ impl Sink {
                     .map_err(|e| e.to_string())?;
                 node.connect(text).map_err(|e| e.to_string())?;
                 let publisher = node.publisher(args.channel.clone());
-                publisher.wait_for_subscribers(args.subscribers, wait).map_err(|e| e.to_string())?;
-                Ok((Sink::Net { _node: node, publisher }, addr))
+                publisher
+                    .wait_for_subscribers(args.subscribers, wait)
+                    .map_err(|e| e.to_string())?;
+                Ok((
+                    Sink::Net {
+                        _node: node,
+                        publisher,
+                    },
+                    addr,
+                ))
             }
         }
     }
@@ -213,7 +223,52 @@ impl Sink {
     }
 }
 
+/// Refuses tensors this machine cannot hold: each alone, and the host
+/// tensors of one message together (every message holds them at once).
+fn check_memory(tensors: &[TensorSpec]) -> Result<(), String> {
+    let fix = "give a smaller shape";
+    for t in tensors {
+        let shape: Vec<String> = t.shape.iter().map(ToString::to_string).collect();
+        let what = format!(
+            "--tensor {} ({} of shape {})",
+            t.name,
+            t.dtype,
+            shape.join("x")
+        );
+        memory::check(&what, Some(t.bytes), fix)?;
+    }
+    let host: Vec<&TensorSpec> = tensors.iter().filter(|t| t.device == Device::Cpu).collect();
+    if host.len() > 1 {
+        let names: Vec<&str> = host.iter().map(|t| t.name.as_str()).collect();
+        let total = host
+            .iter()
+            .try_fold(0u64, |sum, t| sum.checked_add(t.bytes));
+        let what = format!("one message of the host tensors {}", names.join(", "));
+        memory::check(&what, total, "give smaller shapes or fewer tensors")?;
+    }
+    Ok(())
+}
+
+/// Refuses an address no receiver can use, before any device is opened.
+fn check_address(args: &Args) -> Result<(), String> {
+    let (option, text) = match (&args.listen, &args.to) {
+        (Some(text), _) => ("--listen", text),
+        (None, Some(text)) => ("--to", text),
+        (None, None) => return Ok(()),
+    };
+    let addr: Address = text.parse().map_err(|e| format!("{option}: {e}"))?;
+    match addr {
+        Address::Inproc(_) => Err(format!("{option} {addr}: {}", super::INPROC_ELSEWHERE)),
+        Address::File(_) if option == "--listen" => {
+            Err("--listen takes a network address; record a file with --to file://PATH".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 pub fn run(args: &Args) -> Outcome {
+    check_address(args)?;
+    check_memory(&args.tensors)?;
     let fields = args
         .fields
         .iter()
@@ -238,21 +293,8 @@ pub fn run(args: &Args) -> Outcome {
             slot.insert(rt);
         }
     }
-    let interval = match args.rate {
-        Some(hz) if hz.is_finite() && hz > 0.0 => Some(Duration::from_secs_f64(1.0 / hz)),
-        Some(hz) => {
-            return Err(format!(
-                "--rate {hz}: give a positive number of messages per second"
-            ))
-        }
-        None => None,
-    };
-    if !(args.wait > 0.0 && args.wait.is_finite()) {
-        return Err(format!(
-            "--wait {}: give a positive number of seconds",
-            args.wait
-        ));
-    }
+    // Both were checked when parsed: positive, and at most a week.
+    let interval = args.rate.map(|hz| Duration::from_secs_f64(1.0 / hz));
     let wait = Duration::from_secs_f64(args.wait);
     let (mut sink, address) = Sink::open(args, &config, wait)?;
     let mut summary = Summary::default();

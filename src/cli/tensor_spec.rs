@@ -12,6 +12,8 @@ pub struct TensorSpec {
     pub dtype: DType,
     pub shape: Vec<usize>,
     pub device: Device,
+    /// Bytes of its content (the shape's elements times the dtype's size).
+    pub bytes: u64,
 }
 
 const FORM: &str = "NAME=DTYPE:SHAPE[@DEVICE], e.g. x=f32:1024x1024 or mask=bool:8x8@cpu (an empty SHAPE is a scalar)";
@@ -48,14 +50,44 @@ impl FromStr for TensorSpec {
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };
+        let bytes = checked_bytes(s, dtype, &shape)?;
         tensorferry::engine::packed_bytes(dtype, &shape).map_err(|e| bad(&e.to_string()))?;
         Ok(Self {
             name: name.to_string(),
             dtype,
             shape,
             device,
+            bytes,
         })
     }
+}
+
+/// The bytes of a `dtype` tensor of `shape`, or why they cannot be counted.
+/// The product of the nonzero dimensions must fit as well: a row's stride
+/// is that product, even where a zero dimension leaves no element.
+fn checked_bytes(spec: &str, dtype: DType, shape: &[usize]) -> Result<u64, String> {
+    fn product<'a>(mut dims: impl Iterator<Item = &'a usize>) -> Option<u64> {
+        dims.try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
+    }
+    let overflow = |what: &str| {
+        format!(
+            "`{spec}`: {what} more than a 64-bit count holds ({}); give a smaller shape",
+            u64::MAX
+        )
+    };
+    product(shape.iter().filter(|&&d| d != 0))
+        .ok_or_else(|| overflow("its dimensions multiply to"))?;
+    let elements = product(shape.iter()).expect("the nonzero dimensions' product fits");
+    let bytes = elements
+        .checked_mul(dtype.size_bytes() as u64)
+        .ok_or_else(|| {
+            overflow(&format!(
+                "its {elements} elements of {} bytes are",
+                dtype.size_bytes()
+            ))
+        })?;
+    usize::try_from(bytes).map_err(|_| overflow("its bytes are"))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -79,8 +111,23 @@ mod tests {
             "x=f32:4xz",
             "x=f32:4@tpu",
             "x=u8:99999999999x99999999999",
+            "x=f32:0x99999999999x99999999999",
+            "x=f64:4611686018427387904",
+            "x=f32:18446744073709551616",
         ] {
             assert!(bad.parse::<TensorSpec>().is_err(), "{bad}");
         }
+        let e = "x=f32:0x99999999999x99999999999"
+            .parse::<TensorSpec>()
+            .expect_err("strides overflow");
+        assert!(e.contains("dimensions multiply to more than"), "{e}");
+        let e = "x=f64:4611686018427387904"
+            .parse::<TensorSpec>()
+            .expect_err("bytes overflow");
+        assert!(e.contains("4611686018427387904 elements of 8 bytes"), "{e}");
+        let t: TensorSpec = "e=f32:0x1000".parse().expect("an empty tensor");
+        assert_eq!(t.bytes, 0);
+        let t: TensorSpec = "x=f32:3x5".parse().expect("spec");
+        assert_eq!(t.bytes, 60);
     }
 }
