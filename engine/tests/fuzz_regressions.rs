@@ -138,3 +138,17 @@ fn a_strided_view_of_exactly_its_bytes_still_decodes() {
         .collect();
     assert_eq!(values, [0., 3., 6., 9., 1., 4., 7., 10., 2., 5., 8., 11.]);
 }
+
+#[test]
+fn an_empty_tensor_with_huge_dimensions_decodes_without_a_panic() {
+    // No element, so no byte: but its other dimensions multiply past 64
+    // bits, which once panicked while its layout was made.
+    let bytes = strided_x(
+        json!([0, 99_999_999_999u64, 99_999_999_999u64]),
+        Value::Null,
+    );
+    match decoded(&bytes) {
+        Ok(f) => assert_eq!(f.message.get("x").map(|t| t.shape()[0]), Some(0)),
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}

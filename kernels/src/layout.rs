@@ -32,12 +32,19 @@ pub struct Layout {
 }
 
 /// Row-major strides for `shape`, or `None` if the element count overflows.
+/// A shape with a zero dimension has no element, so no stride is ever used
+/// to address one: its strides saturate instead of overflowing.
 pub fn contiguous_strides(shape: &[usize]) -> Option<Dims> {
+    let empty = shape.contains(&0);
     let mut strides: Dims = smallvec::smallvec![0; shape.len()];
     let mut acc: usize = 1;
     for (i, &dim) in shape.iter().enumerate().rev() {
         strides[i] = acc;
-        acc = acc.checked_mul(dim)?;
+        acc = if empty {
+            acc.saturating_mul(dim.max(1))
+        } else {
+            acc.checked_mul(dim)?
+        };
     }
     Some(strides)
 }
@@ -52,7 +59,9 @@ impl Layout {
     ///
     /// # Panics
     ///
-    /// If the element count of `shape` overflows `usize`; use [`Layout::new`] for untrusted shapes.
+    /// If the element count of `shape` overflows `usize` (a shape with a
+    /// zero dimension never does); check it with [`element_count`] first, or
+    /// use [`Layout::new`], for untrusted shapes.
     pub fn contiguous(shape: &[usize]) -> Self {
         let strides = contiguous_strides(shape).expect("shape element count overflows usize");
         Self {
@@ -182,5 +191,18 @@ impl Layout {
                 .ok_or_else(|| Error::BadLayout("offset overflows".into()))?;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_shape_with_huge_dimensions_has_a_layout() {
+        let l = Layout::contiguous(&[0, 99_999_999_999, 99_999_999_999]);
+        assert_eq!(l.shape(), &[0, 99_999_999_999, 99_999_999_999]);
+        assert_eq!(element_count(l.shape()), Some(0));
+        assert_eq!(contiguous_strides(&[3, usize::MAX, 2]), None);
     }
 }
