@@ -140,8 +140,8 @@ pub use tensorferry_device_map::{
     ChannelConfig, ChannelSpec, Device, DeviceMap, Fallback, Inventory, Pattern,
 };
 pub use tensorferry_engine::{
-    ChannelStats, Codec, CodecRegistry, DType, Dim, Error, Handler, HostBuffer, Loan, Message,
-    Node, NodeBuilder, NodeStats, Object, Publisher, Received, Recording, RecvFuture,
-    RequestFuture, Result, Schema, SendFuture, Service, ServiceError, SubscribersFuture,
-    Subscription, Tensor, ALL_CHANNELS,
+    ChannelStats, Codec, CodecRegistry, DType, Dim, Error, Handler, HostBuffer, Loan,
+    LostSubscriber, Message, Node, NodeBuilder, NodeStats, Object, Publisher, Received, Recording,
+    RecvFuture, RequestFuture, Result, Schema, Secret, SendFuture, Service, ServiceError,
+    SubscribersFuture, Subscription, Tensor, ALL_CHANNELS,
 };

@@ -159,6 +159,45 @@ fn a_shm_listener_refuses_processes_of_another_user() {
 }
 
 #[test]
+fn send_and_recv_with_a_secret_file_and_a_sender_without_it_refused() {
+    let dir = std::env::temp_dir();
+    let secret = dir.join(format!("tensorferry-secret-{}", std::process::id()));
+    std::fs::write(&secret, b"a secret of at least sixteen bytes\n").expect("secret file");
+    let secret = secret.to_string_lossy().into_owned();
+    let (recv, addr) = spawn_listening(&[
+        "recv",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--secret-file",
+        &secret,
+        "--count",
+        "2",
+        "--verify",
+        "--json",
+        "--idle-timeout",
+        "20",
+    ]);
+    // Without the secret: refused before any message.
+    let refused = run(&[
+        "send", "--to", &addr, "--tensor", "x=u8:100", "--count", "1", "--wait", "3",
+    ]);
+    assert!(!refused.status.success());
+    // With it, from the environment: served.
+    let ok = bin()
+        .args([
+            "send", "--to", &addr, "--tensor", "x=u8:100", "--count", "2",
+        ])
+        .env("TENSORFERRY_SECRET", "a secret of at least sixteen bytes")
+        .output()
+        .expect("send");
+    assert_ok(&ok);
+    let (out, v) = finish(recv);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_verified(&v, 2);
+    let _ = std::fs::remove_file(&secret);
+}
+
+#[test]
 fn a_listening_sender_fans_out_to_several_receivers() {
     let (send, addr) = spawn_listening(&[
         "send",

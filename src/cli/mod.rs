@@ -218,3 +218,33 @@ impl Summary {
         )
     }
 }
+
+/// The environment variable a command reads a shared secret from when no
+/// `--secret-file` is given.
+pub const SECRET_ENV: &str = "TENSORFERRY_SECRET";
+
+/// The shared secret tcp peers must prove they know: read from `file`, else
+/// from the environment variable [`SECRET_ENV`]; none when neither is set.
+/// Never from a command-line argument: those are visible to other users.
+pub fn secret(file: Option<&std::path::Path>) -> Result<Option<tensorferry::Secret>, String> {
+    match file {
+        Some(path) => tensorferry::Secret::from_file(path)
+            .map(Some)
+            .map_err(|e| format!("--secret-file: {e}")),
+        None if std::env::var_os(SECRET_ENV).is_some() => tensorferry::Secret::from_env(SECRET_ENV)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        None => Ok(None),
+    }
+}
+
+/// `builder` with the command's secret, when it has one.
+pub fn with_secret(
+    builder: tensorferry::NodeBuilder,
+    secret: &Option<tensorferry::Secret>,
+) -> tensorferry::NodeBuilder {
+    match secret {
+        Some(s) => builder.secret(s.clone()),
+        None => builder,
+    }
+}

@@ -41,6 +41,13 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
+    /// A file holding the shared secret every tcp peer must prove it knows
+    /// (an HMAC challenge, both ways, before the first message; at least 16
+    /// bytes). Without it, the TENSORFERRY_SECRET environment variable is
+    /// read. Never write a secret itself on the command line.
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+
     /// Only messages on this channel (default: every channel).
     #[arg(long)]
     channel: Option<String>,
@@ -291,12 +298,15 @@ fn open(args: &Args) -> Result<(Source, String), String> {
             );
         }
         // Writing a non-loopback address on the command line is the explicit opt-in.
-        let node = Node::builder()
-            .name("recv")
-            .channels(config)
-            .listen_public(text)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let node = super::with_secret(
+            Node::builder(),
+            &super::secret(args.secret_file.as_deref())?,
+        )
+        .name("recv")
+        .channels(config)
+        .listen_public(text)
+        .build()
+        .map_err(|e| e.to_string())?;
         let bound = node
             .listen_addrs()
             .first()
@@ -324,11 +334,14 @@ fn open(args: &Args) -> Result<(Source, String), String> {
             Ok((Source::File(replay), addr.to_string()))
         }
         _ => {
-            let node = Node::builder()
-                .name("recv")
-                .channels(config)
-                .build()
-                .map_err(|e| e.to_string())?;
+            let node = super::with_secret(
+                Node::builder(),
+                &super::secret(args.secret_file.as_deref())?,
+            )
+            .name("recv")
+            .channels(config)
+            .build()
+            .map_err(|e| e.to_string())?;
             let sub = node.subscribe(text, channel).map_err(|e| e.to_string())?;
             Ok((Source::Net { _node: node, sub }, addr.to_string()))
         }

@@ -84,6 +84,13 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
+    /// A file holding the shared secret every tcp peer must prove it knows
+    /// (an HMAC challenge, both ways, before the first message; at least 16
+    /// bytes). Without it, the TENSORFERRY_SECRET environment variable is
+    /// read. Never write a secret itself on the command line.
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<PathBuf>,
+
     /// Append to an existing record file instead of replacing it.
     #[arg(long)]
     append: bool,
@@ -119,12 +126,15 @@ impl Sink {
         if let Some(text) = &args.listen {
             // Not a file nor inproc: check_address said so.
             let addr: Address = text.parse().map_err(|e| format!("--listen: {e}"))?;
-            let node = Node::builder()
-                .name("send")
-                .channels(config.clone())
-                .listen_public(text)
-                .build()
-                .map_err(|e| e.to_string())?;
+            let node = super::with_secret(
+                Node::builder(),
+                &super::secret(args.secret_file.as_deref())?,
+            )
+            .name("send")
+            .channels(config.clone())
+            .listen_public(text)
+            .build()
+            .map_err(|e| e.to_string())?;
             let bound = node.listen_addrs().first().cloned().unwrap_or(addr);
             eprintln!("listening on {bound}");
             let publisher = node.publisher(args.channel.clone());
@@ -152,12 +162,15 @@ impl Sink {
                 Ok((Sink::File(writer), addr))
             }
             _ => {
-                let node = Node::builder()
-                    .name("send")
-                    .channels(config.clone())
-                    .connect_timeout(wait)
-                    .build()
-                    .map_err(|e| e.to_string())?;
+                let node = super::with_secret(
+                    Node::builder(),
+                    &super::secret(args.secret_file.as_deref())?,
+                )
+                .name("send")
+                .channels(config.clone())
+                .connect_timeout(wait)
+                .build()
+                .map_err(|e| e.to_string())?;
                 node.connect(text).map_err(|e| e.to_string())?;
                 let publisher = node.publisher(args.channel.clone());
                 publisher
