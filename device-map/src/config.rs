@@ -586,6 +586,27 @@ impl Walk<'_> {
         }
     }
 
+    /// A whole number of at least 1 (a count), or an error saying `expected`.
+    fn positive(&mut self, raw: Raw, path: String, expected: &'static str) -> Option<u64> {
+        match raw {
+            Raw::Number(n) if n.as_u64().is_some_and(|v| v >= 1) => n.as_u64(),
+            other => {
+                self.error(
+                    path,
+                    Error::InvalidValue {
+                        value: match other {
+                            Raw::Number(n) => n.to_string(),
+                            Raw::String(s) => s,
+                            other => other.type_name().to_string(),
+                        },
+                        expected,
+                    },
+                );
+                None
+            }
+        }
+    }
+
     fn boolean(&mut self, raw: Raw, path: String) -> Option<bool> {
         match raw {
             Raw::Bool(b) => Some(b),
@@ -743,39 +764,18 @@ fn parse_channel(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<ChannelSpe
                     }
                 }
             }
-            "queue_depth" => match value {
-                Raw::Number(n) if n.as_u64().is_some_and(|d| d >= 1) => {
-                    spec.queue_depth =
-                        usize::try_from(n.as_u64().unwrap_or(1)).unwrap_or(usize::MAX);
+            "queue_depth" => {
+                if let Some(d) =
+                    walk.positive(value, here, "a whole number of messages, at least 1")
+                {
+                    spec.queue_depth = usize::try_from(d).unwrap_or(usize::MAX);
                 }
-                other => walk.error(
-                    here,
-                    Error::InvalidValue {
-                        value: match other {
-                            Raw::Number(n) => n.to_string(),
-                            Raw::String(s) => s,
-                            other => other.type_name().to_string(),
-                        },
-                        expected: "a whole number of messages, at least 1",
-                    },
-                ),
-            },
-            "queue_bytes" => match value {
-                Raw::Number(n) if n.as_u64().is_some_and(|b| b >= 1) => {
-                    spec.queue_bytes = n.as_u64();
+            }
+            "queue_bytes" => {
+                if let Some(b) = walk.positive(value, here, "a whole number of bytes, at least 1") {
+                    spec.queue_bytes = Some(b);
                 }
-                other => walk.error(
-                    here,
-                    Error::InvalidValue {
-                        value: match other {
-                            Raw::Number(n) => n.to_string(),
-                            Raw::String(s) => s,
-                            other => other.type_name().to_string(),
-                        },
-                        expected: "a whole number of bytes, at least 1",
-                    },
-                ),
-            },
+            }
             "wire_dtype" => spec.wire_dtype = parse_wire_dtype(walk, value, &here),
             "keep_wire_dtype" => {
                 if let Some(b) = walk.boolean(value, here) {
