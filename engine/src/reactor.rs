@@ -316,7 +316,14 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
             let mut again = false;
             for token in std::mem::take(&mut spinning) {
                 if watched.get(&token).is_some_and(|s| s.arm()) {
-                    again |= run_one(shared, &mut watched, token, Readiness::ALL, &mut spinning);
+                    again |= run_one(
+                        shared,
+                        &mut watched,
+                        token,
+                        Readiness::ALL,
+                        &mut spinning,
+                        &mut deadlines,
+                    );
                 }
             }
             if again {
@@ -376,7 +383,14 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 writable: event.is_writable() || event.is_write_closed(),
                 nudged: false,
             };
-            worked |= run_one(shared, &mut watched, token, why, &mut spinning);
+            worked |= run_one(
+                shared,
+                &mut watched,
+                token,
+                why,
+                &mut spinning,
+                &mut deadlines,
+            );
         }
         let now = Instant::now();
         while let Some(&(at, token)) = deadlines.first() {
@@ -387,13 +401,27 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
             nudged.push(token);
         }
         for token in nudged {
-            worked |= run_one(shared, &mut watched, token, Readiness::ALL, &mut spinning);
+            worked |= run_one(
+                shared,
+                &mut watched,
+                token,
+                Readiness::ALL,
+                &mut spinning,
+                &mut deadlines,
+            );
         }
         // Spinning sources with work no event reports (a ring) run too.
         for i in 0..spun.min(spinning.len()) {
             let token = spinning[i];
             if watched.get(&token).is_some_and(|s| s.has_work()) {
-                worked |= run_one(shared, &mut watched, token, Readiness::ALL, &mut spinning);
+                worked |= run_one(
+                    shared,
+                    &mut watched,
+                    token,
+                    Readiness::ALL,
+                    &mut spinning,
+                    &mut deadlines,
+                );
             }
         }
         if worked {
@@ -425,11 +453,20 @@ fn run_one(
     token: Token,
     why: Readiness,
     spinning: &mut Vec<Token>,
+    deadlines: &mut BTreeSet<(Instant, Token)>,
 ) -> bool {
     let Some(source) = watched.get(&token).cloned() else {
         return false;
     };
-    match source.ready(why) {
+    let ready = source.ready(why);
+    if ready != Ready::Done {
+        // A source may have a new deadline now (a frame begun, say); one
+        // that passed or moved only runs it once more.
+        if let Some(at) = source.deadline() {
+            deadlines.insert((at, token));
+        }
+    }
+    match ready {
         Ready::Wait => {
             spinning.retain(|t| *t != token);
             false

@@ -17,6 +17,7 @@ use crate::reactor::Reactor;
 use crate::signal::Signal;
 use crate::transport::auth::Secret;
 use crate::transport::shm::slots::SlotPool;
+use crate::transport::stream::ProgressRule;
 use crate::wire::Limits;
 
 /// Builds a [`Node`]; everything is checked in [`build`](NodeBuilder::build).
@@ -49,6 +50,8 @@ pub struct NodeBuilder {
     shm_uids: Vec<u32>,
     secret: Option<Secret>,
     busy_poll: Duration,
+    progress_timeout: Duration,
+    min_receive_rate: u64,
     io_threads: usize,
     service_threads: usize,
     inventory: Option<Inventory>,
@@ -68,6 +71,8 @@ impl Default for NodeBuilder {
             shm_uids: Vec::new(),
             secret: None,
             busy_poll: Duration::ZERO,
+            progress_timeout: Duration::from_secs(30),
+            min_receive_rate: 64 << 10,
             io_threads: 1,
             service_threads: 2,
             inventory: None,
@@ -173,6 +178,27 @@ impl NodeBuilder {
         self
     }
 
+    /// How long a frame a peer has begun may go without enough of its
+    /// bytes arriving: every `timeout`, at least
+    /// [`min_receive_rate`](Self::min_receive_rate) × `timeout` more of it
+    /// must have come (or the rest of it). A peer that stops mid-frame, or
+    /// trickles one to keep its share of the receive budget, is then
+    /// dropped (`Error::Misbehaved`, counted in `NodeStats::rejected`). Time
+    /// a frame waits on this node (a full queue, the receive budget) does
+    /// not count. Default 30 s; `Duration::ZERO` turns the check off.
+    pub fn progress_timeout(mut self, timeout: Duration) -> Self {
+        self.progress_timeout = timeout;
+        self
+    }
+
+    /// The slowest a begun frame may arrive, in bytes per second, averaged
+    /// over each [`progress_timeout`](Self::progress_timeout). Default 64 KiB/s:
+    /// lower it for links slower than that.
+    pub fn min_receive_rate(mut self, bytes_per_second: u64) -> Self {
+        self.min_receive_rate = bytes_per_second;
+        self
+    }
+
     /// How many I/O threads drive the node's connections (each connection
     /// belongs to one). Default 1: one thread serves any number of peers.
     pub fn io_threads(mut self, threads: usize) -> Self {
@@ -222,6 +248,11 @@ impl NodeBuilder {
             pool: BufferPool::with_budget(self.pool_idle_bytes, self.receive_budget_bytes),
             connect_timeout: self.connect_timeout,
             busy_poll: self.busy_poll,
+            progress: (!self.progress_timeout.is_zero()).then(|| ProgressRule {
+                period: self.progress_timeout,
+                min_bytes: (self.min_receive_rate as f64 * self.progress_timeout.as_secs_f64())
+                    as u64,
+            }),
             shm_uids: self.shm_uids,
             secret: self.secret,
             inventory: self.inventory.map(Arc::new),

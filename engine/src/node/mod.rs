@@ -89,6 +89,8 @@ pub(crate) struct NodeInner {
     pool: BufferPool,
     connect_timeout: Duration,
     busy_poll: Duration,
+    /// How fast a begun frame must keep arriving; `None`: no check.
+    progress: Option<crate::transport::stream::ProgressRule>,
     /// Other users whose processes may connect over `shm://`.
     shm_uids: Vec<u32>,
     /// The secret tcp peers must prove they know.

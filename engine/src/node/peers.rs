@@ -7,6 +7,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Wake, Waker};
+use std::time::Instant;
 
 use super::publish::LostSubscriber;
 use super::read::{Stalled, Wait};
@@ -16,6 +17,7 @@ use crate::address::Address;
 use crate::error::Error;
 use crate::reactor::{Readiness, Ready, Registration, Watched};
 use crate::transport::shm::slots::MappedSlot;
+use crate::transport::stream::StreamConn;
 use crate::transport::{Connection, Lane, ReadStop, Reading};
 
 /// One connection of a node.
@@ -143,6 +145,7 @@ impl Watched for Driven {
         }
         // A delivery that waited for room goes before anything newer.
         if !node.retry_stalled(peer) {
+            stream.unwatch();
             return idle;
         }
         let stop = peer.conn.read(
@@ -153,7 +156,21 @@ impl Watched for Driven {
             },
         );
         match stop {
-            ReadStop::Idle | ReadStop::Busy | ReadStop::Stalled => idle,
+            ReadStop::Idle => match node.progress {
+                // What has begun of a frame must keep coming.
+                Some(rule) => match stream.watch_progress(rule, Instant::now()) {
+                    Ok(()) => idle,
+                    Err(offence) => {
+                        node.offend(peer, &offence);
+                        Ready::Done
+                    }
+                },
+                None => idle,
+            },
+            ReadStop::Busy | ReadStop::Stalled => {
+                stream.unwatch();
+                idle
+            }
             ReadStop::Ended(why) => {
                 node.lose(peer, &why);
                 Ready::Done
@@ -163,6 +180,10 @@ impl Watched for Driven {
                 Ready::Done
             }
         }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.0.conn.stream().and_then(StreamConn::watch_due)
     }
 
     fn has_work(&self) -> bool {

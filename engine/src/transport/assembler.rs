@@ -479,6 +479,31 @@ impl Assembler {
         }
     }
 
+    /// Where the frame being received stands, when one has begun and waits
+    /// for its peer: `(stream bytes received so far, bytes it still
+    /// lacks)`. `None` between frames (nothing of the next one read yet) and
+    /// while the frame waits for the receive budget (this side's doing).
+    pub(crate) fn progress(&self) -> Option<(u64, u64)> {
+        if self.starved.is_some() {
+            return None;
+        }
+        let ahead = (self.end - self.start) as u64;
+        match &self.partial {
+            Some(p) => {
+                let lacking = (p.len - p.filled) as u64;
+                Some((
+                    self.offset + p.filled as u64 + ahead,
+                    lacking.saturating_sub(ahead),
+                ))
+            }
+            None if ahead == 0 => None,
+            None => Some((
+                self.offset + ahead,
+                (PRELUDE_BYTES as u64).saturating_sub(ahead).max(1),
+            )),
+        }
+    }
+
     /// The socket has reported new bytes (or whoever reads is about to wait
     /// for it to): the next read is tried again, short read or not.
     pub(crate) fn expect_more(&mut self) {

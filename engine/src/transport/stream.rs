@@ -16,7 +16,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 use std::task::{Wake, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::assembler::{Assembler, Next, Router, Source};
 use super::outbox::{Lane, Outbox, Pumped};
@@ -82,6 +82,27 @@ pub(crate) struct StreamConn {
     /// The I/O thread was asked to read while someone else held the read
     /// side: the holder hands the read back when it lets go.
     missed: AtomicBool,
+    /// Whether a begun frame keeps arriving.
+    watch: Mutex<Watch>,
+}
+
+/// How fast a begun frame must keep arriving: every `period`, at least
+/// `min_bytes` more of it (or all it still lacks, when that is less).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProgressRule {
+    pub(crate) period: Duration,
+    pub(crate) min_bytes: u64,
+}
+
+/// The progress check of a connection's frame in flight.
+#[derive(Debug, Default)]
+struct Watch {
+    /// When the frame is next judged; `None` when no frame waits on the peer.
+    due: Option<Instant>,
+    /// Stream bytes received at the last check.
+    mark: u64,
+    /// What the frame lacked then.
+    lacking: u64,
 }
 
 /// What one step of a leader's read did.
@@ -120,7 +141,57 @@ impl StreamConn {
             out: Outbox::new(),
             registration: OnceLock::new(),
             missed: AtomicBool::new(false),
+            watch: Mutex::new(Watch::default()),
         }
+    }
+
+    /// Judges a frame that waits on its peer (call when a read found nothing
+    /// more): it is first seen, then judged each `rule.period`; one that got
+    /// fewer than `rule.min_bytes` since (or than all it lacked) is an
+    /// offence, said in the error. Nothing is judged while the read side is
+    /// held elsewhere or no frame has begun.
+    pub(crate) fn watch_progress(&self, rule: ProgressRule, now: Instant) -> Result<(), String> {
+        let mut watch = self.watch.lock().unwrap_or_else(|p| p.into_inner());
+        let progress = self
+            .try_read()
+            .filter(|side| side.ended.is_none())
+            .and_then(|side| side.assembler.progress());
+        let Some((at, lacking)) = progress else {
+            watch.due = None;
+            return Ok(());
+        };
+        match watch.due {
+            Some(due) if now >= due => {
+                let got = at.saturating_sub(watch.mark);
+                let needed = rule.min_bytes.min(watch.lacking).max(1);
+                if got < needed {
+                    watch.due = None;
+                    return Err(format!(
+                        "sent {got} byte(s) of a frame in {:.0?} while it lacked {}; at least {needed} were due (a peer must keep a frame it began coming: NodeBuilder::progress_timeout, min_receive_rate)",
+                        rule.period, watch.lacking
+                    ));
+                }
+            }
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        *watch = Watch {
+            due: Some(now + rule.period),
+            mark: at,
+            lacking,
+        };
+        Ok(())
+    }
+
+    /// Stops judging the frame in flight: it waits on this side (a full
+    /// queue, the receive budget, a requester reading), not on its peer.
+    pub(crate) fn unwatch(&self) {
+        self.watch.lock().unwrap_or_else(|p| p.into_inner()).due = None;
+    }
+
+    /// When the frame in flight is next judged, if one is watched.
+    pub(crate) fn watch_due(&self) -> Option<Instant> {
+        self.watch.lock().unwrap_or_else(|p| p.into_inner()).due
     }
 
     /// The bytes underneath.
