@@ -248,7 +248,7 @@ impl NodeBuilder {
             pool: BufferPool::with_budget(self.pool_idle_bytes, self.receive_budget_bytes),
             connect_timeout: self.connect_timeout,
             busy_poll: self.busy_poll,
-            progress: (!self.progress_timeout.is_zero()).then(|| ProgressRule {
+            progress: (!self.progress_timeout.is_zero()).then_some(ProgressRule {
                 period: self.progress_timeout,
                 min_bytes: (self.min_receive_rate as f64 * self.progress_timeout.as_secs_f64())
                     as u64,
