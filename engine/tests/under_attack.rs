@@ -41,14 +41,13 @@ fn raise_open_files() -> u64 {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes the struct it is given.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(got, 0);
     limit.rlim_cur = limit.rlim_max.min(65_536);
     // SAFETY: setrlimit reads the struct; raising the soft limit up to the
     // hard one needs no privilege.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(set, 0);
     limit.rlim_cur
 }
 
