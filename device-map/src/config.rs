@@ -21,6 +21,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use crate::device::Device;
 use crate::error::{Error, Located, Result};
 use crate::map::DeviceMap;
+use crate::node::NodeSection;
 use crate::resolve::{resolve, Fallback, Inventory, Resolved};
 
 /// How a channel moves messages.
@@ -293,6 +294,7 @@ impl ChannelSpec {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChannelConfig {
     channels: Vec<(String, ChannelSpec)>,
+    node: NodeSection,
 }
 
 /// What [`ChannelConfig::parse`] made of a file: every channel that parsed and every error.
@@ -326,7 +328,22 @@ impl ChannelConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_json_str(&text)
+        let mut config = Self::from_json_str(&text)?;
+        if let Some(dir) = path.parent() {
+            config.node.relative_to(dir);
+        }
+        Ok(config)
+    }
+
+    /// The `"node"` section: settings for the node that reads this file.
+    pub fn node(&self) -> &NodeSection {
+        &self.node
+    }
+
+    /// The `"node"` section, to change before it is applied (a command-line
+    /// option that overrides the file, say).
+    pub fn node_mut(&mut self) -> &mut NodeSection {
+        &mut self.node
     }
 
     /// Parses and validates configuration text.
@@ -426,7 +443,7 @@ pub(crate) fn key_path(base: &str, key: &str) -> String {
     format!("{base}[{quoted}]")
 }
 
-fn field_path(base: &str, field: &str) -> String {
+pub(crate) fn field_path(base: &str, field: &str) -> String {
     if base.is_empty() {
         field.to_string()
     } else {
@@ -446,23 +463,23 @@ fn json_error(e: &serde_json::Error) -> Error {
 
 /// A JSON value whose objects keep every key, repeated ones included, in order.
 #[derive(Debug)]
-enum Raw {
+pub(crate) enum Raw {
     Null,
     Bool(bool),
     Number(serde_json::Number),
     String(String),
-    Array,
+    Array(Vec<Raw>),
     Object(Vec<(String, Raw)>),
 }
 
 impl Raw {
-    fn type_name(&self) -> &'static str {
+    pub(crate) fn type_name(&self) -> &'static str {
         match self {
             Raw::Null => "null",
             Raw::Bool(_) => "a boolean",
             Raw::Number(_) => "a number",
             Raw::String(_) => "a string",
-            Raw::Array => "an array",
+            Raw::Array(_) => "an array",
             Raw::Object(_) => "an object",
         }
     }
@@ -503,8 +520,11 @@ impl<'de> Deserialize<'de> for Raw {
                 self,
                 mut seq: A,
             ) -> std::result::Result<Raw, A::Error> {
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(Raw::Array)
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Raw>()? {
+                    items.push(item);
+                }
+                Ok(Raw::Array(items))
             }
             fn visit_map<A: MapAccess<'de>>(
                 self,
@@ -522,13 +542,13 @@ impl<'de> Deserialize<'de> for Raw {
 }
 
 /// Collects errors for one file walk.
-struct Walk<'a> {
-    errors: &'a mut Vec<Located>,
-    channel: Option<String>,
+pub(crate) struct Walk<'a> {
+    pub(crate) errors: &'a mut Vec<Located>,
+    pub(crate) channel: Option<String>,
 }
 
 impl Walk<'_> {
-    fn error(&mut self, path: String, error: Error) {
+    pub(crate) fn error(&mut self, path: String, error: Error) {
         self.errors.push(Located {
             channel: self.channel.clone(),
             path,
@@ -537,7 +557,7 @@ impl Walk<'_> {
     }
 
     /// The pairs of an object, or an error when `raw` is not one.
-    fn object(&mut self, raw: Raw, path: &str) -> Option<Vec<(String, Raw)>> {
+    pub(crate) fn object(&mut self, raw: Raw, path: &str) -> Option<Vec<(String, Raw)>> {
         match raw {
             Raw::Object(pairs) => Some(pairs),
             other => {
@@ -555,7 +575,7 @@ impl Walk<'_> {
 
     /// Whether `key` of the object at `path` is known and not yet `seen`;
     /// reports it otherwise, so errors come in file order.
-    fn accept(
+    pub(crate) fn accept(
         &mut self,
         path: &str,
         key: &str,
@@ -587,7 +607,12 @@ impl Walk<'_> {
     }
 
     /// A whole number of at least 1 (a count), or an error saying `expected`.
-    fn positive(&mut self, raw: Raw, path: String, expected: &'static str) -> Option<u64> {
+    pub(crate) fn positive(
+        &mut self,
+        raw: Raw,
+        path: String,
+        expected: &'static str,
+    ) -> Option<u64> {
         match raw {
             Raw::Number(n) if n.as_u64().is_some_and(|v| v >= 1) => n.as_u64(),
             other => {
@@ -607,7 +632,7 @@ impl Walk<'_> {
         }
     }
 
-    fn boolean(&mut self, raw: Raw, path: String) -> Option<bool> {
+    pub(crate) fn boolean(&mut self, raw: Raw, path: String) -> Option<bool> {
         match raw {
             Raw::Bool(b) => Some(b),
             other => {
@@ -623,7 +648,12 @@ impl Walk<'_> {
         }
     }
 
-    fn string(&mut self, raw: Raw, path: String, expected: &'static str) -> Option<String> {
+    pub(crate) fn string(
+        &mut self,
+        raw: Raw,
+        path: String,
+        expected: &'static str,
+    ) -> Option<String> {
         match raw {
             Raw::String(s) => Some(s),
             other => {
@@ -640,7 +670,7 @@ impl Walk<'_> {
     }
 }
 
-const ROOT_KEYS: &str = "\"channels\"";
+const ROOT_KEYS: &str = "\"channels\", \"node\"";
 const CHANNEL_KEYS: &str = "\"pattern\", \"device_map\", \"fallback\", \"queue_depth\", \"queue_bytes\", \"overflow\", \"wire_dtype\", \"keep_wire_dtype\", \"checksum\"";
 const CHANNEL_KEY_LIST: &[&str] = &[
     "pattern",
@@ -668,8 +698,12 @@ fn parse_root(raw: Raw, parsed: &mut Parsed) {
             errors: &mut parsed.errors,
             channel: None,
         };
-        if walk.accept("", &key, &["channels"], ROOT_KEYS, &mut seen) {
-            parse_channels(value, parsed);
+        if walk.accept("", &key, &["channels", "node"], ROOT_KEYS, &mut seen) {
+            if key == "node" {
+                parsed.config.node = crate::node::parse(&mut walk, value, "node");
+            } else {
+                parse_channels(value, parsed);
+            }
         }
     }
     if seen.is_empty() {

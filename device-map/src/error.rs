@@ -128,6 +128,14 @@ pub enum Error {
         what: String,
     },
 
+    /// A node setting that is not valid (a size in an unknown unit, a
+    /// secret given twice), said in full.
+    #[error("{message}")]
+    Setting {
+        /// What is wrong, and what would be accepted.
+        message: String,
+    },
+
     /// Text that is not JSON.
     #[error("malformed JSON at line {line}, column {column}: {message}")]
     Json {

@@ -36,11 +36,14 @@ mod config;
 mod device;
 mod error;
 mod map;
+mod node;
 mod resolve;
+pub mod units;
 
 pub use check::{check, ChannelReport, CheckReport};
 pub use config::{ChannelConfig, ChannelSpec, Overflow, Parsed, Pattern, DEFAULT_QUEUE_DEPTH};
 pub use device::{Device, ACCEPTED_FORMS};
 pub use error::{Error, Located, Result};
 pub use map::{is_default_key, DeviceMap, DeviceMapBuilder, Entry, DEFAULT_KEY};
+pub use node::{LimitSettings, NodeSection, SecretSource};
 pub use resolve::{resolve, Fallback, Inventory, Reason, Resolved};

@@ -188,7 +188,11 @@ pub fn load_config(path: impl AsRef<std::path::Path>) -> Result<ChannelConfig> {
         parsed.attempted.iter().map(|(n, s)| (n.as_str(), s)),
     ));
     if errors.is_empty() {
-        Ok(parsed.config)
+        let mut config = parsed.config;
+        if let Some(dir) = path.parent() {
+            config.node_mut().relative_to(dir);
+        }
+        Ok(config)
     } else {
         Err(tensorferry_device_map::Error::Invalid { errors }.into())
     }

@@ -238,6 +238,48 @@ pub fn secret(file: Option<&std::path::Path>) -> Result<Option<tensorferry::Secr
     }
 }
 
+/// A node builder from a configuration (its channels and its `"node"`
+/// section), named `name`, with the command's own settings over the file's:
+/// its secret (`--secret-file` or the environment) and, when given, its
+/// `--listen` address instead of the file's listen addresses.
+///
+/// # Errors
+///
+/// A secret that cannot be read, or a node setting the engine refuses.
+pub fn node_builder(
+    name: &str,
+    config: &tensorferry::device_map::ChannelConfig,
+    secret_file: Option<&std::path::Path>,
+    listen: Option<&str>,
+) -> Result<tensorferry::NodeBuilder, String> {
+    let mut config = config.clone();
+    let command_secret = secret(secret_file)?;
+    let node = config.node_mut();
+    if command_secret.is_some() {
+        node.secret = None;
+    }
+    if listen.is_some() {
+        node.listen.clear();
+        node.listen_public.clear();
+    }
+    let mut builder = tensorferry::Node::builder()
+        .name(name)
+        .configure(config)
+        .map_err(|e| e.to_string())?;
+    builder = with_secret(builder, &command_secret);
+    if let Some(addr) = listen {
+        // Writing a non-loopback address on the command line is the explicit opt-in.
+        builder = builder.listen_public(addr);
+    }
+    Ok(builder)
+}
+
+/// Whether a configuration's `"node"` section names addresses to listen on.
+pub fn config_listens(config: &tensorferry::device_map::ChannelConfig) -> bool {
+    let node = config.node();
+    !node.listen.is_empty() || !node.listen_public.is_empty()
+}
+
 /// `builder` with the command's secret, when it has one.
 pub fn with_secret(
     builder: tensorferry::NodeBuilder,

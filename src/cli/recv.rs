@@ -19,11 +19,12 @@ use super::{human_bytes, print_json, Outcome, Summary, EXIT_INVALID, INPROC_ELSE
 
 /// Options of `tensorferry recv`.
 #[derive(Debug, clap::Args)]
-#[command(group = clap::ArgGroup::new("source").required(true).args(["from", "listen"]))]
+#[command(group = clap::ArgGroup::new("source").args(["from", "listen"]))]
 pub struct Args {
     /// Listen here and receive from every sender that connects: `tcp://HOST:PORT`
     /// (port 0 picks one; the address is printed on stderr). A non-loopback
-    /// host such as 0.0.0.0 accepts other machines.
+    /// host such as 0.0.0.0 accepts other machines. Without --listen or
+    /// --from, the addresses of the --config file's "node" section are used.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
 
@@ -37,7 +38,9 @@ pub struct Args {
     /// device to, on this host), fallback, `wire_dtype` (cast back on the
     /// target device unless `keep_wire_dtype`), `checksum` (verified on the
     /// target device), queue depth and overflow policy. Also applied to
-    /// messages replayed from a file.
+    /// messages replayed from a file. Its "node" section sets the node
+    /// itself: listen addresses, receive budget, limits, progress timeout,
+    /// secret file, shm users, busy polling (options given here win).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -187,7 +190,7 @@ enum Next {
 
 /// Where messages come from.
 enum Source {
-    File(Replay),
+    File(Box<Replay>),
     Net { _node: Node, sub: Subscription },
 }
 
@@ -290,36 +293,37 @@ fn open(args: &Args) -> Result<(Source, String), String> {
         .channel
         .clone()
         .unwrap_or_else(|| ALL_CHANNELS.to_string());
-    if let Some(text) = &args.listen {
-        let addr: Address = text.parse().map_err(|e| format!("--listen: {e}"))?;
-        if matches!(addr, Address::File(_)) {
-            return Err(
-                "--listen takes a network address; replay a file with --from file://PATH".into(),
-            );
+    if args.listen.is_some() || (args.from.is_none() && super::config_listens(&config)) {
+        if let Some(text) = &args.listen {
+            let addr: Address = text.parse().map_err(|e| format!("--listen: {e}"))?;
+            if matches!(addr, Address::File(_)) {
+                return Err(
+                    "--listen takes a network address; replay a file with --from file://PATH"
+                        .into(),
+                );
+            }
         }
-        // Writing a non-loopback address on the command line is the explicit opt-in.
-        let node = super::with_secret(
-            Node::builder(),
-            &super::secret(args.secret_file.as_deref())?,
-        )
-        .name("recv")
-        .channels(config)
-        .listen_public(text)
+        let node = super::node_builder(
+            "recv",
+            &config,
+            args.secret_file.as_deref(),
+            args.listen.as_deref(),
+        )?
         .build()
         .map_err(|e| e.to_string())?;
-        let bound = node
+        let addrs: Vec<String> = node
             .listen_addrs()
-            .first()
+            .iter()
             .map(ToString::to_string)
-            .unwrap_or_default();
+            .collect();
+        let bound = addrs.join(", ");
         eprintln!("listening on {bound}");
         let sub = node.subscriber(channel);
         return Ok((Source::Net { _node: node, sub }, bound));
     }
-    let text = args
-        .from
-        .as_deref()
-        .expect("clap requires --from or --listen");
+    let Some(text) = args.from.as_deref() else {
+        return Err("say where to receive from: --listen ADDR, --from ADDR, or \"listen\" in the --config file's \"node\" section".into());
+    };
     let addr: Address = text.parse().map_err(|e| format!("--from: {e}"))?;
     match &addr {
         Address::File(path) => {
@@ -331,17 +335,12 @@ fn open(args: &Args) -> Result<(Source, String), String> {
                 stagers: HashMap::new(),
                 only: args.channel.clone(),
             };
-            Ok((Source::File(replay), addr.to_string()))
+            Ok((Source::File(Box::new(replay)), addr.to_string()))
         }
         _ => {
-            let node = super::with_secret(
-                Node::builder(),
-                &super::secret(args.secret_file.as_deref())?,
-            )
-            .name("recv")
-            .channels(config)
-            .build()
-            .map_err(|e| e.to_string())?;
+            let node = super::node_builder("recv", &config, args.secret_file.as_deref(), None)?
+                .build()
+                .map_err(|e| e.to_string())?;
             let sub = node.subscribe(text, channel).map_err(|e| e.to_string())?;
             Ok((Source::Net { _node: node, sub }, addr.to_string()))
         }

@@ -23,16 +23,13 @@ use super::{memory, print_json, Outcome, Summary};
 pub struct Args {
     /// Where to send: `tcp://HOST:PORT` connects to a receiver that listens
     /// (`recv --listen`); `file://PATH` records the frames to a file.
-    #[arg(
-        long,
-        value_name = "ADDR",
-        required_unless_present = "listen",
-        conflicts_with = "listen"
-    )]
+    #[arg(long, value_name = "ADDR", conflicts_with = "listen")]
     to: Option<String>,
 
     /// Listen here instead and send to every receiver that connects
-    /// (`recv --from tcp://…`), once --subscribers of them have.
+    /// (`recv --from tcp://…`), once --subscribers of them have. Without
+    /// --to or --listen, the addresses of the --config file's "node"
+    /// section are used.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
 
@@ -123,20 +120,25 @@ impl Sink {
         config: &ChannelConfig,
         wait: Duration,
     ) -> Result<(Sink, Address), String> {
-        if let Some(text) = &args.listen {
+        if args.listen.is_some() || (args.to.is_none() && super::config_listens(config)) {
             // Not a file nor inproc: check_address said so.
-            let addr: Address = text.parse().map_err(|e| format!("--listen: {e}"))?;
-            let node = super::with_secret(
-                Node::builder(),
-                &super::secret(args.secret_file.as_deref())?,
-            )
-            .name("send")
-            .channels(config.clone())
-            .listen_public(text)
+            let node = super::node_builder(
+                "send",
+                config,
+                args.secret_file.as_deref(),
+                args.listen.as_deref(),
+            )?
             .build()
             .map_err(|e| e.to_string())?;
-            let bound = node.listen_addrs().first().cloned().unwrap_or(addr);
-            eprintln!("listening on {bound}");
+            let Some(bound) = node.listen_addrs().first().cloned() else {
+                return Err("the node listens nowhere".into());
+            };
+            let all: Vec<String> = node
+                .listen_addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            eprintln!("listening on {}", all.join(", "));
             let publisher = node.publisher(args.channel.clone());
             publisher
                 .wait_for_subscribers(args.subscribers, wait)
@@ -149,7 +151,9 @@ impl Sink {
                 bound,
             ));
         }
-        let text = args.to.as_deref().expect("clap requires --to or --listen");
+        let Some(text) = args.to.as_deref() else {
+            return Err("say where to send: --to ADDR, --listen ADDR, or \"listen\" in the --config file's \"node\" section".into());
+        };
         let addr: Address = text.parse().map_err(|e| format!("--to: {e}"))?;
         match &addr {
             Address::File(path) => {
@@ -162,15 +166,10 @@ impl Sink {
                 Ok((Sink::File(writer), addr))
             }
             _ => {
-                let node = super::with_secret(
-                    Node::builder(),
-                    &super::secret(args.secret_file.as_deref())?,
-                )
-                .name("send")
-                .channels(config.clone())
-                .connect_timeout(wait)
-                .build()
-                .map_err(|e| e.to_string())?;
+                let node = super::node_builder("send", config, args.secret_file.as_deref(), None)?
+                    .connect_timeout(wait)
+                    .build()
+                    .map_err(|e| e.to_string())?;
                 node.connect(text).map_err(|e| e.to_string())?;
                 let publisher = node.publisher(args.channel.clone());
                 publisher

@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tensorferry_device_map::{ChannelConfig, Inventory};
+use tensorferry_device_map::{ChannelConfig, Inventory, SecretSource};
 
 use super::services::Workers;
 use super::stats::Counters;
 use super::{Guard, Node, NodeInner};
 use crate::address::Address;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pool::BufferPool;
 use crate::reactor::Reactor;
 use crate::signal::Signal;
@@ -104,9 +104,102 @@ impl NodeBuilder {
     /// Per-channel settings (queue depth, overflow policy, device maps, wire
     /// casts, checksums). Default: none, so every channel gets
     /// [`ChannelSpec::default`](tensorferry_device_map::ChannelSpec::default).
+    /// Only the channels are taken: [`configure`](Self::configure) applies
+    /// the file's `"node"` section too.
     pub fn channels(mut self, config: ChannelConfig) -> Self {
         self.config = config;
         self
+    }
+
+    /// Per-channel settings and the node's own from a configuration file's
+    /// `"node"` section ([`NodeSection`](tensorferry_device_map::NodeSection)):
+    /// name, listen addresses, receive budget, buffer pool, shared-memory
+    /// size, limits, the shared secret (read now, from its file or
+    /// variable), `shm://` users, busy polling, threads and timeouts. What
+    /// the section leaves out keeps its current value; calls made after
+    /// this one override it.
+    ///
+    /// # Errors
+    ///
+    /// A secret that cannot be read, or a setting out of this platform's
+    /// range; each names its key.
+    pub fn configure(mut self, config: ChannelConfig) -> Result<Self> {
+        let node = config.node().clone();
+        let too_large = |key: &str, value: u64| {
+            Error::Invalid(format!(
+                "node.{key}: {value} is more than this platform can address"
+            ))
+        };
+        if let Some(name) = node.name {
+            self.name = name;
+        }
+        self.listen
+            .extend(node.listen.into_iter().map(|a| (a, false)));
+        self.listen
+            .extend(node.listen_public.into_iter().map(|a| (a, true)));
+        if let Some(n) = node.io_threads {
+            self = self.io_threads(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        if let Some(n) = node.service_threads {
+            self = self.service_threads(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        if let Some(b) = node.receive_budget {
+            self.receive_budget_bytes = b;
+        }
+        if let Some(b) = node.pool_idle {
+            self.pool_idle_bytes = usize::try_from(b).map_err(|_| too_large("pool_idle", b))?;
+        }
+        if let Some(b) = node.shm_bytes {
+            self.shm_bytes = usize::try_from(b).map_err(|_| too_large("shm_bytes", b))?;
+        }
+        if let Some(us) = node.busy_poll_us {
+            self.busy_poll = Duration::from_micros(us);
+        }
+        if let Some(t) = node.connect_timeout {
+            self.connect_timeout = t;
+        }
+        if let Some(t) = node.progress_timeout {
+            self.progress_timeout = t;
+        }
+        if let Some(r) = node.min_receive_rate {
+            self.min_receive_rate = r;
+        }
+        let l = &node.limits;
+        if let Some(b) = l.header_bytes {
+            self.limits.max_header_bytes =
+                u32::try_from(b).map_err(|_| too_large("limits.header_bytes", b))?;
+        }
+        if let Some(n) = l.tensors {
+            self.limits.max_tensors =
+                usize::try_from(n).map_err(|_| too_large("limits.tensors", n))?;
+        }
+        if let Some(n) = l.buffers {
+            self.limits.max_buffers =
+                u32::try_from(n).map_err(|_| too_large("limits.buffers", n))?;
+        }
+        if let Some(b) = l.frame_bytes {
+            self.limits.max_message_bytes = b;
+        }
+        match &node.secret {
+            Some(SecretSource::File(path)) => {
+                self.secret = Some(
+                    Secret::from_file(path)
+                        .map_err(|e| Error::Invalid(format!("node.secret_file: {e}")))?,
+                );
+            }
+            Some(SecretSource::Env(var)) => {
+                self.secret = Some(
+                    Secret::from_env(var)
+                        .map_err(|e| Error::Invalid(format!("node.secret_env: {e}")))?,
+                );
+            }
+            None => {}
+        }
+        if let Some(uids) = node.shm_peer_uids {
+            self.shm_uids = uids;
+        }
+        self.config = config;
+        Ok(self)
     }
 
     /// Decoder limits for frames from peers. Default [`Limits::default`].
