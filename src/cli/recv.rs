@@ -188,9 +188,11 @@ enum Next {
     Failed(String),
 }
 
-/// Where messages come from.
+/// Where messages come from. One per process: the size of its variants
+/// does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Source {
-    File(Box<Replay>),
+    File(Replay),
     Net { _node: Node, sub: Subscription },
 }
 
@@ -335,7 +337,7 @@ fn open(args: &Args) -> Result<(Source, String), String> {
                 stagers: HashMap::new(),
                 only: args.channel.clone(),
             };
-            Ok((Source::File(Box::new(replay)), addr.to_string()))
+            Ok((Source::File(replay), addr.to_string()))
         }
         _ => {
             let node = super::node_builder("recv", &config, args.secret_file.as_deref(), None)?
