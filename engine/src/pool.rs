@@ -16,6 +16,15 @@
 //! frame that was let in always has room to finish. A reader whose next
 //! frame does not fit waits, its connection unread, and is woken when bytes
 //! come back.
+//!
+//! A large frame (up to half the budget) is let in *on probation* instead
+//! ([`BufferPool::reserve_on_probation`]): only its first bytes are reserved,
+//! and the rest once they have arrived ([`PooledBuffer::admit`]). So a peer
+//! that announces gigabytes and sends nothing holds a few megabytes of the
+//! budget, not gigabytes, and well-behaved peers keep theirs. Frames on
+//! probation hold at most half the budget together, so those waiting to be
+//! admitted never hold all of it: admitted frames always finish, and their
+//! bytes coming back admit the next.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +51,8 @@ struct Inner {
     budget: u64,
     /// Bytes read into buffers and not yet given back.
     charged: AtomicU64,
+    /// Of those, bytes held by frames on probation.
+    probation: Mutex<u64>,
     /// Readers waiting for the budget.
     waiting: Mutex<Vec<Waker>>,
 }
@@ -76,6 +87,7 @@ impl BufferPool {
                 max_idle_bytes,
                 budget,
                 charged: AtomicU64::new(0),
+                probation: Mutex::new(0),
                 waiting: Mutex::new(Vec::new()),
             }),
         }
@@ -107,6 +119,7 @@ impl BufferPool {
             buf: Some(HostBufferMut { buf }),
             pool: Arc::clone(&self.inner),
             charged: 0,
+            probation: 0,
         })
     }
 
@@ -139,20 +152,8 @@ impl BufferPool {
                 limit: budget,
             });
         }
-        let mut charged = self.inner.charged.load(Ordering::Acquire);
-        loop {
-            if charged.saturating_add(want) > budget {
-                return Ok(None);
-            }
-            match self.inner.charged.compare_exchange_weak(
-                charged,
-                charged + want,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => break,
-                Err(now) => charged = now,
-            }
+        if !self.inner.charge(want) {
+            return Ok(None);
         }
         match self.try_get(len) {
             Ok(mut buf) => {
@@ -160,7 +161,45 @@ impl BufferPool {
                 Ok(Some(buf))
             }
             Err(e) => {
-                self.inner.release(want);
+                self.inner.release(want, 0);
+                Err(e)
+            }
+        }
+    }
+
+    /// A buffer for a frame of `len` bytes of which only the first `first`
+    /// are reserved against the budget for now, *on probation*: the rest is
+    /// reserved by [`PooledBuffer::admit`] once those have arrived. `Ok(None)`
+    /// when the budget, or the half of it frames on probation may hold, has
+    /// no room now (wait with [`wake_when_room`](Self::wake_when_room)).
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](Self::reserve).
+    pub fn reserve_on_probation(&self, len: usize, first: usize) -> Result<Option<PooledBuffer>> {
+        let want = len as u64;
+        if want > self.inner.budget {
+            return Err(Error::Limit {
+                what: "frame size against the node's receive budget",
+                value: want,
+                limit: self.inner.budget,
+            });
+        }
+        let first = first.min(len) as u64;
+        let mut probation = self.inner.lock_probation();
+        if probation.saturating_add(first) > self.inner.budget / 2 || !self.inner.charge(first) {
+            return Ok(None);
+        }
+        *probation += first;
+        drop(probation);
+        match self.try_get(len) {
+            Ok(mut buf) => {
+                buf.charged = first;
+                buf.probation = first;
+                Ok(Some(buf))
+            }
+            Err(e) => {
+                self.inner.release(first, first);
                 Err(e)
             }
         }
@@ -177,15 +216,19 @@ impl BufferPool {
     }
 
     /// Wakes `waker` once when the budget has room for `len` more bytes (at
-    /// once when it has now), or at least when some comes back.
-    pub fn wake_when_room(&self, len: usize, waker: &Waker) {
+    /// once when it has now), or at least when some comes back; with
+    /// `probation`, room among the frames on probation too.
+    pub fn wake_when_room(&self, len: usize, probation: bool, waker: &Waker) {
         let mut waiting = self
             .inner
             .waiting
             .lock()
             .expect("pool lock is never poisoned");
         let charged = self.inner.charged.load(Ordering::Acquire);
-        if charged.saturating_add(len as u64) <= self.inner.budget {
+        let on_probation = *self.inner.lock_probation();
+        let fits = charged.saturating_add(len as u64) <= self.inner.budget
+            && (!probation || on_probation.saturating_add(len as u64) <= self.inner.budget / 2);
+        if fits {
             drop(waiting);
             waker.wake_by_ref();
             return;
@@ -209,12 +252,43 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Inner {
-    /// `bytes` of the budget come back; readers waiting for it are woken.
-    fn release(&self, bytes: u64) {
+    fn lock_probation(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.probation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves `want` bytes of the budget if it has room.
+    fn charge(&self, want: u64) -> bool {
+        let mut charged = self.charged.load(Ordering::Acquire);
+        loop {
+            if charged.saturating_add(want) > self.budget {
+                return false;
+            }
+            match self.charged.compare_exchange_weak(
+                charged,
+                charged + want,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => charged = now,
+            }
+        }
+    }
+
+    /// `bytes` of the budget come back, `probation` of them held on
+    /// probation; readers waiting for room are woken.
+    fn release(&self, bytes: u64, probation: u64) {
+        if probation > 0 {
+            *self.lock_probation() -= probation;
+        }
         if bytes == 0 {
             return;
         }
         self.charged.fetch_sub(bytes, Ordering::AcqRel);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         let wakers =
             std::mem::take(&mut *self.waiting.lock().expect("pool lock is never poisoned"));
         for w in wakers {
@@ -240,9 +314,37 @@ pub struct PooledBuffer {
     pool: Arc<Inner>,
     /// Bytes of the budget this buffer holds.
     charged: u64,
+    /// Of those, bytes held on probation (none once admitted).
+    probation: u64,
 }
 
 impl PooledBuffer {
+    /// Reserves the rest of a buffer taken on probation
+    /// ([`BufferPool::reserve_on_probation`]); `false` when the budget has
+    /// no room for it now (wait with [`BufferPool::wake_when_room`] for
+    /// [`unreserved`](Self::unreserved) bytes). `true` at once for a buffer
+    /// reserved whole.
+    pub fn admit(&mut self) -> bool {
+        if self.probation == 0 {
+            return true;
+        }
+        let rest = self.unreserved();
+        if !self.pool.charge(rest) {
+            return false;
+        }
+        self.charged += rest;
+        *self.pool.lock_probation() -= std::mem::take(&mut self.probation);
+        // Room among the frames on probation came back.
+        self.pool.wake_all();
+        true
+    }
+
+    /// Bytes of the buffer not yet reserved against the budget.
+    pub fn unreserved(&self) -> u64 {
+        let len = self.buf.as_ref().map_or(0, |b| b.buf.len() as u64);
+        len.saturating_sub(self.charged)
+    }
+
     /// The bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         self.buf
@@ -259,13 +361,14 @@ impl PooledBuffer {
             buf: Some(buf),
             pool: Arc::clone(&self.pool),
             charged: std::mem::take(&mut self.charged),
+            probation: std::mem::take(&mut self.probation),
         })
     }
 }
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        self.pool.release(self.charged);
+        self.pool.release(self.charged, self.probation);
         if let Some(buf) = self.buf.take() {
             self.pool.give_back(buf.buf);
         }
@@ -276,6 +379,7 @@ struct Returning {
     buf: Option<HostBufferMut>,
     pool: Arc<Inner>,
     charged: u64,
+    probation: u64,
 }
 
 impl Backing for Returning {
@@ -286,7 +390,7 @@ impl Backing for Returning {
 
 impl Drop for Returning {
     fn drop(&mut self) {
-        self.pool.release(self.charged);
+        self.pool.release(self.charged, self.probation);
         if let Some(buf) = self.buf.take() {
             self.pool.give_back(buf.buf);
         }
@@ -330,5 +434,42 @@ mod tests {
         drop(a);
         drop(b);
         assert!(pool.idle_bytes() <= 1 << 20);
+    }
+
+    #[test]
+    fn frames_on_probation_hold_their_first_bytes_and_half_the_budget_at_most() {
+        let pool = BufferPool::with_budget(0, 100 << 20);
+        // Announced 40 MiB each, 4 MiB reserved each until admitted.
+        let mut held: Vec<PooledBuffer> = (0..12)
+            .map(|_| {
+                pool.reserve_on_probation(40 << 20, 4 << 20)
+                    .expect("within the budget")
+                    .expect("room")
+            })
+            .collect();
+        assert_eq!(pool.reserved_bytes(), 48 << 20);
+        // Probation holds at most half the budget: a 13th waits.
+        assert!(pool
+            .reserve_on_probation(40 << 20, 4 << 20)
+            .expect("within the budget")
+            .is_none());
+        // A frame reserved whole still gets in: the rest of the budget is free.
+        let whole = pool.reserve(50 << 20).expect("ok").expect("room");
+        // Admitting one takes its whole length; with 98 MiB reserved, no
+        // other fits until bytes come back.
+        assert!(!held[0].admit(), "36 more MiB do not fit");
+        drop(whole);
+        assert!(held[0].admit());
+        assert_eq!(held[0].unreserved(), 0);
+        assert_eq!(pool.reserved_bytes(), (11 * 4 + 40) << 20);
+        // Its probation share came back: a new frame goes on probation.
+        let again = pool
+            .reserve_on_probation(40 << 20, 4 << 20)
+            .expect("ok")
+            .expect("room");
+        held.push(again);
+        drop(held);
+        assert_eq!(pool.reserved_bytes(), 0, "everything came back");
+        assert!(pool.reserve(100 << 20).expect("ok").is_some());
     }
 }

@@ -70,6 +70,10 @@ fn run(publisher: &Publisher, sub: &Subscription, seed: u64) -> f64 {
     let tensors: Vec<_> = (0..4u64)
         .map(|i| pattern::tensor(DType::U8, &[BYTES], seed, i, "x").expect("tensor"))
         .collect();
+    let expected: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.packed().expect("host").as_slice().to_vec())
+        .collect();
     let start = Instant::now();
     thread::scope(|s| {
         s.spawn(|| {
@@ -81,9 +85,9 @@ fn run(publisher: &Publisher, sub: &Subscription, seed: u64) -> f64 {
         for seq in 0..MESSAGES {
             let got = sub.recv_timeout(WAIT).expect("message");
             let bytes = got.message.get("x").expect("x").packed().expect("host");
-            assert_eq!(
-                pattern::first_mismatch(DType::U8, seed, seq % 4, "x", bytes.as_slice()),
-                None
+            assert!(
+                bytes.as_slice() == expected[(seq % 4) as usize].as_slice(),
+                "message {seq} arrived with other bytes"
             );
         }
     });
@@ -133,7 +137,9 @@ fn a_well_behaved_peer_is_served_while_others_attack() {
         let (attacking, sent) = (Arc::clone(&attacking), Arc::clone(&garbage_sent));
         let host = host.clone();
         attackers.push(thread::spawn(move || {
-            let junk: Vec<u8> = (0..4096u32).map(|i| (i * 2_654_435_761) as u8).collect();
+            let junk: Vec<u8> = (0..4096u32)
+                .map(|i| i.wrapping_mul(2_654_435_761) as u8)
+                .collect();
             while attacking.load(Ordering::Relaxed) {
                 if let Ok(mut s) = TcpStream::connect(&host) {
                     let _ = s.write_all(&junk);
@@ -190,7 +196,7 @@ fn a_well_behaved_peer_is_served_while_others_attack() {
     );
     assert!(stats.rejected >= 2, "attackers were refused: {stats:?}");
     // Starvation, not speed: the well-behaved peer must not be shut out.
-    assert!(ratio > 0.2, "throughput under attack fell to {ratio:.2}x");
+    assert!(ratio > 0.25, "throughput under attack fell to {ratio:.2}x");
     // Each idle connection costs its read-ahead buffer at most
     // (docs/reliability.md), besides the frames in flight.
     let bound = idle_count as u64 * (80 << 10) + (256 << 20);

@@ -64,6 +64,10 @@ struct Partial {
     /// Where the frame's head ends (its first buffer starts).
     head: usize,
     route: Route,
+    /// While on probation (only the first bytes reserved against the
+    /// budget), how many bytes may be read before the rest is reserved; 0
+    /// once the whole frame is.
+    probation: usize,
 }
 
 /// Where a partial frame's bytes go.
@@ -128,9 +132,16 @@ pub(crate) struct Assembler {
     /// socket was empty then, and new bytes will be reported, so the next
     /// read is not tried (it would only say "nothing yet").
     short_read: bool,
-    /// The next frame's length, when the receive budget has no room for it.
-    starved: Option<usize>,
+    /// Bytes the receive budget has no room for now (the next frame, or the
+    /// rest of one on probation), and whether they go on probation.
+    starved: Option<(usize, bool)>,
+    /// Frames longer than this, up to half the budget, are let in on
+    /// probation: this many of their bytes first ([`BufferPool::reserve_on_probation`]).
+    probation_bytes: usize,
 }
+
+/// Most bytes of a frame let in before the rest of it is reserved.
+const PROBATION_BYTES: u64 = 64 << 20;
 
 /// A socket source that says "nothing yet" without a system call right
 /// after a read came back short (see [`Assembler::short_read`]).
@@ -158,7 +169,6 @@ impl Assembler {
     /// Builds frames into buffers from `pool`, within `limits`.
     pub(crate) fn new(pool: BufferPool, limits: Limits) -> Self {
         Self {
-            pool,
             limits,
             offset: 0,
             ahead: vec![0; AHEAD_BYTES].into_boxed_slice(),
@@ -169,7 +179,20 @@ impl Assembler {
             route_min_bytes: AHEAD_BYTES,
             short_read: false,
             starved: None,
+            probation_bytes: usize::try_from(PROBATION_BYTES.min(pool.budget_bytes() / 16))
+                .unwrap_or(usize::MAX)
+                .max(PRELUDE_BYTES),
+            pool,
         }
+    }
+
+    /// How many bytes of a frame of `len` bytes are let in before the rest
+    /// is reserved: `None` for a frame reserved whole (a small one, or one
+    /// over half the budget, which could never be admitted while others
+    /// wait on probation).
+    fn probation_for(&self, len: usize) -> Option<usize> {
+        let half = self.pool.budget_bytes() / 2;
+        (len > self.probation_bytes && len as u64 <= half).then_some(self.probation_bytes)
     }
 
     /// Reads the tensors `router` sends to a device straight into it (see
@@ -233,7 +256,25 @@ impl Assembler {
                 if p.filled == p.len {
                     return self.complete().map(Next::Frame);
                 }
-                let (upto, to_device) = p.stretch();
+                if p.probation > 0
+                    && (p.filled >= p.probation || matches!(p.route, Route::Devices(_)))
+                {
+                    // Its first bytes came: the rest is reserved now, or the
+                    // frame waits (unread) until the budget has room.
+                    let Some(p) = self.partial.as_mut() else {
+                        continue;
+                    };
+                    if !p.buf.admit() {
+                        self.starved = Some((p.buf.unreserved() as usize, false));
+                        return Ok(Next::Pending);
+                    }
+                    p.probation = 0;
+                    continue;
+                }
+                let (mut upto, to_device) = p.stretch();
+                if p.probation > 0 {
+                    upto = upto.min(p.probation);
+                }
                 let read = if to_device {
                     self.feed_device(source)?
                 } else {
@@ -258,10 +299,18 @@ impl Assembler {
                 // budget before its first byte is read (its pages become
                 // resident only as bytes arrive); no room: the prelude stays
                 // where it is and the connection waits.
-                let buf = match self.pool.reserve(len) {
+                let probation = self.probation_for(len);
+                let reserved = match probation {
+                    Some(first) => self.pool.reserve_on_probation(len, first),
+                    None => self.pool.reserve(len),
+                };
+                let buf = match reserved {
                     Ok(Some(buf)) => buf,
                     Ok(None) => {
-                        self.starved = Some(len);
+                        self.starved = Some(match probation {
+                            Some(first) => (first, true),
+                            None => (len, false),
+                        });
                         return Ok(Next::Pending);
                     }
                     Err(e) => {
@@ -282,6 +331,7 @@ impl Assembler {
                     } else {
                         Route::Host
                     },
+                    probation: probation.unwrap_or(0),
                 });
                 continue;
             }
@@ -471,8 +521,8 @@ impl Assembler {
     /// woken when the budget has room, and `true` is returned.
     pub(crate) fn wait_for_budget(&self, waker: &std::task::Waker) -> bool {
         match self.starved {
-            Some(len) => {
-                self.pool.wake_when_room(len, waker);
+            Some((len, probation)) => {
+                self.pool.wake_when_room(len, probation, waker);
                 true
             }
             None => false,
