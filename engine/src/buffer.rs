@@ -12,7 +12,45 @@ use tensorferry_kernels::cpu::{AlignedBuffer, HOST_ALIGN};
 pub const ALIGN: usize = HOST_ALIGN;
 
 /// Where a [`HostBuffer`]'s bytes live. Implement it to wrap memory the engine
-/// does not own (a mapped segment, a foreign allocation).
+/// does not own (a mapped segment, a foreign allocation, an array of another
+/// runtime): the engine reads the bytes in place — a tensor over them is
+/// sent without a copy — and keeps the backing alive until the last view
+/// of it is dropped.
+///
+/// That last drop happens on whichever thread lets go last: the caller's, an
+/// I/O thread once a frame carrying the bytes has been written, a service
+/// worker, or a consumer the tensor was handed to. Such a thread may hold
+/// engine locks, so a backing's `Drop` must not wait for anything another
+/// thread holds while it calls into the engine (an interpreter lock, say:
+/// hand the release to a thread of your own instead).
+///
+/// # Examples
+///
+/// A tensor over memory owned elsewhere, kept alive by the tensor:
+///
+/// ```
+/// use std::sync::Arc;
+/// use tensorferry_engine::{Backing, DType, HostBuffer, Tensor};
+///
+/// /// Memory some other library allocated, with what keeps it alive.
+/// struct Foreign {
+///     owner: Arc<Vec<f32>>,
+/// }
+///
+/// impl Backing for Foreign {
+///     fn bytes(&self) -> &[u8] {
+///         bytemuck::cast_slice(self.owner.as_slice())
+///     }
+/// }
+///
+/// let owner = Arc::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]);
+/// let buffer = HostBuffer::from_backing(Foreign { owner: Arc::clone(&owner) });
+/// let t = Tensor::from_host(DType::F32, &[2, 3], buffer)?;
+/// assert_eq!(t.as_slice::<f32>()?.as_ptr(), owner.as_ptr()); // no copy
+/// drop(owner);
+/// assert_eq!(t.as_slice::<f32>()?[5], 6.0); // the tensor keeps it alive
+/// # Ok::<(), tensorferry_engine::Error>(())
+/// ```
 pub trait Backing: Send + Sync + 'static {
     /// The bytes.
     fn bytes(&self) -> &[u8];

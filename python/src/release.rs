@@ -1,0 +1,67 @@
+//! One thread that runs, with the interpreter attached, what an engine
+//! thread must not: releasing a Python object whose bytes a message held,
+//! and waking an asyncio loop.
+//!
+//! The engine drops a message's buffers on whichever thread lets go of them
+//! last — an I/O thread once the bytes are written, a worker, a consumer's
+//! DLPack deleter — and such a thread may hold an engine lock. Attaching to
+//! the interpreter there would wait for the GIL while holding that lock, and
+//! a Python thread that holds the GIL and wants the lock would never get
+//! it. So those threads hand the work to this one, which holds no engine
+//! lock while it waits for the GIL.
+
+use std::sync::OnceLock;
+use std::thread;
+
+use crossbeam_channel::{unbounded, Sender};
+use pyo3::prelude::*;
+
+/// Work that needs the interpreter.
+type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+
+static JOBS: OnceLock<Sender<Job>> = OnceLock::new();
+
+fn jobs() -> &'static Sender<Job> {
+    JOBS.get_or_init(|| {
+        let (tx, rx) = unbounded::<Job>();
+        let started = thread::Builder::new()
+            .name("tensorferry-py".into())
+            .spawn(move || {
+                for job in &rx {
+                    let mut pending = Some(job);
+                    let ran = Python::try_attach(|py| {
+                        if let Some(job) = pending.take() {
+                            job(py);
+                        }
+                        // Whatever queued meanwhile, while attached.
+                        while let Ok(job) = rx.try_recv() {
+                            job(py);
+                        }
+                    });
+                    if ran.is_none() {
+                        // The interpreter is shutting down: nothing can be
+                        // released any more, and the process is ending. What
+                        // the job holds is leaked, never dropped detached.
+                        std::mem::forget(pending);
+                    }
+                }
+            });
+        if let Err(e) = started {
+            // Without the thread, jobs queue up and what they hold stays
+            // alive: a leak, never a crash.
+            eprintln!("tensorferry: cannot start its release thread: {e}");
+        }
+        tx
+    })
+}
+
+/// Runs `job` on the release thread, with the interpreter attached.
+pub fn later(job: impl FnOnce(Python<'_>) + Send + 'static) {
+    // Sending fails only when the receiver is gone, which it never is.
+    let _ = jobs().send(Box::new(job));
+}
+
+/// Drops `value` on the release thread, with the interpreter attached.
+pub fn drop_attached<T: Send + 'static>(value: T) {
+    later(move |_py| drop(value));
+}

@@ -1,0 +1,213 @@
+"""Type stubs of the extension module; see the docstrings for the details."""
+
+import os
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Optional, Union
+
+__version__: str
+
+JSON = Union[None, bool, int, float, str, list["JSON"], tuple["JSON", ...], dict[str, "JSON"]]
+"""A value a message's fields may hold."""
+
+TensorLike = Any
+"""Anything with ``__dlpack__`` or the buffer protocol: a NumPy array, a
+PyTorch CPU tensor, ``bytes``, ``memoryview``, or a :class:`Tensor`."""
+
+Reply = Union[None, dict[str, JSON], tuple[Optional[dict[str, JSON]], Mapping[str, TensorLike]], "Message"]
+"""What a service handler returns."""
+
+class Tensor:
+    """A read-only tensor whose bytes are viewed, not copied, through DLPack
+    (``np.from_dlpack``, ``torch.from_dlpack``) and the buffer protocol
+    (``np.asarray``, ``memoryview``)."""
+
+    @property
+    def dtype(self) -> str:
+        """``"f32"``, ``"bf16"``, ``"f8e4m3"``, …"""
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """In elements."""
+    @property
+    def ndim(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def device(self) -> str:
+        """``"cpu"``, ``"cuda:0"``, ``"wgpu:0"``."""
+    @property
+    def is_contiguous(self) -> bool: ...
+    @property
+    def readonly(self) -> bool: ...
+    @property
+    def data_ptr(self) -> int:
+        """Address of the first element (host tensors)."""
+    def view(self, dtype: str) -> Tensor:
+        """The same bytes as another dtype of the same size."""
+    def tobytes(self) -> bytes:
+        """The elements, packed row-major (a copy)."""
+    def to_host(self) -> Tensor:
+        """A host copy of a device tensor."""
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[tuple[int, int]] = None,
+        dl_device: Optional[tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __buffer__(self, flags: int) -> memoryview: ...
+    def __len__(self) -> int: ...
+
+class Message:
+    """JSON ``fields`` and named tensors; ``msg["name"]`` is a :class:`Tensor`."""
+
+    def __init__(
+        self,
+        fields: Optional[Mapping[str, JSON]] = None,
+        tensors: Optional[Mapping[str, TensorLike]] = None,
+        **kwargs: TensorLike,
+    ) -> None: ...
+    @property
+    def fields(self) -> dict[str, Any]: ...
+    @property
+    def tensors(self) -> dict[str, Tensor]: ...
+    @property
+    def channel(self) -> Optional[str]: ...
+    @property
+    def seq(self) -> Optional[int]: ...
+    @property
+    def sender(self) -> Optional[str]: ...
+    @property
+    def nbytes(self) -> int: ...
+    def keys(self) -> list[str]: ...
+    def __getitem__(self, name: str) -> Tensor: ...
+    def __contains__(self, name: object) -> bool: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[str]: ...
+
+class Schema:
+    """What a message must hold: ``Schema().tensor("x", "f32", "*,3").field("step")``."""
+
+    def __init__(self) -> None: ...
+    def tensor(self, name: str, dtype: str, shape: str = "...") -> Schema: ...
+    def field(self, name: str) -> Schema: ...
+    def check(self, message: Message) -> None:
+        """Raises ValueError naming the first mismatch."""
+
+class Publisher:
+    """Publishes messages on one channel."""
+
+    @property
+    def channel(self) -> str: ...
+    @property
+    def subscribers(self) -> int: ...
+    def send(
+        self,
+        fields: Optional[Mapping[str, JSON]] = None,
+        tensors: Optional[Mapping[str, TensorLike]] = None,
+        **kwargs: TensorLike,
+    ) -> None: ...
+    def send_async(
+        self,
+        fields: Optional[Mapping[str, JSON]] = None,
+        tensors: Optional[Mapping[str, TensorLike]] = None,
+        **kwargs: TensorLike,
+    ) -> Awaitable[None]: ...
+    def wait_for_subscribers(self, n: int = 1, timeout: Optional[float] = None) -> None: ...
+    def wait_for_subscribers_async(self, n: int = 1) -> Awaitable[None]: ...
+    def flush(self, timeout: Optional[float] = None) -> None: ...
+    def lost_subscribers(self) -> list[dict[str, Any]]: ...
+
+class Subscription:
+    """Receives the messages of one channel; iterating yields them until the node closes."""
+
+    @property
+    def channel(self) -> str: ...
+    @property
+    def dropped(self) -> int: ...
+    def recv(self, timeout: Optional[float] = None) -> Message: ...
+    def try_recv(self) -> Optional[Message]: ...
+    def recv_async(self) -> Awaitable[Message]: ...
+    def close(self) -> None: ...
+    def __iter__(self) -> Iterator[Message]: ...
+    def __next__(self) -> Message: ...
+
+class Recording:
+    """A recording to a ``file://`` address; a context manager."""
+
+    def stop(self) -> int: ...
+    def __enter__(self) -> Recording: ...
+    def __exit__(self, *exc: Any) -> None: ...
+
+class Node:
+    """Listens, connects, publishes, subscribes, serves and requests."""
+
+    def __init__(
+        self,
+        listen: Union[None, str, list[str]] = None,
+        config: Union[None, str, os.PathLike[str], Mapping[str, Any]] = None,
+        name: Optional[str] = None,
+        *,
+        listen_public: Union[None, str, list[str]] = None,
+        secret_file: Union[None, str, os.PathLike[str]] = None,
+        connect_timeout: Optional[float] = None,
+        io_threads: Optional[int] = None,
+        service_threads: Optional[int] = None,
+        receive_budget_bytes: Optional[int] = None,
+    ) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> Optional[str]: ...
+    @property
+    def addresses(self) -> list[str]: ...
+    @property
+    def peers(self) -> int: ...
+    def connect(self, addr: str) -> None: ...
+    def publisher(self, channel: str) -> Publisher: ...
+    def subscribe(self, addr: str, channel: str) -> Subscription: ...
+    def subscriber(self, channel: str = "*") -> Subscription: ...
+    def record(self, addr: str, channel: str = "*") -> Recording: ...
+    def serve(
+        self,
+        channel: str,
+        handler: Callable[[Message], Reply],
+        *,
+        input: Optional[Schema] = None,
+        output: Optional[Schema] = None,
+    ) -> None: ...
+    def request(
+        self,
+        addr: str,
+        channel: str,
+        /,
+        fields: Optional[Mapping[str, JSON]] = None,
+        tensors: Optional[Mapping[str, TensorLike]] = None,
+        *,
+        timeout: Optional[float] = None,
+        **kwargs: TensorLike,
+    ) -> Message: ...
+    def request_async(
+        self,
+        addr: str,
+        channel: str,
+        /,
+        fields: Optional[Mapping[str, JSON]] = None,
+        tensors: Optional[Mapping[str, TensorLike]] = None,
+        **kwargs: TensorLike,
+    ) -> Awaitable[Message]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Node: ...
+    def __exit__(self, *exc: Any) -> None: ...
+
+def tensor(obj: TensorLike, dtype: Optional[str] = None) -> Tensor:
+    """A :class:`Tensor` viewing ``obj``'s memory; ``dtype`` reinterprets it (same size)."""
+
+def devices() -> dict[str, Any]:
+    """What this host has: cpu, cuda, wgpu and the inventory."""
+
+def check_map(path: Union[str, os.PathLike[str]], devices: Optional[str] = None) -> dict[str, Any]:
+    """Every channel's resolved device map, or every error with its place."""
