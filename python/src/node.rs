@@ -78,7 +78,9 @@ fn seconds(value: f64, what: &str) -> PyResult<Duration> {
 ///         ``"node"`` section). Every error is reported at once, with its place.
 ///     name: the node's name, shown to peers and in logs.
 ///     listen_public: address(es) reachable from other hosts (``tcp://0.0.0.0:7070``).
-///     secret_file: a file holding the secret every tcp peer must prove it knows.
+///     secret_file: a file holding the secret every tcp peer must prove it
+///         knows (both ends need the same one; it never travels).
+///     secret_env: an environment variable holding that secret instead.
 ///     connect_timeout: seconds connecting retries before giving up (default 5).
 ///     io_threads: threads that drive the connections (default 1).
 ///     service_threads: threads that run service handlers (default 2).
@@ -121,7 +123,7 @@ impl Drop for PyNode {
 impl PyNode {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (listen=None, config=None, name=None, *, listen_public=None, secret_file=None, connect_timeout=None, io_threads=None, service_threads=None, receive_budget_bytes=None))]
+    #[pyo3(signature = (listen=None, config=None, name=None, *, listen_public=None, secret_file=None, secret_env=None, connect_timeout=None, io_threads=None, service_threads=None, receive_budget_bytes=None))]
     fn new(
         py: Python<'_>,
         listen: Option<&Bound<'_, PyAny>>,
@@ -129,6 +131,7 @@ impl PyNode {
         name: Option<String>,
         listen_public: Option<&Bound<'_, PyAny>>,
         secret_file: Option<PathBuf>,
+        secret_env: Option<String>,
         connect_timeout: Option<f64>,
         io_threads: Option<usize>,
         service_threads: Option<usize>,
@@ -151,6 +154,9 @@ impl PyNode {
         }
         if let Some(path) = secret_file {
             b = b.secret(Secret::from_file(&path).py()?);
+        }
+        if let Some(var) = secret_env {
+            b = b.secret(Secret::from_env(&var).py()?);
         }
         if let Some(t) = connect_timeout {
             b = b.connect_timeout(seconds(t, "connect_timeout")?);
@@ -427,8 +433,9 @@ impl PyPublisher {
     /// A tensor is anything with ``__dlpack__`` or the buffer protocol
     /// (NumPy arrays, PyTorch CPU tensors, bytes, :class:`Tensor`); its
     /// bytes are not copied — the object is kept alive until they are
-    /// written to every subscriber, so do not change it meanwhile. A strided
-    /// view travels packed. Under the channel's ``block`` policy this waits
+    /// written to every subscriber, so do not change it meanwhile (and call
+    /// :meth:`flush` before the program ends). A strided view travels
+    /// packed. Under the channel's ``block`` policy this waits
     /// (GIL released, Ctrl-C honoured) while a subscriber's queue is full.
     ///
     /// Raises:

@@ -153,6 +153,7 @@ class Node:
         *,
         listen_public: Union[None, str, list[str]] = None,
         secret_file: Union[None, str, os.PathLike[str]] = None,
+        secret_env: Optional[str] = None,
         connect_timeout: Optional[float] = None,
         io_threads: Optional[int] = None,
         service_threads: Optional[int] = None,

@@ -172,3 +172,15 @@ def test_help_is_useful():
         assert getattr(tf.Node, method).__doc__, method
     assert tf.Subscription.recv.__doc__ and "timeout" in tf.Subscription.recv.__doc__
     assert "DLPack" in tf.Tensor.__doc__
+
+
+def test_tcp_peers_must_share_the_secret(tmp_path, monkeypatch):
+    secret = tmp_path / "secret"
+    secret.write_text("correct horse battery staple, long enough\n")
+    monkeypatch.setenv("TF_TEST_SECRET", "correct horse battery staple, long enough")
+    server = tf.Node(listen="tcp://127.0.0.1:0", secret_file=secret)
+    server.serve("/ping", lambda r: {"pong": True})
+    friend = tf.Node(secret_env="TF_TEST_SECRET")
+    assert friend.request(server.address, "/ping", timeout=10).fields == {"pong": True}
+    with pytest.raises((tf.PeerLost, tf.IoError, tf.TimeoutError)):
+        tf.Node(connect_timeout=1).request(server.address, "/ping", timeout=5)

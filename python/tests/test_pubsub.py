@@ -251,3 +251,37 @@ def test_torch_bf16_round_trips_through_dlpack():
     y = torch.from_dlpack(msg["x"])
     assert y.dtype == torch.bfloat16 and torch.equal(y, x)
     assert torch.equal(torch.from_dlpack(msg["t"]), x.t())
+
+
+def test_a_read_only_array_is_sent_and_stays_read_only():
+    node = tf.Node()
+    sub = node.subscriber("/x")
+    a = np.arange(6, dtype=np.int32)
+    a.flags.writeable = False
+    node.publisher("/x").send(x=a, m=memoryview(b"abc"))
+    msg = sub.recv(timeout=5)
+    assert msg["x"].data_ptr == a.ctypes.data
+    assert not a.flags.writeable
+    assert bytes(msg["m"].tobytes()) == b"abc" and msg["m"].dtype == "u8"
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+def test_torch_cpu_tensors_are_sent_without_a_copy():
+    node = tf.Node()
+    sub = node.subscriber("/x")
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    node.publisher("/x").send(x=x)
+    assert sub.recv(timeout=5)["x"].data_ptr == x.data_ptr()
+
+
+def test_a_cuda_tensor_is_refused_or_skipped():
+    import os
+
+    if torch is None or not torch.cuda.is_available():
+        if os.environ.get("TENSORFERRY_REQUIRE_CUDA") == "1":
+            pytest.fail("TENSORFERRY_REQUIRE_CUDA=1 but torch with CUDA is not available")
+        pytest.skip("SKIP: no torch with CUDA")
+    x = torch.ones(4, device="cuda")
+    with pytest.raises(tf.DeviceError) as e:
+        tf.Node().publisher("/x").send(x=x)
+    assert "cuda:0" in str(e.value) and ".cpu()" in str(e.value)

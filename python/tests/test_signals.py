@@ -19,6 +19,12 @@ elif what == "request":
 elif what == "subscribers":
     pub = node.publisher("/nobody")
     call = lambda: pub.wait_for_subscribers(1)
+elif what == "send":
+    node = tf.Node(config={"channels": {"/full": {"queue_depth": 1, "overflow": "block"}}})
+    sub = node.subscriber("/full")  # never read
+    pub = node.publisher("/full")
+    pub.send({"n": 0})  # fills the queue
+    call = lambda: pub.send({"n": 1}, x=np.zeros(4))
 emit(ready=True)
 start = time.monotonic()
 try:
@@ -29,7 +35,7 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("call", ["recv", "request", "subscribers"])
+@pytest.mark.parametrize("call", ["recv", "request", "subscribers", "send"])
 def test_ctrl_c_interrupts_a_blocking_call(peer, call):
     p = peer(WAITER, call)
     assert p.line()["ready"]
