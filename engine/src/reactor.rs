@@ -37,6 +37,9 @@ pub(crate) struct Readiness {
     pub(crate) writable: bool,
     /// Another thread asked (a nudge), or a deadline passed: look at everything.
     pub(crate) nudged: bool,
+    /// The source reported that its peer ended the stream (or that it
+    /// failed): the end may lie behind bytes still unread, in this one event.
+    pub(crate) hangup: bool,
 }
 
 impl Readiness {
@@ -45,6 +48,7 @@ impl Readiness {
         readable: true,
         writable: true,
         nudged: true,
+        hangup: false,
     };
 }
 
@@ -382,6 +386,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 readable: event.is_readable() || event.is_read_closed() || event.is_error(),
                 writable: event.is_writable() || event.is_write_closed(),
                 nudged: false,
+                hangup: event.is_read_closed() || event.is_error(),
             };
             worked |= run_one(
                 shared,

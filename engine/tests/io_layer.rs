@@ -315,3 +315,28 @@ fn queues_bounded_in_bytes_keep_the_newest_and_count_the_rest() {
     assert_eq!(kept, vec![7, 8, 9]);
     assert!(sub.try_recv().expect("open").is_none());
 }
+
+#[test]
+fn a_peer_that_sends_its_last_frame_and_closes_at_once_is_seen_to_go() {
+    // The last frame and the end of the stream often reach the socket
+    // together, in one readiness event: the reader must see both.
+    let (server, addr) = publisher_node("server");
+    for round in 0..20 {
+        let client = Node::builder().name("client").build().expect("node");
+        let sub = client.subscribe(&addr, "/x").expect("subscribe");
+        let publisher = server.publisher("/x");
+        publisher
+            .wait_for_subscribers(1, WAIT)
+            .expect("the subscription arrives");
+        drop(sub); // an unsubscribe frame, then at once the end of the stream
+        client.shutdown();
+        let deadline = Instant::now() + WAIT;
+        while server.peer_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the server still counts the closed connection"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

@@ -153,6 +153,7 @@ impl Watched for Driven {
             Reading {
                 arm: !spin,
                 evented: why.readable,
+                hangup: why.hangup,
             },
         );
         match stop {

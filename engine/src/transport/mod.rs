@@ -96,6 +96,11 @@ pub(crate) struct Reading {
     /// The transport reported readiness (not a nudge): a read side held by
     /// someone else then learns it may have missed something.
     pub(crate) evented: bool,
+    /// The transport reported that the peer ended the stream: a short read
+    /// does not mean the socket is drained (the end may come after the
+    /// bytes it returned, reported by no later event), so the reader reads
+    /// on until the socket says so.
+    pub(crate) hangup: bool,
 }
 
 /// Why a read stopped.

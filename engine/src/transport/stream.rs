@@ -257,7 +257,7 @@ impl StreamConn {
             };
             self.missed.store(false, Ordering::SeqCst);
             let mut side = side;
-            let stop = self.read_frames(&mut side, on_frame, how.arm);
+            let stop = self.read_frames(&mut side, on_frame, how);
             drop(side);
             if matches!(stop, ReadStop::Idle) && self.missed.swap(false, Ordering::SeqCst) {
                 continue;
@@ -270,10 +270,13 @@ impl StreamConn {
         &self,
         side: &mut ReadSide,
         on_frame: &mut dyn FnMut(Frame) -> Flow,
-        arm: bool,
+        how: Reading,
     ) -> ReadStop {
         // Called because the transport reported something (or was nudged).
         side.assembler.expect_more();
+        // With the end of the stream reported, a short read is no sign the
+        // socket is drained: the end itself is read before going idle.
+        let mut read_to_end = how.hangup;
         loop {
             match self.step(side) {
                 Ok(Some(frame)) => {
@@ -287,7 +290,11 @@ impl StreamConn {
                         // waits, unread, until bytes come back.
                         return ReadStop::Stalled;
                     }
-                    if arm && self.link.idle_read() {
+                    if std::mem::take(&mut read_to_end) {
+                        side.assembler.expect_more();
+                        continue;
+                    }
+                    if how.arm && self.link.idle_read() {
                         continue;
                     }
                     return ReadStop::Idle;
