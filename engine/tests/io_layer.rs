@@ -320,10 +320,22 @@ fn queues_bounded_in_bytes_keep_the_newest_and_count_the_rest() {
 fn a_peer_that_sends_its_last_frame_and_closes_at_once_is_seen_to_go() {
     // The last frame and the end of the stream often reach the socket
     // together, in one readiness event: the reader must see both.
-    let (server, addr) = publisher_node("server");
-    for round in 0..20 {
+    let shm = format!("shm://tf-io-last-{}", std::process::id());
+    let (tcp_server, tcp) = publisher_node("server");
+    let shm_server = Node::builder()
+        .name("server")
+        .listen(&shm)
+        .build()
+        .expect("server");
+    for (server, addr, round) in (0..40).map(|round| {
+        if round % 2 == 0 {
+            (&tcp_server, &tcp, round)
+        } else {
+            (&shm_server, &shm, round)
+        }
+    }) {
         let client = Node::builder().name("client").build().expect("node");
-        let sub = client.subscribe(&addr, "/x").expect("subscribe");
+        let sub = client.subscribe(addr, "/x").expect("subscribe");
         let publisher = server.publisher("/x");
         publisher
             .wait_for_subscribers(1, WAIT)
@@ -334,9 +346,59 @@ fn a_peer_that_sends_its_last_frame_and_closes_at_once_is_seen_to_go() {
         while server.peer_count() > 0 {
             assert!(
                 Instant::now() < deadline,
-                "round {round}: the server still counts the closed connection"
+                "round {round} ({addr}): the server still counts the closed connection"
             );
             thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+#[test]
+fn a_tensor_in_shared_memory_outlives_its_node_while_the_sender_goes_on() {
+    let name = format!("shm://tf-io-outlive-{}", std::process::id());
+    let server = Node::builder()
+        .name("server")
+        .listen(&name)
+        .build()
+        .expect("server");
+    let publisher = server.publisher("/x");
+    let frame = |round: u64| {
+        let t = pattern::tensor(DType::U8, &[64 << 10], 3, round, "x").expect("tensor");
+        Message::new().tensor("x", t)
+    };
+    let first = Node::builder().name("first").build().expect("first");
+    let sub = first.subscribe(&name, "/x").expect("subscribe");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    publisher.send(frame(0)).expect("send");
+    let kept = sub.recv_timeout(WAIT).expect("message").message;
+    // The receiving node goes, the tensor it received stays.
+    drop(sub);
+    first.shutdown();
+    let deadline = Instant::now() + WAIT;
+    while server.peer_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server saw the first node go"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    // The sender goes on with another subscriber, writing slots anew.
+    let second = Node::builder().name("second").build().expect("second");
+    let sub = second.subscribe(&name, "/x").expect("subscribe");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    for round in 1..=8 {
+        publisher.send(frame(round)).expect("send");
+        let got = sub.recv_timeout(WAIT).expect("message");
+        let bytes = got.message.get("x").expect("x").packed().expect("host");
+        assert_eq!(
+            pattern::first_mismatch(DType::U8, 3, round, "x", bytes.as_slice()),
+            None
+        );
+    }
+    let bytes = kept.get("x").expect("x").packed().expect("host");
+    assert_eq!(
+        pattern::first_mismatch(DType::U8, 3, 0, "x", bytes.as_slice()),
+        None,
+        "the kept tensor's slot was written again"
+    );
 }

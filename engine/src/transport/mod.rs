@@ -285,12 +285,15 @@ pub(crate) trait ByteLink: Send + Sync + 'static {
 
     /// Runs on the I/O thread when the descriptor is readable, before any
     /// read: a shm connection takes slot descriptors, wake-ups and the end
-    /// from its socket here.
+    /// from its socket here. `hangup`: the readiness event reported that
+    /// the peer ended the stream, so the end may lie behind the bytes a
+    /// short read returns.
     ///
     /// # Errors
     ///
     /// A peer that broke the transport's rules; the connection ends.
-    fn on_readable(&self) -> io::Result<()> {
+    fn on_readable(&self, hangup: bool) -> io::Result<()> {
+        let _ = hangup;
         Ok(())
     }
 

@@ -232,7 +232,7 @@ impl StreamConn {
     /// left when it ends, and a nudge recorded as missed would only make it
     /// nudge again.
     fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, how: Reading) -> ReadStop {
-        if let Err(e) = self.link.on_readable() {
+        if let Err(e) = self.link.on_readable(how.hangup) {
             self.link.shutdown();
             let end = if e.kind() == io::ErrorKind::InvalidData {
                 End::Broken(e.to_string())

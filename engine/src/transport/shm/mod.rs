@@ -327,8 +327,10 @@ impl ShmLink {
     /// dropped (their only job was to wake), the end noted. A read takes a
     /// run of wake-ups at once, and at most one descriptor (the system ends
     /// a read after the message that carries one); a read that comes back
-    /// short emptied the socket.
-    fn drain_socket(&self, socket_in: &mut SocketIn) -> io::Result<()> {
+    /// short emptied the socket of bytes — but not of its end, which the
+    /// readiness event may have reported with them (`hangup`): then reading
+    /// goes on until the socket says it has nothing.
+    fn drain_socket(&self, socket_in: &mut SocketIn, hangup: bool) -> io::Result<()> {
         let mut bytes = [0u8; 64];
         loop {
             let (n, fd) = match recv_with_fd(&self.stream, &mut bytes) {
@@ -371,7 +373,7 @@ impl ShmLink {
                     "the peer sent a descriptor with a wake-up instead of an `F`",
                 ));
             }
-            if n < bytes.len() {
+            if n < bytes.len() && !hangup {
                 return Ok(());
             }
         }
@@ -483,9 +485,9 @@ impl ByteLink for ShmLink {
         }
     }
 
-    fn on_readable(&self) -> io::Result<()> {
+    fn on_readable(&self, hangup: bool) -> io::Result<()> {
         let mut socket_in = self.socket_in.lock().unwrap_or_else(|p| p.into_inner());
-        self.drain_socket(&mut socket_in)
+        self.drain_socket(&mut socket_in, hangup)
     }
 
     fn idle_read(&self) -> bool {
@@ -550,7 +552,7 @@ impl ByteLink for ShmLink {
         if socket_in.fds.is_empty() {
             // The peer sends a descriptor before the frame that announces
             // it: when the frame is here, the descriptor is in the socket.
-            if self.drain_socket(&mut socket_in).is_err() {
+            if self.drain_socket(&mut socket_in, false).is_err() {
                 return None;
             }
         }
@@ -583,10 +585,31 @@ impl ByteLink for ShmLink {
     fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         self.end("shut down here");
-        self.awaiting
+        self.retire_unreleased();
+    }
+}
+
+impl ShmLink {
+    /// The peer can no longer release the frames it was sent, and may still
+    /// be reading them (its node closed, its process lives on): their slots
+    /// are never written again.
+    fn retire_unreleased(&self) {
+        let held: Vec<SlotUse> = self
+            .awaiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .drain()
+            .map(|(_, held)| held)
+            .collect();
+        for h in held {
+            h.retire();
+        }
+    }
+}
+
+impl Drop for ShmLink {
+    fn drop(&mut self) {
+        self.retire_unreleased();
     }
 }
 
@@ -780,7 +803,7 @@ mod tests {
         write_all(&a, b"last words");
         a.shutdown();
         drop(a);
-        b.on_readable().expect("the end is not an error");
+        b.on_readable(false).expect("the end is not an error");
         assert_eq!(read_exactly(&b, 10), b"last words");
         let mut buf = [0u8; 4];
         assert_eq!(b.read_now(&mut buf).expect("end"), 0);
@@ -802,7 +825,7 @@ mod tests {
         assert_eq!(b.read_now(&mut buf).expect("read"), 4096);
         // The reader made room and rang: the writer's socket has an `S`.
         assert_eq!(peek(&a).expect("a wake-up"), SPACE);
-        a.on_readable().expect("drain");
+        a.on_readable(false).expect("drain");
         assert!(a.idle_write(), "room now");
     }
 
@@ -844,7 +867,7 @@ mod tests {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let err = loop {
-            match b.on_readable() {
+            match b.on_readable(false) {
                 Err(e) => break e,
                 Ok(()) => {
                     assert!(Instant::now() < deadline, "still open");
@@ -867,7 +890,7 @@ mod tests {
         write_all(&a, b"one");
         write_all(&a, b"two");
         assert_eq!(peek(&b).expect("a wake-up"), DATA);
-        b.on_readable().expect("drain");
+        b.on_readable(false).expect("drain");
         assert_eq!(
             peek(&b).expect_err("one wake-up, not two").kind(),
             io::ErrorKind::WouldBlock

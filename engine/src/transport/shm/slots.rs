@@ -6,12 +6,16 @@
 //! receiver maps the slot read-only and decodes the frame in place, with every
 //! check of [`wire::decode`](crate::wire::decode), so its tensors view shared
 //! memory. When the receiver drops the last view it sends a release, and the
-//! slot is reused. memfds are anonymous, so nothing outlives the processes:
-//! no file in /dev/shm or anywhere.
+//! slot is reused. A slot whose receiver's connection ends before it released
+//! the frame is *retired*: the receiver may still hold views of it (its node
+//! closed, its process lives on), so the sender never writes it again and
+//! leaves the pool's accounting once no other receiver holds it; its memory
+//! goes when the last mapping does. memfds are anonymous, so nothing
+//! outlives the processes: no file in /dev/shm or anywhere.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
@@ -58,6 +62,8 @@ pub(crate) struct Slot {
     size: usize,
     /// Holders: the sender while writing, plus one per receiver until it releases.
     users: AtomicUsize,
+    /// A receiver went away without releasing it: never written again.
+    retired: AtomicBool,
 }
 
 impl Slot {
@@ -73,6 +79,7 @@ impl Slot {
             map: Mutex::new(map),
             size,
             users: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -100,6 +107,13 @@ impl SlotUse {
     pub(crate) fn share(&self) -> SlotUse {
         SlotUse::new(&self.0)
     }
+
+    /// Gives the hold back for a receiver that can no longer release the
+    /// slot (its connection ended) but may still be reading it: the slot is
+    /// never written again.
+    pub(crate) fn retire(self) {
+        self.0.retired.store(true, Ordering::Release);
+    }
 }
 
 impl Drop for SlotUse {
@@ -110,17 +124,28 @@ impl Drop for SlotUse {
 
 /// The slots of one node, reused once every receiver has released them.
 pub(crate) struct SlotPool {
-    slots: Mutex<Vec<Arc<Slot>>>,
+    slots: Mutex<Slots>,
     /// Most bytes of slots the node may create; past it, senders wait for releases.
     max_bytes: usize,
     /// How long a sender waits for a slot to be released.
     wait: std::time::Duration,
 }
 
+/// The slots in use or free, and the id the next one gets.
+struct Slots {
+    list: Vec<Arc<Slot>>,
+    /// Ids name slots on the wire (a receiver keeps its mapping of each) and
+    /// are never reused, retired slots' included.
+    next_id: u32,
+}
+
 impl SlotPool {
     pub(crate) fn new(max_bytes: usize, wait: std::time::Duration) -> Self {
         Self {
-            slots: Mutex::new(Vec::new()),
+            slots: Mutex::new(Slots {
+                list: Vec::new(),
+                next_id: 0,
+            }),
             max_bytes,
             wait,
         }
@@ -146,22 +171,33 @@ impl SlotPool {
         loop {
             {
                 let mut slots = self.slots.lock().expect("pool lock is never poisoned");
+                // Retired slots leave once no receiver holds them; a
+                // receiver still mapping one keeps its memory alive.
+                slots.list.retain(|s| {
+                    !(s.retired.load(Ordering::Acquire) && s.users.load(Ordering::Acquire) == 0)
+                });
                 if let Some(s) = slots
+                    .list
                     .iter()
-                    .filter(|s| s.size >= len && s.users.load(Ordering::Acquire) == 0)
+                    .filter(|s| {
+                        s.size >= len
+                            && s.users.load(Ordering::Acquire) == 0
+                            && !s.retired.load(Ordering::Acquire)
+                    })
                     .min_by_key(|s| s.size)
                 {
                     return Ok(SlotUse::new(s));
                 }
-                let total: usize = slots.iter().map(|s| s.size).sum();
+                let total: usize = slots.list.iter().map(|s| s.size).sum();
                 // A message larger than the limit still gets a slot when none exists.
-                if total + size <= self.max_bytes || slots.is_empty() {
-                    // Ids name slots on the wire and are never reused.
-                    let id = u32::try_from(slots.len())
-                        .map_err(|_| Error::Invalid("too many shared-memory slots".into()))?;
+                if total + size <= self.max_bytes || slots.list.is_empty() {
+                    let id = slots.next_id;
+                    slots.next_id = id
+                        .checked_add(1)
+                        .ok_or_else(|| Error::Invalid("too many shared-memory slots".into()))?;
                     let slot = Arc::new(Slot::create(id, size)?);
                     let held = SlotUse::new(&slot);
-                    slots.push(slot);
+                    slots.list.push(slot);
                     return Ok(held);
                 }
             }
