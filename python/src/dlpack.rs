@@ -163,11 +163,23 @@ impl Taken {
         if unsafe { ffi::PyCapsule_SetName(ptr, used.as_ptr()) } != 0 {
             return Err(PyErr::fetch(capsule.py()));
         }
-        Ok(if versioned {
+        let taken = if versioned {
             Taken::Versioned(raw.cast())
         } else {
             Taken::Legacy(raw.cast())
-        })
+        };
+        if let Taken::Versioned(m) = taken {
+            // SAFETY: the pointer came from a valid versioned capsule, whose
+            // version field leads every DLPack version's layout.
+            let major = unsafe { (*m).version.major };
+            if major != 1 {
+                // Dropping `taken` calls the deleter, as an owner must.
+                return Err(PyBufferError::new_err(format!(
+                    "__dlpack__ returned a DLPack {major}.x tensor after being asked for 1.x at most"
+                )));
+            }
+        }
+        Ok(taken)
     }
 
     /// The tensor description.

@@ -341,6 +341,9 @@ impl PyTensor {
         flags: c_int,
     ) -> PyResult<()> {
         let this = slf.get();
+        if view.is_null() {
+            return Err(PyBufferError::new_err("no buffer view to fill"));
+        }
         if flags & ffi::PyBUF_WRITABLE != 0 {
             return Err(PyBufferError::new_err(
                 "the tensor is read-only (its bytes are shared with the frame it arrived in); copy it to write",

@@ -285,3 +285,47 @@ def test_a_cuda_tensor_is_refused_or_skipped():
     with pytest.raises(tf.DeviceError) as e:
         tf.Node().publisher("/x").send(x=x)
     assert "cuda:0" in str(e.value) and ".cpu()" in str(e.value)
+
+
+SHM_SENDER = """
+import time
+node = tf.Node(listen=sys.argv[1])
+pub = node.publisher("/x")
+emit(address=node.address)
+for round in range(2):
+    pub.wait_for_subscribers(1, timeout=30)
+    for i in range(8):
+        pub.send({"i": i}, x=np.full((256, 256), 100 * round + i, np.float32))
+    pub.flush(timeout=30)
+    emit(sent=round)
+    # The next round starts once this round's subscriber is gone.
+    while node.peers:
+        time.sleep(0.01)
+    emit(idle=round)
+"""
+
+
+def test_a_view_over_shared_memory_outlives_its_node_while_the_sender_goes_on(peer):
+    tx = peer(SHM_SENDER, f"shm://{unique('tfpy')}")
+    address = tx.line()["address"]
+    first = tf.Node()
+    sub = first.subscribe(address, "/x")
+    msg = sub.recv(timeout=30)
+    kept = np.from_dlpack(msg["x"])
+    assert kept[0, 0] == 0
+    for _ in range(7):
+        sub.recv(timeout=30)
+    assert tx.line()["sent"] == 0
+    del msg, sub
+    first.close()
+    assert tx.line()["idle"] == 0, "the sender saw the first subscriber go"
+    # A second subscriber: the sender fills its slots again.
+    second = tf.Node()
+    sub = second.subscribe(address, "/x")
+    got = [sub.recv(timeout=30)["x"] for _ in range(8)]
+    assert tx.line()["sent"] == 1
+    assert [np.asarray(t)[0, 0] for t in got] == [100 + i for i in range(8)]
+    assert (kept == 0).all(), "the view kept its bytes"
+    sub.close()
+    second.close()
+    tx.wait()
