@@ -375,10 +375,11 @@ impl PyNode {
     fn __exit__(
         &self,
         py: Python<'_>,
-        _ty: Option<Bound<'_, PyAny>>,
-        _value: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
+        exc_type: Option<Bound<'_, PyAny>>,
+        exc_value: Option<Bound<'_, PyAny>>,
+        traceback: Option<Bound<'_, PyAny>>,
     ) {
+        let _ = (exc_type, exc_value, traceback);
         self.close(py);
     }
 
@@ -730,10 +731,11 @@ impl PyRecording {
     fn __exit__(
         &self,
         py: Python<'_>,
-        _ty: Option<Bound<'_, PyAny>>,
-        _value: Option<Bound<'_, PyAny>>,
-        _tb: Option<Bound<'_, PyAny>>,
+        exc_type: Option<Bound<'_, PyAny>>,
+        exc_value: Option<Bound<'_, PyAny>>,
+        traceback: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        let _ = (exc_type, exc_value, traceback);
         if crate::lock(&self.recording).is_some() {
             self.stop(py)?;
         }

@@ -2,20 +2,34 @@
 
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, final
 
 __version__: str
+__all__ = [
+    "Message",
+    "Node",
+    "Publisher",
+    "Recording",
+    "Schema",
+    "Subscription",
+    "Tensor",
+    "__version__",
+    "check_map",
+    "devices",
+    "tensor",
+]
 
-JSON = Union[None, bool, int, float, str, list["JSON"], tuple["JSON", ...], dict[str, "JSON"]]
+_JSON = Union[None, bool, int, float, str, list["_JSON"], tuple["_JSON", ...], dict[str, "_JSON"]]
 """A value a message's fields may hold."""
 
-TensorLike = Any
+_TensorLike = Any
 """Anything with ``__dlpack__`` or the buffer protocol: a NumPy array, a
 PyTorch CPU tensor, ``bytes``, ``memoryview``, or a :class:`Tensor`."""
 
-Reply = Union[None, dict[str, JSON], tuple[Optional[dict[str, JSON]], Mapping[str, TensorLike]], "Message"]
+_Reply = Union[None, dict[str, _JSON], tuple[Optional[dict[str, _JSON]], Mapping[str, _TensorLike]], "Message"]
 """What a service handler returns."""
 
+@final
 class Tensor:
     """A read-only tensor whose bytes are viewed, not copied, through DLPack
     (``np.from_dlpack``, ``torch.from_dlpack``) and the buffer protocol
@@ -58,18 +72,20 @@ class Tensor:
         dl_device: Optional[tuple[int, int]] = None,
         copy: Optional[bool] = None,
     ) -> Any: ...
-    def __buffer__(self, flags: int) -> memoryview: ...
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> Any:
+        """Raises TypeError saying how to read a dtype NumPy lacks."""
     def __len__(self) -> int: ...
 
+@final
 class Message:
     """JSON ``fields`` and named tensors; ``msg["name"]`` is a :class:`Tensor`."""
 
-    def __init__(
-        self,
-        fields: Optional[Mapping[str, JSON]] = None,
-        tensors: Optional[Mapping[str, TensorLike]] = None,
-        **kwargs: TensorLike,
-    ) -> None: ...
+    def __new__(
+        cls,
+        fields: Optional[Mapping[str, _JSON]] = None,
+        tensors: Optional[Mapping[str, _TensorLike]] = None,
+        **kwargs: _TensorLike,
+    ) -> Message: ...
     @property
     def fields(self) -> dict[str, Any]: ...
     @property
@@ -83,20 +99,22 @@ class Message:
     @property
     def nbytes(self) -> int: ...
     def keys(self) -> list[str]: ...
-    def __getitem__(self, name: str) -> Tensor: ...
-    def __contains__(self, name: object) -> bool: ...
+    def __getitem__(self, key: str, /) -> Tensor: ...
+    def __contains__(self, key: object, /) -> bool: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[str]: ...
 
+@final
 class Schema:
     """What a message must hold: ``Schema().tensor("x", "f32", "*,3").field("step")``."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Schema: ...
     def tensor(self, name: str, dtype: str, shape: str = "...") -> Schema: ...
     def field(self, name: str) -> Schema: ...
     def check(self, message: Message) -> None:
         """Raises ValueError naming the first mismatch."""
 
+@final
 class Publisher:
     """Publishes messages on one channel."""
 
@@ -106,21 +124,22 @@ class Publisher:
     def subscribers(self) -> int: ...
     def send(
         self,
-        fields: Optional[Mapping[str, JSON]] = None,
-        tensors: Optional[Mapping[str, TensorLike]] = None,
-        **kwargs: TensorLike,
+        fields: Optional[Mapping[str, _JSON]] = None,
+        tensors: Optional[Mapping[str, _TensorLike]] = None,
+        **kwargs: _TensorLike,
     ) -> None: ...
     def send_async(
         self,
-        fields: Optional[Mapping[str, JSON]] = None,
-        tensors: Optional[Mapping[str, TensorLike]] = None,
-        **kwargs: TensorLike,
+        fields: Optional[Mapping[str, _JSON]] = None,
+        tensors: Optional[Mapping[str, _TensorLike]] = None,
+        **kwargs: _TensorLike,
     ) -> Awaitable[None]: ...
     def wait_for_subscribers(self, n: int = 1, timeout: Optional[float] = None) -> None: ...
     def wait_for_subscribers_async(self, n: int = 1) -> Awaitable[None]: ...
     def flush(self, timeout: Optional[float] = None) -> None: ...
     def lost_subscribers(self) -> list[dict[str, Any]]: ...
 
+@final
 class Subscription:
     """Receives the messages of one channel; iterating yields them until the node closes."""
 
@@ -135,18 +154,20 @@ class Subscription:
     def __iter__(self) -> Iterator[Message]: ...
     def __next__(self) -> Message: ...
 
+@final
 class Recording:
     """A recording to a ``file://`` address; a context manager."""
 
     def stop(self) -> int: ...
     def __enter__(self) -> Recording: ...
-    def __exit__(self, *exc: Any) -> None: ...
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None: ...
 
+@final
 class Node:
     """Listens, connects, publishes, subscribes, serves and requests."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         listen: Union[None, str, list[str]] = None,
         config: Union[None, str, os.PathLike[str], Mapping[str, Any]] = None,
         name: Optional[str] = None,
@@ -158,7 +179,7 @@ class Node:
         io_threads: Optional[int] = None,
         service_threads: Optional[int] = None,
         receive_budget_bytes: Optional[int] = None,
-    ) -> None: ...
+    ) -> Node: ...
     @property
     def name(self) -> str: ...
     @property
@@ -175,7 +196,7 @@ class Node:
     def serve(
         self,
         channel: str,
-        handler: Callable[[Message], Reply],
+        handler: Callable[[Message], _Reply],
         *,
         input: Optional[Schema] = None,
         output: Optional[Schema] = None,
@@ -185,26 +206,26 @@ class Node:
         addr: str,
         channel: str,
         /,
-        fields: Optional[Mapping[str, JSON]] = None,
-        tensors: Optional[Mapping[str, TensorLike]] = None,
+        fields: Optional[Mapping[str, _JSON]] = None,
+        tensors: Optional[Mapping[str, _TensorLike]] = None,
         *,
         timeout: Optional[float] = None,
-        **kwargs: TensorLike,
+        **kwargs: _TensorLike,
     ) -> Message: ...
     def request_async(
         self,
         addr: str,
         channel: str,
         /,
-        fields: Optional[Mapping[str, JSON]] = None,
-        tensors: Optional[Mapping[str, TensorLike]] = None,
-        **kwargs: TensorLike,
+        fields: Optional[Mapping[str, _JSON]] = None,
+        tensors: Optional[Mapping[str, _TensorLike]] = None,
+        **kwargs: _TensorLike,
     ) -> Awaitable[Message]: ...
     def close(self) -> None: ...
     def __enter__(self) -> Node: ...
-    def __exit__(self, *exc: Any) -> None: ...
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None: ...
 
-def tensor(obj: TensorLike, dtype: Optional[str] = None) -> Tensor:
+def tensor(obj: _TensorLike, dtype: Optional[str] = None) -> Tensor:
     """A :class:`Tensor` viewing ``obj``'s memory; ``dtype`` reinterprets it (same size)."""
 
 def devices() -> dict[str, Any]:

@@ -184,3 +184,17 @@ def test_tcp_peers_must_share_the_secret(tmp_path, monkeypatch):
     assert friend.request(server.address, "/ping", timeout=10).fields == {"pong": True}
     with pytest.raises((tf.PeerLost, tf.IoError, tf.TimeoutError)):
         tf.Node(connect_timeout=1).request(server.address, "/ping", timeout=5)
+
+
+def test_the_type_stubs_match_the_module():
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "tensorferry._native"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
