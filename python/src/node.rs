@@ -13,7 +13,7 @@ use tensorferry_engine::{Error, Node, Publisher, Recording, Secret, Subscription
 
 use crate::errors::{to_py, IntoPy, Kind};
 use crate::message::{build, PyMessage};
-use crate::wait::{awaitable, block_on, deadline, Done, Op};
+use crate::wait::{awaitable, block_on, deadline, run_blocking, Done, Op};
 
 /// Drops `value` with the GIL released: dropping the last handle of a node
 /// shuts it down, which waits for its I/O threads.
@@ -204,14 +204,14 @@ impl PyNode {
     }
 
     /// Connects to ``addr`` (if not yet connected), retrying up to the
-    /// connect timeout.
+    /// connect timeout (Ctrl-C gives up waiting).
     ///
     /// Raises:
     ///     InvalidArgument: a malformed address.
     ///     IoError: the address cannot be reached.
     fn connect(&self, py: Python<'_>, addr: String) -> PyResult<()> {
         let node = self.node().clone();
-        py.detach(move || node.connect(&addr)).py()
+        run_blocking(py, move || node.connect(&addr))?.py()
     }
 
     /// A :class:`Publisher` on ``channel``.
@@ -222,14 +222,15 @@ impl PyNode {
     }
 
     /// Connects to ``addr`` (if not yet connected) and subscribes to
-    /// ``channel`` there. A ``file://PATH`` address replays a recording.
+    /// ``channel`` there, retrying up to the connect timeout (Ctrl-C gives
+    /// up waiting). A ``file://PATH`` address replays a recording.
     ///
     /// Raises:
     ///     IoError: ``addr`` cannot be reached within the connect timeout.
     ///     PeerLost: the connection closed while subscribing.
     fn subscribe(&self, py: Python<'_>, addr: String, channel: String) -> PyResult<PySubscription> {
         let node = self.node().clone();
-        let sub = py.detach(move || node.subscribe(&addr, channel)).py()?;
+        let sub = run_blocking(py, move || node.subscribe(&addr, channel))?.py()?;
         Ok(PySubscription::new(sub))
     }
 

@@ -102,6 +102,40 @@ where
     }
 }
 
+/// Runs `f` on a thread of its own and waits for it with the GIL released,
+/// checking for signals every [`SIGNAL_CHECK`]: for engine calls that wait
+/// without a future to poll (connecting, which retries up to the connect
+/// timeout). On Ctrl-C the call is abandoned: it finishes on its thread and
+/// its result is dropped there.
+///
+/// # Errors
+///
+/// What a signal handler raises; an `OSError` when no thread can be started.
+pub fn run_blocking<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::Builder::new()
+        .name("tensorferry-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("starting a thread: {e}")))?;
+    loop {
+        match py.detach(|| rx.recv_timeout(SIGNAL_CHECK)) {
+            Ok(v) => return Ok(v),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => py.check_signals()?,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                    "the call's thread ended without a result (it panicked)",
+                ))
+            }
+        }
+    }
+}
+
 /// What an awaitable's future yields: turned into a Python value on the loop's thread.
 pub type Done = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
 

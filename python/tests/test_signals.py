@@ -19,6 +19,10 @@ elif what == "request":
 elif what == "subscribers":
     pub = node.publisher("/nobody")
     call = lambda: pub.wait_for_subscribers(1)
+elif what == "subscribe":
+    # Nothing listens there: connecting retries until its timeout.
+    client = tf.Node(connect_timeout=60)
+    call = lambda: client.subscribe("tcp://127.0.0.1:1", "/x")
 elif what == "send":
     node = tf.Node(config={"channels": {"/full": {"queue_depth": 1, "overflow": "block"}}})
     sub = node.subscriber("/full")  # never read
@@ -35,7 +39,7 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("call", ["recv", "request", "subscribers", "send"])
+@pytest.mark.parametrize("call", ["recv", "request", "subscribers", "send", "subscribe"])
 def test_ctrl_c_interrupts_a_blocking_call(peer, call):
     p = peer(WAITER, call)
     assert p.line()["ready"]
