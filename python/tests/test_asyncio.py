@@ -24,7 +24,7 @@ def test_recv_async_waits_without_blocking_the_loop():
         t = asyncio.ensure_future(ticker())
         pending = asyncio.ensure_future(sub.recv_async())
         await asyncio.sleep(0.2)
-        assert not pending.done() and ticks >= 5
+        assert not pending.done() and ticks >= 2  # the loop ran meanwhile
         await pub.send_async({"n": 1}, x=np.arange(3))
         msg = await asyncio.wait_for(pending, 5)
         t.cancel()
