@@ -13,7 +13,7 @@ use tensorferry_engine::{Error, Node, Publisher, Recording, Secret, Subscription
 
 use crate::errors::{to_py, IntoPy, Kind};
 use crate::message::{build, PyMessage};
-use crate::wait::{awaitable, block_on, deadline, run_blocking, Done, Op};
+use crate::wait::{awaitable, block_on, deadline, on_thread, panicked, run_blocking, Done, Op};
 
 /// Drops `value` with the GIL released: dropping the last handle of a node
 /// shuts it down, which waits for its I/O threads.
@@ -232,6 +232,39 @@ impl PyNode {
         let node = self.node().clone();
         let sub = run_blocking(py, move || node.subscribe(&addr, channel))?.py()?;
         Ok(PySubscription::new(sub))
+    }
+
+    /// The asyncio form of :meth:`connect`.
+    fn connect_async<'py>(&self, py: Python<'py>, addr: String) -> PyResult<Bound<'py, PyAny>> {
+        let node = self.node().clone();
+        let call = on_thread(move |_| node.connect(&addr))?;
+        let op: Op = Box::pin(async move {
+            let r = call.await;
+            Box::new(move |py: Python<'_>| {
+                r.ok_or_else(panicked)?.py()?;
+                Ok(py.None())
+            }) as Done
+        });
+        awaitable(py, op)
+    }
+
+    /// The asyncio form of :meth:`subscribe`.
+    fn subscribe_async<'py>(
+        &self,
+        py: Python<'py>,
+        addr: String,
+        channel: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let node = self.node().clone();
+        let call = on_thread(move |_| node.subscribe(&addr, channel))?;
+        let op: Op = Box::pin(async move {
+            let r = call.await;
+            Box::new(move |py: Python<'_>| {
+                let sub = r.ok_or_else(panicked)?.py()?;
+                Ok(Py::new(py, PySubscription::new(sub))?.into_any())
+            }) as Done
+        });
+        awaitable(py, op)
     }
 
     /// A :class:`Subscription` to ``channel`` (``"*"`` for every channel)
@@ -549,6 +582,25 @@ impl PyPublisher {
                 Err(e) => return Err(to_py(e)),
             }
         }
+    }
+
+    /// The asyncio form of :meth:`flush` (no time limit: use ``asyncio.wait_for``).
+    fn flush_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let p = Arc::clone(self.publisher());
+        let call = on_thread(move |abandoned| loop {
+            match p.flush(crate::wait::SIGNAL_CHECK) {
+                Err(Error::Timeout { .. }) if !abandoned.get() => continue,
+                other => return other,
+            }
+        })?;
+        let op: Op = Box::pin(async move {
+            let r = call.await;
+            Box::new(move |py: Python<'_>| {
+                r.ok_or_else(panicked)?.py()?;
+                Ok(py.None())
+            }) as Done
+        });
+        awaitable(py, op)
     }
 
     /// Subscribers of this channel whose connection was lost, oldest first:

@@ -102,38 +102,115 @@ where
     }
 }
 
-/// Runs `f` on a thread of its own and waits for it with the GIL released,
-/// checking for signals every [`SIGNAL_CHECK`]: for engine calls that wait
-/// without a future to poll (connecting, which retries up to the connect
-/// timeout). On Ctrl-C the call is abandoned: it finishes on its thread and
+/// The result of a call made on a thread of its own, as a future.
+struct Oneshot<T> {
+    /// The result, the waker of whoever polls, and whether the thread ended.
+    state: Mutex<(Option<T>, Option<Waker>, bool)>,
+    /// Nobody waits for the result any more.
+    abandoned: AtomicBool,
+}
+
+/// The future of [`on_thread`]: `None` when the call panicked.
+pub struct OnThread<T>(Arc<Oneshot<T>>);
+
+impl<T> Drop for OnThread<T> {
+    fn drop(&mut self) {
+        self.0.abandoned.store(true, Ordering::Release);
+    }
+}
+
+/// Tells a call made by [`on_thread`] whether its caller gave up waiting.
+pub struct Abandoned<'a>(&'a AtomicBool);
+
+impl Abandoned<'_> {
+    /// True once nobody waits for the result.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl<T> Future for OnThread<T> {
+    type Output = Option<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut state = crate::lock(&self.0.state);
+        if let Some(v) = state.0.take() {
+            return Poll::Ready(Some(v));
+        }
+        if state.2 {
+            return Poll::Ready(None);
+        }
+        state.1 = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Runs `f` on a thread of its own: for engine calls that wait without a
+/// future to poll (connecting, which retries up to the connect timeout;
+/// flushing). Dropping the future abandons the call: `f` can see it through
+/// its [`Abandoned`] and stop early; otherwise it finishes on its thread and
 /// its result is dropped there.
 ///
 /// # Errors
 ///
-/// What a signal handler raises; an `OSError` when no thread can be started.
+/// An `OSError` when no thread can be started.
+pub fn on_thread<T, F>(f: F) -> PyResult<OnThread<T>>
+where
+    T: Send + 'static,
+    F: FnOnce(Abandoned<'_>) -> T + Send + 'static,
+{
+    let shared = Arc::new(Oneshot {
+        state: Mutex::new((None, None, false)),
+        abandoned: AtomicBool::new(false),
+    });
+    let done = Arc::clone(&shared);
+    thread::Builder::new()
+        .name("tensorferry-call".into())
+        .spawn(move || {
+            /// Marks the call ended even if `f` panics.
+            struct Ended<T>(Arc<Oneshot<T>>, Option<T>);
+            impl<T> Drop for Ended<T> {
+                fn drop(&mut self) {
+                    let waker = {
+                        let mut state = crate::lock(&self.0.state);
+                        state.0 = self.1.take();
+                        state.2 = true;
+                        state.1.take()
+                    };
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                }
+            }
+            let mut ended = Ended(done, None);
+            let value = f(Abandoned(&ended.0.abandoned));
+            ended.1 = Some(value);
+        })
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("starting a thread: {e}")))?;
+    Ok(OnThread(shared))
+}
+
+/// Runs `f` on a thread of its own and waits for it with the GIL released,
+/// answering Ctrl-C (see [`on_thread`] and [`block_on`]).
+///
+/// # Errors
+///
+/// What a signal handler raises; a `RuntimeError` when the call panicked.
 pub fn run_blocking<T, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    thread::Builder::new()
-        .name("tensorferry-call".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("starting a thread: {e}")))?;
-    loop {
-        match py.detach(|| rx.recv_timeout(SIGNAL_CHECK)) {
-            Ok(v) => return Ok(v),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => py.check_signals()?,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                return Err(pyo3::exceptions::PyRuntimeError::new_err(
-                    "the call's thread ended without a result (it panicked)",
-                ))
-            }
-        }
-    }
+    block_on(py, on_thread(move |_| f())?, None)?
+        .flatten()
+        .ok_or_else(panicked)
+}
+
+/// The error of a call whose thread panicked.
+pub fn panicked() -> PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err(
+        "the call's thread ended without a result (it panicked)",
+    )
 }
 
 /// What an awaitable's future yields: turned into a Python value on the loop's thread.

@@ -87,3 +87,23 @@ def test_an_async_call_needs_a_running_loop():
     sub = tf.Node().subscriber("/x")
     with pytest.raises(RuntimeError):
         sub.recv_async()
+
+
+def test_connect_subscribe_and_flush_async():
+    async def main():
+        server = tf.Node(listen="tcp://127.0.0.1:0")
+        client = tf.Node()
+        await asyncio.wait_for(client.connect_async(server.address), 10)
+        assert client.peers == 1
+        sub = await asyncio.wait_for(client.subscribe_async(server.address, "/f"), 10)
+        pub = server.publisher("/f")
+        await asyncio.wait_for(pub.wait_for_subscribers_async(1), 10)
+        await pub.send_async(x=np.ones(1 << 20, np.uint8))
+        await asyncio.wait_for(pub.flush_async(), 10)
+        got = await asyncio.wait_for(sub.recv_async(), 10)
+        with pytest.raises((tf.IoError, tf.PeerLost)):
+            await asyncio.wait_for(tf.Node(connect_timeout=0.2).subscribe_async("tcp://127.0.0.1:1", "/f"), 10)
+        return got
+
+    got = asyncio.run(main())
+    assert got["x"].nbytes == 1 << 20
