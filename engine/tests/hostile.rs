@@ -5,6 +5,10 @@
 //!
 //! One test in its own binary: it reads this process's resident memory.
 
+mod common;
+
+use common::{announce, rss};
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -12,32 +16,6 @@ use std::time::{Duration, Instant};
 use tensorferry_engine::{pattern, DType, Error, Message, Node};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// This process's resident memory, in bytes.
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
-
-/// A valid prelude announcing a frame of `len` bytes (a header of 2 bytes,
-/// no buffers), and the header itself; nothing more follows.
-fn announce(len: u64) -> Vec<u8> {
-    let mut prelude = Vec::new();
-    prelude.extend_from_slice(b"TFRM");
-    prelude.extend_from_slice(&1u16.to_le_bytes());
-    prelude.extend_from_slice(&0u16.to_le_bytes());
-    prelude.extend_from_slice(&2u32.to_le_bytes());
-    prelude.extend_from_slice(&0u32.to_le_bytes());
-    prelude.extend_from_slice(&len.to_le_bytes());
-    prelude.extend_from_slice(&0u64.to_le_bytes());
-    prelude.extend_from_slice(b"{}");
-    prelude
-}
 
 #[test]
 fn announced_frames_cost_no_memory_and_the_budget_holds() {

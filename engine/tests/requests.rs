@@ -3,6 +3,8 @@
 //! from the connection while it waits, and must dispatch every other frame as
 //! the connection's reader thread would.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -262,15 +264,7 @@ fn garbage_instead_of_a_reply_fails_the_request() {
 #[test]
 fn half_a_reply_does_not_hold_a_requester_past_its_timeout() {
     // A valid prelude announcing a frame of 4 KiB, then nothing more.
-    let mut prelude = Vec::new();
-    prelude.extend_from_slice(b"TFRM");
-    prelude.extend_from_slice(&1u16.to_le_bytes());
-    prelude.extend_from_slice(&0u16.to_le_bytes());
-    prelude.extend_from_slice(&2u32.to_le_bytes());
-    prelude.extend_from_slice(&0u32.to_le_bytes());
-    prelude.extend_from_slice(&4096u64.to_le_bytes());
-    prelude.extend_from_slice(&0u64.to_le_bytes());
-    prelude.extend_from_slice(b"{}");
+    let prelude = common::announce(4096);
     let (addr, fake) = fake_server(prelude);
     let client = Node::builder().name("client").build().expect("client");
     let start = Instant::now();
