@@ -17,6 +17,7 @@ use crate::reactor::Reactor;
 use crate::signal::Signal;
 use crate::transport::auth::Secret;
 use crate::transport::shm::slots::SlotPool;
+use crate::transport::tls::TlsConfig;
 use crate::wire::Limits;
 
 /// Builds a [`Node`]; everything is checked in [`build`](NodeBuilder::build).
@@ -48,6 +49,7 @@ pub struct NodeBuilder {
     shm_bytes: usize,
     shm_uids: Vec<u32>,
     secret: Option<Secret>,
+    tls: Option<TlsConfig>,
     busy_poll: Duration,
     io_threads: usize,
     service_threads: usize,
@@ -67,6 +69,7 @@ impl Default for NodeBuilder {
             shm_bytes: 4 << 30,
             shm_uids: Vec::new(),
             secret: None,
+            tls: None,
             busy_poll: Duration::ZERO,
             io_threads: 1,
             service_threads: 2,
@@ -155,6 +158,22 @@ impl NodeBuilder {
         self
     }
 
+    /// Speaks TLS 1.3 on every tcp connection of this node, dialed or
+    /// accepted: its listeners show the certificate of `config`, it verifies
+    /// the certificates of the listeners it dials against the CAs of
+    /// `config` (for the host dialed, or `TlsConfig::server_name`), and with
+    /// a client CA its listeners require dialers' certificates. Addresses
+    /// stay `tcp://HOST:PORT`; a peer without TLS is refused, the dialer
+    /// told what to configure ([`Error::Tls`](crate::Error::Tls)), the
+    /// listener counting it in [`NodeStats::rejected`](crate::NodeStats).
+    /// With a [`secret`](Self::secret) too, its challenge–response runs
+    /// inside TLS. Files are read in [`build`](Self::build). Default: none
+    /// (tcp is plaintext).
+    pub fn tls(mut self, config: TlsConfig) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     /// Lets processes of these users connect to this node's `shm://`
     /// listeners too. By default only processes of this process's own
     /// user may (checked with the socket's peer credentials before the
@@ -202,8 +221,9 @@ impl NodeBuilder {
     ///
     /// A channel configuration that is not valid (every error, with its
     /// place), a malformed address, a non-loopback address given to
-    /// `listen`, an inproc name already taken, or a socket that cannot be
-    /// bound.
+    /// `listen`, an inproc name already taken, a socket that cannot be
+    /// bound, or TLS files that cannot be read or do not fit together (a
+    /// tcp listener with TLS needs a certificate and its key).
     pub fn build(self) -> Result<Node> {
         let errors = crate::delivery::validate(&self.config);
         if !errors.is_empty() {
@@ -214,6 +234,12 @@ impl NodeBuilder {
             .iter()
             .map(|(text, public)| Ok((text.parse::<Address>()?, *public)))
             .collect::<Result<Vec<_>>>()?;
+        let tls = self
+            .tls
+            .as_ref()
+            .map(TlsConfig::load)
+            .transpose()?
+            .map(Arc::new);
         let reactor = Reactor::new(self.io_threads, self.busy_poll, &self.name)?;
         let inner = Arc::new_cyclic(|me| NodeInner {
             name: self.name,
@@ -224,6 +250,7 @@ impl NodeBuilder {
             busy_poll: self.busy_poll,
             shm_uids: self.shm_uids,
             secret: self.secret,
+            tls,
             inventory: self.inventory.map(Arc::new),
             deliveries: Mutex::new(HashMap::new()),
             listening: Mutex::new(Vec::new()),
