@@ -148,6 +148,7 @@ mod recv;
 pub mod runtime_dir;
 mod send;
 mod tensor_spec;
+mod tls;
 mod values;
 
 /// Prints a JSON value to stdout, pretty.
@@ -238,13 +239,18 @@ pub fn secret(file: Option<&std::path::Path>) -> Result<Option<tensorferry::Secr
     }
 }
 
-/// `builder` with the command's secret, when it has one.
-pub fn with_secret(
-    builder: tensorferry::NodeBuilder,
-    secret: &Option<tensorferry::Secret>,
-) -> tensorferry::NodeBuilder {
-    match secret {
-        Some(s) => builder.secret(s.clone()),
-        None => builder,
+/// A node builder with the command's secret (from `secret_file` or the
+/// environment) and TLS, when it has them.
+pub fn secured(
+    secret_file: Option<&std::path::Path>,
+    tls: &tls::TlsArgs,
+) -> Result<tensorferry::NodeBuilder, String> {
+    let mut builder = tensorferry::Node::builder();
+    if let Some(s) = secret(secret_file)? {
+        builder = builder.secret(s);
     }
+    if let Some(config) = tls.config() {
+        builder = builder.tls(config);
+    }
+    Ok(builder)
 }

@@ -78,6 +78,9 @@ pub struct Args {
     /// the tensors of the last message (name, dtype, shape, device).
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
 }
 
 /// The bytes a tensor sent as `sent` (generated from the seed) should have
@@ -298,15 +301,12 @@ fn open(args: &Args) -> Result<(Source, String), String> {
             );
         }
         // Writing a non-loopback address on the command line is the explicit opt-in.
-        let node = super::with_secret(
-            Node::builder(),
-            &super::secret(args.secret_file.as_deref())?,
-        )
-        .name("recv")
-        .channels(config)
-        .listen_public(text)
-        .build()
-        .map_err(|e| e.to_string())?;
+        let node = super::secured(args.secret_file.as_deref(), &args.tls)?
+            .name("recv")
+            .channels(config)
+            .listen_public(text)
+            .build()
+            .map_err(|e| e.to_string())?;
         let bound = node
             .listen_addrs()
             .first()
@@ -334,14 +334,11 @@ fn open(args: &Args) -> Result<(Source, String), String> {
             Ok((Source::File(replay), addr.to_string()))
         }
         _ => {
-            let node = super::with_secret(
-                Node::builder(),
-                &super::secret(args.secret_file.as_deref())?,
-            )
-            .name("recv")
-            .channels(config)
-            .build()
-            .map_err(|e| e.to_string())?;
+            let node = super::secured(args.secret_file.as_deref(), &args.tls)?
+                .name("recv")
+                .channels(config)
+                .build()
+                .map_err(|e| e.to_string())?;
             let sub = node.subscribe(text, channel).map_err(|e| e.to_string())?;
             Ok((Source::Net { _node: node, sub }, addr.to_string()))
         }

@@ -98,6 +98,9 @@ pub struct Args {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
 }
 
 fn parse_field(text: &str) -> Result<(String, Value), String> {
@@ -126,15 +129,12 @@ impl Sink {
         if let Some(text) = &args.listen {
             // Not a file nor inproc: check_address said so.
             let addr: Address = text.parse().map_err(|e| format!("--listen: {e}"))?;
-            let node = super::with_secret(
-                Node::builder(),
-                &super::secret(args.secret_file.as_deref())?,
-            )
-            .name("send")
-            .channels(config.clone())
-            .listen_public(text)
-            .build()
-            .map_err(|e| e.to_string())?;
+            let node = super::secured(args.secret_file.as_deref(), &args.tls)?
+                .name("send")
+                .channels(config.clone())
+                .listen_public(text)
+                .build()
+                .map_err(|e| e.to_string())?;
             let bound = node.listen_addrs().first().cloned().unwrap_or(addr);
             eprintln!("listening on {bound}");
             let publisher = node.publisher(args.channel.clone());
@@ -162,15 +162,12 @@ impl Sink {
                 Ok((Sink::File(writer), addr))
             }
             _ => {
-                let node = super::with_secret(
-                    Node::builder(),
-                    &super::secret(args.secret_file.as_deref())?,
-                )
-                .name("send")
-                .channels(config.clone())
-                .connect_timeout(wait)
-                .build()
-                .map_err(|e| e.to_string())?;
+                let node = super::secured(args.secret_file.as_deref(), &args.tls)?
+                    .name("send")
+                    .channels(config.clone())
+                    .connect_timeout(wait)
+                    .build()
+                    .map_err(|e| e.to_string())?;
                 node.connect(text).map_err(|e| e.to_string())?;
                 let publisher = node.publisher(args.channel.clone());
                 publisher

@@ -12,7 +12,9 @@
 //! A peer without the secret, with a wrong one, or replaying an answer it
 //! saw (it was for another `Ns`) is dropped before any frame is read; the
 //! dialer learns whether the listener knew the secret too. The secret never
-//! travels. This authenticates peers; it does not encrypt what they send.
+//! travels. This authenticates peers; it does not encrypt what they send:
+//! with [TLS](super::tls) too, the exchange runs inside TLS, after the
+//! listener's word.
 
 use std::fmt;
 use std::io::{self, IoSlice};

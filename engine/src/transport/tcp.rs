@@ -3,6 +3,11 @@
 //! writes are vectored (a frame's head and its tensors' bytes leave in one
 //! call, never concatenated); Nagle's delay is off and the socket buffers
 //! are large.
+//!
+//! A node with TLS ([`tls`](super::tls)) or a shared secret
+//! ([`auth`](super::auth)) opens each connection before its first frame:
+//! the dialer on its own thread, within the connect timeout; the listener's
+//! side (`Opening`) on its I/O thread, without blocking, within 5 s.
 
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpListener, TcpStream};

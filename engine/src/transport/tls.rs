@@ -151,7 +151,13 @@ impl TlsConfig {
     /// or an IP address, a key without a certificate or the other way
     /// round, or a client CA without a certificate to listen with.
     pub(crate) fn load(&self) -> Result<Tls> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut provider = rustls::crypto::ring::default_provider();
+        // AES-128-GCM first: the fastest of the TLS 1.3 suites on processors
+        // with AES instructions; the others stay for peers that prefer them.
+        provider
+            .cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let provider = Arc::new(provider);
         let identity = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => Some((certs(cert, "certificate chain")?, key_in(key)?)),
             (None, None) => None,
@@ -358,13 +364,13 @@ impl Tls {
             peer: peer.clone(),
             what,
         };
-        let timed_out =
-            || {
-                failed(format!(
+        let budget = deadline.saturating_duration_since(Instant::now());
+        let timed_out = || {
+            failed(format!(
                 "the listener did not finish the TLS handshake within {} ms: does it speak TLS?",
-                deadline.saturating_duration_since(Instant::now()).as_millis()
+                budget.as_millis()
             ))
-            };
+        };
         loop {
             let ready = match link.shake() {
                 Ok(Shake::Done) => break,
