@@ -233,12 +233,12 @@ fn messages_large_and_small_cross_tls_intact() {
         _ => 300_001,
     };
     let sender = std::thread::spawn(move || {
-        for i in 0..12u64 {
+        for i in 0..8u64 {
             publisher.send(message(100 + i, sizes(i))).expect("publish");
         }
         publisher
     });
-    for i in 0..12u64 {
+    for i in 0..8u64 {
         let got = sub.recv_timeout(WAIT).expect("message");
         check(&got.message, 100 + i, sizes(i));
     }

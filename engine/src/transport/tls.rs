@@ -19,7 +19,8 @@
 //!
 //! [`TlsLink`] is the [`ByteLink`] of such a connection: the non-blocking
 //! socket of a [`TcpLink`] wrapped in a rustls connection. It reads the
-//! socket into a buffer of its own and hands rustls the records; what a
+//! socket into a buffer of its own (16 KiB during the handshake, 256 KiB
+//! after) and hands rustls the records; what a
 //! writer hands it is encrypted at once and written as far as the socket
 //! takes it, and records the socket had no room for wait in rustls until it
 //! has ([`ByteLink::send_held`]): the connection's writer then waits for
@@ -49,8 +50,13 @@ use crate::error::{Error, Result};
 /// What a listener sends, inside TLS, once it has accepted a dialer.
 pub(crate) const ACCEPTED: &[u8; 4] = b"TFTL";
 
-/// Bytes of the socket read at once, before rustls takes them record by record.
+/// Bytes of the socket read at once, before rustls takes them record by
+/// record, once the handshake is done.
 const INBOX_BYTES: usize = 256 << 10;
+
+/// The same during the handshake: a peer that has not proven anything yet
+/// makes the node hold little.
+const HANDSHAKE_INBOX_BYTES: usize = 16 << 10;
 
 /// Most bytes of TLS records a link holds for the socket: a writer hands it
 /// at most this much plaintext at a time.
@@ -468,7 +474,7 @@ impl TlsLink {
             tcp,
             state: Mutex::new(State {
                 conn,
-                inbox: vec![0; INBOX_BYTES].into_boxed_slice(),
+                inbox: vec![0; HANDSHAKE_INBOX_BYTES].into_boxed_slice(),
                 start: 0,
                 end: 0,
             }),
@@ -494,6 +500,14 @@ impl TlsLink {
                 return Ok(Shake::Write);
             }
             if !st.conn.is_handshaking() {
+                if st.inbox.len() < INBOX_BYTES {
+                    // The handshake is done: room for bulk reads, keeping
+                    // what rustls has not taken yet.
+                    let mut inbox = vec![0; INBOX_BYTES].into_boxed_slice();
+                    let rest = st.end - st.start;
+                    inbox[..rest].copy_from_slice(&st.inbox[st.start..st.end]);
+                    (st.inbox, st.start, st.end) = (inbox, 0, rest);
+                }
                 self.note_buffered(&mut st);
                 return Ok(Shake::Done);
             }
