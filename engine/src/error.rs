@@ -153,6 +153,17 @@ pub enum Error {
         offence: String,
     },
 
+    /// A TLS connection could not be opened: a certificate that does not
+    /// verify, a peer without TLS, a listener that refused this node's
+    /// certificate. The message says what to change.
+    #[error("TLS with {peer}: {what}")]
+    Tls {
+        /// The peer's address.
+        peer: String,
+        /// What failed, and what to change.
+        what: String,
+    },
+
     /// A service answered with an error.
     #[error("service `{channel}` replied with error `{code}`: {message}")]
     Remote {

@@ -52,6 +52,7 @@ pub mod wire;
 
 pub use transport::auth::Secret;
 pub use transport::file;
+pub use transport::tls::TlsConfig;
 
 pub use address::Address;
 pub use buffer::{Backing, HostBuffer, HostBufferMut, ALIGN};

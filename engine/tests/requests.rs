@@ -337,3 +337,31 @@ fn busy_polling_requesters_and_readers_share_one_connection() {
         }
     }
 }
+
+#[test]
+fn a_request_larger_than_the_socket_buffers_is_written_while_its_requester_waits() {
+    // The requester reads its reply itself: the rest of its request is
+    // written by the I/O thread as the socket makes room.
+    for transport in ["tcp", "shm"] {
+        let (server, addr) = server(transport, "large");
+        server.serve("/echo", echo(false)).expect("serve");
+        let client = Node::builder().name("client").build().expect("client");
+        for (seq, bytes) in [(0u64, 64usize << 20), (1, 10)] {
+            let t = pattern::tensor(DType::U8, &[bytes], 9, seq, "x").expect("tensor");
+            let reply = client
+                .request(&addr, "/echo", Message::new().tensor("x", t), WAIT)
+                .unwrap_or_else(|e| panic!("{transport}: {e}"));
+            let got = reply
+                .get("x")
+                .expect("x")
+                .contiguous_bytes()
+                .expect("bytes");
+            assert_eq!(got.len(), bytes);
+            assert_eq!(
+                pattern::first_mismatch(DType::U8, 9, seq, "x", got),
+                None,
+                "{transport}"
+            );
+        }
+    }
+}

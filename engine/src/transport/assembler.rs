@@ -288,7 +288,8 @@ impl Assembler {
             let have = self.end - self.start;
             if have >= PRELUDE_BYTES {
                 let prelude = &self.ahead[self.start..self.start + PRELUDE_BYTES];
-                let p = Prelude::parse(prelude, &self.limits, self.offset)?;
+                let p = Prelude::parse(prelude, &self.limits, self.offset)
+                    .map_err(|e| self.tls_instead().unwrap_or(e))?;
                 let len = usize::try_from(p.frame_len).map_err(|_| Error::Limit {
                     what: "frame size",
                     value: p.frame_len,
@@ -566,6 +567,23 @@ impl Assembler {
         self.end > self.start || self.partial.is_some()
     }
 
+    /// The error to report when the stream opens with a TLS record (a
+    /// handshake or an alert) where a frame should be: the peer speaks TLS
+    /// and this node does not.
+    fn tls_instead(&self) -> Option<Error> {
+        let head = &self.ahead[self.start..self.end];
+        let tls = self.offset == 0
+            && self.partial.is_none()
+            && head.len() >= 3
+            && matches!(head[0], 0x15 | 0x16)
+            && head[1] == 0x03
+            && head[2] <= 0x04;
+        tls.then(|| Error::Frame {
+            offset: 0,
+            what: "the peer speaks TLS and this node does not: give this node TLS too (NodeBuilder::tls; the CLI's --tls-ca, and --tls-cert and --tls-key to listen)".into(),
+        })
+    }
+
     fn context(&self) -> String {
         format!("reading the frame at stream byte {}", self.offset)
     }
@@ -575,6 +593,9 @@ impl Assembler {
     }
 
     fn cut(&self) -> Error {
+        if let Some(e) = self.tls_instead() {
+            return e;
+        }
         Error::io(
             self.context(),
             io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended mid-frame"),

@@ -12,18 +12,20 @@
 //! A peer without the secret, with a wrong one, or replaying an answer it
 //! saw (it was for another `Ns`) is dropped before any frame is read; the
 //! dialer learns whether the listener knew the secret too. The secret never
-//! travels. This authenticates peers; it does not encrypt what they send.
+//! travels. This authenticates peers; it does not encrypt what they send:
+//! with [TLS](super::tls) too, the exchange runs inside TLS, after the
+//! listener's word.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::{self, IoSlice};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::tcp::{recv_exact, send_all};
+use super::ByteLink;
 use crate::error::{Error, Result};
 
 /// The bytes that open each message of the handshake.
@@ -34,8 +36,6 @@ const TAG: usize = 32;
 const ANSWER: usize = 4 + NONCE + TAG;
 /// Fewest bytes a secret may have.
 pub const MIN_SECRET_BYTES: usize = 16;
-/// How long a listener waits for a dialer's answer.
-const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -109,30 +109,29 @@ fn nonce() -> [u8; NONCE] {
     n
 }
 
-/// The dialer's side, on a blocking stream: answers the challenge and
-/// checks the listener's proof, within `timeout`.
+/// The dialer's side, on a new link (plain, or TLS once its handshake is
+/// done): answers the challenge and checks the listener's proof, waiting on
+/// this thread until `deadline`.
 ///
 /// # Errors
 ///
-/// A listener that sends no challenge (it has no secret, or is not a
-/// tensorferry node), that refuses the answer, or whose proof is wrong.
+/// A listener that sends no challenge (it has no secret, is not a
+/// tensorferry node, or waits for a TLS handshake), that refuses the
+/// answer, or whose proof is wrong.
 pub(crate) fn dial(
-    stream: &mut TcpStream,
+    link: &dyn ByteLink,
     secret: &Secret,
     peer: &str,
-    timeout: Duration,
+    deadline: Instant,
 ) -> Result<()> {
     let failed = |what: String| Error::PeerLost {
         peer: peer.to_string(),
         reason: what,
     };
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| Error::io("authenticating", e))?;
     let mut challenge = [0u8; 4 + NONCE];
-    stream.read_exact(&mut challenge).map_err(|e| {
+    recv_exact(link, &mut challenge, deadline).map_err(|e| {
         failed(format!(
-            "it sent no authentication challenge ({e}): does it have a secret?"
+            "it sent no authentication challenge ({e}): does it have a secret? (a listener that requires TLS sends nothing either: give this node TLS too if it does)"
         ))
     })?;
     if &challenge[..4] != MAGIC {
@@ -151,12 +150,10 @@ pub(crate) fn dial(
             .finalize()
             .into_bytes(),
     );
-    stream
-        .write_all(&answer)
+    send_all(link, &answer, deadline)
         .map_err(|e| failed(format!("sending the authentication answer: {e}")))?;
     let mut proof = [0u8; TAG];
-    stream
-        .read_exact(&mut proof)
+    recv_exact(link, &mut proof, deadline)
         .map_err(|_| failed("it refused this node's secret (the two secrets differ)".into()))?;
     secret
         .tag(b"tensorferry server", &client_nonce, server_nonce)
@@ -164,71 +161,99 @@ pub(crate) fn dial(
         .map_err(|_| {
             failed("its proof of the secret is wrong: it does not know this node's secret".into())
         })?;
-    stream
-        .set_read_timeout(None)
-        .map_err(|e| Error::io("authenticating", e))?;
     Ok(())
 }
 
-/// The listener's side of one connection, driven without blocking: the
-/// challenge is sent when it is made; [`advance`](Challenge::advance) reads
-/// the answer as it comes.
+/// The listener's side of one connection, driven without blocking:
+/// [`advance`](Challenge::advance) sends the challenge, reads the answer as
+/// it comes, checks it and sends the proof.
 pub(crate) struct Challenge {
-    stream: Option<TcpStream>,
-    fd: RawFd,
+    link: Option<Box<dyn ByteLink>>,
     secret: Secret,
     nonce: [u8; NONCE],
     got: Vec<u8>,
-    deadline: Instant,
+    /// What is to be sent: the challenge, then the proof; and how much of it went.
+    out: Vec<u8>,
+    sent: usize,
+    /// The answer was checked: once the proof is out, the link is open.
+    checked: bool,
+    /// The last advance stopped for room in the socket.
+    wants_write: bool,
 }
 
 impl Challenge {
-    /// Sends the challenge on a new, non-blocking connection.
-    ///
-    /// # Errors
-    ///
-    /// When the challenge cannot be sent.
-    pub(crate) fn start(stream: TcpStream, secret: Secret) -> io::Result<Challenge> {
-        stream.set_nonblocking(true)?;
+    /// A challenge on a new link, sent by the first
+    /// [`advance`](Self::advance).
+    pub(crate) fn new(link: Box<dyn ByteLink>, secret: Secret) -> Challenge {
         let nonce = nonce();
         let mut hello = Vec::with_capacity(4 + NONCE);
         hello.extend_from_slice(MAGIC);
         hello.extend_from_slice(&nonce);
-        // 36 bytes into a new connection's empty send buffer: all of them go.
-        (&stream).write_all(&hello)?;
-        Ok(Challenge {
-            fd: stream.as_raw_fd(),
-            stream: Some(stream),
+        Challenge {
+            link: Some(link),
             secret,
             nonce,
             got: Vec::with_capacity(ANSWER),
-            deadline: Instant::now() + ANSWER_WAIT,
-        })
+            out: hello,
+            sent: 0,
+            checked: false,
+            wants_write: false,
+        }
     }
 
-    pub(crate) fn fd(&self) -> RawFd {
-        self.fd
+    /// Whether the last [`advance`](Self::advance) waits for room in the socket.
+    pub(crate) fn wants_write(&self) -> bool {
+        self.wants_write
     }
 
-    pub(crate) fn deadline(&self) -> Instant {
-        self.deadline
+    /// Sends what waits to be sent: `Ok(true)` when all of it went.
+    fn push(&mut self, link: &dyn ByteLink) -> Result<bool> {
+        let failed = |e| Error::io("sending the authentication challenge or proof", e);
+        while self.sent < self.out.len() {
+            match link.write_now(&[IoSlice::new(&self.out[self.sent..])]) {
+                Ok(0) => return Err(failed(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        Ok(!link.send_held().map_err(failed)?)
     }
 
-    /// Reads what came of the answer: `Ok(Some(stream))` once it is checked
-    /// (the proof is sent), `Ok(None)` while it is incomplete.
+    /// Goes as far as it can now: `Ok(Some(link))` once the answer is
+    /// checked and the proof sent, `Ok(None)` while it waits for the peer.
     ///
     /// # Errors
     ///
     /// A peer that closed, answered with something else, or does not know
     /// the secret.
-    pub(crate) fn advance(&mut self) -> Result<Option<TcpStream>> {
-        let Some(mut stream) = self.stream.as_ref() else {
+    pub(crate) fn advance(&mut self) -> Result<Option<Box<dyn ByteLink>>> {
+        let Some(link) = self.link.take() else {
             return Err(Error::Invalid("the handshake is over".into()));
         };
+        let outcome = self.step(&*link);
+        if matches!(outcome, Ok(true)) {
+            return Ok(Some(link));
+        }
+        self.link = Some(link);
+        outcome.map(|_| None)
+    }
+
+    /// One advance on `link`: `Ok(true)` when it is open.
+    fn step(&mut self, link: &dyn ByteLink) -> Result<bool> {
+        self.wants_write = false;
+        if !self.push(link)? {
+            self.wants_write = true;
+            return Ok(false);
+        }
+        if self.checked {
+            return Ok(true);
+        }
         let mut buf = [0u8; ANSWER];
         while self.got.len() < ANSWER {
             let want = ANSWER - self.got.len();
-            match stream.read(&mut buf[..want]) {
+            match link.read_now(&mut buf[..want]) {
                 Ok(0) => {
                     return Err(Error::Invalid(
                         "it closed the connection before answering the authentication challenge"
@@ -236,7 +261,7 @@ impl Challenge {
                     ))
                 }
                 Ok(n) => self.got.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Error::io("reading the authentication answer", e)),
             }
@@ -254,36 +279,43 @@ impl Challenge {
             .map_err(|_| {
                 Error::Invalid("its answer to the authentication challenge is wrong: it does not know this node's secret".into())
             })?;
-        let proof = self
+        self.out = self
             .secret
             .tag(b"tensorferry server", client_nonce, &self.nonce)
             .finalize()
-            .into_bytes();
-        // 32 bytes after 36 sent and 68 read: the send buffer takes them.
-        stream
-            .write_all(&proof)
-            .map_err(|e| Error::io("sending the authentication proof", e))?;
-        Ok(self.stream.take())
+            .into_bytes()
+            .to_vec();
+        self.sent = 0;
+        self.checked = true;
+        if !self.push(link)? {
+            self.wants_write = true;
+            return Ok(false);
+        }
+        Ok(true)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use crate::transport::tcp::TcpLink;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
 
-    fn pair() -> (TcpStream, TcpStream) {
+    fn pair() -> (TcpLink, TcpLink) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
         let (b, _) = l.accept().expect("accept");
-        (a, b)
+        let link = |s| TcpLink::new(s, "test".into()).expect("link");
+        (link(a), link(b))
     }
 
-    fn run(client: Secret, server: Secret) -> (Result<()>, Result<Option<TcpStream>>) {
-        let (mut a, b) = pair();
-        let mut challenge = Challenge::start(b, server).expect("challenge");
-        let dialer =
-            std::thread::spawn(move || dial(&mut a, &client, "test", Duration::from_secs(5)));
+    fn run(client: Secret, server: Secret) -> (Result<()>, Result<Option<Box<dyn ByteLink>>>) {
+        let (a, b) = pair();
+        let mut challenge = Challenge::new(Box::new(b), server);
+        let dialer = std::thread::spawn(move || {
+            dial(&a, &client, "test", Instant::now() + Duration::from_secs(5))
+        });
         let deadline = Instant::now() + Duration::from_secs(5);
         let served = loop {
             match challenge.advance() {

@@ -396,12 +396,30 @@ impl Outbox {
                         // Published while the turn is held (see above).
                         drop(s);
                         link.flush();
+                        // What the link took may still wait for the socket
+                        // (TLS records): written now, or when there is room.
+                        let held = match link.send_held() {
+                            Ok(held) => held,
+                            Err(e) => return self.failed(link, e, None),
+                        };
                         s = self.lock();
                         if !s.queue.is_empty() {
                             continue;
                         }
+                        if held {
+                            let room = link.idle_write();
+                            if room || std::mem::take(&mut s.again) {
+                                continue;
+                            }
+                            s.turn = false;
+                            return Pumped::Full;
+                        }
+                        // Someone asked while the turn was held: bytes the
+                        // link made meanwhile (a reader's TLS alert) go too.
+                        if std::mem::take(&mut s.again) && link.holds_output() {
+                            continue;
+                        }
                         s.turn = false;
-                        s.again = false;
                         return Pumped::Done;
                     }
                 },
@@ -435,21 +453,25 @@ impl Outbox {
                     s.turn = false;
                     return Pumped::Full;
                 }
-                Err(e) => {
-                    let why = format!("writing to {}: {e}", link.label());
-                    tracing::debug!(peer = link.label(), error = %e, kind = ?e.kind(), "a write failed");
-                    let dropped = {
-                        let mut s = self.lock();
-                        s.closed = Some(why.clone());
-                        s.turn = false;
-                        std::mem::take(&mut s.queue)
-                    };
-                    drop(queued);
-                    drop(dropped);
-                    return Pumped::Failed(why);
-                }
+                Err(e) => return self.failed(link, e, Some(queued)),
             }
         }
+    }
+
+    /// A write failed: the outbox closes, and what waits is dropped (its
+    /// lanes are told). Called without the lock, by the turn's holder.
+    fn failed(&self, link: &dyn ByteLink, e: io::Error, current: Option<Queued>) -> Pumped {
+        let why = format!("writing to {}: {e}", link.label());
+        tracing::debug!(peer = link.label(), error = %e, kind = ?e.kind(), "a write failed");
+        let dropped = {
+            let mut s = self.lock();
+            s.closed = Some(why.clone());
+            s.turn = false;
+            std::mem::take(&mut s.queue)
+        };
+        drop(current);
+        drop(dropped);
+        Pumped::Failed(why)
     }
 
     /// Closes the outbox: nothing more is taken, and what waits is dropped

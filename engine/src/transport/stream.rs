@@ -303,6 +303,11 @@ impl StreamConn {
             return Err(end.clone());
         }
         let outcome = side.assembler.next(&mut LinkSource(&*self.link));
+        if self.link.holds_output() {
+            // Reading made bytes to send (a TLS alert or key update): the
+            // writer sends them, now or when the socket has room.
+            let _ = self.pump();
+        }
         let end = match outcome {
             Ok(Next::Frame(f)) => return Ok(Some(f)),
             Ok(Next::Pending) => return Ok(None),

@@ -241,6 +241,10 @@ impl Handshake for AcceptShake {
     fn deadline(&self) -> Instant {
         self.deadline
     }
+
+    fn stage(&self) -> &'static str {
+        "sending its shared-memory ring"
+    }
 }
 
 /// What the socket brought that the reader has not taken yet.
