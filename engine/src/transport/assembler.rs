@@ -128,6 +128,10 @@ pub(crate) struct Assembler {
     /// socket was empty then, and new bytes will be reported, so the next
     /// read is not tried (it would only say "nothing yet").
     short_read: bool,
+    /// The other end closed: its end may have come with the last bytes,
+    /// reported once for both, so a short read no longer means "wait for
+    /// the next report" — reads go on until the end is read.
+    peer_closed: bool,
     /// The next frame's length, when the receive budget has no room for it.
     starved: Option<usize>,
 }
@@ -137,6 +141,9 @@ pub(crate) struct Assembler {
 struct Drained<'a> {
     inner: &'a mut dyn Source,
     skip: &'a mut bool,
+    /// Whether a short read may be trusted to mean "empty" (not once the
+    /// other end closed).
+    trust_short: bool,
 }
 
 impl Source for Drained<'_> {
@@ -145,7 +152,7 @@ impl Source for Drained<'_> {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = self.inner.recv_now(buf)?;
-        *self.skip = n > 0 && n < buf.len() && !self.inner.cheap_reads();
+        *self.skip = self.trust_short && n > 0 && n < buf.len() && !self.inner.cheap_reads();
         Ok(n)
     }
 
@@ -168,6 +175,7 @@ impl Assembler {
             router: None,
             route_min_bytes: AHEAD_BYTES,
             short_read: false,
+            peer_closed: false,
             starved: None,
         }
     }
@@ -197,6 +205,7 @@ impl Assembler {
         let outcome = self.step(&mut Drained {
             inner: source,
             skip: &mut skip,
+            trust_short: !self.peer_closed,
         });
         self.short_read = skip;
         match &outcome {
@@ -482,6 +491,14 @@ impl Assembler {
     /// The socket has reported new bytes (or whoever reads is about to wait
     /// for it to): the next read is tried again, short read or not.
     pub(crate) fn expect_more(&mut self) {
+        self.short_read = false;
+    }
+
+    /// The socket has reported that the other end closed: every read from
+    /// now on is tried, so the end is read even when it came with the last
+    /// bytes (one report for both).
+    pub(crate) fn peer_closed(&mut self) {
+        self.peer_closed = true;
         self.short_read = false;
     }
 
