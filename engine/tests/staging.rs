@@ -507,6 +507,15 @@ fn a_rejected_message_leaves_the_subscription_working() {
     good.send(m).expect("send");
     let err = sub.recv_timeout(WAIT).expect_err("no cuda:7 here");
     assert!(err.to_string().contains("cuda:7"), "{err}");
+    // The message is named: its channel, its sequence number, the tensor.
+    assert!(
+        matches!(&err, Error::Undelivered { channel, seq: 0, .. } if channel == "/bad"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("message 0 on `/bad`") && err.to_string().contains("`x`"),
+        "{err}"
+    );
     let ok = sub.recv_timeout(WAIT).expect("the next message");
     assert_eq!(ok.channel, "/good");
     assert_eq!(
