@@ -164,6 +164,22 @@ pub enum Error {
         what: String,
     },
 
+    /// A message that arrived whole but could not be delivered: a tensor
+    /// whose checksum does not match the bytes received, whose target
+    /// device is missing, or whose copy or cast failed. The message is
+    /// dropped; the subscription goes on.
+    #[error("message {seq} on `{channel}` from {from} was not delivered: {source}")]
+    Undelivered {
+        /// The channel it was published on.
+        channel: String,
+        /// The publisher's sequence number.
+        seq: u64,
+        /// Who sent it.
+        from: String,
+        /// What was wrong, naming the tensor.
+        source: Box<Error>,
+    },
+
     /// A service answered with an error.
     #[error("service `{channel}` replied with error `{code}`: {message}")]
     Remote {

@@ -37,6 +37,10 @@ pub(crate) struct Readiness {
     pub(crate) writable: bool,
     /// Another thread asked (a nudge), or a deadline passed: look at everything.
     pub(crate) nudged: bool,
+    /// The other end has closed its side (or the source failed): its end is
+    /// waiting to be read, after any bytes before it, and no later event
+    /// will say so again.
+    pub(crate) closed: bool,
 }
 
 impl Readiness {
@@ -45,6 +49,7 @@ impl Readiness {
         readable: true,
         writable: true,
         nudged: true,
+        closed: false,
     };
 }
 
@@ -404,6 +409,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 readable: event.is_readable() || event.is_read_closed() || event.is_error(),
                 writable: event.is_writable() || event.is_write_closed(),
                 nudged: false,
+                closed: event.is_read_closed() || event.is_error(),
             };
             worked |= run_one(
                 shared,

@@ -280,7 +280,9 @@ impl Source {
                 Err(Error::PeerLost { peer, reason }) => {
                     Next::Failed(format!("connection to {peer} lost: {reason}"))
                 }
-                Err(e @ Error::Tensor { .. }) => Next::Rejected(e.to_string()),
+                Err(e @ (Error::Undelivered { .. } | Error::Tensor { .. })) => {
+                    Next::Rejected(e.to_string())
+                }
                 Err(e) => Next::Failed(e.to_string()),
             }),
         }

@@ -153,6 +153,7 @@ impl Watched for Driven {
             Reading {
                 arm: !spin,
                 evented: why.readable,
+                closed: why.closed,
             },
         );
         match stop {

@@ -132,6 +132,10 @@ pub(crate) struct Assembler {
     /// socket was empty then, and new bytes will be reported, so the next
     /// read is not tried (it would only say "nothing yet").
     short_read: bool,
+    /// The other end closed: its end may have come with the last bytes,
+    /// reported once for both, so a short read no longer means "wait for
+    /// the next report" — reads go on until the end is read.
+    peer_closed: bool,
     /// Bytes the receive budget has no room for now (the next frame, or the
     /// rest of one on probation), and whether they go on probation.
     starved: Option<(usize, bool)>,
@@ -148,6 +152,9 @@ const PROBATION_BYTES: u64 = 64 << 20;
 struct Drained<'a> {
     inner: &'a mut dyn Source,
     skip: &'a mut bool,
+    /// Whether a short read may be trusted to mean "empty" (not once the
+    /// other end closed).
+    trust_short: bool,
 }
 
 impl Source for Drained<'_> {
@@ -156,7 +163,7 @@ impl Source for Drained<'_> {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = self.inner.recv_now(buf)?;
-        *self.skip = n > 0 && n < buf.len() && !self.inner.cheap_reads();
+        *self.skip = self.trust_short && n > 0 && n < buf.len() && !self.inner.cheap_reads();
         Ok(n)
     }
 
@@ -178,6 +185,7 @@ impl Assembler {
             router: None,
             route_min_bytes: AHEAD_BYTES,
             short_read: false,
+            peer_closed: false,
             starved: None,
             probation_bytes: usize::try_from(PROBATION_BYTES.min(pool.budget_bytes() / 16))
                 .unwrap_or(usize::MAX)
@@ -220,6 +228,7 @@ impl Assembler {
         let outcome = self.step(&mut Drained {
             inner: source,
             skip: &mut skip,
+            trust_short: !self.peer_closed,
         });
         self.short_read = skip;
         match &outcome {
@@ -558,6 +567,14 @@ impl Assembler {
     /// The socket has reported new bytes (or whoever reads is about to wait
     /// for it to): the next read is tried again, short read or not.
     pub(crate) fn expect_more(&mut self) {
+        self.short_read = false;
+    }
+
+    /// The socket has reported that the other end closed: every read from
+    /// now on is tried, so the end is read even when it came with the last
+    /// bytes (one report for both).
+    pub(crate) fn peer_closed(&mut self) {
+        self.peer_closed = true;
         self.short_read = false;
     }
 

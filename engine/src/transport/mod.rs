@@ -97,6 +97,9 @@ pub(crate) struct Reading {
     /// The transport reported readiness (not a nudge): a read side held by
     /// someone else then learns it may have missed something.
     pub(crate) evented: bool,
+    /// The transport reported that the other end closed: from now on a read
+    /// that comes back short is followed by another, until the end is read.
+    pub(crate) closed: bool,
 }
 
 /// Why a read stopped.

@@ -82,6 +82,9 @@ pub(crate) struct StreamConn {
     /// The I/O thread was asked to read while someone else held the read
     /// side: the holder hands the read back when it lets go.
     missed: AtomicBool,
+    /// The transport reported the other end closed: its end waits behind
+    /// the bytes not read yet, and no later event will report it.
+    closed: AtomicBool,
     /// Whether a begun frame keeps arriving.
     watch: Mutex<Watch>,
 }
@@ -142,6 +145,7 @@ impl StreamConn {
             registration: OnceLock::new(),
             missed: AtomicBool::new(false),
             watch: Mutex::new(Watch::default()),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -232,6 +236,9 @@ impl StreamConn {
     /// left when it ends, and a nudge recorded as missed would only make it
     /// nudge again.
     fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, how: Reading) -> ReadStop {
+        if how.closed {
+            self.closed.store(true, Ordering::SeqCst);
+        }
         if let Err(e) = self.link.on_readable() {
             self.link.shutdown();
             let end = if e.kind() == io::ErrorKind::InvalidData {
@@ -301,6 +308,9 @@ impl StreamConn {
     fn step(&self, side: &mut ReadSide) -> Result<Option<Frame>, End> {
         if let Some(end) = &side.ended {
             return Err(end.clone());
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            side.assembler.peer_closed();
         }
         let outcome = side.assembler.next(&mut LinkSource(&*self.link));
         if self.link.holds_output() {
@@ -465,6 +475,67 @@ impl Drop for Lead<'_> {
         let pending = self.conn.link.idle_read();
         if holds || pending || self.conn.missed.swap(false, Ordering::SeqCst) {
             self.conn.nudge();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::tcp::TcpLink;
+    use crate::wire::{encode, EncodeOptions, FrameMeta};
+    use crate::{pattern, DType, Message};
+    use std::io::Write;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+
+    /// A connection over one end of a loopback tcp pair, and the other end.
+    fn tcp_pair() -> (StreamConn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = listener.accept().expect("accept");
+        let link = TcpLink::new(ours, "tcp://peer".into()).expect("link");
+        let conn = StreamConn::new(
+            Box::new(link),
+            BufferPool::new(1 << 30),
+            Limits::default(),
+            None,
+        );
+        (conn, peer)
+    }
+
+    #[test]
+    fn an_end_that_came_with_the_last_bytes_is_read_in_the_same_pass() {
+        // A sender killed mid-frame: its last bytes and its end are in the
+        // socket before the read, and the one readiness event that reports
+        // them is the last. The read that takes the bytes comes back short;
+        // it must go on to the end, or the connection stays half-closed
+        // forever, holding its frame's reservation.
+        let (conn, mut peer) = tcp_pair();
+        let t = pattern::tensor(DType::U8, &[1 << 20], 1, 0, "x").expect("tensor");
+        let mut frame = Vec::new();
+        encode(
+            &Message::new().tensor("x", t),
+            &FrameMeta::message("/t", 0),
+            EncodeOptions::default(),
+        )
+        .expect("encode")
+        .write_to(&mut frame)
+        .expect("write");
+        peer.write_all(&frame[..200 << 10])
+            .expect("part of a frame");
+        peer.shutdown(Shutdown::Write).expect("end");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let stop = conn.read(
+            &mut |_| panic!("no frame is whole"),
+            Reading {
+                arm: true,
+                evented: true,
+                closed: true,
+            },
+        );
+        match stop {
+            ReadStop::Ended(why) => assert!(why.contains("mid-frame"), "{why}"),
+            other => panic!("the end was left unread: {other:?}"),
         }
     }
 }

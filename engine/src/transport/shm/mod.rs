@@ -330,8 +330,11 @@ impl ShmLink {
     /// Takes what the socket brought: descriptors into the queue, wake-ups
     /// dropped (their only job was to wake), the end noted. A read takes a
     /// run of wake-ups at once, and at most one descriptor (the system ends
-    /// a read after the message that carries one); a read that comes back
-    /// short emptied the socket.
+    /// a read after the message that carries one). It reads until the
+    /// socket is empty or ended: a read that comes back short may still be
+    /// followed by the peer's end — a peer that wrote and then died wakes
+    /// the I/O thread once for both, and an end left unread would never be
+    /// reported.
     fn drain_socket(&self, socket_in: &mut SocketIn) -> io::Result<()> {
         let mut bytes = [0u8; 64];
         loop {
@@ -374,9 +377,6 @@ impl ShmLink {
                     io::ErrorKind::InvalidData,
                     "the peer sent a descriptor with a wake-up instead of an `F`",
                 ));
-            }
-            if n < bytes.len() {
-                return Ok(());
             }
         }
     }
@@ -709,6 +709,21 @@ mod tests {
             ShmLink::new(a, a_in, ra, "a".into()).expect("a"),
             ShmLink::new(b, b_in, rb, "b".into()).expect("b"),
         )
+    }
+
+    #[test]
+    fn a_peer_that_wakes_and_dies_at_once_is_seen_ended_by_one_drain() {
+        // A peer killed right after it rang: its wake-up and its end come
+        // with one readiness event, and one drain must see both, or the
+        // end is never reported (the I/O thread is not woken again).
+        let (a, b) = pair();
+        b.ring(DATA);
+        b.ring(SPACE);
+        drop(b);
+        a.on_readable().expect("drain");
+        assert!(a.gone.load(Ordering::SeqCst), "the end was left unread");
+        let mut buf = [0u8; 8];
+        assert_eq!(a.read_now(&mut buf).expect("the end"), 0);
     }
 
     fn read_exactly(link: &ShmLink, n: usize) -> Vec<u8> {
