@@ -143,5 +143,5 @@ pub use tensorferry_engine::{
     ChannelStats, Codec, CodecRegistry, DType, Dim, Error, Handler, HostBuffer, Loan,
     LostSubscriber, Message, Node, NodeBuilder, NodeStats, Object, Publisher, Received, Recording,
     RecvFuture, RequestFuture, Result, Schema, Secret, SendFuture, Service, ServiceError,
-    SubscribersFuture, Subscription, Tensor, ALL_CHANNELS,
+    SubscribersFuture, Subscription, Tensor, TlsConfig, ALL_CHANNELS,
 };

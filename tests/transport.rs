@@ -448,3 +448,138 @@ fn bench_listen_and_to_measure_tcp_and_its_raw_baseline_between_two_processes() 
         }
     }
 }
+
+/// PEM files of a CA, a listener certificate for 127.0.0.1 and a client
+/// certificate, all signed by the CA, in a directory removed on drop.
+struct Certs {
+    dir: std::path::PathBuf,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        };
+        let dir = std::env::temp_dir().join(format!("tensorferry-cli-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).expect("pem");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "test ca");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = KeyPair::generate().expect("key");
+        write("ca.crt", ca.self_signed(&ca_key).expect("ca").pem());
+        let issuer = Issuer::new(ca, ca_key);
+        for (name, san) in [("server", "127.0.0.1"), ("client", "client.example")] {
+            let params = CertificateParams::new(vec![san.to_string()]).expect("params");
+            let key = KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &issuer).expect("signed");
+            write(&format!("{name}.crt"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn send_and_recv_over_mutual_tls_and_senders_without_it_refused() {
+    let certs = Certs::new();
+    let (recv, addr) = spawn_listening(&[
+        "recv",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--tls-cert",
+        &certs.path("server.crt"),
+        "--tls-key",
+        &certs.path("server.key"),
+        "--tls-client-ca",
+        &certs.path("ca.crt"),
+        "--count",
+        "3",
+        "--verify",
+        "--seed",
+        "4",
+        "--json",
+        "--idle-timeout",
+        "60",
+    ]);
+    // Without TLS: refused.
+    let plain = run(&[
+        "send", "--to", &addr, "--tensor", "x=u8:100", "--count", "1", "--wait", "2",
+    ]);
+    assert!(!plain.status.success(), "a plaintext sender got through");
+    // TLS without a client certificate: refused, and told what to give.
+    let anonymous = run(&[
+        "send",
+        "--to",
+        &addr,
+        "--tls-ca",
+        &certs.path("ca.crt"),
+        "--tensor",
+        "x=u8:100",
+        "--count",
+        "1",
+        "--wait",
+        "5",
+    ]);
+    let err = String::from_utf8_lossy(&anonymous.stderr);
+    assert!(
+        !anonymous.status.success() && err.contains("requires a client certificate"),
+        "{err}"
+    );
+    // With its certificate: every byte arrives.
+    let ok = run(&[
+        "send",
+        "--to",
+        &addr,
+        "--tls-ca",
+        &certs.path("ca.crt"),
+        "--tls-cert",
+        &certs.path("client.crt"),
+        "--tls-key",
+        &certs.path("client.key"),
+        "--tensor",
+        "x=f32:512x1024",
+        "--count",
+        "3",
+        "--seed",
+        "4",
+        "--wait",
+        "20",
+    ]);
+    assert_ok(&ok);
+    let (out, v) = finish(recv);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_verified(&v, 3);
+}
+
+#[test]
+fn tls_options_are_explained_in_help() {
+    for command in ["send", "recv"] {
+        let out = run(&[command, "--help"]);
+        assert_ok(&out);
+        let help = String::from_utf8_lossy(&out.stdout);
+        for option in [
+            "--tls-cert",
+            "--tls-key",
+            "--tls-ca",
+            "--tls-client-ca",
+            "--tls-server-name",
+        ] {
+            assert!(help.contains(option), "{command} --help lacks {option}");
+        }
+    }
+}

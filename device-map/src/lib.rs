@@ -45,5 +45,5 @@ pub use config::{ChannelConfig, ChannelSpec, Overflow, Parsed, Pattern, DEFAULT_
 pub use device::{Device, ACCEPTED_FORMS};
 pub use error::{Error, Located, Result};
 pub use map::{is_default_key, DeviceMap, DeviceMapBuilder, Entry, DEFAULT_KEY};
-pub use node::{LimitSettings, NodeSection, SecretSource};
+pub use node::{LimitSettings, NodeSection, SecretSource, TlsSettings};
 pub use resolve::{resolve, Fallback, Inventory, Reason, Resolved};

@@ -10,6 +10,7 @@
 //!    "progress_timeout_s": 30, "min_receive_rate": "64KiB",
 //!    "limits": {"header_bytes": "16MiB", "tensors": 65536, "buffers": 65536, "frame_bytes": "64GiB"},
 //!    "secret_file": "secret.key", "shm_peer_uids": [1001],
+//!    "tls": {"cert_file": "node.pem", "key_file": "node.key", "ca_file": "ca.pem"},
 //!    "busy_poll_us": 0, "io_threads": 1, "service_threads": 2, "connect_timeout_s": 5},
 //!  "channels": {}}
 //! ```
@@ -50,6 +51,25 @@ pub struct LimitSettings {
     pub frame_bytes: Option<u64>,
 }
 
+/// TLS for a node's tcp connections (`"tls"`): PEM files, a relative path
+/// taken from the configuration file's folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsSettings {
+    /// This node's certificate chain (`"cert_file"`).
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (`"key_file"`).
+    pub key_file: Option<PathBuf>,
+    /// The CAs a peer's certificate must chain to (`"ca_file"`).
+    pub ca_file: Option<PathBuf>,
+    /// The CAs a dialer's certificate must chain to, which makes listeners
+    /// require one (`"client_ca_file"`).
+    pub client_ca_file: Option<PathBuf>,
+    /// The name a listener's certificate must carry (`"server_name"`;
+    /// default: the host dialed).
+    pub server_name: Option<String>,
+}
+
 /// A node's settings from the `"node"` section; `None` (or empty) keeps the
 /// node's default. See the [module docs](self) for the keys.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,6 +105,8 @@ pub struct NodeSection {
     pub secret: Option<SecretSource>,
     /// Other users allowed to connect over `shm://` (`"shm_peer_uids"`).
     pub shm_peer_uids: Option<Vec<u32>>,
+    /// TLS for tcp connections (`"tls"`).
+    pub tls: Option<TlsSettings>,
 }
 
 impl NodeSection {
@@ -96,7 +118,23 @@ impl NodeSection {
     /// Takes a relative `secret_file` from `dir` (the configuration file's
     /// folder), as a reader of the file would.
     pub fn relative_to(&mut self, dir: &Path) {
+        let mut files: Vec<&mut PathBuf> = Vec::new();
         if let Some(SecretSource::File(path)) = &mut self.secret {
+            files.push(path);
+        }
+        if let Some(tls) = &mut self.tls {
+            files.extend(
+                [
+                    &mut tls.cert_file,
+                    &mut tls.key_file,
+                    &mut tls.ca_file,
+                    &mut tls.client_ca_file,
+                ]
+                .into_iter()
+                .flatten(),
+            );
+        }
+        for path in files {
             if path.is_relative() {
                 *path = dir.join(&*path);
             }
@@ -121,8 +159,18 @@ const KEYS: &[&str] = &[
     "secret_file",
     "secret_env",
     "shm_peer_uids",
+    "tls",
 ];
-const EXPECTED: &str = "\"name\", \"listen\", \"listen_public\", \"io_threads\", \"service_threads\", \"receive_budget\", \"pool_idle\", \"shm_bytes\", \"busy_poll_us\", \"connect_timeout_s\", \"progress_timeout_s\", \"min_receive_rate\", \"limits\", \"secret_file\", \"secret_env\", \"shm_peer_uids\"";
+const EXPECTED: &str = "\"name\", \"listen\", \"listen_public\", \"io_threads\", \"service_threads\", \"receive_budget\", \"pool_idle\", \"shm_bytes\", \"busy_poll_us\", \"connect_timeout_s\", \"progress_timeout_s\", \"min_receive_rate\", \"limits\", \"secret_file\", \"secret_env\", \"shm_peer_uids\", \"tls\"";
+const TLS_KEYS: &[&str] = &[
+    "cert_file",
+    "key_file",
+    "ca_file",
+    "client_ca_file",
+    "server_name",
+];
+const TLS_EXPECTED: &str =
+    "\"cert_file\", \"key_file\", \"ca_file\", \"client_ca_file\", \"server_name\"";
 const LIMIT_KEYS: &[&str] = &["header_bytes", "tensors", "buffers", "frame_bytes"];
 const LIMIT_EXPECTED: &str = "\"header_bytes\", \"tensors\", \"buffers\", \"frame_bytes\"";
 
@@ -199,6 +247,7 @@ pub(crate) fn parse(walk: &mut Walk<'_>, raw: Raw, path: &str) -> NodeSection {
                 }
             }
             "shm_peer_uids" => node.shm_peer_uids = uids(walk, value, &here),
+            "tls" => node.tls = tls(walk, value, &here),
             _ => unreachable!("walk.accept passes known keys only"),
         }
     }
@@ -260,6 +309,49 @@ fn uids(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<Vec<u32>> {
         }
     }
     Some(out)
+}
+
+fn tls(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<TlsSettings> {
+    let pairs = walk.object(raw, path)?;
+    let mut tls = TlsSettings::default();
+    let mut seen = Vec::new();
+    for (key, value) in pairs {
+        if !walk.accept(path, &key, TLS_KEYS, TLS_EXPECTED, &mut seen) {
+            continue;
+        }
+        let here = field_path(path, &key);
+        let Some(text) = walk.string(value, here.clone(), "a string") else {
+            continue;
+        };
+        if text.trim().is_empty() {
+            walk.error(
+                here,
+                Error::Setting {
+                    message: format!("`{key}` is empty; leave it out or name a file"),
+                },
+            );
+            continue;
+        }
+        match key.as_str() {
+            "cert_file" => tls.cert_file = Some(text.into()),
+            "key_file" => tls.key_file = Some(text.into()),
+            "ca_file" => tls.ca_file = Some(text.into()),
+            "client_ca_file" => tls.client_ca_file = Some(text.into()),
+            "server_name" => tls.server_name = Some(text),
+            _ => unreachable!("walk.accept passes known keys only"),
+        }
+    }
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        walk.error(
+            path.to_string(),
+            Error::Setting {
+                message:
+                    "give \"cert_file\" and \"key_file\" together (a certificate needs its key)"
+                        .into(),
+            },
+        );
+    }
+    Some(tls)
 }
 
 fn limits(walk: &mut Walk<'_>, raw: Raw, path: &str) -> LimitSettings {
@@ -385,7 +477,8 @@ mod tests {
                 "busy_poll_us": 50, "connect_timeout_s": 2.5, "progress_timeout_s": 0,
                 "min_receive_rate": "16KiB", "io_threads": 2, "service_threads": 3,
                 "limits": {"header_bytes": "1MiB", "tensors": 10, "buffers": 12, "frame_bytes": "4GiB"},
-                "secret_env": "MY_SECRET", "shm_peer_uids": [0, 1001]}}"#,
+                "secret_env": "MY_SECRET", "shm_peer_uids": [0, 1001],
+                "tls": {"cert_file": "a.pem", "key_file": "a.key", "ca_file": "/ca.pem"}}}"#,
         )
         .expect("valid");
         let node = config.node();
@@ -406,6 +499,15 @@ mod tests {
         assert_eq!(node.limits.frame_bytes, Some(4 << 30));
         assert_eq!(node.secret, Some(SecretSource::Env("MY_SECRET".into())));
         assert_eq!(node.shm_peer_uids, Some(vec![0, 1001]));
+        let tls = node.tls.as_ref().expect("tls");
+        assert_eq!(tls.cert_file.as_deref(), Some(Path::new("a.pem")));
+        assert_eq!(tls.key_file.as_deref(), Some(Path::new("a.key")));
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        let mut moved = node.clone();
+        moved.relative_to(Path::new("/etc/tf"));
+        let tls = moved.tls.expect("tls");
+        assert_eq!(tls.cert_file.as_deref(), Some(Path::new("/etc/tf/a.pem")));
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
         assert!(config.is_empty(), "no channels");
     }
 
@@ -414,7 +516,8 @@ mod tests {
         let e = ChannelConfig::from_json_str(
             r#"{"node": {"receive_budget": "8gb", "io_threads": 0, "busy_poll_us": -1,
                 "connect_timeout_s": 0, "listen": [7], "secret_file": "a", "secret_env": "B",
-                "limits": {"frames": 1}, "shm_peer_uids": [-3], "colour": "red"},
+                "limits": {"frames": 1}, "shm_peer_uids": [-3], "colour": "red",
+                "tls": {"cert_file": "c.pem"}},
                "channels": {}}"#,
         )
         .expect_err("invalid")
@@ -431,6 +534,8 @@ mod tests {
             "node.limits.frames",
             "node.shm_peer_uids[0]",
             "node.colour",
+            "node.tls",
+            "cert_file\" and \"key_file\" together",
         ] {
             assert!(e.contains(place), "`{place}` missing from: {e}");
         }

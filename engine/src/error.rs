@@ -153,6 +153,33 @@ pub enum Error {
         offence: String,
     },
 
+    /// A TLS connection could not be opened: a certificate that does not
+    /// verify, a peer without TLS, a listener that refused this node's
+    /// certificate. The message says what to change.
+    #[error("TLS with {peer}: {what}")]
+    Tls {
+        /// The peer's address.
+        peer: String,
+        /// What failed, and what to change.
+        what: String,
+    },
+
+    /// A message that arrived whole but could not be delivered: a tensor
+    /// whose checksum does not match the bytes received, whose target
+    /// device is missing, or whose copy or cast failed. The message is
+    /// dropped; the subscription goes on.
+    #[error("message {seq} on `{channel}` from {from} was not delivered: {source}")]
+    Undelivered {
+        /// The channel it was published on.
+        channel: String,
+        /// The publisher's sequence number.
+        seq: u64,
+        /// Who sent it.
+        from: String,
+        /// What was wrong, naming the tensor.
+        source: Box<Error>,
+    },
+
     /// A service answered with an error.
     #[error("service `{channel}` replied with error `{code}`: {message}")]
     Remote {

@@ -10,6 +10,8 @@
 //! frame back into a message whose tensors view the frame without copying,
 //! after checking every length against the bytes present and the configured
 //! [`wire::Limits`]. [`file`](mod@file) records and replays frames (`file://`).
+//! [`auth`] holds the `tcp://` handshake of peers sharing a [`Secret`],
+//! as bytes in and bytes out.
 //!
 //! # Examples
 //!
@@ -50,8 +52,10 @@ mod tensor;
 mod transport;
 pub mod wire;
 
+pub use transport::auth;
 pub use transport::auth::Secret;
 pub use transport::file;
+pub use transport::tls::TlsConfig;
 
 pub use address::Address;
 pub use buffer::{Backing, HostBuffer, HostBufferMut, ALIGN};

@@ -37,9 +37,10 @@ pub(crate) struct Readiness {
     pub(crate) writable: bool,
     /// Another thread asked (a nudge), or a deadline passed: look at everything.
     pub(crate) nudged: bool,
-    /// The source reported that its peer ended the stream (or that it
-    /// failed): the end may lie behind bytes still unread, in this one event.
-    pub(crate) hangup: bool,
+    /// The other end has closed its side (or the source failed): its end is
+    /// waiting to be read, after any bytes before it, and no later event
+    /// will say so again.
+    pub(crate) closed: bool,
 }
 
 impl Readiness {
@@ -48,7 +49,7 @@ impl Readiness {
         readable: true,
         writable: true,
         nudged: true,
-        hangup: false,
+        closed: false,
     };
 }
 
@@ -91,6 +92,10 @@ pub(crate) trait Watched: Send + Sync {
     fn arm(&self) -> bool {
         false
     }
+
+    /// The source's place on its I/O thread, given before it first runs
+    /// (to ask for writability from [`ready`](Self::ready)).
+    fn registered(&self, _registration: &Registration) {}
 }
 
 enum Command {
@@ -167,7 +172,7 @@ impl Registration {
     }
 
     fn interest(&self) -> Interest {
-        if self.writable.load(Ordering::Acquire) {
+        if self.writable.load(Ordering::SeqCst) {
             Interest::READABLE | Interest::WRITABLE
         } else {
             Interest::READABLE
@@ -175,35 +180,52 @@ impl Registration {
     }
 
     /// Waits for writability too (`true`: a write could not finish), or no
-    /// longer (`false`). Costs a system call only when it changes.
+    /// longer (`false`). Costs a system call only when it changes. While
+    /// the source is [paused](Self::pause), writability alone is waited
+    /// for: a requester reading its reply does not write the rest of its
+    /// request, the I/O thread does.
     pub(crate) fn want_writable(&self, on: bool) {
-        if self.writable.swap(on, Ordering::AcqRel) == on || self.paused.load(Ordering::Acquire) {
+        if self.writable.swap(on, Ordering::SeqCst) == on {
             return;
         }
-        if let Some(shared) = self.shared.upgrade() {
-            // Fails only for a descriptor not (or no longer) in the wait:
-            // its next registration takes the new interest.
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        // Each fails only for a descriptor not (or no longer) in the wait:
+        // its next registration takes the new interest.
+        if !self.paused.load(Ordering::SeqCst) {
             let _ =
                 shared
                     .registry
                     .reregister(&mut SourceFd(&self.fd), self.token, self.interest());
+        } else if on {
+            let _ = watch(&shared.registry, self.fd, self.token, Interest::WRITABLE);
+        } else {
+            let _ = shared.registry.deregister(&mut SourceFd(&self.fd));
         }
     }
 
-    /// Takes the descriptor out of the I/O thread's wait (a requester reads
-    /// the connection itself meanwhile). The source stays registered.
+    /// Takes the descriptor out of the I/O thread's wait for readability (a
+    /// requester reads the connection itself meanwhile); writability stays
+    /// waited for while a write waits for room. The source stays registered.
     pub(crate) fn pause(&self) {
-        self.paused.store(true, Ordering::Release);
+        self.paused.store(true, Ordering::SeqCst);
         if let Some(shared) = self.shared.upgrade() {
             // Fails only for a descriptor already gone: nothing to pause then.
-            let _ = shared.registry.deregister(&mut SourceFd(&self.fd));
+            let _ = if self.writable.load(Ordering::SeqCst) {
+                shared
+                    .registry
+                    .reregister(&mut SourceFd(&self.fd), self.token, Interest::WRITABLE)
+            } else {
+                shared.registry.deregister(&mut SourceFd(&self.fd))
+            };
         }
     }
 
     /// Puts a paused descriptor back; readiness that arrived meanwhile is
     /// reported at once.
     pub(crate) fn resume(&self) {
-        self.paused.store(false, Ordering::Release);
+        self.paused.store(false, Ordering::SeqCst);
         if let Some(shared) = self.shared.upgrade() {
             // Fails only for a descriptor already gone: nothing to watch then.
             let _ = watch(&shared.registry, self.fd, self.token, self.interest());
@@ -278,6 +300,7 @@ impl Reactor {
             writable: Arc::default(),
             paused: Arc::default(),
         };
+        source.registered(&registration);
         shared.send(Command::Add(token, source));
         registration
     }
@@ -386,7 +409,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 readable: event.is_readable() || event.is_read_closed() || event.is_error(),
                 writable: event.is_writable() || event.is_write_closed(),
                 nudged: false,
-                hangup: event.is_read_closed() || event.is_error(),
+                closed: event.is_read_closed() || event.is_error(),
             };
             worked |= run_one(
                 shared,

@@ -5,39 +5,18 @@
 //!
 //! One test in its own binary: it reads this process's resident memory.
 
+mod common;
+
+use common::{announce, rss};
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use tensorferry_engine::wire::{encode, EncodeOptions, FrameMeta};
 use tensorferry_engine::{pattern, DType, Error, Message, Node};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// This process's resident memory, in bytes.
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
-
-/// A valid prelude announcing a frame of `len` bytes (a header of 2 bytes,
-/// no buffers), and the header itself; nothing more follows.
-fn announce(len: u64) -> Vec<u8> {
-    let mut prelude = Vec::new();
-    prelude.extend_from_slice(b"TFRM");
-    prelude.extend_from_slice(&1u16.to_le_bytes());
-    prelude.extend_from_slice(&0u16.to_le_bytes());
-    prelude.extend_from_slice(&2u32.to_le_bytes());
-    prelude.extend_from_slice(&0u32.to_le_bytes());
-    prelude.extend_from_slice(&len.to_le_bytes());
-    prelude.extend_from_slice(&0u64.to_le_bytes());
-    prelude.extend_from_slice(b"{}");
-    prelude
-}
 
 #[test]
 fn announced_frames_cost_no_memory_and_the_budget_holds() {
@@ -178,4 +157,70 @@ fn received_frames_never_hold_more_than_the_budget_and_nothing_is_lost() {
         );
     }
     feeding.join().expect("publisher");
+}
+
+#[test]
+fn a_peer_that_closes_while_its_frame_waits_for_the_budget_is_lost_and_returns_it() {
+    // A sender killed while its frame waits for the receive budget: its
+    // bytes and its end are both in the socket when the frame is let in.
+    // The receiver reads the bytes, then the end: the peer is lost and the
+    // reservation comes back (it was once left half-closed, holding it).
+    let receiver = Node::builder()
+        .name("receiver")
+        .listen("tcp://127.0.0.1:0")
+        .receive_budget_bytes(3 << 19)
+        .build()
+        .expect("receiver");
+    let addr = receiver.listen_addrs()[0].to_string();
+    let host = addr.trim_start_matches("tcp://").to_string();
+    let sub = receiver.subscriber("/data");
+    let sender = Node::builder().name("sender").build().expect("sender");
+    sender.connect(&addr).expect("connect");
+    let publisher = sender.publisher("/data");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let message = |seq| {
+        let t = pattern::tensor(DType::U8, &[1 << 20], 7, seq, "x").expect("tensor");
+        Message::new().tensor("x", t)
+    };
+    // Held: 1 MiB of the 1.5 MiB budget.
+    publisher.send(message(0)).expect("send");
+    let held = sub.recv_timeout(WAIT).expect("message");
+
+    // The first 200 KiB of a frame of 1 MiB, and the end.
+    let mut frame = Vec::new();
+    encode(
+        &message(9),
+        &FrameMeta::message("/data", 9),
+        EncodeOptions::default(),
+    )
+    .expect("encode")
+    .write_to(&mut frame)
+    .expect("write");
+    let mut cut = TcpStream::connect(&host).expect("connect");
+    cut.write_all(&frame[..200 << 10])
+        .expect("part of the frame");
+    let lost_before = receiver.stats().peers_lost;
+    // The end without a reset: what the receiver sent stays unread here.
+    cut.shutdown(std::net::Shutdown::Write).expect("end");
+    std::thread::sleep(Duration::from_millis(200));
+
+    drop(held);
+    let deadline = Instant::now() + WAIT;
+    while receiver.stats().peers_lost == lost_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        receiver.stats().peers_lost,
+        lost_before + 1,
+        "the cut connection was never seen to end"
+    );
+    // Its reservation came back: a frame of 1 MiB fits again.
+    publisher.send(message(1)).expect("send");
+    let got = sub.recv_timeout(WAIT).expect("message");
+    let bytes = got.message.get("x").expect("x").packed().expect("host");
+    assert_eq!(
+        pattern::first_mismatch(DType::U8, 7, 1, "x", bytes.as_slice()),
+        None
+    );
+    drop(cut);
 }

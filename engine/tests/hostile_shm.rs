@@ -6,6 +6,10 @@
 //! receiving process stays up and a well-behaved shm peer is served
 //! meanwhile, every byte intact.
 
+mod common;
+
+use common::{announce, wait_until};
+
 use std::fs::File;
 use std::io::{IoSlice, Write};
 use std::os::fd::AsRawFd;
@@ -13,7 +17,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -103,50 +107,7 @@ impl RawPeer {
 
     /// Whether the receiver has closed this peer's socket.
     fn closed_by_receiver(&self, wait: Duration) -> bool {
-        use std::io::Read;
-        let deadline = Instant::now() + wait;
-        let mut s = &self.socket;
-        let mut b = [0u8; 256];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            s.set_read_timeout(Some(left)).ok();
-            // Its own ring, wake-ups and descriptors come first: read past.
-            match s.read(&mut b) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e) => {
-                    return !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    )
-                }
-            }
-        }
-    }
-}
-
-/// A valid prelude announcing a frame of `len` bytes with a 2-byte header.
-fn announce(len: u64) -> Vec<u8> {
-    let mut prelude = Vec::new();
-    prelude.extend_from_slice(b"TFRM");
-    prelude.extend_from_slice(&1u16.to_le_bytes());
-    prelude.extend_from_slice(&0u16.to_le_bytes());
-    prelude.extend_from_slice(&2u32.to_le_bytes());
-    prelude.extend_from_slice(&0u32.to_le_bytes());
-    prelude.extend_from_slice(&len.to_le_bytes());
-    prelude.extend_from_slice(&0u64.to_le_bytes());
-    prelude.extend_from_slice(b"{}");
-    prelude
-}
-
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
+        common::closed_by_peer(&self.socket, wait)
     }
 }
 
@@ -191,18 +152,20 @@ fn hostile_rings_cost_their_own_connection_only() {
     let mut garbage = RawPeer::connect(&name, true);
     garbage.put(&[0xAB; 4096]);
     garbage.publish();
-    wait_until("garbage is refused", || node.stats().rejected >= 1);
+    wait_until("garbage is refused", WAIT, || node.stats().rejected >= 1);
     assert!(garbage.closed_by_receiver(WAIT));
 
     // A ring that claims more unread bytes than it holds.
     let mut liar = RawPeer::connect(&name, true);
     liar.claim(3 * RING as u64);
-    wait_until("the lying ring is refused", || node.stats().rejected >= 2);
+    wait_until("the lying ring is refused", WAIT, || {
+        node.stats().rejected >= 2
+    });
     assert!(liar.closed_by_receiver(WAIT));
 
     // A ring that could shrink under the receiver is not mapped.
     let unsealed = RawPeer::connect(&name, false);
-    wait_until("the unsealed ring is refused", || {
+    wait_until("the unsealed ring is refused", WAIT, || {
         node.stats().rejected >= 3
     });
     assert!(unsealed.closed_by_receiver(WAIT));

@@ -2,6 +2,8 @@
 //! addresses, the secret, limits and the progress check come from the file,
 //! so an operator changes them without code.
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -52,11 +54,12 @@ fn listen_secret_and_limits_come_from_the_file() {
 
     // A peer without the secret is dropped: its subscription ends.
     let stranger = Node::builder().name("stranger").build().expect("node");
-    let refused = stranger.subscribe(&addr, "/data").expect("dialed");
-    assert!(
-        refused.recv_timeout(WAIT).is_err(),
-        "the stranger is dropped"
-    );
+    // It learns so when subscribing, or from its subscription.
+    let refused = match stranger.subscribe(&addr, "/data") {
+        Err(_) => true,
+        Ok(sub) => sub.recv_timeout(WAIT).is_err(),
+    };
+    assert!(refused, "the stranger is dropped");
     wait_rejected(&receiver, 1);
 
     // A peer with it is served, within the file's frame limit.
@@ -111,15 +114,7 @@ fn the_progress_check_comes_from_the_file() {
         .to_string()
         .trim_start_matches("tcp://")
         .to_string();
-    let mut prelude = Vec::new();
-    prelude.extend_from_slice(b"TFRM");
-    prelude.extend_from_slice(&1u16.to_le_bytes());
-    prelude.extend_from_slice(&0u16.to_le_bytes());
-    prelude.extend_from_slice(&2u32.to_le_bytes());
-    prelude.extend_from_slice(&0u32.to_le_bytes());
-    prelude.extend_from_slice(&(1u64 << 20).to_le_bytes());
-    prelude.extend_from_slice(&0u64.to_le_bytes());
-    prelude.extend_from_slice(b"{}");
+    let prelude = common::announce(1 << 20);
     let mut s = TcpStream::connect(&host).expect("connect");
     s.write_all(&prelude).expect("announce");
     wait_rejected(&receiver, 1);

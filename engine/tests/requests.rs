@@ -3,6 +3,8 @@
 //! from the connection while it waits, and must dispatch every other frame as
 //! the connection's reader thread would.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -262,15 +264,7 @@ fn garbage_instead_of_a_reply_fails_the_request() {
 #[test]
 fn half_a_reply_does_not_hold_a_requester_past_its_timeout() {
     // A valid prelude announcing a frame of 4 KiB, then nothing more.
-    let mut prelude = Vec::new();
-    prelude.extend_from_slice(b"TFRM");
-    prelude.extend_from_slice(&1u16.to_le_bytes());
-    prelude.extend_from_slice(&0u16.to_le_bytes());
-    prelude.extend_from_slice(&2u32.to_le_bytes());
-    prelude.extend_from_slice(&0u32.to_le_bytes());
-    prelude.extend_from_slice(&4096u64.to_le_bytes());
-    prelude.extend_from_slice(&0u64.to_le_bytes());
-    prelude.extend_from_slice(b"{}");
+    let prelude = common::announce(4096);
     let (addr, fake) = fake_server(prelude);
     let client = Node::builder().name("client").build().expect("client");
     let start = Instant::now();
@@ -340,6 +334,34 @@ fn busy_polling_requesters_and_readers_share_one_connection() {
         for i in 0..50u64 {
             let got = ticks.recv_timeout(WAIT).expect("tick");
             assert_eq!(got.message.get_field("tick"), Some(&serde_json::json!(i)));
+        }
+    }
+}
+
+#[test]
+fn a_request_larger_than_the_socket_buffers_is_written_while_its_requester_waits() {
+    // The requester reads its reply itself: the rest of its request is
+    // written by the I/O thread as the socket makes room.
+    for transport in ["tcp", "shm"] {
+        let (server, addr) = server(transport, "large");
+        server.serve("/echo", echo(false)).expect("serve");
+        let client = Node::builder().name("client").build().expect("client");
+        for (seq, bytes) in [(0u64, 64usize << 20), (1, 10)] {
+            let t = pattern::tensor(DType::U8, &[bytes], 9, seq, "x").expect("tensor");
+            let reply = client
+                .request(&addr, "/echo", Message::new().tensor("x", t), WAIT)
+                .unwrap_or_else(|e| panic!("{transport}: {e}"));
+            let got = reply
+                .get("x")
+                .expect("x")
+                .contiguous_bytes()
+                .expect("bytes");
+            assert_eq!(got.len(), bytes);
+            assert_eq!(
+                pattern::first_mismatch(DType::U8, 9, seq, "x", got),
+                None,
+                "{transport}"
+            );
         }
     }
 }

@@ -3,64 +3,21 @@
 //! without enough of the frame. A slow but steady peer, and a frame that
 //! waits on the receiver's own full queue, are not.
 
+mod common;
+
+use common::{announce, closed_by_peer, wait_until};
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tensorferry_device_map::ChannelConfig;
 use tensorferry_engine::{pattern, DType, Message, Node};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A valid prelude announcing a frame of `len` bytes with a 2-byte header.
-fn announce(len: u64) -> Vec<u8> {
-    let mut prelude = Vec::new();
-    prelude.extend_from_slice(b"TFRM");
-    prelude.extend_from_slice(&1u16.to_le_bytes());
-    prelude.extend_from_slice(&0u16.to_le_bytes());
-    prelude.extend_from_slice(&2u32.to_le_bytes());
-    prelude.extend_from_slice(&0u32.to_le_bytes());
-    prelude.extend_from_slice(&len.to_le_bytes());
-    prelude.extend_from_slice(&0u64.to_le_bytes());
-    prelude.extend_from_slice(b"{}");
-    prelude
-}
-
-fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Whether the receiver closes `s` within `wait` (a read sees the end or a
-/// reset).
-fn closed_by_peer(s: &mut TcpStream, wait: Duration) -> bool {
-    // What the receiver sends first (its subscriptions) is read past.
-    let deadline = Instant::now() + wait;
-    let mut b = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        s.set_read_timeout(Some(left)).ok();
-        match s.read(&mut b) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) => {
-                return !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                )
-            }
-        }
-    }
-}
 
 #[test]
 fn a_peer_that_stops_or_trickles_a_frame_is_dropped_and_others_are_served() {
@@ -95,23 +52,23 @@ fn a_peer_that_stops_or_trickles_a_frame_is_dropped_and_others_are_served() {
         })
     };
     // A peer that connects and sends nothing is not judged: no frame began.
-    let mut quiet = TcpStream::connect(&host).expect("connect");
+    let quiet = TcpStream::connect(&host).expect("connect");
 
-    wait_until("both stalled peers are dropped", || {
+    wait_until("both stalled peers are dropped", WAIT, || {
         receiver.stats().rejected >= 2
     });
     trickling.store(false, Ordering::Relaxed);
     let trickled = drip.join().expect("drip");
     assert!(
-        closed_by_peer(&mut stopped, WAIT),
+        closed_by_peer(&stopped, WAIT),
         "the stopped peer was closed"
     );
     assert!(
-        closed_by_peer(&mut trickler, WAIT),
+        closed_by_peer(&trickler, WAIT),
         "the trickler was closed ({trickled} bytes sent)"
     );
     assert!(
-        !closed_by_peer(&mut quiet, Duration::from_millis(200)),
+        !closed_by_peer(&quiet, Duration::from_millis(200)),
         "an idle peer stays connected"
     );
     assert_eq!(receiver.stats().rejected, 2);

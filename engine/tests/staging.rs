@@ -12,7 +12,9 @@ use tensorferry_device_map::{
 };
 use tensorferry_engine::delivery::{Delivery, Direction};
 use tensorferry_engine::outbound::write_frame;
-use tensorferry_engine::wire::{decode, encode_staged, EncodeOptions, FrameMeta, Limits, Payload};
+use tensorferry_engine::wire::{
+    decode, encode, encode_staged, EncodeOptions, FrameMeta, Limits, Payload,
+};
 use tensorferry_engine::{DType, Error, HostBuffer, Message, Node, Service, Tensor, ALL_CHANNELS};
 use tensorferry_kernels::cpu;
 use tensorferry_kernels::runtime::{required, Runtime};
@@ -218,6 +220,50 @@ fn a_corrupted_tensor_is_rejected_by_its_checksum_and_nothing_is_delivered() {
     );
     let err = travel(&plain, &s, &m).expect_err("no checksums");
     assert!(err.to_string().contains("requires checksums"), "{err}");
+}
+
+#[test]
+fn a_checksummed_frame_with_any_bit_of_its_head_flipped_is_refused() {
+    // Tensor checksums are worth what the header that places them is: a
+    // flipped sequence number, channel, name or dtype would otherwise pass
+    // with every checksum intact. Frames that carry checksums seal their
+    // head too, and every single-bit flip of it is refused.
+    let spec = ChannelSpec::new(Pattern::PubSub).with_checksum(true);
+    let s = stager(&spec, Direction::Forward, "cpu");
+    let m = Message::new()
+        .field("step", 7)
+        .tensor("a", Tensor::from_slice(&[1u32, 2, 3], &[3]).expect("a"))
+        .tensor("b", Tensor::from_slice(&[9.5f32; 100], &[100]).expect("b"));
+    let (wire, origins) = s.prepare(&m).expect("prepare");
+    for compact in [true, false] {
+        let opts = EncodeOptions {
+            compact,
+            ..EncodeOptions::default()
+        };
+        let frame =
+            encode_staged(&wire, &origins, &FrameMeta::message("/t", 41), opts).expect("encode");
+        let mut bytes = Vec::new();
+        write_frame(&frame, &mut bytes).expect("write");
+        let good = decode(&HostBuffer::copy_from(&bytes), &Limits::default()).expect("decode");
+        assert_eq!(good.meta.seq, 41);
+        let head = frame.head().len();
+        for at in 0..head {
+            for bit in 0..8 {
+                let mut bad = bytes.clone();
+                bad[at] ^= 1 << bit;
+                if let Ok(f) = decode(&HostBuffer::copy_from(&bad), &Limits::default()) {
+                    panic!(
+                        "bit {bit} of head byte {at} flipped (compact: {}) decoded as {:?} seq {}",
+                        opts.compact, f.meta.channel, f.meta.seq
+                    );
+                }
+            }
+        }
+    }
+    // Frames without checksums are not sealed: their prelude is unchanged.
+    let plain = encode(&m, &FrameMeta::message("/t", 1), EncodeOptions::default()).expect("encode");
+    assert_eq!(&plain.head()[6..8], &[0, 0], "no flag");
+    assert_eq!(&plain.head()[24..32], &[0u8; 8], "no seal");
 }
 
 #[test]
@@ -507,6 +553,15 @@ fn a_rejected_message_leaves_the_subscription_working() {
     good.send(m).expect("send");
     let err = sub.recv_timeout(WAIT).expect_err("no cuda:7 here");
     assert!(err.to_string().contains("cuda:7"), "{err}");
+    // The message is named: its channel, its sequence number, the tensor.
+    assert!(
+        matches!(&err, Error::Undelivered { channel, seq: 0, .. } if channel == "/bad"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("message 0 on `/bad`") && err.to_string().contains("`x`"),
+        "{err}"
+    );
     let ok = sub.recv_timeout(WAIT).expect("the next message");
     assert_eq!(ok.channel, "/good");
     assert_eq!(

@@ -9,6 +9,10 @@
 //! One test in its own binary: it reads this process's resident memory and
 //! raises its open-files limit.
 
+mod common;
+
+use common::{announce, rss};
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,16 +27,6 @@ const WAIT: Duration = Duration::from_secs(30);
 const IDLE: usize = 3000;
 const MESSAGES: u64 = 200;
 const BYTES: usize = 1 << 20;
-
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
 
 /// Raises the open-files limit as far as allowed; how many it is now.
 fn raise_open_files() -> u64 {
@@ -49,19 +43,6 @@ fn raise_open_files() -> u64 {
     let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     assert_eq!(set, 0);
     limit.rlim_cur
-}
-
-fn announce(len: u64) -> Vec<u8> {
-    let mut prelude = Vec::new();
-    prelude.extend_from_slice(b"TFRM");
-    prelude.extend_from_slice(&1u16.to_le_bytes());
-    prelude.extend_from_slice(&0u16.to_le_bytes());
-    prelude.extend_from_slice(&2u32.to_le_bytes());
-    prelude.extend_from_slice(&0u32.to_le_bytes());
-    prelude.extend_from_slice(&len.to_le_bytes());
-    prelude.extend_from_slice(&0u64.to_le_bytes());
-    prelude.extend_from_slice(b"{}");
-    prelude
 }
 
 /// Sends `MESSAGES` messages and takes them, every byte checked; bytes per

@@ -243,8 +243,15 @@ fn rejects_unknown_versions_naming_both() {
         .to_string()
         .contains("not a tensorferry frame"));
     let mut b = bytes_of(&sample(), EncodeOptions::default());
-    b[6] = 2;
+    b[6] = 4;
     assert!(dec(&b).expect_err("flags").to_string().contains("flags"));
+    // A head flagged as sealed must carry its seal.
+    let mut b = bytes_of(&sample(), EncodeOptions::default());
+    b[6] = 2;
+    assert!(dec(&b)
+        .expect_err("sealed without a seal")
+        .to_string()
+        .contains("head's checksum does not match"));
     // A JSON header flagged as compact is refused, not misread.
     let mut b = bytes_of(&sample(), EncodeOptions::default());
     b[6] = 1;

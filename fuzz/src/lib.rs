@@ -1,15 +1,20 @@
-//! Shared pieces of the fuzz targets: the frame builder used by `decode_header`,
-//! the input format it reads, and the checks run on every frame that decodes.
+//! Shared pieces of the fuzz targets: the frame builder used by
+//! `decode_header` and `decode_compact`, the input format they read, the
+//! checks run on every frame that decodes, and ([`handshake`]) the checks of
+//! the authentication handshake.
 //!
 //! The checks panic on purpose: a panic here is a finding for libFuzzer.
 
+pub mod handshake;
+
 use serde_json::Value;
-use tensorferry_engine::wire::{
-    decode, encode, plan_head, EncodeOptions, Frame, Limits, MAGIC, PRELUDE_BYTES, VERSION,
-};
-use tensorferry_engine::outbound::write_frame;
-use tensorferry_engine::{HostBuffer, ALIGN};
 use tensorferry_device_map::Device;
+use tensorferry_engine::outbound::write_frame;
+use tensorferry_engine::wire::{
+    decode, encode, encode_staged, plan_head, EncodeOptions, Frame, HeadPlan, Limits, Origin,
+    FLAG_COMPACT, MAGIC, PRELUDE_BYTES, VERSION,
+};
+use tensorferry_engine::{Error, HostBuffer, ALIGN};
 
 /// Most buffers a `decode_header` input describes.
 pub const MAX_HEADER_INPUT_BUFFERS: usize = 12;
@@ -65,6 +70,14 @@ pub fn build_frame(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
         f[entry..entry + 8].copy_from_slice(&(b.len() as u64).to_le_bytes());
         f[start..start + b.len()].copy_from_slice(b);
     }
+    f
+}
+
+/// [`build_frame`] with flag bit 0 of the prelude set: `header` is read as
+/// a compact header.
+pub fn build_compact_frame(header: &[u8], buffers: &[&[u8]]) -> Vec<u8> {
+    let mut f = build_frame(header, buffers);
+    f[6..8].copy_from_slice(&FLAG_COMPACT.to_le_bytes());
     f
 }
 
@@ -171,14 +184,186 @@ pub fn decode_and_check(data: &[u8]) {
         let plan = plan_head(data, &limits, 0);
         if let Ok(frame) = decode(&region, &limits) {
             check_frame(&frame, data.len());
-            let plan = plan.expect("the head of a frame that decodes plans");
-            assert_eq!(plan.meta, frame.meta, "the plan's routing");
-            let planned: Vec<(Device, usize)> =
-                plan.tensors.iter().map(|t| (t.device, t.buffer)).collect();
-            let decoded: Vec<(Device, usize)> =
-                frame.tensors.iter().map(|t| (t.device, t.buffer)).collect();
-            assert_eq!(planned, decoded, "the plan's devices and buffers");
+            check_plan(plan, &frame);
         }
+    }
+}
+
+/// What `plan_head` said of a frame that then decoded must agree with it.
+///
+/// # Panics
+///
+/// When the plan failed, or names other routing, devices or buffers.
+pub fn check_plan(plan: tensorferry_engine::Result<HeadPlan>, frame: &Frame) {
+    let plan = plan.expect("the head of a frame that decodes plans");
+    assert_eq!(plan.meta, frame.meta, "the plan's routing");
+    let planned: Vec<(Device, usize)> = plan.tensors.iter().map(|t| (t.device, t.buffer)).collect();
+    let decoded: Vec<(Device, usize)> =
+        frame.tensors.iter().map(|t| (t.device, t.buffer)).collect();
+    assert_eq!(planned, decoded, "the plan's devices and buffers");
+}
+
+/// What `decode_compact` does with one input (the `decode_header` input
+/// format, the header read as a compact one): builds the frame, plans and
+/// decodes it with the default and with small limits, and checks what
+/// comes out. Returns how many of the two decodings succeeded.
+///
+/// # Panics
+///
+/// When a check fails (see [`check_frame`], [`check_compact_frame`] and
+/// [`check_compact_error`]).
+pub fn decode_compact_and_check(data: &[u8]) -> usize {
+    let (header, buffers) = split_header_input(data);
+    let buffers: Vec<&[u8]> = buffers.iter().map(Vec::as_slice).collect();
+    let frame = build_compact_frame(header, &buffers);
+    let region = HostBuffer::copy_from(&frame);
+    let mut decoded = 0;
+    for limits in [Limits::default(), small_limits()] {
+        let plan = plan_head(&frame, &limits, 0);
+        match decode(&region, &limits) {
+            Ok(f) => {
+                assert_eq!(f.frame_len, frame.len() as u64, "the frame's length");
+                check_plan(plan, &f);
+                check_frame(&f, frame.len());
+                check_compact_frame(&f);
+                decoded += 1;
+            }
+            Err(e) => check_compact_error(&e, header.len()),
+        }
+    }
+    decoded
+}
+
+/// What must hold of an error for a frame whose prelude and buffer table
+/// were built by the format's rules around a compact header of
+/// `header_len` bytes: it is not about truncation or the version, and an
+/// error in the compact header names a byte inside it.
+///
+/// # Panics
+///
+/// When it does not.
+pub fn check_compact_error(e: &Error, header_len: usize) {
+    match e {
+        Error::Truncated { .. } | Error::UnknownVersion { .. } => {
+            panic!("a well-formed prelude was rejected: {e}")
+        }
+        Error::Frame { offset, what } if what.starts_with("compact header") => {
+            let header = PRELUDE_BYTES as u64..=(PRELUDE_BYTES + header_len) as u64;
+            assert!(
+                header.contains(offset),
+                "`{what}` names byte {offset}, outside the header ({header:?})"
+            );
+        }
+        _ => {}
+    }
+}
+
+/// What must hold for every frame decoded from a compact header, besides
+/// [`check_frame`]: no objects and no strided views (the compact form has
+/// neither); and written again in compact form with what the header said
+/// of each tensor (sender's device, checksum, dtype before a cast), it
+/// decodes to the same routing, fields, tensors and descriptors — and,
+/// when the fields hold no floating-point numbers (their text does not
+/// survive a JSON round trip exactly), writing that again gives the same
+/// bytes: the compact form is a fixed point of decode and encode.
+///
+/// # Panics
+///
+/// When any of that fails: a bug in the compact reader or writer.
+pub fn check_compact_frame(frame: &Frame) {
+    assert_eq!(
+        frame.message.objects().len(),
+        0,
+        "a compact header carries no codec objects"
+    );
+    for ((name, t), info) in frame.message.tensors().zip(&frame.tensors) {
+        assert!(
+            t.is_contiguous(),
+            "`{name}` from a compact header is strided"
+        );
+        assert_eq!(t.size_bytes() as u64, info.bytes, "bytes of `{name}`");
+    }
+    let origins: Vec<Origin> = frame
+        .tensors
+        .iter()
+        .map(|i| Origin {
+            device: i.device,
+            cast_from: i.cast_from,
+            checksum: i.checksum,
+        })
+        .collect();
+    let compact_bytes = |f: &Frame| -> Vec<u8> {
+        let encoded = encode_staged(
+            &f.message,
+            &origins,
+            &f.meta,
+            EncodeOptions {
+                checksums: false,
+                compact: true,
+            },
+        )
+        .expect("a decoded compact message encodes again");
+        let mut bytes = Vec::new();
+        write_frame(&encoded, &mut bytes).expect("writing to a Vec cannot fail");
+        bytes
+    };
+    let bytes = compact_bytes(frame);
+    assert_eq!(
+        u16::from_le_bytes([bytes[6], bytes[7]]),
+        FLAG_COMPACT,
+        "a message without objects is written compact"
+    );
+    let again =
+        decode(&HostBuffer::copy_from(&bytes), &no_limits()).expect("a re-encoded frame decodes");
+    assert_eq!(again.meta, frame.meta, "channel, seq, kind and id");
+    assert!(
+        frame
+            .message
+            .fields()
+            .keys()
+            .eq(again.message.fields().keys()),
+        "field names"
+    );
+    assert_eq!(again.tensors.len(), frame.tensors.len());
+    for (((name, t), (name2, t2)), (info, info2)) in frame
+        .message
+        .tensors()
+        .zip(again.message.tensors())
+        .zip(frame.tensors.iter().zip(&again.tensors))
+    {
+        assert_eq!(name, name2);
+        assert_eq!(t.dtype(), t2.dtype(), "dtype of `{name}`");
+        assert_eq!(t.shape(), t2.shape(), "shape of `{name}`");
+        assert_eq!(
+            t.packed().expect("packs").as_slice(),
+            t2.packed().expect("packs").as_slice(),
+            "bytes of `{name}`"
+        );
+        assert_eq!(info.device, info2.device, "sender's device of `{name}`");
+        assert_eq!(info.checksum, info2.checksum, "checksum of `{name}`");
+        assert_eq!(info.cast_from, info2.cast_from, "cast_from of `{name}`");
+        assert_eq!(info.bytes, info2.bytes, "bytes of `{name}`");
+    }
+    assert_eq!(
+        frame.verify_checksums().is_ok(),
+        again.verify_checksums().is_ok(),
+        "the checksums verify the same way"
+    );
+    if !frame.message.fields().values().any(holds_float) {
+        assert!(
+            compact_bytes(&again) == bytes,
+            "the compact form of a decoded compact frame is not a fixed point"
+        );
+    }
+}
+
+/// Whether `v` holds a number that is neither an i64 nor a u64.
+fn holds_float(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(a) => a.iter().any(holds_float),
+        Value::Object(o) => o.values().any(holds_float),
+        _ => false,
     }
 }
 
@@ -220,7 +405,10 @@ pub fn check_frame(frame: &Frame, input_len: usize) {
     let encoded = encode(
         &frame.message,
         &frame.meta,
-        EncodeOptions { checksums: true, ..EncodeOptions::default() },
+        EncodeOptions {
+            checksums: true,
+            ..EncodeOptions::default()
+        },
     )
     .expect("a decoded message encodes again");
     let mut bytes = Vec::new();
@@ -283,6 +471,54 @@ mod tests {
         let (header, buffers) = split_header_input(&[2, 5, 0]);
         assert!(header.is_empty());
         assert_eq!(buffers, vec![vec![0; 5], Vec::new()]);
+    }
+
+    /// A compact header and buffers of a message with fields, a checksum
+    /// column and two tensors, in the `decode_compact` input format.
+    fn compact_input() -> Vec<u8> {
+        use tensorferry_engine::wire::FrameMeta;
+        use tensorferry_engine::{Message, Tensor};
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).expect("tensor");
+        let m = Message::new()
+            .field("step", 1)
+            .tensor("t", t.clone())
+            .tensor("tt", t.transpose(0, 1).expect("transpose"));
+        let options = EncodeOptions {
+            checksums: true,
+            compact: true,
+        };
+        let enc = encode(&m, &FrameMeta::message("/x", 3), options).expect("encode");
+        let head = enc.head();
+        assert_eq!(u16::from_le_bytes([head[6], head[7]]), FLAG_COMPACT);
+        let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+        let buffers: Vec<&[u8]> = enc
+            .buffers()
+            .iter()
+            .map(|b| b.host().expect("host tensors").as_slice())
+            .collect();
+        header_input(&head[PRELUDE_BYTES..PRELUDE_BYTES + len], &buffers)
+    }
+
+    #[test]
+    fn compact_frames_of_encode_decode_and_pass_the_compact_checks() {
+        assert_eq!(decode_compact_and_check(&compact_input()), 2);
+    }
+
+    #[test]
+    fn a_compact_header_cut_short_is_an_error_inside_it() {
+        let input = compact_input();
+        let (header, buffers) = split_header_input(&input);
+        let buffers: Vec<&[u8]> = buffers.iter().map(Vec::as_slice).collect();
+        for cut in [0, 1, 9, header.len() / 2, header.len() - 1] {
+            let frame = build_compact_frame(&header[..cut], &buffers);
+            let err = decode(&HostBuffer::copy_from(&frame), &Limits::default())
+                .expect_err("a header cut short");
+            assert!(
+                matches!(&err, Error::Frame { what, .. } if what.starts_with("compact header")),
+                "{err}"
+            );
+            check_compact_error(&err, cut);
+        }
     }
 
     #[test]

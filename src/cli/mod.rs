@@ -148,6 +148,7 @@ mod recv;
 pub mod runtime_dir;
 mod send;
 mod tensor_spec;
+mod tls;
 mod values;
 
 /// Prints a JSON value to stdout, pretty.
@@ -240,8 +241,9 @@ pub fn secret(file: Option<&std::path::Path>) -> Result<Option<tensorferry::Secr
 
 /// A node builder from a configuration (its channels and its `"node"`
 /// section), named `name`, with the command's own settings over the file's:
-/// its secret (`--secret-file` or the environment) and, when given, its
-/// `--listen` address instead of the file's listen addresses.
+/// its secret (`--secret-file` or the environment), its TLS options and,
+/// when given, its `--listen` address instead of the file's listen
+/// addresses.
 ///
 /// # Errors
 ///
@@ -250,6 +252,7 @@ pub fn node_builder(
     name: &str,
     config: &tensorferry::device_map::ChannelConfig,
     secret_file: Option<&std::path::Path>,
+    tls: &tls::TlsArgs,
     listen: Option<&str>,
 ) -> Result<tensorferry::NodeBuilder, String> {
     let mut config = config.clone();
@@ -262,11 +265,20 @@ pub fn node_builder(
         node.listen.clear();
         node.listen_public.clear();
     }
+    // TLS options given to the command replace the file's TLS settings.
+    if tls.config().is_some() {
+        node.tls = None;
+    }
     let mut builder = tensorferry::Node::builder()
         .name(name)
         .configure(config)
         .map_err(|e| e.to_string())?;
-    builder = with_secret(builder, &command_secret);
+    if let Some(s) = command_secret {
+        builder = builder.secret(s);
+    }
+    if let Some(config) = tls.config() {
+        builder = builder.tls(config);
+    }
     if let Some(addr) = listen {
         // Writing a non-loopback address on the command line is the explicit opt-in.
         builder = builder.listen_public(addr);
@@ -278,15 +290,4 @@ pub fn node_builder(
 pub fn config_listens(config: &tensorferry::device_map::ChannelConfig) -> bool {
     let node = config.node();
     !node.listen.is_empty() || !node.listen_public.is_empty()
-}
-
-/// `builder` with the command's secret, when it has one.
-pub fn with_secret(
-    builder: tensorferry::NodeBuilder,
-    secret: &Option<tensorferry::Secret>,
-) -> tensorferry::NodeBuilder {
-    match secret {
-        Some(s) => builder.secret(s.clone()),
-        None => builder,
-    }
 }

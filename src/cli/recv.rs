@@ -81,6 +81,9 @@ pub struct Args {
     /// the tensors of the last message (name, dtype, shape, device).
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
 }
 
 /// The bytes a tensor sent as `sent` (generated from the seed) should have
@@ -277,7 +280,9 @@ impl Source {
                 Err(Error::PeerLost { peer, reason }) => {
                     Next::Failed(format!("connection to {peer} lost: {reason}"))
                 }
-                Err(e @ Error::Tensor { .. }) => Next::Rejected(e.to_string()),
+                Err(e @ (Error::Undelivered { .. } | Error::Tensor { .. })) => {
+                    Next::Rejected(e.to_string())
+                }
                 Err(e) => Next::Failed(e.to_string()),
             }),
         }
@@ -309,6 +314,7 @@ fn open(args: &Args) -> Result<(Source, String), String> {
             "recv",
             &config,
             args.secret_file.as_deref(),
+            &args.tls,
             args.listen.as_deref(),
         )?
         .build()
@@ -340,9 +346,15 @@ fn open(args: &Args) -> Result<(Source, String), String> {
             Ok((Source::File(replay), addr.to_string()))
         }
         _ => {
-            let node = super::node_builder("recv", &config, args.secret_file.as_deref(), None)?
-                .build()
-                .map_err(|e| e.to_string())?;
+            let node = super::node_builder(
+                "recv",
+                &config,
+                args.secret_file.as_deref(),
+                &args.tls,
+                None,
+            )?
+            .build()
+            .map_err(|e| e.to_string())?;
             let sub = node.subscribe(text, channel).map_err(|e| e.to_string())?;
             Ok((Source::Net { _node: node, sub }, addr.to_string()))
         }

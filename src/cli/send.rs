@@ -95,6 +95,9 @@ pub struct Args {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
 }
 
 fn parse_field(text: &str) -> Result<(String, Value), String> {
@@ -126,6 +129,7 @@ impl Sink {
                 "send",
                 config,
                 args.secret_file.as_deref(),
+                &args.tls,
                 args.listen.as_deref(),
             )?
             .build()
@@ -166,10 +170,16 @@ impl Sink {
                 Ok((Sink::File(writer), addr))
             }
             _ => {
-                let node = super::node_builder("send", config, args.secret_file.as_deref(), None)?
-                    .connect_timeout(wait)
-                    .build()
-                    .map_err(|e| e.to_string())?;
+                let node = super::node_builder(
+                    "send",
+                    config,
+                    args.secret_file.as_deref(),
+                    &args.tls,
+                    None,
+                )?
+                .connect_timeout(wait)
+                .build()
+                .map_err(|e| e.to_string())?;
                 node.connect(text).map_err(|e| e.to_string())?;
                 let publisher = node.publisher(args.channel.clone());
                 publisher

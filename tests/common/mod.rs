@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use tensorferry::device_map::Device;
 use tensorferry::kernels::runtime::{required, Runtime};
 
+pub mod procfs;
+
 /// The `tensorferry` binary built for these tests.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tensorferry"))
@@ -76,5 +78,89 @@ pub fn have_wgpu() -> bool {
             println!("SKIP: wgpu:0: {e}");
             false
         }
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so a run can be repeated
+/// from its printed seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (any value).
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// A seed for this run: `TENSORFERRY_TEST_SEED` when set, else the clock.
+pub fn run_seed() -> u64 {
+    std::env::var("TENSORFERRY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+/// True when the long versions of the fault and load tests were asked for
+/// (`TENSORFERRY_LONG=1`).
+pub fn long() -> bool {
+    std::env::var("TENSORFERRY_LONG").is_ok_and(|v| v == "1")
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a test that
+/// fails leaves no process behind.
+#[derive(Debug)]
+pub struct Reaped(Option<Child>);
+
+impl Reaped {
+    /// Watches `child`.
+    pub fn new(child: Child) -> Self {
+        Reaped(Some(child))
+    }
+
+    /// The child, no longer killed when dropped.
+    pub fn into_inner(mut self) -> Child {
+        self.0.take().expect("held until dropped")
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("held until dropped")
     }
 }

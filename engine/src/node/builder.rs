@@ -18,6 +18,7 @@ use crate::signal::Signal;
 use crate::transport::auth::Secret;
 use crate::transport::shm::slots::SlotPool;
 use crate::transport::stream::ProgressRule;
+use crate::transport::tls::TlsConfig;
 use crate::wire::Limits;
 
 /// Builds a [`Node`]; everything is checked in [`build`](NodeBuilder::build).
@@ -49,6 +50,7 @@ pub struct NodeBuilder {
     shm_bytes: usize,
     shm_uids: Vec<u32>,
     secret: Option<Secret>,
+    tls: Option<TlsConfig>,
     busy_poll: Duration,
     progress_timeout: Duration,
     min_receive_rate: u64,
@@ -70,6 +72,7 @@ impl Default for NodeBuilder {
             shm_bytes: 4 << 30,
             shm_uids: Vec::new(),
             secret: None,
+            tls: None,
             busy_poll: Duration::ZERO,
             progress_timeout: Duration::from_secs(30),
             min_receive_rate: 64 << 10,
@@ -115,7 +118,8 @@ impl NodeBuilder {
     /// `"node"` section ([`NodeSection`](tensorferry_device_map::NodeSection)):
     /// name, listen addresses, receive budget, buffer pool, shared-memory
     /// size, limits, the shared secret (read now, from its file or
-    /// variable), `shm://` users, busy polling, threads and timeouts. What
+    /// variable), TLS files (read by `build`), `shm://` users, busy polling,
+    /// threads and timeouts. What
     /// the section leaves out keeps its current value; calls made after
     /// this one override it.
     ///
@@ -198,6 +202,22 @@ impl NodeBuilder {
         if let Some(uids) = node.shm_peer_uids {
             self.shm_uids = uids;
         }
+        if let Some(tls) = node.tls {
+            let mut config = TlsConfig::new();
+            if let (Some(cert), Some(key)) = (tls.cert_file, tls.key_file) {
+                config = config.cert_file(cert).key_file(key);
+            }
+            if let Some(ca) = tls.ca_file {
+                config = config.ca_file(ca);
+            }
+            if let Some(ca) = tls.client_ca_file {
+                config = config.client_ca_file(ca);
+            }
+            if let Some(name) = tls.server_name {
+                config = config.server_name(name);
+            }
+            self.tls = Some(config);
+        }
         self.config = config;
         Ok(self)
     }
@@ -250,6 +270,22 @@ impl NodeBuilder {
     /// listener is served). It authenticates; it does not encrypt.
     pub fn secret(mut self, secret: Secret) -> Self {
         self.secret = Some(secret);
+        self
+    }
+
+    /// Speaks TLS 1.3 on every tcp connection of this node, dialed or
+    /// accepted: its listeners show the certificate of `config`, it verifies
+    /// the certificates of the listeners it dials against the CAs of
+    /// `config` (for the host dialed, or `TlsConfig::server_name`), and with
+    /// a client CA its listeners require dialers' certificates. Addresses
+    /// stay `tcp://HOST:PORT`; a peer without TLS is refused, the dialer
+    /// told what to configure ([`Error::Tls`](crate::Error::Tls)), the
+    /// listener counting it in [`NodeStats::rejected`](crate::NodeStats).
+    /// With a [`secret`](Self::secret) too, its challenge–response runs
+    /// inside TLS. Files are read in [`build`](Self::build). Default: none
+    /// (tcp is plaintext).
+    pub fn tls(mut self, config: TlsConfig) -> Self {
+        self.tls = Some(config);
         self
     }
 
@@ -321,8 +357,9 @@ impl NodeBuilder {
     ///
     /// A channel configuration that is not valid (every error, with its
     /// place), a malformed address, a non-loopback address given to
-    /// `listen`, an inproc name already taken, or a socket that cannot be
-    /// bound.
+    /// `listen`, an inproc name already taken, a socket that cannot be
+    /// bound, or TLS files that cannot be read or do not fit together (a
+    /// tcp listener with TLS needs a certificate and its key).
     pub fn build(self) -> Result<Node> {
         let errors = crate::delivery::validate(&self.config);
         if !errors.is_empty() {
@@ -333,6 +370,12 @@ impl NodeBuilder {
             .iter()
             .map(|(text, public)| Ok((text.parse::<Address>()?, *public)))
             .collect::<Result<Vec<_>>>()?;
+        let tls = self
+            .tls
+            .as_ref()
+            .map(TlsConfig::load)
+            .transpose()?
+            .map(Arc::new);
         let reactor = Reactor::new(self.io_threads, self.busy_poll, &self.name)?;
         let inner = Arc::new_cyclic(|me| NodeInner {
             name: self.name,
@@ -348,6 +391,7 @@ impl NodeBuilder {
             }),
             shm_uids: self.shm_uids,
             secret: self.secret,
+            tls,
             inventory: self.inventory.map(Arc::new),
             deliveries: Mutex::new(HashMap::new()),
             listening: Mutex::new(Vec::new()),

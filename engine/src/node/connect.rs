@@ -2,11 +2,14 @@
 //!
 //! Listeners are watched by the node's I/O threads: a new connection is
 //! accepted there, and one that must still shake hands (shm) is driven
-//! there too, without blocking, until it is open or its time is up — a peer
-//! that never answers holds up nobody. Dialing blocks only the caller.
+//! there too (shm: the rings; tcp: TLS and the secret's challenge, as the
+//! node has them), without blocking, until it is open or its time is up — a
+//! peer that never answers holds up nobody; one that fails or runs out of
+//! time is dropped, logged and counted (`NodeStats::rejected`). Dialing
+//! blocks only the caller.
 
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 use super::peers::{Driven, Peer};
@@ -14,7 +17,7 @@ use super::read::Wait;
 use super::{lock, Listening, NodeInner};
 use crate::address::Address;
 use crate::error::{Error, Result};
-use crate::reactor::{Readiness, Ready, Watched};
+use crate::reactor::{Readiness, Ready, Registration, Watched};
 use crate::transport::assembler::Router;
 use crate::transport::inproc::{Accept, InprocConn};
 use crate::transport::{self, Accepted, Connection, Context, Handshake, Listener};
@@ -32,6 +35,7 @@ impl NodeInner {
             inproc: Some(self.me.clone() as Weak<dyn Accept>),
             shm_uids: self.shm_uids.clone(),
             secret: self.secret.clone(),
+            tls: self.tls.clone(),
         }
     }
 
@@ -213,6 +217,7 @@ impl Watched for Accepting {
                         deadline: shake.deadline(),
                         shake: Mutex::new(Some(shake)),
                         ctx: self.ctx.clone(),
+                        registration: OnceLock::new(),
                     }));
                 }
                 Ok(None) => return Ready::Wait,
@@ -234,6 +239,9 @@ struct Shaking {
     deadline: Instant,
     shake: Mutex<Option<Box<dyn Handshake>>>,
     ctx: Context,
+    /// Its place on the I/O thread, to wait for writability while a
+    /// handshake's flight does not fit the socket.
+    registration: OnceLock<Registration>,
 }
 
 impl Watched for Shaking {
@@ -243,6 +251,10 @@ impl Watched for Shaking {
 
     fn deadline(&self) -> Option<Instant> {
         Some(self.deadline)
+    }
+
+    fn registered(&self, registration: &Registration) {
+        let _ = self.registration.set(registration.clone());
     }
 
     fn ready(&self, _why: Readiness) -> Ready {
@@ -262,9 +274,15 @@ impl Watched for Shaking {
                 node.add_peer(conn, None);
                 Ready::Done
             }
-            Ok(None) if Instant::now() < self.deadline => Ready::Wait,
+            Ok(None) if Instant::now() < self.deadline => {
+                if let Some(r) = self.registration.get() {
+                    r.want_writable(shake.wants_writable());
+                }
+                Ready::Wait
+            }
             Ok(None) => {
-                tracing::info!(node = %node.name, "dropping a shm connection whose peer never sent its ring");
+                tracing::warn!(node = %node.name, waited_for = shake.stage(), "dropping a connection whose peer did not finish opening it in time");
+                node.counters.rejected();
                 slot.take();
                 Ready::Done
             }

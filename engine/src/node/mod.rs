@@ -95,6 +95,8 @@ pub(crate) struct NodeInner {
     shm_uids: Vec<u32>,
     /// The secret tcp peers must prove they know.
     secret: Option<crate::transport::auth::Secret>,
+    /// TLS for every tcp connection.
+    tls: Option<Arc<crate::transport::tls::Tls>>,
     inventory: Option<Arc<Inventory>>,
     /// Each channel's delivery rules: forward (messages, requests) and reply.
     deliveries: Mutex<HashMap<String, [Option<Arc<Delivery>>; 2]>>,

@@ -153,7 +153,7 @@ impl Watched for Driven {
             Reading {
                 arm: !spin,
                 evented: why.readable,
-                hangup: why.hangup,
+                closed: why.closed,
             },
         );
         match stop {

@@ -153,7 +153,10 @@ impl Subscription {
     ///
     /// [`Error::PeerLost`] when the connection this subscription was made
     /// through is lost (once; later calls wait for other peers); [`Error::Closed`]
-    /// when the node shut down (or a replay ended).
+    /// when the node shut down (or a replay ended); [`Error::Undelivered`]
+    /// for a message that arrived but could not be landed (a checksum that
+    /// does not match, a missing target device), naming its channel,
+    /// sequence number and tensor (later calls go on with the next message).
     pub fn recv(&self) -> Result<Received> {
         self.recv_until(None)
     }
@@ -247,12 +250,25 @@ impl Subscription {
         }
     }
 
-    /// Brings a delivered message's tensors to their target devices.
+    /// Brings a delivered message's tensors to their target devices; a
+    /// message that cannot be landed is named by channel, sequence number
+    /// and sender.
     fn land(&self, delivered: Result<Received>) -> Result<Received> {
         let mut r = delivered?;
-        r.message = self
+        r.message = match self
             .node
-            .land(&r.channel, Direction::Forward, r.message, &r.tensors)?;
+            .land(&r.channel, Direction::Forward, r.message, &r.tensors)
+        {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(Error::Undelivered {
+                    channel: r.channel,
+                    seq: r.seq,
+                    from: r.from,
+                    source: Box::new(e),
+                })
+            }
+        };
         Ok(r)
     }
 

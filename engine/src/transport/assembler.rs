@@ -132,6 +132,10 @@ pub(crate) struct Assembler {
     /// socket was empty then, and new bytes will be reported, so the next
     /// read is not tried (it would only say "nothing yet").
     short_read: bool,
+    /// The other end closed: its end may have come with the last bytes,
+    /// reported once for both, so a short read no longer means "wait for
+    /// the next report" — reads go on until the end is read.
+    peer_closed: bool,
     /// Bytes the receive budget has no room for now (the next frame, or the
     /// rest of one on probation), and whether they go on probation.
     starved: Option<(usize, bool)>,
@@ -148,6 +152,9 @@ const PROBATION_BYTES: u64 = 64 << 20;
 struct Drained<'a> {
     inner: &'a mut dyn Source,
     skip: &'a mut bool,
+    /// Whether a short read may be trusted to mean "empty" (not once the
+    /// other end closed).
+    trust_short: bool,
 }
 
 impl Source for Drained<'_> {
@@ -156,7 +163,7 @@ impl Source for Drained<'_> {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = self.inner.recv_now(buf)?;
-        *self.skip = n > 0 && n < buf.len() && !self.inner.cheap_reads();
+        *self.skip = self.trust_short && n > 0 && n < buf.len() && !self.inner.cheap_reads();
         Ok(n)
     }
 
@@ -178,6 +185,7 @@ impl Assembler {
             router: None,
             route_min_bytes: AHEAD_BYTES,
             short_read: false,
+            peer_closed: false,
             starved: None,
             probation_bytes: usize::try_from(PROBATION_BYTES.min(pool.budget_bytes() / 16))
                 .unwrap_or(usize::MAX)
@@ -220,6 +228,7 @@ impl Assembler {
         let outcome = self.step(&mut Drained {
             inner: source,
             skip: &mut skip,
+            trust_short: !self.peer_closed,
         });
         self.short_read = skip;
         match &outcome {
@@ -288,7 +297,8 @@ impl Assembler {
             let have = self.end - self.start;
             if have >= PRELUDE_BYTES {
                 let prelude = &self.ahead[self.start..self.start + PRELUDE_BYTES];
-                let p = Prelude::parse(prelude, &self.limits, self.offset)?;
+                let p = Prelude::parse(prelude, &self.limits, self.offset)
+                    .map_err(|e| self.tls_instead().unwrap_or(e))?;
                 let len = usize::try_from(p.frame_len).map_err(|_| Error::Limit {
                     what: "frame size",
                     value: p.frame_len,
@@ -560,10 +570,35 @@ impl Assembler {
         self.short_read = false;
     }
 
+    /// The socket has reported that the other end closed: every read from
+    /// now on is tried, so the end is read even when it came with the last
+    /// bytes (one report for both).
+    pub(crate) fn peer_closed(&mut self) {
+        self.peer_closed = true;
+        self.short_read = false;
+    }
+
     /// Whether bytes were read ahead that no frame has taken yet: the socket
     /// no longer reports them, so whoever leads next must not leave them.
     pub(crate) fn holds_bytes(&self) -> bool {
         self.end > self.start || self.partial.is_some()
+    }
+
+    /// The error to report when the stream opens with a TLS record (a
+    /// handshake or an alert) where a frame should be: the peer speaks TLS
+    /// and this node does not.
+    fn tls_instead(&self) -> Option<Error> {
+        let head = &self.ahead[self.start..self.end];
+        let tls = self.offset == 0
+            && self.partial.is_none()
+            && head.len() >= 3
+            && matches!(head[0], 0x15 | 0x16)
+            && head[1] == 0x03
+            && head[2] <= 0x04;
+        tls.then(|| Error::Frame {
+            offset: 0,
+            what: "the peer speaks TLS and this node does not: give this node TLS too (NodeBuilder::tls; the CLI's --tls-ca, and --tls-cert and --tls-key to listen)".into(),
+        })
     }
 
     fn context(&self) -> String {
@@ -575,6 +610,9 @@ impl Assembler {
     }
 
     fn cut(&self) -> Error {
+        if let Some(e) = self.tls_instead() {
+            return e;
+        }
         Error::io(
             self.context(),
             io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended mid-frame"),

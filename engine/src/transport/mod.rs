@@ -25,6 +25,7 @@ pub(crate) mod outbox;
 pub(crate) mod shm;
 pub(crate) mod stream;
 pub(crate) mod tcp;
+pub mod tls;
 
 use std::io::{self, IoSlice};
 use std::os::fd::{OwnedFd, RawFd};
@@ -96,11 +97,9 @@ pub(crate) struct Reading {
     /// The transport reported readiness (not a nudge): a read side held by
     /// someone else then learns it may have missed something.
     pub(crate) evented: bool,
-    /// The transport reported that the peer ended the stream: a short read
-    /// does not mean the socket is drained (the end may come after the
-    /// bytes it returned, reported by no later event), so the reader reads
-    /// on until the socket says so.
-    pub(crate) hangup: bool,
+    /// The transport reported that the other end closed: from now on a read
+    /// that comes back short is followed by another, until the end is read.
+    pub(crate) closed: bool,
 }
 
 /// Why a read stopped.
@@ -140,6 +139,8 @@ pub(crate) struct Context {
     pub(crate) shm_uids: Vec<u32>,
     /// The shared secret every tcp peer must prove it knows.
     pub(crate) secret: Option<auth::Secret>,
+    /// TLS for every tcp connection.
+    pub(crate) tls: Option<Arc<tls::Tls>>,
 }
 
 /// A way to reach other nodes: one per scheme.
@@ -239,6 +240,16 @@ pub(crate) trait Handshake: Send {
 
     /// When the peer must have answered.
     fn deadline(&self) -> Instant;
+
+    /// Whether the last [`advance`](Self::advance) stopped for room in the
+    /// socket (a TLS handshake's flight): the I/O thread then waits for
+    /// writability too.
+    fn wants_writable(&self) -> bool {
+        false
+    }
+
+    /// What the peer has yet to do, for the log of one that ran out of time.
+    fn stage(&self) -> &'static str;
 }
 
 /// The bytes of one `tcp://` or `shm://` connection: the part of a
@@ -283,17 +294,31 @@ pub(crate) trait ByteLink: Send + Sync + 'static {
     /// position and wakes a sleeping reader; a socket has sent it already).
     fn flush(&self) {}
 
+    /// Writes, as far as the socket takes them now, bytes the link took
+    /// from [`write_now`](Self::write_now) but still holds (TLS records the
+    /// socket had no room for): `Ok(true)` when some still wait for room.
+    ///
+    /// # Errors
+    ///
+    /// The transport's write errors.
+    fn send_held(&self) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// Whether the link holds bytes to send that no writer handed it (a TLS
+    /// alert or key update made while reading): its writer must run.
+    fn holds_output(&self) -> bool {
+        false
+    }
+
     /// Runs on the I/O thread when the descriptor is readable, before any
     /// read: a shm connection takes slot descriptors, wake-ups and the end
-    /// from its socket here. `hangup`: the readiness event reported that
-    /// the peer ended the stream, so the end may lie behind the bytes a
-    /// short read returns.
+    /// from its socket here.
     ///
     /// # Errors
     ///
     /// A peer that broke the transport's rules; the connection ends.
-    fn on_readable(&self, hangup: bool) -> io::Result<()> {
-        let _ = hangup;
+    fn on_readable(&self) -> io::Result<()> {
         Ok(())
     }
 
@@ -335,6 +360,19 @@ pub(crate) trait ByteLink: Send + Sync + 'static {
     ///
     /// The wait's own errors.
     fn wait_readable(&self, deadline: Instant) -> io::Result<bool>;
+
+    /// For a dialer opening the link: waits until it may take more writes,
+    /// at most until `deadline`; `false` when it passed.
+    ///
+    /// # Errors
+    ///
+    /// The wait's own errors; a transport whose dialers never wait to write.
+    fn wait_writable(&self, _deadline: Instant) -> io::Result<bool> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this transport's dialers do not wait to write",
+        ))
+    }
 
     /// Sends a descriptor ahead of the frame that announces it (shm slots).
     ///

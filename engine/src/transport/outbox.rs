@@ -381,7 +381,7 @@ impl Outbox {
                 None => match s.queue.pop_front() {
                     Some(q) => match start(&q.item, link, &mut s.known_slots) {
                         Ok(w) => (w, q),
-                        Err(e) => {
+                        Err(NotStarted::Item(e)) => {
                             // This item cannot be written (a device that
                             // cannot be opened): it is dropped, with its
                             // reason, and the connection goes on.
@@ -391,17 +391,42 @@ impl Outbox {
                             s = self.lock();
                             continue;
                         }
+                        Err(NotStarted::Link(e)) => {
+                            // The link itself failed (a slot's descriptor
+                            // could not be sent): the connection is over,
+                            // as when a write fails.
+                            drop(s);
+                            return self.failed(link, e, Some(q));
+                        }
                     },
                     None => {
                         // Published while the turn is held (see above).
                         drop(s);
                         link.flush();
+                        // What the link took may still wait for the socket
+                        // (TLS records): written now, or when there is room.
+                        let held = match link.send_held() {
+                            Ok(held) => held,
+                            Err(e) => return self.failed(link, e, None),
+                        };
                         s = self.lock();
                         if !s.queue.is_empty() {
                             continue;
                         }
+                        if held {
+                            let room = link.idle_write();
+                            if room || std::mem::take(&mut s.again) {
+                                continue;
+                            }
+                            s.turn = false;
+                            return Pumped::Full;
+                        }
+                        // Someone asked while the turn was held: bytes the
+                        // link made meanwhile (a reader's TLS alert) go too.
+                        if std::mem::take(&mut s.again) && link.holds_output() {
+                            continue;
+                        }
                         s.turn = false;
-                        s.again = false;
                         return Pumped::Done;
                     }
                 },
@@ -435,21 +460,25 @@ impl Outbox {
                     s.turn = false;
                     return Pumped::Full;
                 }
-                Err(e) => {
-                    let why = format!("writing to {}: {e}", link.label());
-                    tracing::debug!(peer = link.label(), error = %e, kind = ?e.kind(), "a write failed");
-                    let dropped = {
-                        let mut s = self.lock();
-                        s.closed = Some(why.clone());
-                        s.turn = false;
-                        std::mem::take(&mut s.queue)
-                    };
-                    drop(queued);
-                    drop(dropped);
-                    return Pumped::Failed(why);
-                }
+                Err(e) => return self.failed(link, e, Some(queued)),
             }
         }
+    }
+
+    /// A write failed: the outbox closes, and what waits is dropped (its
+    /// lanes are told). Called without the lock, by the turn's holder.
+    fn failed(&self, link: &dyn ByteLink, e: io::Error, current: Option<Queued>) -> Pumped {
+        let why = format!("writing to {}: {e}", link.label());
+        tracing::debug!(peer = link.label(), error = %e, kind = ?e.kind(), "a write failed");
+        let dropped = {
+            let mut s = self.lock();
+            s.closed = Some(why.clone());
+            s.turn = false;
+            std::mem::take(&mut s.queue)
+        };
+        drop(current);
+        drop(dropped);
+        Pumped::Failed(why)
     }
 
     /// Closes the outbox: nothing more is taken, and what waits is dropped
@@ -467,8 +496,27 @@ impl Outbox {
     }
 }
 
+/// Why an item could not be started.
+enum NotStarted {
+    /// The item cannot be written (a device that cannot be opened); the
+    /// connection goes on without it.
+    Item(io::Error),
+    /// The link failed; the connection is over.
+    Link(io::Error),
+}
+
+impl From<io::Error> for NotStarted {
+    fn from(e: io::Error) -> Self {
+        NotStarted::Item(e)
+    }
+}
+
 /// Prepares the writing of one item.
-fn start(item: &Outgoing, link: &dyn ByteLink, known: &mut HashSet<u32>) -> io::Result<Writing> {
+fn start(
+    item: &Outgoing,
+    link: &dyn ByteLink,
+    known: &mut HashSet<u32>,
+) -> Result<Writing, NotStarted> {
     match item {
         Outgoing::Frame(frame) => Ok(Writing::Frame(FrameWriter::new(Arc::clone(frame))?)),
         Outgoing::Slot { held, len, meta } => {
@@ -492,15 +540,15 @@ fn start(item: &Outgoing, link: &dyn ByteLink, known: &mut HashSet<u32>) -> io::
             if first {
                 if let Err(e) = link.send_fd(held.0.fd()) {
                     known.remove(&id);
-                    return Err(e);
+                    return Err(NotStarted::Link(e));
                 }
             }
             Ok(Writing::Bytes { bytes, at: 0 })
         }
-        Outgoing::Message { .. } => Err(io::Error::new(
+        Outgoing::Message { .. } => Err(NotStarted::Item(io::Error::new(
             io::ErrorKind::Unsupported,
             "a byte connection carries frames, not messages",
-        )),
+        ))),
     }
 }
 
@@ -677,6 +725,36 @@ mod tests {
         }
         assert!(matches!(outbox.pump(&broken), Pumped::Failed(_)));
         assert_eq!(lane.queued(), 0);
+        assert!(outbox.push(Outgoing::Frame(frame(9, 1)), None).is_err());
+    }
+
+    #[test]
+    fn a_slot_whose_descriptor_cannot_be_sent_fails_the_connection() {
+        // A shm peer that died: sending a new slot's descriptor fails. The
+        // connection is over (and reported lost); its frames are not
+        // dropped one by one while the publisher goes on as if it were
+        // served.
+        let link = Trickle::new(1 << 20, 1 << 20);
+        let slots =
+            crate::transport::shm::slots::SlotPool::new(1 << 20, std::time::Duration::from_secs(1));
+        let outbox = Outbox::new();
+        let lane = Arc::new(Lane::new(8, None, Overflow::Block));
+        for seq in 0..3 {
+            let held = slots.take(4096).expect("slot");
+            outbox
+                .push(
+                    Outgoing::Slot {
+                        held,
+                        len: 4096,
+                        meta: FrameMeta::message("/t", seq),
+                    },
+                    Some(Arc::clone(&lane)),
+                )
+                .expect("open");
+        }
+        assert!(matches!(outbox.pump(&link), Pumped::Failed(_)));
+        assert_eq!(lane.queued(), 0);
+        assert_eq!(lane.written(), 0);
         assert!(outbox.push(Outgoing::Frame(frame(9, 1)), None).is_err());
     }
 }

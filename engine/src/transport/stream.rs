@@ -82,6 +82,9 @@ pub(crate) struct StreamConn {
     /// The I/O thread was asked to read while someone else held the read
     /// side: the holder hands the read back when it lets go.
     missed: AtomicBool,
+    /// The transport reported the other end closed: its end waits behind
+    /// the bytes not read yet, and no later event will report it.
+    closed: AtomicBool,
     /// Whether a begun frame keeps arriving.
     watch: Mutex<Watch>,
 }
@@ -142,6 +145,7 @@ impl StreamConn {
             registration: OnceLock::new(),
             missed: AtomicBool::new(false),
             watch: Mutex::new(Watch::default()),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -232,7 +236,10 @@ impl StreamConn {
     /// left when it ends, and a nudge recorded as missed would only make it
     /// nudge again.
     fn read_all(&self, on_frame: &mut dyn FnMut(Frame) -> Flow, how: Reading) -> ReadStop {
-        if let Err(e) = self.link.on_readable(how.hangup) {
+        if how.closed {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        if let Err(e) = self.link.on_readable() {
             self.link.shutdown();
             let end = if e.kind() == io::ErrorKind::InvalidData {
                 End::Broken(e.to_string())
@@ -257,7 +264,7 @@ impl StreamConn {
             };
             self.missed.store(false, Ordering::SeqCst);
             let mut side = side;
-            let stop = self.read_frames(&mut side, on_frame, how);
+            let stop = self.read_frames(&mut side, on_frame, how.arm);
             drop(side);
             if matches!(stop, ReadStop::Idle) && self.missed.swap(false, Ordering::SeqCst) {
                 continue;
@@ -270,13 +277,10 @@ impl StreamConn {
         &self,
         side: &mut ReadSide,
         on_frame: &mut dyn FnMut(Frame) -> Flow,
-        how: Reading,
+        arm: bool,
     ) -> ReadStop {
         // Called because the transport reported something (or was nudged).
         side.assembler.expect_more();
-        // With the end of the stream reported, a short read is no sign the
-        // socket is drained: the end itself is read before going idle.
-        let mut read_to_end = how.hangup;
         loop {
             match self.step(side) {
                 Ok(Some(frame)) => {
@@ -290,11 +294,7 @@ impl StreamConn {
                         // waits, unread, until bytes come back.
                         return ReadStop::Stalled;
                     }
-                    if std::mem::take(&mut read_to_end) {
-                        side.assembler.expect_more();
-                        continue;
-                    }
-                    if how.arm && self.link.idle_read() {
+                    if arm && self.link.idle_read() {
                         continue;
                     }
                     return ReadStop::Idle;
@@ -309,7 +309,15 @@ impl StreamConn {
         if let Some(end) = &side.ended {
             return Err(end.clone());
         }
+        if self.closed.load(Ordering::SeqCst) {
+            side.assembler.peer_closed();
+        }
         let outcome = side.assembler.next(&mut LinkSource(&*self.link));
+        if self.link.holds_output() {
+            // Reading made bytes to send (a TLS alert or key update): the
+            // writer sends them, now or when the socket has room.
+            let _ = self.pump();
+        }
         let end = match outcome {
             Ok(Next::Frame(f)) => return Ok(Some(f)),
             Ok(Next::Pending) => return Ok(None),
@@ -467,6 +475,67 @@ impl Drop for Lead<'_> {
         let pending = self.conn.link.idle_read();
         if holds || pending || self.conn.missed.swap(false, Ordering::SeqCst) {
             self.conn.nudge();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::tcp::TcpLink;
+    use crate::wire::{encode, EncodeOptions, FrameMeta};
+    use crate::{pattern, DType, Message};
+    use std::io::Write;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+
+    /// A connection over one end of a loopback tcp pair, and the other end.
+    fn tcp_pair() -> (StreamConn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = listener.accept().expect("accept");
+        let link = TcpLink::new(ours, "tcp://peer".into()).expect("link");
+        let conn = StreamConn::new(
+            Box::new(link),
+            BufferPool::new(1 << 30),
+            Limits::default(),
+            None,
+        );
+        (conn, peer)
+    }
+
+    #[test]
+    fn an_end_that_came_with_the_last_bytes_is_read_in_the_same_pass() {
+        // A sender killed mid-frame: its last bytes and its end are in the
+        // socket before the read, and the one readiness event that reports
+        // them is the last. The read that takes the bytes comes back short;
+        // it must go on to the end, or the connection stays half-closed
+        // forever, holding its frame's reservation.
+        let (conn, mut peer) = tcp_pair();
+        let t = pattern::tensor(DType::U8, &[1 << 20], 1, 0, "x").expect("tensor");
+        let mut frame = Vec::new();
+        encode(
+            &Message::new().tensor("x", t),
+            &FrameMeta::message("/t", 0),
+            EncodeOptions::default(),
+        )
+        .expect("encode")
+        .write_to(&mut frame)
+        .expect("write");
+        peer.write_all(&frame[..200 << 10])
+            .expect("part of a frame");
+        peer.shutdown(Shutdown::Write).expect("end");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let stop = conn.read(
+            &mut |_| panic!("no frame is whole"),
+            Reading {
+                arm: true,
+                evented: true,
+                closed: true,
+            },
+        );
+        match stop {
+            ReadStop::Ended(why) => assert!(why.contains("mid-frame"), "{why}"),
+            other => panic!("the end was left unread: {other:?}"),
         }
     }
 }

@@ -3,24 +3,33 @@
 //! writes are vectored (a frame's head and its tensors' bytes leave in one
 //! call, never concatenated); Nagle's delay is off and the socket buffers
 //! are large.
+//!
+//! A node with TLS ([`tls`](super::tls)) or a shared secret
+//! ([`auth`](super::auth)) opens each connection before its first frame:
+//! the dialer on its own thread, within the connect timeout; the listener's
+//! side (`Opening`) on its I/O thread, without blocking, within 5 s.
 
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, sendmsg, MsgFlags, SockaddrStorage};
 
-use std::sync::Arc;
-
 use super::auth::{self, Challenge};
+use super::tls::{self, Shake, Tls, TlsLink};
 use super::{
     retry, stream_connection, Accepted, ByteLink, Carry, Connection, Context, Handshake, Listener,
     Transport,
 };
 use crate::address::Address;
 use crate::error::{Error, Result};
+
+/// How long an accepted connection may take to open (its TLS handshake and
+/// its answer to the secret's challenge, as the node has them).
+const OPENING_WAIT: Duration = Duration::from_secs(5);
 
 /// The `tcp://` transport.
 pub(crate) struct Tcp;
@@ -30,6 +39,11 @@ impl Transport for Tcp {
         if !public && !addr.is_local_only()? {
             return Err(Error::Invalid(format!(
                 "{addr} is reachable from other hosts; bind it with listen_public (the CLI: write the address explicitly) or use 127.0.0.1"
+            )));
+        }
+        if ctx.tls.as_ref().is_some_and(|t| !t.can_listen()) {
+            return Err(Error::Invalid(format!(
+                "cannot listen on {addr} with TLS: this node has no certificate; give it one and its key (TlsConfig::cert_file and key_file, the CLI's --tls-cert and --tls-key)"
             )));
         }
         let sock = addr.socket_addrs()?;
@@ -45,17 +59,26 @@ impl Transport for Tcp {
             listener,
             address: Address::Tcp(local.to_string()),
             secret: ctx.secret.clone(),
+            tls: ctx.tls.clone(),
         }))
     }
 
+    /// Connects, then opens the connection as the node requires: the TLS
+    /// handshake and the listener's word, then the secret's
+    /// challenge–response, each within the connect timeout.
     fn connect(&self, addr: &Address, ctx: &Context) -> Result<Arc<dyn Connection>> {
         let sock = addr.socket_addrs()?;
-        let mut stream = retry(addr, ctx.connect_timeout, || TcpStream::connect(&sock[..]))?;
+        let stream = retry(addr, ctx.connect_timeout, || TcpStream::connect(&sock[..]))?;
+        let deadline = Instant::now() + ctx.connect_timeout;
+        let tcp = TcpLink::new(stream, addr.to_string())?;
+        let link: Box<dyn ByteLink> = match &ctx.tls {
+            Some(tls) => Box::new(tls.dial(tcp, addr, deadline)?),
+            None => Box::new(tcp),
+        };
         if let Some(secret) = &ctx.secret {
-            auth::dial(&mut stream, secret, &addr.to_string(), ctx.connect_timeout)?;
+            auth::dial(&*link, secret, &addr.to_string(), deadline)?;
         }
-        let link = TcpLink::new(stream, addr.to_string())?;
-        Ok(stream_connection(Box::new(link), ctx))
+        Ok(stream_connection(link, ctx))
     }
 }
 
@@ -64,6 +87,8 @@ struct TcpListening {
     address: Address,
     /// With a secret, every connection is challenged before its first frame.
     secret: Option<auth::Secret>,
+    /// With TLS, every connection is TLS.
+    tls: Option<Arc<Tls>>,
 }
 
 impl Listener for TcpListening {
@@ -79,15 +104,26 @@ impl Listener for TcpListening {
         match self.listener.accept() {
             Ok((stream, from)) => {
                 let label = format!("tcp://{from}");
-                if let Some(secret) = &self.secret {
-                    let challenge = Challenge::start(stream, secret.clone())?;
-                    return Ok(Some(Accepted::Handshaking(Box::new(Authenticating {
-                        challenge,
-                        label,
-                    }))));
-                }
-                let link = TcpLink::new(stream, label).map_err(io::Error::other)?;
-                Ok(Some(Accepted::Open(stream_connection(Box::new(link), ctx))))
+                let tcp = TcpLink::new(stream, label.clone()).map_err(io::Error::other)?;
+                let deadline = Instant::now() + OPENING_WAIT;
+                let fd = tcp.fd();
+                let stage = match (&self.tls, &self.secret) {
+                    (None, None) => {
+                        return Ok(Some(Accepted::Open(stream_connection(Box::new(tcp), ctx))))
+                    }
+                    (None, Some(secret)) => {
+                        Stage::Auth(Challenge::new(Box::new(tcp), secret.clone()))
+                    }
+                    (Some(tls), _) => Stage::Tls(tls.accept(tcp).map_err(io::Error::other)?),
+                };
+                Ok(Some(Accepted::Handshaking(Box::new(Opening {
+                    fd,
+                    stage,
+                    secret: self.secret.clone(),
+                    label,
+                    deadline,
+                    wants_write: false,
+                }))))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
@@ -95,32 +131,201 @@ impl Listener for TcpListening {
     }
 }
 
-/// An accepted connection answering its authentication challenge.
-struct Authenticating {
-    challenge: Challenge,
-    label: String,
+/// Where an accepted connection is in its opening.
+enum Stage {
+    /// The TLS handshake.
+    Tls(TlsLink),
+    /// Telling the dialer it was accepted (inside TLS).
+    Saying(TlsLink),
+    /// The secret's challenge.
+    Auth(Challenge),
+    /// Failed, or handed on.
+    Gone,
 }
 
-impl Handshake for Authenticating {
+/// An accepted connection opening, as its I/O thread drives it without
+/// blocking: its TLS handshake and the listener's word (with TLS), then
+/// its answer to the secret's challenge (with a secret).
+struct Opening {
+    stage: Stage,
+    secret: Option<auth::Secret>,
+    label: String,
+    fd: RawFd,
+    deadline: Instant,
+    wants_write: bool,
+}
+
+impl Opening {
+    fn refused(&self, offence: String) -> Error {
+        Error::Misbehaved {
+            peer: self.label.clone(),
+            offence,
+        }
+    }
+}
+
+impl Handshake for Opening {
     fn fd(&self) -> RawFd {
-        self.challenge.fd()
+        self.fd
     }
 
     fn advance(&mut self, ctx: &Context) -> Result<Option<Arc<dyn Connection>>> {
-        let Some(stream) = self.challenge.advance().map_err(|e| Error::Misbehaved {
-            peer: self.label.clone(),
-            offence: e.to_string(),
-        })?
-        else {
-            return Ok(None);
-        };
-        let link = TcpLink::new(stream, self.label.clone())?;
-        Ok(Some(stream_connection(Box::new(link), ctx)))
+        loop {
+            match std::mem::replace(&mut self.stage, Stage::Gone) {
+                Stage::Tls(link) => match link.shake() {
+                    Ok(Shake::Done) => {
+                        // rustls takes the word whole: nothing waits before it.
+                        link.write_now(&[IoSlice::new(tls::ACCEPTED)])
+                            .map_err(|e| Error::io(format!("writing to {}", self.label), e))?;
+                        self.stage = Stage::Saying(link);
+                    }
+                    Ok(wait) => {
+                        self.wants_write = wait == Shake::Write;
+                        self.stage = Stage::Tls(link);
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        return Err(Error::Tls {
+                            peer: self.label.clone(),
+                            what: tls::explain_to_listener(&e),
+                        })
+                    }
+                },
+                Stage::Saying(link) => {
+                    if link
+                        .send_held()
+                        .map_err(|e| Error::io(format!("writing to {}", self.label), e))?
+                    {
+                        self.wants_write = true;
+                        self.stage = Stage::Saying(link);
+                        return Ok(None);
+                    }
+                    match &self.secret {
+                        Some(secret) => {
+                            self.stage =
+                                Stage::Auth(Challenge::new(Box::new(link), secret.clone()));
+                        }
+                        None => return Ok(Some(stream_connection(Box::new(link), ctx))),
+                    }
+                }
+                Stage::Auth(mut challenge) => match challenge.advance() {
+                    Ok(Some(link)) => return Ok(Some(stream_connection(link, ctx))),
+                    Ok(None) => {
+                        self.wants_write = challenge.wants_write();
+                        self.stage = Stage::Auth(challenge);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(self.refused(e.to_string())),
+                },
+                Stage::Gone => return Err(Error::Invalid("the opening is over".into())),
+            }
+        }
     }
 
     fn deadline(&self) -> Instant {
-        self.challenge.deadline()
+        self.deadline
     }
+
+    fn wants_writable(&self) -> bool {
+        self.wants_write
+    }
+
+    fn stage(&self) -> &'static str {
+        match self.stage {
+            Stage::Tls(_) => "its TLS handshake",
+            Stage::Saying(_) => "taking the listener's word",
+            Stage::Auth(_) => "its answer to the secret's challenge",
+            Stage::Gone => "its opening",
+        }
+    }
+}
+
+/// Waits until `fd` can be read (or written, with `writable`), at most
+/// until `deadline`; `false` when it passed.
+fn wait_fd(fd: impl AsFd, writable: bool, deadline: Instant) -> io::Result<bool> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(false);
+    }
+    // Rounded up: a wait never ends before the deadline, so it never spins.
+    let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    let flags = if writable {
+        PollFlags::POLLOUT
+    } else {
+        PollFlags::POLLIN
+    };
+    let mut fds = [PollFd::new(fd.as_fd(), flags)];
+    match poll(
+        &mut fds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(0) => Ok(Instant::now() < deadline),
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// For a dialer opening a connection: writes all of `bytes` through
+/// `link`, waiting for room, by `deadline`.
+///
+/// # Errors
+///
+/// The link's errors; `TimedOut` when the deadline passes.
+pub(crate) fn send_all(link: &dyn ByteLink, bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "the peer took nothing in time");
+    let mut at = 0;
+    while at < bytes.len() {
+        match link.write_now(&[IoSlice::new(&bytes[at..])]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !link.wait_writable(deadline)? {
+                    return Err(timed_out());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    while link.send_held()? {
+        if !link.wait_writable(deadline)? {
+            return Err(timed_out());
+        }
+    }
+    Ok(())
+}
+
+/// For a dialer opening a connection: reads exactly `buf.len()` bytes from
+/// `link` by `deadline`.
+///
+/// # Errors
+///
+/// The link's errors; `UnexpectedEof` when the peer closed first,
+/// `TimedOut` when the deadline passes.
+pub(crate) fn recv_exact(link: &dyn ByteLink, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match link.read_now(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection",
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !link.wait_readable(deadline)? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "nothing came in time",
+                    ));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// One TCP connection's bytes.
@@ -144,6 +349,16 @@ impl TcpLink {
         let _ = sock.set_send_buffer_size(4 << 20);
         let _ = sock.set_recv_buffer_size(4 << 20);
         Ok(Self { stream, label })
+    }
+
+    /// Waits until the socket can be read (or written, with `writable`), at
+    /// most until `deadline`; `false` when it passed.
+    ///
+    /// # Errors
+    ///
+    /// The wait's own errors.
+    pub(crate) fn wait(&self, writable: bool, deadline: Instant) -> io::Result<bool> {
+        wait_fd(&self.stream, writable, deadline)
     }
 }
 
@@ -181,21 +396,11 @@ impl ByteLink for TcpLink {
     }
 
     fn wait_readable(&self, deadline: Instant) -> io::Result<bool> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(false);
-        }
-        // Rounded up: a wait never ends before the deadline, so it never spins.
-        let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
-        match poll(
-            &mut fds,
-            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-        ) {
-            Ok(0) => Ok(Instant::now() < deadline),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(true),
-            Err(e) => Err(e.into()),
-        }
+        self.wait(false, deadline)
+    }
+
+    fn wait_writable(&self, deadline: Instant) -> io::Result<bool> {
+        self.wait(true, deadline)
     }
 
     fn shutdown(&self) {

@@ -83,6 +83,7 @@ fn head_parts<'b>(
             available: bytes.len() as u64,
         });
     }
+    p.check_seal(bytes, base)?;
     let ranges = buffer_ranges(bytes, &p, base)?;
     let header = header::parse(bytes, &p, base)?;
     Ok((p, ranges, header))

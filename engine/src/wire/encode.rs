@@ -271,6 +271,12 @@ fn assemble(header: &HeaderOut<'_>, lens: &[u64], compact: bool) -> Result<(Vec<
         head.extend_from_slice(&len.to_le_bytes());
     }
     head.resize(data_start as usize, 0);
+    // A frame whose tensors carry checksums carries its head's too: what a
+    // checksum is worth depends on the header that says which tensor, of
+    // which message, it belongs to.
+    if header.tensors.checksum.is_some() {
+        prelude::seal(&mut head);
+    }
     Ok((head, frame_len))
 }
 

@@ -9,7 +9,8 @@
 //! The rooms, in the order a frame's bytes lie:
 //!
 //! - `prelude`: the fixed 32 bytes every frame starts with ([`Prelude`]),
-//!   written and checked against the [`Limits`];
+//!   written and checked against the [`Limits`], and the seal of a head
+//!   (prelude flag [`FLAG_SEALED`]);
 //! - `header`: the JSON header, its tensor columns and their rows;
 //! - `compact`: the same header in binary (prelude flag [`FLAG_COMPACT`]);
 //! - `encode`: a message into an [`Encoded`] frame (head plus buffer list),
@@ -42,6 +43,12 @@ pub const VERSION: u16 = 1;
 pub const PRELUDE_BYTES: usize = 32;
 /// Prelude flag: the header is in the compact binary form, not JSON.
 pub const FLAG_COMPACT: u16 = 0x0001;
+/// Prelude flag: the head is sealed — prelude bytes 24..32 hold the
+/// checksum of the rest of the head (see [`Prelude::seal`]). Frames whose
+/// tensors carry checksums are sealed, so a header changed on the way
+/// (another sequence number, channel, name or dtype) is caught as surely
+/// as a tensor byte.
+pub const FLAG_SEALED: u16 = 0x0002;
 
 /// `x` rounded up to a multiple of `to`; `None` on overflow.
 fn align_up(x: u64, to: u64) -> Option<u64> {

@@ -1,7 +1,9 @@
 //! The fixed 32-byte prelude every frame starts with: written by the
 //! encoder, checked by [`Prelude::parse`] before anything is allocated.
 
-use super::{align_up, Limits, FLAG_COMPACT, MAGIC, PRELUDE_BYTES, VERSION};
+use tensorferry_kernels::cpu;
+
+use super::{align_up, Limits, FLAG_COMPACT, FLAG_SEALED, MAGIC, PRELUDE_BYTES, VERSION};
 use crate::buffer::ALIGN;
 use crate::error::{Error, Result};
 
@@ -20,6 +22,10 @@ pub struct Prelude {
     pub table_start: u64,
     /// Where the first buffer starts (the end of the head).
     pub data_start: u64,
+    /// The head's checksum as the sender computed it ([`FLAG_SEALED`]):
+    /// checked against the head's bytes once they are in (see
+    /// [`Prelude::check_seal`]).
+    pub seal: Option<u64>,
 }
 
 fn le_u16(b: &[u8], at: usize) -> u16 {
@@ -71,18 +77,19 @@ impl Prelude {
             });
         }
         let flags = le_u16(bytes, 6);
-        if flags & !FLAG_COMPACT != 0 {
+        if flags & !(FLAG_COMPACT | FLAG_SEALED) != 0 {
             return Err(frame(
                 6,
                 format!(
-                    "flags {flags:#06x} are set; version {VERSION} defines only {FLAG_COMPACT:#06x} (compact header)"
+                    "flags {flags:#06x} are set; version {VERSION} defines only {FLAG_COMPACT:#06x} (compact header) and {FLAG_SEALED:#06x} (sealed head)"
                 ),
             ));
         }
         let header_len = le_u32(bytes, 8);
         let buffer_count = le_u32(bytes, 12);
         let frame_len = le_u64(bytes, 16);
-        if le_u64(bytes, 24) != 0 {
+        let seal = (flags & FLAG_SEALED != 0).then(|| le_u64(bytes, 24));
+        if seal.is_none() && le_u64(bytes, 24) != 0 {
             return Err(frame(24, "reserved bytes are not zero".into()));
         }
         let limit = |what, value: u64, limit: u64| {
@@ -126,8 +133,50 @@ impl Prelude {
             frame_len,
             table_start,
             data_start,
+            seal,
         })
     }
+
+    /// Checks a sealed head: `head` (at least the frame's first
+    /// `data_start` bytes) must give the checksum the sender sealed it with.
+    /// An unsealed frame passes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Frame`] when the prelude (but for the seal itself), the
+    /// header, the buffer table or the padding changed on the way.
+    pub fn check_seal(&self, head: &[u8], base: u64) -> Result<()> {
+        let Some(want) = self.seal else {
+            return Ok(());
+        };
+        let got = seal_of(&head[..self.data_start as usize]);
+        if got != want {
+            return Err(Error::Frame {
+                offset: base + 24,
+                what: format!(
+                    "the head's checksum does not match: the sender sealed it with {want:016x}, the bytes received give {got:016x} (its header, buffer table or prelude changed on the way)"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The seal of a frame's head: the checksum of its bytes, the seal's own
+/// eight (prelude bytes 24..32) read as zeros.
+pub(super) fn seal_of(head: &[u8]) -> u64 {
+    let mut bytes = head.to_vec();
+    bytes[24..PRELUDE_BYTES].fill(0);
+    cpu::checksum(&bytes).0
+}
+
+/// Seals `head` (a whole head, prelude included): sets [`FLAG_SEALED`] and
+/// writes the seal into prelude bytes 24..32.
+pub(super) fn seal(head: &mut [u8]) {
+    let flags = le_u16(head, 6) | FLAG_SEALED;
+    head[6..8].copy_from_slice(&flags.to_le_bytes());
+    let sum = seal_of(head);
+    head[24..PRELUDE_BYTES].copy_from_slice(&sum.to_le_bytes());
 }
 
 /// The prelude of a frame of `frame_len` bytes with a header of
@@ -146,6 +195,6 @@ pub(super) fn write(
     prelude[8..12].copy_from_slice(&header_len.to_le_bytes());
     prelude[12..16].copy_from_slice(&buffer_count.to_le_bytes());
     prelude[16..24].copy_from_slice(&frame_len.to_le_bytes());
-    // Bytes 24..32 (reserved) stay zero.
+    // Bytes 24..32 stay zero, unless the head is sealed once it is whole.
     prelude
 }

@@ -241,6 +241,10 @@ impl Handshake for AcceptShake {
     fn deadline(&self) -> Instant {
         self.deadline
     }
+
+    fn stage(&self) -> &'static str {
+        "sending its shared-memory ring"
+    }
 }
 
 /// What the socket brought that the reader has not taken yet.
@@ -326,11 +330,12 @@ impl ShmLink {
     /// Takes what the socket brought: descriptors into the queue, wake-ups
     /// dropped (their only job was to wake), the end noted. A read takes a
     /// run of wake-ups at once, and at most one descriptor (the system ends
-    /// a read after the message that carries one); a read that comes back
-    /// short emptied the socket of bytes — but not of its end, which the
-    /// readiness event may have reported with them (`hangup`): then reading
-    /// goes on until the socket says it has nothing.
-    fn drain_socket(&self, socket_in: &mut SocketIn, hangup: bool) -> io::Result<()> {
+    /// a read after the message that carries one). It reads until the
+    /// socket is empty or ended: a read that comes back short may still be
+    /// followed by the peer's end — a peer that wrote and then died wakes
+    /// the I/O thread once for both, and an end left unread would never be
+    /// reported.
+    fn drain_socket(&self, socket_in: &mut SocketIn) -> io::Result<()> {
         let mut bytes = [0u8; 64];
         loop {
             let (n, fd) = match recv_with_fd(&self.stream, &mut bytes) {
@@ -372,9 +377,6 @@ impl ShmLink {
                     io::ErrorKind::InvalidData,
                     "the peer sent a descriptor with a wake-up instead of an `F`",
                 ));
-            }
-            if n < bytes.len() && !hangup {
-                return Ok(());
             }
         }
     }
@@ -485,9 +487,9 @@ impl ByteLink for ShmLink {
         }
     }
 
-    fn on_readable(&self, hangup: bool) -> io::Result<()> {
+    fn on_readable(&self) -> io::Result<()> {
         let mut socket_in = self.socket_in.lock().unwrap_or_else(|p| p.into_inner());
-        self.drain_socket(&mut socket_in, hangup)
+        self.drain_socket(&mut socket_in)
     }
 
     fn idle_read(&self) -> bool {
@@ -552,7 +554,7 @@ impl ByteLink for ShmLink {
         if socket_in.fds.is_empty() {
             // The peer sends a descriptor before the frame that announces
             // it: when the frame is here, the descriptor is in the socket.
-            if self.drain_socket(&mut socket_in, false).is_err() {
+            if self.drain_socket(&mut socket_in).is_err() {
                 return None;
             }
         }
@@ -730,6 +732,21 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_peer_that_wakes_and_dies_at_once_is_seen_ended_by_one_drain() {
+        // A peer killed right after it rang: its wake-up and its end come
+        // with one readiness event, and one drain must see both, or the
+        // end is never reported (the I/O thread is not woken again).
+        let (a, b) = pair();
+        b.ring(DATA);
+        b.ring(SPACE);
+        drop(b);
+        a.on_readable().expect("drain");
+        assert!(a.gone.load(Ordering::SeqCst), "the end was left unread");
+        let mut buf = [0u8; 8];
+        assert_eq!(a.read_now(&mut buf).expect("the end"), 0);
+    }
+
     fn read_exactly(link: &ShmLink, n: usize) -> Vec<u8> {
         let mut out = vec![0xAA; n];
         let mut got = 0;
@@ -803,7 +820,7 @@ mod tests {
         write_all(&a, b"last words");
         a.shutdown();
         drop(a);
-        b.on_readable(false).expect("the end is not an error");
+        b.on_readable().expect("the end is not an error");
         assert_eq!(read_exactly(&b, 10), b"last words");
         let mut buf = [0u8; 4];
         assert_eq!(b.read_now(&mut buf).expect("end"), 0);
@@ -825,7 +842,7 @@ mod tests {
         assert_eq!(b.read_now(&mut buf).expect("read"), 4096);
         // The reader made room and rang: the writer's socket has an `S`.
         assert_eq!(peek(&a).expect("a wake-up"), SPACE);
-        a.on_readable(false).expect("drain");
+        a.on_readable().expect("drain");
         assert!(a.idle_write(), "room now");
     }
 
@@ -867,7 +884,7 @@ mod tests {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let err = loop {
-            match b.on_readable(false) {
+            match b.on_readable() {
                 Err(e) => break e,
                 Ok(()) => {
                     assert!(Instant::now() < deadline, "still open");
@@ -890,7 +907,7 @@ mod tests {
         write_all(&a, b"one");
         write_all(&a, b"two");
         assert_eq!(peek(&b).expect("a wake-up"), DATA);
-        b.on_readable(false).expect("drain");
+        b.on_readable().expect("drain");
         assert_eq!(
             peek(&b).expect_err("one wake-up, not two").kind(),
             io::ErrorKind::WouldBlock
