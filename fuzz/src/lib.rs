@@ -12,7 +12,7 @@ use tensorferry_device_map::Device;
 use tensorferry_engine::outbound::write_frame;
 use tensorferry_engine::wire::{
     decode, encode, encode_staged, plan_head, EncodeOptions, Frame, HeadPlan, Limits, Origin,
-    FLAG_COMPACT, MAGIC, PRELUDE_BYTES, VERSION,
+    FLAG_COMPACT, FLAG_SEALED, MAGIC, PRELUDE_BYTES, VERSION,
 };
 use tensorferry_engine::{Error, HostBuffer, ALIGN};
 
@@ -308,10 +308,12 @@ pub fn check_compact_frame(frame: &Frame) {
         bytes
     };
     let bytes = compact_bytes(frame);
+    // Compact, and sealed exactly when a tensor carries a checksum.
+    let sealed = frame.tensors.iter().any(|t| t.checksum.is_some());
     assert_eq!(
         u16::from_le_bytes([bytes[6], bytes[7]]),
-        FLAG_COMPACT,
-        "a message without objects is written compact"
+        FLAG_COMPACT | if sealed { FLAG_SEALED } else { 0 },
+        "a message without objects is written compact (its head sealed with checksums)"
     );
     let again =
         decode(&HostBuffer::copy_from(&bytes), &no_limits()).expect("a re-encoded frame decodes");
@@ -489,7 +491,10 @@ mod tests {
         };
         let enc = encode(&m, &FrameMeta::message("/x", 3), options).expect("encode");
         let head = enc.head();
-        assert_eq!(u16::from_le_bytes([head[6], head[7]]), FLAG_COMPACT);
+        assert_eq!(
+            u16::from_le_bytes([head[6], head[7]]),
+            FLAG_COMPACT | FLAG_SEALED
+        );
         let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
         let buffers: Vec<&[u8]> = enc
             .buffers()
