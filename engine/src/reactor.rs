@@ -330,34 +330,25 @@ impl Drop for Reactor {
 /// One I/O thread's loop.
 fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
     let mut events = Events::with_capacity(256);
-    let mut watched: HashMap<Token, Arc<dyn Watched>> = HashMap::new();
-    let mut deadlines: BTreeSet<(Instant, Token)> = BTreeSet::new();
-    // Sources that asked to spin, and until when the thread spins.
-    let mut spinning: Vec<Token> = Vec::new();
+    let mut state = Sources::default();
+    // Until when the thread spins, while sources ask to.
     let mut spin_until = Instant::now();
     loop {
         let now = Instant::now();
-        if !spinning.is_empty() && now >= spin_until {
+        if !state.spinning.is_empty() && now >= spin_until {
             // About to sleep: every spinning source arms its wake-ups; one
             // with work already runs (and may spin on).
             let mut again = false;
-            for token in std::mem::take(&mut spinning) {
-                if watched.get(&token).is_some_and(|s| s.arm()) {
-                    again |= run_one(
-                        shared,
-                        &mut watched,
-                        token,
-                        Readiness::ALL,
-                        &mut spinning,
-                        &mut deadlines,
-                    );
+            for token in std::mem::take(&mut state.spinning) {
+                if state.watched.get(&token).is_some_and(|s| s.arm()) {
+                    again |= state.run_one(shared, token, Readiness::ALL);
                 }
             }
             if again {
                 spin_until = Instant::now() + busy_poll;
             }
         }
-        let timeout = match (spinning.is_empty(), deadlines.first()) {
+        let timeout = match (state.spinning.is_empty(), state.deadlines.first()) {
             (false, _) => Some(Duration::ZERO),
             (true, Some((at, _))) => Some(at.saturating_duration_since(now)),
             (true, None) => None,
@@ -376,22 +367,22 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 Command::Add(token, source) => {
                     if let Err(e) = watch(&shared.registry, source.fd(), token, Interest::READABLE)
                     {
-                        tracing::warn!(error = %e, "I/O thread: a connection could not be watched; it is closed");
+                        tracing::warn!(error = %e, "I/O thread: a connection could not be state.watched; it is closed");
                         let _ = source.ready(Readiness::ALL);
                         continue;
                     }
                     if let Some(at) = source.deadline() {
-                        deadlines.insert((at, token));
+                        state.deadlines.insert((at, token));
                     }
-                    watched.insert(token, source);
+                    state.watched.insert(token, source);
                     // What arrived before the registration is looked at now.
                     nudged.push(token);
                 }
                 Command::Remove(token) => {
-                    if let Some(source) = watched.remove(&token) {
+                    if let Some(source) = state.watched.remove(&token) {
                         let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
                     }
-                    spinning.retain(|t| *t != token);
+                    state.spinning.retain(|t| *t != token);
                 }
                 Command::Nudge(token) => nudged.push(token),
                 Command::Stop => return,
@@ -399,7 +390,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
         }
         // Whether a source that spins did work: the spin goes on from now.
         let mut worked = false;
-        let spun = spinning.len();
+        let spun = state.spinning.len();
         for event in events.iter() {
             let token = event.token();
             if token == WAKER {
@@ -411,45 +402,24 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 nudged: false,
                 closed: event.is_read_closed() || event.is_error(),
             };
-            worked |= run_one(
-                shared,
-                &mut watched,
-                token,
-                why,
-                &mut spinning,
-                &mut deadlines,
-            );
+            worked |= state.run_one(shared, token, why);
         }
         let now = Instant::now();
-        while let Some(&(at, token)) = deadlines.first() {
+        while let Some(&(at, token)) = state.deadlines.first() {
             if at > now {
                 break;
             }
-            deadlines.pop_first();
+            state.deadlines.pop_first();
             nudged.push(token);
         }
         for token in nudged {
-            worked |= run_one(
-                shared,
-                &mut watched,
-                token,
-                Readiness::ALL,
-                &mut spinning,
-                &mut deadlines,
-            );
+            worked |= state.run_one(shared, token, Readiness::ALL);
         }
         // Spinning sources with work no event reports (a ring) run too.
-        for i in 0..spun.min(spinning.len()) {
-            let token = spinning[i];
-            if watched.get(&token).is_some_and(|s| s.has_work()) {
-                worked |= run_one(
-                    shared,
-                    &mut watched,
-                    token,
-                    Readiness::ALL,
-                    &mut spinning,
-                    &mut deadlines,
-                );
+        for i in 0..spun.min(state.spinning.len()) {
+            let token = state.spinning[i];
+            if state.watched.get(&token).is_some_and(|s| s.has_work()) {
+                worked |= state.run_one(shared, token, Readiness::ALL);
             }
         }
         if worked {
@@ -473,43 +443,49 @@ fn watch(registry: &mio::Registry, fd: RawFd, token: Token, interest: Interest) 
     }
 }
 
-/// Runs one source: removes it when it is done, and keeps it among the
-/// spinning ones when it asks to spin (then `true`).
-fn run_one(
-    shared: &Shared,
-    watched: &mut HashMap<Token, Arc<dyn Watched>>,
-    token: Token,
-    why: Readiness,
-    spinning: &mut Vec<Token>,
-    deadlines: &mut BTreeSet<(Instant, Token)>,
-) -> bool {
-    let Some(source) = watched.get(&token).cloned() else {
-        return false;
-    };
-    let ready = source.ready(why);
-    if ready != Ready::Done {
-        // A source may have a new deadline now (a frame begun, say); one
-        // that passed or moved only runs it once more.
-        if let Some(at) = source.deadline() {
-            deadlines.insert((at, token));
-        }
-    }
-    match ready {
-        Ready::Wait => {
-            spinning.retain(|t| *t != token);
-            false
-        }
-        Ready::Spin => {
-            if !spinning.contains(&token) {
-                spinning.push(token);
+/// What one I/O thread watches.
+#[derive(Default)]
+struct Sources {
+    watched: HashMap<Token, Arc<dyn Watched>>,
+    /// When each source with a deadline is run again (entries may be stale:
+    /// a source run early only looks again).
+    deadlines: BTreeSet<(Instant, Token)>,
+    /// Sources that asked to spin.
+    spinning: Vec<Token>,
+}
+
+impl Sources {
+    /// Runs one source: removes it when it is done, and keeps it among the
+    /// spinning ones when it asks to spin (then `true`).
+    fn run_one(&mut self, shared: &Shared, token: Token, why: Readiness) -> bool {
+        let Some(source) = self.watched.get(&token).cloned() else {
+            return false;
+        };
+        let ready = source.ready(why);
+        if ready != Ready::Done {
+            // A source may have a new deadline now (a frame begun, say); one
+            // that passed or moved only runs it once more.
+            if let Some(at) = source.deadline() {
+                self.deadlines.insert((at, token));
             }
-            true
         }
-        Ready::Done => {
-            spinning.retain(|t| *t != token);
-            watched.remove(&token);
-            let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
-            false
+        match ready {
+            Ready::Wait => {
+                self.spinning.retain(|t| *t != token);
+                false
+            }
+            Ready::Spin => {
+                if !self.spinning.contains(&token) {
+                    self.spinning.push(token);
+                }
+                true
+            }
+            Ready::Done => {
+                self.spinning.retain(|t| *t != token);
+                self.watched.remove(&token);
+                let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
+                false
+            }
         }
     }
 }

@@ -50,10 +50,7 @@ fn announced_frames_cost_no_memory_and_the_budget_holds() {
     assert_eq!(receiver.stats().rejected, 1, "the 64 GiB frame is refused");
 
     // A well-behaved peer is served meanwhile, every byte intact.
-    let sender = Node::builder().name("sender").build().expect("sender");
-    sender.connect(&addr).expect("connect");
-    let publisher = sender.publisher("/data");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (_sender, publisher) = common::publisher_to(&addr);
     for seq in 0..20u64 {
         let t = pattern::tensor(DType::U8, &[1 << 20], 4, seq, "x").expect("tensor");
         publisher.send(Message::new().tensor("x", t)).expect("send");
@@ -127,10 +124,7 @@ fn received_frames_never_hold_more_than_the_budget_and_nothing_is_lost() {
         .expect("receiver");
     let addr = receiver.listen_addrs()[0].to_string();
     let sub = receiver.subscriber("/data");
-    let sender = Node::builder().name("sender").build().expect("sender");
-    sender.connect(&addr).expect("connect");
-    let publisher = sender.publisher("/data");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (_sender, publisher) = common::publisher_to(&addr);
     let feeding = std::thread::spawn(move || {
         for seq in 0..40u64 {
             let t = pattern::tensor(DType::U8, &[1 << 20], 6, seq, "x").expect("tensor");
@@ -174,10 +168,7 @@ fn a_peer_that_closes_while_its_frame_waits_for_the_budget_is_lost_and_returns_i
     let addr = receiver.listen_addrs()[0].to_string();
     let host = addr.trim_start_matches("tcp://").to_string();
     let sub = receiver.subscriber("/data");
-    let sender = Node::builder().name("sender").build().expect("sender");
-    sender.connect(&addr).expect("connect");
-    let publisher = sender.publisher("/data");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (_sender, publisher) = common::publisher_to(&addr);
     let message = |seq| {
         let t = pattern::tensor(DType::U8, &[1 << 20], 7, seq, "x").expect("tensor");
         Message::new().tensor("x", t)

@@ -74,10 +74,7 @@ fn a_peer_that_stops_or_trickles_a_frame_is_dropped_and_others_are_served() {
     assert_eq!(receiver.stats().rejected, 2);
 
     // A well-behaved peer is served, every byte intact.
-    let sender = Node::builder().name("sender").build().expect("sender");
-    sender.connect(&addr).expect("connect");
-    let publisher = sender.publisher("/data");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (_sender, publisher) = common::publisher_to(&addr);
     for seq in 0..4u64 {
         let t = pattern::tensor(DType::U8, &[1 << 20], 3, seq, "x").expect("tensor");
         publisher.send(Message::new().tensor("x", t)).expect("send");

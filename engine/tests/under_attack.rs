@@ -88,10 +88,7 @@ fn a_well_behaved_peer_is_served_while_others_attack() {
     let addr = receiver.listen_addrs()[0].to_string();
     let host = addr.trim_start_matches("tcp://").to_string();
     let sub = receiver.subscriber("/data");
-    let sender = Node::builder().name("sender").build().expect("sender");
-    sender.connect(&addr).expect("connect");
-    let publisher = sender.publisher("/data");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (_sender, publisher) = common::publisher_to(&addr);
 
     // Warm up, then the baseline, alone.
     run(&publisher, &sub, 1);

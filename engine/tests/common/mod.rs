@@ -22,6 +22,21 @@ pub fn announce(len: u64) -> Vec<u8> {
     prelude
 }
 
+/// A node named "sender" connected to `addr`, and its publisher on
+/// `/data` once the node there subscribes.
+pub fn publisher_to(addr: &str) -> (tensorferry_engine::Node, tensorferry_engine::Publisher) {
+    let sender = tensorferry_engine::Node::builder()
+        .name("sender")
+        .build()
+        .expect("sender");
+    sender.connect(addr).expect("connect");
+    let publisher = sender.publisher("/data");
+    publisher
+        .wait_for_subscribers(1, Duration::from_secs(20))
+        .expect("subscriber");
+    (sender, publisher)
+}
+
 /// This process's resident memory, in bytes.
 pub fn rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
