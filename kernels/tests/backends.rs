@@ -107,8 +107,17 @@ fn check_pack(rt: &Runtime, rng: &mut Rng) {
             cpu::pack(&storage, elem, &layout, &mut want).expect("cpu pack");
             let dev_storage = rt.upload(&storage).expect("upload");
             let mut out = poisoned(rt, n * elem);
-            rt.pack(&dev_storage, elem, &layout, &mut out)
-                .expect("pack");
+            match rt.pack(&dev_storage, elem, &layout, &mut out) {
+                Ok(()) => {}
+                // The largest random layouts (65^4 elements of 8 bytes) pass
+                // some adapters' 128 MiB per binding: refused, saying so.
+                Err(Error::Unsupported { reason, .. })
+                    if storage_len > 128 << 20 && reason.contains("limit") =>
+                {
+                    continue
+                }
+                Err(e) => panic!("pack: {e:?}"),
+            }
             let what = format!("{} pack {layout:?} elem {elem}", rt.device());
             assert_same(&what, &rt.to_vec(&out).expect("download"), &want, elem);
 
