@@ -99,7 +99,7 @@ pub(crate) trait Watched: Send + Sync {
 }
 
 enum Command {
-    Add(Token, Arc<dyn Watched>),
+    Add(Registration, Arc<dyn Watched>),
     Remove(Token),
     Nudge(Token),
     Stop,
@@ -133,15 +133,48 @@ impl Shared {
 /// it asks ([`want_writable`](Registration::want_writable)): a socket is
 /// writable nearly always, and being told so at every turn would wake the
 /// I/O thread for nothing.
+///
+/// What is asked (writability, a pause) and what the poller is told change
+/// together, under one lock: a requester pausing the connection while its
+/// I/O thread asks for writability, or either of them before the thread has
+/// taken the source in, must not leave the poller waiting for less than the
+/// source needs (bytes left in its outbox that nobody writes).
 #[derive(Clone)]
 pub(crate) struct Registration {
     shared: Weak<Shared>,
     token: Token,
     fd: RawFd,
-    /// Writability is waited for too.
+    state: Arc<Mutex<Interests>>,
+    /// Whether writability is asked for now: read without the lock by
+    /// [`want_writable`](Self::want_writable) to skip the usual no-change
+    /// call; written only under it.
     writable: Arc<AtomicBool>,
-    /// Taken out of the wait by a requester.
-    paused: Arc<AtomicBool>,
+}
+
+/// What a source asks of its I/O thread's poller.
+#[derive(Debug, Default)]
+struct Interests {
+    /// Writability is waited for too.
+    writable: bool,
+    /// Taken out of the wait for readability by a requester.
+    paused: bool,
+    /// The I/O thread has taken the source in (until then, nothing is
+    /// registered, and taking it in registers what is asked by then).
+    added: bool,
+    /// The I/O thread let it go: nothing is registered again.
+    removed: bool,
+}
+
+impl Interests {
+    /// What the poller waits for, `None` for nothing.
+    fn interest(&self) -> Option<Interest> {
+        match (self.paused, self.writable) {
+            (false, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, true) => Some(Interest::WRITABLE),
+            (true, false) => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Registration {
@@ -151,16 +184,20 @@ impl std::fmt::Debug for Registration {
 }
 
 impl Registration {
+    fn new(shared: Weak<Shared>, token: Token, fd: RawFd) -> Registration {
+        Registration {
+            shared,
+            token,
+            fd,
+            state: Arc::default(),
+            writable: Arc::default(),
+        }
+    }
+
     /// A registration with no I/O thread behind it (the node shut down):
     /// every call does nothing.
     pub(crate) fn detached() -> Registration {
-        Registration {
-            shared: Weak::new(),
-            token: Token(usize::MAX - 1),
-            fd: -1,
-            writable: Arc::default(),
-            paused: Arc::default(),
-        }
+        Registration::new(Weak::new(), Token(usize::MAX - 1), -1)
     }
 
     /// Runs the source's [`Watched::ready`] on its I/O thread soon, as if
@@ -171,11 +208,25 @@ impl Registration {
         }
     }
 
-    fn interest(&self) -> Interest {
-        if self.writable.load(Ordering::SeqCst) {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
+    fn lock(&self) -> std::sync::MutexGuard<'_, Interests> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the poller what `state` asks (called with its lock held).
+    /// Fails only for a descriptor already gone: nothing to wait on then.
+    fn apply(&self, state: &Interests) -> io::Result<()> {
+        if !state.added || state.removed {
+            return Ok(());
+        }
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        match state.interest() {
+            Some(interest) => watch(&shared.registry, self.fd, self.token, interest),
+            None => match shared.registry.deregister(&mut SourceFd(&self.fd)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
         }
     }
 
@@ -185,50 +236,49 @@ impl Registration {
     /// for: a requester reading its reply does not write the rest of its
     /// request, the I/O thread does.
     pub(crate) fn want_writable(&self, on: bool) {
-        if self.writable.swap(on, Ordering::SeqCst) == on {
+        if self.writable.load(Ordering::Acquire) == on {
             return;
         }
-        let Some(shared) = self.shared.upgrade() else {
+        let mut state = self.lock();
+        if state.writable == on {
             return;
-        };
-        // Each fails only for a descriptor not (or no longer) in the wait:
-        // its next registration takes the new interest.
-        if !self.paused.load(Ordering::SeqCst) {
-            let _ =
-                shared
-                    .registry
-                    .reregister(&mut SourceFd(&self.fd), self.token, self.interest());
-        } else if on {
-            let _ = watch(&shared.registry, self.fd, self.token, Interest::WRITABLE);
-        } else {
-            let _ = shared.registry.deregister(&mut SourceFd(&self.fd));
         }
+        state.writable = on;
+        self.writable.store(on, Ordering::Release);
+        let _ = self.apply(&state);
     }
 
     /// Takes the descriptor out of the I/O thread's wait for readability (a
     /// requester reads the connection itself meanwhile); writability stays
     /// waited for while a write waits for room. The source stays registered.
     pub(crate) fn pause(&self) {
-        self.paused.store(true, Ordering::SeqCst);
-        if let Some(shared) = self.shared.upgrade() {
-            // Fails only for a descriptor already gone: nothing to pause then.
-            let _ = if self.writable.load(Ordering::SeqCst) {
-                shared
-                    .registry
-                    .reregister(&mut SourceFd(&self.fd), self.token, Interest::WRITABLE)
-            } else {
-                shared.registry.deregister(&mut SourceFd(&self.fd))
-            };
-        }
+        let mut state = self.lock();
+        state.paused = true;
+        let _ = self.apply(&state);
     }
 
     /// Puts a paused descriptor back; readiness that arrived meanwhile is
     /// reported at once.
     pub(crate) fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
+        let mut state = self.lock();
+        state.paused = false;
+        let _ = self.apply(&state);
+    }
+
+    /// The I/O thread takes the source in: registers what it asks now.
+    fn added(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        state.added = true;
+        self.apply(&state)
+    }
+
+    /// The I/O thread lets the source go: its descriptor leaves the wait
+    /// for good.
+    fn removed(&self) {
+        let mut state = self.lock();
+        state.removed = true;
         if let Some(shared) = self.shared.upgrade() {
-            // Fails only for a descriptor already gone: nothing to watch then.
-            let _ = watch(&shared.registry, self.fd, self.token, self.interest());
+            let _ = shared.registry.deregister(&mut SourceFd(&self.fd));
         }
     }
 
@@ -293,15 +343,9 @@ impl Reactor {
         let i = self.next_thread.fetch_add(1, Ordering::Relaxed) % self.threads.len();
         let shared = &self.threads[i].0;
         let token = Token(self.next_token.fetch_add(1, Ordering::Relaxed));
-        let registration = Registration {
-            shared: Arc::downgrade(shared),
-            token,
-            fd: source.fd(),
-            writable: Arc::default(),
-            paused: Arc::default(),
-        };
+        let registration = Registration::new(Arc::downgrade(shared), token, source.fd());
         source.registered(&registration);
-        shared.send(Command::Add(token, source));
+        shared.send(Command::Add(registration.clone(), source));
         registration
     }
 
@@ -340,8 +384,8 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
             // with work already runs (and may spin on).
             let mut again = false;
             for token in std::mem::take(&mut state.spinning) {
-                if state.watched.get(&token).is_some_and(|s| s.arm()) {
-                    again |= state.run_one(shared, token, Readiness::ALL);
+                if state.watched.get(&token).is_some_and(|(s, _)| s.arm()) {
+                    again |= state.run_one(token, Readiness::ALL);
                 }
             }
             if again {
@@ -364,23 +408,24 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
             std::mem::take(&mut *shared.commands.lock().unwrap_or_else(|p| p.into_inner()));
         for command in commands {
             match command {
-                Command::Add(token, source) => {
-                    if let Err(e) = watch(&shared.registry, source.fd(), token, Interest::READABLE)
-                    {
-                        tracing::warn!(error = %e, "I/O thread: a connection could not be state.watched; it is closed");
+                Command::Add(registration, source) => {
+                    let token = registration.token;
+                    if let Err(e) = registration.added() {
+                        tracing::warn!(error = %e, "I/O thread: a connection could not be watched; it is closed");
+                        registration.removed();
                         let _ = source.ready(Readiness::ALL);
                         continue;
                     }
                     if let Some(at) = source.deadline() {
                         state.deadlines.insert((at, token));
                     }
-                    state.watched.insert(token, source);
+                    state.watched.insert(token, (source, registration));
                     // What arrived before the registration is looked at now.
                     nudged.push(token);
                 }
                 Command::Remove(token) => {
-                    if let Some(source) = state.watched.remove(&token) {
-                        let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
+                    if let Some((_, registration)) = state.watched.remove(&token) {
+                        registration.removed();
                     }
                     state.spinning.retain(|t| *t != token);
                 }
@@ -402,7 +447,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 nudged: false,
                 closed: event.is_read_closed() || event.is_error(),
             };
-            worked |= state.run_one(shared, token, why);
+            worked |= state.run_one(token, why);
         }
         let now = Instant::now();
         while let Some(&(at, token)) = state.deadlines.first() {
@@ -413,13 +458,13 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
             nudged.push(token);
         }
         for token in nudged {
-            worked |= state.run_one(shared, token, Readiness::ALL);
+            worked |= state.run_one(token, Readiness::ALL);
         }
         // Spinning sources with work no event reports (a ring) run too.
         for i in 0..spun.min(state.spinning.len()) {
             let token = state.spinning[i];
-            if state.watched.get(&token).is_some_and(|s| s.has_work()) {
-                worked |= state.run_one(shared, token, Readiness::ALL);
+            if state.watched.get(&token).is_some_and(|(s, _)| s.has_work()) {
+                worked |= state.run_one(token, Readiness::ALL);
             }
         }
         if worked {
@@ -431,9 +476,8 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
     }
 }
 
-/// Adds `fd` to the registry's wait. A requester that paused and resumed a
-/// new connection before its I/O thread took it in has added it already:
-/// then its interest is set again instead.
+/// Adds `fd` to the registry's wait for `interest`, or sets its interest
+/// when it is there already (a paused source put back).
 fn watch(registry: &mio::Registry, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
     match registry.register(&mut SourceFd(&fd), token, interest) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -446,7 +490,7 @@ fn watch(registry: &mio::Registry, fd: RawFd, token: Token, interest: Interest) 
 /// What one I/O thread watches.
 #[derive(Default)]
 struct Sources {
-    watched: HashMap<Token, Arc<dyn Watched>>,
+    watched: HashMap<Token, (Arc<dyn Watched>, Registration)>,
     /// When each source with a deadline is run again (entries may be stale:
     /// a source run early only looks again).
     deadlines: BTreeSet<(Instant, Token)>,
@@ -457,8 +501,8 @@ struct Sources {
 impl Sources {
     /// Runs one source: removes it when it is done, and keeps it among the
     /// spinning ones when it asks to spin (then `true`).
-    fn run_one(&mut self, shared: &Shared, token: Token, why: Readiness) -> bool {
-        let Some(source) = self.watched.get(&token).cloned() else {
+    fn run_one(&mut self, token: Token, why: Readiness) -> bool {
+        let Some(source) = self.watched.get(&token).map(|(s, _)| Arc::clone(s)) else {
             return false;
         };
         let ready = source.ready(why);
@@ -482,8 +526,9 @@ impl Sources {
             }
             Ready::Done => {
                 self.spinning.retain(|t| *t != token);
-                self.watched.remove(&token);
-                let _ = shared.registry.deregister(&mut SourceFd(&source.fd()));
+                if let Some((_, registration)) = self.watched.remove(&token) {
+                    registration.removed();
+                }
                 false
             }
         }
@@ -502,6 +547,8 @@ mod tests {
         stream: UnixStream,
         read: AtomicU32,
         nudges: AtomicU32,
+        /// Writability the poller reported (not nudges).
+        writable: AtomicU32,
     }
 
     impl Watched for Echoless {
@@ -511,6 +558,11 @@ mod tests {
         fn ready(&self, why: Readiness) -> Ready {
             if why.nudged {
                 self.nudges.fetch_add(1, Ordering::SeqCst);
+            } else if why.writable {
+                self.writable.fetch_add(1, Ordering::SeqCst);
+            }
+            if !(why.readable || why.nudged) {
+                return Ready::Wait;
             }
             let mut buf = [0u8; 64];
             loop {
@@ -533,6 +585,7 @@ mod tests {
             stream: b,
             read: AtomicU32::new(0),
             nudges: AtomicU32::new(0),
+            writable: AtomicU32::new(0),
         });
         (a, source)
     }
@@ -596,5 +649,49 @@ mod tests {
         reactor.add(source as Arc<dyn Watched>);
         drop(a);
         wait_for("the removal", || weak.strong_count() == 0);
+    }
+
+    #[test]
+    fn writability_asked_for_around_a_pause_is_reported_whenever_the_thread_takes_the_source_in() {
+        // A requester sends (its write fills the socket and asks for
+        // writability) and pauses the connection to read its reply, all
+        // before or while the I/O thread takes the new connection in: the
+        // rest of the request is written only if the thread is told when
+        // the socket has room.
+        for pause_first in [false, true] {
+            let reactor = Reactor::new(1, Duration::ZERO, "test").expect("reactor");
+            let (mut a, source) = echoless();
+            let chunk = [7u8; 4096];
+            let mut filled = 0usize;
+            loop {
+                match (&source.stream).write(&chunk) {
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("filling the socket: {e}"),
+                }
+            }
+            let reg = reactor.add(Arc::clone(&source) as Arc<dyn Watched>);
+            if pause_first {
+                reg.pause();
+                reg.want_writable(true);
+            } else {
+                reg.want_writable(true);
+                reg.pause();
+            }
+            wait_for("the first look", || {
+                source.nudges.load(Ordering::SeqCst) == 1
+            });
+            let mut buf = vec![0u8; filled];
+            a.read_exact(&mut buf).expect("drain");
+            wait_for("writability", || {
+                source.writable.load(Ordering::SeqCst) >= 1
+            });
+            // Paused: what the peer writes is not read by the I/O thread.
+            a.write_all(b"abc").expect("write");
+            thread::sleep(Duration::from_millis(50));
+            assert_eq!(source.read.load(Ordering::SeqCst), 0, "read while paused");
+            reg.resume();
+            wait_for("the bytes", || source.read.load(Ordering::SeqCst) == 3);
+        }
     }
 }

@@ -211,8 +211,13 @@ fn a_lost_peer_fails_the_requests_waiting_on_it() {
                 })
             })
             .collect();
+        // All three requests must have reached the server (a request not yet
+        // written when the peer goes is refused at connect instead).
         let deadline = Instant::now() + WAIT;
-        while started.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        while (started.load(Ordering::SeqCst) == 0
+            || server.channel_stats("/stuck").messages_received < 3)
+            && Instant::now() < deadline
+        {
             thread::sleep(Duration::from_millis(5));
         }
         server.shutdown();

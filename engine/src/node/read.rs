@@ -100,6 +100,7 @@ impl NodeInner {
             }
             Kind::Request => match meta.id {
                 Some(id) => {
+                    self.counters.received(&meta.channel, frame_len);
                     let job = Job::new(peer, meta.channel, id, message, tensors);
                     self.dispatch_request(job, wait)
                 }

@@ -11,7 +11,8 @@ use super::{lock, Node};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NodeStats {
-    /// Messages received from peers.
+    /// Messages received from peers, requests to this node's services
+    /// included.
     pub messages_received: u64,
     /// Bytes of the frames those came in.
     pub bytes_received: u64,
@@ -34,7 +35,8 @@ pub struct NodeStats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ChannelStats {
-    /// Messages received from peers.
+    /// Messages received from peers, requests to this node's services
+    /// included.
     pub messages_received: u64,
     /// Bytes of the frames those came in.
     pub bytes_received: u64,
