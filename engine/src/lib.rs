@@ -36,6 +36,7 @@ mod address;
 mod buffer;
 mod codec;
 pub mod delivery;
+pub mod dlpack;
 mod error;
 pub mod futex;
 mod message;

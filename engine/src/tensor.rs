@@ -142,6 +142,35 @@ impl Tensor {
         })
     }
 
+    /// A strided view of `buffer` on whichever device holds it (a host
+    /// buffer gives a host tensor).
+    ///
+    /// # Errors
+    ///
+    /// When the view reaches past the buffer or its sizes overflow.
+    pub fn from_device_strided(dtype: DType, layout: Layout, buffer: DeviceBuffer) -> Result<Self> {
+        if let DeviceBuffer::Host(host) = buffer {
+            return Self::from_host_strided(dtype, layout, HostBuffer::from_backing(host));
+        }
+        let reach = layout
+            .required_elems()?
+            .checked_mul(dtype.size_bytes())
+            .ok_or_else(|| Error::Invalid("the view's byte reach overflows".into()))?;
+        if reach > buffer.len() {
+            return Err(Error::Invalid(format!(
+                "the view reaches byte {reach}, the {} buffer has {}",
+                buffer.device(),
+                buffer.len()
+            )));
+        }
+        Ok(Self {
+            dtype,
+            layout,
+            device: buffer.device(),
+            storage: Storage::Device(Arc::new(buffer)),
+        })
+    }
+
     /// The device buffer behind a device tensor (`None` on the host).
     pub fn device_buffer(&self) -> Option<&Arc<DeviceBuffer>> {
         match &self.storage {

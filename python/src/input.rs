@@ -9,17 +9,18 @@
 //! may happen on an engine thread, so it is handed to the release thread,
 //! which holds the GIL (see [`crate::release`]).
 
-use std::ffi::{c_int, CStr};
+use std::ffi::{c_int, c_void, CStr};
 
 use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
-use tensorferry_engine::{Backing, HostBuffer, HostBufferMut, Tensor};
-use tensorferry_kernels::{DType, Layout};
+use tensorferry_engine::dlpack::{DataType, DlDevice, DlTensor};
+use tensorferry_engine::{Error, Tensor};
+use tensorferry_kernels::DType;
 
-use crate::dlpack::{self, Taken};
-use crate::errors::{IntoPy, Kind};
+use crate::dlpack::{self, ManagedTensor};
+use crate::errors::{to_py, Kind};
 use crate::release;
 use crate::tensor::PyTensor;
 
@@ -28,15 +29,10 @@ enum Owner {
     /// A buffer-protocol view, released with `PyBuffer_Release`.
     Buffer(Box<ffi::Py_buffer>),
     /// A DLPack managed tensor, freed by its deleter.
-    DlPack(#[expect(dead_code, reason = "held for its drop, which calls the deleter")] Taken),
+    DlPack(
+        #[expect(dead_code, reason = "held for its drop, which calls the deleter")] ManagedTensor,
+    ),
 }
-
-// SAFETY: the buffer view is only released, once, on a thread holding the
-// GIL (`Drop` of `PyBacking` hands it to the release thread); nothing else
-// touches it after construction.
-unsafe impl Send for Owner {}
-// SAFETY: as above; shared access never happens.
-unsafe impl Sync for Owner {}
 
 impl Drop for Owner {
     fn drop(&mut self) {
@@ -46,40 +42,47 @@ impl Drop for Owner {
             // release thread or a Python thread runs this).
             unsafe { ffi::PyBuffer_Release(&mut **view) };
         }
-        // A DLPack tensor's deleter runs in Taken's own drop.
+        // A DLPack tensor's deleter runs in ManagedTensor's own drop.
     }
 }
 
-/// A Python object's memory as the bytes of a [`HostBuffer`].
-struct PyBacking {
-    ptr: *const u8,
-    len: usize,
-    owner: Option<Owner>,
-}
+// SAFETY: the buffer view is only released, once, on a thread holding the
+// GIL (`Drop` of `Held` hands it to the release thread); nothing else
+// touches it after construction.
+unsafe impl Send for Owner {}
+// SAFETY: as above; shared access never happens.
+unsafe impl Sync for Owner {}
 
-// SAFETY: the bytes are plain memory kept valid by `owner` for this value's
-// life; the engine only reads them. Writes the Python program makes to the
-// object meanwhile are its own race, as with any zero-copy send.
-unsafe impl Send for PyBacking {}
-// SAFETY: as above.
-unsafe impl Sync for PyBacking {}
+/// An [`Owner`] as the engine holds it: dropped on the release thread,
+/// with the interpreter attached, wherever the engine lets go of it.
+struct Held(Option<Owner>);
 
-impl Backing for PyBacking {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr..ptr+len` lies inside the object's memory (checked
-        // against its shape and strides when made), non-null for `len > 0`
-        // (an empty view uses a dangling pointer), and `owner` keeps it
-        // valid while `self` lives.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-impl Drop for PyBacking {
+impl Drop for Held {
     fn drop(&mut self) {
-        if let Some(owner) = self.owner.take() {
+        if let Some(owner) = self.0.take() {
             release::drop_attached(owner);
         }
     }
+}
+
+/// An engine error about tensor `name`, as a Python exception.
+fn named(name: &str, e: Error) -> PyErr {
+    match e {
+        Error::Invalid(what) => Kind::Invalid.err(format!("tensor `{name}`: {what}")),
+        Error::Kernels(k) => Kind::Device.err(format!("tensor `{name}`: {k}")),
+        other => to_py(other),
+    }
+}
+
+/// A tensor over the memory `t` describes, kept alive by `owner`.
+///
+/// # Safety
+///
+/// `t` must describe memory `owner` keeps valid (and, for CUDA, whose
+/// writes were ordered before the engine's import stream).
+unsafe fn view_of(t: &DlTensor, owner: Owner, name: &str) -> PyResult<Tensor> {
+    // SAFETY: per this function's contract.
+    unsafe { Tensor::from_dlpack_parts(t, Box::new(Held(Some(owner)))) }.map_err(|e| named(name, e))
 }
 
 /// An element type from a buffer-protocol format string and item size.
@@ -112,89 +115,6 @@ fn dtype_from_format(format: &str, itemsize: usize) -> Option<DType> {
         _ => None,
     }?;
     (d.size_bytes() == itemsize).then_some(d)
-}
-
-/// The shape, strides (in elements, possibly negative) and first element
-/// of a view of host memory, checked.
-struct View {
-    dtype: DType,
-    shape: Vec<usize>,
-    strides: Vec<isize>,
-    first: *const u8,
-}
-
-impl View {
-    /// A tensor over the view's memory, kept alive by `owner`; a view with
-    /// negative strides is gathered into a new buffer instead (the engine's
-    /// layouts step forward only).
-    fn into_tensor(self, name: &str, owner: Owner) -> PyResult<Tensor> {
-        let size = self.dtype.size_bytes();
-        let numel = self
-            .shape
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .ok_or_else(|| Kind::Invalid.err(format!("tensor `{name}`: its size overflows")))?;
-        if numel == 0 {
-            // Nothing to view: no memory is held.
-            return Tensor::zeros(self.dtype, &self.shape).py();
-        }
-        if self.first.is_null() {
-            return Err(Kind::Invalid.err(format!(
-                "tensor `{name}`: the object gave a null data pointer for {numel} elements"
-            )));
-        }
-        if self.strides.iter().any(|&s| s < 0) {
-            let mut out = HostBufferMut::zeroed(numel * size);
-            gather(
-                self.first,
-                &self.shape,
-                &self.strides,
-                size,
-                out.as_mut_slice(),
-            );
-            drop(owner); // the GIL is held here
-            return Tensor::from_host(self.dtype, &self.shape, out.freeze()).py();
-        }
-        let strides: Vec<usize> = self.strides.iter().map(|&s| s as usize).collect();
-        let layout = Layout::new(&self.shape, &strides, 0)
-            .map_err(|e| Kind::Invalid.err(format!("tensor `{name}`: {e}")))?;
-        let reach = layout
-            .required_elems()
-            .ok()
-            .and_then(|n| n.checked_mul(size))
-            .ok_or_else(|| Kind::Invalid.err(format!("tensor `{name}`: its reach overflows")))?;
-        let buffer = HostBuffer::from_backing(PyBacking {
-            ptr: self.first,
-            len: reach,
-            owner: Some(owner),
-        });
-        if layout.is_contiguous() {
-            return Tensor::from_host(self.dtype, &self.shape, buffer).py();
-        }
-        Tensor::from_host_strided(self.dtype, layout, buffer).py()
-    }
-}
-
-/// Copies the elements of a view with any strides into `out`, row-major.
-fn gather(first: *const u8, shape: &[usize], strides: &[isize], size: usize, out: &mut [u8]) {
-    let mut index = vec![0usize; shape.len()];
-    let mut offset: isize = 0;
-    for chunk in out.chunks_exact_mut(size) {
-        // SAFETY: `offset` is the byte offset of an element of the view,
-        // whose every element the owner keeps valid (checked by the exporter,
-        // which reported the shape and strides).
-        let src = unsafe { std::slice::from_raw_parts(first.offset(offset), size) };
-        chunk.copy_from_slice(src);
-        for d in (0..shape.len()).rev() {
-            index[d] += 1;
-            offset += strides[d] * size as isize;
-            if index[d] < shape[d] {
-                break;
-            }
-            offset -= strides[d] * size as isize * shape[d] as isize;
-            index[d] = 0;
-        }
-    }
 }
 
 /// A tensor viewing a Python object's memory.
@@ -276,86 +196,59 @@ fn ml_dtypes_view<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<(DType, Bound
     Ok(Some((d, obj.call_method1("view", (bits,))?)))
 }
 
-/// Through `__dlpack__`: host memory only.
+/// Through `__dlpack__`: host memory, and CUDA memory when this build and
+/// host can open the device (the producer is asked to order its pending
+/// writes before the engine's import stream, which the import waits for).
 fn from_dlpack(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Tensor> {
     let py = obj.py();
+    let mut stream = None;
     if obj.hasattr("__dlpack_device__")? {
-        let (kind, id): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
-        if !matches!(kind, dlpack::CPU | dlpack::CUDA_HOST | dlpack::CUDA_MANAGED) {
-            let place = if kind == dlpack::CUDA {
-                format!("cuda:{id}")
-            } else {
-                format!("DLPack device type {kind}, index {id}")
-            };
+        let (device_type, device_id): (i32, i32) =
+            obj.call_method0("__dlpack_device__")?.extract()?;
+        let device = DlDevice {
+            device_type,
+            device_id,
+        };
+        if device_type == dlpack::CUDA {
+            let index = u32::try_from(device_id).map_err(|_| {
+                Kind::Invalid.err(format!("tensor `{name}`: CUDA device {device_id}"))
+            })?;
+            let handle = py
+                .detach(|| tensorferry_engine::dlpack::cuda_import_stream(index))
+                .map_err(|e| {
+                    Kind::Device.err(format!(
+                        "tensor `{name}` is on {device}, which cannot be opened here ({e}); move it to the host first (e.g. `.cpu()`)"
+                    ))
+                })?;
+            stream = Some(handle);
+        } else if !device.host_readable() {
             return Err(Kind::Device.err(format!(
-                "tensor `{name}` is on {place}; this build of the Python package sends host memory only: move it to the host first (e.g. `.cpu()`)"
+                "tensor `{name}` is on {device}; tensorferry takes host memory and CUDA devices: move it to the host first (e.g. `.cpu()`)"
             )));
         }
     }
-    let kwargs = pyo3::types::PyDict::new(py);
-    kwargs.set_item("max_version", PyTuple::new(py, [1, 0])?)?;
-    let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
+    let ask = |versioned: bool| -> PyResult<Bound<'_, PyAny>> {
+        let kwargs = pyo3::types::PyDict::new(py);
+        if versioned {
+            kwargs.set_item("max_version", PyTuple::new(py, [1, 0])?)?;
+        }
+        if let Some(handle) = stream {
+            kwargs.set_item("stream", handle)?;
+        }
+        obj.call_method("__dlpack__", (), Some(&kwargs))
+    };
+    let capsule = match ask(true) {
         Ok(c) => c,
         // A producer older than DLPack 1.0 takes no max_version.
-        Err(e) if e.is_instance_of::<PyTypeError>(py) => obj.call_method0("__dlpack__")?,
+        Err(e) if e.is_instance_of::<PyTypeError>(py) => ask(false)?,
         Err(e) => return Err(e),
     };
-    let taken = Taken::from_capsule(&capsule)?;
-    let t = taken.tensor();
-    if t.dtype.lanes != 1 {
-        return Err(Kind::Invalid.err(format!(
-            "tensor `{name}`: vector elements ({} lanes) are not carried",
-            t.dtype.lanes
-        )));
-    }
-    let dtype = DType::from_dlpack(t.dtype.code, t.dtype.bits).ok_or_else(|| {
-        Kind::Invalid.err(format!(
-            "tensor `{name}`: DLPack type code {} of {} bits is not carried; tensorferry carries {}",
-            t.dtype.code,
-            t.dtype.bits,
-            DType::ACCEPTED
-        ))
-    })?;
-    let ndim = usize::try_from(t.ndim)
-        .map_err(|_| Kind::Invalid.err(format!("tensor `{name}`: ndim {}", t.ndim)))?;
-    let shape_raw: &[i64] = if ndim == 0 {
-        &[]
-    } else {
-        // SAFETY: DLPack gives `ndim` sizes at `shape`, valid while the
-        // managed tensor lives; `taken` owns it until the end of this call.
-        unsafe { std::slice::from_raw_parts(t.shape, ndim) }
-    };
-    let shape = shape_raw
-        .iter()
-        .map(|&d| usize::try_from(d))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| Kind::Invalid.err(format!("tensor `{name}`: shape {shape_raw:?}")))?;
-    let strides: Vec<isize> = if t.strides.is_null() || ndim == 0 {
-        contiguous(&shape)
-    } else {
-        // SAFETY: a non-null `strides` holds `ndim` entries, valid as `shape` is.
-        let s = unsafe { std::slice::from_raw_parts(t.strides, ndim) };
-        s.iter()
-            .map(|&x| isize::try_from(x))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| Kind::Invalid.err(format!("tensor `{name}`: strides {s:?}")))?
-    };
-    let first = (t.data as *const u8).wrapping_add(t.byte_offset as usize);
-    View {
-        dtype,
-        shape,
-        strides,
-        first,
-    }
-    .into_tensor(name, Owner::DlPack(taken))
-}
-
-fn contiguous(shape: &[usize]) -> Vec<isize> {
-    let mut strides = vec![1isize; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        strides[d] = strides[d + 1].saturating_mul(shape[d + 1].max(1) as isize);
-    }
-    strides
+    let managed = dlpack::take(&capsule)?;
+    let t: *const DlTensor = managed.tensor();
+    // SAFETY: the description lives in the producer's allocation, which
+    // stays put while `managed` (moved into the owner) lives; a CUDA
+    // producer was given the import stream above.
+    unsafe { view_of(&*t, Owner::DlPack(managed), name) }
 }
 
 /// Through the buffer protocol.
@@ -389,7 +282,7 @@ fn from_buffer(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Tensor> {
         ))
     })?;
     let ndim = usize::try_from(v.ndim).unwrap_or(0);
-    let (shape, strides) = if ndim == 0 {
+    let (mut shape, mut strides) = if ndim == 0 {
         (Vec::new(), Vec::new())
     } else {
         // SAFETY: with PyBUF_STRIDES requested, a filled view has `ndim`
@@ -400,7 +293,6 @@ fn from_buffer(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Tensor> {
                 std::slice::from_raw_parts(v.strides, ndim),
             )
         };
-        let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
         let mut elems = Vec::with_capacity(ndim);
         for &s in strides {
             if s % itemsize as isize != 0 {
@@ -408,21 +300,34 @@ fn from_buffer(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Tensor> {
                     "tensor `{name}`: a stride of {s} bytes is not a whole number of {itemsize}-byte elements; copy it first"
                 )));
             }
-            elems.push(s / itemsize as isize);
+            elems.push((s / itemsize as isize) as i64);
         }
-        (shape, elems)
+        (shape.iter().map(|&d| d as i64).collect::<Vec<_>>(), elems)
     };
     if !v.suboffsets.is_null() {
         return Err(Kind::Invalid.err(format!(
             "tensor `{name}`: indirect buffers (suboffsets) are not carried"
         )));
     }
-    let first = v.buf as *const u8;
-    View {
-        dtype,
-        shape,
-        strides,
-        first,
-    }
-    .into_tensor(name, owner)
+    let (code, bits) = dtype.dlpack();
+    let t = DlTensor {
+        data: v.buf.cast::<c_void>(),
+        device: DlDevice {
+            device_type: dlpack::CPU,
+            device_id: 0,
+        },
+        ndim: v.ndim,
+        dtype: DataType {
+            code,
+            bits,
+            lanes: 1,
+        },
+        shape: shape.as_mut_ptr(),
+        strides: strides.as_mut_ptr(),
+        byte_offset: 0,
+    };
+    // SAFETY: the description is of the view's memory, which `owner` keeps
+    // valid until released; its shape and strides live until the end of
+    // this call.
+    unsafe { view_of(&t, owner, name) }
 }

@@ -22,8 +22,8 @@ use crate::errors::{IntoPy, Kind};
 /// another library without copying:
 ///
 /// * ``np.from_dlpack(t)``, ``torch.from_dlpack(t)``: DLPack 1.0 (versioned,
-///   marked read-only) for consumers that ask for it, the older unversioned
-///   form for the others;
+///   marked read-only), on the host or on ``cuda:N``; consumers that only
+///   know the older unversioned form, which cannot say read-only, get a copy;
 /// * ``np.asarray(t)``, ``memoryview(t)``: the buffer protocol, read-only.
 ///
 /// bf16 and fp8 have no buffer-protocol format: use DLPack (PyTorch reads
@@ -109,31 +109,6 @@ fn format_of(dtype: DType) -> Option<&'static CStr> {
     })
 }
 
-/// What a DLPack export owns: the tensor (its storage) and the arrays the
-/// DLTensor points into.
-struct Export {
-    _tensor: Tensor,
-    shape: Vec<i64>,
-    strides: Vec<i64>,
-}
-
-unsafe extern "C" fn delete_versioned(m: *mut dlpack::ManagedVersioned) {
-    // SAFETY: `m` and its context were made by `Box::into_raw` in
-    // `__dlpack__`, and DLPack calls the deleter once.
-    unsafe {
-        let m = Box::from_raw(m);
-        drop(Box::from_raw(m.manager_ctx.cast::<Export>()));
-    }
-}
-
-unsafe extern "C" fn delete_legacy(m: *mut dlpack::Managed) {
-    // SAFETY: as in `delete_versioned`.
-    unsafe {
-        let m = Box::from_raw(m);
-        drop(Box::from_raw(m.manager_ctx.cast::<Export>()));
-    }
-}
-
 /// Shape and strides kept for a buffer-protocol view, freed on release.
 struct BufferDims {
     shape: Vec<ffi::Py_ssize_t>,
@@ -190,13 +165,23 @@ impl PyTensor {
         true
     }
 
-    /// The address of the first element (host tensors): equal to the
-    /// address a zero-copy view reports.
+    /// The address of the first element: in host memory, or in the device
+    /// memory of a tensor on ``cuda:N`` (as ``torch.Tensor.data_ptr()``
+    /// reports it). Equal to the address a zero-copy view reports.
     ///
     /// Raises:
-    ///     DeviceError: the tensor is on a device.
+    ///     DeviceError: the tensor is on a wgpu adapter.
     #[getter]
     fn data_ptr(&self) -> PyResult<usize> {
+        if let Storage::Device(buffer) = self.tensor.storage() {
+            if let tensorferry_kernels::runtime::DeviceBuffer::Cuda(c) = &**buffer {
+                let base = c
+                    .device_address()
+                    .map_err(|e| Kind::Device.err(e.to_string()))?;
+                let offset = self.tensor.layout().offset() * self.tensor.dtype().size_bytes();
+                return Ok(base as usize + offset);
+            }
+        }
         Ok(self.first_ptr()? as usize)
     }
 
@@ -227,24 +212,33 @@ impl PyTensor {
         py.detach(move || t.to_host()).py().map(Self::new)
     }
 
-    /// ``(device_type, device_id)`` for DLPack: ``(1, 0)`` on the host.
-    fn __dlpack_device__(&self) -> (i32, i32) {
-        match self.tensor.device() {
-            Device::Cuda(i) => (dlpack::CUDA, i as i32),
-            _ => (dlpack::CPU, 0),
-        }
+    /// ``(device_type, device_id)`` for DLPack: ``(1, 0)`` on the host,
+    /// ``(2, N)`` on ``cuda:N``.
+    fn __dlpack_device__(&self) -> PyResult<(i32, i32)> {
+        let d = dlpack::DlDevice::of(self.tensor.device()).ok_or_else(|| {
+            Kind::Device.err(format!(
+                "the tensor is on {}, which DLPack has no device type for: take it to the host first (to_host())",
+                self.tensor.device()
+            ))
+        })?;
+        Ok((d.device_type, d.device_id))
     }
 
-    /// Exports the tensor as a DLPack capsule, viewing its bytes.
+    /// Exports the tensor as a DLPack capsule, viewing its bytes where they
+    /// are: host memory, or the device memory of a tensor on ``cuda:N``
+    /// (whose writes are done before it is exported, so any ``stream`` may
+    /// read it).
     ///
     /// A consumer that passes ``max_version`` of 1.0 or later gets a
-    /// versioned tensor flagged read-only; others get the unversioned form
-    /// (which cannot say read-only: do not write through it). ``copy=True``
-    /// exports a fresh, writable copy.
+    /// versioned tensor flagged read-only. The older unversioned form cannot
+    /// say read-only, so its consumers get a copy they may write.
+    /// ``copy=True`` exports a fresh, writable copy; ``dl_device=(1, 0)``
+    /// of a device tensor exports a copy on the host (unless ``copy=False``).
     ///
     /// Raises:
-    ///     BufferError: a device other than the tensor's was asked for.
-    ///     DeviceError: the tensor is on a device (use to_host()).
+    ///     BufferError: a device the tensor cannot be exported to, or
+    ///         ``copy=False`` when a copy is needed.
+    ///     DeviceError: the tensor is on a wgpu adapter (use to_host()).
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
     fn __dlpack__<'py>(
         &self,
@@ -254,83 +248,66 @@ impl PyTensor {
         dl_device: Option<(i32, i32)>,
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let _ = stream; // host memory: nothing to order against
-        if let Some(want) = dl_device {
-            if want != self.__dlpack_device__() {
+        // Device memory is exported after its writes are done: no stream
+        // of the consumer's needs to wait for anything.
+        let _ = stream;
+        let here = self.__dlpack_device__()?;
+        let versioned = matches!(max_version, Some((major, _)) if major >= 1);
+        let to_host = match dl_device {
+            Some(want) if want == here => false,
+            Some(want) if want == (dlpack::CPU, 0) && copy != Some(false) => true,
+            Some(want) => {
                 return Err(PyBufferError::new_err(format!(
-                    "the tensor is on {} and is exported there only (asked for DLPack device {want:?})",
-                    self.tensor.device()
-                )));
+                    "the tensor is on {} and is exported there, or to the host as a copy (asked for DLPack device {want:?}{})",
+                    self.tensor.device(),
+                    if copy == Some(false) { " with copy=False" } else { "" }
+                )))
             }
+            None => false,
+        };
+        // A copy for those who asked, for a host copy of a device tensor,
+        // and for consumers that could not be told the view is read-only.
+        let copied = copy == Some(true) || to_host || (!versioned && copy != Some(false));
+        if !versioned && copy == Some(false) {
+            return Err(PyBufferError::new_err(
+                "the unversioned DLPack form cannot mark a view read-only, so it exports copies only: pass max_version=(1, 0) for a view",
+            ));
         }
-        let copied = copy == Some(true);
         let tensor = if copied {
-            let packed = self.tensor.to_host().py()?.packed().py()?;
-            Tensor::from_host(
-                self.tensor.dtype(),
-                self.tensor.shape(),
-                HostBuffer::copy_from(packed.as_slice()),
-            )
+            let t = self.tensor.clone();
+            py.detach(move || -> tensorferry_engine::Result<Tensor> {
+                let on = if to_host { t.to_host()? } else { t };
+                let on_host = on.device() == Device::Cpu;
+                if on_host {
+                    let packed = on.packed()?;
+                    Tensor::from_host(
+                        on.dtype(),
+                        on.shape(),
+                        HostBuffer::copy_from(packed.as_slice()),
+                    )
+                } else {
+                    // A copy on the same device, packed.
+                    let rt = tensorferry_kernels::runtime::Runtime::open(on.device())?;
+                    Tensor::from_device(on.dtype(), on.shape(), on.to_buffer_on(&rt)?)
+                }
+            })
             .py()?
         } else {
             self.tensor.clone()
         };
-        let view = PyTensor::new(tensor);
-        let data = view.first_ptr()? as *mut c_void;
-        let (code, bits) = view.tensor.dtype().dlpack();
-        let mut export = Box::new(Export {
-            shape: view.tensor.shape().iter().map(|&d| d as i64).collect(),
-            strides: view.tensor.strides().iter().map(|&s| s as i64).collect(),
-            _tensor: view.tensor,
-        });
-        let dl_tensor = dlpack::DlTensor {
-            data,
-            device: dlpack::Device {
-                device_type: dlpack::CPU,
-                device_id: 0,
-            },
-            ndim: export.shape.len() as i32,
-            dtype: dlpack::DataType {
-                code,
-                bits,
-                lanes: 1,
-            },
-            shape: export.shape.as_mut_ptr(),
-            strides: export.strides.as_mut_ptr(),
-            byte_offset: 0,
-        };
-        let ctx = Box::into_raw(export).cast::<c_void>();
-        match max_version {
-            Some((major, minor)) if major >= 1 => {
-                let flags = if copied {
-                    dlpack::FLAG_IS_COPIED
-                } else {
-                    dlpack::FLAG_READ_ONLY
-                };
-                let managed = Box::new(dlpack::ManagedVersioned {
-                    version: dlpack::Version {
-                        major: 1,
-                        minor: if major > 1 { 1 } else { minor.min(1) },
-                    },
-                    manager_ctx: ctx,
-                    deleter: Some(delete_versioned),
-                    flags,
-                    dl_tensor,
-                });
-                // SAFETY: a ManagedVersioned with its deleter, named VERSIONED.
-                unsafe {
-                    dlpack::into_capsule(py, Box::into_raw(managed).cast(), dlpack::VERSIONED)
-                }
-            }
-            _ => {
-                let managed = Box::new(dlpack::Managed {
-                    dl_tensor,
-                    manager_ctx: ctx,
-                    deleter: Some(delete_legacy),
-                });
-                // SAFETY: a Managed with its deleter, named LEGACY.
-                unsafe { dlpack::into_capsule(py, Box::into_raw(managed).cast(), dlpack::LEGACY) }
-            }
+        if versioned {
+            let flags = if copied {
+                dlpack::FLAG_IS_COPIED
+            } else {
+                dlpack::FLAG_READ_ONLY
+            };
+            let managed = tensor.to_dlpack(flags).py()?;
+            // SAFETY: a ManagedVersioned with its deleter, named VERSIONED.
+            unsafe { dlpack::into_capsule(py, managed.as_ptr().cast(), dlpack::VERSIONED) }
+        } else {
+            let managed = tensor.to_dlpack_legacy().py()?;
+            // SAFETY: a Managed with its deleter, named LEGACY.
+            unsafe { dlpack::into_capsule(py, managed.as_ptr().cast(), dlpack::LEGACY) }
         }
     }
 

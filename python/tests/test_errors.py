@@ -116,14 +116,23 @@ def test_a_closed_node_raises_closed_error():
     assert list(sub) == []
 
 
-def test_a_device_tensor_is_refused_with_a_clear_error():
-    class OnGpu:
+def test_a_tensor_on_a_device_that_cannot_be_opened_is_refused_with_a_clear_error():
+    class OnDevice:
+        def __init__(self, kind):
+            self.kind = kind
+
         def __dlpack_device__(self):
-            return (2, 0)
+            return (self.kind, 0)
 
         def __dlpack__(self, **kw):
             raise AssertionError("must not be exported")
 
+    # DLPack's kDLOpenCL: never taken, on any machine.
     with pytest.raises(tf.DeviceError) as e:
-        tf.tensor(OnGpu())
-    assert "cuda:0" in str(e.value)
+        tf.tensor(OnDevice(4))
+    assert "DLPack device type 4" in str(e.value) and ".cpu()" in str(e.value)
+    if tf.devices()["cuda"]["devices"]:
+        pytest.skip("cuda:0 is present here: the CUDA tests cover it")
+    with pytest.raises(tf.DeviceError) as e:
+        tf.tensor(OnDevice(2))
+    assert "cuda:0" in str(e.value) and "cannot be opened here" in str(e.value)

@@ -148,6 +148,34 @@ def test_dlpack_copy_gives_a_writable_copy():
     assert a[0] == 0
 
 
+def test_the_unversioned_dlpack_form_exports_copies_and_the_versioned_one_read_only_views():
+    node = tf.Node()
+    sub = node.subscriber("/x")
+    a = np.arange(6.0)
+    node.publisher("/x").send(x=a)
+    t = sub.recv(timeout=5)["x"]
+
+    class Legacy:
+        """A producer wrapper that only speaks the unversioned form."""
+
+        def __dlpack_device__(self):
+            return t.__dlpack_device__()
+
+        def __dlpack__(self, **kw):
+            return t.__dlpack__()
+
+    old = np.from_dlpack(Legacy())
+    # A copy: whatever its consumer does with it, the message is untouched.
+    assert old.ctypes.data != t.data_ptr
+    np.testing.assert_array_equal(old, a)
+    view = np.from_dlpack(t)
+    assert view.ctypes.data == t.data_ptr and not view.flags.writeable
+    with pytest.raises(BufferError):
+        t.__dlpack__(copy=False)
+    with pytest.raises(BufferError):
+        t.__dlpack__(max_version=(1, 0), dl_device=(2, 0))
+
+
 def test_devices_lists_the_host():
     d = tf.devices()
     assert d["cpu"]["cores"] >= 1

@@ -274,17 +274,60 @@ def test_torch_cpu_tensors_are_sent_without_a_copy():
     assert sub.recv(timeout=5)["x"].data_ptr == x.data_ptr()
 
 
-def test_a_cuda_tensor_is_refused_or_skipped():
+def cuda_or_skip():
     import os
 
     if torch is None or not torch.cuda.is_available():
         if os.environ.get("TENSORFERRY_REQUIRE_CUDA") == "1":
             pytest.fail("TENSORFERRY_REQUIRE_CUDA=1 but torch with CUDA is not available")
         pytest.skip("SKIP: no torch with CUDA")
-    x = torch.ones(4, device="cuda")
-    with pytest.raises(tf.DeviceError) as e:
-        tf.Node().publisher("/x").send(x=x)
-    assert "cuda:0" in str(e.value) and ".cpu()" in str(e.value)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("lands_on", ["cuda:0", "cpu"])
+def test_cuda_tensors_are_sent_from_device_memory(transport, lands_on):
+    cuda_or_skip()
+    listen = "tcp://127.0.0.1:0" if transport == "tcp" else f"shm://{unique('tfcuda')}"
+    config = {"channels": {"/x": {"device_map": {"default": lands_on}}}}
+    rx = tf.Node(listen=listen, config=config)
+    sub = rx.subscriber("/x")
+    tx = tf.Node()
+    pub = tx.publisher("/x")
+    tx.connect(rx.address)
+    pub.wait_for_subscribers(1, timeout=10)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        # Written on a side stream: the send must wait for these writes.
+        x = torch.randn(64, 33, device="cuda")
+        bf = (torch.randn(17, device="cuda") * 3).to(torch.bfloat16)
+    want = {"x": x.cpu(), "xt": x.t().cpu(), "bf": bf.cpu()}
+    pub.send(x=x, xt=x.t(), bf=bf)
+    # The sender holds the device memory until its bytes are written.
+    del x, bf
+    msg = sub.recv(timeout=30)
+    for name, expected in want.items():
+        t = msg[name]
+        assert t.device == lands_on
+        y = torch.from_dlpack(t)
+        assert y.device == torch.device(lands_on)
+        assert y.data_ptr() == t.data_ptr  # viewed, not copied
+        assert torch.equal(y.cpu(), expected)
+
+
+def test_a_tensor_received_on_cuda_outlives_its_message_as_a_torch_tensor():
+    cuda_or_skip()
+    config = {"channels": {"/x": {"device_map": {"default": "cuda:0"}}}}
+    rx = tf.Node(listen="tcp://127.0.0.1:0", config=config)
+    sub = rx.subscriber("/x")
+    tx = tf.Node()
+    pub = tx.publisher("/x")
+    tx.connect(rx.address)
+    pub.wait_for_subscribers(1, timeout=10)
+    pub.send(x=np.arange(1000, dtype=np.float32))
+    y = torch.from_dlpack(sub.recv(timeout=30)["x"])
+    del sub, rx
+    gc.collect()
+    assert torch.equal(y.cpu(), torch.arange(1000, dtype=torch.float32))
 
 
 SHM_SENDER = """

@@ -547,6 +547,44 @@ impl<F: Feature> Unavailable<F> {
         match self.never {}
     }
 
+    /// Whether the memory came from another library (no value exists to ask).
+    pub fn is_foreign(&self) -> bool {
+        match self.never {}
+    }
+
+    /// The device address of the first byte (no value exists to ask).
+    ///
+    /// # Errors
+    ///
+    /// None: no value exists.
+    pub fn device_address(&self) -> Result<u64> {
+        match self.never {}
+    }
+
+    /// The stream handle a DLPack producer orders its writes before (no
+    /// value exists to ask).
+    pub fn stream_handle(&self) -> u64 {
+        match self.never {}
+    }
+
+    /// Foreign device memory as a buffer (no runtime exists to ask).
+    ///
+    /// # Safety
+    ///
+    /// None needed: no value exists.
+    ///
+    /// # Errors
+    ///
+    /// None: no value exists.
+    pub unsafe fn wrap_foreign(
+        &self,
+        _ptr: u64,
+        _len: usize,
+        _owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<DeviceBuffer> {
+        match self.never {}
+    }
+
     // Called where the stand-in takes a buffer's place: not in a build with
     // every feature.
     #[cfg_attr(all(feature = "cuda", feature = "wgpu"), allow(dead_code))]

@@ -14,8 +14,8 @@ use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    self as cu, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
+    self as cu, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::{self, CompileOptions, Ptx};
 
@@ -292,6 +292,23 @@ pub struct CudaBuffer {
     dev: Arc<DeviceState>,
     /// `None` for an empty buffer: the driver allocates no zero-byte memory.
     mem: Option<CudaSlice<u8>>,
+    /// For memory another library allocated ([`CudaRuntime::wrap_foreign`]):
+    /// what keeps it valid. Such memory is never freed here.
+    foreign: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        if let Some(owner) = self.foreign.take() {
+            if let Some(mem) = self.mem.take() {
+                // Waits for this crate's work on it, then lets the memory go
+                // without freeing it: its allocator frees it once `owner`,
+                // dropped after, lets go.
+                let _ = mem.leak();
+            }
+            drop(owner);
+        }
+    }
 }
 
 /// A point in a stream's work that other streams and the host can wait for.
@@ -322,6 +339,31 @@ impl CudaBuffer {
             dev: Arc::clone(&self.dev),
             stream: Arc::clone(self.mem()?.stream()),
         })
+    }
+
+    /// Whether the memory came from another library
+    /// ([`CudaRuntime::wrap_foreign`]).
+    pub fn is_foreign(&self) -> bool {
+        self.foreign.is_some()
+    }
+
+    /// The device address of the first byte (0 for an empty buffer), for
+    /// another library to read in place (DLPack). Work this crate queued on
+    /// the buffer is waited for first, so what the address shows is done.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backend`] when waiting for that work fails.
+    pub fn device_address(&self) -> Result<u64> {
+        let Some(mem) = &self.mem else {
+            return Ok(0);
+        };
+        let stream = mem.stream();
+        stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))?;
+        let (ptr, _read) = mem.device_ptr(stream);
+        Ok(ptr)
     }
 
     fn mem(&self) -> Result<&CudaSlice<u8>> {
@@ -539,6 +581,61 @@ impl CudaRuntime {
         })
     }
 
+    /// Device memory another library allocated on this device (a PyTorch
+    /// tensor, say), `len` bytes from address `ptr`, as a buffer: nothing is
+    /// copied, and the memory is never freed here. `owner` is kept until the
+    /// buffer is dropped (after this crate's work on it is done), so the
+    /// memory stays valid meanwhile.
+    ///
+    /// # Safety
+    ///
+    /// `ptr..ptr + len` must be memory this device's primary context can
+    /// address, valid while `owner` is held, and not written by anyone else
+    /// while the buffer lives. Work another stream queued on it must be done,
+    /// or ordered before this runtime's stream ([`stream_handle`](Self::stream_handle)
+    /// is the handle to give a DLPack producer for that).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] for a null address with a non-zero length.
+    pub unsafe fn wrap_foreign(
+        &self,
+        ptr: u64,
+        len: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<DeviceBuffer> {
+        if len > 0 && ptr == 0 {
+            return Err(Error::Unsupported {
+                op: "wrapping foreign device memory",
+                backend: "cuda",
+                reason: format!(
+                    "a null address for {len} bytes of cuda:{}: the producer gave no memory",
+                    self.dev.index
+                ),
+            });
+        }
+        let mem = if len == 0 {
+            None
+        } else {
+            // SAFETY: the caller guarantees the range is valid device memory
+            // of this context while `owner` lives; `Drop` leaks the slice
+            // instead of freeing it, before `owner` goes.
+            Some(unsafe { self.stream.upgrade_device_ptr::<u8>(ptr, len) })
+        };
+        Ok(DeviceBuffer::Cuda(CudaBuffer {
+            dev: Arc::clone(&self.dev),
+            mem,
+            foreign: Some(owner),
+        }))
+    }
+
+    /// The raw handle (`CUstream`) of the stream this runtime queues work
+    /// on: what a consumer gives a DLPack producer's `__dlpack__(stream=…)`,
+    /// so the producer orders its pending writes before this stream's work.
+    pub fn stream_handle(&self) -> u64 {
+        self.stream.cu_stream() as u64
+    }
+
     /// The size of this device's pinned pools.
     pub fn pinned(&self) -> PinnedConfig {
         lock(&self.dev.pinned).h2d.config()
@@ -596,6 +693,7 @@ impl CudaRuntime {
         Ok(CudaBuffer {
             dev: Arc::clone(&self.dev),
             mem,
+            foreign: None,
         })
     }
 
