@@ -36,6 +36,10 @@ pub(crate) struct Peer {
     pub(crate) dialed: Option<Address>,
     /// What the read side could not deliver yet, and where it still goes.
     pub(crate) stalled: Mutex<Option<Stalled>>,
+    /// Held while a stalled delivery is tried again: whoever reads the
+    /// connection next (its I/O thread, or a requester leading it) waits
+    /// for that try, so messages reach their queues in the order they came.
+    pub(crate) retrying: Mutex<()>,
     /// Shared slots mapped so far (shm), by id.
     pub(crate) mapped: Mutex<HashMap<u32, Arc<MappedSlot>>>,
     /// Runs this peer on its I/O thread soon: what a full queue calls when
@@ -72,6 +76,7 @@ impl Peer {
             origin: Mutex::new(Vec::new()),
             dialed,
             stalled: Mutex::new(None),
+            retrying: Mutex::new(()),
             mapped: Mutex::new(HashMap::new()),
             waker: OnceLock::new(),
         }

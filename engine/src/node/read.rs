@@ -213,6 +213,7 @@ impl NodeInner {
     /// Tries again what `peer` could not deliver; `true` when nothing is
     /// left waiting (the connection may be read again).
     pub(crate) fn retry_stalled(&self, peer: &Arc<Peer>) -> bool {
+        let _turn = lock(&peer.retrying);
         let Some(stalled) = lock(&peer.stalled).take() else {
             return true;
         };

@@ -385,6 +385,13 @@ impl NodeInner {
         deadline: Instant,
         spin_until: Instant,
     ) -> Option<Reply> {
+        // A delivery that waited for room (a full subscription queue) goes
+        // before anything newer is read; while it still waits, the I/O
+        // thread reads on once the queue has room, and this thread waits
+        // for its reply.
+        if !self.retry_stalled(peer) {
+            return None;
+        }
         // The reply cannot be there yet: wait before the first read (unless spinning).
         let mut wait_first = self.busy_poll.is_zero() && !lead.holds_bytes();
         loop {
