@@ -370,3 +370,38 @@ fn a_request_larger_than_the_socket_buffers_is_written_while_its_requester_waits
         }
     }
 }
+
+#[test]
+fn a_pending_request_is_waited_for_in_steps_and_answered_on_the_waiting_thread() {
+    // The Python binding's blocking request: wait a little, look for
+    // signals, wait again; the request stays pending in between.
+    for transport in ["tcp", "shm"] {
+        let (server, addr) = server(transport, "steps");
+        server
+            .serve(
+                "/late",
+                Service::new(|m: Message| {
+                    thread::sleep(Duration::from_millis(300));
+                    Ok(m)
+                }),
+            )
+            .expect("serve");
+        let client = Node::builder().name("client").build().expect("client");
+        let mut pending = client
+            .request_async(&addr, "/late", Message::new().field("n", 7))
+            .expect("request");
+        let mut steps = 0;
+        let reply = loop {
+            steps += 1;
+            assert!(steps < 400, "{transport}: no reply after {steps} steps");
+            if let Some(reply) = pending.wait_until(Instant::now() + Duration::from_millis(50)) {
+                break reply.unwrap_or_else(|e| panic!("{transport}: {e}"));
+            }
+        };
+        assert!(
+            steps > 1,
+            "{transport}: the first step should have timed out"
+        );
+        assert_eq!(number(&reply, "n"), Some(7), "{transport}");
+    }
+}

@@ -13,7 +13,8 @@ host, over tcp (loopback) and over the same-host path each tool has:
 
 The peers, each skipped with the reason when it is not installed:
 
-* tensorferry (tcp://, shm://);
+* tensorferry (tcp://, shm://; round trips also with 200 µs of busy
+  polling on both ends, `+poll`);
 * ``torch.distributed.rpc`` on TensorPipe (``rpc_sync`` for round trips,
   ``rpc_async`` with 4 in flight for throughput; tcp only, its ``uv``
   transport and ``basic`` channel, or its own choice of same-host channels);
@@ -72,11 +73,20 @@ def emit(**kw) -> None:
 # --------------------------------------------------------------------------
 
 
+def tensorferry_config(transport: str) -> dict:
+    """`tcp+poll`, `shm+poll`: both ends busy-poll for 200 µs after each
+    message (the node section's `busy_poll_us`) instead of sleeping."""
+    return {"node": {"busy_poll_us": 200 if transport.endswith("+poll") else 0}}
+
+
 def serve_tensorferry(case: str, transport: str, count: int) -> None:
     import tensorferry as tf
 
-    listen = "tcp://127.0.0.1:0" if transport == "tcp" else f"shm://{uuid.uuid4().hex[:12]}"
-    node = tf.Node(listen=listen)
+    if transport.startswith("tcp"):
+        listen = "tcp://127.0.0.1:0"
+    else:
+        listen = f"shm://{uuid.uuid4().hex[:12]}"
+    node = tf.Node(listen=listen, config=tensorferry_config(transport))
     if case == "rtt":
         node.serve("/echo", lambda m: m)
         emit(address=node.address)
@@ -259,7 +269,7 @@ def rtt_tensorferry(transport: str, rounds: int) -> list[float]:
     child = Child("tensorferry", "rtt", transport, 0)
     try:
         addr = child.line()["address"]
-        node = tf.Node()
+        node = tf.Node(config=tensorferry_config(transport))
         x = np.ones(RTT_BYTES // 4, np.float32)
         return timed_rounds(lambda: node.request(addr, "/echo", x=x, timeout=30), rounds)
     finally:
@@ -392,29 +402,51 @@ def with_torch_rpc(transport: str, run):
         child.close()
 
 
-def rtt_torch(transport: str, rounds: int) -> list[float]:
-    def run(torch, rpc):
-        x = torch.ones(RTT_BYTES // 4, dtype=torch.float32)
-        return timed_rounds(lambda: rpc.rpc_sync("server", torch_echo, args=(x,)), rounds)
+def torch_client(case: str, transport: str, n: int) -> None:
+    """One measurement in a process of its own: an RPC agent cannot be
+    started again in a process whose agent shut down."""
+    run = torch_rtt if case == "rtt" else torch_stream
+    emit(result=with_torch_rpc(transport, lambda torch, rpc: run(torch, rpc, n)))
 
-    return with_torch_rpc(transport, run)
+
+def in_torch_client(case: str, transport: str, n: int):
+    proc = subprocess.run(
+        [sys.executable, __file__, "--torch-client", case, transport, str(n)],
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the torch-rpc client failed (exit {proc.returncode})")
+    return json.loads(lines[-1])["result"]
+
+
+def rtt_torch(transport: str, rounds: int) -> list[float]:
+    return in_torch_client("rtt", transport, rounds)
 
 
 def stream_torch(transport: str, count: int) -> float:
-    def run(torch, rpc):
-        x = torch.ones(STREAM_BYTES // 4, dtype=torch.float32)
-        rpc.rpc_sync("server", torch_sink, args=(x,))  # connect and warm up
-        t0 = time.perf_counter()
-        flight = []
-        for _ in range(count):
-            flight.append(rpc.rpc_async("server", torch_sink, args=(x,)))
-            if len(flight) == 4:
-                flight.pop(0).wait()
-        for f in flight:
-            f.wait()
-        return count * STREAM_BYTES / (time.perf_counter() - t0)
+    return in_torch_client("stream", transport, count)
 
-    return with_torch_rpc(transport, run)
+
+def torch_rtt(torch, rpc, rounds: int) -> list[float]:
+    x = torch.ones(RTT_BYTES // 4, dtype=torch.float32)
+    return timed_rounds(lambda: rpc.rpc_sync("server", torch_echo, args=(x,)), rounds)
+
+
+def torch_stream(torch, rpc, count: int) -> float:
+    x = torch.ones(STREAM_BYTES // 4, dtype=torch.float32)
+    rpc.rpc_sync("server", torch_sink, args=(x,))  # connect and warm up
+    t0 = time.perf_counter()
+    flight = []
+    for _ in range(count):
+        flight.append(rpc.rpc_async("server", torch_sink, args=(x,)))
+        if len(flight) == 4:
+            flight.pop(0).wait()
+    for f in flight:
+        f.wait()
+    return count * STREAM_BYTES / (time.perf_counter() - t0)
 
 
 def to_numpy_times(sizes: list[int], repeats: int) -> list[tuple[int, float]]:
@@ -440,7 +472,7 @@ def to_numpy_times(sizes: list[int], repeats: int) -> list[tuple[int, float]]:
 
 
 CLIENTS = {
-    "tensorferry": (rtt_tensorferry, stream_tensorferry, ["tcp", "shm"]),
+    "tensorferry": (rtt_tensorferry, stream_tensorferry, ["tcp", "shm", "tcp+poll", "shm+poll"]),
     "torch-rpc": (rtt_torch, stream_torch, ["tcp", "same-host"]),
     "pyzmq": (rtt_zmq, stream_zmq, ["tcp", "ipc"]),
     "pickle5": (rtt_pickle, stream_pickle, ["tcp", "unix"]),
@@ -486,7 +518,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{peer:12} {transport:9} rtt 4 KiB    median {row['median_us']:8.1f} µs  "
                       f"p90 {row['p90_us']:8.1f} µs  ({rounds} rounds)", flush=True)
-            if "stream" in cases:
+            if "stream" in cases and not transport.endswith("+poll"):
                 rate = stream(transport, count)
                 rows.append({"peer": peer, "case": "stream 64 MiB", "transport": transport,
                              "gb_per_s": rate / 1e9, "messages": count})
@@ -503,7 +535,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+    if len(sys.argv) > 1 and sys.argv[1] == "--torch-client":
+        torch_client(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve":
         peer, case, transport, arg = sys.argv[2:6]
         SERVERS[peer](case, transport, int(arg))
     else:

@@ -13,6 +13,7 @@ use tensorferry_engine::{Error, Node, Publisher, Recording, Secret, Subscription
 
 use crate::errors::{to_py, IntoPy, Kind};
 use crate::message::{build, PyMessage};
+use crate::release;
 use crate::wait::{awaitable, block_on, deadline, on_thread, panicked, run_blocking, Done, Op};
 
 /// Drops `value` with the GIL released: dropping the last handle of a node
@@ -354,13 +355,18 @@ impl PyNode {
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyMessage> {
         let request = build(fields, tensors, kwargs)?;
+        // Written before the reply comes: the last hold on the objects
+        // sent is then this copy, let go here, with the GIL.
+        let keep = request.clone();
         let until = deadline(timeout)?;
         let node = self.node().clone();
         let (a, c) = (addr.clone(), channel.clone());
         let pending = py
             .detach(move || node.request_async(&a, &c, request))
             .py()?;
-        match block_on(py, pending, until)? {
+        let reply = wait_reply(py, pending, until);
+        release::drop_here(py, keep);
+        match reply? {
             Some(reply) => PyMessage::new(py, reply.py()?, Some(channel), None, Some(addr)),
             None => Err(timed_out(
                 format!("waiting for the reply of `{channel}` at {addr}"),
@@ -487,10 +493,13 @@ impl PyPublisher {
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
         let message = build(fields, tensors, kwargs)?;
+        // Usually written before `send` returns: the last hold on the
+        // objects sent is then this copy, let go here, with the GIL.
+        let keep = message.clone();
         let p = Arc::clone(self.publisher());
-        block_on(py, async move { p.send_async(message).await }, None)?
-            .expect("no deadline")
-            .py()
+        let sent = block_on(py, async move { p.send_async(message).await }, None);
+        release::drop_here(py, keep);
+        sent?.expect("no deadline").py()
     }
 
     /// The asyncio form of :meth:`send`: waits for room without blocking the loop.
@@ -793,5 +802,31 @@ impl PyRecording {
             self.stop(py)?;
         }
         Ok(())
+    }
+}
+
+/// Waits for a request's reply, reading its connection on this thread (no
+/// hand-off from the I/O thread), with the GIL released and a look for
+/// signals every 50 ms; `None` after `until`.
+///
+/// # Errors
+///
+/// What a signal handler raises (`KeyboardInterrupt` for Ctrl-C): the
+/// request is given up.
+fn wait_reply(
+    py: Python<'_>,
+    mut pending: tensorferry_engine::RequestFuture,
+    until: Option<Instant>,
+) -> PyResult<Option<tensorferry_engine::Result<tensorferry_engine::Message>>> {
+    loop {
+        let check_at = Instant::now() + crate::wait::SIGNAL_CHECK;
+        let stop = until.map_or(check_at, |u| u.min(check_at));
+        if let Some(reply) = py.detach(|| pending.wait_until(stop)) {
+            return Ok(Some(reply));
+        }
+        if until.is_some_and(|u| Instant::now() >= u) {
+            return Ok(None);
+        }
+        py.check_signals()?;
     }
 }

@@ -252,6 +252,7 @@ impl Node {
         }
         Ok(RequestFuture {
             node: Arc::clone(inner),
+            peer,
             channel: channel.to_string(),
             id,
             slot,
@@ -263,6 +264,7 @@ impl Node {
 #[must_use = "a future does nothing unless awaited"]
 pub struct RequestFuture {
     node: Arc<NodeInner>,
+    peer: Arc<Peer>,
     channel: String,
     id: u64,
     slot: Arc<Queue<Reply>>,
@@ -271,6 +273,29 @@ pub struct RequestFuture {
 impl std::fmt::Debug for RequestFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RequestFuture({} #{})", self.channel, self.id)
+    }
+}
+
+impl RequestFuture {
+    /// Waits for the reply on this thread until `deadline`, reading the
+    /// connection itself when nobody else does, as [`Node::request`] does
+    /// (the reply then costs no hand-off from the I/O thread). `None` when
+    /// the deadline passed first: the request stays pending, to be waited
+    /// for again, polled, or given up by dropping the future.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Node::request`], but for the timeout.
+    pub fn wait_until(&mut self, deadline: Instant) -> Option<Result<Message>> {
+        let lead = self.peer.conn.stream().and_then(|s| s.lead());
+        match self.node.wait_reply(&self.peer, lead, &self.slot, deadline) {
+            Ok(Some(reply)) => Some(reply.and_then(|(reply, infos)| {
+                self.node
+                    .land(&self.channel, Direction::Reply, reply, &infos)
+            })),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 
