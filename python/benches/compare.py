@@ -13,8 +13,8 @@ host, over tcp (loopback) and over the same-host path each tool has:
 
 The peers, each skipped with the reason when it is not installed:
 
-* tensorferry (tcp://, shm://; round trips also with 200 µs of busy
-  polling on both ends, `+poll`);
+* tensorferry (tcp://, shm://; with ``--busy-poll-us N``, round trips
+  also with both ends busy-polling, `+poll`);
 * ``torch.distributed.rpc`` on TensorPipe (``rpc_sync`` for round trips,
   ``rpc_async`` with 4 in flight for throughput; tcp only, its ``uv``
   transport and ``basic`` channel, or its own choice of same-host channels);
@@ -74,9 +74,11 @@ def emit(**kw) -> None:
 
 
 def tensorferry_config(transport: str) -> dict:
-    """`tcp+poll`, `shm+poll`: both ends busy-poll for 200 µs after each
-    message (the node section's `busy_poll_us`) instead of sleeping."""
-    return {"node": {"busy_poll_us": 200 if transport.endswith("+poll") else 0}}
+    """`tcp+poll`, `shm+poll` (with `--busy-poll-us N`): both ends poll for
+    N µs after each message (the node section's `busy_poll_us`) instead of
+    sleeping."""
+    poll = int(os.environ.get("TFBENCH_BUSY_POLL_US", "0")) if transport.endswith("+poll") else 0
+    return {"node": {"busy_poll_us": poll}}
 
 
 def serve_tensorferry(case: str, transport: str, count: int) -> None:
@@ -472,7 +474,7 @@ def to_numpy_times(sizes: list[int], repeats: int) -> list[tuple[int, float]]:
 
 
 CLIENTS = {
-    "tensorferry": (rtt_tensorferry, stream_tensorferry, ["tcp", "shm", "tcp+poll", "shm+poll"]),
+    "tensorferry": (rtt_tensorferry, stream_tensorferry, ["tcp", "shm"]),
     "torch-rpc": (rtt_torch, stream_torch, ["tcp", "same-host"]),
     "pyzmq": (rtt_zmq, stream_zmq, ["tcp", "ipc"]),
     "pickle5": (rtt_pickle, stream_pickle, ["tcp", "unix"]),
@@ -488,6 +490,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and messages")
     ap.add_argument("--rounds", type=int, help="round trips per rtt row (default 2000; 300 quick)")
     ap.add_argument("--count", type=int, help="64 MiB messages per stream row (default 24; 6 quick)")
+    ap.add_argument("--busy-poll-us", type=int, default=0,
+                    help="also measure tensorferry round trips with both ends busy-polling this long (µs)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     rounds = args.rounds or (300 if args.quick else 2000)
@@ -499,6 +503,12 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown peer(s) {unknown}; choose from {list(CLIENTS)}")
     cases = set(args.cases.split(","))
+    if args.busy_poll_us < 0:
+        ap.error("--busy-poll-us must be 0 or more")
+    if args.busy_poll_us:
+        # Children read it from the environment they inherit.
+        os.environ["TFBENCH_BUSY_POLL_US"] = str(args.busy_poll_us)
+        CLIENTS["tensorferry"][2].extend(["tcp+poll", "shm+poll"])
     rows = []
     print(f"# {platform.node()} · Python {platform.python_version()} · {os.cpu_count()} CPUs · "
           f"{time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
