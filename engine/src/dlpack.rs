@@ -553,7 +553,7 @@ impl Tensor {
         let managed = Box::new(ManagedVersioned {
             version: Version { major: 1, minor: 1 },
             manager_ctx: Box::into_raw(export).cast(),
-            deleter: Some(delete_versioned),
+            deleter: Some(delete_export::<ManagedVersioned>),
             flags,
             dl_tensor,
         });
@@ -572,7 +572,7 @@ impl Tensor {
         let managed = Box::new(Managed {
             dl_tensor,
             manager_ctx: Box::into_raw(export).cast(),
-            deleter: Some(delete_legacy),
+            deleter: Some(delete_export::<Managed>),
         });
         Ok(NonNull::from(Box::leak(managed)))
     }
@@ -629,20 +629,31 @@ struct Export {
     strides: Vec<i64>,
 }
 
-unsafe extern "C" fn delete_versioned(m: *mut ManagedVersioned) {
-    // SAFETY: `m` and its context were made by `Box` in `to_dlpack`, and
-    // DLPack calls the deleter once.
-    unsafe {
-        let m = Box::from_raw(m);
-        drop(Box::from_raw(m.manager_ctx.cast::<Export>()));
+/// Either managed form, for their one deleter.
+trait WithContext {
+    fn context(&self) -> *mut c_void;
+}
+
+impl WithContext for Managed {
+    fn context(&self) -> *mut c_void {
+        self.manager_ctx
     }
 }
 
-unsafe extern "C" fn delete_legacy(m: *mut Managed) {
-    // SAFETY: as in `delete_versioned`, for `to_dlpack_legacy`.
+impl WithContext for ManagedVersioned {
+    fn context(&self) -> *mut c_void {
+        self.manager_ctx
+    }
+}
+
+/// The deleter of what [`Tensor::to_dlpack`] and
+/// [`Tensor::to_dlpack_legacy`] make.
+unsafe extern "C" fn delete_export<M: WithContext>(m: *mut M) {
+    // SAFETY: `m` and its context (an `Export`) were made by `Box` in the
+    // export, and DLPack calls the deleter once.
     unsafe {
         let m = Box::from_raw(m);
-        drop(Box::from_raw(m.manager_ctx.cast::<Export>()));
+        drop(Box::from_raw(m.context().cast::<Export>()));
     }
 }
 

@@ -98,16 +98,7 @@ impl Tensor {
     ///
     /// When the view reaches past the buffer or its sizes overflow.
     pub fn from_host_strided(dtype: DType, layout: Layout, buffer: HostBuffer) -> Result<Self> {
-        let reach = layout
-            .required_elems()?
-            .checked_mul(dtype.size_bytes())
-            .ok_or_else(|| Error::Invalid("the view's byte reach overflows".into()))?;
-        if reach > buffer.len() {
-            return Err(Error::Invalid(format!(
-                "the view reaches byte {reach}, the buffer has {}",
-                buffer.len()
-            )));
-        }
+        check_reach(dtype, &layout, buffer.len(), "the")?;
         Ok(Self {
             dtype,
             layout,
@@ -152,17 +143,12 @@ impl Tensor {
         if let DeviceBuffer::Host(host) = buffer {
             return Self::from_host_strided(dtype, layout, HostBuffer::from_backing(host));
         }
-        let reach = layout
-            .required_elems()?
-            .checked_mul(dtype.size_bytes())
-            .ok_or_else(|| Error::Invalid("the view's byte reach overflows".into()))?;
-        if reach > buffer.len() {
-            return Err(Error::Invalid(format!(
-                "the view reaches byte {reach}, the {} buffer has {}",
-                buffer.device(),
-                buffer.len()
-            )));
-        }
+        check_reach(
+            dtype,
+            &layout,
+            buffer.len(),
+            &format!("the {}", buffer.device()),
+        )?;
         Ok(Self {
             dtype,
             layout,
@@ -426,6 +412,21 @@ impl Tensor {
             ..self.clone()
         })
     }
+}
+
+/// Checks that a view of `layout` fits a buffer of `len` bytes (`whose`
+/// names the buffer in the error: "the", "the cuda:0").
+fn check_reach(dtype: DType, layout: &Layout, len: usize, whose: &str) -> Result<()> {
+    let reach = layout
+        .required_elems()?
+        .checked_mul(dtype.size_bytes())
+        .ok_or_else(|| Error::Invalid("the view's byte reach overflows".into()))?;
+    if reach > len {
+        return Err(Error::Invalid(format!(
+            "the view reaches byte {reach}, {whose} buffer has {len}"
+        )));
+    }
+    Ok(())
 }
 
 /// Bytes of a contiguous `dtype` tensor of `shape`, checked for overflow.
