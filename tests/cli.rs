@@ -435,12 +435,14 @@ fn bench_reports_every_row_beside_its_baseline() {
             r["ratio"].as_f64().is_some() && r["p99_us"].as_f64().is_some(),
             "{r}"
         );
-        let want = if r["transport"] == "tcp" {
-            "raw tcp"
-        } else {
-            "memcpy"
+        // inproc moves references: a channel of references is its baseline;
+        // small shm messages are set beside a raw Unix socket stream.
+        let want = match r["transport"].as_str() {
+            Some("tcp") => "raw tcp",
+            Some("inproc") => "channel",
+            _ => "raw unix",
         };
-        assert_eq!(r["baseline"], want);
+        assert_eq!(r["baseline"], want, "{r}");
     }
     assert!(v["machine"]["cores"].as_u64().expect("cores") >= 1);
     for gpu in ["cuda", "wgpu"] {
@@ -508,9 +510,9 @@ fn bench_plot_draws_each_transport_and_its_baseline() {
     let out = tensorferry(&[
         "bench",
         "--transport",
-        "inproc,tcp",
+        "inproc,shm,tcp",
         "--sizes",
-        "4KiB,64KiB",
+        "4KiB,1MiB",
         "--duration",
         "0.2",
         "--plot",
@@ -520,14 +522,36 @@ fn bench_plot_draws_each_transport_and_its_baseline() {
     let text = std::fs::read_to_string(&svg).expect("the plot was written");
     assert!(text.starts_with("<svg"), "{}", &text[..text.len().min(80)]);
     for label in [
-        "inproc",
-        "inproc: memcpy (baseline)",
-        "tcp",
-        "tcp: raw tcp (baseline)",
+        "shm baseline: raw unix, memcpy",
+        "tcp baseline: raw tcp",
         "GB/s",
+        // Ticks at the measured sizes, written as --sizes takes them.
+        "\n4KiB\n",
+        "\n1MiB\n",
     ] {
         assert!(text.contains(label), "the plot lacks `{label}`");
     }
+    // References are not copies: inproc stays off the plot.
+    assert!(!text.contains("inproc"), "the plot shows inproc");
+    // The table's sizes are what --sizes takes, so a row can be run again.
+    let table = stdout(&out);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("shm") && l.contains("raw unix"))
+        .unwrap_or_else(|| panic!("no shm 4KiB row: {table}"));
+    let size = row.split_whitespace().nth(1).expect("a size column");
+    assert_eq!(size, "4KiB", "{row}");
+    let again = tensorferry(&[
+        "bench",
+        "--transport",
+        "shm",
+        "--sizes",
+        size,
+        "--duration",
+        "0.05",
+        "--json",
+    ]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
 }
 
 #[test]
@@ -561,7 +585,7 @@ fn bench_fans_out_to_several_subscribers_beside_the_same_baseline() {
         assert!(r["baseline_gbps"].as_f64().expect("baseline") > 0.0, "{r}");
         assert!(r["slowest_subscriber_ratio"].as_f64().is_some(), "{r}");
     }
-    assert_eq!(rows[0]["baseline"], "memcpy");
+    assert_eq!(rows[0]["baseline"], "channel");
     assert_eq!(rows[1]["baseline"], "raw tcp");
 
     let out = tensorferry(&[
@@ -578,7 +602,7 @@ fn bench_fans_out_to_several_subscribers_beside_the_same_baseline() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("3 subscribers (fan-out)"), "{text}");
-    assert!(text.contains("memcpy"), "{text}");
+    assert!(text.contains("channel"), "{text}");
 }
 
 #[test]

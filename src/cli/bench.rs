@@ -84,8 +84,8 @@ pub struct Args {
     checksum: bool,
 
     /// Seconds of sending per row, above 0 and at most 604800 (a week)
-    /// [default: 2] (a memcpy baseline takes a fifth of that; a raw tcp
-    /// baseline sends as many messages as its row).
+    /// [default: 2] (a memcpy baseline takes a fifth of that; a raw socket
+    /// or channel baseline passes as many messages as its row).
     #[arg(long, value_name = "SECS", value_parser = Strict(values::seconds), allow_hyphen_values = true)]
     duration: Option<f64>,
 
@@ -101,9 +101,10 @@ pub struct Args {
     /// 1 to 64 [default: 1].
     ///
     /// Each row reports the aggregate GB/s of all subscribers, each
-    /// subscriber's GB/s (--json) and the slowest one's. The baseline stays one
-    /// memcpy, or one raw socket stream, of the same bytes. Not with --pattern
-    /// reqrep, --listen or --to.
+    /// subscriber's GB/s (--json) and the slowest one's. The baseline stays
+    /// the one-subscriber baseline: a channel of references (inproc), a raw
+    /// Unix socket stream (shm below 1MiB), a memcpy (shm from 1MiB), a raw
+    /// socket stream (tcp). Not with --pattern reqrep, --listen or --to.
     #[arg(long, value_name = "N", value_parser = Strict(subscribers), allow_hyphen_values = true)]
     subscribers: Option<usize>,
 
@@ -759,6 +760,16 @@ fn run_role(
             let mut m = read_raw(&mut stream, size, u64::MAX)?;
             say!("{}", m.summary_json());
         }
+        "raw-unix-receiver" => {
+            let path = listen.strip_prefix("unix:").unwrap_or(listen);
+            let listener = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| format!("binding the Unix socket {path}: {e}"))?;
+            say!("listening unix:{path}");
+            let (mut stream, _) = listener.accept().map_err(|e| e.to_string())?;
+            let _ = std::fs::remove_file(path);
+            let mut m = read_raw(&mut stream, size, u64::MAX)?;
+            say!("{}", m.summary_json());
+        }
         "responder" => {
             let node = Node::builder()
                 .name("bench-echo")
@@ -998,7 +1009,7 @@ fn device_copy_gbps(
     Ok(slowest)
 }
 
-/// One memcpy of `size` bytes, repeated: the baseline for inproc and shm.
+/// One memcpy of `size` bytes, repeated: the baseline of shm from 1MiB.
 fn memcpy_gbps(size: u64, duration: Duration) -> f64 {
     let src = vec![1u8; size as usize];
     let mut dst = vec![0u8; size as usize];
@@ -1027,6 +1038,59 @@ fn raw_tcp_gbps(size: u64, messages: u64) -> Result<f64, String> {
     let v = finish_role(child)?;
     Ok(Measured::from_json(&v).gbps())
 }
+
+/// A raw Unix socket stream of `messages` writes of `size` bytes to
+/// another process: the baseline of small shm messages (a socket is what
+/// shared memory must beat for them; a memcpy for large ones).
+fn raw_unix_gbps(size: u64, messages: u64) -> Result<f64, String> {
+    let path = std::env::temp_dir().join(format!(
+        "tf-bench-raw-{}-{}.sock",
+        std::process::id(),
+        now_ns()
+    ));
+    let listen = format!("unix:{}", path.display());
+    let (child, addr) = spawn_role("raw-unix-receiver", &listen, size)?;
+    let mut stream = std::os::unix::net::UnixStream::connect(addr.trim_start_matches("unix:"))
+        .map_err(|e| e.to_string())?;
+    let buf = vec![7u8; size as usize];
+    for _ in 0..messages.max(1) {
+        stream.write_all(&buf).map_err(|e| e.to_string())?;
+    }
+    drop(stream);
+    let v = finish_role(child)?;
+    Ok(Measured::from_json(&v).gbps())
+}
+
+/// `messages` references to one buffer of `size` bytes passed through a
+/// bounded channel (64 deep, as a subscription queue) from one thread to
+/// another, as GB/s of the bytes referred to: the inproc baseline, since
+/// an inproc message moves by reference, never by copy.
+fn channel_gbps(size: u64, messages: u64) -> Result<f64, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<Vec<u8>>>(64);
+    let data = std::sync::Arc::new(vec![7u8; size as usize]);
+    let messages = messages.max(1);
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..messages {
+            if tx.send(std::sync::Arc::clone(&data)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = 0u64;
+    while rx.recv().is_ok() {
+        got += 1;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    sender
+        .join()
+        .map_err(|_| "the channel's sending thread panicked")?;
+    Ok((got * size) as f64 / seconds.max(1e-9) / 1e9)
+}
+
+/// Shm messages below this size are compared with a raw Unix socket
+/// stream, larger ones with a memcpy.
+const SHM_SOCKET_BASELINE_BELOW: u64 = 1 << 20;
 
 /// One publish/subscribe row on this host: `plan.subscribers` receivers.
 fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, String> {
@@ -1094,12 +1158,15 @@ fn fan_out(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Value, St
                 .collect::<Result<Vec<_>, String>>()?
         }
     };
-    let (base, base_name) = if t == Transport::Tcp {
-        // As many messages as one subscriber received, so both streams have the same length.
-        let messages = subs.iter().map(|m| m.messages).min().unwrap_or(1);
-        (raw_tcp_gbps(size, messages)?, "raw tcp")
-    } else {
-        (memcpy_gbps(size, baseline_time), "memcpy")
+    // As many messages as one subscriber received, so both streams have the same length.
+    let messages = subs.iter().map(|m| m.messages).min().unwrap_or(1);
+    let (base, base_name) = match t {
+        Transport::Tcp => (raw_tcp_gbps(size, messages)?, "raw tcp"),
+        Transport::Inproc => (channel_gbps(size, messages)?, "channel"),
+        Transport::Shm if size < SHM_SOCKET_BASELINE_BELOW => {
+            (raw_unix_gbps(size, messages)?, "raw unix")
+        }
+        Transport::Shm => (memcpy_gbps(size, baseline_time), "memcpy"),
     };
     let device = device_copy_gbps(plan.src, plan.dst, size, baseline_time)?;
     let mut row = match &device {
@@ -1448,16 +1515,35 @@ pub fn run(args: &Args) -> Outcome {
         report
     } else {
         let bar = progress(plan.transports.len() * plan.sizes.len());
+        // The table's head, then each row as it is measured (a long run
+        // shows what it has, on a terminal or in a log).
+        let table = !args.json;
+        if table {
+            bar.suspend(|| match plan.pattern {
+                Pattern::ReqRep => print_round_trips_header(&plan, &cpu),
+                _ => {
+                    print_pubsub_title(&plan, &cpu);
+                    print_pubsub_header();
+                }
+            });
+        }
         let mut rows = Vec::new();
         for (i, t) in plan.transports.iter().enumerate() {
             for (j, &size) in plan.sizes.iter().enumerate() {
                 bar.set_message(format!("{} {}", t.name(), human_bytes(size)));
                 let row = i * plan.sizes.len() + j;
-                rows.push(if plan.pattern == Pattern::ReqRep {
+                let measured = if plan.pattern == Pattern::ReqRep {
                     round_trips(*t, size, &plan, row)?
                 } else {
                     fan_out(*t, size, &plan, row)?
-                });
+                };
+                if table {
+                    bar.suspend(|| match plan.pattern {
+                        Pattern::ReqRep => print_round_trip_row(&measured),
+                        _ => print_pubsub_row(&measured),
+                    });
+                }
+                rows.push(measured);
                 bar.inc(1);
             }
         }
@@ -1486,16 +1572,11 @@ pub fn run(args: &Args) -> Outcome {
         return Ok(ExitCode::SUCCESS);
     }
     if plan.pattern == Pattern::ReqRep {
-        print_round_trips(&plan, &cpu, &rows);
+        print_round_trips_footer(&rows);
         return Ok(ExitCode::SUCCESS);
     }
-    let subscribers = if plan.subscribers == 1 {
-        "one subscriber".to_string()
-    } else {
-        format!("{} subscribers (fan-out)", plan.subscribers)
-    };
-    match &plan.mode {
-        Mode::To(end) => say!(
+    if let Mode::To(end) = &plan.mode {
+        say!(
             "tensorferry bench --to {}: {} tensors, cpu -> cpu, {} s per row, one subscriber (the listener); raw baseline to {}; this machine: {} ({} cores); listener: {} ({} cores)",
             end.text,
             plan.dtype,
@@ -1505,21 +1586,38 @@ pub fn run(args: &Args) -> Outcome {
             cpu.cores,
             report["listener_machine"]["model"].as_str().unwrap_or("?"),
             report["listener_machine"]["cores"]
-        ),
-        _ => say!(
-            "tensorferry bench: {} tensors, {}, {} s per row, {subscribers}; machine: {} ({} cores)",
-            plan.dtype, plan.path_text(), plan.duration, cpu.model, cpu.cores
-        ),
-    }
-    print_pubsub_header();
-    for r in &rows {
-        print_pubsub_row(r);
+        );
+        print_pubsub_header();
+        for r in &rows {
+            print_pubsub_row(r);
+        }
     }
     print_pubsub_footer(matches!(plan.mode, Mode::To(_)));
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_round_trips(plan: &Plan, cpu: &CpuInfo, rows: &[Value]) {
+/// A message size as `--sizes` takes it (`4KiB`, `64MiB`, `1000B`).
+fn size_text(bytes: u64) -> String {
+    tensorferry_device_map::units::in_largest_unit(bytes)
+}
+
+fn print_pubsub_title(plan: &Plan, cpu: &CpuInfo) {
+    let subscribers = if plan.subscribers == 1 {
+        "one subscriber".to_string()
+    } else {
+        format!("{} subscribers (fan-out)", plan.subscribers)
+    };
+    say!(
+        "tensorferry bench: {} tensors, {}, {} s per row, {subscribers}; machine: {} ({} cores)",
+        plan.dtype,
+        plan.path_text(),
+        plan.duration,
+        cpu.model,
+        cpu.cores
+    );
+}
+
+fn print_round_trips_header(plan: &Plan, cpu: &CpuInfo) {
     say!(
         "tensorferry bench --pattern reqrep: {} tensor echoed, cpu -> cpu, {} s per row; machine: {} ({} cores)",
         plan.dtype, plan.duration, cpu.model, cpu.cores
@@ -1536,27 +1634,31 @@ fn print_round_trips(plan: &Plan, cpu: &CpuInfo, rows: &[Value]) {
         "RTT p50",
         "ratio"
     );
-    for r in rows {
-        say!(
-            "{:<8} {:>9} {:>9} {:>10.0} {:>8.1} µs {:>8.1} µs  {:<9} {:>7.1} µs {:>6.2}",
-            r["transport"].as_str().unwrap_or(""),
-            human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
-            r["messages"].as_u64().unwrap_or(0),
-            r["messages_per_s"].as_f64().unwrap_or(0.0),
-            r["p50_us"].as_f64().unwrap_or(0.0),
-            r["p99_us"].as_f64().unwrap_or(0.0),
-            r["baseline"].as_str().unwrap_or(""),
-            r["baseline_p50_us"].as_f64().unwrap_or(0.0),
-            r["ratio"].as_f64().unwrap_or(0.0),
-        );
-    }
+}
+
+fn print_round_trip_row(r: &Value) {
+    say!(
+        "{:<8} {:>9} {:>9} {:>10.0} {:>8.1} µs {:>8.1} µs  {:<9} {:>7.1} µs {:>6.2}",
+        r["transport"].as_str().unwrap_or(""),
+        size_text(r["size_bytes"].as_u64().unwrap_or(0)),
+        r["messages"].as_u64().unwrap_or(0),
+        r["messages_per_s"].as_f64().unwrap_or(0.0),
+        r["p50_us"].as_f64().unwrap_or(0.0),
+        r["p99_us"].as_f64().unwrap_or(0.0),
+        r["baseline"].as_str().unwrap_or(""),
+        r["baseline_p50_us"].as_f64().unwrap_or(0.0),
+        r["ratio"].as_f64().unwrap_or(0.0),
+    );
+}
+
+fn print_round_trips_footer(rows: &[Value]) {
     say!("ratio: median round trip over the raw socket's median round trip (lower is better)");
     for r in rows {
         if let Some(floor) = r["futex_floor_p50_us"].as_f64() {
             say!(
                 "{} {}: a futex ping-pong of the same bytes through shared memory (no socket, no engine, both sides sleeping) takes {floor:.1} µs",
                 r["transport"].as_str().unwrap_or(""),
-                human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
+                size_text(r["size_bytes"].as_u64().unwrap_or(0)),
             );
         }
     }
@@ -1596,7 +1698,7 @@ fn print_pubsub_row(r: &Value) {
     say!(
         "{:<8} {:>9} {:>4} {:>8} {:>8.2} {:>8.2} {:>10.0} {:>10} {:>10}  {:<8} {:>8.2} {:>6.2} {:>6.2}",
         r["transport"].as_str().unwrap_or(""),
-        human_bytes(r["size_bytes"].as_u64().unwrap_or(0)),
+        size_text(r["size_bytes"].as_u64().unwrap_or(0)),
         r["subscribers"].as_u64().unwrap_or(0),
         r["messages"].as_u64().unwrap_or(0),
         f("gbps"),
@@ -1613,15 +1715,19 @@ fn print_pubsub_row(r: &Value) {
 
 fn print_pubsub_footer(two_hosts: bool) {
     say!("GB/s: all subscribers together; per sub: the slowest subscriber; ratio: GB/s over the baseline's; sub: per sub over the baseline's");
-    say!("baseline: one memcpy (inproc, shm) or a raw socket stream (tcp) of the same bytes; with a device at either end, the slower of that and a plain upload to (download from) the device");
+    say!("baseline: inproc moves references, so its baseline is a bounded channel passing the same number of references between two threads; shm is compared with a raw Unix socket stream of the same messages below 1MiB and with one memcpy from 1MiB; tcp with a raw socket stream of the same messages; with a device at either end, the slower of that and a plain upload to (download from) the device");
     say!("messages: per subscriber; latency: one way, from the send call to the receiver taking the message (queueing included at full rate), the worst subscriber's");
     if two_hosts {
         say!("across two hosts, one-way latency reads both hosts' clocks: meaningful only when they are synchronized");
     }
 }
 
-/// Draws throughput against message size: one line per transport, its baseline dashed.
+/// Draws throughput against message size: one line per transport with a
+/// marker at each measured size, its baseline dashed, ticks at the measured
+/// sizes, and the legend beside the chart. Inproc rows are left out: they
+/// move references, so their GB/s is not a copy rate to set beside the others.
 fn plot(path: &std::path::Path, rows: &[Value], title: &str) -> Result<(), String> {
+    use plotters::coord::combinators::BindKeyPoints;
     use plotters::prelude::*;
 
     let fail = |e: &dyn std::fmt::Display| format!("--plot {}: {e}", path.display());
@@ -1636,72 +1742,108 @@ fn plot(path: &std::path::Path, rows: &[Value], title: &str) -> Result<(), Strin
             })
             .collect()
     };
-    let transports: Vec<&str> = ["inproc", "shm", "tcp"]
-        .into_iter()
-        .filter(|t| rows.iter().any(|r| r["transport"] == *t))
-        .collect();
+    // Colours that read on white (no yellow): blue for shm, orange for tcp.
+    let transports: Vec<(&str, RGBColor)> = [
+        ("shm", RGBColor(31, 90, 180)),
+        ("tcp", RGBColor(214, 95, 0)),
+    ]
+    .into_iter()
+    .filter(|(t, _)| rows.iter().any(|r| r["transport"] == *t))
+    .collect();
+    if transports.is_empty() {
+        return Err(fail(&"nothing to draw: inproc rows are left out of the plot (they move references), so measure shm or tcp too"));
+    }
     let all: Vec<(f64, f64)> = transports
         .iter()
-        .flat_map(|t| {
+        .flat_map(|(t, _)| {
             points(t, "gbps")
                 .into_iter()
                 .chain(points(t, "baseline_gbps"))
         })
         .collect();
-    let (x0, x1) = all
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let mut sizes: Vec<f64> = all.iter().map(|p| p.0).collect();
+    sizes.sort_by(f64::total_cmp);
+    sizes.dedup();
+    let (x0, x1) = (sizes[0], sizes[sizes.len() - 1]);
     let (y0, y1) = all
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
+    let (area, legend) = root.split_horizontally(820);
+    let mut chart = ChartBuilder::on(&area)
+        .caption(title, ("sans-serif", 16))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
         .build_cartesian_2d(
-            (x0 / 1.5..x1 * 1.5).log_scale(),
+            (x0 / 1.5..x1 * 1.5)
+                .log_scale()
+                .with_key_points(sizes.clone()),
             (y0 / 2.0..y1 * 2.0).log_scale(),
         )
         .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
-        .x_desc("message size (bytes)")
+        .x_desc("message size")
         .y_desc("GB/s")
-        .x_label_formatter(&|x| human_bytes(*x as u64))
+        .x_label_formatter(&|x| size_text(x.round() as u64))
         .draw()
         .map_err(|e| fail(&e))?;
-    for (i, t) in transports.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+    let mut entries = Vec::new();
+    for (t, color) in &transports {
+        let measured = points(t, "gbps");
         chart
-            .draw_series(LineSeries::new(points(t, "gbps"), color.stroke_width(2)))
-            .map_err(|e| fail(&e))?
-            .label(*t)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
+            .draw_series(LineSeries::new(measured.clone(), color.stroke_width(2)))
+            .map_err(|e| fail(&e))?;
+        chart
+            .draw_series(measured.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(|e| fail(&e))?;
         let base = points(t, "baseline_gbps");
-        let name = rows
-            .iter()
-            .find(|r| r["transport"] == *t)
-            .and_then(|r| r["baseline"].as_str())
-            .unwrap_or("baseline");
         chart
-            .draw_series(DashedLineSeries::new(base, 6, 4, color.stroke_width(1)))
-            .map_err(|e| fail(&e))?
-            .label(format!("{t}: {name} (baseline)"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(1))
-            });
+            .draw_series(DashedLineSeries::new(
+                base.clone(),
+                6,
+                4,
+                color.stroke_width(1),
+            ))
+            .map_err(|e| fail(&e))?;
+        chart
+            .draw_series(
+                base.iter()
+                    .map(|&p| Cross::new(p, 4, color.stroke_width(1))),
+            )
+            .map_err(|e| fail(&e))?;
+        // Each size's own baseline name (shm's changes with the size).
+        let mut names: Vec<&str> = rows
+            .iter()
+            .filter(|r| r["transport"] == *t)
+            .filter_map(|r| r["baseline"].as_str())
+            .collect();
+        names.dedup();
+        entries.push((t.to_string(), *color, true));
+        entries.push((format!("{t} baseline: {}", names.join(", ")), *color, false));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(&e))?;
+    for (i, (label, color, solid)) in entries.iter().enumerate() {
+        let y = 60 + 26 * i as i32;
+        // A solid sample for the measured line, a dashed one for its baseline.
+        let pieces: &[(i32, i32)] = if *solid {
+            &[(8, 40)]
+        } else {
+            &[(8, 16), (20, 28), (32, 40)]
+        };
+        let width = if *solid { 2 } else { 1 };
+        for &(from, to) in pieces {
+            legend
+                .draw(&PathElement::new(
+                    vec![(from, y), (to, y)],
+                    color.stroke_width(width),
+                ))
+                .map_err(|e| fail(&e))?;
+        }
+        legend
+            .draw(&Text::new(label.clone(), (48, y - 7), ("sans-serif", 14)))
+            .map_err(|e| fail(&e))?;
+    }
     root.present().map_err(|e| fail(&e))
 }

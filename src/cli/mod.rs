@@ -38,7 +38,8 @@ struct Cli {
 enum Command {
     /// Measure throughput and latency of each transport (inproc, shm, tcp) for
     /// several message sizes, each row beside a baseline measured in the same
-    /// run (memcpy, or a raw socket stream), with the ratio.
+    /// run (a channel of references, a raw Unix or tcp socket stream, or a
+    /// memcpy), with the ratio; rows print as they finish.
     Bench(bench::Args),
     /// List this host's devices: the CPU, CUDA devices (or why there are none)
     /// and wgpu adapters.
