@@ -254,6 +254,43 @@ impl FrameWriter {
         }))
     }
 
+    /// Whether every piece is on the host (no device read-back): such a
+    /// frame can be written beside others in one vectored write.
+    pub(crate) fn host_only(&self) -> bool {
+        Self::pieces(&self.frame).all(|p| matches!(p, Piece::Host(_)))
+    }
+
+    /// Whether nothing of it is written yet.
+    pub(crate) fn at_start(&self) -> bool {
+        self.at == 0
+    }
+
+    /// Bytes still to write.
+    pub(crate) fn remaining(&self) -> u64 {
+        self.frame.frame_len() - self.at
+    }
+
+    /// Counts `n` more bytes written (at most [`remaining`](Self::remaining)),
+    /// by a write the caller made of [`host_slices`](Self::host_slices).
+    pub(crate) fn advance(&mut self, n: u64) {
+        self.at = (self.at + n).min(self.frame.frame_len());
+    }
+
+    /// The rest of a [host-only](Self::host_only) frame, as slices, added
+    /// to `out`.
+    pub(crate) fn host_slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        let mut pos = 0u64;
+        for piece in Self::pieces(&self.frame) {
+            let Piece::Host(b) = piece else { continue };
+            let end = pos + b.len() as u64;
+            if end > self.at && !b.is_empty() {
+                let off = self.at.max(pos) - pos;
+                out.push(IoSlice::new(&b[off as usize..]));
+            }
+            pos = end;
+        }
+    }
+
     /// Writes what fits now; `Ok(true)` when the whole frame is written.
     ///
     /// # Errors

@@ -431,7 +431,37 @@ impl Outbox {
                     }
                 },
             };
+            // Small host frames queued behind a fresh one leave with it, in
+            // one vectored write (one system call for many messages).
+            let batch = match &writing {
+                Writing::Frame(w) if w.at_start() && batchable(w) => take_batch(&mut s.queue),
+                _ => Vec::new(),
+            };
             drop(s);
+            if !batch.is_empty() {
+                let Writing::Frame(first) = writing else {
+                    unreachable!("only frames are batched")
+                };
+                match self.write_batch(link, (first, queued), batch) {
+                    Ok(true) => {
+                        s = self.lock();
+                        continue;
+                    }
+                    Ok(false) => {
+                        // The link is full: as for a frame cut short below.
+                        link.flush();
+                        let room = link.idle_write();
+                        s = self.lock();
+                        if room || s.again {
+                            s.again = false;
+                            continue;
+                        }
+                        s.turn = false;
+                        return Pumped::Full;
+                    }
+                    Err(failed) => return failed,
+                }
+            }
             let outcome = match &mut writing {
                 Writing::Frame(w) => w.write_some(&mut |bufs| link.write_now(bufs)),
                 Writing::Bytes { bytes, at } => write_bytes(link, bytes, at),
@@ -463,6 +493,69 @@ impl Outbox {
                 Err(e) => return self.failed(link, e, Some(queued)),
             }
         }
+    }
+
+    /// Writes `first` and `batch` (small host frames, in queue order) in one
+    /// vectored write; `Ok(true)` when the link took them all. What was
+    /// written whole is done; when the link took less, the frame it stopped
+    /// in becomes the current one and the frames after it go back to the
+    /// queue's front, in order (`Ok(false)`: the link is full). A failed
+    /// write closes the outbox (`Err`, what `pump` returns). Called without
+    /// the lock, by the turn's holder.
+    fn write_batch(
+        &self,
+        link: &dyn ByteLink,
+        first: (crate::outbound::FrameWriter, Queued),
+        batch: Vec<(crate::outbound::FrameWriter, Queued)>,
+    ) -> Result<bool, Pumped> {
+        let mut frames: VecDeque<_> = std::iter::once(first).chain(batch).collect();
+        let written = loop {
+            let mut slices = Vec::with_capacity(frames.len() * 4);
+            for (w, _) in &frames {
+                w.host_slices(&mut slices);
+            }
+            match link.write_now(&slices) {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => break Ok(n as u64),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(0),
+                Err(e) => break Err(e),
+            }
+        };
+        let mut n = match written {
+            Ok(n) => n,
+            Err(e) => {
+                // The rest is dropped with the connection.
+                let current = frames.pop_front().map(|(_, q)| q);
+                drop(frames);
+                return Err(self.failed(link, e, current));
+            }
+        };
+        while let Some((w, _)) = frames.front() {
+            let rest = w.remaining();
+            if n < rest {
+                break;
+            }
+            n -= rest;
+            let (_, queued) = frames.pop_front().expect("looked at above");
+            if let Some(lane) = &queued.lane {
+                lane.written.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(queued);
+        }
+        // The link took less than all: the frame it stopped in (perhaps at
+        // its first byte) goes on as the current one, the ones after it
+        // wait at the queue's front, in order.
+        let Some((mut w, q)) = frames.pop_front() else {
+            return Ok(true);
+        };
+        w.advance(n);
+        let mut s = self.lock();
+        while let Some((_, later)) = frames.pop_back() {
+            s.queue.push_front(later);
+        }
+        s.current = Some((Writing::Frame(w), q));
+        Ok(false)
     }
 
     /// A write failed: the outbox closes, and what waits is dropped (its
@@ -552,6 +645,49 @@ fn start(
     }
 }
 
+/// Frames at most this large are written several to a vectored write.
+const BATCH_FRAME_BYTES: u64 = 64 << 10;
+/// At most this many frames go in one vectored write.
+const BATCH_FRAMES: usize = 64;
+/// At most this many bytes go in one vectored write.
+const BATCH_BYTES: u64 = 256 << 10;
+
+/// Whether `w` may be written in one vectored write with others: small,
+/// and all on the host.
+fn batchable(w: &crate::outbound::FrameWriter) -> bool {
+    w.remaining() <= BATCH_FRAME_BYTES && w.host_only()
+}
+
+/// Takes the small host frames at the front of `queue` (up to the batch's
+/// limits), ready to be written after the one being started.
+fn take_batch(queue: &mut VecDeque<Queued>) -> Vec<(crate::outbound::FrameWriter, Queued)> {
+    let mut batch = Vec::new();
+    let mut bytes = 0u64;
+    while batch.len() + 1 < BATCH_FRAMES {
+        let Some(Queued {
+            item: Outgoing::Frame(frame),
+            ..
+        }) = queue.front()
+        else {
+            break;
+        };
+        let len = frame.frame_len();
+        if len > BATCH_FRAME_BYTES || bytes + len > BATCH_BYTES {
+            break;
+        }
+        let Ok(w) = crate::outbound::FrameWriter::new(Arc::clone(frame)) else {
+            break;
+        };
+        if !w.host_only() {
+            break;
+        }
+        bytes += len;
+        let q = queue.pop_front().expect("looked at above");
+        batch.push((w, q));
+    }
+    batch
+}
+
 /// Writes what fits of `bytes` from `at`; `Ok(true)` when all is written.
 fn write_bytes(link: &dyn ByteLink, bytes: &[u8], at: &mut usize) -> io::Result<bool> {
     while *at < bytes.len() {
@@ -582,6 +718,8 @@ mod tests {
         per_call: usize,
         /// Every write fails, as to a peer that went away.
         broken: bool,
+        /// Calls to `write_now` that took bytes.
+        calls: Mutex<usize>,
     }
 
     impl Trickle {
@@ -591,6 +729,7 @@ mod tests {
                 room: Mutex::new(room),
                 per_call,
                 broken: false,
+                calls: Mutex::new(0),
             }
         }
     }
@@ -630,6 +769,7 @@ mod tests {
                     break;
                 }
             }
+            *self.calls.lock().expect("lock") += 1;
             Ok(n)
         }
         fn wait_readable(&self, _: Instant) -> io::Result<bool> {
@@ -756,5 +896,61 @@ mod tests {
         assert_eq!(lane.queued(), 0);
         assert_eq!(lane.written(), 0);
         assert!(outbox.push(Outgoing::Frame(frame(9, 1)), None).is_err());
+    }
+
+    #[test]
+    fn small_frames_queued_together_leave_in_one_write_in_order() {
+        let link = Trickle::new(1 << 20, 1 << 20);
+        let outbox = Outbox::new();
+        let lane = Arc::new(Lane::new(64, None, Overflow::Block));
+        // Twenty small frames, a large one (written on its own), then five
+        // small ones again.
+        let mut frames: Vec<_> = (0..20).map(|i| frame(i, 100 + i as usize)).collect();
+        frames.push(frame(20, 100 << 10));
+        frames.extend((21..26).map(|i| frame(i, 50)));
+        for f in &frames {
+            outbox
+                .push(Outgoing::Frame(Arc::clone(f)), Some(Arc::clone(&lane)))
+                .expect("open");
+        }
+        assert!(matches!(outbox.pump(&link), Pumped::Done));
+        let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
+        assert!(*link.out.lock().expect("lock") == want, "bytes in order");
+        assert_eq!(lane.written(), 26);
+        assert_eq!(lane.queued(), 0);
+        assert_eq!(
+            *link.calls.lock().expect("lock"),
+            3,
+            "the small frames before and after the large one each in one write"
+        );
+    }
+
+    #[test]
+    fn a_batch_cut_short_goes_on_where_it_stopped() {
+        // Room for 2.5 of the batched frames at a time, in calls of any size.
+        let one = bytes_of(&frame(0, 300)).len();
+        let link = Trickle::new(0, 1 << 20);
+        let outbox = Outbox::new();
+        let lane = Arc::new(Lane::new(64, None, Overflow::Block));
+        let frames: Vec<_> = (0..12).map(|i| frame(i, 300)).collect();
+        for f in &frames {
+            outbox
+                .push(Outgoing::Frame(Arc::clone(f)), Some(Arc::clone(&lane)))
+                .expect("open");
+        }
+        let mut rounds = 0;
+        loop {
+            *link.room.lock().expect("lock") = one * 5 / 2;
+            rounds += 1;
+            match outbox.pump(&link) {
+                Pumped::Done => break,
+                Pumped::Full => assert!(rounds < 100, "no progress"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let want: Vec<u8> = frames.iter().flat_map(|f| bytes_of(f)).collect();
+        assert!(*link.out.lock().expect("lock") == want, "bytes in order");
+        assert_eq!(lane.written(), 12);
+        assert_eq!(lane.queued(), 0);
     }
 }
