@@ -846,23 +846,8 @@ mod tests {
             assert!(e.to_string().contains(want), "{e}");
         }
         let mut data = [0f32; 4];
-        let (mut shape, mut strides) = ([4i64], [1i64]);
-        let t = DlTensor {
-            data: data.as_mut_ptr().cast(),
-            device: DlDevice {
-                device_type: 4,
-                device_id: 0,
-            },
-            ndim: 1,
-            dtype: DataType {
-                code: 2,
-                bits: 32,
-                lanes: 1,
-            },
-            shape: shape.as_mut_ptr(),
-            strides: strides.as_mut_ptr(),
-            byte_offset: 0,
-        };
+        let mut shape = [4i64];
+        let t = one_dim_f32(data.as_mut_ptr().cast(), 4, &mut shape);
         // SAFETY: as above.
         let e = unsafe { Tensor::from_dlpack_parts(&t, Box::new(())) }.expect_err("opencl");
         assert!(e.to_string().contains("DLPack device type 4"), "{e}");
@@ -876,10 +861,25 @@ mod tests {
         }
         let owner = std::sync::Arc::new(());
         let mut shape = [4i64];
-        let t = DlTensor {
-            data: 0x7f00_0000_0000usize as *mut c_void,
+        let t = one_dim_f32(0x7f00_0000_0000usize as *mut c_void, CUDA, &mut shape);
+        // SAFETY: the memory is never touched: opening cuda:0 fails first.
+        let e = unsafe { Tensor::from_dlpack_parts(&t, Box::new(std::sync::Arc::clone(&owner))) }
+            .expect_err("no CUDA here");
+        assert!(e.to_string().contains("cuda"), "{e}");
+        assert_eq!(
+            std::sync::Arc::strong_count(&owner),
+            1,
+            "the owner was let go"
+        );
+    }
+
+    /// A contiguous one-dimensional f32 description of `shape[0]` elements
+    /// at `data` on DLPack device type `device_type`, index 0.
+    fn one_dim_f32(data: *mut c_void, device_type: i32, shape: &mut [i64; 1]) -> DlTensor {
+        DlTensor {
+            data,
             device: DlDevice {
-                device_type: CUDA,
+                device_type,
                 device_id: 0,
             },
             ndim: 1,
@@ -891,15 +891,6 @@ mod tests {
             shape: shape.as_mut_ptr(),
             strides: std::ptr::null_mut(),
             byte_offset: 0,
-        };
-        // SAFETY: the memory is never touched: opening cuda:0 fails first.
-        let e = unsafe { Tensor::from_dlpack_parts(&t, Box::new(std::sync::Arc::clone(&owner))) }
-            .expect_err("no CUDA here");
-        assert!(e.to_string().contains("cuda"), "{e}");
-        assert_eq!(
-            std::sync::Arc::strong_count(&owner),
-            1,
-            "the owner was let go"
-        );
+        }
     }
 }

@@ -1026,17 +1026,17 @@ fn memcpy_gbps(size: u64, duration: Duration) -> f64 {
 
 /// A raw socket stream of `messages` writes of `size` bytes to another process: the tcp baseline.
 fn raw_tcp_gbps(size: u64, messages: u64) -> Result<f64, String> {
-    let (child, addr) = spawn_role("raw-receiver", "tcp://127.0.0.1:0", size)?;
-    let mut stream =
-        TcpStream::connect(addr.trim_start_matches("tcp://")).map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
-    let buf = vec![7u8; size as usize];
-    for _ in 0..messages.max(1) {
-        stream.write_all(&buf).map_err(|e| e.to_string())?;
-    }
-    drop(stream);
-    let v = finish_role(child)?;
-    Ok(Measured::from_json(&v).gbps())
+    raw_stream_gbps(
+        "raw-receiver",
+        "tcp://127.0.0.1:0",
+        size,
+        messages,
+        |addr| {
+            let stream = TcpStream::connect(addr.trim_start_matches("tcp://"))?;
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        },
+    )
 }
 
 /// A raw Unix socket stream of `messages` writes of `size` bytes to
@@ -1049,9 +1049,22 @@ fn raw_unix_gbps(size: u64, messages: u64) -> Result<f64, String> {
         now_ns()
     ));
     let listen = format!("unix:{}", path.display());
-    let (child, addr) = spawn_role("raw-unix-receiver", &listen, size)?;
-    let mut stream = std::os::unix::net::UnixStream::connect(addr.trim_start_matches("unix:"))
-        .map_err(|e| e.to_string())?;
+    raw_stream_gbps("raw-unix-receiver", &listen, size, messages, |addr| {
+        std::os::unix::net::UnixStream::connect(addr.trim_start_matches("unix:"))
+    })
+}
+
+/// `messages` writes of `size` bytes to a receiving process started as
+/// `role`, through the stream `connect` opens to the address it reports.
+fn raw_stream_gbps<S: Write>(
+    role: &str,
+    listen: &str,
+    size: u64,
+    messages: u64,
+    connect: impl FnOnce(&str) -> std::io::Result<S>,
+) -> Result<f64, String> {
+    let (child, addr) = spawn_role(role, listen, size)?;
+    let mut stream = connect(&addr).map_err(|e| e.to_string())?;
     let buf = vec![7u8; size as usize];
     for _ in 0..messages.max(1) {
         stream.write_all(&buf).map_err(|e| e.to_string())?;
