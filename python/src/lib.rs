@@ -95,6 +95,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<message::PyMessage>()?;
     m.add_class::<tensor::PyTensor>()?;
     m.add_class::<service::PySchema>()?;
+    // Before the interpreter finalizes, the release thread stops taking
+    // the GIL.
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (wrap_pyfunction!(release::stop, m)?,))?;
     m.add_function(wrap_pyfunction!(tensor::tensor, m)?)?;
     m.add_function(wrap_pyfunction!(devices, m)?)?;
     m.add_function(wrap_pyfunction!(check_map, m)?)?;

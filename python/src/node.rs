@@ -204,6 +204,38 @@ impl PyNode {
         self.node().peer_count()
     }
 
+    /// What the node has done since it started, as a dict:
+    /// ``messages_received``, ``bytes_received`` (requests to its services
+    /// included), ``messages_sent``, ``bytes_sent`` (one per peer reached),
+    /// ``dropped`` (under ``drop_oldest``), ``rejected`` (peers dropped for
+    /// breaking the protocol), ``peers`` (open now), ``peers_lost``.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.node().stats();
+        let d = PyDict::new(py);
+        d.set_item("messages_received", s.messages_received)?;
+        d.set_item("bytes_received", s.bytes_received)?;
+        d.set_item("messages_sent", s.messages_sent)?;
+        d.set_item("bytes_sent", s.bytes_sent)?;
+        d.set_item("dropped", s.dropped)?;
+        d.set_item("rejected", s.rejected)?;
+        d.set_item("peers", s.peers)?;
+        d.set_item("peers_lost", s.peers_lost)?;
+        Ok(d)
+    }
+
+    /// The same counters for one channel: ``messages_received``,
+    /// ``bytes_received``, ``messages_sent``, ``bytes_sent`` (zeros for a
+    /// channel the node has not used).
+    fn channel_stats<'py>(&self, py: Python<'py>, channel: &str) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.node().channel_stats(channel);
+        let d = PyDict::new(py);
+        d.set_item("messages_received", s.messages_received)?;
+        d.set_item("bytes_received", s.bytes_received)?;
+        d.set_item("messages_sent", s.messages_sent)?;
+        d.set_item("bytes_sent", s.bytes_sent)?;
+        Ok(d)
+    }
+
     /// Connects to ``addr`` (if not yet connected), retrying up to the
     /// connect timeout (Ctrl-C gives up waiting).
     ///

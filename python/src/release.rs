@@ -11,7 +11,7 @@
 //! lock while it waits for the GIL.
 
 use std::cell::Cell;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 
 use crossbeam_channel::{unbounded, Sender};
@@ -22,6 +22,10 @@ type Job = Box<dyn FnOnce(Python<'_>) + Send>;
 
 static JOBS: OnceLock<Sender<Job>> = OnceLock::new();
 
+/// Held by the release thread while it runs jobs; `true` once the
+/// interpreter is about to finalize ([`stop`]): no job runs after that.
+static RUNNING: Mutex<bool> = Mutex::new(false);
+
 fn jobs() -> &'static Sender<Job> {
     JOBS.get_or_init(|| {
         let (tx, rx) = unbounded::<Job>();
@@ -29,6 +33,14 @@ fn jobs() -> &'static Sender<Job> {
             .name("tensorferry-py".into())
             .spawn(move || {
                 for job in &rx {
+                    let stopping = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+                    if *stopping {
+                        // The interpreter is finalizing: a thread that
+                        // attaches now may be ended inside the call, through
+                        // this thread's frames. What the job holds is leaked.
+                        std::mem::forget(job);
+                        continue;
+                    }
                     let mut pending = Some(job);
                     let ran = Python::try_attach(|py| {
                         if let Some(job) = pending.take() {
@@ -45,6 +57,7 @@ fn jobs() -> &'static Sender<Job> {
                         // the job holds is leaked, never dropped detached.
                         std::mem::forget(pending);
                     }
+                    drop(stopping);
                 }
             });
         if let Err(e) = started {
@@ -92,4 +105,16 @@ pub fn drop_here<T>(_py: Python<'_>, value: T) {
     }
     let _reset = Reset(HOLDING.replace(true));
     drop(value);
+}
+
+/// Stops the release thread before the interpreter finalizes (registered
+/// with `atexit`): waits, without the GIL, for the job it runs to end, then
+/// lets it run no more. A thread that takes the GIL during finalization is
+/// ended by the interpreter where it stands, which through this crate's
+/// frames would abort the process.
+#[pyfunction]
+pub fn stop(py: Python<'_>) {
+    py.detach(|| {
+        *RUNNING.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    });
 }

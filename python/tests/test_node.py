@@ -176,6 +176,30 @@ def test_the_unversioned_dlpack_form_exports_copies_and_the_versioned_one_read_o
         t.__dlpack__(max_version=(1, 0), dl_device=(2, 0))
 
 
+def test_stats_count_what_a_node_sent_and_received():
+    rx = tf.Node(listen="tcp://127.0.0.1:0")
+    sub = rx.subscriber("/s")
+    tx = tf.Node()
+    pub = tx.publisher("/s")
+    tx.connect(rx.address)
+    pub.wait_for_subscribers(1, timeout=10)
+    for i in range(3):
+        pub.send({"i": i}, x=np.zeros(1000, np.float32))
+    for _ in range(3):
+        sub.recv(timeout=10)
+    sent, got = tx.stats(), rx.stats()
+    assert sent["messages_sent"] == 3 and sent["bytes_sent"] > 3 * 4000
+    assert got["messages_received"] == 3 and got["bytes_received"] == sent["bytes_sent"]
+    assert got["peers"] == 1 and got["rejected"] == 0
+    assert rx.channel_stats("/s")["messages_received"] == 3
+    assert rx.channel_stats("/never") == {
+        "messages_received": 0,
+        "bytes_received": 0,
+        "messages_sent": 0,
+        "bytes_sent": 0,
+    }
+
+
 def test_devices_lists_the_host():
     d = tf.devices()
     assert d["cpu"]["cores"] >= 1
