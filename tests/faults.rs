@@ -344,25 +344,24 @@ impl LongLived {
     /// peer connected, the last slot of a lost one is unmapped when the
     /// last view of its message goes, a moment after the loss is printed.
     fn unmapped(&self) -> Holdings {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let now = self.holdings();
-            if (now.memfds, now.memfd_maps) == (0, 0) || Instant::now() > deadline {
-                return now;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.holdings_when(|now| (now.memfds, now.memfd_maps) == (0, 0))
     }
 
     /// Waits until what it holds settles back to `before` (descriptors,
     /// threads, shared memory; resident memory is compared by the caller).
     fn settles_to(&self, before: &Holdings) -> Holdings {
+        self.holdings_when(|now| {
+            (now.fds, now.threads, now.memfds, now.memfd_maps)
+                == (before.fds, before.threads, before.memfds, before.memfd_maps)
+        })
+    }
+
+    /// What it holds once `settled` says so, or after 10 s.
+    fn holdings_when(&self, settled: impl Fn(&Holdings) -> bool) -> Holdings {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let now = self.holdings();
-            let same = (now.fds, now.threads, now.memfds, now.memfd_maps)
-                == (before.fds, before.threads, before.memfds, before.memfd_maps);
-            if same || Instant::now() > deadline {
+            if settled(&now) || Instant::now() > deadline {
                 return now;
             }
             std::thread::sleep(Duration::from_millis(20));

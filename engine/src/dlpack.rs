@@ -577,6 +577,31 @@ impl Tensor {
         Ok(NonNull::from(Box::leak(managed)))
     }
 
+    /// The address of the first element: in host memory, or in a CUDA
+    /// device's memory (after the work queued on its buffer is done).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] on a wgpu adapter, whose memory has no address; a
+    /// kernels error when waiting for the device fails.
+    pub fn data_address(&self) -> Result<usize> {
+        let base = match self.storage() {
+            Storage::Host(h) => h.as_slice().as_ptr() as usize,
+            Storage::Device(b) => match &**b {
+                DeviceBuffer::Cuda(c) => usize::try_from(c.device_address()?)
+                    .map_err(|_| Error::Invalid("a device address past this host's".into()))?,
+                DeviceBuffer::Host(h) => h.as_slice().as_ptr() as usize,
+                DeviceBuffer::Wgpu(_) => {
+                    return Err(Error::Invalid(format!(
+                        "a tensor on {} has no address another library can read: take it to the host first",
+                        self.device()
+                    )))
+                }
+            },
+        };
+        Ok(base.wrapping_add(self.layout().offset() * self.dtype().size_bytes()))
+    }
+
     /// The description of this tensor's view and what keeps it valid.
     fn export(&self) -> Result<(DlTensor, Box<Export>)> {
         let device = DlDevice::of(self.device()).ok_or_else(|| {
@@ -585,17 +610,7 @@ impl Tensor {
                 self.device()
             ))
         })?;
-        let size = self.dtype().size_bytes();
-        let base = match self.storage() {
-            Storage::Host(h) => h.as_slice().as_ptr() as usize,
-            Storage::Device(b) => match &**b {
-                DeviceBuffer::Cuda(c) => usize::try_from(c.device_address()?)
-                    .map_err(|_| Error::Invalid("a device address past this host's".into()))?,
-                DeviceBuffer::Host(h) => h.as_slice().as_ptr() as usize,
-                DeviceBuffer::Wgpu(_) => unreachable!("refused above"),
-            },
-        };
-        let data = base.wrapping_add(self.layout().offset() * size) as *mut c_void;
+        let data = self.data_address()? as *mut c_void;
         let mut export = Box::new(Export {
             shape: self.shape().iter().map(|&d| d as i64).collect(),
             strides: self.strides().iter().map(|&s| s as i64).collect(),

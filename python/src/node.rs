@@ -211,11 +211,15 @@ impl PyNode {
     /// breaking the protocol), ``peers`` (open now), ``peers_lost``.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.node().stats();
-        let d = PyDict::new(py);
-        d.set_item("messages_received", s.messages_received)?;
-        d.set_item("bytes_received", s.bytes_received)?;
-        d.set_item("messages_sent", s.messages_sent)?;
-        d.set_item("bytes_sent", s.bytes_sent)?;
+        let d = counters(
+            py,
+            [
+                s.messages_received,
+                s.bytes_received,
+                s.messages_sent,
+                s.bytes_sent,
+            ],
+        )?;
         d.set_item("dropped", s.dropped)?;
         d.set_item("rejected", s.rejected)?;
         d.set_item("peers", s.peers)?;
@@ -228,12 +232,15 @@ impl PyNode {
     /// channel the node has not used).
     fn channel_stats<'py>(&self, py: Python<'py>, channel: &str) -> PyResult<Bound<'py, PyDict>> {
         let s = self.node().channel_stats(channel);
-        let d = PyDict::new(py);
-        d.set_item("messages_received", s.messages_received)?;
-        d.set_item("bytes_received", s.bytes_received)?;
-        d.set_item("messages_sent", s.messages_sent)?;
-        d.set_item("bytes_sent", s.bytes_sent)?;
-        Ok(d)
+        counters(
+            py,
+            [
+                s.messages_received,
+                s.bytes_received,
+                s.messages_sent,
+                s.bytes_sent,
+            ],
+        )
     }
 
     /// Connects to ``addr`` (if not yet connected), retrying up to the
@@ -835,6 +842,22 @@ impl PyRecording {
         }
         Ok(())
     }
+}
+
+/// The counters a node and a channel both have, as a dict: messages
+/// received, bytes received, messages sent, bytes sent, in that order.
+fn counters(py: Python<'_>, values: [u64; 4]) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    let keys = [
+        "messages_received",
+        "bytes_received",
+        "messages_sent",
+        "bytes_sent",
+    ];
+    for (key, v) in keys.into_iter().zip(values) {
+        d.set_item(key, v)?;
+    }
+    Ok(d)
 }
 
 /// Waits for a request's reply, reading its connection on this thread (no

@@ -173,16 +173,9 @@ impl PyTensor {
     ///     DeviceError: the tensor is on a wgpu adapter.
     #[getter]
     fn data_ptr(&self) -> PyResult<usize> {
-        if let Storage::Device(buffer) = self.tensor.storage() {
-            if let tensorferry_kernels::runtime::DeviceBuffer::Cuda(c) = &**buffer {
-                let base = c
-                    .device_address()
-                    .map_err(|e| Kind::Device.err(e.to_string()))?;
-                let offset = self.tensor.layout().offset() * self.tensor.dtype().size_bytes();
-                return Ok(base as usize + offset);
-            }
-        }
-        Ok(self.first_ptr()? as usize)
+        self.tensor
+            .data_address()
+            .map_err(|e| Kind::Device.err(e.to_string()))
     }
 
     /// The same bytes read as another dtype of the same size (no copy), e.g.

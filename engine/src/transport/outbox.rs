@@ -434,7 +434,9 @@ impl Outbox {
             // Small host frames queued behind a fresh one leave with it, in
             // one vectored write (one system call for many messages).
             let batch = match &writing {
-                Writing::Frame(w) if w.at_start() && batchable(w) => take_batch(&mut s.queue),
+                Writing::Frame(w) if w.at_start() && !s.queue.is_empty() && batchable(w) => {
+                    take_batch(&mut s.queue)
+                }
                 _ => Vec::new(),
             };
             drop(s);
