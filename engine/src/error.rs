@@ -204,6 +204,42 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A store holds nothing under the key: it was never put, or was evicted.
+    #[error("store {store} holds nothing under key `{key}`: it was never put there, or was evicted (list the keys with `tensorferry store ls --store {store}`)")]
+    NotStored {
+        /// Where the store is.
+        store: String,
+        /// The key.
+        key: String,
+    },
+
+    /// A put found the key taken; stores are write-once.
+    #[error("store {store} already holds key `{key}`; a key is written once: evict it first, or put with overwrite")]
+    AlreadyStored {
+        /// Where the store is.
+        store: String,
+        /// The key.
+        key: String,
+    },
+
+    /// What a store holds under a key is not what the proxy describes.
+    #[error("proxy `{key}` no longer matches its store: {what}")]
+    ProxyMismatch {
+        /// The key.
+        key: String,
+        /// What differs.
+        what: String,
+    },
+
+    /// A served store could not be reached (or refused this peer).
+    #[error("store {store} cannot be reached: {source}")]
+    StoreUnreachable {
+        /// Where the store is.
+        store: String,
+        /// Why.
+        source: Box<Error>,
+    },
+
     /// An error from the kernels crate (layouts, dtypes, runtimes).
     #[error(transparent)]
     Kernels(#[from] tensorferry_kernels::Error),

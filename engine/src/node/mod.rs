@@ -201,6 +201,18 @@ impl Node {
         self.inner.live_peers().len()
     }
 
+    /// `message` landed as if it had arrived on `channel`: each tensor moved
+    /// to the device the channel's map names for its device (casts and the
+    /// map's other rules included). Used for messages that reach this
+    /// process some other way, such as a resolved store proxy.
+    ///
+    /// # Errors
+    ///
+    /// A map that names a device this host lacks; a failed copy or cast.
+    pub fn land_on(&self, channel: &str, message: Message) -> Result<Message> {
+        self.inner.land(channel, Direction::Forward, message, &[])
+    }
+
     /// Closes every connection and listener and stops every service (running its `fini`).
     pub fn shutdown(&self) {
         self.inner.shutdown();
