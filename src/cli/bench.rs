@@ -1025,7 +1025,7 @@ fn memcpy_gbps(size: u64, duration: Duration) -> f64 {
 }
 
 /// A raw socket stream of `messages` writes of `size` bytes to another process: the tcp baseline.
-fn raw_tcp_gbps(size: u64, messages: u64) -> Result<f64, String> {
+pub(super) fn raw_tcp_gbps(size: u64, messages: u64) -> Result<f64, String> {
     raw_stream_gbps(
         "raw-receiver",
         "tcp://127.0.0.1:0",

@@ -58,6 +58,10 @@ enum Command {
     Inspect(inspect::Args),
     /// Convert a record file to safetensors (to open it in PyTorch or NumPy), or back.
     Convert(convert::Args),
+    /// Stores of tensors written once and read by many: serve one
+    /// (`store serve`), put, get, list and evict entries. Proxies of its
+    /// entries travel in messages and fetch on use.
+    Store(store::Args),
 }
 
 /// How many times `-v` was given: processes this one starts get as many.
@@ -87,6 +91,7 @@ pub fn run() -> ExitCode {
         Command::Recv(args) => recv::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Store(args) => store::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -148,6 +153,8 @@ mod memory;
 mod recv;
 pub mod runtime_dir;
 mod send;
+mod store;
+mod store_bench;
 mod tensor_spec;
 mod tls;
 mod values;

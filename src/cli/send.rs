@@ -100,7 +100,7 @@ pub struct Args {
     tls: super::tls::TlsArgs,
 }
 
-fn parse_field(text: &str) -> Result<(String, Value), String> {
+pub(super) fn parse_field(text: &str) -> Result<(String, Value), String> {
     let (key, value) = text.split_once('=').ok_or_else(|| {
         format!("--field `{text}`: write KEY=JSON, e.g. step=17 or tags='[\"a\"]'")
     })?;

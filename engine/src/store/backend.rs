@@ -307,7 +307,10 @@ impl Backend for DirBackend {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io_path("cannot read", &self.dir, e))?;
             let name = entry.file_name();
-            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(EXTENSION).and_then(|n| n.strip_suffix('.'))) else {
+            let Some(key) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(EXTENSION).and_then(|n| n.strip_suffix('.')))
+            else {
                 continue;
             };
             if super::check_key(key).is_err() {

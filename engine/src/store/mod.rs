@@ -560,8 +560,13 @@ impl Store {
         }
     }
 
-    /// The message and manifest under `key` (for resolving proxies).
-    fn fetch(&self, key: &str) -> Result<(Message, Manifest)> {
+    /// The message under `key` with its manifest, in one call.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`get`](Self::get).
+    pub fn get_entry(&self, key: &str) -> Result<(Message, Manifest)> {
+        check_key(key)?;
         self.backend.get(key)
     }
 }

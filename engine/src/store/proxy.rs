@@ -362,7 +362,7 @@ impl Proxy {
         }
         let node = lock(&inner.node).clone();
         let store = Store::open(&inner.location, node.as_ref())?;
-        let (message, manifest) = store.fetch(&inner.manifest.key)?;
+        let (message, manifest) = store.get_entry(&inner.manifest.key)?;
         manifest.check_matches(&inner.manifest)?;
         let bytes = manifest.frame_bytes.max(manifest.tensor_bytes());
         cache::insert(cache_key, &message, bytes);

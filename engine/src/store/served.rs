@@ -105,12 +105,14 @@ fn answer(backend: &dyn Backend, request: Message) -> std::result::Result<Messag
         }
         "evict" => Message::new().field("present", backend.evict(&key()?).map_err(service_error)?),
         "list" => Message::new().field("entries", to_json(&backend.list().map_err(service_error)?)),
-        other => return Err(ServiceError::new(
-            "bad_request",
-            format!(
+        other => {
+            return Err(ServiceError::new(
+                "bad_request",
+                format!(
                 "unknown store operation `{other}`; one of put, get, manifest, exists, evict, list"
             ),
-        )),
+            ))
+        }
     };
     Ok(reply)
 }
