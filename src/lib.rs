@@ -134,6 +134,7 @@
 
 pub use tensorferry_device_map as device_map;
 pub use tensorferry_engine as engine;
+pub use tensorferry_engine::store;
 pub use tensorferry_kernels as kernels;
 
 pub use tensorferry_device_map::{

@@ -10,6 +10,8 @@ mod custom_codec;
 mod device_landing;
 #[path = "../examples/device_map.rs"]
 mod device_map;
+#[path = "../examples/proxies.rs"]
+mod proxies;
 #[path = "../examples/pubsub.rs"]
 mod pubsub;
 #[path = "../examples/service.rs"]
@@ -21,6 +23,11 @@ use tensorferry::Device;
 #[test]
 fn pubsub_example_runs() {
     pubsub::main().expect("the pubsub example runs");
+}
+
+#[test]
+fn proxies_example_runs() {
+    proxies::main().expect("the proxies example runs");
 }
 
 #[test]
