@@ -65,7 +65,10 @@ impl Hosts {
         if unsafe { libc::geteuid() } != 0 {
             return Err("network namespaces need root".into());
         }
-        let tag = std::process::id() % 1_000_000;
+        // Unique per set of hosts: tests of one process make theirs at once.
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let tag = (std::process::id() % 100_000) * 10
+            + (MADE.fetch_add(1, Ordering::Relaxed) % 10) as u32;
         let hosts = Hosts {
             sender: format!("tf{tag}s"),
             middle: format!("tf{tag}m"),
@@ -295,16 +298,14 @@ fn forwarder_process() {
 // ---------------------------------------------------------------------------
 // The runs.
 
-/// One transfer of `count` messages of `bytes` through the forwarder set to
-/// `delay_ms` and `loss_ppm`: the receiver's summary and the forwarder's.
-fn transfer(
+/// The forwarder between the two hosts, delaying by `delay_ms` and
+/// dropping `loss_ppm` per million frames, once it forwards; and the lines
+/// it prints after.
+fn start_forwarder(
     hosts: &Hosts,
-    port: u16,
-    bytes: usize,
-    count: u64,
     delay_ms: u64,
     loss_ppm: u64,
-) -> (serde_json::Value, serde_json::Value) {
+) -> (Reaped, std::io::Lines<BufReader<std::process::ChildStdout>>) {
     let me = std::env::current_exe().expect("test binary");
     let mut forwarder = Reaped::new(
         hosts
@@ -330,6 +331,20 @@ fn transfer(
             .any(|l| l == "forwarding"),
         "the forwarder did not start"
     );
+    (forwarder, lines)
+}
+
+/// One transfer of `count` messages of `bytes` through the forwarder set to
+/// `delay_ms` and `loss_ppm`: the receiver's summary and the forwarder's.
+fn transfer(
+    hosts: &Hosts,
+    port: u16,
+    bytes: usize,
+    count: u64,
+    delay_ms: u64,
+    loss_ppm: u64,
+) -> (serde_json::Value, serde_json::Value) {
+    let (mut forwarder, lines) = start_forwarder(hosts, delay_ms, loss_ppm);
     let bin = env!("CARGO_BIN_EXE_tensorferry");
     let listen = format!("tcp://{}:{port}", hosts.receiver_ip);
     let recv = Reaped::new(
@@ -425,6 +440,68 @@ fn send_and_recv_in_two_namespaces_verify_every_byte_clean_and_through_a_lossy_l
         figures[0].1, figures[1].1
     );
     drop(hosts);
+}
+
+#[test]
+fn a_store_served_on_one_host_is_written_and_read_from_the_other() {
+    let hosts = match Hosts::make() {
+        Ok(h) => h,
+        Err(why) => {
+            println!("SKIP: {why}");
+            return;
+        }
+    };
+    let (_forwarder, _lines) = start_forwarder(&hosts, 0, 0);
+    let bin = env!("CARGO_BIN_EXE_tensorferry");
+    let dir = std::env::temp_dir().join(format!("tensorferry-netns-store-{}", std::process::id()));
+    let store = format!("tcp://{}:7073", hosts.receiver_ip);
+    let mut server = Reaped::new(
+        hosts
+            .exec(&hosts.receiver, bin)
+            .args(["store", "serve", "--listen", &store, "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn store serve"),
+    );
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the server's first line");
+    assert!(line.contains(&store), "{line}");
+    let run = |args: &[&str]| {
+        let out = hosts
+            .exec(&hosts.sender, bin)
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON")
+    };
+    let proxy = run(&[
+        "store",
+        "put",
+        "--store",
+        &store,
+        "--key",
+        "layer-3",
+        "--tensor",
+        "w=f32:512x1024",
+        "--json",
+    ]);
+    let got = run(&["store", "get", "--store", &store, "layer-3", "--json"]);
+    assert_eq!(got["valid"], true, "{got}");
+    assert_eq!(
+        got["tensors"][0]["checksum"],
+        proxy["tensors"][0]["checksum"]
+    );
+    assert_eq!(got["bytes"], 512 * 1024 * 4);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
