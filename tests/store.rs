@@ -214,7 +214,8 @@ fn a_served_store_is_reached_by_other_processes_with_its_secret_only() {
     let stranger = tensorferry(&["store", "ls", "--store", &addr, "--timeout", "5"]);
     assert_eq!(stranger.status.code(), Some(2));
     assert!(
-        text(&stranger.stderr).contains("cannot be reached"),
+        text(&stranger.stderr).contains("cannot be reached")
+            && text(&stranger.stderr).contains("requires a shared secret"),
         "{}",
         text(&stranger.stderr)
     );
@@ -270,7 +271,14 @@ fn bad_store_options_say_what_to_give() {
         (vec!["store", "get", "--store", "tcp://", "k"], "--store"),
         (
             vec![
-                "store", "put", "--store", "dir:unused", "--key", "a/b", "--tensor", "w=f32:1",
+                "store",
+                "put",
+                "--store",
+                "dir:unused",
+                "--key",
+                "a/b",
+                "--tensor",
+                "w=f32:1",
             ],
             "`/` is not allowed",
         ),

@@ -30,6 +30,14 @@ pub enum Kind {
     Device,
     /// `IoError`.
     Io,
+    /// `NotStored`.
+    NotStored,
+    /// `AlreadyStored`.
+    AlreadyStored,
+    /// `ProxyMismatch`.
+    ProxyMismatch,
+    /// `StoreUnreachable`.
+    StoreUnreachable,
 }
 
 impl Kind {
@@ -46,12 +54,16 @@ impl Kind {
             Kind::Frame => "FrameError",
             Kind::Device => "DeviceError",
             Kind::Io => "IoError",
+            Kind::NotStored => "NotStored",
+            Kind::AlreadyStored => "AlreadyStored",
+            Kind::ProxyMismatch => "ProxyMismatch",
+            Kind::StoreUnreachable => "StoreUnreachable",
         }
     }
 
     /// The class.
     pub fn class(self, py: Python<'_>) -> PyResult<Bound<'_, PyType>> {
-        static CLASSES: [PyOnceLock<Py<PyType>>; 11] = [const { PyOnceLock::new() }; 11];
+        static CLASSES: [PyOnceLock<Py<PyType>>; 15] = [const { PyOnceLock::new() }; 15];
         Ok(CLASSES[self as usize]
             .import(py, "tensorferry._errors", self.name())?
             .clone())
@@ -103,6 +115,20 @@ pub fn to_py(err: Error) -> PyErr {
             code,
             message,
         } => return service_error(code, message, Some(channel)),
+        Error::NotStored { store, key } => {
+            let attrs = [("store", store.as_str()), ("key", key.as_str())];
+            return with_attrs(Kind::NotStored, err.to_string(), &attrs);
+        }
+        Error::AlreadyStored { store, key } => {
+            let attrs = [("store", store.as_str()), ("key", key.as_str())];
+            return with_attrs(Kind::AlreadyStored, err.to_string(), &attrs);
+        }
+        Error::ProxyMismatch { key, .. } => {
+            return with_attrs(Kind::ProxyMismatch, err.to_string(), &[("key", key)]);
+        }
+        Error::StoreUnreachable { store, .. } => {
+            return with_attrs(Kind::StoreUnreachable, err.to_string(), &[("store", store)]);
+        }
         _ => Kind::Base,
     };
     kind.err(err.to_string())

@@ -1,4 +1,5 @@
-//! A message's fields: Python values to JSON and back.
+//! A message's fields: Python values to JSON and back (a `tensorferry.Proxy`
+//! goes as its JSON form).
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -106,8 +107,12 @@ pub fn to_json(value: &Bound<'_, PyAny>, path: &str, depth: usize) -> PyResult<V
             .collect::<PyResult<Vec<_>>>()
             .map(Value::Array);
     }
+    if let Ok(p) = value.cast::<crate::proxy::PyProxy>() {
+        // A proxy travels as its JSON form, rebuilt with `Proxy.from_json`.
+        return Ok(p.get().proxy().to_json());
+    }
     Err(PyTypeError::new_err(format!(
-        "{path}: {} is not a JSON value (None, bool, int, float, str, list, tuple or dict); send arrays as tensors",
+        "{path}: {} is not a JSON value (None, bool, int, float, str, list, tuple, dict or tensorferry.Proxy); send arrays as tensors",
         type_name(value)
     )))
 }

@@ -8,7 +8,9 @@
 //! copying their bytes — in through DLPack and the buffer protocol
 //! ([`input`]), out as [`tensor::PyTensor`], which exports both ([`dlpack`]).
 //! Python objects that messages hold are released on one thread of their
-//! own ([`release`]), never on an engine thread.
+//! own ([`release`]), never on an engine thread. Stores and the proxies
+//! they hand out are [`store::PyStore`] and [`proxy::PyProxy`]; values of
+//! a caller's serializer travel as one codec object ([`serialized`]).
 
 mod dlpack;
 mod errors;
@@ -16,8 +18,11 @@ mod input;
 mod json;
 mod message;
 mod node;
+mod proxy;
 mod release;
+mod serialized;
 mod service;
+mod store;
 mod tensor;
 mod wait;
 
@@ -95,6 +100,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<message::PyMessage>()?;
     m.add_class::<tensor::PyTensor>()?;
     m.add_class::<service::PySchema>()?;
+    m.add_class::<store::PyStore>()?;
+    m.add_class::<proxy::PyProxy>()?;
+    m.add_class::<proxy::PyFetch>()?;
     // Before the interpreter finalizes, the release thread stops taking
     // the GIL.
     m.py()
@@ -103,6 +111,15 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tensor::tensor, m)?)?;
     m.add_function(wrap_pyfunction!(devices, m)?)?;
     m.add_function(wrap_pyfunction!(check_map, m)?)?;
+    m.add_function(wrap_pyfunction!(store::set_proxy_cache_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(store::proxy_cache_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(store::clear_proxy_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(store::set_store_client_node, m)?)?;
+    m.add_function(wrap_pyfunction!(store::is_proxy, m)?)?;
+    m.add(
+        "DEFAULT_STORE_CHANNEL",
+        tensorferry_engine::store::DEFAULT_CHANNEL,
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -23,7 +23,7 @@ pub fn drop_detached<T: Send>(value: T) {
 }
 
 /// The timeout error of a wait that ran out, in the engine's words.
-fn timed_out(what: String, timeout: Option<f64>) -> PyErr {
+pub fn timed_out(what: String, timeout: Option<f64>) -> PyErr {
     to_py(Error::Timeout {
         what,
         ms: timeout.map_or(0, |t| (t * 1000.0) as u64),
@@ -57,7 +57,8 @@ fn addresses(value: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
         .map_err(|_| PyTypeError::new_err("an address must be a string or a list of strings"))
 }
 
-fn seconds(value: f64, what: &str) -> PyResult<Duration> {
+/// A number of seconds as a duration; `what` names it in the error.
+pub fn seconds(value: f64, what: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(value).map_err(|_| {
         Kind::Invalid.err(format!(
             "{what} must be a number of seconds, 0 or more, not {value}"
@@ -107,7 +108,8 @@ pub struct PyNode {
 }
 
 impl PyNode {
-    fn node(&self) -> &Node {
+    /// The engine node.
+    pub fn node(&self) -> &Node {
         self.node.as_ref().expect("present until dropped")
     }
 }

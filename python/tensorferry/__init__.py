@@ -22,6 +22,12 @@ Example::
     msg = sub.recv(timeout=5.0)        # msg.fields, msg.channel, msg.seq
     w = np.from_dlpack(msg["weights"])  # a read-only view of the received bytes
 
+A :class:`Store` keeps messages under keys (in memory, in a directory, or
+served by a node); a :class:`Proxy` of a stored message travels in its
+place, as a field, and fetches where it is used (:meth:`Proxy.resolve`,
+:meth:`Proxy.resolve_async`), through a per-process cache bounded in bytes
+(:func:`set_proxy_cache_limit`).
+
 Every waiting call releases the GIL, answers Ctrl-C with
 ``KeyboardInterrupt``, and has an asyncio twin (``recv_async``,
 ``send_async``, ``wait_for_subscribers_async``, ``request_async``).
@@ -29,6 +35,7 @@ Errors are subclasses of :class:`Error` carrying the engine's message.
 """
 
 from ._errors import (
+    AlreadyStored,
     ClosedError,
     ConfigError,
     DeviceError,
@@ -36,28 +43,43 @@ from ._errors import (
     FrameError,
     InvalidArgument,
     IoError,
+    NotStored,
     PeerLost,
     ProtocolError,
+    ProxyMismatch,
     ServiceError,
+    StoreError,
+    StoreUnreachable,
     TimeoutError,
 )
 from ._native import (
+    DEFAULT_STORE_CHANNEL,
     Message,
     Node,
+    Proxy,
+    Fetch,
     Publisher,
     Recording,
     Schema,
+    Store,
     Subscription,
     Tensor,
     __version__,
     check_map,
+    clear_proxy_cache,
     devices,
+    is_proxy,
+    proxy_cache_stats,
+    set_proxy_cache_limit,
+    set_store_client_node,
     tensor,
 )
 
 __all__ = [
+    "AlreadyStored",
     "ClosedError",
     "ConfigError",
+    "DEFAULT_STORE_CHANNEL",
     "DeviceError",
     "Error",
     "FrameError",
@@ -65,17 +87,29 @@ __all__ = [
     "IoError",
     "Message",
     "Node",
+    "NotStored",
     "PeerLost",
     "ProtocolError",
+    "Proxy",
+    "Fetch",
+    "ProxyMismatch",
     "Publisher",
     "Recording",
     "Schema",
     "ServiceError",
+    "Store",
+    "StoreError",
+    "StoreUnreachable",
     "Subscription",
     "Tensor",
     "TimeoutError",
     "__version__",
     "check_map",
+    "clear_proxy_cache",
     "devices",
+    "is_proxy",
+    "proxy_cache_stats",
+    "set_proxy_cache_limit",
+    "set_store_client_node",
     "tensor",
 ]

@@ -78,3 +78,38 @@ class DeviceError(Error):
 
 class IoError(Error, OSError):
     """An operating-system error, with what was being done."""
+
+
+class StoreError(Error):
+    """A store or a proxy failed: the base of the four errors below.
+
+    ``store`` names the store where the error knows it (``dir:PATH``,
+    ``memory:NAME`` or a node's address), ``key`` the key.
+    """
+
+    store: "str | None" = None
+    key: "str | None" = None
+
+
+class NotStored(StoreError, KeyError):
+    """A store holds nothing under the key: it was never put there, or was
+    evicted. Also a :class:`KeyError`."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; this one is a sentence.
+        return Exception.__str__(self)
+
+
+class AlreadyStored(StoreError):
+    """A put found its key taken: a key is written once, unless the put
+    says ``overwrite=True``."""
+
+
+class ProxyMismatch(StoreError):
+    """What a store holds under a proxy's key is not what the proxy
+    describes (the key was put again with other data): never a wrong tensor."""
+
+
+class StoreUnreachable(StoreError, ConnectionError):
+    """A served store could not be reached, or refused this node (a secret
+    that does not match). Also a :class:`ConnectionError`."""

@@ -1,26 +1,39 @@
 """Type stubs of the extension module; see the docstrings for the details."""
 
+import builtins
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from typing import Any, Optional, Union, final
 
 __version__: str
 __all__ = [
+    "DEFAULT_STORE_CHANNEL",
     "Message",
     "Node",
+    "Proxy",
+    "Fetch",
     "Publisher",
     "Recording",
     "Schema",
+    "Store",
     "Subscription",
     "Tensor",
     "__version__",
     "check_map",
+    "clear_proxy_cache",
     "devices",
+    "is_proxy",
+    "proxy_cache_stats",
+    "set_proxy_cache_limit",
+    "set_store_client_node",
     "tensor",
 ]
 
-_JSON = Union[None, bool, int, float, str, list["_JSON"], tuple["_JSON", ...], dict[str, "_JSON"]]
-"""A value a message's fields may hold."""
+DEFAULT_STORE_CHANNEL: str
+"""The channel a store is served on unless told otherwise: ``"/tensorferry/store"``."""
+
+_JSON = Union[None, bool, int, float, str, list["_JSON"], tuple["_JSON", ...], dict[str, "_JSON"], "Proxy"]
+"""A value a message's fields may hold (a :class:`Proxy` goes as its JSON form)."""
 
 _TensorLike = Any
 """Anything with ``__dlpack__`` or the buffer protocol: a NumPy array, a
@@ -238,3 +251,113 @@ def devices() -> dict[str, Any]:
 
 def check_map(path: Union[str, os.PathLike[str]], devices: Optional[str] = None) -> dict[str, Any]:
     """Every channel's resolved device map, or every error with its place."""
+
+@final
+class Store:
+    """Messages under keys, written once: in this process's memory, in a
+    directory, or served by a node. ``get`` views what is stored without a copy;
+    ``proxy`` hands out a small :class:`Proxy` to send in place of the data."""
+
+    @staticmethod
+    def memory(name: Optional[str] = None) -> Store:
+        """The memory store ``name`` of this process (made when absent), or a new one."""
+    @staticmethod
+    def dir(path: Union[str, os.PathLike[str]]) -> Store:
+        """A store of one file per key in ``path`` (made when absent)."""
+    @staticmethod
+    def remote(node: Node, addr: str, channel: str = "/tensorferry/store", timeout: float = 60.0) -> Store:
+        """The store a node serves at ``addr``, reached through ``node``."""
+    @staticmethod
+    def open(location: str, node: Optional[Node] = None) -> Store:
+        """The store at ``"dir:PATH"``, ``"memory:NAME"`` or ``"tcp://HOST:PORT[#CHANNEL]"``."""
+    @property
+    def location(self) -> str:
+        """Where the store is, as its proxies name it."""
+    def put(
+        self,
+        fields: Any = None,
+        tensors: Optional[Mapping[str, _TensorLike]] = None,
+        *,
+        key: Optional[str] = None,
+        overwrite: bool = False,
+        serializer: Optional[Callable[[Any], Union[bytes, bytearray]]] = None,
+        **kwargs: _TensorLike,
+    ) -> str:
+        """Stores fields and tensors (or ``serializer(fields)``); returns the key."""
+    def put_proxy(
+        self,
+        fields: Any = None,
+        tensors: Optional[Mapping[str, _TensorLike]] = None,
+        *,
+        serializer: Optional[Callable[[Any], Union[bytes, bytearray]]] = None,
+        **kwargs: _TensorLike,
+    ) -> Proxy:
+        """Stores under a new key and returns a proxy of it."""
+    def get(self, key: str, deserializer: Optional[Callable[[bytes], Any]] = None) -> Any:
+        """The :class:`Message` under ``key``, or ``deserializer(bytes)`` of a serialized value."""
+    def exists(self, key: str) -> bool: ...
+    def evict(self, key: str) -> bool:
+        """Removes ``key``; ``True`` when it held something."""
+    def list(self) -> builtins.list[dict[str, Any]]:
+        """Every entry, sorted by key: ``{"key": str, "bytes": int}``."""
+    def manifest(self, key: str) -> dict[str, Any]:
+        """``{"key", "tensors": [{"name", "dtype", "shape", "bytes", "checksum"}], "frame_bytes"}``."""
+    def proxy(self, key: str) -> Proxy: ...
+    def serve(self, node: Node, channel: str = "/tensorferry/store") -> None:
+        """Serves this store on ``node``'s ``channel``."""
+    def served_at(self, addr: str, channel: str = "/tensorferry/store") -> Store:
+        """This store, making proxies that name the node serving it at ``addr``."""
+
+@final
+class Proxy:
+    """A reference to a stored message (store, key, and each tensor's dtype,
+    shape, bytes and checksum) that fetches on first use or ahead of it."""
+
+    @staticmethod
+    def from_json(value: Union[str, Mapping[str, Any]]) -> Proxy:
+        """A proxy from :meth:`to_json`'s dict, or its JSON text."""
+    def to_json(self) -> dict[str, Any]: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def location(self) -> str: ...
+    @property
+    def tensors(self) -> list[dict[str, Any]]:
+        """``[{"name", "dtype", "shape", "bytes", "checksum"}]``, in message order."""
+    @property
+    def nbytes(self) -> int: ...
+    def is_resolved(self) -> bool: ...
+    def resolve(self, timeout: Optional[float] = None, deserializer: Optional[Callable[[bytes], Any]] = None) -> Any:
+        """The :class:`Message` (or ``deserializer(bytes)``), fetched once and kept."""
+    def resolve_async(self) -> Fetch:
+        """Starts fetching in the background; returns at once (await the result for the message)."""
+    def resolve_to(self, node: Node, channel: str, timeout: Optional[float] = None) -> Message:
+        """The message landed where ``node``'s map for ``channel`` says."""
+    def tensor(self, timeout: Optional[float] = None) -> Tensor:
+        """The one tensor of a one-tensor proxy."""
+    def verify(self, timeout: Optional[float] = None) -> Message:
+        """Resolves and checks every byte against the proxy's checksums."""
+    def set_node(self, node: Node) -> None:
+        """Resolves a served store's proxy through ``node``."""
+
+@final
+class Fetch:
+    """A fetch :meth:`Proxy.resolve_async` started; ``await`` it for the message."""
+    def done(self) -> bool: ...
+    def result(self, timeout: Optional[float] = None) -> Any: ...
+    def __await__(self) -> Generator[Any, None, Message]: ...
+
+def set_proxy_cache_limit(bytes: int) -> None:
+    """Most bytes the per-process cache of resolved proxies holds (0: no caching)."""
+
+def proxy_cache_stats() -> dict[str, int]:
+    """``hits``, ``misses``, ``evictions``, ``entries``, ``bytes`` and ``limit``."""
+
+def clear_proxy_cache() -> None:
+    """Drops every entry of the proxy cache (the counters stay)."""
+
+def set_store_client_node(node: Node) -> None:
+    """The node served stores are reached through when a proxy has none."""
+
+def is_proxy(value: Any) -> bool:
+    """Whether ``value`` is a :class:`Proxy` or its JSON dict."""

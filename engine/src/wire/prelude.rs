@@ -61,10 +61,18 @@ impl Prelude {
             what,
         };
         if bytes[..4] != MAGIC {
+            // A listener that requires a shared secret opens with its
+            // challenge: a dialer without the secret reads that here.
+            let hint = if &bytes[..4] == b"TFAU" {
+                " (an authentication challenge: the peer requires a shared secret this node was not given; \
+                 set the same secret on both sides, e.g. NodeBuilder::secret or --secret-file)"
+            } else {
+                ""
+            };
             return Err(frame(
                 0,
                 format!(
-                    "not a tensorferry frame: magic bytes {:02x?}, expected \"TFRM\"",
+                    "not a tensorferry frame: magic bytes {:02x?}, expected \"TFRM\"{hint}",
                     &bytes[..4]
                 ),
             ));
