@@ -405,3 +405,33 @@ fn a_pending_request_is_waited_for_in_steps_and_answered_on_the_waiting_thread()
         assert_eq!(number(&reply, "n"), Some(7), "{transport}");
     }
 }
+
+#[test]
+fn large_replies_over_shm_keep_coming_one_after_another() {
+    // Each 64 MiB reply passes a 1 MiB ring many times over, the writer
+    // waiting for room each time. A wake-up reporting room could be taken
+    // off the socket by the writer's own read just after it pumped; the
+    // rest of that reply then never came (about one run in ten of this
+    // test stalled before the fix).
+    let name = format!("shm://tf-large-replies-{}", std::process::id());
+    let server = Node::builder()
+        .name("server")
+        .listen(&name)
+        .build()
+        .expect("server");
+    let reply = Tensor::from_slice(&vec![1.5f32; 16 << 20], &[16 << 20]).expect("tensor");
+    server
+        .serve(
+            "/big",
+            Service::new(move |_: Message| Ok(Message::new().tensor("x", reply.clone()))),
+        )
+        .expect("serve");
+    let client = Node::builder().name("client").build().expect("client");
+    for i in 0..40 {
+        let m = client
+            .request(&name, "/big", Message::new(), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("reply {i}: {e}"));
+        let x = m.get("x").expect("x").as_slice::<f32>().expect("f32");
+        assert_eq!((x.len(), x[0], x[x.len() - 1]), (16 << 20, 1.5, 1.5));
+    }
+}

@@ -161,6 +161,11 @@ impl Watched for Driven {
                 closed: why.closed,
             },
         );
+        // Reading drained the wake-ups on the socket: one that reported
+        // room to write, arriving after the pump above, is acted on here.
+        if stream.link().take_room_rung() {
+            let _ = stream.pump();
+        }
         match stop {
             ReadStop::Idle => match node.progress {
                 // What has begun of a frame must keep coming.

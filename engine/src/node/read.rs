@@ -309,6 +309,11 @@ impl NodeInner {
                 Error::Invalid(format!("it named shm slot {slot}, which it never sent"))
             })?
         };
+        // Taking a descriptor drained the socket's wake-ups too: one that
+        // reported room to write is acted on here.
+        if stream.link().take_room_rung() {
+            let _ = stream.pump();
+        }
         let weak: Weak<Peer> = Arc::downgrade(peer);
         let release = Box::new(move || {
             let Some(peer) = weak.upgrade() else { return };

@@ -283,6 +283,14 @@ pub(crate) trait ByteLink: Send + Sync + 'static {
         false
     }
 
+    /// Whether a wake-up saying the peer made room to write was taken in
+    /// since the last call (a shared-memory ring rings one on its socket).
+    /// Whoever takes such a wake-up off the socket (a read that drained it)
+    /// must pump the writer: the wake-up that reported the room is gone.
+    fn take_room_rung(&self) -> bool {
+        false
+    }
+
     /// Writes what fits now of `bufs`; `WouldBlock` when nothing does.
     ///
     /// # Errors

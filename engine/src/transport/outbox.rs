@@ -470,10 +470,6 @@ impl Outbox {
             };
             match outcome {
                 Ok(true) => {
-                    if let Outgoing::Slot { held, .. } = &queued.item {
-                        // The peer releases the slot when it is done with it.
-                        link.keep_until_released(held.share());
-                    }
                     if let Some(lane) = &queued.lane {
                         lane.written.fetch_add(1, Ordering::Relaxed);
                     }
@@ -638,6 +634,11 @@ fn start(
                     return Err(NotStarted::Link(e));
                 }
             }
+            // The peer releases the slot when it is done with it, which can
+            // be as soon as the pointer's last byte is out: the hold is
+            // kept before the first byte goes, or a release that outran
+            // this thread would find nothing and the slot stay held.
+            link.keep_until_released(held.share());
             Ok(Writing::Bytes { bytes, at: 0 })
         }
         Outgoing::Message { .. } => Err(NotStarted::Item(io::Error::new(
@@ -898,6 +899,87 @@ mod tests {
         assert_eq!(lane.queued(), 0);
         assert_eq!(lane.written(), 0);
         assert!(outbox.push(Outgoing::Frame(frame(9, 1)), None).is_err());
+    }
+
+    /// A shm-like link whose peer releases every slot it holds as soon as
+    /// any byte reaches it: before `write_now` returns to the writer.
+    struct QuickReleaser {
+        awaiting: Mutex<Vec<crate::transport::shm::slots::SlotUse>>,
+        written: Mutex<usize>,
+    }
+
+    impl ByteLink for QuickReleaser {
+        fn label(&self) -> &str {
+            "quick releaser"
+        }
+        fn fd(&self) -> RawFd {
+            -1
+        }
+        fn wants_writable(&self) -> bool {
+            true
+        }
+        fn carries(&self) -> super::super::Carry {
+            super::super::Carry::Frames
+        }
+        fn read_now(&self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn write_now(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let n: usize = bufs.iter().map(|b| b.len()).sum();
+            *self.written.lock().expect("lock") += n;
+            // The peer read the pointer and dropped the frame already.
+            self.awaiting.lock().expect("lock").clear();
+            Ok(n)
+        }
+        fn wait_readable(&self, _: Instant) -> io::Result<bool> {
+            Ok(false)
+        }
+        fn shutdown(&self) {}
+        fn send_fd(&self, _: RawFd) -> io::Result<()> {
+            Ok(())
+        }
+        fn keep_until_released(&self, held: crate::transport::shm::slots::SlotUse) {
+            self.awaiting.lock().expect("lock").push(held);
+        }
+    }
+
+    #[test]
+    fn a_slot_released_before_its_pointer_write_returns_is_free_again() {
+        // Once in a while a receiver releases a slot before the writing
+        // thread is back from the write that finished its pointer: the
+        // hold must already be registered, or it is never given back and
+        // the node's shared memory runs out.
+        let link = QuickReleaser {
+            awaiting: Mutex::new(Vec::new()),
+            written: Mutex::new(0),
+        };
+        let slots = crate::transport::shm::slots::SlotPool::new(
+            8192,
+            std::time::Duration::from_millis(200),
+        );
+        let outbox = Outbox::new();
+        for seq in 0..20 {
+            // Two 4 KiB slots fit the pool: twenty pass only if each is released.
+            let held = slots
+                .take(4096)
+                .expect("a slot comes back after each release");
+            outbox
+                .push(
+                    Outgoing::Slot {
+                        held,
+                        len: 4096,
+                        meta: FrameMeta::message("/t", seq),
+                    },
+                    None,
+                )
+                .expect("open");
+            assert!(matches!(outbox.pump(&link), Pumped::Done));
+            assert!(
+                link.awaiting.lock().expect("lock").is_empty(),
+                "message {seq}: the slot is still held"
+            );
+        }
+        assert!(*link.written.lock().expect("lock") > 0);
     }
 
     #[test]

@@ -262,6 +262,9 @@ pub(crate) struct ShmLink {
     outgoing: Ring,
     /// The socket ended: nothing more will be written to `incoming`.
     gone: AtomicBool,
+    /// A wake-up saying the peer made room in `outgoing` was taken off the
+    /// socket and not yet acted on (see [`ByteLink::take_room_rung`]).
+    room_rung: AtomicBool,
     /// Bytes of `incoming` read (this side is its only reader).
     tail: AtomicU64,
     /// Bytes of `outgoing` written, published or not.
@@ -290,6 +293,7 @@ impl ShmLink {
             incoming,
             outgoing,
             gone: AtomicBool::new(false),
+            room_rung: AtomicBool::new(false),
             tail: AtomicU64::new(tail),
             head: AtomicU64::new(head),
             published: AtomicU64::new(head),
@@ -353,7 +357,11 @@ impl ShmLink {
             let mut fd = fd;
             for &byte in &bytes[..n] {
                 let offence = match byte {
-                    DATA | SPACE => continue,
+                    DATA => continue,
+                    SPACE => {
+                        self.room_rung.store(true, Ordering::SeqCst);
+                        continue;
+                    }
                     SLOT_FD => match fd.take() {
                         Some(_) if socket_in.fds.len() >= MAX_UNCLAIMED_FDS => format!(
                             "the peer sent more than {MAX_UNCLAIMED_FDS} shared-memory descriptors that no frame claimed"
@@ -430,6 +438,10 @@ impl ByteLink for ShmLink {
 
     fn cheap_reads(&self) -> bool {
         true
+    }
+
+    fn take_room_rung(&self) -> bool {
+        self.room_rung.swap(false, Ordering::SeqCst)
     }
 
     fn write_now(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -745,6 +757,25 @@ mod tests {
         assert!(a.gone.load(Ordering::SeqCst), "the end was left unread");
         let mut buf = [0u8; 8];
         assert_eq!(a.read_now(&mut buf).expect("the end"), 0);
+    }
+
+    #[test]
+    fn room_reported_on_the_socket_is_kept_for_the_writer_when_a_read_drains_it() {
+        // A writer waits for room; the reader makes some and rings. If the
+        // writer's I/O thread had pumped just before, the drain of its next
+        // read takes that wake-up off the socket: the drain must say so, or
+        // the writer waits for a wake-up that already came and went.
+        let (a, b) = pair();
+        let chunk = vec![7u8; RING_BYTES];
+        let wrote = a.write_now(&[IoSlice::new(&chunk)]).expect("fill the ring");
+        assert_eq!(wrote, RING_BYTES);
+        a.flush();
+        assert!(!a.idle_write(), "the ring is full: the writer waits");
+        assert!(!a.take_room_rung());
+        let _ = read_exactly(&b, 4096);
+        a.on_readable().expect("drain");
+        assert!(a.take_room_rung(), "the drained wake-up reported room");
+        assert!(!a.take_room_rung(), "taken once");
     }
 
     fn read_exactly(link: &ShmLink, n: usize) -> Vec<u8> {
