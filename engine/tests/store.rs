@@ -152,3 +152,28 @@ fn a_resolved_proxy_lands_where_the_receiving_channels_map_says() {
     let back = x.to_host().expect("read back");
     assert_eq!(back.as_slice::<f32>().expect("f32")[999], 1001.0);
 }
+
+#[test]
+fn forty_large_fetches_from_a_store_served_over_shm_all_arrive() {
+    let name = format!("shm://tf-store-slots-{}", std::process::id());
+    let server = Node::builder()
+        .name("store")
+        .listen(&name)
+        .build()
+        .expect("store node");
+    let store = Store::memory();
+    store.serve(&server, DEFAULT_CHANNEL).expect("serve");
+    let key = store
+        .put(&Message::new().tensor("x", ramp(16 << 20, 0.0)))
+        .expect("put");
+    let client = client(None, None);
+    let remote = Store::remote(&client, &name, DEFAULT_CHANNEL)
+        .expect("remote")
+        .with_timeout(Duration::from_secs(10));
+    for i in 0..40 {
+        let m = remote
+            .get(&key)
+            .unwrap_or_else(|e| panic!("fetch {i}: {e}"));
+        assert_eq!(m.get("x").expect("x").numel(), 16 << 20);
+    }
+}

@@ -68,6 +68,23 @@ fn resolve_seconds(proxy: &Proxy, node: Option<&Node>) -> Result<f64, String> {
     Ok(s)
 }
 
+/// CPU seconds (user and system) this process has used.
+fn own_cpu_seconds() -> Option<f64> {
+    cpu_seconds_of(std::process::id())
+}
+
+/// CPU seconds (user and system) process `pid` has used, from `/proc`.
+fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system; no memory is touched.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
 /// Work on the host for `length`: sums over a buffer that stays in cache.
 fn compute(length: Duration) -> u64 {
     let data: Vec<u64> = (0..16_384).collect();
@@ -83,10 +100,10 @@ fn compute(length: Duration) -> u64 {
 }
 
 /// `tensorferry store serve` in another process on a directory; its address.
-fn serve_elsewhere(dir: &std::path::Path) -> Result<(Child, String), String> {
+fn serve_elsewhere(dir: &std::path::Path, listen: &str) -> Result<(Child, String), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut child = Command::new(exe)
-        .args(["store", "serve", "--listen", "tcp://127.0.0.1:0", "--dir"])
+        .args(["store", "serve", "--listen", listen, "--dir"])
         .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -102,7 +119,7 @@ fn serve_elsewhere(dir: &std::path::Path) -> Result<(Child, String), String> {
         .map_err(|e| e.to_string())?;
     let addr = line
         .split_whitespace()
-        .find(|w| w.starts_with("tcp://"))
+        .find(|w| w.contains("://"))
         .map(|w| w.trim_end_matches(','))
         .ok_or_else(|| format!("the serving process said `{}`", line.trim()))?
         .to_string();
@@ -185,40 +202,17 @@ fn measure(args: &Args, dir: &std::path::Path) -> Result<Value, String> {
     bar.inc(1);
 
     // 2. A store served by another process over tcp, against a raw tcp
-    // stream of the same bytes to another process.
+    // stream of the same bytes to another process; then over shm.
     bar.set_message("fetching from a served store");
-    let (child, addr) = serve_elsewhere(dir)?;
-    let _stop = Stop(child);
-    let node = Node::builder()
-        .name("store-bench")
-        .build()
-        .map_err(|e| e.to_string())?;
-    let served = Store::remote(&node, &addr, DEFAULT_CHANNEL)
-        .map_err(|e| e.to_string())?
-        .proxy(large.key())
-        .map_err(|e| e.to_string())?;
-    resolve_seconds(&served, Some(&node))?; // connect and warm the pool
-    let mut fetch_s = Vec::new();
-    for _ in 0..args.rounds {
-        fetch_s.push(resolve_seconds(&served, Some(&node))?);
-    }
+    let tcp = served_fetches(args, dir, "tcp://127.0.0.1:0", large.key())?;
     let raw_gbps = super::bench::raw_tcp_gbps(args.size, args.rounds.max(3))?;
     bar.inc(1);
-
-    // 3. Resolving ahead of a computation as long as the fetch.
-    bar.set_message("resolving ahead of a computation");
-    let fetch = median(fetch_s.clone());
-    let length = Duration::from_secs_f64(fetch);
-    let on_cpu = overlap(&served, &node, args.rounds, fetch, || {
-        std::hint::black_box(compute(length));
-    })?;
-    let off_cpu = overlap(&served, &node, args.rounds, fetch, || {
-        std::thread::sleep(length)
-    })?;
+    bar.set_message("fetching from a store served over shm");
+    let shm_name = format!("shm://tf-store-bench-{}", std::process::id());
+    let shm = served_fetches(args, dir, &shm_name, large.key())?;
     bar.inc(1);
     bar.finish_and_clear();
 
-    let fetch_gbps = args.size as f64 / fetch / 1e9;
     let small_us = median(small_s) * 1e6;
     let large_us = median(large_s) * 1e6;
     Ok(json!({
@@ -231,11 +225,62 @@ fn measure(args: &Args, dir: &std::path::Path) -> Result<Value, String> {
             "touch_large_ms": median(touch_s) * 1e3,
         },
         "served": {
-            "fetch_ms": fetch * 1e3,
-            "gbps": fetch_gbps,
             "raw_tcp_gbps": raw_gbps,
-            "ratio": fetch_gbps / raw_gbps,
+            "ratio": tcp["gbps"].as_f64().unwrap_or(0.0) / raw_gbps,
+            "tcp": tcp,
+            "shm": shm,
         },
+    }))
+}
+
+/// Fetches of `key` from a store on `dir` served by another process
+/// listening on `listen`: time and CPU per fetch, and resolving ahead of a
+/// computation as long as a fetch, on the host's cores and off them.
+fn served_fetches(
+    args: &Args,
+    dir: &std::path::Path,
+    listen: &str,
+    key: &str,
+) -> Result<Value, String> {
+    let (child, addr) = serve_elsewhere(dir, listen)?;
+    let server_pid = child.id();
+    let _stop = Stop(child);
+    let node = Node::builder()
+        .name("store-bench")
+        .build()
+        .map_err(|e| e.to_string())?;
+    let served = Store::remote(&node, &addr, DEFAULT_CHANNEL)
+        .map_err(|e| e.to_string())?
+        .proxy(key)
+        .map_err(|e| e.to_string())?;
+    resolve_seconds(&served, Some(&node))?; // connect and warm the pool
+    let mut fetch_s = Vec::new();
+    let (client_before, server_before) = (own_cpu_seconds(), cpu_seconds_of(server_pid));
+    for _ in 0..args.rounds {
+        fetch_s.push(resolve_seconds(&served, Some(&node))?);
+    }
+    let per_fetch = |before: Option<f64>, after: Option<f64>| {
+        before
+            .zip(after)
+            .map(|(b, a)| (a - b) / args.rounds as f64 * 1e3)
+    };
+    let client_cpu_ms = per_fetch(client_before, own_cpu_seconds());
+    let server_cpu_ms = per_fetch(server_before, cpu_seconds_of(server_pid));
+    let fetch = median(fetch_s);
+    let length = Duration::from_secs_f64(fetch);
+    let on_cpu = overlap(&served, &node, args.rounds, fetch, || {
+        std::hint::black_box(compute(length));
+    })?;
+    let off_cpu = overlap(&served, &node, args.rounds, fetch, || {
+        std::thread::sleep(length)
+    })?;
+    node.shutdown();
+    Ok(json!({
+        "address": addr,
+        "fetch_ms": fetch * 1e3,
+        "gbps": args.size as f64 / fetch / 1e9,
+        "client_cpu_ms": client_cpu_ms,
+        "server_cpu_ms": server_cpu_ms,
         "ahead": {"host_compute": on_cpu, "device_wait": off_cpu},
     }))
 }
@@ -294,31 +339,48 @@ fn print_report(r: &Value) {
         f(&r["dir"]["touch_large_ms"])
     );
     say!("");
-    say!("served store, another process over tcp loopback");
-    say!(
-        "  resolve {size:<14} {:>10.1} ms   {:.2} GB/s",
-        f(&r["served"]["fetch_ms"]),
-        f(&r["served"]["gbps"])
-    );
-    say!("  raw tcp stream         {:>10}      {:.2} GB/s   (baseline: writes of {size} to another process)", "", f(&r["served"]["raw_tcp_gbps"]));
-    say!(
-        "  ratio                  {:>10}      {:.2}×",
-        "",
-        f(&r["served"]["ratio"])
-    );
-    say!("");
-    say!("resolving ahead of a computation as long as the fetch");
-    for (kind, what) in [
-        ("host_compute", "on the host's cores"),
-        ("device_wait", "off the host's cores (a device kernel, I/O)"),
+    for (transport, title) in [
+        ("tcp", "served store, another process over tcp loopback"),
+        ("shm", "served store, another process over shared memory"),
     ] {
-        let a = &r["ahead"][kind];
+        let t = &r["served"][transport];
+        say!("{title}");
         say!(
-            "  {what}: fetch {:.1} ms + compute {:.1} ms took {:.1} ms together, {:.0}% of the fetch hidden",
-            f(&a["fetch_ms"]),
-            f(&a["compute_ms"]),
-            f(&a["total_ms"]),
-            f(&a["hidden"]) * 100.0
+            "  resolve {size:<14} {:>10.1} ms   {:.2} GB/s",
+            f(&t["fetch_ms"]),
+            f(&t["gbps"])
         );
+        if transport == "tcp" {
+            say!(
+                "  raw tcp stream         {:>10}      {:.2} GB/s   (baseline: writes of {size} to another process)",
+                "",
+                f(&r["served"]["raw_tcp_gbps"])
+            );
+            say!(
+                "  ratio                  {:>10}      {:.2}×",
+                "",
+                f(&r["served"]["ratio"])
+            );
+        }
+        say!(
+            "  CPU per fetch          {:>10.1} ms here, {:.1} ms in the serving process",
+            f(&t["client_cpu_ms"]),
+            f(&t["server_cpu_ms"])
+        );
+        say!("  resolved ahead of a computation as long as the fetch:");
+        for (kind, what) in [
+            ("host_compute", "on the host's cores"),
+            ("device_wait", "off the host's cores (a device kernel, I/O)"),
+        ] {
+            let a = &t["ahead"][kind];
+            say!(
+                "    {what}: {:.1} ms + {:.1} ms took {:.1} ms, {:.0}% of the fetch hidden",
+                f(&a["fetch_ms"]),
+                f(&a["compute_ms"]),
+                f(&a["total_ms"]),
+                f(&a["hidden"]) * 100.0
+            );
+        }
+        say!("");
     }
 }

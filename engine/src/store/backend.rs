@@ -188,7 +188,22 @@ const EXTENSION: &str = "tfm";
 /// an entry, and read back by mapping them.
 pub(crate) struct DirBackend {
     dir: PathBuf,
+    /// Files mapped by earlier gets, by key, with the identity of the file
+    /// they map: a get of an unchanged entry reuses the mapping (and the
+    /// pages already faulted into it) instead of mapping it anew.
+    maps: Mutex<HashMap<String, (FileId, HostBuffer)>>,
 }
+
+/// What tells one file from another that replaced it under the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+}
+
+/// Most mappings a directory store keeps for reuse.
+const KEPT_MAPS: usize = 256;
 
 impl DirBackend {
     pub(crate) fn open(dir: &Path) -> Result<DirBackend> {
@@ -202,7 +217,10 @@ impl DirBackend {
                 dir.display()
             )));
         }
-        Ok(DirBackend { dir })
+        Ok(DirBackend {
+            dir,
+            maps: Mutex::default(),
+        })
     }
 
     fn path(&self, key: &str) -> PathBuf {
@@ -210,28 +228,52 @@ impl DirBackend {
     }
 
     fn map(&self, key: &str) -> Result<HostBuffer> {
+        use std::os::unix::fs::MetadataExt;
         let path = self.path(key);
         let file = match fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(not_stored(&self.location(), key))
+                lock(&self.maps).remove(key);
+                return Err(not_stored(&self.location(), key));
             }
             Err(e) => return Err(Error::io_path("cannot open", &path, e)),
         };
-        let len = file
+        let meta = file
             .metadata()
-            .map_err(|e| Error::io_path("cannot stat", &path, e))?
-            .len();
-        if len == 0 {
-            return Ok(HostBuffer::copy_from(&[]));
+            .map_err(|e| Error::io_path("cannot stat", &path, e))?;
+        let id = FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+        };
+        if let Some((known, region)) = lock(&self.maps).get(key) {
+            if *known == id {
+                return Ok(region.clone());
+            }
         }
-        // SAFETY: the mapping is read-only and decoded as untrusted bytes.
-        // Entries are never rewritten in place: a put writes a new file and
-        // links or renames it over the key, and an eviction unlinks it, so a
-        // mapped file keeps its bytes for as long as it is mapped.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| Error::io_path("cannot map", &path, e))?;
-        Ok(HostBuffer::from_backing(map))
+        let region = if id.len == 0 {
+            HostBuffer::copy_from(&[])
+        } else {
+            // SAFETY: the mapping is read-only and decoded as untrusted
+            // bytes. Entries are never rewritten in place: a put writes a
+            // new file and links or renames it over the key, and an
+            // eviction unlinks it, so a mapped file keeps its bytes for as
+            // long as it is mapped.
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .map_err(|e| Error::io_path("cannot map", &path, e))?;
+            HostBuffer::from_backing(map)
+        };
+        let mut maps = lock(&self.maps);
+        if maps.len() >= KEPT_MAPS {
+            maps.clear();
+        }
+        maps.insert(key.to_string(), (id, region.clone()));
+        Ok(region)
+    }
+
+    /// Forgets the mapping kept for `key` (evicted or replaced here).
+    fn forget(&self, key: &str) {
+        lock(&self.maps).remove(key);
     }
 }
 
@@ -269,6 +311,7 @@ impl Backend for DirBackend {
             Overwrite::Replace => fs::rename(&temp, &target),
         });
         let _ = fs::remove_file(&temp);
+        self.forget(key);
         match placed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -292,6 +335,7 @@ impl Backend for DirBackend {
     }
 
     fn evict(&self, key: &str) -> Result<bool> {
+        self.forget(key);
         let path = self.path(key);
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),

@@ -110,6 +110,22 @@ fn bad_keys_are_refused_with_the_reason() {
     assert!(store.get(&"x".repeat(201)).is_err());
 }
 
+/// The file of this process's mapping that holds `address`, if any.
+fn mapped_file_at(address: usize) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    maps.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let (lo, hi) = parts.next()?.split_once('-')?;
+        let (lo, hi) = (
+            usize::from_str_radix(lo, 16).ok()?,
+            usize::from_str_radix(hi, 16).ok()?,
+        );
+        (lo..hi)
+            .contains(&address)
+            .then(|| parts.nth(4).unwrap_or("").to_string())
+    })
+}
+
 #[test]
 fn a_dir_store_get_views_the_mapped_file_without_copying() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -117,26 +133,30 @@ fn a_dir_store_get_views_the_mapped_file_without_copying() {
     store
         .put_as("big", &sample(0, 1 << 16), Overwrite::Refuse)
         .expect("put");
-    let a = store.get("big").expect("get");
-    let t = a.get("w").expect("w");
-    let crate::Storage::Host(buffer) = t.storage() else {
-        panic!("a host tensor")
-    };
-    // The tensor's bytes are inside the mapping of the entry's file.
-    let b = store.get("big").expect("get again");
-    assert_eq!(values(&a, "w"), values(&b, "w"));
-    let path = dir.path().join("big.tfm");
-    let file_len = std::fs::metadata(&path).expect("file").len() as usize;
-    assert!(buffer.len() <= file_len);
-    assert_ne!(
-        buffer.as_slice().as_ptr(),
-        b.get("w")
+    let address = |m: &Message| {
+        m.get("w")
             .expect("w")
             .contiguous_bytes()
             .expect("bytes")
-            .as_ptr(),
-        "each get maps the file anew"
+            .as_ptr() as usize
+    };
+    let a = store.get("big").expect("get");
+    let file = mapped_file_at(address(&a)).expect("a mapping holds the tensor");
+    assert!(
+        file.ends_with("/big.tfm"),
+        "the tensor's bytes are in a mapping of {file}"
     );
+    // A second get of the unchanged entry reuses the mapping.
+    let b = store.get("big").expect("get again");
+    assert_eq!(address(&a), address(&b));
+    // A replaced entry is mapped anew; what was fetched before stays.
+    store
+        .put_as("big", &sample(1, 1 << 16), Overwrite::Replace)
+        .expect("replace");
+    let c = store.get("big").expect("get the new one");
+    assert_ne!(address(&a), address(&c));
+    assert_eq!(values(&a, "w"), values(&sample(0, 1 << 16), "w"));
+    assert_eq!(values(&c, "w"), values(&sample(1, 1 << 16), "w"));
 }
 
 #[test]
