@@ -303,13 +303,17 @@ fn the_store_bench_reports_each_measurement_beside_its_baseline() {
         r["dir"]["resolve_large_us"].as_f64().expect("µs") > 0.0,
         "{r}"
     );
-    assert!(r["served"]["gbps"].as_f64().expect("GB/s") > 0.0, "{r}");
     assert!(
         r["served"]["raw_tcp_gbps"].as_f64().expect("GB/s") > 0.0,
         "{r}"
     );
-    for kind in ["host_compute", "device_wait"] {
-        let hidden = r["ahead"][kind]["hidden"].as_f64().expect("fraction");
-        assert!((0.0..=1.0).contains(&hidden), "{r}");
+    assert!(r["served"]["ratio"].as_f64().expect("ratio") > 0.0, "{r}");
+    for transport in ["tcp", "shm"] {
+        let t = &r["served"][transport];
+        assert!(t["gbps"].as_f64().expect("GB/s") > 0.0, "{r}");
+        for kind in ["host_compute", "device_wait"] {
+            let hidden = t["ahead"][kind]["hidden"].as_f64().expect("fraction");
+            assert!((0.0..=1.0).contains(&hidden), "{r}");
+        }
     }
 }

@@ -29,3 +29,12 @@ def test_service_example():
     assert "refused: bad_input: x holds NaN or infinity" in out
     assert "refused: bad_request" in out
     assert out.splitlines()[-1].startswith("norms [")
+
+
+def test_proxies_example():
+    out = run(str(EXAMPLES / "proxies.py"))
+    lines = out.splitlines()
+    assert len(lines) == 4, out
+    for step, line in enumerate(lines):
+        assert line.startswith(f"step {step}: 4 MiB via proxy "), line
+        assert f"sum {(step + 1) * 1024 * 1024} " in line, line
