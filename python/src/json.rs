@@ -32,7 +32,8 @@ pub fn fields_from_py(fields: Option<&Bound<'_, PyAny>>) -> PyResult<Map<String,
     }
 }
 
-fn type_name(value: &Bound<'_, PyAny>) -> String {
+/// The name of `value`'s type, for error messages: `` `ndarray` ``.
+pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
     value
         .get_type()
         .name()

@@ -15,6 +15,7 @@ use tensorferry_engine::store::OBJECT_NAME;
 use tensorferry_engine::{Backing, Codec, Error, HostBuffer, Message, Result};
 
 use crate::errors::{to_py, Kind};
+use crate::json::type_name;
 use crate::release;
 
 /// The tag of a Python-serialized value.
@@ -65,14 +66,6 @@ impl Drop for Serialized {
             release::drop_attached(bytes);
         }
     }
-}
-
-fn type_name(value: &Bound<'_, PyAny>) -> String {
-    value
-        .get_type()
-        .name()
-        .map(|n| format!("`{n}`"))
-        .unwrap_or_else(|_| "an object".into())
 }
 
 /// A message holding `serializer(value)` as the object [`OBJECT_NAME`] (the

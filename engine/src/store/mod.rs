@@ -68,6 +68,9 @@ pub use served::DEFAULT_CHANNEL;
 use backend::{Backend, DirBackend, MemoryBackend};
 use served::RemoteBackend;
 
+/// The name a message stored by [`Store::put_tensor`] keeps its tensor under.
+pub const TENSOR_NAME: &str = "tensor";
+
 /// The name a message stored by [`Store::put_object`] keeps its value under.
 pub const OBJECT_NAME: &str = "value";
 
@@ -434,6 +437,16 @@ impl Store {
             cache::forget(&self.location(), key);
         }
         self.backend.put(key, message, overwrite)
+    }
+
+    /// Stores one tensor (as a message holding it under [`TENSOR_NAME`])
+    /// under a new key and returns the key; [`Proxy::tensor`] gives it back.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`put`](Self::put).
+    pub fn put_tensor(&self, tensor: &crate::Tensor) -> Result<String> {
+        self.put(&Message::new().tensor(TENSOR_NAME, tensor.clone()))
     }
 
     /// Stores `message` under a new key and returns a proxy of it.

@@ -69,6 +69,28 @@ fn put_get_list_evict_round_trip_in_every_local_backend() {
 }
 
 #[test]
+fn a_tensor_put_alone_comes_back_through_its_proxy() {
+    let _turn = cache_turn();
+    let store = Store::memory();
+    let t = Tensor::from_slice(&[1.5f32, -0.0, f32::NAN, f32::INFINITY], &[2, 2]).expect("tensor");
+    let key = store.put_tensor(&t).expect("put");
+    let back = store
+        .proxy(&key)
+        .expect("proxy")
+        .tensor()
+        .expect("the tensor");
+    assert_eq!(back.shape(), &[2, 2]);
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.as_slice::<f32>()
+            .expect("f32")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&back), bits(&t));
+}
+
+#[test]
 fn keys_are_written_once_unless_replacing_is_asked_for() {
     let dir = tempfile::tempdir().expect("tempdir");
     for store in every_backend(dir.path()) {
