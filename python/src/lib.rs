@@ -14,6 +14,7 @@
 
 mod dlpack;
 mod errors;
+mod exit;
 mod input;
 mod json;
 mod message;
@@ -105,9 +106,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<proxy::PyFetch>()?;
     // Before the interpreter finalizes, the release thread stops taking
     // the GIL.
-    m.py()
-        .import("atexit")?
-        .call_method1("register", (wrap_pyfunction!(release::stop, m)?,))?;
+    let atexit = m.py().import("atexit")?;
+    atexit.call_method1("register", (wrap_pyfunction!(release::stop, m)?,))?;
+    // Registered last, so run first: waits and handlers leave before the
+    // release thread stops.
+    atexit.call_method1("register", (wrap_pyfunction!(exit::close_gate, m)?,))?;
     m.add_function(wrap_pyfunction!(tensor::tensor, m)?)?;
     m.add_function(wrap_pyfunction!(devices, m)?)?;
     m.add_function(wrap_pyfunction!(check_map, m)?)?;

@@ -621,7 +621,10 @@ impl PyPublisher {
                     .min(crate::wait::SIGNAL_CHECK)
             });
             let p = Arc::clone(self.publisher());
-            match py.detach(move || p.flush(slice)) {
+            let inside = crate::exit::enter()?;
+            let flushed = py.detach(move || p.flush(slice));
+            drop(inside);
+            match flushed {
                 Ok(()) => return Ok(()),
                 Err(Error::Timeout { what, .. }) => {
                     if until.is_some_and(|d| Instant::now() >= d) {
@@ -878,7 +881,10 @@ fn wait_reply(
     loop {
         let check_at = Instant::now() + crate::wait::SIGNAL_CHECK;
         let stop = until.map_or(check_at, |u| u.min(check_at));
-        if let Some(reply) = py.detach(|| pending.wait_until(stop)) {
+        let inside = crate::exit::enter()?;
+        let reply = py.detach(|| pending.wait_until(stop));
+        drop(inside);
+        if let Some(reply) = reply {
             return Ok(Some(reply));
         }
         if until.is_some_and(|u| Instant::now() >= u) {

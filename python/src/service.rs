@@ -34,6 +34,14 @@ impl Handler for PyHandler {
                 "the service is stopping",
             ));
         };
+        // Not once the interpreter is about to finalize: this thread would
+        // be ended inside the handler. Exiting waits for a handler inside.
+        let Some(_inside) = crate::exit::try_enter() else {
+            return Err(ServiceError::new(
+                "shutting_down",
+                "the serving process is exiting",
+            ));
+        };
         // A service thread: it holds no engine lock a Python thread could want.
         Python::attach(|py| {
             let request = PyMessage::new(py, request, Some(self.channel.clone()), None, None)

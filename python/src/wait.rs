@@ -76,6 +76,7 @@ where
     let mut fut = Box::pin(fut);
     let waker = Waker::from(Arc::new(Unpark(thread::current())));
     loop {
+        let inside = crate::exit::enter()?;
         let step = py.detach(|| {
             let mut cx = Context::from_waker(&waker);
             let check_at = Instant::now() + SIGNAL_CHECK;
@@ -94,6 +95,7 @@ where
                 thread::park_timeout(until - now);
             }
         });
+        drop(inside);
         match step {
             Step::Ready(v) => return Ok(Some(v)),
             Step::TimedOut => return Ok(None),

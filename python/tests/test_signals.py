@@ -1,9 +1,13 @@
 """Ctrl-C interrupts blocking calls (they release the GIL and check signals)."""
 
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
+
+import tensorferry as tf
 
 WAITER = """
 import time
@@ -73,3 +77,97 @@ def test_other_threads_run_while_a_call_waits():
     stop.set()
     t.join()
     assert counted > 1000
+
+
+# A process whose script ends while a service handler still runs: garbage
+# whose finalizer sleeps keeps the interpreter finalizing for a second, the window in which a thread taking the GIL back is ended where
+# it stands (through this module's frames: an abort). The request comes
+# from another process, so the child has no Python thread of its own to
+# wait for.
+EXIT_WHILE_HANDLING = """
+import threading, time
+
+import gc
+
+class SlowToFinalize:
+    def __del__(self):
+        time.sleep(1.0)
+
+# Garbage in a cycle, left for the collection the interpreter makes as it
+# finalizes.
+gc.disable()
+slow = SlowToFinalize()
+slow.me = slow
+del slow
+started = threading.Event()
+
+def nap(request):
+    started.set()
+    time.sleep(0.5)
+    return {}
+
+node = tf.Node(listen="tcp://127.0.0.1:0")
+node.serve("/nap", nap)
+emit(address=node.address)
+started.wait(30)
+emit(exiting=True)
+"""
+
+
+def test_a_process_exits_cleanly_while_a_handler_runs(peer):
+    import threading
+
+    p = peer(EXIT_WHILE_HANDLING)
+    address = p.line()["address"]
+    client = tf.Node()
+    asking = threading.Thread(
+        target=lambda: _ignore_errors(lambda: client.request(address, "/nap", {}, timeout=10)), daemon=True
+    )
+    asking.start()
+    assert p.line()["exiting"]
+    assert p.proc.wait(timeout=30) == 0, p.proc.stderr.read()
+    asking.join(timeout=15)
+
+
+def _ignore_errors(call):
+    try:
+        call()
+    except tf.Error:
+        pass  # the reply, or the connection gone with the process: either is fine here
+
+
+# A thread of the script still waiting in tensorferry when the script ends.
+EXIT_WHILE_WAITING = """
+import gc, sys, threading, time
+import tensorferry as tf
+
+class SlowToFinalize:
+    def __del__(self):
+        time.sleep(1.0)
+
+gc.disable()
+slow = SlowToFinalize()
+slow.me = slow
+del slow
+node = tf.Node(listen="tcp://127.0.0.1:0")
+sub = tf.Node().subscribe(node.address, "/quiet")
+
+def wait_forever():
+    while True:
+        try:
+            sub.recv(timeout=None)
+        except tf.ClosedError:
+            time.sleep(0.01)
+
+threading.Thread(target=wait_forever, daemon=True).start()
+time.sleep(0.2)
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_exits_cleanly_while_a_thread_waits_in_recv():
+    for run in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_WHILE_WAITING], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0 and done.stdout == "exiting\n", (run, done.returncode, done.stderr)
