@@ -177,3 +177,24 @@ fn forty_large_fetches_from_a_store_served_over_shm_all_arrive() {
         assert_eq!(m.get("x").expect("x").numel(), 16 << 20);
     }
 }
+
+#[test]
+fn a_store_is_not_served_on_a_channel_that_casts_on_the_wire() {
+    let node = client(
+        None,
+        Some(r#"{"channels": {"/tensorferry/store": {"wire_dtype": {"f32": "bf16"}}}}"#),
+    );
+    let err = Store::memory()
+        .serve(&node, DEFAULT_CHANNEL)
+        .expect_err("a casting channel");
+    assert!(err.to_string().contains("wire_dtype"), "{err}");
+}
+
+#[test]
+fn a_node_that_serves_no_store_on_the_channel_is_unreachable_as_a_store() {
+    let (_server, addr, _dir) = serving(None);
+    let other = Store::remote(&client(None, None), &addr, "/not-a-store").expect("remote");
+    let err = other.list().expect_err("no store there");
+    assert!(matches!(err, Error::StoreUnreachable { .. }), "{err}");
+    assert!(err.to_string().contains("no store is served"), "{err}");
+}

@@ -319,7 +319,10 @@ impl PyFetch {
             let r = call.await;
             Box::new(move |py: Python<'_>| {
                 let message = r.ok_or_else(panicked)?.py()?;
-                serialized::refuse_serialized(&message, &what)?;
+                serialized::refuse_serialized(
+                    &message,
+                    &format!("{what} (awaited; use resolve(deserializer=...) for it)"),
+                )?;
                 Ok(Py::new(py, PyMessage::new(py, message, None, None, None)?)?.into_any())
             }) as Done
         });

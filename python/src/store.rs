@@ -65,7 +65,11 @@ impl PyStore {
         if matches!(store.location(), Location::Served { .. }) {
             run_blocking(py, move || f(&store))?.py()
         } else {
-            py.detach(move || f(&store)).py()
+            // A large put or a slow disk: the interpreter's exit waits for it.
+            let inside = crate::exit::enter()?;
+            let done = py.detach(move || f(&store));
+            drop(inside);
+            done.py()
         }
     }
 }

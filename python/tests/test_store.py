@@ -356,6 +356,21 @@ def test_a_proxy_of_replaced_data_raises_proxy_mismatch(store):
         tf.Proxy.from_json(stale.to_json()).resolve()
 
 
+def test_a_proxy_of_a_value_put_again_raises_proxy_mismatch(store):
+    # Only the fields, or only a serialized value, changed: still another entry.
+    store.put({"step": 1}, w=np.zeros(4, np.float32), key="fields")
+    stale = store.proxy("fields")
+    store.put({"step": 2}, w=np.zeros(4, np.float32), key="fields", overwrite=True)
+    with pytest.raises(tf.ProxyMismatch, match="fields or objects"):
+        stale.resolve()
+    store.put({"lr": 0.1}, key="config", serializer=pickle.dumps)
+    stale = store.proxy("config")
+    store.put({"lr": 0.2}, key="config", overwrite=True, serializer=pickle.dumps)
+    with pytest.raises(tf.ProxyMismatch):
+        stale.resolve(deserializer=pickle.loads)
+    assert store.proxy("config").resolve(deserializer=pickle.loads) == {"lr": 0.2}
+
+
 def test_a_stopped_store_is_unreachable(served):
     address = served.address
     served.stop()

@@ -100,17 +100,19 @@ fn compute(length: Duration) -> u64 {
 }
 
 /// `tensorferry store serve` in another process on a directory; its address.
-fn serve_elsewhere(dir: &std::path::Path, listen: &str) -> Result<(Child, String), String> {
+fn serve_elsewhere(dir: &std::path::Path, listen: &str) -> Result<(Stop, String), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let mut child = Command::new(exe)
+    let child = Command::new(exe)
         .args(["store", "serve", "--listen", listen, "--dir"])
         .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot start the serving process: {e}"))?;
+    let mut child = Stop(child);
     let mut line = String::new();
     let stdout = child
+        .0
         .stdout
         .as_mut()
         .ok_or("no stdout from the serving process")?;
@@ -242,9 +244,8 @@ fn served_fetches(
     listen: &str,
     key: &str,
 ) -> Result<Value, String> {
-    let (child, addr) = serve_elsewhere(dir, listen)?;
-    let server_pid = child.id();
-    let _stop = Stop(child);
+    let (server, addr) = serve_elsewhere(dir, listen)?;
+    let server_pid = server.0.id();
     let node = Node::builder()
         .name("store-bench")
         .build()

@@ -201,6 +201,12 @@ impl Node {
         self.inner.live_peers().len()
     }
 
+    /// The rules of `channel` on this node: its configured spec, or the
+    /// default one.
+    pub fn channel_spec(&self, channel: &str) -> ChannelSpec {
+        self.inner.spec(channel)
+    }
+
     /// `message` landed as if it had arrived on `channel`: each tensor moved
     /// to the device the channel's map names for its device (casts and the
     /// map's other rules included). Used for messages that reach this

@@ -188,10 +188,12 @@ const EXTENSION: &str = "tfm";
 /// an entry, and read back by mapping them.
 pub(crate) struct DirBackend {
     dir: PathBuf,
-    /// Files mapped by earlier gets, by key, with the identity of the file
-    /// they map: a get of an unchanged entry reuses the mapping (and the
-    /// pages already faulted into it) instead of mapping it anew.
-    maps: Mutex<HashMap<String, (FileId, HostBuffer)>>,
+    /// The last few files mapped by gets, by key, with the identity of the
+    /// file they map: a get of an unchanged entry reuses the mapping (and
+    /// the pages already faulted into it) instead of mapping it anew. An
+    /// entry whose file was removed or replaced meanwhile (by any process)
+    /// is let go at the next get, so a removed file's space is not held.
+    maps: Mutex<Vec<(String, FileId, HostBuffer)>>,
 }
 
 /// What tells one file from another that replaced it under the same name.
@@ -202,15 +204,57 @@ struct FileId {
     len: u64,
 }
 
+impl FileId {
+    fn of(meta: &fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+        }
+    }
+}
+
 /// Most mappings a directory store keeps for reuse.
-const KEPT_MAPS: usize = 256;
+const KEPT_MAPS: usize = 8;
+
+/// Temporary files of puts older than this were left by a writer that died.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Maps `file` (at `path`) read-only.
+fn map_file(file: &fs::File, path: &Path, len: u64) -> Result<HostBuffer> {
+    if len == 0 {
+        return Ok(HostBuffer::copy_from(&[]));
+    }
+    // SAFETY: the mapping is read-only and decoded as untrusted bytes.
+    // Entries are never rewritten in place: a put writes a new file and
+    // links or renames it over the key, and an eviction unlinks it, so a
+    // mapped file keeps its bytes for as long as it is mapped. (A program
+    // that truncates an entry in place breaks that; docs/store.md says
+    // entries must not be modified.)
+    let map =
+        unsafe { memmap2::Mmap::map(file) }.map_err(|e| Error::io_path("cannot map", path, e))?;
+    Ok(HostBuffer::from_backing(map))
+}
 
 impl DirBackend {
+    /// The directory store at `dir`, created when absent; put files a
+    /// writer abandoned long ago are removed.
     pub(crate) fn open(dir: &Path) -> Result<DirBackend> {
         fs::create_dir_all(dir)
             .map_err(|e| Error::io_path("cannot create the store directory", dir, e))?;
-        let dir = fs::canonicalize(dir)
-            .map_err(|e| Error::io_path("cannot resolve the store directory", dir, e))?;
+        let store = Self::open_existing(dir)?;
+        store.remove_abandoned();
+        Ok(store)
+    }
+
+    /// The directory store at `dir`, which must exist (a proxy names it:
+    /// resolving creates nothing).
+    pub(crate) fn open_existing(dir: &Path) -> Result<DirBackend> {
+        let dir = fs::canonicalize(dir).map_err(|e| Error::StoreUnreachable {
+            store: format!("dir:{}", dir.display()),
+            source: Box::new(Error::io_path("cannot open the store directory", dir, e)),
+        })?;
         if !dir.is_dir() {
             return Err(Error::Invalid(format!(
                 "store `{}` is not a directory",
@@ -227,13 +271,33 @@ impl DirBackend {
         self.dir.join(format!("{key}.{EXTENSION}"))
     }
 
+    fn remove_abandoned(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let abandoned = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(".put-"))
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > ABANDONED_AFTER);
+            if abandoned {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
     fn map(&self, key: &str) -> Result<HostBuffer> {
-        use std::os::unix::fs::MetadataExt;
         let path = self.path(key);
         let file = match fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                lock(&self.maps).remove(key);
+                self.forget(key);
                 return Err(not_stored(&self.location(), key));
             }
             Err(e) => return Err(Error::io_path("cannot open", &path, e)),
@@ -241,39 +305,36 @@ impl DirBackend {
         let meta = file
             .metadata()
             .map_err(|e| Error::io_path("cannot stat", &path, e))?;
-        let id = FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-        };
-        if let Some((known, region)) = lock(&self.maps).get(key) {
-            if *known == id {
-                return Ok(region.clone());
-            }
-        }
-        let region = if id.len == 0 {
-            HostBuffer::copy_from(&[])
-        } else {
-            // SAFETY: the mapping is read-only and decoded as untrusted
-            // bytes. Entries are never rewritten in place: a put writes a
-            // new file and links or renames it over the key, and an
-            // eviction unlinks it, so a mapped file keeps its bytes for as
-            // long as it is mapped.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .map_err(|e| Error::io_path("cannot map", &path, e))?;
-            HostBuffer::from_backing(map)
-        };
+        let id = FileId::of(&meta);
         let mut maps = lock(&self.maps);
-        if maps.len() >= KEPT_MAPS {
-            maps.clear();
+        // Let go of what was removed or replaced since it was mapped.
+        maps.retain(|(k, known, _)| {
+            fs::metadata(self.path(k)).is_ok_and(|m| FileId::of(&m) == *known)
+        });
+        if let Some((_, _, region)) = maps.iter().find(|(k, known, _)| k == key && *known == id) {
+            return Ok(region.clone());
         }
-        maps.insert(key.to_string(), (id, region.clone()));
+        drop(maps);
+        let region = map_file(&file, &path, id.len)?;
+        let mut maps = lock(&self.maps);
+        maps.retain(|(k, _, _)| k != key);
+        if maps.len() >= KEPT_MAPS {
+            maps.remove(0);
+        }
+        maps.push((key.to_string(), id, region.clone()));
         Ok(region)
     }
 
     /// Forgets the mapping kept for `key` (evicted or replaced here).
     fn forget(&self, key: &str) {
-        lock(&self.maps).remove(key);
+        lock(&self.maps).retain(|(k, _, _)| k != key);
+    }
+
+    /// Makes the directory's new names durable (a link or rename).
+    fn sync_dir(&self) {
+        if let Ok(d) = fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
     }
 }
 
@@ -293,8 +354,9 @@ impl Backend for DirBackend {
         let temp = self
             .dir
             .join(format!(".put-{}-{}", std::process::id(), super::new_key()));
-        let written = (|| -> std::io::Result<()> {
+        let written = (|| -> std::io::Result<fs::File> {
             let mut file = fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create_new(true)
                 .open(&temp)?;
@@ -302,16 +364,33 @@ impl Backend for DirBackend {
             write_frame(&frame, &mut out)?;
             out.flush()?;
             drop(out);
-            file.sync_data()
+            file.sync_data()?;
+            Ok(file)
         })();
-        let placed = written.and_then(|()| match overwrite {
-            // A hard link fails when the key exists: two writers racing
-            // for one key cannot both win.
-            Overwrite::Refuse => fs::hard_link(&temp, &target),
-            Overwrite::Replace => fs::rename(&temp, &target),
-        });
+        // The manifest of what was written, read back before the file is
+        // placed (so another writer of the key cannot slip in between).
+        let manifest = written
+            .map_err(|e| Error::io_path("cannot write the store entry", &temp, e))
+            .and_then(|file| {
+                let len = file
+                    .metadata()
+                    .map_err(|e| Error::io_path("cannot stat", &temp, e))?
+                    .len();
+                decode_stored(key, &self.location(), &map_file(&file, &temp, len)?)
+            })
+            .map(|(_, manifest)| manifest);
+        let placed = match &manifest {
+            Ok(_) => match overwrite {
+                // A hard link fails when the key exists: two writers racing
+                // for one key cannot both win.
+                Overwrite::Refuse => fs::hard_link(&temp, &target),
+                Overwrite::Replace => fs::rename(&temp, &target),
+            },
+            Err(_) => Ok(()),
+        };
         let _ = fs::remove_file(&temp);
         self.forget(key);
+        let manifest = manifest?;
         match placed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -319,7 +398,8 @@ impl Backend for DirBackend {
             }
             Err(e) => return Err(Error::io_path("cannot write the store entry", &target, e)),
         }
-        self.manifest(key)
+        self.sync_dir();
+        Ok(manifest)
     }
 
     fn get(&self, key: &str) -> Result<(Message, Manifest)> {
@@ -338,7 +418,10 @@ impl Backend for DirBackend {
         self.forget(key);
         let path = self.path(key);
         match fs::remove_file(&path) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.sync_dir();
+                Ok(true)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io_path("cannot remove", &path, e)),
         }

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use super::{Location, Manifest};
+use super::{Location, Manifest, StoredTensor};
 use crate::message::Message;
 use crate::node::lock;
+use tensorferry_kernels::cpu::Checksum;
 
 /// The cache's limit unless [`set_cache_limit`] or the environment variable
 /// `TENSORFERRY_PROXY_CACHE_BYTES` says otherwise: 1 GiB.
@@ -35,7 +36,8 @@ pub struct CacheStats {
 pub(crate) struct CacheKey {
     location: Location,
     key: String,
-    checksums: Vec<u64>,
+    tensors: Vec<StoredTensor>,
+    content: Option<Checksum>,
 }
 
 impl CacheKey {
@@ -43,7 +45,8 @@ impl CacheKey {
         Self {
             location: location.clone(),
             key: manifest.key.clone(),
-            checksums: manifest.tensors.iter().map(|t| t.checksum.0).collect(),
+            tensors: manifest.tensors.clone(),
+            content: manifest.content,
         }
     }
 }

@@ -180,7 +180,7 @@ impl std::str::FromStr for Location {
 
 /// What a store holds of one tensor of a message, as a proxy carries it:
 /// enough to plan where it goes before fetching it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct StoredTensor {
     /// The tensor's name in the message.
     pub name: String,
@@ -203,6 +203,33 @@ pub struct Manifest {
     pub tensors: Vec<StoredTensor>,
     /// Bytes of the stored frame (header, fields, tensors and objects).
     pub frame_bytes: u64,
+    /// A checksum of everything else the message holds: its fields, its
+    /// objects (tags, JSON and their buffers' checksums) and each tensor's
+    /// entry above. A key put again with other fields or objects but the
+    /// same tensors differs here. `None` in proxies made without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Checksum>,
+}
+
+/// The checksum [`Manifest::content`] holds for `message` with `tensors`.
+fn content_digest(message: &Message, tensors: &[StoredTensor]) -> Checksum {
+    use std::io::Write;
+    let mut text = Vec::new();
+    // serde_json keeps object keys sorted: the same fields give the same text.
+    let _ = serde_json::to_writer(&mut text, message.fields());
+    for (name, object) in message.objects() {
+        let _ = write!(text, "\0object\0{name}\0{}\0", object.tag);
+        let _ = serde_json::to_writer(&mut text, &object.value);
+        for b in &object.buffers {
+            let _ = write!(
+                text,
+                "\0{}",
+                tensorferry_kernels::cpu::checksum(b.as_slice())
+            );
+        }
+    }
+    let _ = serde_json::to_writer(&mut text, tensors);
+    tensorferry_kernels::cpu::checksum(&text)
 }
 
 impl Manifest {
@@ -234,12 +261,60 @@ impl Manifest {
                     checksum,
                 })
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             key: key.to_string(),
+            content: Some(content_digest(message, &tensors)),
             tensors,
             frame_bytes,
         })
+    }
+
+    /// The manifest of a message a served store replied with: each tensor
+    /// as it arrived, with the checksums and frame size the store's own
+    /// manifest `claimed` states, checked against it (a cast on the way,
+    /// or a store that describes other data than it sends, is an error).
+    fn of_reply(message: &Message, claimed: &Manifest) -> Result<Self> {
+        let differs = |what: String| {
+            Err(Error::ProxyMismatch {
+                key: claimed.key.clone(),
+                what: format!("the store's reply differs from its own description: {what} (is a cast or device map set on the store's channel?)"),
+            })
+        };
+        if message.tensors().len() != claimed.tensors.len() {
+            return differs(format!(
+                "{} tensor(s) arrived, {} described",
+                message.tensors().len(),
+                claimed.tensors.len()
+            ));
+        }
+        let mut tensors = Vec::with_capacity(claimed.tensors.len());
+        for ((name, t), c) in message.tensors().zip(&claimed.tensors) {
+            let arrived = StoredTensor {
+                name: name.to_string(),
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                bytes: t.size_bytes() as u64,
+                checksum: c.checksum,
+            };
+            if &arrived != c {
+                return differs(format!(
+                    "tensor `{name}` arrived as {} {:?}, described as `{}` {} {:?}",
+                    arrived.dtype, arrived.shape, c.name, c.dtype, c.shape
+                ));
+            }
+            tensors.push(arrived);
+        }
+        let manifest = Self {
+            key: claimed.key.clone(),
+            content: Some(content_digest(message, &tensors)),
+            tensors,
+            frame_bytes: claimed.frame_bytes,
+        };
+        if claimed.content.is_some() && manifest.content != claimed.content {
+            return differs("its fields or objects".into());
+        }
+        Ok(manifest)
     }
 
     /// Checks that what a store holds now is what `want` (a proxy's
@@ -280,6 +355,14 @@ impl Manifest {
                 continue;
             };
             return mismatch(what);
+        }
+        if let (Some(have), Some(wanted)) = (self.content, want.content) {
+            if have != wanted {
+                return mismatch(
+                    "its fields or objects differ from the proxy's (the key was overwritten)"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }
@@ -377,7 +460,7 @@ impl Store {
     pub fn open(location: &Location, node: Option<&Node>) -> Result<Store> {
         let backend: Arc<dyn Backend> = match location {
             Location::Memory { name } => MemoryBackend::find(name)?,
-            Location::Dir { path } => Arc::new(DirBackend::open(path)?),
+            Location::Dir { path } => Arc::new(DirBackend::open_existing(path)?),
             Location::Served { addr, channel } => {
                 let node = match node {
                     Some(n) => n.clone(),

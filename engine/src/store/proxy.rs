@@ -64,6 +64,25 @@ struct Inner {
     changed: Condvar,
 }
 
+/// A fetch in progress: ends with its outcome, or, if the fetch panicked,
+/// with the proxy idle again (so waiters wake and the next call fetches).
+struct Fetching<'a>(&'a Inner);
+
+impl Fetching<'_> {
+    fn end(self, outcome: Slot) {
+        *lock(&self.0.slot) = outcome;
+        self.0.changed.notify_all();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.slot) = Slot::Idle;
+        self.0.changed.notify_all();
+    }
+}
+
 /// A reference to what a [`Store`] holds under a key: the store's
 /// location, the key, and each tensor's dtype, shape, byte length and
 /// checksum, so a receiver can plan before fetching. It travels as a JSON
@@ -138,6 +157,7 @@ impl Proxy {
             "key": self.inner.manifest.key,
             "tensors": self.inner.manifest.tensors,
             "frame_bytes": self.inner.manifest.frame_bytes,
+            "content": self.inner.manifest.content,
         })
     }
 
@@ -197,12 +217,19 @@ impl Proxy {
             .get("frame_bytes")
             .and_then(Value::as_u64)
             .unwrap_or(0);
+        let content = match value.get("content") {
+            None | Some(Value::Null) => None,
+            Some(c) => Some(
+                serde_json::from_value(c.clone()).map_err(|e| bad(format!("`content`: {e}")))?,
+            ),
+        };
         Ok(Proxy::new(
             location,
             Manifest {
                 key,
                 tensors,
                 frame_bytes,
+                content,
             },
         ))
     }
@@ -246,13 +273,12 @@ impl Proxy {
                 Slot::Idle => {
                     *slot = Slot::Fetching;
                     drop(slot);
+                    let fetching = Fetching(&self.inner);
                     let fetched = self.fetch();
-                    let mut slot = lock(&self.inner.slot);
-                    *slot = match &fetched {
+                    fetching.end(match &fetched {
                         Ok(m) => Slot::Done(m.clone()),
                         Err(_) => Slot::Idle,
-                    };
-                    self.inner.changed.notify_all();
+                    });
                     return fetched;
                 }
             }
@@ -273,13 +299,11 @@ impl Proxy {
         let started = std::thread::Builder::new()
             .name("tf-proxy-fetch".into())
             .spawn(move || {
-                let fetched = me.fetch();
-                let mut slot = lock(&me.inner.slot);
-                *slot = match fetched {
+                let fetching = Fetching(&me.inner);
+                fetching.end(match me.fetch() {
                     Ok(m) => Slot::Done(m),
                     Err(e) => Slot::Failed(e),
-                };
-                me.inner.changed.notify_all();
+                });
             });
         if started.is_err() {
             // No thread to fetch on: the next resolve fetches itself.

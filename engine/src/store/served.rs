@@ -119,6 +119,13 @@ fn answer(backend: &dyn Backend, request: Message) -> std::result::Result<Messag
 
 /// Registers `backend` as a service on `node`'s `channel`.
 pub(crate) fn serve(backend: Arc<dyn Backend>, node: &Node, channel: &str) -> Result<()> {
+    // A reply cast for the wire would reach a resolver with other bytes
+    // than the proxy's checksums describe.
+    if !node.channel_spec(channel).wire_dtype.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the channel `{channel}` casts tensors on the wire (wire_dtype); a store must send what it holds: serve it on a channel without wire_dtype"
+        )));
+    }
     node.serve(
         channel,
         Service::new(move |request: Message| answer(backend.as_ref(), request)),
@@ -160,6 +167,10 @@ impl RemoteBackend {
                 Error::Remote { ref code, .. } if code == ALREADY_STORED => Error::AlreadyStored {
                     store,
                     key: key.unwrap_or_default().to_string(),
+                },
+                Error::Remote { ref code, .. } if code == "no_service" => Error::StoreUnreachable {
+                    source: Box::new(e),
+                    store: format!("{store} (no store is served on that channel)"),
                 },
                 e @ (Error::Remote { .. } | Error::Invalid(_)) => e,
                 e => Error::StoreUnreachable {
@@ -214,12 +225,15 @@ impl Backend for RemoteBackend {
 
     fn get(&self, key: &str) -> Result<(Message, Manifest)> {
         let reply = self.call(Self::keyed("get", key), Some(key))?;
-        let manifest = self.manifest_of(&reply)?;
+        let claimed = self.manifest_of(&reply)?;
         let fields = match reply.get_field("fields") {
             Some(Value::Object(m)) => m.clone(),
             _ => return Err(self.bad_reply("no fields")),
         };
-        Ok((rebuilt(reply, fields), manifest))
+        let message = rebuilt(reply, fields);
+        // What arrived, not only what the store says it sent.
+        let manifest = Manifest::of_reply(&message, &claimed)?;
+        Ok((message, manifest))
     }
 
     fn manifest(&self, key: &str) -> Result<Manifest> {

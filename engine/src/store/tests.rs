@@ -248,6 +248,67 @@ fn a_proxy_of_replaced_or_evicted_data_is_an_error_never_a_wrong_tensor() {
 }
 
 #[test]
+fn a_proxy_of_a_key_put_again_with_other_fields_or_objects_is_an_error() {
+    let _turn = cache_turn();
+    clear_cache();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for store in every_backend(dir.path()) {
+        // The same tensors, other fields.
+        store
+            .put_as("f", &sample(1, 8), Overwrite::Refuse)
+            .expect("put");
+        let proxy = store.proxy("f").expect("proxy");
+        proxy.resolve().expect("resolves before");
+        let twin = Proxy::from_json(&proxy.to_json()).expect("a second proxy");
+        store
+            .put_as("f", &sample(1, 8).field("step", 99), Overwrite::Replace)
+            .expect("replace the fields");
+        let err = twin.resolve().expect_err("other fields");
+        assert!(matches!(err, Error::ProxyMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("fields or objects"), "{err}");
+        // No tensors at all, another value through a codec.
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        store
+            .put_as(
+                "o",
+                &Message::new()
+                    .object(OBJECT_NAME, &Words, &words(&["a"]))
+                    .expect("encode"),
+                Overwrite::Refuse,
+            )
+            .expect("put");
+        let proxy = store.proxy("o").expect("proxy");
+        store
+            .put_as(
+                "o",
+                &Message::new()
+                    .object(OBJECT_NAME, &Words, &words(&["b"]))
+                    .expect("encode"),
+                Overwrite::Replace,
+            )
+            .expect("replace the object");
+        let err = proxy.resolve_object(&Words).expect_err("another object");
+        assert!(matches!(err, Error::ProxyMismatch { .. }), "{err}");
+    }
+}
+
+#[test]
+fn resolving_a_proxy_of_a_missing_directory_creates_nothing() {
+    let _turn = cache_turn();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gone = dir.path().join("never-made");
+    let value = json!({
+        PROXY_MARK: 1, "store": {"kind": "dir", "path": gone}, "key": "k", "tensors": [],
+    });
+    let err = Proxy::from_json(&value)
+        .expect("valid")
+        .resolve()
+        .expect_err("no such store");
+    assert!(matches!(err, Error::StoreUnreachable { .. }), "{err}");
+    assert!(!gone.exists(), "resolving made the directory");
+}
+
+#[test]
 fn malformed_proxies_are_refused_with_the_reason() {
     let store = Store::memory();
     let good = store.put_proxy(&sample(0, 4)).expect("put").to_json();
