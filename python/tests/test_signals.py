@@ -79,26 +79,27 @@ def test_other_threads_run_while_a_call_waits():
     assert counted > 1000
 
 
-# A process whose script ends while a service handler still runs: garbage
-# whose finalizer sleeps keeps the interpreter finalizing for a second, the window in which a thread taking the GIL back is ended where
-# it stands (through this module's frames: an abort). The request comes
-# from another process, so the child has no Python thread of its own to
-# wait for.
-EXIT_WHILE_HANDLING = """
-import threading, time
-
-import gc
+# Garbage in a cycle whose finalizer sleeps, left for the collection the
+# interpreter makes as it finalizes: it keeps the interpreter finalizing
+# for a second, the window in which a thread taking the GIL back is ended
+# where it stands (through this module's frames: an abort).
+SLOW_FINALIZATION = """
+import gc, threading, time
 
 class SlowToFinalize:
     def __del__(self):
         time.sleep(1.0)
 
-# Garbage in a cycle, left for the collection the interpreter makes as it
-# finalizes.
 gc.disable()
 slow = SlowToFinalize()
 slow.me = slow
 del slow
+"""
+
+# A process whose script ends while a service handler still runs. The
+# request comes from another process, so the child has no Python thread of
+# its own to wait for.
+EXIT_WHILE_HANDLING = SLOW_FINALIZATION + """
 started = threading.Event()
 
 def nap(request):
@@ -137,18 +138,9 @@ def _ignore_errors(call):
 
 
 # A thread of the script still waiting in tensorferry when the script ends.
-EXIT_WHILE_WAITING = """
-import gc, sys, threading, time
+EXIT_WHILE_WAITING = SLOW_FINALIZATION + """
 import tensorferry as tf
 
-class SlowToFinalize:
-    def __del__(self):
-        time.sleep(1.0)
-
-gc.disable()
-slow = SlowToFinalize()
-slow.me = slow
-del slow
 node = tf.Node(listen="tcp://127.0.0.1:0")
 sub = tf.Node().subscribe(node.address, "/quiet")
 
