@@ -209,3 +209,38 @@ fn hostile_rings_cost_their_own_connection_only() {
     assert!(stats.rejected >= 5, "{stats:?}");
     println!("shm hostile peers refused: {stats:?}");
 }
+
+/// CPU seconds this process has used (user and system), from `/proc`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let rest = stat.rsplit_once(')').expect("a command name").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // SAFETY: sysconf reads a constant of the system; no memory is touched.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn a_peer_flooding_room_wake_ups_costs_work_in_proportion_to_its_bytes() {
+    // A drained wake-up saying the peer made room pumps this side's
+    // writer; a peer sending nothing but such wake-ups gets one cheap pump
+    // per socket read, never a wait or a loop of its own.
+    let name = format!("tf-hostile-space-{}", std::process::id());
+    let (node, sub) = receiver(&name);
+    let mut flood = RawPeer::connect(&name, true);
+    let before = cpu_seconds();
+    let chunk = [b'S'; 4096];
+    for _ in 0..1024 {
+        // 4 MiB of wake-ups; a full socket just waits for the reader.
+        flood.socket.write_all(&chunk).expect("the receiver reads them");
+    }
+    thread::sleep(Duration::from_millis(200));
+    let spent = cpu_seconds() - before;
+    assert!(!flood.closed_by_receiver(Duration::from_millis(10)), "wake-ups are allowed");
+    // Reading and dropping 4 MiB costs milliseconds; a spin or a wait per
+    // byte would cost seconds (the bound is loose for a loaded machine).
+    assert!(spent < 3.0, "{spent} s of CPU for 4 MiB of wake-ups");
+    served(&name, &sub, 12);
+    assert_eq!(node.stats().rejected, 0);
+    println!("4 MiB of room wake-ups cost {spent:.3} s of CPU");
+}
