@@ -679,6 +679,13 @@ mod tests {
 
     static FREED: AtomicUsize = AtomicUsize::new(0);
 
+    /// Tests that count frees take turns: each counts only its own.
+    fn freeing_turn() -> std::sync::MutexGuard<'static, ()> {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        TURN.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A producer's managed tensor over `data` (kept in the context).
     struct Produced {
         data: Vec<f32>,
@@ -733,6 +740,7 @@ mod tests {
 
     #[test]
     fn host_memory_comes_in_without_a_copy_and_is_freed_with_its_last_view() {
+        let _turn = freeing_turn();
         let before = FREED.load(Ordering::SeqCst);
         let raw = produce((0..12).map(|x| x as f32).collect(), &[3, 2], &[4, 2], 1);
         // SAFETY: `raw` is a fresh managed tensor nobody else owns.
@@ -765,6 +773,7 @@ mod tests {
 
     #[test]
     fn negative_strides_are_gathered_and_the_producer_freed_at_once() {
+        let _turn = freeing_turn();
         let before = FREED.load(Ordering::SeqCst);
         // The reversed rows of a 2×3 matrix: first element at row 1.
         let raw = produce((0..6).map(|x| x as f32).collect(), &[2, 3], &[-3, 1], 3);
