@@ -26,6 +26,15 @@ fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
+/// Checks that a command was refused (exit 2) saying each of `says`.
+fn refused(out: &Output, says: &[&str]) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for s in says {
+        assert!(err.contains(s), "`{s}` not in: {err}");
+    }
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tensorferry-store-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -119,12 +128,7 @@ fn a_directory_store_written_by_one_process_is_read_by_another() {
     let again = tensorferry(&[
         "store", "put", "--store", &store, "--key", "weights", "--tensor", "w=f32:4",
     ]);
-    assert_eq!(again.status.code(), Some(2));
-    assert!(
-        text(&again.stderr).contains("--overwrite") || text(&again.stderr).contains("overwrite"),
-        "{}",
-        text(&again.stderr)
-    );
+    refused(&again, &["overwrite"]);
     let replaced = tensorferry(&[
         "store",
         "put",
@@ -158,12 +162,7 @@ fn a_directory_store_written_by_one_process_is_read_by_another() {
     assert_eq!(evict.status.code(), Some(1), "one key was not there");
     assert!(text(&evict.stdout).contains(&format!("evicted {key}")));
     let gone = tensorferry(&["store", "get", "--store", &store, &key]);
-    assert_eq!(gone.status.code(), Some(2));
-    assert!(
-        text(&gone.stderr).contains("never put there, or was evicted"),
-        "{}",
-        text(&gone.stderr)
-    );
+    refused(&gone, &["never put there, or was evicted"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -212,12 +211,9 @@ fn a_served_store_is_reached_by_other_processes_with_its_secret_only() {
 
     // A process without the secret is refused by the store's node.
     let stranger = tensorferry(&["store", "ls", "--store", &addr, "--timeout", "5"]);
-    assert_eq!(stranger.status.code(), Some(2));
-    assert!(
-        text(&stranger.stderr).contains("cannot be reached")
-            && text(&stranger.stderr).contains("requires a shared secret"),
-        "{}",
-        text(&stranger.stderr)
+    refused(
+        &stranger,
+        &["cannot be reached", "requires a shared secret"],
     );
 
     drop(server);
@@ -230,12 +226,7 @@ fn a_served_store_is_reached_by_other_processes_with_its_secret_only() {
         &secret,
         "shard-0",
     ]);
-    assert_eq!(after.status.code(), Some(2));
-    assert!(
-        text(&after.stderr).contains(&format!("store {addr} cannot be reached")),
-        "{}",
-        text(&after.stderr)
-    );
+    refused(&after, &[&format!("store {addr} cannot be reached")]);
 
     // What the store held is still on disk for the next server.
     let (_server, addr) = Server::start(&data, Some(Path::new(&secret)));
@@ -284,12 +275,7 @@ fn bad_store_options_say_what_to_give() {
         ),
     ] {
         let out = tensorferry(&args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(
-            text(&out.stderr).contains(says),
-            "{args:?}: {}",
-            text(&out.stderr)
-        );
+        refused(&out, &[says]);
     }
 }
 

@@ -159,6 +159,12 @@ impl Message {
         }
     }
 
+    /// This message with `fields` in place of its fields.
+    pub(crate) fn with_fields(mut self, fields: Map<String, Value>) -> Message {
+        self.fields = fields;
+        self
+    }
+
     pub(crate) fn from_parts(
         fields: Map<String, Value>,
         tensors: Vec<(String, Tensor)>,

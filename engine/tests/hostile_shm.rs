@@ -215,7 +215,8 @@ fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
     let rest = stat.rsplit_once(')').expect("a command name").1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
     // SAFETY: sysconf reads a constant of the system; no memory is touched.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
@@ -232,11 +233,17 @@ fn a_peer_flooding_room_wake_ups_costs_work_in_proportion_to_its_bytes() {
     let chunk = [b'S'; 4096];
     for _ in 0..1024 {
         // 4 MiB of wake-ups; a full socket just waits for the reader.
-        flood.socket.write_all(&chunk).expect("the receiver reads them");
+        flood
+            .socket
+            .write_all(&chunk)
+            .expect("the receiver reads them");
     }
     thread::sleep(Duration::from_millis(200));
     let spent = cpu_seconds() - before;
-    assert!(!flood.closed_by_receiver(Duration::from_millis(10)), "wake-ups are allowed");
+    assert!(
+        !flood.closed_by_receiver(Duration::from_millis(10)),
+        "wake-ups are allowed"
+    );
     // Reading and dropping 4 MiB costs milliseconds; a spin or a wait per
     // byte would cost seconds (the bound is loose for a loaded machine).
     assert!(spent < 3.0, "{spent} s of CPU for 4 MiB of wake-ups");

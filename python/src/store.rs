@@ -74,6 +74,21 @@ impl PyStore {
     }
 }
 
+impl PyStore {
+    /// Runs `put` on `message` (see [`PyStore::call`]). The last hold on
+    /// the Python objects put is then a copy let go here, with the GIL.
+    fn put_message<T, F>(&self, py: Python<'_>, message: Message, put: F) -> PyResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store, &Message) -> Result<T> + Send + 'static,
+    {
+        let keep = message.clone();
+        let done = self.call(py, move |s| put(s, &message));
+        release::drop_here(py, keep);
+        done
+    }
+}
+
 impl Drop for PyStore {
     fn drop(&mut self) {
         // A served store's handle holds a node: dropping its last handle
@@ -215,20 +230,15 @@ impl PyStore {
                 .err("overwrite=True replaces what a key holds: give the key (key=...)"));
         }
         let message = message_of(py, fields, tensors, serializer, kwargs)?;
-        // The last hold on the Python objects put is then this copy, let
-        // go here, with the GIL.
-        let keep = message.clone();
         let overwrite = if overwrite {
             Overwrite::Replace
         } else {
             Overwrite::Refuse
         };
-        let put = self.call(py, move |s| match key {
-            Some(key) => s.put_as(&key, &message, overwrite).map(|m| m.key),
-            None => s.put(&message),
-        });
-        release::drop_here(py, keep);
-        put
+        self.put_message(py, message, move |s, message| match key {
+            Some(key) => s.put_as(&key, message, overwrite).map(|m| m.key),
+            None => s.put(message),
+        })
     }
 
     /// Stores a message under a new key, as :meth:`put` does, and returns
@@ -246,10 +256,8 @@ impl PyStore {
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyProxy> {
         let message = message_of(py, fields, tensors, serializer, kwargs)?;
-        let keep = message.clone();
-        let put = self.call(py, move |s| s.put_proxy(&message));
-        release::drop_here(py, keep);
-        Ok(PyProxy::new(put?))
+        let proxy = self.put_message(py, message, |s, message| s.put_proxy(message))?;
+        Ok(PyProxy::new(proxy))
     }
 
     /// The message under ``key`` (a :class:`Message` whose tensors view what

@@ -294,6 +294,15 @@ pub fn node_builder(
     Ok(builder)
 }
 
+/// The addresses `node` listens on, ports resolved, as one line: `a, b`.
+pub fn listening(node: &tensorferry::Node) -> String {
+    node.listen_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Whether a configuration's `"node"` section names addresses to listen on.
 pub fn config_listens(config: &tensorferry::device_map::ChannelConfig) -> bool {
     let node = config.node();

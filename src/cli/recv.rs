@@ -319,12 +319,7 @@ fn open(args: &Args) -> Result<(Source, String), String> {
         )?
         .build()
         .map_err(|e| e.to_string())?;
-        let addrs: Vec<String> = node
-            .listen_addrs()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        let bound = addrs.join(", ");
+        let bound = super::listening(&node);
         eprintln!("listening on {bound}");
         let sub = node.subscriber(channel);
         return Ok((Source::Net { _node: node, sub }, bound));

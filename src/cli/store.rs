@@ -237,17 +237,12 @@ fn serve(args: &ServeArgs) -> Outcome {
     store
         .serve(&node, &args.channel)
         .map_err(|e| e.to_string())?;
-    let addrs: Vec<String> = node
-        .listen_addrs()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
     let entries = store.list().map_err(|e| e.to_string())?;
     say!(
         "serving store {} ({} key(s)) at {} on {}",
         args.dir.display(),
         entries.len(),
-        addrs.join(", "),
+        super::listening(&node),
         args.channel
     );
     let started = Instant::now();

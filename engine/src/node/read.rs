@@ -295,6 +295,7 @@ impl NodeInner {
         let stream = peer.conn.stream().ok_or_else(|| {
             Error::Invalid("it sent a shm frame over a link without shared memory".into())
         })?;
+        let mut drained = false;
         let map = {
             let mut mapped = lock(&peer.mapped);
             if field("fd").and_then(serde_json::Value::as_bool) == Some(true) {
@@ -304,6 +305,7 @@ impl NodeInner {
                     )
                 })?;
                 mapped.insert(slot, Arc::new(MappedSlot::map(fd)?));
+                drained = true;
             }
             mapped.get(&slot).cloned().ok_or_else(|| {
                 Error::Invalid(format!("it named shm slot {slot}, which it never sent"))
@@ -311,7 +313,7 @@ impl NodeInner {
         };
         // Taking a descriptor drained the socket's wake-ups too: one that
         // reported room to write is acted on here.
-        if stream.link().take_room_rung() {
+        if drained && stream.link().take_room_rung() {
             let _ = stream.pump();
         }
         let weak: Weak<Peer> = Arc::downgrade(peer);

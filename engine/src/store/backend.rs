@@ -192,7 +192,8 @@ pub(crate) struct DirBackend {
     /// file they map: a get of an unchanged entry reuses the mapping (and
     /// the pages already faulted into it) instead of mapping it anew. An
     /// entry whose file was removed or replaced meanwhile (by any process)
-    /// is let go at the next get, so a removed file's space is not held.
+    /// is let go when another entry is next mapped, so at most a few
+    /// removed files' space is held.
     maps: Mutex<Vec<(String, FileId, HostBuffer)>>,
 }
 
@@ -306,18 +307,19 @@ impl DirBackend {
             .metadata()
             .map_err(|e| Error::io_path("cannot stat", &path, e))?;
         let id = FileId::of(&meta);
-        let mut maps = lock(&self.maps);
-        // Let go of what was removed or replaced since it was mapped.
-        maps.retain(|(k, known, _)| {
-            fs::metadata(self.path(k)).is_ok_and(|m| FileId::of(&m) == *known)
-        });
-        if let Some((_, _, region)) = maps.iter().find(|(k, known, _)| k == key && *known == id) {
+        if let Some((_, _, region)) = lock(&self.maps)
+            .iter()
+            .find(|(k, known, _)| k == key && *known == id)
+        {
             return Ok(region.clone());
         }
-        drop(maps);
         let region = map_file(&file, &path, id.len)?;
         let mut maps = lock(&self.maps);
-        maps.retain(|(k, _, _)| k != key);
+        // Let go of this key's old mapping, and of any whose file was
+        // removed or replaced since (by any process).
+        maps.retain(|(k, known, _)| {
+            k != key && fs::metadata(self.path(k)).is_ok_and(|m| FileId::of(&m) == *known)
+        });
         if maps.len() >= KEPT_MAPS {
             maps.remove(0);
         }

@@ -503,9 +503,12 @@ impl Store {
     /// cannot be read back); the backend's errors (a full disk, an
     /// unreachable store).
     pub fn put(&self, message: &Message) -> Result<String> {
-        let key = new_key();
-        self.backend.put(&key, message, Overwrite::Refuse)?;
-        Ok(key)
+        Ok(self.put_new(message)?.key)
+    }
+
+    /// Stores `message` under a new random key; what it holds there.
+    fn put_new(&self, message: &Message) -> Result<Manifest> {
+        self.backend.put(&new_key(), message, Overwrite::Refuse)
     }
 
     /// Stores `message` under `key`.
@@ -538,9 +541,7 @@ impl Store {
     ///
     /// Those of [`put`](Self::put).
     pub fn put_proxy(&self, message: &Message) -> Result<Proxy> {
-        let key = new_key();
-        let manifest = self.backend.put(&key, message, Overwrite::Refuse)?;
-        Ok(Proxy::new(self.location(), manifest))
+        Ok(Proxy::new(self.location(), self.put_new(message)?))
     }
 
     /// Stores a value through its codec (a serializer of your own): the

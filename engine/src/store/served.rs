@@ -15,10 +15,9 @@ use serde_json::{json, Map, Value};
 use super::backend::Backend;
 use super::{check_key, Entry, Location, Manifest, Overwrite};
 use crate::error::{Error, Result};
-use crate::message::{Message, Object};
+use crate::message::Message;
 use crate::node::Node;
 use crate::service::{Service, ServiceError};
-use crate::tensor::Tensor;
 
 /// The channel a store is served on unless told otherwise.
 pub const DEFAULT_CHANNEL: &str = "/tensorferry/store";
@@ -28,19 +27,6 @@ pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 const NOT_STORED: &str = "not_stored";
 const ALREADY_STORED: &str = "already_stored";
-
-/// `message`'s parts with `fields` in place of its fields.
-fn rebuilt(message: Message, fields: Map<String, Value>) -> Message {
-    let tensors: Vec<(String, Tensor)> = message
-        .tensors()
-        .map(|(n, t)| (n.to_string(), t.clone()))
-        .collect();
-    let objects: Vec<(String, Object)> = message
-        .objects()
-        .map(|(n, o)| (n.to_string(), o.clone()))
-        .collect();
-    Message::from_parts(fields, tensors, objects)
-}
 
 fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
@@ -85,7 +71,7 @@ fn answer(backend: &dyn Backend, request: Message) -> std::result::Result<Messag
                 _ => Map::new(),
             };
             let manifest = backend
-                .put(&key, &rebuilt(request, fields), overwrite)
+                .put(&key, &request.with_fields(fields), overwrite)
                 .map_err(service_error)?;
             Message::new().field("manifest", to_json(&manifest))
         }
@@ -94,7 +80,7 @@ fn answer(backend: &dyn Backend, request: Message) -> std::result::Result<Messag
             let mut fields = Map::new();
             fields.insert("manifest".into(), to_json(&manifest));
             fields.insert("fields".into(), Value::Object(message.fields().clone()));
-            rebuilt(message, fields)
+            message.with_fields(fields)
         }
         "manifest" => Message::new().field(
             "manifest",
@@ -219,7 +205,7 @@ impl Backend for RemoteBackend {
         let Value::Object(fields) = fields else {
             unreachable!("json! of an object literal is an object")
         };
-        let reply = self.call(rebuilt(message.clone(), fields), Some(key))?;
+        let reply = self.call(message.clone().with_fields(fields), Some(key))?;
         self.manifest_of(&reply)
     }
 
@@ -230,7 +216,7 @@ impl Backend for RemoteBackend {
             Some(Value::Object(m)) => m.clone(),
             _ => return Err(self.bad_reply("no fields")),
         };
-        let message = rebuilt(reply, fields);
+        let message = reply.with_fields(fields);
         // What arrived, not only what the store says it sent.
         let manifest = Manifest::of_reply(&message, &claimed)?;
         Ok((message, manifest))
