@@ -151,6 +151,16 @@ impl<T> Queue<T> {
                 .is_none_or(|(max, _)| s.bytes < max || s.items.is_empty())
     }
 
+    /// Whether producers waiting for room are woken now: once the queue has
+    /// drained to half its depth (and half its bytes), not at the first
+    /// free place, so that a producer kept at the limit is woken once per
+    /// half a queue, not once per item.
+    fn drained(&self, s: &State<T>) -> bool {
+        s.items.is_empty()
+            || (s.items.len() <= self.depth / 2
+                && self.bytes.is_none_or(|(max, _)| s.bytes <= max / 2))
+    }
+
     fn pop_front(&self, s: &mut State<T>) -> Option<T> {
         let item = s.items.pop_front()?;
         s.bytes = s.bytes.saturating_sub(self.weight(&item));
@@ -272,6 +282,9 @@ impl<T> Queue<T> {
 
     fn took(&self, mut s: MutexGuard<'_, State<T>>) {
         self.queued.store(s.items.len(), Ordering::Release);
+        if !self.drained(&s) {
+            return;
+        }
         let mut wakers = std::mem::take(&mut s.room_wakers);
         let blocked = s.waiting_room > 0;
         drop(s);
@@ -334,6 +347,23 @@ impl<T> Queue<T> {
             };
             s.waiting_items -= 1;
         }
+    }
+
+    /// Whether an item waits (or the queue is closed); if not, `waker` is
+    /// woken when one arrives or the queue closes.
+    pub(crate) fn ready_or_wake(&self, waker: &Waker) -> bool {
+        let mut s = self.lock();
+        if !s.items.is_empty() || s.closed {
+            return true;
+        }
+        register(&mut s.item_wakers, waker);
+        false
+    }
+
+    /// Whether no item waits, as last published, without taking the lock
+    /// (a consumer's quick look; [`len`](Self::len) is exact).
+    pub(crate) fn looks_empty(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0
     }
 
     /// The async form of [`pop`](Self::pop): `Ready(None)` when closed and empty.
@@ -417,6 +447,42 @@ mod tests {
         assert!(matches!(q.try_pop(), Ok(Some(1))));
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert!(matches!(q.offer(2), Offer::Taken));
+    }
+
+    #[test]
+    fn a_producer_at_the_limit_is_woken_once_half_the_queue_drained() {
+        // Eight places: a stalled producer is woken when four are left, not
+        // at the first free place (a wake-up per item at the limit is what
+        // the hysteresis saves); byte bounds drain to half their bytes too.
+        let q = Queue::new(8, Overflow::Block);
+        for i in 0..8 {
+            assert!(matches!(q.offer(i), Offer::Taken));
+        }
+        let (count, waker) = counter();
+        q.wake_on_room(&waker);
+        for (i, woken) in [(0, 0), (1, 0), (2, 0), (3, 1)] {
+            assert!(matches!(q.try_pop(), Ok(Some(n)) if n == i));
+            assert_eq!(
+                count.0.load(Ordering::SeqCst),
+                woken,
+                "after popping item {i}"
+            );
+        }
+        // Room now is taken at once, without waiting.
+        q.wake_on_room(&waker);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+
+        let weigh: Weigh<usize> = |n| *n as u64;
+        let q = Queue::new(100, Overflow::Block).with_bytes(100, weigh);
+        for _ in 0..4 {
+            assert!(matches!(q.offer(25), Offer::Taken));
+        }
+        let (count, waker) = counter();
+        q.wake_on_room(&waker);
+        assert!(matches!(q.try_pop(), Ok(Some(25))));
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "75 of 100 bytes left");
+        assert!(matches!(q.try_pop(), Ok(Some(25))));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "50 of 100 bytes left");
     }
 
     #[test]

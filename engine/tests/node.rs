@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow};
 use tensorferry_engine::{
-    pattern, DType, Error, Message, Node, Schema, Service, ServiceError, Tensor,
+    pattern, DType, Error, Message, Node, Schema, Service, ServiceError, Subscription, Tensor,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -606,6 +606,173 @@ fn a_loan_is_filled_in_place_and_reaches_shm_and_local_subscribers() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn small_messages_cross_shm_through_the_ring_and_large_ones_in_a_shared_slot() {
+    // A message of a few KiB is copied through the connection's ring (no
+    // slot to take, map and release); one of 256 KiB is written once into
+    // a shared slot that the subscriber's tensor views.
+    let _shm = shm_lock();
+    let name = format!("tf-inline-{}", std::process::id());
+    let server = Node::builder()
+        .listen(format!("shm://{name}"))
+        .build()
+        .expect("server");
+    let client = Node::builder().build().expect("client");
+    let sub = client
+        .subscribe(&format!("shm://{name}"), "/mixed")
+        .expect("sub");
+    let publisher = server.publisher("/mixed");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    for (seq, elems) in [(0u64, 1021usize), (1, 64 << 10), (2, 3), (3, 64 << 10)] {
+        let t = pattern::tensor(DType::F32, &[elems], 7, seq, "x").expect("tensor");
+        publisher
+            .send(Message::new().field("seq", seq).tensor("x", t.clone()))
+            .expect("send");
+        let got = sub.recv_timeout(WAIT).expect("message");
+        assert_eq!(got.message.get_field("seq"), Some(&serde_json::json!(seq)));
+        let x = got.message.get("x").expect("x");
+        let bytes = x.contiguous_bytes().expect("host bytes");
+        assert_eq!(
+            bytes,
+            t.contiguous_bytes().expect("host bytes"),
+            "message {seq}: bytes differ"
+        );
+        let ptr = bytes.as_ptr() as usize;
+        let large = elems * 4 > 64 << 10;
+        assert_eq!(
+            in_shared_slot(ptr),
+            large,
+            "message {seq} of {} bytes: in a shared slot = {}",
+            elems * 4,
+            !large
+        );
+    }
+}
+
+/// A shm server node and a client subscribed to `channels` through it.
+fn shm_subscribed(tag: &str, channels: &[&str]) -> (Node, Node, Vec<Subscription>, String) {
+    let name = format!("tf-{tag}-{}", std::process::id());
+    let addr = format!("shm://{name}");
+    let server = Node::builder().listen(&addr).build().expect("server");
+    let client = Node::builder().build().expect("client");
+    let subs = channels
+        .iter()
+        .map(|c| client.subscribe(&addr, *c).expect("sub"))
+        .collect();
+    for c in channels {
+        server
+            .publisher(*c)
+            .wait_for_subscribers(1, WAIT)
+            .expect("subscribed");
+    }
+    (server, client, subs, addr)
+}
+
+#[test]
+fn a_shm_subscriber_reading_its_connection_still_gets_what_comes_from_elsewhere() {
+    // A subscriber with nothing queued reads its shm connection itself and
+    // sleeps on the ring; a message from this node's own publisher, the
+    // node closing, or the peer's loss each end that sleep at once, not at
+    // the deadline.
+    let _shm = shm_lock();
+    let (_server, client, subs, _) = shm_subscribed("lead-local", &["/a"]);
+    let local = client.publisher("/a");
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        local
+            .send(Message::new().field("from", "here"))
+            .expect("send");
+        local
+    });
+    let started = Instant::now();
+    let got = subs[0].recv_timeout(WAIT).expect("the local message");
+    assert_eq!(got.from, "local");
+    assert!(
+        started.elapsed() < WAIT / 2,
+        "woken by the local message after {:?}",
+        started.elapsed()
+    );
+    drop(sender.join().expect("sender"));
+
+    let closer = std::thread::spawn({
+        let client = client.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            client.shutdown();
+        }
+    });
+    let started = Instant::now();
+    // Its subscription through the peer hears of the connection closing
+    // with the node, then that the node closed.
+    let r = subs[0].recv_timeout(WAIT);
+    assert!(
+        matches!(&r, Err(Error::PeerLost { reason, .. }) if reason.contains("shut down")),
+        "{r:?}"
+    );
+    let r = subs[0].recv();
+    assert!(matches!(r, Err(Error::Closed)), "{r:?}");
+    assert!(started.elapsed() < WAIT / 2, "{:?}", started.elapsed());
+    closer.join().expect("closer");
+
+    let (server, _client, subs, addr) = shm_subscribed("lead-lost", &["/a"]);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        server.shutdown();
+    });
+    let started = Instant::now();
+    match subs[0].recv_timeout(WAIT) {
+        Err(Error::PeerLost { peer, .. }) => assert_eq!(peer, addr),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < WAIT / 2, "{:?}", started.elapsed());
+    killer.join().expect("killer");
+}
+
+#[test]
+fn shm_subscribers_of_one_connection_each_get_their_messages_in_order() {
+    // Two subscriptions through one connection, each on its own thread:
+    // whichever reads the connection hands the other's messages to its
+    // queue, in order, with every byte; slots (large) and the ring (small)
+    // alike.
+    let _shm = shm_lock();
+    let (server, _client, subs, _) = shm_subscribed("lead-two", &["/a", "/b"]);
+    let count = 400u64;
+    let receivers: Vec<_> = subs
+        .into_iter()
+        .map(|sub| {
+            std::thread::spawn(move || {
+                for seq in 0..count {
+                    let got = sub.recv_timeout(WAIT).expect("message");
+                    assert_eq!(got.seq, seq, "{}", sub.channel());
+                    let x = got.message.get("x").expect("x");
+                    let bytes = x.contiguous_bytes().expect("host");
+                    assert_eq!(
+                        pattern::first_mismatch(DType::U8, 3, seq, "x", bytes),
+                        None,
+                        "{} message {seq}",
+                        sub.channel()
+                    );
+                }
+            })
+        })
+        .collect();
+    let (a, b) = (server.publisher("/a"), server.publisher("/b"));
+    for seq in 0..count {
+        let len = if seq % 50 == 7 {
+            300 << 10
+        } else {
+            1000 + seq as usize
+        };
+        for p in [&a, &b] {
+            let t = pattern::tensor(DType::U8, &[len], 3, seq, "x").expect("tensor");
+            p.send(Message::new().tensor("x", t)).expect("send");
+        }
+    }
+    for r in receivers {
+        r.join().expect("receiver");
     }
 }
 

@@ -26,6 +26,22 @@ use crate::transport::shm::slots::SlotUse;
 use crate::transport::{Carry, Lane, Outgoing};
 use crate::wire::{decode_at, encode, encode_staged, layout, Encoded, FrameMeta};
 
+/// Published frames at most this large travel to shm peers through the
+/// connection's ring, copied in by the sender and out by the reader, rather
+/// than in a shared slot: two copies of a few KiB cost less than taking a
+/// slot, mapping it and sending its release back, which wakes the sender.
+pub(crate) const SHM_INLINE_BYTES: u64 = 64 << 10;
+
+/// The item that sends a frame already in a shared slot.
+fn slot_item(slot: Option<&(SlotUse, u64)>, meta: &FrameMeta) -> Outgoing {
+    let (held, len) = slot.expect("a slot is filled before its item is made");
+    Outgoing::Slot {
+        held: held.share(),
+        len: *len,
+        meta: meta.clone(),
+    }
+}
+
 /// Publishes messages on one channel.
 pub struct Publisher {
     node: Arc<NodeInner>,
@@ -242,13 +258,18 @@ impl Publisher {
                             .as_ref()
                             .expect("a message is at hand when no slot is");
                         let frame = encode_once(m)?;
-                        slot = Some(self.copy_to_slot(&frame)?);
-                    }
-                    let (held, len) = slot.as_ref().expect("filled above");
-                    Outgoing::Slot {
-                        held: held.share(),
-                        len: *len,
-                        meta: meta.clone(),
+                        if frame.frame_len() <= SHM_INLINE_BYTES
+                            && frame.buffers().iter().all(|b| b.host().is_some())
+                        {
+                            // Small: through the ring itself, copied out by
+                            // the reader; no slot to take, map and release.
+                            Outgoing::Frame(frame)
+                        } else {
+                            slot = Some(self.copy_to_slot(&frame)?);
+                            slot_item(slot.as_ref(), &meta)
+                        }
+                    } else {
+                        slot_item(slot.as_ref(), &meta)
                     }
                 }
             };

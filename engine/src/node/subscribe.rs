@@ -4,10 +4,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use super::peers::Peer;
+use super::read::Wait;
 use super::{lock, Guard, Node, NodeInner, ALL_CHANNELS};
 use crate::address::Address;
 use crate::delivery::Direction;
@@ -15,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::queue::{Pop, Queue};
 use crate::transport::file::FileConn;
+use crate::transport::stream::{End, Lead, Step};
 use crate::transport::Connection;
 use crate::wire::{Kind, TensorInfo};
 
@@ -59,6 +62,12 @@ pub struct Subscription {
     _guard: Arc<Guard>,
     channel: String,
     source: Source,
+    /// The peer it was made through (`subscribe(addr, …)`), whose
+    /// connection it reads itself while its queue is empty.
+    via: Option<Weak<Peer>>,
+    /// Ends its wait on the connection it reads; one per subscription, so
+    /// that the queue holds it once however often the subscription waits.
+    interrupt: Arc<Interrupt>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -101,6 +110,8 @@ impl Node {
             _guard: Arc::clone(&self.guard),
             channel,
             source: Source::Queue(queue),
+            via: None,
+            interrupt: Arc::default(),
         }
     }
 
@@ -124,10 +135,13 @@ impl Node {
                 _guard: Arc::clone(&self.guard),
                 channel: channel.into(),
                 source: Source::Replay(FileConn::replay(path, self.inner.limits)?),
+                via: None,
+                interrupt: Arc::default(),
             });
         }
         let peer = self.inner.connect(&addr)?;
-        let sub = self.subscriber(channel);
+        let mut sub = self.subscriber(channel);
+        sub.via = Some(Arc::downgrade(&peer));
         if let Source::Queue(q) = &sub.source {
             lock(&peer.origin).push(Arc::downgrade(q));
         }
@@ -179,16 +193,55 @@ impl Subscription {
 
     fn recv_until(&self, deadline: Option<Instant>) -> Result<Received> {
         match &self.source {
-            Source::Queue(q) => match q.pop(deadline) {
-                Pop::Item(d) => self.land(d),
-                Pop::Closed => Err(Error::Closed),
-                Pop::TimedOut => Err(Error::Timeout {
-                    what: format!("waiting for a message on `{}`", self.channel),
-                    ms: 0,
-                }),
-            },
+            Source::Queue(q) => {
+                // Without a deadline, reading is given back each second
+                // (and taken again when nothing came).
+                while q.looks_empty() && self.read_while_empty(q, deadline) && deadline.is_none() {}
+                match q.pop(deadline) {
+                    Pop::Item(d) => self.land(d),
+                    Pop::Closed => Err(Error::Closed),
+                    Pop::TimedOut => Err(Error::Timeout {
+                        what: format!("waiting for a message on `{}`", self.channel),
+                        ms: 0,
+                    }),
+                }
+            }
             Source::Replay(file) => self.next_replayed(file),
         }
+    }
+
+    /// With nothing queued, reads the connection its messages come through
+    /// on this thread, as a requester reads for its reply, instead of
+    /// waiting for the I/O thread to read and wake it: one thread and no
+    /// hand-off per message, and, over shm, no system call while messages
+    /// keep coming. It leads only a link whose wait a message from
+    /// elsewhere (another peer, this node's publishers) or closing can end,
+    /// only the peer it subscribed through or the node's only peer, and
+    /// only when nobody else reads it; otherwise the I/O thread reads.
+    ///
+    /// `true` when it read until the deadline (or a second, without one)
+    /// with nothing for this subscription.
+    fn read_while_empty(&self, queue: &Arc<SubQueue>, deadline: Option<Instant>) -> bool {
+        let peer = match self.via.as_ref() {
+            Some(via) => via.upgrade(),
+            None => self.node.lone_peer(),
+        };
+        let Some(peer) = peer.filter(|p| p.is_alive()) else {
+            return false;
+        };
+        let Some(stream) = peer.conn.stream() else {
+            return false;
+        };
+        if !stream.link().interruptible() {
+            return false;
+        }
+        let Some(lead) = stream.lead() else {
+            return false;
+        };
+        let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        *lock(&self.interrupt.0) = Arc::downgrade(&peer);
+        let waker = Waker::from(Arc::clone(&self.interrupt));
+        self.node.read_until_item(&peer, lead, queue, &waker, until)
     }
 
     /// The next message if one is queued.
@@ -292,6 +345,87 @@ impl Subscription {
                 from: file.label().to_string(),
                 first_byte: Instant::now(),
             }));
+        }
+    }
+}
+
+/// Ends the wait of a subscriber reading a connection itself (the peer
+/// it reads last) when its queue gets an item from elsewhere, or closes.
+#[derive(Default)]
+struct Interrupt(std::sync::Mutex<Weak<Peer>>);
+
+impl Wake for Interrupt {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let peer = lock(&self.0).upgrade();
+        if let Some(stream) = peer.as_ref().and_then(|p| p.conn.stream()) {
+            stream.link().interrupt_wait();
+        }
+    }
+}
+
+impl NodeInner {
+    /// The only live peer with a byte connection, if there is one.
+    fn lone_peer(&self) -> Option<Arc<Peer>> {
+        let peers = lock(&self.peers);
+        let mut live = peers
+            .iter()
+            .filter(|p| p.is_alive() && p.conn.stream().is_some());
+        let one = live.next()?;
+        live.next().is_none().then(|| Arc::clone(one))
+    }
+
+    /// Reads and hands on `peer`'s frames as its I/O thread would, while
+    /// `queue` is empty: until it has an item (or closes), `deadline`
+    /// passes (`true`), a full queue stalls the connection, or the
+    /// connection ends.
+    fn read_until_item(
+        &self,
+        peer: &Arc<Peer>,
+        mut lead: Lead<'_>,
+        queue: &SubQueue,
+        waker: &Waker,
+        deadline: Instant,
+    ) -> bool {
+        // A delivery that waited for room goes before anything newer.
+        if !self.retry_stalled(peer) {
+            return false;
+        }
+        loop {
+            if !queue.looks_empty() {
+                return false;
+            }
+            match lead.step(&mut |frame| self.on_frame(peer, frame, Wait::Stall)) {
+                Step::Frame => {
+                    if Instant::now() >= deadline {
+                        return queue.looks_empty();
+                    }
+                }
+                Step::Stalled => return false,
+                Step::Pending => {
+                    if queue.ready_or_wake(waker) {
+                        return false;
+                    }
+                    if Instant::now() >= deadline {
+                        return true;
+                    }
+                    if let Err(e) = lead.wait_readable(deadline) {
+                        drop(lead);
+                        self.lose(peer, &format!("waiting to read: {e}"));
+                        return false;
+                    }
+                }
+                Step::Ended(end) => {
+                    drop(lead);
+                    match end {
+                        End::Closed(why) => self.lose(peer, &why),
+                        End::Broken(what) => self.offend(peer, &what),
+                    }
+                    return false;
+                }
+            }
         }
     }
 }

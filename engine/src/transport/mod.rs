@@ -361,6 +361,19 @@ pub(crate) trait ByteLink: Send + Sync + 'static {
     /// The requester leaves the read side.
     fn unlead(&self) {}
 
+    /// Ends a [`wait_readable`](Self::wait_readable) of this process at
+    /// once (it returns `Ok(true)`; its caller finds nothing new to read and
+    /// looks elsewhere); one that starts later returns at once too. Does
+    /// nothing on links that are not [`interruptible`](Self::interruptible).
+    fn interrupt_wait(&self) {}
+
+    /// Whether [`interrupt_wait`](Self::interrupt_wait) ends a wait here, so
+    /// that a subscriber, whose messages may come from elsewhere too, can
+    /// lead the read side and wait on it.
+    fn interruptible(&self) -> bool {
+        false
+    }
+
     /// For the requester leading the read side: waits until there may be
     /// something to read, at most until `deadline`; `false` when it passed.
     ///

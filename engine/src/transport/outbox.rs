@@ -191,6 +191,14 @@ impl Lane {
         let mut s = self.lock();
         s.queued = s.queued.saturating_sub(1);
         s.bytes = s.bytes.saturating_sub(bytes);
+        // Publishers waiting for room are woken once the lane has drained
+        // to half its depth (and bytes), not at each message written: a
+        // publisher kept at the limit then wakes once per half a lane.
+        let drained = s.queued == 0
+            || (s.queued <= self.depth / 2 && self.max_bytes.is_none_or(|max| s.bytes <= max / 2));
+        if !drained {
+            return;
+        }
         let wakers = std::mem::take(&mut s.wakers);
         let blocked = s.blocked > 0;
         drop(s);
@@ -851,6 +859,33 @@ mod tests {
             .collect();
         assert!(*link.out.lock().expect("lock") == want);
         assert_eq!(lane.queued(), 0);
+    }
+
+    #[test]
+    fn a_publisher_at_the_lane_limit_is_woken_once_half_the_lane_is_written() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let lane = Lane::new(8, None, Overflow::Block);
+        for _ in 0..8 {
+            lane.add(100);
+        }
+        assert!(lane.poll_room(&mut cx).is_pending());
+        for (written, woken) in [(1, 0), (2, 0), (3, 0), (4, 1)] {
+            lane.done(100);
+            assert_eq!(
+                count.0.load(Ordering::SeqCst),
+                woken,
+                "after {written} of 8 written"
+            );
+        }
+        assert!(lane.poll_room(&mut cx).is_ready());
     }
 
     #[test]

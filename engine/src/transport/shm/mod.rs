@@ -14,12 +14,16 @@
 //!   is woken exactly when it has something to do; and its end tells each
 //!   side the other has gone;
 //! - a requester reading its own reply sleeps on a futex in the ring
-//!   instead, and the writer wakes it there, not the I/O thread.
+//!   instead, and the writer wakes it there, not the I/O thread; so does a
+//!   subscriber reading its own connection while its queue is empty
+//!   (`node/subscribe.rs`), and a message queued for it from elsewhere ends
+//!   that sleep ([`ByteLink::interrupt_wait`]).
 //!
-//! Published messages travel in shared *slots* ([`slots`]): copied once into
-//! a slot that every shm subscriber maps, the ring carrying a small pointer
-//! frame. A peer may send at most [`MAX_UNCLAIMED_FDS`] descriptors that no
-//! frame has claimed; more ends its connection.
+//! Published messages larger than 64 KiB travel in shared *slots*
+//! ([`slots`]): copied once into a slot that every shm subscriber maps, the
+//! ring carrying a small pointer frame; smaller ones go through the ring
+//! like any frame. A peer may send at most [`MAX_UNCLAIMED_FDS`]
+//! descriptors that no frame has claimed; more ends its connection.
 
 mod ring;
 pub(crate) mod slots;
@@ -262,6 +266,9 @@ pub(crate) struct ShmLink {
     outgoing: Ring,
     /// The socket ended: nothing more will be written to `incoming`.
     gone: AtomicBool,
+    /// A wait of this process on `incoming` was asked to end
+    /// ([`ByteLink::interrupt_wait`]).
+    interrupted: AtomicBool,
     /// A wake-up saying the peer made room in `outgoing` was taken off the
     /// socket and not yet acted on (see [`ByteLink::take_room_rung`]).
     room_rung: AtomicBool,
@@ -293,6 +300,7 @@ impl ShmLink {
             incoming,
             outgoing,
             gone: AtomicBool::new(false),
+            interrupted: AtomicBool::new(false),
             room_rung: AtomicBool::new(false),
             tail: AtomicU64::new(tail),
             head: AtomicU64::new(head),
@@ -538,9 +546,10 @@ impl ByteLink for ShmLink {
 
     fn wait_readable(&self, deadline: Instant) -> io::Result<bool> {
         let ring = &self.incoming;
+        let ready = || self.readable() || self.interrupted.swap(false, Ordering::SeqCst);
         loop {
             let seen = ring.data_word().load(Ordering::SeqCst);
-            if self.readable() {
+            if ready() {
                 return Ok(true);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -548,12 +557,27 @@ impl ByteLink for ShmLink {
                 return Ok(false);
             }
             ring.sleepers().fetch_or(LEADER, Ordering::SeqCst);
-            if self.readable() {
+            if ready() {
                 ring.sleepers().fetch_and(!LEADER, Ordering::SeqCst);
                 return Ok(true);
             }
             futex::wait(ring.data_word(), seen, LEADER, Some(left));
             ring.sleepers().fetch_and(!LEADER, Ordering::SeqCst);
+        }
+    }
+
+    fn interruptible(&self) -> bool {
+        true
+    }
+
+    fn interrupt_wait(&self) {
+        // The flag is seen by a wait that has not slept yet; the word's
+        // change and the wake-up end one that has (as the writer's do).
+        self.interrupted.store(true, Ordering::SeqCst);
+        let ring = &self.incoming;
+        ring.data_word().fetch_add(1, Ordering::SeqCst);
+        if ring.sleepers().load(Ordering::SeqCst) & LEADER != 0 {
+            futex::wake(ring.data_word(), LEADER);
         }
     }
 
