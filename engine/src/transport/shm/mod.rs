@@ -435,8 +435,13 @@ impl ByteLink for ShmLink {
         self.tail.store(tail, Ordering::Relaxed);
         ring.tail().store(tail, Ordering::SeqCst);
         // The writer says it waits before it looks at `tail` a last time, so
-        // either it sees the room made here or this sees it waiting.
-        if ring.writer_waits().load(Ordering::SeqCst) != 0
+        // either it sees the room made here or this sees it waiting. It is
+        // rung once half the ring is free, not at the first free byte: a
+        // writer kept waiting by a slower reader then wakes once per half a
+        // ring, not once per frame. A reader only stops short of that with
+        // a connection stalled by its consumer, when the writer waits anyway.
+        if filled - n <= ring.cap / 2
+            && ring.writer_waits().load(Ordering::SeqCst) != 0
             && ring.writer_waits().swap(0, Ordering::SeqCst) != 0
         {
             self.ring(SPACE);
@@ -796,7 +801,8 @@ mod tests {
         a.flush();
         assert!(!a.idle_write(), "the ring is full: the writer waits");
         assert!(!a.take_room_rung());
-        let _ = read_exactly(&b, 4096);
+        // Half the ring read: the reader rings.
+        let _ = read_exactly(&b, RING_BYTES / 2);
         a.on_readable().expect("drain");
         assert!(a.take_room_rung(), "the drained wake-up reported room");
         assert!(!a.take_room_rung(), "taken once");
@@ -893,9 +899,20 @@ mod tests {
         );
         a.flush();
         assert!(!a.idle_write(), "no room yet");
+        // The reader rings once half the ring is free, not at each read:
+        // the writer's socket has one `S` after the read that crossed half.
         let mut buf = vec![0u8; 4096];
+        let mut read = 0;
+        while read < RING_BYTES / 2 - 4096 {
+            assert_eq!(b.read_now(&mut buf).expect("read"), 4096);
+            read += 4096;
+            assert_eq!(
+                peek(&a).expect_err("no wake-up yet").kind(),
+                io::ErrorKind::WouldBlock,
+                "rung after {read} bytes read"
+            );
+        }
         assert_eq!(b.read_now(&mut buf).expect("read"), 4096);
-        // The reader made room and rang: the writer's socket has an `S`.
         assert_eq!(peek(&a).expect("a wake-up"), SPACE);
         a.on_readable().expect("drain");
         assert!(a.idle_write(), "room now");
