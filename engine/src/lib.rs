@@ -49,6 +49,7 @@ mod reactor;
 pub mod safetensors;
 mod service;
 mod signal;
+mod spin;
 pub mod store;
 mod tensor;
 mod transport;

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tensorferry::device_map::{ChannelConfig, ChannelSpec, Device, DeviceMap, Inventory, Pattern};
 use tensorferry::engine::{
-    pattern, Address, DType, Message, Node, Publisher, Subscription, Tensor, ALL_CHANNELS,
+    pattern, Address, DType, Message, Node, NodeBuilder, Publisher, Subscription, Tensor,
+    ALL_CHANNELS,
 };
 use tensorferry::kernels::cast;
 use tensorferry::kernels::runtime::cpu::CpuInfo;
@@ -110,10 +111,12 @@ pub struct Args {
 
     /// With --pattern reqrep: microseconds the requester spins for each reply,
     /// and the echo's reader for the next request, before sleeping (lower
-    /// latency, a core kept busy on each side). 0 turns it off; at most
-    /// 1000000 (a second).
-    #[arg(long, value_name = "US", default_value_t = 0, value_parser = Strict(values::busy_poll_us), allow_hyphen_values = true)]
-    busy_poll_us: u64,
+    /// latency, a core kept busy on each side). 0 turns all spinning off; at
+    /// most 1000000 (a second). Without it, both ends run in the default
+    /// mode: the requester spins adaptively (at most 50 µs, only while
+    /// replies come that fast), the echo's reader sleeps.
+    #[arg(long, value_name = "US", value_parser = Strict(values::busy_poll_us), allow_hyphen_values = true)]
+    busy_poll_us: Option<u64>,
 
     /// Run only the receiving side of tcp rows, for a `bench --to` on another
     /// host; it prints each row as the row ends.
@@ -268,7 +271,7 @@ struct Plan {
     duration: f64,
     pattern: Pattern,
     subscribers: usize,
-    busy_poll_us: u64,
+    busy_poll_us: Option<u64>,
     mode: Mode,
     src: Device,
     dst: Device,
@@ -729,7 +732,7 @@ fn run_role(
     size: u64,
     config: ChannelConfig,
     dst: Device,
-    busy_poll_us: u64,
+    busy_poll_us: Option<u64>,
 ) -> Outcome {
     let idle = Duration::from_secs(60);
     match role {
@@ -771,9 +774,7 @@ fn run_role(
             say!("{}", m.summary_json());
         }
         "responder" => {
-            let node = Node::builder()
-                .name("bench-echo")
-                .busy_poll(std::time::Duration::from_micros(busy_poll_us))
+            let node = with_busy_poll(Node::builder().name("bench-echo"), busy_poll_us)
                 .listen(listen)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -837,6 +838,15 @@ fn run_role(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--busy-poll-us`, when given; otherwise the node's default (adaptive
+/// requester spin).
+fn with_busy_poll(builder: NodeBuilder, busy_poll_us: Option<u64>) -> NodeBuilder {
+    match busy_poll_us {
+        Some(us) => builder.busy_poll(Duration::from_micros(us)),
+        None => builder,
+    }
+}
+
 /// A stream that reads and writes (TCP or Unix).
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
@@ -896,14 +906,12 @@ fn request_reply(t: Transport, size: u64, plan: &Plan, row: usize) -> Result<Mea
         }
     };
     // Busy polling applies to both ends: the echo's reader spins for the next request too.
-    let (child, addr) = spawn_role_with(
-        "responder",
-        &listen,
-        size,
-        &["--busy-poll-us".to_string(), plan.busy_poll_us.to_string()],
-    )?;
-    let node = Node::builder()
-        .busy_poll(std::time::Duration::from_micros(plan.busy_poll_us))
+    let spin_args = match plan.busy_poll_us {
+        Some(us) => vec!["--busy-poll-us".to_string(), us.to_string()],
+        None => Vec::new(),
+    };
+    let (child, addr) = spawn_role_with("responder", &listen, size, &spin_args)?;
+    let node = with_busy_poll(Node::builder(), plan.busy_poll_us)
         .build()
         .map_err(|e| e.to_string())?;
     let elems = (size as usize / plan.dtype.size_bytes()).max(1);
@@ -1631,8 +1639,13 @@ fn print_pubsub_title(plan: &Plan, cpu: &CpuInfo) {
 }
 
 fn print_round_trips_header(plan: &Plan, cpu: &CpuInfo) {
+    let spin = match plan.busy_poll_us {
+        Some(0) => "no spinning".to_string(),
+        Some(us) => format!("both ends busy-poll {us} µs"),
+        None => "default mode (the requester spins adaptively, the echo sleeps)".to_string(),
+    };
     say!(
-        "tensorferry bench --pattern reqrep: {} tensor echoed, cpu -> cpu, {} s per row; machine: {} ({} cores)",
+        "tensorferry bench --pattern reqrep: {} tensor echoed, cpu -> cpu, {} s per row, {spin}; machine: {} ({} cores)",
         plan.dtype, plan.duration, cpu.model, cpu.cores
     );
     say!(

@@ -51,7 +51,8 @@ pub struct NodeBuilder {
     shm_uids: Vec<u32>,
     secret: Option<Secret>,
     tls: Option<TlsConfig>,
-    busy_poll: Duration,
+    /// `None`: requesters spin adaptively, I/O threads do not.
+    busy_poll: Option<Duration>,
     progress_timeout: Duration,
     min_receive_rate: u64,
     io_threads: usize,
@@ -73,7 +74,7 @@ impl Default for NodeBuilder {
             shm_uids: Vec::new(),
             secret: None,
             tls: None,
-            busy_poll: Duration::ZERO,
+            busy_poll: None,
             progress_timeout: Duration::from_secs(30),
             min_receive_rate: 64 << 10,
             io_threads: 1,
@@ -157,7 +158,7 @@ impl NodeBuilder {
             self.shm_bytes = usize::try_from(b).map_err(|_| too_large("shm_bytes", b))?;
         }
         if let Some(us) = node.busy_poll_us {
-            self.busy_poll = Duration::from_micros(us);
+            self.busy_poll = Some(Duration::from_micros(us));
         }
         if let Some(t) = node.connect_timeout {
             self.connect_timeout = t;
@@ -301,9 +302,15 @@ impl NodeBuilder {
     /// Busy polling, for lower round-trip latency at the cost of a core kept
     /// busy: a requester waiting for its reply spins this long before it
     /// sleeps, and so does an I/O thread after each frame while this node
-    /// awaits no reply (a responder catching the next request). Default 0 (off).
+    /// awaits no reply (a responder catching the next request). Zero turns
+    /// all spinning off.
+    ///
+    /// Default: I/O threads do not spin, and a requester spins adaptively:
+    /// twice its node's recent reply wait, at most 50 µs, and not at all
+    /// while replies take longer than that (one wait in 64 spins anyway, to
+    /// notice replies that got fast again).
     pub fn busy_poll(mut self, spin: Duration) -> Self {
-        self.busy_poll = spin;
+        self.busy_poll = Some(spin);
         self
     }
 
@@ -376,14 +383,19 @@ impl NodeBuilder {
             .map(TlsConfig::load)
             .transpose()?
             .map(Arc::new);
-        let reactor = Reactor::new(self.io_threads, self.busy_poll, &self.name)?;
+        let io_spin = self.busy_poll.unwrap_or(Duration::ZERO);
+        let reactor = Reactor::new(self.io_threads, io_spin, &self.name)?;
         let inner = Arc::new_cyclic(|me| NodeInner {
             name: self.name,
             config: self.config,
             limits: self.limits,
             pool: BufferPool::with_budget(self.pool_idle_bytes, self.receive_budget_bytes),
             connect_timeout: self.connect_timeout,
-            busy_poll: self.busy_poll,
+            busy_poll: io_spin,
+            reply_spin: match self.busy_poll {
+                Some(d) => crate::spin::Spin::fixed(d),
+                None => crate::spin::Spin::adaptive(),
+            },
             progress: (!self.progress_timeout.is_zero()).then_some(ProgressRule {
                 period: self.progress_timeout,
                 min_bytes: (self.min_receive_rate as f64 * self.progress_timeout.as_secs_f64())

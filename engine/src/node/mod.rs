@@ -88,7 +88,10 @@ pub(crate) struct NodeInner {
     limits: Limits,
     pool: BufferPool,
     connect_timeout: Duration,
+    /// How long an I/O thread spins after a frame (zero unless `busy_poll`).
     busy_poll: Duration,
+    /// How long a requester spins for its reply before it sleeps.
+    reply_spin: crate::spin::Spin,
     /// How fast a begun frame must keep arriving; `None`: no check.
     progress: Option<crate::transport::stream::ProgressRule>,
     /// Other users whose processes may connect over `shm://`.

@@ -379,21 +379,30 @@ impl NodeInner {
         slot: &Queue<Reply>,
         deadline: Instant,
     ) -> Result<Option<Reply>> {
-        let spin_until = Instant::now() + self.busy_poll;
+        let started = Instant::now();
+        let spin = self.reply_spin.budget();
+        let spin_until = started + spin;
+        let got = |reply: Reply| {
+            self.reply_spin.observe(started.elapsed());
+            Ok(Some(reply))
+        };
         if let Some(lead) = lead {
             if let Some(reply) = self.read_until_reply(peer, lead, slot, deadline, spin_until) {
-                return Ok(Some(reply));
+                return got(reply);
             }
         }
         while Instant::now() < spin_until {
             if let Ok(Some(reply)) = slot.try_pop() {
-                return Ok(Some(reply));
+                return got(reply);
             }
             std::hint::spin_loop();
         }
         match slot.pop(Some(deadline)) {
-            Pop::Item(reply) => Ok(Some(reply)),
-            Pop::TimedOut => Ok(None),
+            Pop::Item(reply) => got(reply),
+            Pop::TimedOut => {
+                self.reply_spin.observe(started.elapsed());
+                Ok(None)
+            }
             Pop::Closed => Err(Error::Closed),
         }
     }
@@ -418,7 +427,7 @@ impl NodeInner {
             return None;
         }
         // The reply cannot be there yet: wait before the first read (unless spinning).
-        let mut wait_first = self.busy_poll.is_zero() && !lead.holds_bytes();
+        let mut wait_first = spin_until <= Instant::now() && !lead.holds_bytes();
         loop {
             if let Ok(Some(reply)) = slot.try_pop() {
                 return Some(reply);
