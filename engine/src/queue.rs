@@ -151,10 +151,13 @@ impl<T> Queue<T> {
                 .is_none_or(|(max, _)| s.bytes < max || s.items.is_empty())
     }
 
-    /// Whether producers waiting for room are woken now: once the queue has
-    /// drained to half its depth (and half its bytes), not at the first
-    /// free place, so that a producer kept at the limit is woken once per
-    /// half a queue, not once per item.
+    /// Whether producers waiting for room through a waker (a stalled
+    /// connection's I/O thread, an async producer) are woken now: once the
+    /// queue has drained to half its depth (and half its bytes), not at the
+    /// first free place, so that a connection kept at the limit is woken
+    /// once per half a queue, not once per item. A thread blocked in
+    /// [`push`](Self::push) is woken at each item taken: it waits on the
+    /// queue alone, so waking it costs no other thread a wake-up.
     fn drained(&self, s: &State<T>) -> bool {
         s.items.is_empty()
             || (s.items.len() <= self.depth / 2
@@ -282,11 +285,12 @@ impl<T> Queue<T> {
 
     fn took(&self, mut s: MutexGuard<'_, State<T>>) {
         self.queued.store(s.items.len(), Ordering::Release);
-        if !self.drained(&s) {
-            return;
-        }
-        let mut wakers = std::mem::take(&mut s.room_wakers);
         let blocked = s.waiting_room > 0;
+        let mut wakers = if self.drained(&s) {
+            std::mem::take(&mut s.room_wakers)
+        } else {
+            Vec::new()
+        };
         drop(s);
         if blocked {
             self.room_made.notify_one();
