@@ -49,6 +49,8 @@ struct State<T> {
     item_wakers: Vec<Waker>,
     /// Async producers and stalled readers waiting for room.
     room_wakers: Vec<Waker>,
+    /// When the first of `room_wakers` began to wait.
+    room_waited_since: Option<Instant>,
     /// Threads blocked on each condition variable: a notify costs a system
     /// call whether or not anyone waits, so it is made only when someone does.
     waiting_items: usize,
@@ -70,6 +72,8 @@ pub(crate) struct Queue<T> {
     overflow: Overflow,
     /// Most bytes queued, and how an item's bytes are counted.
     bytes: Option<(u64, Weigh<T>)>,
+    /// See [`ROOM_PATIENCE`].
+    room_patience: std::time::Duration,
 }
 
 /// How many times a consumer looks again before it sleeps.
@@ -92,6 +96,11 @@ fn wake_all(wakers: &mut Vec<Waker>) {
     }
 }
 
+/// How long a waker waiting for room may be kept waiting for the queue to
+/// drain to half: past it, the next item taken wakes it. Items that take
+/// long to consume (large tensors) then leave no connection unread for long.
+const ROOM_PATIENCE: std::time::Duration = std::time::Duration::from_micros(200);
+
 fn register(wakers: &mut Vec<Waker>, waker: &Waker) {
     if !wakers.iter().any(|w| w.will_wake(waker)) {
         wakers.push(waker.clone());
@@ -109,6 +118,7 @@ impl<T> Queue<T> {
                 dropped: 0,
                 item_wakers: Vec::new(),
                 room_wakers: Vec::new(),
+                room_waited_since: None,
                 waiting_items: 0,
                 waiting_room: 0,
             }),
@@ -118,6 +128,7 @@ impl<T> Queue<T> {
             depth: depth.max(1),
             overflow,
             bytes: None,
+            room_patience: ROOM_PATIENCE,
         }
     }
 
@@ -126,6 +137,13 @@ impl<T> Queue<T> {
     /// `max` still passes through an empty queue.
     pub(crate) fn with_bytes(mut self, max: u64, weigh: Weigh<T>) -> Self {
         self.bytes = Some((max.max(1), weigh));
+        self
+    }
+
+    /// Sets how long a waker waits for half the queue (tests).
+    #[cfg(test)]
+    fn with_room_patience(mut self, patience: std::time::Duration) -> Self {
+        self.room_patience = patience;
         self
     }
 
@@ -155,7 +173,8 @@ impl<T> Queue<T> {
     /// connection's I/O thread, an async producer) are woken now: once the
     /// queue has drained to half its depth (and half its bytes), not at the
     /// first free place, so that a connection kept at the limit is woken
-    /// once per half a queue, not once per item. A thread blocked in
+    /// once per half a queue, not once per item; or at the first item taken
+    /// after it waited [`ROOM_PATIENCE`]. A thread blocked in
     /// [`push`](Self::push) is woken at each item taken: it waits on the
     /// queue alone, so waking it costs no other thread a wake-up.
     fn drained(&self, s: &State<T>) -> bool {
@@ -259,6 +278,7 @@ impl<T> Queue<T> {
             return Poll::Ready(());
         }
         register(&mut s.room_wakers, cx.waker());
+        s.room_waited_since.get_or_insert_with(Instant::now);
         Poll::Pending
     }
 
@@ -280,13 +300,19 @@ impl<T> Queue<T> {
             waker.wake_by_ref();
         } else {
             register(&mut s.room_wakers, waker);
+            s.room_waited_since.get_or_insert_with(Instant::now);
         }
     }
 
     fn took(&self, mut s: MutexGuard<'_, State<T>>) {
         self.queued.store(s.items.len(), Ordering::Release);
         let blocked = s.waiting_room > 0;
-        let mut wakers = if self.drained(&s) {
+        let patience_over = || {
+            s.room_waited_since
+                .is_some_and(|t| t.elapsed() >= self.room_patience)
+        };
+        let mut wakers = if !s.room_wakers.is_empty() && (self.drained(&s) || patience_over()) {
+            s.room_waited_since = None;
             std::mem::take(&mut s.room_wakers)
         } else {
             Vec::new()
@@ -391,6 +417,7 @@ impl<T> Queue<T> {
         s.closed = true;
         let mut wakers = std::mem::take(&mut s.item_wakers);
         wakers.append(&mut s.room_wakers);
+        s.room_waited_since = None;
         drop(s);
         self.item_arrived.notify_all();
         self.room_made.notify_all();
@@ -458,7 +485,8 @@ mod tests {
         // Eight places: a stalled producer is woken when four are left, not
         // at the first free place (a wake-up per item at the limit is what
         // the hysteresis saves); byte bounds drain to half their bytes too.
-        let q = Queue::new(8, Overflow::Block);
+        let hour = Duration::from_secs(3600);
+        let q = Queue::new(8, Overflow::Block).with_room_patience(hour);
         for i in 0..8 {
             assert!(matches!(q.offer(i), Offer::Taken));
         }
@@ -477,7 +505,9 @@ mod tests {
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
 
         let weigh: Weigh<usize> = |n| *n as u64;
-        let q = Queue::new(100, Overflow::Block).with_bytes(100, weigh);
+        let q = Queue::new(100, Overflow::Block)
+            .with_bytes(100, weigh)
+            .with_room_patience(hour);
         for _ in 0..4 {
             assert!(matches!(q.offer(25), Offer::Taken));
         }
@@ -487,6 +517,19 @@ mod tests {
         assert_eq!(count.0.load(Ordering::SeqCst), 0, "75 of 100 bytes left");
         assert!(matches!(q.try_pop(), Ok(Some(25))));
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "50 of 100 bytes left");
+
+        // Slow items (large tensors): a waker that waited past its patience
+        // is woken by the next item taken, not left until half is drained.
+        let q = Queue::new(8, Overflow::Block).with_room_patience(Duration::from_millis(5));
+        for i in 0..8 {
+            assert!(matches!(q.offer(i), Offer::Taken));
+        }
+        let (count, waker) = counter();
+        q.wake_on_room(&waker);
+        assert!(matches!(q.try_pop(), Ok(Some(0))));
+        std::thread::sleep(Duration::from_millis(10));
+        assert!(matches!(q.try_pop(), Ok(Some(1))));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken past its patience");
     }
 
     #[test]
