@@ -615,17 +615,8 @@ fn small_messages_cross_shm_through_the_ring_and_large_ones_in_a_shared_slot() {
     // slot to take, map and release); one of 256 KiB is written once into
     // a shared slot that the subscriber's tensor views.
     let _shm = shm_lock();
-    let name = format!("tf-inline-{}", std::process::id());
-    let server = Node::builder()
-        .listen(format!("shm://{name}"))
-        .build()
-        .expect("server");
-    let client = Node::builder().build().expect("client");
-    let sub = client
-        .subscribe(&format!("shm://{name}"), "/mixed")
-        .expect("sub");
-    let publisher = server.publisher("/mixed");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (server, _client, subs, _) = shm_subscribed("inline", &["/mixed"]);
+    let (sub, publisher) = (&subs[0], server.publisher("/mixed"));
     for (seq, elems) in [(0u64, 1021usize), (1, 64 << 10), (2, 3), (3, 64 << 10)] {
         let t = pattern::tensor(DType::F32, &[elems], 7, seq, "x").expect("tensor");
         publisher

@@ -24,6 +24,7 @@ use crate::message::Message;
 use crate::queue::Offer;
 use crate::transport::outbox::LINK_ENCODING;
 use crate::transport::shm::slots::{self, MappedSlot};
+use crate::transport::stream::End;
 use crate::transport::{Flow, Lane, Outgoing};
 use crate::wire::{decode_at, encode, Frame, FrameMeta, Kind};
 
@@ -208,6 +209,15 @@ impl NodeInner {
         }
         *lock(&peer.stalled) = Some(Stalled::Deliver { received, to: full });
         Flow::Stall
+    }
+
+    /// The connection a reader led ended: the peer is lost, or dropped for
+    /// what it broke.
+    pub(crate) fn ended(&self, peer: &Arc<Peer>, end: End) {
+        match end {
+            End::Closed(why) => self.lose(peer, &why),
+            End::Broken(what) => self.offend(peer, &what),
+        }
     }
 
     /// Tries again what `peer` could not deliver; `true` when nothing is

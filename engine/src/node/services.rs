@@ -32,7 +32,7 @@ use crate::message::Message;
 use crate::queue::{Offer, Pop, Queue};
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::transport::outbox::LINK_ENCODING;
-use crate::transport::stream::{End, Lead, Step};
+use crate::transport::stream::{Lead, Step};
 use crate::transport::{Carry, Flow, Outgoing};
 use crate::wire::{encode, FrameMeta, Kind, TensorInfo};
 
@@ -460,10 +460,7 @@ impl NodeInner {
                 Step::Ended(end) => {
                     drop(lead);
                     // Fails every request pending on the peer, this one included.
-                    match end {
-                        End::Closed(why) => self.lose(peer, &why),
-                        End::Broken(what) => self.offend(peer, &what),
-                    }
+                    self.ended(peer, end);
                     return slot.try_pop().ok().flatten();
                 }
             }

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::queue::{Pop, Queue};
 use crate::transport::file::FileConn;
-use crate::transport::stream::{End, Lead, Step};
+use crate::transport::stream::{Lead, Step};
 use crate::transport::Connection;
 use crate::wire::{Kind, TensorInfo};
 
@@ -419,10 +419,7 @@ impl NodeInner {
                 }
                 Step::Ended(end) => {
                     drop(lead);
-                    match end {
-                        End::Closed(why) => self.lose(peer, &why),
-                        End::Broken(what) => self.offend(peer, &what),
-                    }
+                    self.ended(peer, end);
                     return false;
                 }
             }
