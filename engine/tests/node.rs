@@ -70,6 +70,53 @@ fn tcp_fan_out_keeps_order_and_every_byte() {
 }
 
 #[test]
+fn publishers_racing_the_io_thread_for_one_tcp_connection_lose_nothing() {
+    // Four publishers share one connection whose socket keeps filling
+    // (frames just over the batching size, each written on its own):
+    // each publisher and the I/O thread take turns writing, and one that
+    // found the socket full must never be left without the I/O thread
+    // watching for room, or the rest of its messages would wait forever.
+    let (server, client, addr) = tcp_pair();
+    let channels = ["/r0", "/r1", "/r2", "/r3"];
+    let subs: Vec<_> = channels
+        .iter()
+        .map(|c| client.subscribe(&addr, *c).expect("sub"))
+        .collect();
+    let count = 600u64;
+    let publishers: Vec<_> = channels
+        .iter()
+        .map(|c| {
+            let p = server.publisher(*c);
+            p.wait_for_subscribers(1, WAIT).expect("subscribed");
+            std::thread::spawn(move || {
+                let t = pattern::tensor(DType::U8, &[(64 << 10) + 64], 9, 0, "x").expect("tensor");
+                for seq in 0..count {
+                    p.send(Message::new().field("seq", seq).tensor("x", t.clone()))
+                        .expect("send");
+                }
+            })
+        })
+        .collect();
+    // One reader per subscription: a full queue stalls the whole connection.
+    let readers: Vec<_> = subs
+        .into_iter()
+        .map(|sub| {
+            std::thread::spawn(move || {
+                for seq in 0..count {
+                    let got = sub
+                        .recv_timeout(WAIT)
+                        .unwrap_or_else(|e| panic!("{} message {seq}: {e}", sub.channel()));
+                    assert_eq!(got.message.get_field("seq"), Some(&serde_json::json!(seq)));
+                }
+            })
+        })
+        .collect();
+    for t in publishers.into_iter().chain(readers) {
+        t.join().expect("publisher or reader");
+    }
+}
+
+#[test]
 fn inproc_moves_messages_by_reference() {
     let server = Node::builder()
         .listen("inproc://by-ref")

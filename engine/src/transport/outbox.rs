@@ -580,6 +580,12 @@ impl Outbox {
         Pumped::Failed(why)
     }
 
+    /// Whether anything waits to be written (queued, or cut short).
+    pub(crate) fn pending(&self) -> bool {
+        let s = self.lock();
+        s.closed.is_none() && (s.current.is_some() || !s.queue.is_empty())
+    }
+
     /// Closes the outbox: nothing more is taken, and what waits is dropped
     /// (its lanes are told).
     pub(crate) fn close(&self, why: &str) {

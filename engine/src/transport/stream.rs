@@ -346,14 +346,28 @@ impl StreamConn {
     /// Why the connection failed; it is shut down (its read side then
     /// reports the end).
     pub(crate) fn pump(&self) -> Result<(), String> {
-        let pumped = self.out.pump(&*self.link);
+        let mut pumped = self.out.pump(&*self.link);
         if self.link.wants_writable() {
             if let Some(r) = self.registration.get() {
-                match pumped {
-                    // The socket is full: its I/O thread waits for room.
-                    Pumped::Full => r.want_writable(true),
-                    Pumped::Done => r.want_writable(false),
-                    Pumped::Later | Pumped::Failed(_) => {}
+                loop {
+                    match pumped {
+                        // The socket is full: its I/O thread waits for room.
+                        Pumped::Full => r.want_writable(true),
+                        Pumped::Done => {
+                            r.want_writable(false);
+                            // Another thread may have found the socket full
+                            // and asked for room between this pump and the
+                            // line above, which then took the ask back:
+                            // whatever waits now is pumped again, so the
+                            // last word on writability is a pump's.
+                            if self.out.pending() {
+                                pumped = self.out.pump(&*self.link);
+                                continue;
+                            }
+                        }
+                        Pumped::Later | Pumped::Failed(_) => {}
+                    }
+                    break;
                 }
             }
         }
