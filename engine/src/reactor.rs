@@ -58,10 +58,11 @@ impl Readiness {
 pub(crate) enum Ready {
     /// Keep it; it has arranged to be reported when there is more to do.
     Wait,
-    /// Keep it, and poll it while the thread spins (busy polling): it has
-    /// *not* arranged to be woken, to spare its peer a wake-up per message;
-    /// [`Watched::arm`] is called before the thread sleeps.
-    Spin,
+    /// Keep it, and poll it while the thread spins (busy polling) for at
+    /// least this long after it last did work: it has *not* arranged to be
+    /// woken, to spare its peer a wake-up per message; [`Watched::arm`] is
+    /// called before the thread sleeps.
+    Spin(Duration),
     /// Remove it (its descriptor leaves the wait).
     Done,
 }
@@ -389,7 +390,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 }
             }
             if again {
-                spin_until = Instant::now() + busy_poll;
+                spin_until = Instant::now() + busy_poll.max(std::mem::take(&mut state.spin_for));
             }
         }
         let timeout = match (state.spinning.is_empty(), state.deadlines.first()) {
@@ -468,7 +469,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
             }
         }
         if worked {
-            spin_until = Instant::now() + busy_poll;
+            spin_until = Instant::now() + busy_poll.max(std::mem::take(&mut state.spin_for));
         }
         if shared.stopped.load(Ordering::Acquire) {
             return;
@@ -496,6 +497,8 @@ struct Sources {
     deadlines: BTreeSet<(Instant, Token)>,
     /// Sources that asked to spin.
     spinning: Vec<Token>,
+    /// The longest spin a source asked for since the spin was last renewed.
+    spin_for: Duration,
 }
 
 impl Sources {
@@ -518,10 +521,11 @@ impl Sources {
                 self.spinning.retain(|t| *t != token);
                 false
             }
-            Ready::Spin => {
+            Ready::Spin(d) => {
                 if !self.spinning.contains(&token) {
                     self.spinning.push(token);
                 }
+                self.spin_for = self.spin_for.max(d);
                 true
             }
             Ready::Done => {

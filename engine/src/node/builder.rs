@@ -396,6 +396,10 @@ impl NodeBuilder {
                 Some(d) => crate::spin::Spin::fixed(d),
                 None => crate::spin::Spin::adaptive(),
             },
+            serve_spin: match self.busy_poll {
+                Some(_) => crate::spin::Spin::fixed(Duration::ZERO),
+                None => crate::spin::Spin::adaptive(),
+            },
             progress: (!self.progress_timeout.is_zero()).then_some(ProgressRule {
                 period: self.progress_timeout,
                 min_bytes: (self.min_receive_rate as f64 * self.progress_timeout.as_secs_f64())

@@ -92,6 +92,9 @@ pub(crate) struct NodeInner {
     busy_poll: Duration,
     /// How long a requester spins for its reply before it sleeps.
     reply_spin: crate::spin::Spin,
+    /// How long an I/O thread that answered a request spins for the next
+    /// one (adaptive only without `busy_poll`).
+    serve_spin: crate::spin::Spin,
     /// How fast a begun frame must keep arriving; `None`: no check.
     progress: Option<crate::transport::stream::ProgressRule>,
     /// Other users whose processes may connect over `shm://`.

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Wake, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::publish::LostSubscriber;
 use super::read::{Stalled, Wait};
@@ -42,6 +42,9 @@ pub(crate) struct Peer {
     pub(crate) retrying: Mutex<()>,
     /// Shared slots mapped so far (shm), by id.
     pub(crate) mapped: Mutex<HashMap<u32, Arc<MappedSlot>>>,
+    /// When this node last answered a request of the peer, until its next
+    /// request comes: what a responder's adaptive spin is measured by.
+    pub(crate) replied_at: Mutex<Option<Instant>>,
     /// Runs this peer on its I/O thread soon: what a full queue calls when
     /// it has room again.
     waker: OnceLock<Waker>,
@@ -78,6 +81,7 @@ impl Peer {
             stalled: Mutex::new(None),
             retrying: Mutex::new(()),
             mapped: Mutex::new(HashMap::new()),
+            replied_at: Mutex::new(None),
             waker: OnceLock::new(),
         }
     }
@@ -142,9 +146,22 @@ impl Watched for Driven {
         }
         // With busy polling, and no requester of this node reading this
         // connection itself, the I/O thread polls the connection for a
-        // while instead of asking its peer for a wake-up.
-        let spin = !node.busy_poll.is_zero() && !node.awaits_reply_from(peer);
-        let idle = if spin { Ready::Spin } else { Ready::Wait };
+        // while instead of asking its peer for a wake-up. Without it, it
+        // spins only after answering a request on its own thread (an inline
+        // service), as long as the node's next requests have lately come
+        // that fast (`spin.rs`).
+        let spin = if !node.busy_poll.is_zero() {
+            node.busy_poll
+        } else if lock(&peer.replied_at).is_some() {
+            node.serve_spin.budget()
+        } else {
+            Duration::ZERO
+        };
+        let idle = if !spin.is_zero() && !node.awaits_reply_from(peer) {
+            Ready::Spin(spin)
+        } else {
+            Ready::Wait
+        };
         if !(why.readable || why.nudged) {
             return idle;
         }
@@ -156,7 +173,7 @@ impl Watched for Driven {
         let stop = peer.conn.read(
             &mut |frame| node.on_frame(peer, frame, Wait::Stall),
             Reading {
-                arm: !spin,
+                arm: idle == Ready::Wait,
                 evented: why.readable,
                 closed: why.closed,
             },

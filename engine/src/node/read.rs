@@ -101,6 +101,9 @@ impl NodeInner {
             }
             Kind::Request => match meta.id {
                 Some(id) => {
+                    if let Some(replied) = lock(&peer.replied_at).take() {
+                        self.serve_spin.observe(first_byte - replied);
+                    }
                     self.counters.received(&meta.channel, frame_len);
                     let job = Job::new(peer, meta.channel, id, message, tensors);
                     self.dispatch_request(job, wait)

@@ -507,7 +507,11 @@ impl NodeInner {
             return Flow::Continue;
         };
         if service.inline {
+            let peer = Arc::clone(&job.peer);
             self.run_job(&service, job);
+            // Answered on the thread that read it: the thread that may
+            // spin for the next request (see `peers.rs`).
+            *lock(&peer.replied_at) = Some(Instant::now());
             return Flow::Continue;
         }
         self.queue_request(job, service, wait)
