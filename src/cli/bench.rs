@@ -113,8 +113,9 @@ pub struct Args {
     /// and the echo's reader for the next request, before sleeping (lower
     /// latency, a core kept busy on each side). 0 turns all spinning off; at
     /// most 1000000 (a second). Without it, both ends run in the default
-    /// mode: the requester spins adaptively (at most 50 µs, only while
-    /// replies come that fast), the echo's reader sleeps.
+    /// mode: the requester spins adaptively for its reply, and the echo's
+    /// reader for the next request (at most 50 µs, only while they come
+    /// that fast).
     #[arg(long, value_name = "US", value_parser = Strict(values::busy_poll_us), allow_hyphen_values = true)]
     busy_poll_us: Option<u64>,
 
@@ -1642,7 +1643,7 @@ fn print_round_trips_header(plan: &Plan, cpu: &CpuInfo) {
     let spin = match plan.busy_poll_us {
         Some(0) => "no spinning".to_string(),
         Some(us) => format!("both ends busy-poll {us} µs"),
-        None => "default mode (the requester spins adaptively, the echo sleeps)".to_string(),
+        None => "default mode (both ends spin adaptively)".to_string(),
     };
     say!(
         "tensorferry bench --pattern reqrep: {} tensor echoed, cpu -> cpu, {} s per row, {spin}; machine: {} ({} cores)",

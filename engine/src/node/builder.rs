@@ -305,10 +305,12 @@ impl NodeBuilder {
     /// awaits no reply (a responder catching the next request). Zero turns
     /// all spinning off.
     ///
-    /// Default: I/O threads do not spin, and a requester spins adaptively:
-    /// twice its node's recent reply wait, at most 50 µs, and not at all
-    /// while replies take longer than that (one wait in 64 spins anyway, to
-    /// notice replies that got fast again).
+    /// Default: spinning adapts. A requester spins for twice its node's
+    /// recent reply wait, at most 50 µs, and not at all while replies take
+    /// longer than that (one wait in 64 spins anyway, to notice replies
+    /// that got fast again); an I/O thread that answered a request itself
+    /// (an inline service) spins for the next one by the same rule, measured
+    /// on the gaps between a reply and the next request. Nothing else spins.
     pub fn busy_poll(mut self, spin: Duration) -> Self {
         self.busy_poll = Some(spin);
         self
