@@ -814,6 +814,80 @@ fn shm_subscribers_of_one_connection_each_get_their_messages_in_order() {
     }
 }
 
+#[test]
+fn shm_slot_descriptors_reach_whichever_thread_reads_while_publishers_and_requests_race() {
+    // Large messages travel in shared slots whose descriptors come on the
+    // socket ahead of the frames that name them. Three publishers send at
+    // once over one connection while a requester on the receiving side
+    // leads the same connection for its replies and three subscribers read
+    // it themselves in turn: whichever thread reads a slot frame must find
+    // its descriptor (an error there drops the peer). Every byte is checked.
+    let _shm = shm_lock();
+    let channels = ["/s0", "/s1", "/s2"];
+    let (server, client, subs, addr) = shm_subscribed("slots-race", &channels);
+    server
+        .serve("/echo", Service::new(Ok).inline(true))
+        .expect("serve");
+    let count = 120u64;
+    let publishers: Vec<_> = channels
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let p = server.publisher(*c);
+            std::thread::spawn(move || {
+                for seq in 0..count {
+                    let len = (80 << 10) + ((seq as usize * 7919 + i * 131) % (220 << 10));
+                    let t = pattern::tensor(DType::U8, &[len], 11 + i as u64, seq, "x")
+                        .expect("tensor");
+                    p.send(Message::new().tensor("x", t)).expect("send");
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = subs
+        .into_iter()
+        .enumerate()
+        .map(|(i, sub)| {
+            std::thread::spawn(move || {
+                for seq in 0..count {
+                    let got = sub
+                        .recv_timeout(WAIT)
+                        .unwrap_or_else(|e| panic!("{} message {seq}: {e}", sub.channel()));
+                    let bytes = got.message.get("x").expect("x").packed().expect("host");
+                    assert_eq!(
+                        pattern::first_mismatch(
+                            DType::U8,
+                            11 + i as u64,
+                            seq,
+                            "x",
+                            bytes.as_slice()
+                        ),
+                        None,
+                        "{} message {seq}",
+                        sub.channel()
+                    );
+                }
+            })
+        })
+        .collect();
+    let requester = std::thread::spawn(move || {
+        for i in 0..200u64 {
+            let reply = client
+                .request(
+                    &addr,
+                    "/echo",
+                    Message::new().field("i", i).tensor("y", tensor(i)),
+                    WAIT,
+                )
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(reply.get_field("i"), Some(&serde_json::json!(i)));
+        }
+    });
+    for t in publishers.into_iter().chain(readers).chain([requester]) {
+        t.join().expect("publisher, reader or requester");
+    }
+}
+
 fn open_slots() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .expect("fd table")
