@@ -257,7 +257,7 @@ impl FrameWriter {
     /// Whether every piece is on the host (no device read-back): such a
     /// frame can be written beside others in one vectored write.
     pub(crate) fn host_only(&self) -> bool {
-        Self::pieces(&self.frame).all(|p| matches!(p, Piece::Host(_)))
+        self.frame.host_only()
     }
 
     /// Whether nothing of it is written yet.

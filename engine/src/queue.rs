@@ -96,6 +96,15 @@ fn wake_all(wakers: &mut Vec<Waker>) {
     }
 }
 
+/// Whether a bounded queue of `len` items (of `depth`) and `bytes` bytes
+/// (of `max_bytes`, when bounded in bytes) has drained enough to wake a
+/// producer that waited for room: empty, or at most half full both ways.
+/// Waking at the first free place instead wakes a producer kept at the
+/// limit once per item.
+pub(crate) fn half_drained(len: usize, depth: usize, bytes: u64, max_bytes: Option<u64>) -> bool {
+    len == 0 || (len <= depth / 2 && max_bytes.is_none_or(|max| bytes <= max / 2))
+}
+
 /// How long a waker waiting for room may be kept waiting for the queue to
 /// drain to half: past it, the next item taken wakes it. Items that take
 /// long to consume (large tensors) then leave no connection unread for long.
@@ -178,9 +187,12 @@ impl<T> Queue<T> {
     /// [`push`](Self::push) is woken at each item taken: it waits on the
     /// queue alone, so waking it costs no other thread a wake-up.
     fn drained(&self, s: &State<T>) -> bool {
-        s.items.is_empty()
-            || (s.items.len() <= self.depth / 2
-                && self.bytes.is_none_or(|(max, _)| s.bytes <= max / 2))
+        half_drained(
+            s.items.len(),
+            self.depth,
+            s.bytes,
+            self.bytes.map(|(max, _)| max),
+        )
     }
 
     fn pop_front(&self, s: &mut State<T>) -> Option<T> {

@@ -300,14 +300,13 @@ pub(crate) struct Reactor {
 
 impl Reactor {
     /// Starts `threads` I/O threads (at least one), named after `name`.
-    /// With `busy_poll` above zero, a thread keeps polling without sleeping
-    /// for that long after a source that asked to [spin](Ready::Spin) did
-    /// work.
+    /// A thread keeps polling without sleeping for as long as a source that
+    /// asked to [spin](Ready::Spin) said, after it did work.
     ///
     /// # Errors
     ///
     /// When the poller or a thread cannot be created.
-    pub(crate) fn new(threads: usize, busy_poll: Duration, name: &str) -> Result<Reactor> {
+    pub(crate) fn new(threads: usize, name: &str) -> Result<Reactor> {
         let mut started = Vec::new();
         for i in 0..threads.max(1) {
             let poll = Poll::new().map_err(|e| Error::io("creating an I/O poller (epoll)", e))?;
@@ -326,7 +325,7 @@ impl Reactor {
             let s = Arc::clone(&shared);
             let handle = thread::Builder::new()
                 .name(format!("tf-io-{i}"))
-                .spawn(move || run(poll, &s, busy_poll))
+                .spawn(move || run(poll, &s))
                 .map_err(|e| Error::io("starting an I/O thread", e))?;
             tracing::debug!(node = name, thread = i, "I/O thread started");
             started.push((shared, Some(handle)));
@@ -373,7 +372,7 @@ impl Drop for Reactor {
 }
 
 /// One I/O thread's loop.
-fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
+fn run(mut poll: Poll, shared: &Shared) {
     let mut events = Events::with_capacity(256);
     let mut state = Sources::default();
     // Until when the thread spins, while sources ask to.
@@ -390,7 +389,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
                 }
             }
             if again {
-                spin_until = Instant::now() + busy_poll.max(std::mem::take(&mut state.spin_for));
+                spin_until = Instant::now() + std::mem::take(&mut state.spin_for);
             }
         }
         let timeout = match (state.spinning.is_empty(), state.deadlines.first()) {
@@ -469,7 +468,7 @@ fn run(mut poll: Poll, shared: &Shared, busy_poll: Duration) {
             }
         }
         if worked {
-            spin_until = Instant::now() + busy_poll.max(std::mem::take(&mut state.spin_for));
+            spin_until = Instant::now() + std::mem::take(&mut state.spin_for);
         }
         if shared.stopped.load(Ordering::Acquire) {
             return;
@@ -604,7 +603,7 @@ mod tests {
 
     #[test]
     fn one_thread_reads_many_sockets_and_takes_nudges() {
-        let reactor = Reactor::new(1, Duration::ZERO, "test").expect("reactor");
+        let reactor = Reactor::new(1, "test").expect("reactor");
         let mut peers = Vec::new();
         let mut sources = Vec::new();
         for _ in 0..50 {
@@ -631,7 +630,7 @@ mod tests {
 
     #[test]
     fn a_paused_source_is_not_run_and_resuming_reports_what_came() {
-        let reactor = Reactor::new(1, Duration::ZERO, "test").expect("reactor");
+        let reactor = Reactor::new(1, "test").expect("reactor");
         let (mut a, source) = echoless();
         let reg = reactor.add(Arc::clone(&source) as Arc<dyn Watched>);
         wait_for("the first look", || {
@@ -647,7 +646,7 @@ mod tests {
 
     #[test]
     fn a_source_that_ends_is_removed() {
-        let reactor = Reactor::new(2, Duration::ZERO, "test").expect("reactor");
+        let reactor = Reactor::new(2, "test").expect("reactor");
         let (a, source) = echoless();
         let weak = Arc::downgrade(&source);
         reactor.add(source as Arc<dyn Watched>);
@@ -663,7 +662,7 @@ mod tests {
         // rest of the request is written only if the thread is told when
         // the socket has room.
         for pause_first in [false, true] {
-            let reactor = Reactor::new(1, Duration::ZERO, "test").expect("reactor");
+            let reactor = Reactor::new(1, "test").expect("reactor");
             let (mut a, source) = echoless();
             let chunk = [7u8; 4096];
             let mut filled = 0usize;

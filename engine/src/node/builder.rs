@@ -385,15 +385,14 @@ impl NodeBuilder {
             .map(TlsConfig::load)
             .transpose()?
             .map(Arc::new);
-        let io_spin = self.busy_poll.unwrap_or(Duration::ZERO);
-        let reactor = Reactor::new(self.io_threads, io_spin, &self.name)?;
+        let reactor = Reactor::new(self.io_threads, &self.name)?;
         let inner = Arc::new_cyclic(|me| NodeInner {
             name: self.name,
             config: self.config,
             limits: self.limits,
             pool: BufferPool::with_budget(self.pool_idle_bytes, self.receive_budget_bytes),
             connect_timeout: self.connect_timeout,
-            busy_poll: io_spin,
+            busy_poll: self.busy_poll.unwrap_or(Duration::ZERO),
             reply_spin: match self.busy_poll {
                 Some(d) => crate::spin::Spin::fixed(d),
                 None => crate::spin::Spin::adaptive(),

@@ -21,16 +21,10 @@ use crate::buffer::HostBuffer;
 use crate::delivery::{Delivery, Direction};
 use crate::error::{Error, Result};
 use crate::message::Message;
-use crate::transport::outbox::LINK_ENCODING;
+use crate::transport::outbox::{LINK_ENCODING, SMALL_FRAME_BYTES};
 use crate::transport::shm::slots::SlotUse;
 use crate::transport::{Carry, Lane, Outgoing};
 use crate::wire::{decode_at, encode, encode_staged, layout, Encoded, FrameMeta};
-
-/// Published frames at most this large travel to shm peers through the
-/// connection's ring, copied in by the sender and out by the reader, rather
-/// than in a shared slot: two copies of a few KiB cost less than taking a
-/// slot, mapping it and sending its release back, which wakes the sender.
-pub(crate) const SHM_INLINE_BYTES: u64 = 64 << 10;
 
 /// The item that sends a frame already in a shared slot.
 fn slot_item(slot: Option<&(SlotUse, u64)>, meta: &FrameMeta) -> Outgoing {
@@ -258,11 +252,10 @@ impl Publisher {
                             .as_ref()
                             .expect("a message is at hand when no slot is");
                         let frame = encode_once(m)?;
-                        if frame.frame_len() <= SHM_INLINE_BYTES
-                            && frame.buffers().iter().all(|b| b.host().is_some())
-                        {
+                        if frame.frame_len() <= SMALL_FRAME_BYTES && frame.host_only() {
                             // Small: through the ring itself, copied out by
-                            // the reader; no slot to take, map and release.
+                            // the reader; no slot to take, map and release
+                            // (a release wakes the sender).
                             Outgoing::Frame(frame)
                         } else {
                             slot = Some(self.copy_to_slot(&frame)?);

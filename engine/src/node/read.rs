@@ -24,7 +24,7 @@ use crate::message::Message;
 use crate::queue::Offer;
 use crate::transport::outbox::LINK_ENCODING;
 use crate::transport::shm::slots::{self, MappedSlot};
-use crate::transport::stream::End;
+use crate::transport::stream::{End, Lead, Step};
 use crate::transport::{Flow, Lane, Outgoing};
 use crate::wire::{decode_at, encode, Frame, FrameMeta, Kind};
 
@@ -35,6 +35,17 @@ pub(crate) enum Wait {
     Block,
     /// It stalls the connection instead (an I/O thread).
     Stall,
+}
+
+/// How a thread leading a connection reads it (see [`NodeInner::read_led`]).
+pub(crate) struct Led {
+    /// When it gives up.
+    pub(crate) deadline: Instant,
+    /// Until when it spins rather than sleeps when nothing is there.
+    pub(crate) spin_until: Instant,
+    /// Nothing can be there yet (a request just written): unless it spins,
+    /// it waits before its first read.
+    pub(crate) nothing_yet: bool,
 }
 
 /// What a stalled connection still has to deliver.
@@ -214,12 +225,75 @@ impl NodeInner {
         Flow::Stall
     }
 
-    /// The connection a reader led ended: the peer is lost, or dropped for
-    /// what it broke.
-    pub(crate) fn ended(&self, peer: &Arc<Peer>, end: End) {
-        match end {
-            End::Closed(why) => self.lose(peer, &why),
-            End::Broken(what) => self.offend(peer, &what),
+    /// Reads and hands on `peer`'s frames on this thread, as its I/O thread
+    /// would, while leading its connection (a requester waiting for its
+    /// reply, a subscriber with nothing queued), until `done()` says what
+    /// this thread waits for is there (`true`), or it stops short
+    /// (`false`): the deadline passed, a full queue stalled the connection
+    /// (the I/O thread reads on once it has room), or the connection ended
+    /// or its wait failed (the peer is lost). Before it sleeps, it spins
+    /// until `how.spin_until`, and `may_sleep()` has a last say (`false`:
+    /// stop, as done).
+    pub(crate) fn read_led(
+        &self,
+        peer: &Arc<Peer>,
+        mut lead: Lead<'_>,
+        how: Led,
+        done: &mut dyn FnMut() -> bool,
+        may_sleep: &mut dyn FnMut() -> bool,
+    ) -> bool {
+        // A delivery that waited for room goes before anything newer.
+        if !self.retry_stalled(peer) {
+            return false;
+        }
+        let mut wait_first =
+            how.nothing_yet && how.spin_until <= Instant::now() && !lead.holds_bytes();
+        loop {
+            if done() {
+                return true;
+            }
+            if std::mem::take(&mut wait_first) {
+                if let Err(e) = lead.wait_readable(how.deadline) {
+                    drop(lead);
+                    self.lose(peer, &format!("waiting to read: {e}"));
+                    return false;
+                }
+            }
+            match lead.step(&mut |frame| self.on_frame(peer, frame, Wait::Stall)) {
+                Step::Frame => {
+                    if Instant::now() >= how.deadline {
+                        return done();
+                    }
+                }
+                Step::Stalled => return false,
+                Step::Pending => {
+                    let now = Instant::now();
+                    if now >= how.deadline {
+                        return false;
+                    }
+                    if now < how.spin_until {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    if !may_sleep() {
+                        return true;
+                    }
+                    if let Err(e) = lead.wait_readable(how.deadline) {
+                        drop(lead);
+                        self.lose(peer, &format!("waiting to read: {e}"));
+                        return false;
+                    }
+                }
+                Step::Ended(end) => {
+                    drop(lead);
+                    // Fails what waited on the peer, this reader's wait included.
+                    match end {
+                        End::Closed(why) => self.lose(peer, &why),
+                        End::Broken(what) => self.offend(peer, &what),
+                    }
+                    return false;
+                }
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use tensorferry_device_map::Overflow;
 
 use super::peers::Peer;
 use super::publish::encode_with;
-use super::read::{Stalled, Wait};
+use super::read::{Led, Stalled, Wait};
 use super::{lock, Node, NodeInner};
 use crate::address::Address;
 use crate::delivery::Direction;
@@ -32,7 +32,7 @@ use crate::message::Message;
 use crate::queue::{Offer, Pop, Queue};
 use crate::service::{Handler, Schema, Service, ServiceError};
 use crate::transport::outbox::LINK_ENCODING;
-use crate::transport::stream::{Lead, Step};
+use crate::transport::stream::Lead;
 use crate::transport::{Carry, Flow, Outgoing};
 use crate::wire::{encode, FrameMeta, Kind, TensorInfo};
 
@@ -387,9 +387,19 @@ impl NodeInner {
             Ok(Some(reply))
         };
         if let Some(lead) = lead {
-            if let Some(reply) = self.read_until_reply(peer, lead, slot, deadline, spin_until) {
-                return got(reply);
-            }
+            // However it stops, the reply (or the peer's loss) is then in
+            // the slot, or is waited for there while the I/O thread reads.
+            self.read_led(
+                peer,
+                lead,
+                Led {
+                    deadline,
+                    spin_until,
+                    nothing_yet: true,
+                },
+                &mut || !slot.looks_empty(),
+                &mut || true,
+            );
         }
         while Instant::now() < spin_until {
             if let Ok(Some(reply)) = slot.try_pop() {
@@ -404,66 +414,6 @@ impl NodeInner {
                 Ok(None)
             }
             Pop::Closed => Err(Error::Closed),
-        }
-    }
-
-    /// Reads and hands on `peer`'s frames as its I/O thread would, until the
-    /// reply arrives (`Some`), or the deadline passes or a full queue
-    /// stalls the connection (`None`: the caller waits on the slot, the I/O
-    /// thread reads on).
-    fn read_until_reply(
-        &self,
-        peer: &Arc<Peer>,
-        mut lead: Lead<'_>,
-        slot: &Queue<Reply>,
-        deadline: Instant,
-        spin_until: Instant,
-    ) -> Option<Reply> {
-        // A delivery that waited for room (a full subscription queue) goes
-        // before anything newer is read; while it still waits, the I/O
-        // thread reads on once the queue has room, and this thread waits
-        // for its reply.
-        if !self.retry_stalled(peer) {
-            return None;
-        }
-        // The reply cannot be there yet: wait before the first read (unless spinning).
-        let mut wait_first = spin_until <= Instant::now() && !lead.holds_bytes();
-        loop {
-            if let Ok(Some(reply)) = slot.try_pop() {
-                return Some(reply);
-            }
-            if std::mem::take(&mut wait_first) {
-                if let Err(e) = lead.wait_readable(deadline) {
-                    drop(lead);
-                    self.lose(peer, &format!("waiting to read: {e}"));
-                    return None;
-                }
-            }
-            match lead.step(&mut |frame| self.on_frame(peer, frame, Wait::Stall)) {
-                Step::Frame => {}
-                Step::Stalled => return None,
-                Step::Pending => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return None;
-                    }
-                    if now < spin_until {
-                        std::hint::spin_loop();
-                        continue;
-                    }
-                    if let Err(e) = lead.wait_readable(deadline) {
-                        drop(lead);
-                        self.lose(peer, &format!("waiting to read: {e}"));
-                        return None;
-                    }
-                }
-                Step::Ended(end) => {
-                    drop(lead);
-                    // Fails every request pending on the peer, this one included.
-                    self.ended(peer, end);
-                    return slot.try_pop().ok().flatten();
-                }
-            }
         }
     }
 

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use super::peers::Peer;
-use super::read::Wait;
+use super::read::Led;
 use super::{lock, Guard, Node, NodeInner, ALL_CHANNELS};
 use crate::address::Address;
 use crate::delivery::Direction;
@@ -17,7 +17,6 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::queue::{Pop, Queue};
 use crate::transport::file::FileConn;
-use crate::transport::stream::{Lead, Step};
 use crate::transport::Connection;
 use crate::wire::{Kind, TensorInfo};
 
@@ -241,7 +240,19 @@ impl Subscription {
         let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         *lock(&self.interrupt.0) = Arc::downgrade(&peer);
         let waker = Waker::from(Arc::clone(&self.interrupt));
-        self.node.read_until_item(&peer, lead, queue, &waker, until)
+        let how = Led {
+            deadline: until,
+            spin_until: Instant::now(),
+            nothing_yet: false,
+        };
+        // Nothing came when it stopped short with the queue still empty at
+        // the deadline: the caller may lead again.
+        let done = self
+            .node
+            .read_led(&peer, lead, how, &mut || !queue.looks_empty(), &mut || {
+                !queue.ready_or_wake(&waker)
+            });
+        !done && queue.looks_empty() && Instant::now() >= until
     }
 
     /// The next message if one is queued.
@@ -375,55 +386,6 @@ impl NodeInner {
             .filter(|p| p.is_alive() && p.conn.stream().is_some());
         let one = live.next()?;
         live.next().is_none().then(|| Arc::clone(one))
-    }
-
-    /// Reads and hands on `peer`'s frames as its I/O thread would, while
-    /// `queue` is empty: until it has an item (or closes), `deadline`
-    /// passes (`true`), a full queue stalls the connection, or the
-    /// connection ends.
-    fn read_until_item(
-        &self,
-        peer: &Arc<Peer>,
-        mut lead: Lead<'_>,
-        queue: &SubQueue,
-        waker: &Waker,
-        deadline: Instant,
-    ) -> bool {
-        // A delivery that waited for room goes before anything newer.
-        if !self.retry_stalled(peer) {
-            return false;
-        }
-        loop {
-            if !queue.looks_empty() {
-                return false;
-            }
-            match lead.step(&mut |frame| self.on_frame(peer, frame, Wait::Stall)) {
-                Step::Frame => {
-                    if Instant::now() >= deadline {
-                        return queue.looks_empty();
-                    }
-                }
-                Step::Stalled => return false,
-                Step::Pending => {
-                    if queue.ready_or_wake(waker) {
-                        return false;
-                    }
-                    if Instant::now() >= deadline {
-                        return true;
-                    }
-                    if let Err(e) = lead.wait_readable(deadline) {
-                        drop(lead);
-                        self.lose(peer, &format!("waiting to read: {e}"));
-                        return false;
-                    }
-                }
-                Step::Ended(end) => {
-                    drop(lead);
-                    self.ended(peer, end);
-                    return false;
-                }
-            }
-        }
     }
 }
 

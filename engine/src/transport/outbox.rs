@@ -192,11 +192,8 @@ impl Lane {
         s.queued = s.queued.saturating_sub(1);
         s.bytes = s.bytes.saturating_sub(bytes);
         // Publishers waiting for room are woken once the lane has drained
-        // to half its depth (and bytes), not at each message written: a
-        // publisher kept at the limit then wakes once per half a lane.
-        let drained = s.queued == 0
-            || (s.queued <= self.depth / 2 && self.max_bytes.is_none_or(|max| s.bytes <= max / 2));
-        if !drained {
+        // to half its depth (and bytes), not at each message written.
+        if !crate::queue::half_drained(s.queued, self.depth, s.bytes, self.max_bytes) {
             return;
         }
         let wakers = std::mem::take(&mut s.wakers);
@@ -662,8 +659,11 @@ fn start(
     }
 }
 
-/// Frames at most this large are written several to a vectored write.
-const BATCH_FRAME_BYTES: u64 = 64 << 10;
+/// Frames at most this large (all on the host) are *small*: written
+/// several to a vectored write, and published to shm peers through the
+/// ring rather than in a shared slot — copying a few KiB costs less than
+/// what each frame costs on its own.
+pub(crate) const SMALL_FRAME_BYTES: u64 = 64 << 10;
 /// At most this many frames go in one vectored write.
 const BATCH_FRAMES: usize = 64;
 /// At most this many bytes go in one vectored write.
@@ -672,7 +672,7 @@ const BATCH_BYTES: u64 = 256 << 10;
 /// Whether `w` may be written in one vectored write with others: small,
 /// and all on the host.
 fn batchable(w: &crate::outbound::FrameWriter) -> bool {
-    w.remaining() <= BATCH_FRAME_BYTES && w.host_only()
+    w.remaining() <= SMALL_FRAME_BYTES && w.host_only()
 }
 
 /// Takes the small host frames at the front of `queue` (up to the batch's
@@ -689,7 +689,7 @@ fn take_batch(queue: &mut VecDeque<Queued>) -> Vec<(crate::outbound::FrameWriter
             break;
         };
         let len = frame.frame_len();
-        if len > BATCH_FRAME_BYTES || bytes + len > BATCH_BYTES {
+        if len > SMALL_FRAME_BYTES || bytes + len > BATCH_BYTES {
             break;
         }
         let Ok(w) = crate::outbound::FrameWriter::new(Arc::clone(frame)) else {

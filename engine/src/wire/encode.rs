@@ -91,6 +91,12 @@ impl Encoded {
     pub fn frame_len(&self) -> u64 {
         self.frame_len
     }
+
+    /// Whether every buffer is on the host (nothing to read back from a
+    /// device while writing it).
+    pub fn host_only(&self) -> bool {
+        self.buffers.iter().all(|b| b.host().is_some())
+    }
 }
 
 /// Encodes `message` for `meta`. Strided tensors are packed (only their visible
