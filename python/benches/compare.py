@@ -73,12 +73,13 @@ def emit(**kw) -> None:
 # --------------------------------------------------------------------------
 
 
-def tensorferry_config(transport: str) -> dict:
+def tensorferry_config(transport: str) -> dict | None:
     """`tcp+poll`, `shm+poll` (with `--busy-poll-us N`): both ends poll for
     N µs after each message (the node section's `busy_poll_us`) instead of
     sleeping."""
-    poll = int(os.environ.get("TFBENCH_BUSY_POLL_US", "0")) if transport.endswith("+poll") else 0
-    return {"node": {"busy_poll_us": poll}}
+    if not transport.endswith("+poll"):
+        return None  # the default: spin as long as recent round trips suggest
+    return {"node": {"busy_poll_us": int(os.environ.get("TFBENCH_BUSY_POLL_US", "0"))}}
 
 
 def serve_tensorferry(case: str, transport: str, count: int) -> None:

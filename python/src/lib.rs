@@ -12,6 +12,7 @@
 //! they hand out are [`store::PyStore`] and [`proxy::PyProxy`]; values of
 //! a caller's serializer travel as one codec object ([`serialized`]).
 
+mod attach;
 mod dlpack;
 mod errors;
 mod exit;

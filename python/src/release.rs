@@ -32,6 +32,7 @@ fn jobs() -> &'static Sender<Job> {
         let started = thread::Builder::new()
             .name("tensorferry-py".into())
             .spawn(move || {
+                crate::attach::keep_thread_state();
                 for job in &rx {
                     let stopping = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
                     if *stopping {

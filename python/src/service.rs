@@ -43,6 +43,8 @@ impl Handler for PyHandler {
             ));
         };
         // A service thread: it holds no engine lock a Python thread could want.
+        // Its interpreter state lasts from one request to the next.
+        crate::attach::keep_thread_state();
         Python::attach(|py| {
             let request = PyMessage::new(py, request, Some(self.channel.clone()), None, None)
                 .and_then(|m| Py::new(py, m))

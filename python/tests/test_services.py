@@ -1,5 +1,6 @@
 """Request/reply services in another process, and their errors."""
 
+import threading
 import time
 
 import numpy as np
@@ -144,6 +145,25 @@ def test_a_service_in_this_process_sees_requests_as_messages():
     reply = tf.Node().request(node.address, "/scale", {"f": 1}, x=np.ones(3), timeout=10)
     np.testing.assert_array_equal(np.asarray(reply["y"]), np.full(3, 2.0))
     assert seen == [("/scale", ["f"], ["x"])]
+
+
+def test_a_handler_thread_keeps_its_thread_locals_from_one_request_to_the_next():
+    # Handlers may keep per-thread resources (a stream, a connection) in a
+    # threading.local: each service thread is one Python thread for its life.
+    node = tf.Node(listen="tcp://127.0.0.1:0", service_threads=1)
+    local = threading.local()
+
+    def count(request):
+        local.calls = getattr(local, "calls", 0) + 1
+        return {"calls": local.calls, "thread": threading.get_ident()}
+
+    node.serve("/count", count)
+    client = tf.Node()
+    replies = [client.request(node.address, "/count", timeout=10).fields for _ in range(5)]
+    assert [r["calls"] for r in replies] == [1, 2, 3, 4, 5]
+    assert len({r["thread"] for r in replies}) == 1
+    assert replies[0]["thread"] != threading.get_ident()
+    node.close()
 
 
 def test_a_request_to_nowhere_fails():
