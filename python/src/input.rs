@@ -13,6 +13,7 @@ use std::ffi::{c_int, c_void, CStr};
 
 use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::ffi;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use tensorferry_engine::dlpack::{DataType, DlDevice, DlTensor};
@@ -145,7 +146,7 @@ pub fn tensor_from_py(
         let t = tensor_from_py(&bits_view, name, None)?;
         return crate::tensor::reinterpret(&t, reinterpret.unwrap_or(as_dtype), name);
     }
-    let t = if obj.hasattr("__dlpack__")? {
+    let t = if obj.hasattr(intern!(obj.py(), "__dlpack__"))? {
         match from_dlpack(obj, name) {
             Err(e) if e.is_instance_of::<PyBufferError>(obj.py()) && supports_buffer(obj) => {
                 from_buffer(obj, name)?
@@ -174,6 +175,9 @@ fn supports_buffer(obj: &Bound<'_, PyAny>) -> bool {
     unsafe { ffi::PyObject_CheckBuffer(obj.as_ptr()) == 1 }
 }
 
+/// NumPy's first type number for types registered by other packages.
+const NPY_USERDEF: i64 = 256;
+
 /// For a NumPy array of an ml_dtypes type, its dtype and a view of its bits
 /// as unsigned integers.
 fn ml_dtypes_view<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<(DType, Bound<'py, PyAny>)>> {
@@ -181,9 +185,19 @@ fn ml_dtypes_view<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<(DType, Bound
     if !ty.module().is_ok_and(|m| m == "numpy") {
         return Ok(None);
     }
-    let Ok(dtype) = obj.getattr("dtype") else {
+    let Ok(dtype) = obj.getattr(intern!(obj.py(), "dtype")) else {
         return Ok(None);
     };
+    // Types registered outside NumPy are numbered from NPY_USERDEF (256);
+    // NumPy's own need no closer look (`dtype.name` runs Python code, a
+    // few µs on every tensor sent).
+    if dtype
+        .getattr(intern!(obj.py(), "num"))
+        .and_then(|n| n.extract::<i64>())
+        .is_ok_and(|n| n < NPY_USERDEF)
+    {
+        return Ok(None);
+    }
     let Ok(dname) = dtype.getattr("name").and_then(|n| n.extract::<String>()) else {
         return Ok(None);
     };
@@ -202,9 +216,10 @@ fn ml_dtypes_view<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<(DType, Bound
 fn from_dlpack(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Tensor> {
     let py = obj.py();
     let mut stream = None;
-    if obj.hasattr("__dlpack_device__")? {
-        let (device_type, device_id): (i32, i32) =
-            obj.call_method0("__dlpack_device__")?.extract()?;
+    if obj.hasattr(intern!(py, "__dlpack_device__"))? {
+        let (device_type, device_id): (i32, i32) = obj
+            .call_method0(intern!(py, "__dlpack_device__"))?
+            .extract()?;
         let device = DlDevice {
             device_type,
             device_id,
@@ -230,12 +245,12 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Tensor> {
     let ask = |versioned: bool| -> PyResult<Bound<'_, PyAny>> {
         let kwargs = pyo3::types::PyDict::new(py);
         if versioned {
-            kwargs.set_item("max_version", PyTuple::new(py, [1, 0])?)?;
+            kwargs.set_item(intern!(py, "max_version"), PyTuple::new(py, [1, 0])?)?;
         }
         if let Some(handle) = stream {
             kwargs.set_item("stream", handle)?;
         }
-        obj.call_method("__dlpack__", (), Some(&kwargs))
+        obj.call_method(intern!(py, "__dlpack__"), (), Some(&kwargs))
     };
     let capsule = match ask(true) {
         Ok(c) => c,
