@@ -946,3 +946,82 @@ fn shared_memory_is_capped_and_a_slow_subscriber_makes_the_publisher_wait() {
         open_slots() - before
     );
 }
+
+#[test]
+fn a_publisher_follows_subscribers_and_recordings_that_come_and_go_between_its_messages() {
+    let name = format!("inproc://routes-{}", std::process::id());
+    let node = Node::builder().listen(&name).build().expect("node");
+    let other = Node::builder().build().expect("other");
+    let publisher = node.publisher("/r");
+    let send = |i: u64| {
+        publisher
+            .send(Message::new().field("i", i).tensor("x", tensor(i)))
+            .expect("send");
+    };
+    let take = |sub: &Subscription| -> u64 {
+        let got = sub.recv_timeout(WAIT).expect("message");
+        got.message
+            .get_field("i")
+            .and_then(|v| v.as_u64())
+            .expect("i")
+    };
+    send(0); // nobody yet
+    let remote = other.subscribe(&name, "/r").expect("remote");
+    publisher
+        .wait_for_subscribers(1, WAIT)
+        .expect("remote came");
+    send(1);
+    let local = node.subscriber("/r");
+    send(2);
+    let dir = tempfile_dir();
+    let file = dir.join("r.tfrec");
+    let recording = node
+        .record(&format!("file://{}", file.display()), "/r")
+        .expect("record");
+    send(3);
+    assert_eq!((take(&remote), take(&remote), take(&remote)), (1, 2, 3));
+    drop(remote);
+    let deadline = Instant::now() + WAIT;
+    while publisher.subscribers() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the remote's unsubscribe never came"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    send(4);
+    assert_eq!(
+        recording.stop().expect("stop"),
+        2,
+        "messages 3 and 4 recorded"
+    );
+    send(5);
+    for i in 2..=5 {
+        assert_eq!(take(&local), i);
+    }
+    drop(local);
+    send(6);
+    let again = node.subscriber("/r");
+    send(7);
+    assert_eq!(take(&again), 7);
+    assert!(again.try_recv().expect("open").is_none());
+    let replay = Node::builder()
+        .build()
+        .expect("replay")
+        .subscribe(&format!("file://{}", file.display()), "/r")
+        .expect("replay");
+    assert_eq!((take(&replay), take(&replay)), (3, 4));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tf-routes-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

@@ -426,6 +426,7 @@ impl NodeBuilder {
             reactor: Mutex::new(Some(reactor)),
             workers: Workers::new(self.service_threads),
             subscribers_changed: Signal::default(),
+            routes: AtomicU64::new(0),
             lost_subscribers: Mutex::new(Vec::new()),
             counters: Counters::default(),
             me: me.clone(),

@@ -120,6 +120,10 @@ pub(crate) struct NodeInner {
     workers: Workers,
     /// Told whenever subscribers come or go (here or at a peer).
     subscribers_changed: Signal,
+    /// Counts changes to whom a published message goes (subscribers here
+    /// or at peers, peers lost, recordings): publishers keep the route they
+    /// worked out until it moves.
+    routes: AtomicU64,
     /// Subscribers lost with their connection, oldest first (the last
     /// [`MAX_LOST_RECORDS`]), with their index since the node started.
     lost_subscribers: Mutex<Vec<publish::LostSubscriber>>,
@@ -287,6 +291,12 @@ impl NodeInner {
         Ok(delivery.land(message, infos)?.0)
     }
 
+    /// A change to whom published messages go: publishers work their
+    /// routes out again (see [`NodeInner::routes`]). Made after the change.
+    pub(crate) fn reroute(&self) {
+        self.routes.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn live_peers(&self) -> Vec<Arc<Peer>> {
         lock(&self.peers)
             .iter()
@@ -321,6 +331,7 @@ impl NodeInner {
         for tap in lock(&self.taps).drain(..) {
             tap.stop();
         }
+        self.reroute();
         self.subscribers_changed.notify();
         // Taken out first: an I/O thread may need the lock (to hand a new
         // connection over) while this one waits for it to stop.

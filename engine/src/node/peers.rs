@@ -266,6 +266,7 @@ impl NodeInner {
         }
         peer.conn.close(reason);
         lock(&self.peers).retain(|p| p.id != peer.id);
+        self.reroute();
         self.counters.peer_lost();
         for lane in lock(&peer.wants).values().flatten() {
             lane.close();

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use tensorferry_kernels::DType;
 
 use super::peers::Peer;
 use super::read::Wait;
+use super::stats::ChannelCounters;
 use super::subscribe::Received;
 use super::{lock, Guard, Node, NodeInner, ALL_CHANNELS};
 use crate::buffer::HostBuffer;
@@ -42,6 +43,33 @@ pub struct Publisher {
     _guard: Arc<Guard>,
     channel: String,
     seq: AtomicU64,
+    /// Whom the channel's messages go to, as last worked out.
+    route: Mutex<Option<Arc<Route>>>,
+    /// The channel's counters.
+    counters: Arc<ChannelCounters>,
+}
+
+/// A peer on a publisher's route.
+struct RoutePeer {
+    peer: Weak<Peer>,
+    /// `None`: the peer has no lane (inproc); `Some` that no longer
+    /// upgrades: its lane is gone (unsubscribed or lost).
+    lane: Option<Weak<Lane>>,
+    carries: Carry,
+}
+
+/// Whom a publisher's messages go to, as of one version of the node's
+/// routes ([`NodeInner::reroute`]).
+struct Route {
+    version: u64,
+    /// Peers subscribed to the channel, each with the lane its messages
+    /// take. Held weakly: a lost peer and what its lane still holds go when
+    /// the node lets go of them, not when this publisher next sends.
+    peers: Vec<RoutePeer>,
+    /// Whether this node has subscriptions to the channel.
+    local: bool,
+    /// Whether a recording may want the channel.
+    recording: bool,
 }
 
 /// A subscriber of a channel whose connection was lost, and what the
@@ -75,11 +103,14 @@ impl std::fmt::Debug for Publisher {
 impl Node {
     /// A publisher on `channel`.
     pub fn publisher(&self, channel: impl Into<String>) -> Publisher {
+        let channel = channel.into();
         Publisher {
             node: Arc::clone(&self.inner),
             _guard: Arc::clone(&self.guard),
-            channel: channel.into(),
+            counters: self.inner.counters.channel(&channel),
+            channel,
             seq: AtomicU64::new(0),
+            route: Mutex::new(None),
         }
     }
 }
@@ -199,6 +230,36 @@ impl Publisher {
         })
     }
 
+    /// Whom the channel's messages go to now: worked out again only when
+    /// the node's routes changed since the last time.
+    fn route(&self) -> Arc<Route> {
+        let node = &self.node;
+        // Read before looking: a change made meanwhile moves the version
+        // past this one, and the next message looks again.
+        let version = node.routes.load(Ordering::Acquire);
+        let mut kept = lock(&self.route);
+        if let Some(route) = kept.as_ref().filter(|r| r.version == version) {
+            return Arc::clone(route);
+        }
+        let peers = node
+            .subscribed_peers(&self.channel)
+            .into_iter()
+            .map(|(peer, lane)| RoutePeer {
+                carries: peer.conn.carries(),
+                peer: Arc::downgrade(&peer),
+                lane: lane.as_ref().map(Arc::downgrade),
+            })
+            .collect();
+        let route = Arc::new(Route {
+            version,
+            peers,
+            local: node.has_local_subscribers(&self.channel),
+            recording: node.records(&self.channel),
+        });
+        *kept = Some(Arc::clone(&route));
+        route
+    }
+
     /// Hands a message to every subscriber. `message` is the message itself
     /// when the caller has one; `slot` holds the encoded frame when it is
     /// already in shared memory (a loan).
@@ -211,11 +272,11 @@ impl Publisher {
         let now = Instant::now();
         let node = &self.node;
         let meta = FrameMeta::message(self.channel.clone(), seq);
-        let peers = node.subscribed_peers(&self.channel);
-        let recording = node.records(&self.channel);
-        let needs_message = recording
-            || node.has_local_subscribers(&self.channel)
-            || peers.iter().any(|(p, _)| p.conn.carries() != Carry::Slots);
+        let route = self.route();
+        let peers = &route.peers;
+        let recording = route.recording;
+        let needs_message =
+            recording || route.local || peers.iter().any(|p| p.carries != Carry::Slots);
         if message.is_none() && needs_message {
             // A loan reaching subscribers that are not shm: decode a copy of the frame.
             let (held, len) = slot.as_ref().expect("a loan always has its slot");
@@ -233,14 +294,30 @@ impl Publisher {
             encoded = Some(Arc::clone(&e));
             Ok(e)
         };
-        for (peer, lane) in peers {
+        for (i, on_route) in peers.iter().enumerate() {
+            let Some(peer) = on_route.peer.upgrade().filter(|p| p.is_alive()) else {
+                continue;
+            };
+            let lane = match &on_route.lane {
+                None => None,
+                Some(lane) => match lane.upgrade() {
+                    Some(lane) => Some(lane),
+                    None => continue,
+                },
+            };
             let item = match peer.conn.carries() {
                 Carry::Messages => {
                     let m = message.as_ref().expect("decoded above for non-shm peers");
                     m.check_names()?;
+                    // The last to need the message takes it itself.
+                    let last = i + 1 == peers.len() && !route.local && !recording;
                     Outgoing::Message {
                         meta: meta.clone(),
-                        message: m.clone(),
+                        message: if last {
+                            message.take().expect("still here")
+                        } else {
+                            m.clone()
+                        },
                     }
                 }
                 Carry::Frames => Outgoing::Frame(encode_once(
@@ -278,7 +355,7 @@ impl Publisher {
             };
             // A connection that fails is reported lost by its reader.
             if peer.conn.send(item, lane).is_ok() {
-                node.counters.sent(&self.channel, len);
+                node.counters.sent(&self.counters, len);
             }
         }
         if let Some(message) = message {

@@ -333,6 +333,7 @@ impl NodeInner {
             _ => return,
         }
         drop(wants);
+        self.reroute();
         self.subscribers_changed.notify();
     }
 

@@ -94,6 +94,7 @@ impl Node {
             stopped: AtomicBool::new(false),
         });
         lock(&self.inner.taps).push(Arc::clone(&tap));
+        self.inner.reroute();
         Ok(Recording {
             tap,
             node: Arc::downgrade(&self.inner),
@@ -174,6 +175,7 @@ impl Recording {
         self.tap.stop();
         if let Some(node) = self.node.upgrade() {
             lock(&node.taps).retain(|t| !Arc::ptr_eq(t, &self.tap));
+            node.reroute();
         }
         if let Some(why) = lock(&self.tap.failed).clone() {
             return Err(Error::Invalid(format!(

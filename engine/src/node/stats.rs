@@ -46,8 +46,9 @@ pub struct ChannelStats {
     pub bytes_sent: u64,
 }
 
+/// One channel's counters (a publisher keeps its channel's).
 #[derive(Default)]
-struct ChannelCounters {
+pub(crate) struct ChannelCounters {
     messages_received: AtomicU64,
     bytes_received: AtomicU64,
     messages_sent: AtomicU64,
@@ -69,7 +70,7 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    fn channel(&self, name: &str) -> Arc<ChannelCounters> {
+    pub(crate) fn channel(&self, name: &str) -> Arc<ChannelCounters> {
         let mut channels = lock(&self.channels);
         if let Some(c) = channels.get(name) {
             return Arc::clone(c);
@@ -87,10 +88,10 @@ impl Counters {
         c.bytes_received.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    pub(crate) fn sent(&self, channel: &str, bytes: u64) {
+    /// A message handed to a peer's connection on the channel of `c`.
+    pub(crate) fn sent(&self, c: &ChannelCounters, bytes: u64) {
         self.messages_sent.fetch_add(1, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
-        let c = self.channel(channel);
         c.messages_sent.fetch_add(1, Ordering::Relaxed);
         c.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     }

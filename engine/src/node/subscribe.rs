@@ -98,6 +98,7 @@ impl Node {
             list.push(Arc::clone(&queue));
             list.len() == 1
         };
+        self.inner.reroute();
         if first {
             for peer in self.inner.live_peers() {
                 self.inner.announce(&peer, &channel, Kind::Subscribe);
@@ -428,6 +429,7 @@ impl Drop for Subscription {
             }
             empty
         };
+        self.node.reroute();
         if last && !self.node.is_closed() {
             for peer in self.node.live_peers() {
                 self.node.announce(&peer, &self.channel, Kind::Unsubscribe);
