@@ -727,7 +727,7 @@ fn a_shm_subscriber_reading_its_connection_still_gets_what_comes_from_elsewhere(
     });
     let started = Instant::now();
     let got = subs[0].recv_timeout(WAIT).expect("the local message");
-    assert_eq!(got.from, "local");
+    assert_eq!(&*got.from, "local");
     assert!(
         started.elapsed() < WAIT / 2,
         "woken by the local message after {:?}",

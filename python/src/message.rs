@@ -54,7 +54,13 @@ impl PyMessage {
 
     /// A received message.
     pub fn received(py: Python<'_>, r: Received) -> PyResult<Self> {
-        Self::new(py, r.message, Some(r.channel), Some(r.seq), Some(r.from))
+        Self::new(
+            py,
+            r.message,
+            Some(r.channel),
+            Some(r.seq),
+            Some(r.from.to_string()),
+        )
     }
 
     /// The engine message.

@@ -258,7 +258,7 @@ impl Source {
                         seq: f.meta.seq,
                         message: f.message,
                         tensors: f.tensors,
-                        from: replay.label.clone(),
+                        from: replay.label.as_str().into(),
                         first_byte: Instant::now(),
                     };
                     if replay.only.as_ref().is_some_and(|c| *c != r.channel) {

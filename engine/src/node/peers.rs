@@ -23,7 +23,7 @@ use crate::transport::{Connection, Lane, ReadStop, Reading};
 /// One connection of a node.
 pub(crate) struct Peer {
     pub(crate) id: u64,
-    pub(crate) label: String,
+    pub(crate) label: Arc<str>,
     pub(crate) conn: Arc<dyn Connection>,
     pub(crate) node: Weak<NodeInner>,
     alive: AtomicBool,
@@ -71,7 +71,7 @@ impl Peer {
     ) -> Self {
         Self {
             id,
-            label: conn.label().to_string(),
+            label: Arc::from(conn.label()),
             conn,
             node,
             alive: AtomicBool::new(true),
@@ -233,7 +233,7 @@ impl NodeInner {
     /// and requests that depended on it.
     pub(crate) fn lose(&self, peer: &Arc<Peer>, reason: &str) {
         self.drop_peer(peer, reason, &|| Error::PeerLost {
-            peer: peer.label.clone(),
+            peer: peer.label.to_string(),
             reason: reason.to_string(),
         });
     }
@@ -251,7 +251,7 @@ impl NodeInner {
         let lost: Vec<LostSubscriber> = lock(&peer.wants)
             .iter()
             .map(|(channel, lane)| LostSubscriber {
-                peer: peer.label.clone(),
+                peer: peer.label.to_string(),
                 channel: channel.clone(),
                 reason: reason.to_string(),
                 written: lane.as_ref().map_or(0, |l| l.written()),

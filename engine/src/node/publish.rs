@@ -271,7 +271,7 @@ impl Publisher {
     ) -> Result<()> {
         let now = Instant::now();
         let node = &self.node;
-        let meta = FrameMeta::message(self.channel.clone(), seq);
+        let mut meta = FrameMeta::message(self.channel.clone(), seq);
         let route = self.route();
         let peers = &route.peers;
         let recording = route.recording;
@@ -286,11 +286,11 @@ impl Publisher {
             message = Some(decode_at(&bytes, &node.limits, 0)?.message);
         }
         let mut encoded: Option<Arc<Encoded>> = None;
-        let mut encode_once = |m: &Message| -> Result<Arc<Encoded>> {
+        let mut encode_once = |m: &Message, meta: &FrameMeta| -> Result<Arc<Encoded>> {
             if let Some(e) = &encoded {
                 return Ok(Arc::clone(e));
             }
-            let e = Arc::new(node.encode_for(m, &meta)?);
+            let e = Arc::new(node.encode_for(m, meta)?);
             encoded = Some(Arc::clone(&e));
             Ok(e)
         };
@@ -310,25 +310,28 @@ impl Publisher {
                     let m = message.as_ref().expect("decoded above for non-shm peers");
                     m.check_names()?;
                     // The last to need the message takes it itself.
-                    let last = i + 1 == peers.len() && !route.local && !recording;
-                    Outgoing::Message {
-                        meta: meta.clone(),
-                        message: if last {
-                            message.take().expect("still here")
-                        } else {
-                            m.clone()
-                        },
+                    if i + 1 == peers.len() && !route.local && !recording {
+                        Outgoing::Message {
+                            meta: std::mem::replace(&mut meta, FrameMeta::message("", seq)),
+                            message: message.take().expect("still here"),
+                        }
+                    } else {
+                        Outgoing::Message {
+                            meta: meta.clone(),
+                            message: m.clone(),
+                        }
                     }
                 }
                 Carry::Frames => Outgoing::Frame(encode_once(
                     message.as_ref().expect("decoded above for non-shm peers"),
+                    &meta,
                 )?),
                 Carry::Slots => {
                     if slot.is_none() {
                         let m = message
                             .as_ref()
                             .expect("a message is at hand when no slot is");
-                        let frame = encode_once(m)?;
+                        let frame = encode_once(m, &meta)?;
                         if frame.frame_len() <= SMALL_FRAME_BYTES && frame.host_only() {
                             // Small: through the ring itself, copied out by
                             // the reader; no slot to take, map and release
@@ -372,7 +375,7 @@ impl Publisher {
                     seq,
                     message,
                     tensors: Vec::new(),
-                    from: "local".into(),
+                    from: super::subscribe::local_sender(),
                     first_byte: now,
                 },
                 Wait::Block,

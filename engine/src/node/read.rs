@@ -159,7 +159,7 @@ impl NodeInner {
         tracing::warn!(node = %self.name, peer = %peer.label, offence, "closing a connection whose peer broke the protocol");
         self.counters.rejected();
         self.drop_peer(peer, offence, &|| Error::Misbehaved {
-            peer: peer.label.clone(),
+            peer: peer.label.to_string(),
             offence: offence.to_string(),
         });
     }

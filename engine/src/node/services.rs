@@ -363,7 +363,7 @@ impl NodeInner {
             // The connection is broken: the next request dials anew.
             self.lose(peer, &reason);
             Error::PeerLost {
-                peer: peer.label.clone(),
+                peer: peer.label.to_string(),
                 reason,
             }
         })

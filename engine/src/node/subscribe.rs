@@ -33,9 +33,15 @@ pub struct Received {
     /// in message order; empty for messages that never left the process.
     pub tensors: Vec<TensorInfo>,
     /// Who sent it: the peer's address, or `local`.
-    pub from: String,
+    pub from: Arc<str>,
     /// When its first byte arrived (for a local message: when it was published).
     pub first_byte: Instant,
+}
+
+/// The [`Received::from`] of a message published by this node.
+pub(crate) fn local_sender() -> Arc<str> {
+    static LOCAL: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    Arc::clone(LOCAL.get_or_init(|| Arc::from("local")))
 }
 
 /// What waits in a subscription's queue: a message, or what went wrong
@@ -147,7 +153,7 @@ impl Node {
         }
         if !peer.is_alive() {
             return Err(Error::PeerLost {
-                peer: peer.label.clone(),
+                peer: peer.label.to_string(),
                 reason: "closed while subscribing".into(),
             });
         }
@@ -329,7 +335,7 @@ impl Subscription {
                 return Err(Error::Undelivered {
                     channel: r.channel,
                     seq: r.seq,
-                    from: r.from,
+                    from: r.from.to_string(),
                     source: Box::new(e),
                 })
             }
@@ -354,7 +360,7 @@ impl Subscription {
                 seq: frame.meta.seq,
                 message: frame.message,
                 tensors: frame.tensors,
-                from: file.label().to_string(),
+                from: Arc::from(file.label()),
                 first_byte: Instant::now(),
             }));
         }
