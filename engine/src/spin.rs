@@ -1,4 +1,5 @@
-//! [`Spin`]: how long a requester spins for its reply before it sleeps.
+//! [`Spin`]: how long a requester spins for its reply before it sleeps (and
+//! a responder for the next request).
 //!
 //! Sleeping costs a wake-up per round trip, which on a virtual machine can
 //! double a loopback round trip; spinning costs a core while it lasts. A
@@ -19,10 +20,13 @@ const FLOOR: Duration = Duration::from_micros(2);
 /// While replies are slower than the cap, one wait in this many spins.
 pub(crate) const PROBE_EVERY: u64 = 64;
 
-/// A node's spin policy for requesters waiting on replies.
+/// A spin policy: a node's for requesters waiting on replies, or one for
+/// responders waiting for the next request.
 #[derive(Debug)]
 pub(crate) struct Spin {
     fixed: Option<Duration>,
+    /// The longest adaptive spin.
+    cap: Duration,
     /// Running average of recent waits, in nanoseconds (0: none yet).
     recent_ns: AtomicU64,
     waits: AtomicU64,
@@ -33,6 +37,7 @@ impl Spin {
     pub(crate) fn fixed(d: Duration) -> Self {
         Self {
             fixed: Some(d),
+            cap: d,
             recent_ns: AtomicU64::new(0),
             waits: AtomicU64::new(0),
         }
@@ -40,10 +45,25 @@ impl Spin {
 
     /// Spins as long as recent replies suggest.
     pub(crate) fn adaptive() -> Self {
+        Self::adaptive_up_to(CAP)
+    }
+
+    /// Spins as long as recent waits suggest, at most `cap`.
+    pub(crate) fn adaptive_up_to(cap: Duration) -> Self {
         Self {
             fixed: None,
+            cap,
             recent_ns: AtomicU64::new(0),
             waits: AtomicU64::new(0),
+        }
+    }
+
+    /// A new policy of the same kind, with nothing learnt yet, adapting
+    /// up to `cap` (a fixed one stays as it is).
+    pub(crate) fn like_up_to(&self, cap: Duration) -> Self {
+        match self.fixed {
+            Some(d) => Self::fixed(d),
+            None => Self::adaptive_up_to(cap),
         }
     }
 
@@ -53,15 +73,15 @@ impl Spin {
             return d;
         }
         let recent = self.recent_ns.load(Ordering::Relaxed);
-        let cap = CAP.as_nanos() as u64;
+        let cap = self.cap.as_nanos() as u64;
         if recent == 0 {
-            return CAP;
+            return self.cap;
         }
         if recent <= cap {
-            return Duration::from_nanos(recent.saturating_mul(2)).clamp(FLOOR, CAP);
+            return Duration::from_nanos(recent.saturating_mul(2)).clamp(FLOOR, self.cap);
         }
         if self.waits.fetch_add(1, Ordering::Relaxed) % PROBE_EVERY == 0 {
-            CAP
+            self.cap
         } else {
             Duration::ZERO
         }
@@ -84,6 +104,33 @@ impl Spin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spin_made_like_another_keeps_its_kind_with_its_own_cap() {
+        let fixed = Spin::fixed(Duration::from_micros(7)).like_up_to(Duration::from_millis(1));
+        assert_eq!(fixed.budget(), Duration::from_micros(7));
+        let longer = Spin::adaptive().like_up_to(Duration::from_micros(200));
+        assert_eq!(
+            longer.budget(),
+            Duration::from_micros(200),
+            "nothing known yet"
+        );
+        longer.observe(Duration::from_micros(80));
+        assert_eq!(
+            longer.budget(),
+            Duration::from_micros(160),
+            "twice the recent gap"
+        );
+        for _ in 0..50 {
+            longer.observe(Duration::from_micros(300));
+        }
+        assert_eq!(longer.budget(), Duration::from_micros(200), "a probe first");
+        assert_eq!(
+            longer.budget(),
+            Duration::ZERO,
+            "then none while gaps are longer"
+        );
+    }
 
     #[test]
     fn a_fixed_spin_never_changes() {

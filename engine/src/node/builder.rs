@@ -310,7 +310,10 @@ impl NodeBuilder {
     /// longer than that (one wait in 64 spins anyway, to notice replies
     /// that got fast again); an I/O thread that answered a request itself
     /// (an inline service) spins for the next one by the same rule, measured
-    /// on the gaps between a reply and the next request. Nothing else spins.
+    /// on the gaps between a reply and the next request, and a worker that
+    /// answered one (a service on the worker pool) by that rule up to
+    /// 200 µs, reading the request's connection itself meanwhile. Nothing
+    /// else spins.
     pub fn busy_poll(mut self, spin: Duration) -> Self {
         self.busy_poll = Some(spin);
         self

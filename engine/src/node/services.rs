@@ -86,6 +86,12 @@ pub(crate) struct ServiceSlot {
     stopping: AtomicBool,
     /// `fini` ran.
     finished: AtomicBool,
+    /// How long a worker that answered a request looks for the next one
+    /// before it leaves (a request it finds needs no hand-off, no wake-up).
+    spin: crate::spin::Spin,
+    /// When the last request was answered: the gap to the next is what
+    /// the spin learns from.
+    answered_at: Mutex<Option<Instant>>,
 }
 
 impl ServiceSlot {
@@ -106,6 +112,15 @@ impl ServiceSlot {
         }
     }
 }
+
+/// The longest a worker that answered a request spins for the next one.
+/// Longer than a requester's spin ([`crate::spin::CAP`]): the gap between a
+/// reply and the next request holds the requester's own work between its
+/// calls (a Python caller's is tens of µs), and a worker that sleeps
+/// through it costs two wake-ups per request (its I/O thread's and its
+/// own). Measured with Python at both ends: 4 KiB round trips over tcp
+/// took 40–60 µs with this cap and 88–117 µs with 50 µs.
+const WORKER_SPIN_CAP: Duration = Duration::from_micros(200);
 
 /// The node's worker pool for service handlers: a fixed number of threads,
 /// started with the first service that needs them.
@@ -189,6 +204,8 @@ impl Node {
                 scheduled: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
                 finished: AtomicBool::new(false),
+                spin: self.inner.serve_spin.like_up_to(WORKER_SPIN_CAP),
+                answered_at: Mutex::new(None),
             }),
         );
         Ok(())
@@ -510,8 +527,21 @@ impl NodeInner {
         let (node, svc) = (self.me.clone(), Arc::clone(service));
         let ran = self.workers.spawn(Box::new(move || loop {
             let Some(node) = node.upgrade() else { return };
-            while let Ok(Some(job)) = svc.queue.try_pop() {
-                node.run_job(&svc, job);
+            let mut from = None;
+            loop {
+                while let Ok(Some(job)) = svc.queue.try_pop() {
+                    if let Some(t) = lock(&svc.answered_at).take() {
+                        svc.spin.observe(t.elapsed());
+                    }
+                    from = Some(Arc::clone(&job.peer));
+                    node.run_job(&svc, job);
+                    *lock(&svc.answered_at) = Some(Instant::now());
+                }
+                // Requests that follow each other closely are taken here,
+                // without a hand-off from the I/O thread and its wake-up.
+                if !node.wait_for_next(&svc, from.as_ref()) {
+                    break;
+                }
             }
             svc.scheduled.store(false, Ordering::Release);
             // A request queued between the last look and the flag going
@@ -523,6 +553,36 @@ impl NodeInner {
         if !ran {
             service.scheduled.store(false, Ordering::Release);
         }
+    }
+
+    /// A worker that answered a request of `service` waits for the next one
+    /// as long as the service's spin allows, reading the connection the
+    /// last came on itself when nobody else does (the next request then
+    /// needs no I/O thread woken, nor a hand-off); `true` when one came.
+    fn wait_for_next(&self, service: &ServiceSlot, from: Option<&Arc<Peer>>) -> bool {
+        let budget = service.spin.budget();
+        if budget.is_zero() {
+            return false;
+        }
+        let until = Instant::now() + budget;
+        let came = || !service.queue.looks_empty();
+        if let Some(peer) = from.filter(|p| p.is_alive()) {
+            if let Some(lead) = peer.conn.stream().and_then(|s| s.lead()) {
+                let led = Led {
+                    deadline: until,
+                    spin_until: until,
+                    nothing_yet: false,
+                };
+                self.read_led(peer, lead, led, &mut || came(), &mut || false);
+            }
+        }
+        while !came() {
+            if service.stopping.load(Ordering::Acquire) || Instant::now() >= until {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+        true
     }
 
     /// Lands a request, checks it and answers it.
