@@ -490,13 +490,15 @@ def main() -> None:
     ap.add_argument("--cases", default="rtt,stream,to-numpy", help="cases to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and messages")
     ap.add_argument("--rounds", type=int, help="round trips per rtt row (default 2000; 300 quick)")
-    ap.add_argument("--count", type=int, help="64 MiB messages per stream row (default 24; 6 quick)")
+    ap.add_argument("--count", type=int,
+                    help="64 MiB messages per stream row (default 96: fewer leave filling and "
+                         "draining the pipeline a large share; 6 quick)")
     ap.add_argument("--busy-poll-us", type=int, default=0,
                     help="also measure tensorferry round trips with both ends busy-polling this long (µs)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     rounds = args.rounds or (300 if args.quick else 2000)
-    count = args.count or (6 if args.quick else 24)
+    count = args.count or (6 if args.quick else 96)
     if rounds < 1 or count < 1:
         ap.error("--rounds and --count must be at least 1")
     peers = [p for p in args.only.split(",") if p]
