@@ -243,14 +243,18 @@ fn messages_large_and_small_cross_tls_intact() {
         check(&got.message, 100 + i, sizes(i));
     }
     let publisher = sender.join().expect("publisher");
-    // Many small messages: 4 KiB each.
-    for i in 0..2000u64 {
-        publisher.send(message(1000 + i, 4096)).expect("publish");
-    }
+    // Many small messages: 4 KiB each, taken while they are sent (more
+    // than the queues and socket buffers between the two hold).
+    let sender = std::thread::spawn(move || {
+        for i in 0..2000u64 {
+            publisher.send(message(1000 + i, 4096)).expect("publish");
+        }
+    });
     for i in 0..2000u64 {
         let got = sub.recv_timeout(WAIT).expect("message");
         check(&got.message, 1000 + i, 4096);
     }
+    sender.join().expect("publisher");
     assert_eq!(server.stats().rejected, 0);
 }
 

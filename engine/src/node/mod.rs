@@ -126,7 +126,7 @@ pub(crate) struct NodeInner {
     routes: AtomicU64,
     /// Subscribers lost with their connection, oldest first (the last
     /// [`MAX_LOST_RECORDS`]), with their index since the node started.
-    lost_subscribers: Mutex<Vec<publish::LostSubscriber>>,
+    lost_subscribers: Mutex<Vec<publish::LostRecord>>,
     counters: Counters,
     /// This node, for what must hold a reference back (connections' handlers).
     me: Weak<NodeInner>,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
-use super::publish::LostSubscriber;
+use super::publish::{LostRecord, LostSubscriber};
 use super::read::{Stalled, Wait};
 use super::subscribe::SubQueue;
 use super::{lock, NodeInner, ALL_CHANNELS};
@@ -248,14 +248,17 @@ impl NodeInner {
         }
         // What each channel's publishers had handed this peer, before the
         // connection's queue is dropped.
-        let lost: Vec<LostSubscriber> = lock(&peer.wants)
+        let lost: Vec<LostRecord> = lock(&peer.wants)
             .iter()
-            .map(|(channel, lane)| LostSubscriber {
-                peer: peer.label.to_string(),
-                channel: channel.clone(),
-                reason: reason.to_string(),
-                written: lane.as_ref().map_or(0, |l| l.written()),
-                unsent: lane.as_ref().map_or(0, |l| l.queued() as u64),
+            .map(|(channel, lane)| LostRecord {
+                subscriber: LostSubscriber {
+                    peer: peer.label.to_string(),
+                    channel: channel.clone(),
+                    reason: reason.to_string(),
+                    written: lane.as_ref().map_or(0, |l| l.written()),
+                    unsent: lane.as_ref().map_or(0, |l| l.queued() as u64),
+                },
+                lane: lane.clone(),
             })
             .collect();
         if !lost.is_empty() {

