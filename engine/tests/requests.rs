@@ -435,3 +435,73 @@ fn large_replies_over_shm_keep_coming_one_after_another() {
         assert_eq!((x.len(), x[0], x[x.len() - 1]), (16 << 20, 1.5, 1.5));
     }
 }
+
+/// Resident memory of this process, in bytes.
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("resident pages");
+    pages * 4096
+}
+
+#[test]
+fn a_peer_that_claims_a_huge_frame_after_its_request_holds_no_worker_and_costs_no_memory() {
+    // A worker that answered a request reads that connection itself while
+    // it waits for the next: what the peer then claims must not hold it,
+    // nor make this process allocate what the claim says.
+    let (server, addr) = server("tcp", "claim");
+    server.serve("/echo", echo(false)).expect("serve");
+    let host = addr.trim_start_matches("tcp://").to_string();
+    let before = resident_bytes();
+    let mut raws = Vec::new();
+    for id in 0..8u64 {
+        let mut raw = std::net::TcpStream::connect(&host).expect("raw connect");
+        let request = tensorferry_engine::wire::encode(
+            &Message::new().field("i", id),
+            &tensorferry_engine::wire::FrameMeta {
+                channel: "/echo".into(),
+                seq: 0,
+                kind: tensorferry_engine::wire::Kind::Request,
+                id: Some(id + 1),
+            },
+            Default::default(),
+        )
+        .expect("encode");
+        let mut bytes = Vec::new();
+        tensorferry_engine::outbound::write_frame(&request, &mut bytes).expect("frame bytes");
+        bytes.extend_from_slice(&common::announce(1 << 30));
+        raw.write_all(&bytes).expect("request, then a 1 GiB claim");
+        raws.push(raw);
+    }
+    // Each raw peer gets its reply (the worker answered, then led the
+    // connection into the claim), and a well-behaved client is answered
+    // at once meanwhile.
+    for raw in &mut raws {
+        raw.set_read_timeout(Some(WAIT)).expect("timeout");
+        let mut reply = [0u8; 4];
+        raw.read_exact(&mut reply).expect("the reply comes");
+        assert_eq!(&reply, b"TFRM");
+    }
+    let client = Node::builder().name("client").build().expect("client");
+    for i in 0..20u64 {
+        let start = Instant::now();
+        let reply = client
+            .request(&addr, "/echo", Message::new().field("i", i), WAIT)
+            .expect("reply");
+        assert_eq!(number(&reply, "i"), Some(i));
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "a good request waited {:?}",
+            start.elapsed()
+        );
+    }
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 256 << 20,
+        "eight claims of 1 GiB grew this process by {grown} bytes"
+    );
+    drop(raws);
+}
