@@ -320,14 +320,11 @@ impl Publisher {
             let Some(peer) = on_route.peer.upgrade().filter(|p| p.is_alive()) else {
                 continue;
             };
-            let lane = match &on_route.lane {
-                None => None,
-                Some(lane) => match lane.upgrade() {
-                    Some(lane) => Some(lane),
-                    None => continue,
-                },
+            let lane = match on_route.lane.as_ref().map(Weak::upgrade) {
+                Some(None) => continue, // unsubscribed or lost meanwhile
+                lane => lane.flatten(),
             };
-            let item = match peer.conn.carries() {
+            let item = match on_route.carries {
                 Carry::Messages => {
                     let m = message.as_ref().expect("decoded above for non-shm peers");
                     m.check_names()?;
@@ -391,18 +388,20 @@ impl Publisher {
                 };
                 node.tap_frame(&self.channel, &frame);
             }
-            node.deliver(
-                Received {
-                    channel: self.channel.clone(),
-                    seq,
-                    message,
-                    tensors: Vec::new(),
-                    from: super::subscribe::local_sender(),
-                    first_byte: now,
-                },
-                Wait::Block,
-                None,
-            );
+            if route.local {
+                node.deliver(
+                    Received {
+                        channel: self.channel.clone(),
+                        seq,
+                        message,
+                        tensors: Vec::new(),
+                        from: super::subscribe::local_sender(),
+                        first_byte: now,
+                    },
+                    Wait::Block,
+                    None,
+                );
+            }
         }
         Ok(())
     }
