@@ -57,6 +57,53 @@ fn tcp_send_to_a_listening_receiver_verifies_every_byte() {
 }
 
 #[test]
+fn messages_striped_over_several_connections_between_two_processes_verify() {
+    let config =
+        std::env::temp_dir().join(format!("tensorferry-stripes-{}.json", std::process::id()));
+    std::fs::write(&config, r#"{"channels": {"/big": {"stripes": 3}}}"#).expect("config");
+    let config_path = config.to_str().expect("utf-8");
+    let (recv, addr) = spawn_listening(&[
+        "recv",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--config",
+        config_path,
+        "--count",
+        "8",
+        "--verify",
+        "--seed",
+        "4",
+        "--json",
+        "--idle-timeout",
+        "30",
+    ]);
+    // 5 MB and an odd byte: shares that end off the 4 KiB cuts.
+    let send = run(&[
+        "send",
+        "--to",
+        &addr,
+        "--config",
+        config_path,
+        "--channel",
+        "/big",
+        "--tensor",
+        "x=u8:5000001",
+        "--tensor",
+        "y=f32:3",
+        "--count",
+        "8",
+        "--seed",
+        "4",
+    ]);
+    let _ = std::fs::remove_file(&config);
+    assert_ok(&send);
+    let (out, v) = finish(recv);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_verified(&v, 8);
+    assert_eq!(v["bytes"], 8 * (5_000_001 + 12));
+}
+
+#[test]
 fn send_fails_and_says_how_many_were_written_when_its_receiver_is_killed() {
     for listen in [
         "tcp://127.0.0.1:0".to_string(),

@@ -158,6 +158,12 @@ pub struct ChannelSpec {
     /// verifies it on the target device; a mismatch rejects the message.
     /// Default: false.
     pub checksum: bool,
+    /// Over how many tcp connections to one peer a large message is spread
+    /// (`"stripes": N`, 1 to 8; 1 turns striping off), so that each end
+    /// copies on several cores at once. Messages under 1 MiB are never
+    /// striped. Default: `None` (`"auto"`): one connection per 16 MiB of
+    /// the message, at most one per core and at most 4.
+    pub stripes: Option<usize>,
 }
 
 impl Default for ChannelSpec {
@@ -172,6 +178,7 @@ impl Default for ChannelSpec {
             wire_dtype: Vec::new(),
             keep_wire_dtype: false,
             checksum: false,
+            stripes: None,
         }
     }
 }
@@ -222,6 +229,13 @@ impl ChannelSpec {
     /// Turns per-tensor checksums on or off.
     pub fn with_checksum(mut self, on: bool) -> Self {
         self.checksum = on;
+        self
+    }
+
+    /// Spreads large messages over `n` tcp connections (clamped to 1..=8;
+    /// see [`ChannelSpec::stripes`]).
+    pub fn with_stripes(mut self, n: usize) -> Self {
+        self.stripes = Some(n.clamp(1, MAX_STRIPES));
         self
     }
 
@@ -671,7 +685,9 @@ impl Walk<'_> {
 }
 
 const ROOT_KEYS: &str = "\"channels\", \"node\"";
-const CHANNEL_KEYS: &str = "\"pattern\", \"device_map\", \"fallback\", \"queue_depth\", \"queue_bytes\", \"overflow\", \"wire_dtype\", \"keep_wire_dtype\", \"checksum\"";
+const CHANNEL_KEYS: &str = "\"pattern\", \"device_map\", \"fallback\", \"queue_depth\", \"queue_bytes\", \"overflow\", \"wire_dtype\", \"keep_wire_dtype\", \"checksum\", \"stripes\"";
+/// Most connections a message may be striped over.
+pub const MAX_STRIPES: usize = 8;
 const CHANNEL_KEY_LIST: &[&str] = &[
     "pattern",
     "device_map",
@@ -682,6 +698,7 @@ const CHANNEL_KEY_LIST: &[&str] = &[
     "wire_dtype",
     "keep_wire_dtype",
     "checksum",
+    "stripes",
 ];
 
 fn parse_root(raw: Raw, parsed: &mut Parsed) {
@@ -821,6 +838,27 @@ fn parse_channel(walk: &mut Walk<'_>, raw: Raw, path: &str) -> Option<ChannelSpe
                     spec.checksum = b;
                 }
             }
+            "stripes" => match value {
+                Raw::String(s) if s == "auto" => spec.stripes = None,
+                Raw::Number(n)
+                    if n.as_u64()
+                        .is_some_and(|v| (1..=MAX_STRIPES as u64).contains(&v)) =>
+                {
+                    spec.stripes = n.as_u64().map(|v| v as usize);
+                }
+                other => walk.error(
+                    here,
+                    Error::InvalidValue {
+                        value: match other {
+                            Raw::Number(n) => n.to_string(),
+                            Raw::String(s) => s,
+                            other => other.type_name().to_string(),
+                        },
+                        expected:
+                            "\"auto\" or a whole number of connections from 1 (no striping) to 8",
+                    },
+                ),
+            },
             _ => unreachable!("walk.accept passes known keys only"),
         }
     }
@@ -1069,6 +1107,27 @@ mod tests {
                 r#"channels["/b"].wire_dtype"#,
             ]
         );
+    }
+
+    #[test]
+    fn stripes_are_auto_or_a_count_from_1_to_8() {
+        let config = ChannelConfig::from_json_str(
+            r#"{"channels": {"/a": {"stripes": 3}, "/b": {"stripes": "auto"}, "/c": {}}}"#,
+        )
+        .expect("valid");
+        assert_eq!(config.channel("/a").expect("a").stripes, Some(3));
+        assert_eq!(config.channel("/b").expect("b").stripes, None);
+        assert_eq!(config.channel("/c").expect("c").stripes, None);
+        let bad = r#"{"channels": {"/a": {"stripes": 0}, "/b": {"stripes": 9}, "/c": {"stripes": "many"}}}"#;
+        assert_eq!(
+            paths(bad),
+            [
+                r#"channels["/a"].stripes"#,
+                r#"channels["/b"].stripes"#,
+                r#"channels["/c"].stripes"#,
+            ]
+        );
+        assert_eq!(ChannelSpec::default().with_stripes(20).stripes, Some(8));
     }
 
     #[test]

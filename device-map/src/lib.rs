@@ -41,7 +41,9 @@ mod resolve;
 pub mod units;
 
 pub use check::{check, ChannelReport, CheckReport};
-pub use config::{ChannelConfig, ChannelSpec, Overflow, Parsed, Pattern, DEFAULT_QUEUE_DEPTH};
+pub use config::{
+    ChannelConfig, ChannelSpec, Overflow, Parsed, Pattern, DEFAULT_QUEUE_DEPTH, MAX_STRIPES,
+};
 pub use device::{Device, ACCEPTED_FORMS};
 pub use error::{Error, Located, Result};
 pub use map::{is_default_key, DeviceMap, DeviceMapBuilder, Entry, DEFAULT_KEY};

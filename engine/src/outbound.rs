@@ -212,8 +212,13 @@ fn pad_to_align(len: usize) -> usize {
 /// of a device buffer read back and not yet written.
 pub(crate) struct FrameWriter {
     frame: Arc<Encoded>,
-    /// Bytes of the frame written.
+    /// A record written before the frame's bytes (a stripe's plan or
+    /// chunk header), and how much of it is written.
+    record: Option<([u8; 32], usize)>,
+    /// The frame position written up to (it starts where the part does).
     at: u64,
+    /// Where the part written ends (the frame's length for a whole frame).
+    end: u64,
     /// The runtime of each device payload, opened before the first byte.
     runtimes: Vec<Runtime>,
     /// A device chunk on the host: `(start in the frame, bytes)`.
@@ -235,12 +240,38 @@ impl FrameWriter {
     /// A device that cannot be opened.
     pub(crate) fn new(frame: Arc<Encoded>) -> io::Result<FrameWriter> {
         let runtimes = open_devices(&frame)?;
+        let end = frame.frame_len();
         Ok(FrameWriter {
             frame,
+            record: None,
             at: 0,
+            end,
             runtimes,
             staged: None,
         })
+    }
+
+    /// Writes `record` and then the bytes `range` of a host-only frame
+    /// (one part of a striped frame: `transport/stripe.rs`).
+    pub(crate) fn part(
+        frame: Arc<Encoded>,
+        record: [u8; 32],
+        range: std::ops::Range<u64>,
+    ) -> FrameWriter {
+        debug_assert!(frame.host_only() && range.end <= frame.frame_len());
+        FrameWriter {
+            frame,
+            record: Some((record, 0)),
+            at: range.start,
+            end: range.end,
+            runtimes: Vec::new(),
+            staged: None,
+        }
+    }
+
+    /// Whether it writes a whole frame and nothing else (not a part).
+    pub(crate) fn is_whole(&self) -> bool {
+        self.record.is_none() && self.end == self.frame.frame_len()
     }
 
     fn pieces(frame: &Encoded) -> impl Iterator<Item = Piece<'_>> {
@@ -262,18 +293,20 @@ impl FrameWriter {
 
     /// Whether nothing of it is written yet.
     pub(crate) fn at_start(&self) -> bool {
-        self.at == 0
+        self.at == 0 && self.record.is_none_or(|(_, done)| done == 0)
     }
 
     /// Bytes still to write.
     pub(crate) fn remaining(&self) -> u64 {
-        self.frame.frame_len() - self.at
+        let record = self.record.map_or(0, |(r, done)| r.len() - done) as u64;
+        record + self.end - self.at
     }
 
     /// Counts `n` more bytes written (at most [`remaining`](Self::remaining)),
-    /// by a write the caller made of [`host_slices`](Self::host_slices).
+    /// by a write the caller made of [`host_slices`](Self::host_slices) (of
+    /// a whole frame).
     pub(crate) fn advance(&mut self, n: u64) {
-        self.at = (self.at + n).min(self.frame.frame_len());
+        self.at = (self.at + n).min(self.end);
     }
 
     /// The rest of a [host-only](Self::host_only) frame, as slices, added
@@ -302,7 +335,18 @@ impl FrameWriter {
         &mut self,
         write: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
     ) -> io::Result<bool> {
-        let total = self.frame.frame_len();
+        if let Some((record, done)) = &mut self.record {
+            while *done < record.len() {
+                match write(&[IoSlice::new(&record[*done..])]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => *done += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let total = self.end;
         while self.at < total {
             let n = match self.slices_now()? {
                 Some(slices) => match write(&slices) {
@@ -331,8 +375,10 @@ impl FrameWriter {
         if covered {
             let (start, chunk) = self.staged.as_ref().expect("checked above");
             let off = (at - start) as usize;
-            return Ok(Some(vec![IoSlice::new(&chunk.as_slice()[off..])]));
+            let upto = chunk.len().min((self.end - start) as usize);
+            return Ok(Some(vec![IoSlice::new(&chunk.as_slice()[off..upto])]));
         }
+        let stop = self.end;
         let mut slices = Vec::new();
         let mut pos = 0u64;
         for piece in Self::pieces(&self.frame) {
@@ -345,11 +391,16 @@ impl FrameWriter {
                 pos = end;
                 continue;
             }
+            if pos >= stop {
+                break;
+            }
             let off = self.at.max(pos) - pos;
+            // The part ends inside this piece, or after it.
+            let upto = len.min(stop - pos);
             match piece {
-                Piece::Host(b) => slices.push(IoSlice::new(&b[off as usize..])),
+                Piece::Host(b) => slices.push(IoSlice::new(&b[off as usize..upto as usize])),
                 Piece::Device(d) if slices.is_empty() => {
-                    let n = (len - off).min(DEVICE_CHUNK as u64) as usize;
+                    let n = (upto - off).min(DEVICE_CHUNK as u64) as usize;
                     let rt = self
                         .runtimes
                         .iter()

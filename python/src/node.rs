@@ -210,7 +210,8 @@ impl PyNode {
     /// ``messages_received``, ``bytes_received`` (requests to its services
     /// included), ``messages_sent``, ``bytes_sent`` (one per peer reached),
     /// ``dropped`` (under ``drop_oldest``), ``rejected`` (peers dropped for
-    /// breaking the protocol), ``peers`` (open now), ``peers_lost``.
+    /// breaking the protocol), ``peers`` (open now), ``peers_lost``,
+    /// ``striped`` (messages sent over a tcp connection and its stripes).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.node().stats();
         let d = counters(
@@ -226,6 +227,7 @@ impl PyNode {
         d.set_item("rejected", s.rejected)?;
         d.set_item("peers", s.peers)?;
         d.set_item("peers_lost", s.peers_lost)?;
+        d.set_item("striped", s.striped)?;
         Ok(d)
     }
 

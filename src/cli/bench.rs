@@ -84,6 +84,13 @@ pub struct Args {
     #[arg(long)]
     checksum: bool,
 
+    /// Over how many tcp connections a message of 1MiB or more is spread:
+    /// `auto` (one per 16MiB of the message, at most one per core and at
+    /// most 4) or 1 to 8 (1: one connection, no striping) [default: auto].
+    /// The channel setting `stripes` does the same outside the bench.
+    #[arg(long, value_name = "auto|N", value_parser = Strict(stripes_arg), allow_hyphen_values = true)]
+    stripes: Option<Stripes>,
+
     /// Seconds of sending per row, above 0 and at most 604800 (a week)
     /// [default: 2] (a memcpy baseline takes a fifth of that; a raw socket
     /// or channel baseline passes as many messages as its row).
@@ -197,6 +204,19 @@ impl Transport {
 }
 
 /// `--subscribers`: 1 to [`MAX_SUBSCRIBERS`], each one a process or a node.
+/// A `--stripes` value: `None` for `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stripes(Option<usize>);
+
+fn stripes_arg(text: &str) -> Result<Stripes, String> {
+    if text == "auto" {
+        return Ok(Stripes(None));
+    }
+    values::whole(text, 1, tensorferry::device_map::MAX_STRIPES as u64)
+        .map(|n| Stripes(Some(n as usize)))
+        .map_err(|e| format!("{e}, or auto"))
+}
+
 fn subscribers(text: &str) -> Result<usize, String> {
     values::whole(text, 1, MAX_SUBSCRIBERS as u64)
         .map(|n| usize::try_from(n).expect("at most MAX_SUBSCRIBERS"))
@@ -278,6 +298,8 @@ struct Plan {
     dst: Device,
     wire_dtype: Option<DType>,
     checksum: bool,
+    /// `--stripes` (`None`: auto).
+    stripes: Option<usize>,
 }
 
 impl Plan {
@@ -406,6 +428,7 @@ impl Plan {
             dst: args.dst.unwrap_or(Device::Cpu),
             wire_dtype: args.wire_dtype,
             checksum: args.checksum,
+            stripes: args.stripes.and_then(|s| s.0),
         })
     }
 
@@ -418,6 +441,7 @@ impl Plan {
             self.dtype,
             self.wire_dtype,
             self.checksum,
+            self.stripes,
         )
     }
 
@@ -437,6 +461,9 @@ impl Plan {
         if self.checksum {
             args.push("--checksum".into());
         }
+        if let Some(n) = self.stripes {
+            args.extend(["--stripes".into(), n.to_string()]);
+        }
         args
     }
 
@@ -448,6 +475,9 @@ impl Plan {
         }
         if self.checksum {
             text += ", checksummed";
+        }
+        if let Some(n) = self.stripes {
+            text += &format!(", tcp stripes {n}");
         }
         text
     }
@@ -475,6 +505,7 @@ impl Plan {
             "sizes_bytes": self.sizes, "dtype": self.dtype,
             "duration_s": self.duration, "src": self.src, "dst": self.dst,
             "wire_dtype": self.wire_dtype, "checksum": self.checksum,
+            "stripes": self.stripes.map_or(json!("auto"), |n| json!(n)),
             "pattern": self.pattern_name(), "subscribers": self.subscribers,
             "mode": mode, "listen": listen, "to": to,
             "reqrep_service": "echo, inline", "busy_poll_us": self.busy_poll_us})
@@ -953,6 +984,7 @@ fn channel_config(
     dtype: DType,
     wire: Option<DType>,
     checksum: bool,
+    stripes: Option<usize>,
 ) -> Result<ChannelConfig, String> {
     let map = DeviceMap::builder()
         .entry(src.to_string(), dst.to_string())
@@ -963,6 +995,9 @@ fn channel_config(
         .with_checksum(checksum);
     if let Some(w) = wire {
         spec = spec.with_wire_dtype(dtype.name(), w.name());
+    }
+    if let Some(n) = stripes {
+        spec = spec.with_stripes(n);
     }
     let mut config = ChannelConfig::new();
     config.insert(DATA, spec).map_err(|e| e.to_string())?;
@@ -1515,6 +1550,7 @@ pub fn run(args: &Args) -> Outcome {
             args.dtype.unwrap_or(DType::F32),
             args.wire_dtype,
             args.checksum,
+            args.stripes.and_then(|s| s.0),
         )?;
         return run_role(
             role,

@@ -432,6 +432,7 @@ impl NodeBuilder {
             routes: AtomicU64::new(0),
             lost_subscribers: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            stripes: Default::default(),
             me: me.clone(),
         });
         let node = Node {

@@ -25,7 +25,7 @@ use crate::wire::Kind;
 
 impl NodeInner {
     /// What transports need from this node.
-    fn context(&self) -> Context {
+    pub(crate) fn context(&self) -> Context {
         Context {
             node: self.name.clone(),
             connect_timeout: self.connect_timeout,

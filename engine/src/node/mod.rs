@@ -20,6 +20,7 @@
 //! | [`read`] | the read path: each frame a peer sends, to where it goes |
 //! | [`subscribe`] | [`Subscription`]: a channel's messages, landed on their devices |
 //! | [`services`] | [`Node::serve`], [`Node::request`], the worker pool |
+//! | [`stripes`] | setting up the stripes a tcp connection sends large frames over |
 //! | [`record`] | [`Recording`], and replaying a recording |
 //! | [`stats`] | counters a user can read |
 
@@ -31,6 +32,7 @@ mod read;
 mod record;
 mod services;
 mod stats;
+mod stripes;
 mod subscribe;
 
 use std::collections::HashMap;
@@ -128,6 +130,8 @@ pub(crate) struct NodeInner {
     /// [`MAX_LOST_RECORDS`]), with their index since the node started.
     lost_subscribers: Mutex<Vec<publish::LostRecord>>,
     counters: Counters,
+    /// Tokens given out for stripes to join tcp connections with.
+    stripes: stripes::StripeBook,
     /// This node, for what must hold a reference back (connections' handlers).
     me: Weak<NodeInner>,
 }

@@ -207,6 +207,10 @@ impl Watched for Driven {
                 node.offend(peer, &what);
                 Ready::Done
             }
+            ReadStop::Joined(join) => {
+                node.adopt_stripe(peer, join);
+                Ready::Done
+            }
         }
     }
 
@@ -268,6 +272,9 @@ impl NodeInner {
             record.drain(..over);
         }
         peer.conn.close(reason);
+        if let Some(stream) = peer.conn.stream() {
+            self.release_stripes(stream);
+        }
         lock(&self.peers).retain(|p| p.id != peer.id);
         self.reroute();
         self.counters.peer_lost();

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::transport::outbox::{LINK_ENCODING, SMALL_FRAME_BYTES};
 use crate::transport::shm::slots::SlotUse;
-use crate::transport::{Carry, Lane, Outgoing};
+use crate::transport::{stripe, Carry, Lane, Outgoing};
 use crate::wire::{decode_at, encode, encode_staged, layout, Encoded, FrameMeta};
 
 /// The item that sends a frame already in a shared slot.
@@ -70,6 +70,8 @@ struct Route {
     local: bool,
     /// Whether a recording may want the channel.
     recording: bool,
+    /// The channel's `stripes` setting (tcp).
+    stripes: Option<usize>,
 }
 
 /// A subscriber of a channel whose connection was lost, and what the
@@ -277,6 +279,7 @@ impl Publisher {
             peers,
             local: node.has_local_subscribers(&self.channel),
             recording: node.records(&self.channel),
+            stripes: node.spec(&self.channel).stripes,
         });
         *kept = Some(Arc::clone(&route));
         route
@@ -371,12 +374,16 @@ impl Publisher {
                 }
             }
             let len = match &item {
-                Outgoing::Frame(f) => f.frame_len(),
+                Outgoing::Frame(f) | Outgoing::Part { frame: f, .. } => f.frame_len(),
                 Outgoing::Slot { len, .. } => *len,
                 Outgoing::Message { .. } => 0,
             };
+            let parts = match on_route.carries {
+                Carry::Frames => stripe::parts_for(len, route.stripes),
+                _ => 1,
+            };
             // A connection that fails is reported lost by its reader.
-            if peer.conn.send(item, lane).is_ok() {
+            if node.send_frame(&peer, item, lane, parts).is_ok() {
                 node.counters.sent(&self.counters, len);
             }
         }

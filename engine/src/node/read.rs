@@ -110,6 +110,10 @@ impl NodeInner {
                 self.on_control(peer, &meta.channel, meta.kind);
                 Flow::Continue
             }
+            Kind::Stripes => {
+                self.on_stripes(peer, &message);
+                Flow::Continue
+            }
             Kind::Request => match meta.id {
                 Some(id) => {
                     if let Some(replied) = lock(&peer.replied_at).take() {
@@ -290,6 +294,9 @@ impl NodeInner {
                     match end {
                         End::Closed(why) => self.lose(peer, &why),
                         End::Broken(what) => self.offend(peer, &what),
+                        End::Joined(_) => {
+                            self.offend(peer, "a stripe's join where a reply was awaited")
+                        }
                     }
                     return false;
                 }

@@ -29,6 +29,9 @@ pub struct NodeStats {
     pub peers: u64,
     /// Connections lost since the start.
     pub peers_lost: u64,
+    /// Messages sent in parts over a tcp connection and its stripes (see
+    /// the channel setting `stripes`).
+    pub striped: u64,
 }
 
 /// What a node has done on one channel since it started.
@@ -64,6 +67,7 @@ pub(crate) struct Counters {
     messages_sent: AtomicU64,
     bytes_sent: AtomicU64,
     rejected: AtomicU64,
+    striped: AtomicU64,
     peers: AtomicU64,
     peers_lost: AtomicU64,
     channels: Mutex<HashMap<String, Arc<ChannelCounters>>>,
@@ -98,6 +102,10 @@ impl Counters {
 
     pub(crate) fn rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn striped(&self) {
+        self.striped.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn peer_added(&self) {
@@ -150,6 +158,7 @@ impl Node {
             rejected: load(&c.rejected),
             peers: self.inner.live_peers().len() as u64,
             peers_lost: load(&c.peers_lost),
+            striped: load(&c.striped),
         }
     }
 

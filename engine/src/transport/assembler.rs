@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use tensorferry_kernels::runtime::{DeviceBuffer, Runtime, Uploading};
 
+use super::stripe::{self, Claim, Hub, Join, Plan};
 use crate::error::{Error, Result};
 use crate::pool::{BufferPool, PooledBuffer};
 use crate::tensor::Tensor;
@@ -52,13 +53,21 @@ pub(crate) enum Next {
     Pending,
     /// The peer closed the stream between frames.
     End,
+    /// The connection opened with a join record: it asks to be a stripe
+    /// of another connection ([`stripe`]); nothing after it was read.
+    Join(Join),
 }
 
 /// The frame being built.
 struct Partial {
+    /// A striped frame's hold on its stripes' shares. Declared before
+    /// `buf` so it drops first: stripes stop writing before the buffer goes.
+    claim: Option<Claim>,
     buf: PooledBuffer,
     /// The frame's length.
     len: usize,
+    /// Where the part this connection carries ends (`len` unless striped).
+    main_end: usize,
     /// Bytes of the frame read so far, into `buf` or into a device.
     filled: usize,
     /// Where the frame's head ends (its first buffer starts).
@@ -96,7 +105,7 @@ impl Partial {
     /// Where the stretch being read ends, and whether it goes to a device.
     fn stretch(&self) -> (usize, bool) {
         match &self.route {
-            Route::Host => (self.len, false),
+            Route::Host => (self.main_end, false),
             Route::Unplanned => (self.head, false),
             Route::Devices(r) => match r.targets.get(r.next) {
                 Some((_, range, _)) if self.filled >= range.start => (range.end, true),
@@ -142,6 +151,10 @@ pub(crate) struct Assembler {
     /// Frames longer than this, up to half the budget, are let in on
     /// probation: this many of their bytes first ([`BufferPool::reserve_on_probation`]).
     probation_bytes: usize,
+    /// The connection's stripes, when it may have some.
+    hub: Option<Arc<Hub>>,
+    /// The next frame is striped, as this plan says.
+    plan: Option<Plan>,
 }
 
 /// Most bytes of a frame let in before the rest of it is reserved.
@@ -191,7 +204,15 @@ impl Assembler {
                 .unwrap_or(usize::MAX)
                 .max(PRELUDE_BYTES),
             pool,
+            hub: None,
+            plan: None,
         }
+    }
+
+    /// Lets the peer stripe frames over `hub`'s stripes.
+    pub(crate) fn with_stripes(mut self, hub: Arc<Hub>) -> Self {
+        self.hub = Some(hub);
+        self
     }
 
     /// How many bytes of a frame of `len` bytes are let in before the rest
@@ -262,7 +283,12 @@ impl Assembler {
                     self.plan()?;
                     continue;
                 }
-                if p.filled == p.len {
+                if p.filled == p.main_end {
+                    if p.claim.as_ref().is_some_and(|c| !c.complete()) {
+                        // The stripes bring the rest; the last one wakes
+                        // this connection's reader.
+                        return Ok(Next::Pending);
+                    }
                     return self.complete().map(Next::Frame);
                 }
                 if p.probation > 0
@@ -297,6 +323,26 @@ impl Assembler {
             let have = self.end - self.start;
             if have >= PRELUDE_BYTES {
                 let prelude = &self.ahead[self.start..self.start + PRELUDE_BYTES];
+                let striping = |what: String| Error::Frame {
+                    offset: self.offset,
+                    what,
+                };
+                if self.offset == 0 && stripe::is_join(prelude) {
+                    let join = Join::parse_join(prelude).map_err(striping)?;
+                    self.start += PRELUDE_BYTES;
+                    return Ok(Next::Join(join));
+                }
+                if stripe::is_plan(prelude) {
+                    if self.hub.is_none() || self.plan.is_some() {
+                        return Err(striping(
+                            "a stripe plan where none may be (this connection has no stripes, or the last plan had no frame)".into(),
+                        ));
+                    }
+                    self.plan = Some(Plan::parse(prelude).map_err(striping)?);
+                    self.start += PRELUDE_BYTES;
+                    self.offset += PRELUDE_BYTES as u64;
+                    continue;
+                }
                 let p = Prelude::parse(prelude, &self.limits, self.offset)
                     .map_err(|e| self.tls_instead().unwrap_or(e))?;
                 let len = usize::try_from(p.frame_len).map_err(|_| Error::Limit {
@@ -304,17 +350,23 @@ impl Assembler {
                     value: p.frame_len,
                     limit: usize::MAX as u64,
                 })?;
-                let routed = self.router.is_some() && len >= self.route_min_bytes;
+                let striped = self.plan.is_some();
+                let routed = !striped && self.router.is_some() && len >= self.route_min_bytes;
                 // The whole frame is reserved against the node's receive
                 // budget before its first byte is read (its pages become
                 // resident only as bytes arrive); no room: the prelude stays
-                // where it is and the connection waits.
-                let probation = self.probation_for(len);
+                // where it is and the connection waits. A striped frame is
+                // reserved whole: its stripes write anywhere in it at once.
+                let probation = if striped {
+                    None
+                } else {
+                    self.probation_for(len)
+                };
                 let reserved = match probation {
                     Some(first) => self.pool.reserve_on_probation(len, first),
                     None => self.pool.reserve(len),
                 };
-                let buf = match reserved {
+                let mut buf = match reserved {
                     Ok(Some(buf)) => buf,
                     Ok(None) => {
                         self.starved = Some(match probation {
@@ -330,7 +382,24 @@ impl Assembler {
                         })
                     }
                 };
+                let claim = match (self.plan.take(), &self.hub) {
+                    (Some(plan), Some(hub)) => Some(
+                        hub.open(
+                            &plan,
+                            len as u64,
+                            p.data_start,
+                            buf.as_mut_slice().as_mut_ptr(),
+                        )
+                        .map_err(|what| Error::Frame {
+                            offset: self.offset,
+                            what,
+                        })?,
+                    ),
+                    _ => None,
+                };
                 self.partial = Some(Partial {
+                    main_end: claim.as_ref().map_or(len, Claim::main_end),
+                    claim,
                     buf,
                     len,
                     filled: 0,
@@ -511,10 +580,12 @@ impl Assembler {
     /// Decodes the whole partial frame; tensors read into devices take
     /// their device buffers.
     fn complete(&mut self) -> Result<Frame> {
-        let p = self
+        let mut p = self
             .partial
             .take()
             .expect("called with a whole partial frame");
+        // Every stripe's share is in: nothing writes into the buffer now.
+        drop(p.claim.take());
         // Device-bound ranges of the buffer were never filled: the decoder
         // checks lengths and places, not their bytes, and those tensors are
         // replaced below.
@@ -550,10 +621,12 @@ impl Assembler {
         let ahead = (self.end - self.start) as u64;
         match &self.partial {
             Some(p) => {
+                // A striped frame's stripes count as its progress too.
+                let stripes = p.claim.as_ref().map_or(0, Claim::received);
                 let lacking = (p.len - p.filled) as u64;
                 Some((
-                    self.offset + p.filled as u64 + ahead,
-                    lacking.saturating_sub(ahead),
+                    self.offset + p.filled as u64 + stripes + ahead,
+                    lacking.saturating_sub(ahead + stripes),
                 ))
             }
             None if ahead == 0 => None,
@@ -827,6 +900,7 @@ mod tests {
                 Next::Frame(f) => frames.push(f),
                 Next::Pending => pending += 1,
                 Next::End => return Ok((frames, pending)),
+                Next::Join(j) => panic!("a join record in a frame stream: {j:?}"),
             }
         }
     }

@@ -24,6 +24,7 @@ pub(crate) mod inproc;
 pub(crate) mod outbox;
 pub(crate) mod shm;
 pub(crate) mod stream;
+pub(crate) mod stripe;
 pub(crate) mod tcp;
 pub mod tls;
 
@@ -66,6 +67,17 @@ pub(crate) enum Outgoing {
     },
     /// An encoded frame.
     Frame(Arc<Encoded>),
+    /// The first part of a frame striped over several connections
+    /// ([`stripe`]): its plan, then the frame's bytes up to `end`; the
+    /// rest travels on the stripes.
+    Part {
+        /// The whole frame (host-only).
+        frame: Arc<Encoded>,
+        /// The plan record written first.
+        plan: [u8; 32],
+        /// Where this part of the frame ends.
+        end: u64,
+    },
     /// A frame already in a shared slot (shm): the connection writes a
     /// small pointer frame, and holds the slot until the peer releases it.
     Slot {
@@ -117,6 +129,9 @@ pub(crate) enum ReadStop {
     /// The peer broke the protocol (a frame that cannot be read, a lie about
     /// its lengths): the connection was closed, and what it did.
     Broken(String),
+    /// The connection asked to be a stripe of another ([`stripe`]); it was
+    /// left open for the node to hand over.
+    Joined(stripe::Join),
 }
 
 /// What [`Transport::connect`] and a listener need from the node.

@@ -241,7 +241,7 @@ impl Drop for Queued {
 /// Bytes an item takes on its connection.
 fn weight(item: &Outgoing) -> u64 {
     match item {
-        Outgoing::Frame(f) => f.frame_len(),
+        Outgoing::Frame(f) | Outgoing::Part { frame: f, .. } => f.frame_len(),
         Outgoing::Slot { len, .. } => *len,
         Outgoing::Message { message, .. } => message.payload_bytes(),
     }
@@ -621,6 +621,11 @@ fn start(
 ) -> Result<Writing, NotStarted> {
     match item {
         Outgoing::Frame(frame) => Ok(Writing::Frame(FrameWriter::new(Arc::clone(frame))?)),
+        Outgoing::Part { frame, plan, end } => Ok(Writing::Frame(FrameWriter::part(
+            Arc::clone(frame),
+            *plan,
+            0..*end,
+        ))),
         Outgoing::Slot { held, len, meta } => {
             let id = held.0.id;
             let first = known.insert(id);
@@ -672,7 +677,7 @@ const BATCH_BYTES: u64 = 256 << 10;
 /// Whether `w` may be written in one vectored write with others: small,
 /// and all on the host.
 fn batchable(w: &crate::outbound::FrameWriter) -> bool {
-    w.remaining() <= SMALL_FRAME_BYTES && w.host_only()
+    w.is_whole() && w.remaining() <= SMALL_FRAME_BYTES && w.host_only()
 }
 
 /// Takes the small host frames at the front of `queue` (up to the batch's

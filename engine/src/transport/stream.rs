@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::assembler::{Assembler, Next, Router, Source};
 use super::outbox::{Lane, Outbox, Pumped};
+use super::stripe::{Join, Stripes};
 use super::{ByteLink, Carry, Connection, Flow, Outgoing, ReadStop, Reading};
 use crate::pool::BufferPool;
 use crate::reactor::Registration;
@@ -39,6 +40,9 @@ pub(crate) enum End {
     Closed(String),
     /// The peer broke the protocol; the connection was closed.
     Broken(String),
+    /// The connection asked to be a stripe of another ([`stripe`]): it is
+    /// no frame connection any more, and was left open for that one.
+    Joined(Join),
 }
 
 impl End {
@@ -46,6 +50,7 @@ impl End {
         match self {
             End::Closed(why) => ReadStop::Ended(why),
             End::Broken(what) => ReadStop::Broken(what),
+            End::Joined(join) => ReadStop::Joined(join),
         }
     }
 }
@@ -87,6 +92,8 @@ pub(crate) struct StreamConn {
     closed: AtomicBool,
     /// Whether a begun frame keeps arriving.
     watch: Mutex<Watch>,
+    /// Its stripes (tcp), when it has some.
+    stripes: Stripes,
 }
 
 /// How fast a begun frame must keep arriving: every `period`, at least
@@ -131,9 +138,13 @@ impl StreamConn {
         limits: Limits,
         router: Option<Router>,
     ) -> Self {
+        let stripes = Stripes::default();
         let mut assembler = Assembler::new(pool, limits);
         if let Some(router) = router {
             assembler = assembler.with_router(router);
+        }
+        if link.label().starts_with("tcp://") {
+            assembler = assembler.with_stripes(std::sync::Arc::clone(&stripes.hub));
         }
         Self {
             link,
@@ -146,7 +157,48 @@ impl StreamConn {
             missed: AtomicBool::new(false),
             watch: Mutex::new(Watch::default()),
             closed: AtomicBool::new(false),
+            stripes,
         }
+    }
+
+    /// Its stripes ([`stripe`]).
+    pub(crate) fn stripes(&self) -> &Stripes {
+        &self.stripes
+    }
+
+    /// Sends `frame` striped over `parts` connections when it can (see
+    /// [`Stripes::send`]); `None`: it was not, the caller sends it whole.
+    pub(crate) fn send_striped(
+        &self,
+        frame: &Arc<crate::wire::Encoded>,
+        lane: Option<Arc<Lane>>,
+        parts: usize,
+    ) -> Option<Result<(), String>> {
+        let sent = self.stripes.send(&self.out, frame, lane, parts)?;
+        Some(sent.and_then(|()| self.pump()))
+    }
+
+    /// Hands the connection over to be a stripe: what its node queued on
+    /// it is written first (within `deadline`), then nothing more is taken.
+    ///
+    /// # Errors
+    ///
+    /// What was queued could not be written in time.
+    pub(crate) fn retire(&self, deadline: Instant) -> Result<(), String> {
+        loop {
+            self.out.pump(&*self.link);
+            if !self.out.pending() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err("its queued frames were not written in time".into());
+            }
+            let _ = self
+                .link
+                .wait_writable(deadline.min(Instant::now() + Duration::from_millis(50)));
+        }
+        self.out.close("it became a stripe of another connection");
+        Ok(())
     }
 
     /// Judges a frame that waits on its peer (call when a read found nothing
@@ -206,6 +258,7 @@ impl StreamConn {
     /// Records the connection's place on its I/O thread.
     pub(crate) fn set_registration(&self, registration: Registration) {
         let _ = self.registration.set(registration);
+        self.stripes.hub.set_waker(self.waker());
     }
 
     /// A waker that asks the I/O thread to run the connection.
@@ -322,6 +375,11 @@ impl StreamConn {
             Ok(Next::Frame(f)) => return Ok(Some(f)),
             Ok(Next::Pending) => return Ok(None),
             Ok(Next::End) => End::Closed("the peer closed the connection".to_string()),
+            // Left open: the connection is a stripe's now.
+            Ok(Next::Join(join)) => {
+                side.ended = Some(End::Closed("it became a stripe".into()));
+                return Err(End::Joined(join));
+            }
             // A transport's own rules broken (a ring that claims more than
             // it holds) is the peer's doing too.
             Err(crate::error::Error::Io { context, source })
@@ -424,6 +482,7 @@ impl Connection for StreamConn {
     fn close(&self, why: &str) {
         self.out.close(why);
         self.link.shutdown();
+        self.stripes.close();
     }
 
     fn stream(&self) -> Option<&StreamConn> {

@@ -82,6 +82,61 @@ impl Transport for Tcp {
     }
 }
 
+/// Opens stripe `join.index` of a connection to `addr` (see
+/// [`stripe`](super::stripe)): a connection opened as any other (TLS and
+/// the secret, as the node has them), that sends its join record and waits
+/// for the listener's word. Frames the listener sent before it read the
+/// join (what it tells every new connection) are skipped.
+///
+/// # Errors
+///
+/// Connecting or opening fails, or the listener does not accept the
+/// stripe within the connect timeout.
+pub(crate) fn dial_stripe(
+    addr: &Address,
+    ctx: &Context,
+    join: super::stripe::Join,
+) -> Result<Arc<dyn Connection>> {
+    use super::stripe::{Join, RECORD_BYTES};
+    let sock = addr.socket_addrs()?;
+    let stream = retry(addr, ctx.connect_timeout, || TcpStream::connect(&sock[..]))?;
+    let deadline = Instant::now() + ctx.connect_timeout;
+    let tcp = TcpLink::new(stream, addr.to_string())?;
+    let link: Box<dyn ByteLink> = match &ctx.tls {
+        Some(tls) => Box::new(tls.dial(tcp, addr, deadline)?),
+        None => Box::new(tcp),
+    };
+    if let Some(secret) = &ctx.secret {
+        auth::dial(&*link, secret, &addr.to_string(), deadline)?;
+    }
+    let failed = |e: io::Error| Error::io(format!("opening a stripe to {addr}"), e);
+    send_all(&*link, &join.join_record(), deadline).map_err(failed)?;
+    let refused = |what: String| Error::Misbehaved {
+        peer: addr.to_string(),
+        offence: format!("answering a stripe's join: {what}"),
+    };
+    // At most this many frames, of at most 1 MiB each, before the word.
+    for _ in 0..1024 {
+        let mut rec = [0u8; RECORD_BYTES];
+        recv_exact(&*link, &mut rec, deadline).map_err(failed)?;
+        if rec.starts_with(&crate::wire::MAGIC) {
+            let p = crate::wire::Prelude::parse(&rec, &ctx.limits, 0)?;
+            if p.frame_len > 1 << 20 {
+                return Err(refused(format!("a frame of {} bytes", p.frame_len)));
+            }
+            let mut rest = vec![0u8; (p.frame_len as usize).saturating_sub(RECORD_BYTES)];
+            recv_exact(&*link, &mut rest, deadline).map_err(failed)?;
+            continue;
+        }
+        let accepted = Join::parse_accept(&rec).map_err(refused)?;
+        if accepted != join {
+            return Err(refused("it accepted another stripe".into()));
+        }
+        return Ok(stream_connection(link, ctx));
+    }
+    Err(refused("no word after 1,024 frames".into()))
+}
+
 struct TcpListening {
     listener: TcpListener,
     address: Address,

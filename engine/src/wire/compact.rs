@@ -16,7 +16,7 @@ const HAS_ID: u8 = 1;
 const HAS_CHECKSUMS: u8 = 2;
 const HAS_CASTS: u8 = 4;
 /// Each kind's code: its place in this list.
-const KINDS: [Kind; 8] = [
+const KINDS: [Kind; 9] = [
     Kind::Message,
     Kind::Request,
     Kind::Reply,
@@ -25,6 +25,7 @@ const KINDS: [Kind; 8] = [
     Kind::Unsubscribe,
     Kind::Shm,
     Kind::Release,
+    Kind::Stripes,
 ];
 
 fn put_str(out: &mut Vec<u8>, s: &str) -> Result<()> {

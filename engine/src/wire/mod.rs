@@ -75,6 +75,10 @@ pub enum Kind {
     Shm,
     /// Shared memory: the receiver is done with the frame at `slot`, `offset`.
     Release,
+    /// Control (tcp): stripes for this connection — a dialer asks
+    /// (`count`), a listener gives the token they join with (`count`,
+    /// `token`).
+    Stripes,
 }
 
 /// Decoder limits, enforced before anything is allocated.
