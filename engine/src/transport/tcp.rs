@@ -67,19 +67,26 @@ impl Transport for Tcp {
     /// handshake and the listener's word, then the secret's
     /// challenge–response, each within the connect timeout.
     fn connect(&self, addr: &Address, ctx: &Context) -> Result<Arc<dyn Connection>> {
-        let sock = addr.socket_addrs()?;
-        let stream = retry(addr, ctx.connect_timeout, || TcpStream::connect(&sock[..]))?;
-        let deadline = Instant::now() + ctx.connect_timeout;
-        let tcp = TcpLink::new(stream, addr.to_string())?;
-        let link: Box<dyn ByteLink> = match &ctx.tls {
-            Some(tls) => Box::new(tls.dial(tcp, addr, deadline)?),
-            None => Box::new(tcp),
-        };
-        if let Some(secret) = &ctx.secret {
-            auth::dial(&*link, secret, &addr.to_string(), deadline)?;
-        }
+        let (link, _) = dial(addr, ctx)?;
         Ok(stream_connection(link, ctx))
     }
+}
+
+/// Connects to `addr` and opens the link as the node requires (TLS, the
+/// secret); with the deadline the connect timeout set for what follows.
+fn dial(addr: &Address, ctx: &Context) -> Result<(Box<dyn ByteLink>, Instant)> {
+    let sock = addr.socket_addrs()?;
+    let stream = retry(addr, ctx.connect_timeout, || TcpStream::connect(&sock[..]))?;
+    let deadline = Instant::now() + ctx.connect_timeout;
+    let tcp = TcpLink::new(stream, addr.to_string())?;
+    let link: Box<dyn ByteLink> = match &ctx.tls {
+        Some(tls) => Box::new(tls.dial(tcp, addr, deadline)?),
+        None => Box::new(tcp),
+    };
+    if let Some(secret) = &ctx.secret {
+        auth::dial(&*link, secret, &addr.to_string(), deadline)?;
+    }
+    Ok((link, deadline))
 }
 
 /// Opens stripe `join.index` of a connection to `addr` (see
@@ -98,17 +105,7 @@ pub(crate) fn dial_stripe(
     join: super::stripe::Join,
 ) -> Result<Arc<dyn Connection>> {
     use super::stripe::{Join, RECORD_BYTES};
-    let sock = addr.socket_addrs()?;
-    let stream = retry(addr, ctx.connect_timeout, || TcpStream::connect(&sock[..]))?;
-    let deadline = Instant::now() + ctx.connect_timeout;
-    let tcp = TcpLink::new(stream, addr.to_string())?;
-    let link: Box<dyn ByteLink> = match &ctx.tls {
-        Some(tls) => Box::new(tls.dial(tcp, addr, deadline)?),
-        None => Box::new(tcp),
-    };
-    if let Some(secret) = &ctx.secret {
-        auth::dial(&*link, secret, &addr.to_string(), deadline)?;
-    }
+    let (link, deadline) = dial(addr, ctx)?;
     let failed = |e: io::Error| Error::io(format!("opening a stripe to {addr}"), e);
     send_all(&*link, &join.join_record(), deadline).map_err(failed)?;
     let refused = |what: String| Error::Misbehaved {
