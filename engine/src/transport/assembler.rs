@@ -651,6 +651,14 @@ impl Assembler {
         self.short_read = false;
     }
 
+    /// Whether the frame being read waits for its stripes alone (they wake
+    /// the I/O thread, not a requester reading the socket).
+    pub(crate) fn waits_on_stripes(&self) -> bool {
+        self.partial
+            .as_ref()
+            .is_some_and(|p| p.claim.as_ref().is_some_and(|c| c.waits(p.filled)))
+    }
+
     /// Whether bytes were read ahead that no frame has taken yet: the socket
     /// no longer reports them, so whoever leads next must not leave them.
     pub(crate) fn holds_bytes(&self) -> bool {

@@ -330,10 +330,12 @@ impl Outbox {
         let bytes = weight(&item);
         if let Some(lane) = &lane {
             while lane.overflow == Overflow::DropOldest && lane.full(&lane.lock()) {
-                let oldest = s
-                    .queue
-                    .iter()
-                    .position(|q| q.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane)));
+                let oldest = s.queue.iter().position(|q| {
+                    // A striped frame's first part is never dropped:
+                    // its other parts are on their stripes already.
+                    !matches!(q.item, Outgoing::Part { .. })
+                        && q.lane.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane))
+                });
                 let Some(i) = oldest else { break };
                 // Dropped after the lock is let go (its lane is told then).
                 let dropped = s.queue.remove(i);

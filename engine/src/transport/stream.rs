@@ -529,6 +529,16 @@ impl Lead<'_> {
     pub(crate) fn wait_readable(&mut self, deadline: Instant) -> io::Result<bool> {
         if let Some(side) = self.side.as_mut() {
             side.assembler.expect_more();
+            if side.assembler.waits_on_stripes() {
+                // The stripes' last share wakes the I/O thread, not this
+                // reader: it looks again shortly instead of waiting on the
+                // socket (whose next bytes it cannot take yet).
+                std::thread::sleep(
+                    Duration::from_millis(1)
+                        .min(deadline.saturating_duration_since(Instant::now())),
+                );
+                return Ok(true);
+            }
         }
         self.conn.link.wait_readable(deadline)
     }

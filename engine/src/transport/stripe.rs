@@ -245,6 +245,8 @@ unsafe impl Sync for Base {}
 
 struct SinkState {
     cancelled: bool,
+    /// Stripes whose share is all in, by index (bit `i`).
+    done: u8,
     /// Stripe readers writing into the buffer now.
     writers: usize,
     /// Stripes whose share is not all in.
@@ -298,9 +300,15 @@ impl Sink {
         Some(out)
     }
 
-    /// Stripe's share is all in; `true` when it was the last.
-    fn finish(&self) -> bool {
+    /// Whether stripe `index` brought its share already.
+    fn has(&self, index: usize) -> bool {
+        self.lock().done & (1 << index) != 0
+    }
+
+    /// Stripe `index`'s share is all in; `true` when it was the last.
+    fn finish(&self, index: usize) -> bool {
         let mut s = self.lock();
+        s.done |= 1 << index;
         s.left = s.left.saturating_sub(1);
         s.left == 0
     }
@@ -337,6 +345,11 @@ impl Claim {
     /// Bytes the stripes have brought so far.
     pub(crate) fn received(&self) -> u64 {
         self.sink.received.load(Ordering::Relaxed)
+    }
+
+    /// Whether the main connection's part is in and the stripes' are not.
+    pub(crate) fn waits(&self, filled: usize) -> bool {
+        filled == self.main_end() && !self.complete()
     }
 }
 
@@ -431,6 +444,7 @@ impl Hub {
             cuts,
             state: Mutex::new(SinkState {
                 cancelled: false,
+                done: 0,
                 writers: 0,
                 left: plan.parts - 1,
             }),
@@ -446,15 +460,22 @@ impl Hub {
     }
 
     /// The sink of `transfer`, once the main connection has opened it;
-    /// `None` once the hub is closed.
-    fn wait_sink(&self, transfer: u64) -> Option<Arc<Sink>> {
+    /// `Ok(None)` once the hub is closed.
+    ///
+    /// # Errors
+    ///
+    /// A transfer that is over (or never was striped this far).
+    fn wait_sink(&self, transfer: u64) -> Result<Option<Arc<Sink>>, String> {
         let mut s = self.lock();
         loop {
             if s.closed {
-                return None;
+                return Ok(None);
             }
             if let Some(sink) = s.sinks.get(&transfer) {
-                return Some(Arc::clone(sink));
+                return Ok(Some(Arc::clone(sink)));
+            }
+            if transfer < s.next {
+                return Err(format!("a chunk of transfer {transfer}, which is over"));
             }
             s = self
                 .changed
@@ -716,13 +737,19 @@ impl Stripes {
     }
 }
 
+impl Drop for Stripes {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 /// A stripe failed: so does its main connection (a frame may lack a part).
 fn fail(main: &Weak<dyn Connection>, why: &str) {
     if let Some(main) = main.upgrade() {
-        tracing::warn!(
+        tracing::debug!(
             peer = main.label(),
             error = why,
-            "a stripe failed; closing its connection"
+            "a stripe ended; closing its connection"
         );
         main.close(why);
         if let Some(stream) = main.stream() {
@@ -752,7 +779,8 @@ fn read_stripe(link: &dyn ByteLink, index: usize, hub: &Hub) -> Result<(), Strin
         let mut got = 0;
         while got < RECORD_BYTES {
             match link.read_now(&mut rec[got..]) {
-                Ok(0) if got == 0 || hub.is_closed() => return Ok(()),
+                Ok(0) if hub.is_closed() => return Ok(()),
+                Ok(0) if got == 0 => return Err("it closed".into()),
                 Ok(0) => return Err("it closed inside a record".into()),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -766,9 +794,15 @@ fn read_stripe(link: &dyn ByteLink, index: usize, hub: &Hub) -> Result<(), Strin
             }
         }
         let chunk = Chunk::parse(&rec)?;
-        let Some(sink) = hub.wait_sink(chunk.transfer) else {
+        let Some(sink) = hub.wait_sink(chunk.transfer)? else {
             return Ok(());
         };
+        if sink.has(index) {
+            return Err(format!(
+                "it sent its share of transfer {} twice",
+                chunk.transfer
+            ));
+        }
         let want = sink
             .range(index)
             .ok_or_else(|| format!("transfer {} has no part for it", chunk.transfer))?;
@@ -802,7 +836,7 @@ fn read_stripe(link: &dyn ByteLink, index: usize, hub: &Hub) -> Result<(), Strin
                 Some(Err(e)) => return Err(fault(e)),
             }
         }
-        if sink.finish() {
+        if sink.finish(index) {
             hub.wake_main();
         }
     }
