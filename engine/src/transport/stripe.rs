@@ -779,8 +779,11 @@ fn read_stripe(link: &dyn ByteLink, index: usize, hub: &Hub) -> Result<(), Strin
         let mut got = 0;
         while got < RECORD_BYTES {
             match link.read_now(&mut rec[got..]) {
-                Ok(0) if hub.is_closed() => return Ok(()),
-                Ok(0) if got == 0 => return Err("it closed".into()),
+                // The peer closed between records (as it does when it
+                // leaves): the main connection's end says what follows; a
+                // frame still waiting on this stripe is judged by the
+                // progress rule.
+                Ok(0) if got == 0 || hub.is_closed() => return Ok(()),
                 Ok(0) => return Err("it closed inside a record".into()),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
