@@ -201,3 +201,79 @@ fn peers_that_lie_about_stripes_are_closed_and_counted() {
         client.subscribe(&addr, "/big").expect("subscribe")
     });
 }
+
+/// Peers that agreed stripes with the node, then announce a large striped
+/// frame and send nothing more: each holds no more of the receive budget
+/// than a frame on probation, so a well-behaved peer's large messages go
+/// on arriving, and this process grows by little.
+#[test]
+fn a_striped_frame_that_stalls_holds_no_more_budget_than_a_whole_one() {
+    use tensorferry_engine::outbound::write_frame;
+    use tensorferry_engine::wire::{encode, EncodeOptions, FrameMeta, Kind};
+
+    let server = Node::builder()
+        .name("server")
+        .listen("tcp://127.0.0.1:0")
+        .channels(config(2))
+        .receive_budget_bytes(256 << 20)
+        .build()
+        .expect("server");
+    let addr = server.listen_addrs()[0].to_string();
+    let raw_addr = addr.trim_start_matches("tcp://").to_string();
+    let data = server.subscriber("/data");
+    let before = common::rss();
+
+    // Two peers ask for stripes as a dialer does; the server agrees (its
+    // token offers are left unread), then each sends a plan and the
+    // prelude of a 128 MiB frame (half the budget: on probation when
+    // whole), and nothing more.
+    let len = 128u64 << 20;
+    let raws: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut raw = TcpStream::connect(&raw_addr).expect("connect");
+            let ask = encode(
+                &Message::new().field("count", 2u64),
+                &FrameMeta {
+                    channel: String::new(),
+                    seq: 0,
+                    kind: Kind::Stripes,
+                    id: None,
+                },
+                EncodeOptions::default(),
+            )
+            .expect("encode");
+            let mut bytes = Vec::new();
+            write_frame(&ask, &mut bytes).expect("frame");
+            raw.write_all(&bytes).expect("ask");
+            raw
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for mut raw in &raws {
+        let mut plan = record(b"TFSP", 2);
+        plan[16..24].copy_from_slice(&len.to_le_bytes());
+        raw.write_all(&plan)
+            .and_then(|()| raw.write_all(&common::announce(len)))
+            .expect("plan");
+    }
+
+    // A well-behaved peer's 8 MiB messages, while the frames stall (with
+    // both reserved whole, the budget would have no room for them).
+    let (_sender, publisher) = common::publisher_to(&addr);
+    let started = std::time::Instant::now();
+    for i in 0..3u64 {
+        publisher.send(message(i, 8 << 20)).expect("publish");
+        let got = data
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a message while the striped frame stalls");
+        check(&got.message, i, 8 << 20);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let grown = common::rss().saturating_sub(before);
+    assert!(grown < 192 << 20, "grew by {} MiB", grown >> 20);
+    drop(raws);
+}

@@ -283,7 +283,9 @@ impl Assembler {
                     self.plan()?;
                     continue;
                 }
-                if p.filled == p.main_end {
+                // (A striped frame on probation is admitted below before
+                // its main part can be all in.)
+                if p.filled == p.main_end && p.probation == 0 {
                     if p.claim.as_ref().is_some_and(|c| !c.complete()) {
                         // The stripes bring the rest; the last one wakes
                         // this connection's reader.
@@ -304,6 +306,10 @@ impl Assembler {
                         return Ok(Next::Pending);
                     }
                     p.probation = 0;
+                    if let Some(claim) = &p.claim {
+                        // The stripes may write past their first bytes now.
+                        claim.admit();
+                    }
                     continue;
                 }
                 let (mut upto, to_device) = p.stretch();
@@ -350,18 +356,31 @@ impl Assembler {
                     value: p.frame_len,
                     limit: usize::MAX as u64,
                 })?;
+                // A striped frame: the main connection's part, checked now.
+                let main_end = match (&self.plan, &self.hub) {
+                    (Some(plan), Some(hub)) => {
+                        let first = hub.check(plan, len as u64, p.data_start).map_err(|what| {
+                            Error::Frame {
+                                offset: self.offset,
+                                what,
+                            }
+                        })?;
+                        first as usize
+                    }
+                    _ => len,
+                };
                 let striped = self.plan.is_some();
                 let routed = !striped && self.router.is_some() && len >= self.route_min_bytes;
                 // The whole frame is reserved against the node's receive
                 // budget before its first byte is read (its pages become
                 // resident only as bytes arrive); no room: the prelude stays
-                // where it is and the connection waits. A striped frame is
-                // reserved whole: its stripes write anywhere in it at once.
-                let probation = if striped {
-                    None
-                } else {
-                    self.probation_for(len)
-                };
+                // where it is and the connection waits. A large frame's
+                // first bytes come on probation; a striped frame's first
+                // bytes are shared among its parts, each writing no more of
+                // its share until the rest is reserved.
+                let probation = self.probation_for(len);
+                let parts = self.plan.map_or(1, |plan| plan.parts);
+                let window = probation.map(|first| (first / parts).max(1));
                 let reserved = match probation {
                     Some(first) => self.pool.reserve_on_probation(len, first),
                     None => self.pool.reserve(len),
@@ -383,22 +402,16 @@ impl Assembler {
                     }
                 };
                 let claim = match (self.plan.take(), &self.hub) {
-                    (Some(plan), Some(hub)) => Some(
-                        hub.open(
-                            &plan,
-                            len as u64,
-                            p.data_start,
-                            buf.as_mut_slice().as_mut_ptr(),
-                        )
-                        .map_err(|what| Error::Frame {
-                            offset: self.offset,
-                            what,
-                        })?,
-                    ),
+                    (Some(plan), Some(hub)) => Some(hub.open(
+                        &plan,
+                        len as u64,
+                        buf.as_mut_slice().as_mut_ptr(),
+                        window.map_or(u64::MAX, |w| w as u64),
+                    )),
                     _ => None,
                 };
                 self.partial = Some(Partial {
-                    main_end: claim.as_ref().map_or(len, Claim::main_end),
+                    main_end,
                     claim,
                     buf,
                     len,
@@ -410,7 +423,7 @@ impl Assembler {
                     } else {
                         Route::Host
                     },
-                    probation: probation.unwrap_or(0),
+                    probation: window.map_or(0, |w| w.min(main_end)),
                 });
                 continue;
             }
@@ -458,7 +471,11 @@ impl Assembler {
         let Some(p) = &mut self.partial else {
             return Ok(None);
         };
-        let bytes = p.buf.as_mut_slice();
+        let bytes = match &mut p.claim {
+            // Stripes write past this part meanwhile.
+            Some(claim) => claim.main_part(),
+            None => p.buf.as_mut_slice(),
+        };
         let n = (upto - p.filled).min(self.end - self.start);
         bytes[p.filled..p.filled + n].copy_from_slice(&self.ahead[self.start..self.start + n]);
         self.start += n;

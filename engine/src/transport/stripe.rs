@@ -245,6 +245,9 @@ unsafe impl Sync for Base {}
 
 struct SinkState {
     cancelled: bool,
+    /// Bytes of its share each stripe may write while the frame is on
+    /// probation (`u64::MAX` once it is reserved whole).
+    window: u64,
     /// Stripes whose share is all in, by index (bit `i`).
     done: u8,
     /// Stripe readers writing into the buffer now.
@@ -275,16 +278,32 @@ impl Sink {
         (index >= 1 && index + 1 < self.cuts.len()).then(|| self.cuts[index]..self.cuts[index + 1])
     }
 
-    /// Runs `f` on the buffer's bytes `[at, at + len)` unless the frame was
-    /// given up (`None`).
-    fn write_into<R>(&self, at: u64, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
-        {
+    /// Runs `f` on the buffer's bytes `[at, at + len)` — fewer, up to the
+    /// end of the window of the share that starts at `start`, waiting while
+    /// the window is full — unless the frame was given up (`None`).
+    fn write_into<R>(
+        &self,
+        start: u64,
+        at: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Option<R> {
+        let len = {
             let mut s = self.lock();
-            if s.cancelled {
-                return None;
+            loop {
+                if s.cancelled {
+                    return None;
+                }
+                let room = start.saturating_add(s.window).saturating_sub(at);
+                if room > 0 {
+                    s.writers += 1;
+                    break len.min(usize::try_from(room).unwrap_or(usize::MAX));
+                }
+                // On probation, and this share's first bytes are in: the
+                // rest waits in the socket until the frame is admitted.
+                s = self.idle.wait(s).unwrap_or_else(|p| p.into_inner());
             }
-            s.writers += 1;
-        }
+        };
         debug_assert!(at + len as u64 <= self.len);
         // SAFETY: `[at, at + len)` lies inside one stripe's share of a live
         // buffer of `self.len` bytes (checked by the caller against
@@ -317,6 +336,8 @@ impl Sink {
     fn cancel(&self) {
         let mut s = self.lock();
         s.cancelled = true;
+        // Readers waiting for the window to open see it too.
+        self.idle.notify_all();
         while s.writers > 0 {
             s = self.idle.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -333,8 +354,26 @@ pub(crate) struct Claim {
 
 impl Claim {
     /// Where the main connection's part ends.
-    pub(crate) fn main_end(&self) -> usize {
+    fn main_end(&self) -> usize {
         self.sink.cuts[1] as usize
+    }
+
+    /// The main connection's part of the frame buffer, `[0, main_end)`:
+    /// made from the buffer's address, not the buffer, so that it claims
+    /// none of the stripes' shares while they are written.
+    pub(crate) fn main_part(&mut self) -> &mut [u8] {
+        // SAFETY: `base` is the start of a live buffer of `len` bytes (the
+        // claim is dropped before it); `[0, main_end)` is written by the
+        // main connection alone, the stripes writing only past it; `&mut
+        // self` keeps two such slices from living at once.
+        unsafe { std::slice::from_raw_parts_mut(self.sink.base.0, self.main_end()) }
+    }
+
+    /// The whole frame is reserved now: the stripes may write all of
+    /// their shares.
+    pub(crate) fn admit(&self) {
+        self.sink.lock().window = u64::MAX;
+        self.sink.idle.notify_all();
     }
 
     /// Whether every stripe's share is in.
@@ -395,21 +434,16 @@ impl Hub {
         s.parts = s.parts.max(parts.min(MAX_PARTS));
     }
 
-    /// The main connection read `plan` and took a buffer of `len` bytes at
-    /// `base` for its frame: its stripes' readers may fill their shares.
+    /// Checks `plan` against what was agreed and the frame that follows it
+    /// (`len` bytes, its head `head`); where the main connection's part of
+    /// it ends.
     ///
     /// # Errors
     ///
     /// A plan out of order, over more parts than were agreed, for another
     /// length, or one whose first part would not hold the frame's head.
-    pub(crate) fn open(
-        self: &Arc<Self>,
-        plan: &Plan,
-        len: u64,
-        head: u64,
-        base: *mut u8,
-    ) -> Result<Claim, String> {
-        let mut s = self.lock();
+    pub(crate) fn check(&self, plan: &Plan, len: u64, head: u64) -> Result<u64, String> {
+        let s = self.lock();
         if plan.transfer != s.next {
             return Err(format!(
                 "a stripe plan for transfer {} where {} was next",
@@ -429,14 +463,29 @@ impl Hub {
                 plan.frame_len
             ));
         }
-        let cuts = cuts(len, plan.parts);
-        if cuts[1] < head {
+        let first = cuts(len, plan.parts)[1];
+        if first < head {
             return Err(format!(
-                "a striped frame whose head ({head} bytes) does not fit its first part ({} bytes)",
-                cuts[1]
+                "a striped frame whose head ({head} bytes) does not fit its first part ({first} bytes)"
             ));
         }
+        Ok(first)
+    }
+
+    /// The main connection read `plan` ([`check`](Self::check)ed) and took
+    /// a buffer of `len` bytes at `base` for its frame: its stripes' readers
+    /// may fill their shares, each at most `window` bytes of it until the
+    /// frame is [admitted](Claim::admit) (on probation; `u64::MAX`: it is).
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        plan: &Plan,
+        len: u64,
+        base: *mut u8,
+        window: u64,
+    ) -> Claim {
+        let mut s = self.lock();
         s.next += 1;
+        let cuts = cuts(len, plan.parts);
         let sink = Arc::new(Sink {
             transfer: plan.transfer,
             base: Base(base),
@@ -444,6 +493,7 @@ impl Hub {
             cuts,
             state: Mutex::new(SinkState {
                 cancelled: false,
+                window,
                 done: 0,
                 writers: 0,
                 left: plan.parts - 1,
@@ -453,10 +503,10 @@ impl Hub {
         });
         s.sinks.insert(plan.transfer, Arc::clone(&sink));
         self.changed.notify_all();
-        Ok(Claim {
+        Claim {
             sink,
             hub: Arc::clone(self),
-        })
+        }
     }
 
     /// The sink of `transfer`, once the main connection has opened it;
@@ -822,7 +872,7 @@ fn read_stripe(link: &dyn ByteLink, index: usize, hub: &Hub) -> Result<(), Strin
         let mut at = want.start;
         while at < want.end {
             let n = usize::try_from(want.end - at).map_or(READ_PIECE, |n| n.min(READ_PIECE));
-            match sink.write_into(at, n, |buf| link.read_now(buf)) {
+            match sink.write_into(want.start, at, n, |buf| link.read_now(buf)) {
                 None => return Ok(()),
                 Some(Ok(0)) => return Err("it closed inside a chunk".into()),
                 Some(Ok(k)) => {
