@@ -272,9 +272,7 @@ impl NodeInner {
             record.drain(..over);
         }
         peer.conn.close(reason);
-        if let Some(stream) = peer.conn.stream() {
-            self.release_stripes(stream);
-        }
+        self.release_stripes(peer);
         lock(&self.peers).retain(|p| p.id != peer.id);
         self.reroute();
         self.counters.peer_lost();

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use super::peers::Peer;
 use super::{lock, NodeInner};
 use crate::message::Message;
-use crate::transport::stripe::{Join, Token, MAX_PARTS};
+use crate::transport::stream::StreamConn;
+use crate::transport::stripe::{Join, Stripes, Token, MAX_PARTS};
 use crate::transport::{Connection, Lane, Outgoing};
 use crate::wire::{FrameMeta, Kind};
 
@@ -55,9 +56,9 @@ impl StripeBook {
     }
 }
 
-/// Only tcp connections (TLS included) have stripes.
-fn stripes_ok(peer: &Peer) -> bool {
-    peer.conn.stream().is_some() && peer.label.starts_with("tcp://")
+/// A peer's stripes: tcp connections (TLS included) have them.
+fn stripes_of(peer: &Peer) -> Option<&Stripes> {
+    peer.conn.stream().and_then(StreamConn::stripes)
 }
 
 impl NodeInner {
@@ -92,10 +93,7 @@ impl NodeInner {
     /// A frame for `peer` would travel in `parts` parts: sets its stripes
     /// up, the first time only.
     pub(crate) fn want_stripes(&self, peer: &Arc<Peer>, parts: usize) {
-        let Some(stream) = peer.conn.stream() else {
-            return;
-        };
-        if parts < 2 || !stripes_ok(peer) || !stream.stripes().ask() {
+        if parts < 2 || !stripes_of(peer).is_some_and(Stripes::ask) {
             return;
         }
         let parts = parts.min(MAX_PARTS);
@@ -108,27 +106,33 @@ impl NodeInner {
         }
     }
 
-    /// Counts `n` stripe connections for `stream` against the node's
-    /// limit; `false` when they do not fit.
-    fn reserve_stripes(&self, stream: &crate::transport::stream::StreamConn, n: usize) -> bool {
+    /// Counts `n` stripe connections for `stripes` against the node's
+    /// limit; `false` when they do not fit, or were counted before (a
+    /// connection's stripes are set up once).
+    fn reserve_stripes(&self, stripes: &Stripes, n: usize) -> bool {
         if !self.stripes.reserve(n) {
             return false;
         }
-        stream.stripes().reserved(n);
+        if !stripes.reserve(n) {
+            self.stripes.release(n);
+            return false;
+        }
         true
     }
 
-    /// `stream` is gone: its stripe connections no longer count.
-    pub(crate) fn release_stripes(&self, stream: &crate::transport::stream::StreamConn) {
-        self.stripes.release(stream.stripes().take_reserved());
+    /// `peer` is gone: its stripe connections no longer count.
+    pub(crate) fn release_stripes(&self, peer: &Peer) {
+        if let Some(stripes) = stripes_of(peer) {
+            self.stripes.release(stripes.take_reserved());
+        }
     }
 
     /// Gives `peer` (accepted here) a token its stripes join with.
     fn give_token(&self, peer: &Arc<Peer>, parts: usize) {
-        let Some(stream) = peer.conn.stream() else {
+        let Some(stripes) = stripes_of(peer) else {
             return;
         };
-        if !self.reserve_stripes(stream, parts - 1) {
+        if !self.reserve_stripes(stripes, parts - 1) {
             tracing::debug!(node = %self.name, peer = %peer.label, "no stripes: the node has as many stripe connections as it keeps");
             return;
         }
@@ -139,7 +143,7 @@ impl NodeInner {
             tokens.retain(|_, (p, _)| p.strong_count() > 0);
             tokens.insert(token, (Arc::downgrade(peer), parts));
         }
-        stream.stripes().hub.expect(parts);
+        stripes.hub.expect(parts);
         let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
         let offer = Message::new()
             .field("count", parts as u64)
@@ -169,7 +173,7 @@ impl NodeInner {
             .and_then(|c| usize::try_from(c).ok())
             .filter(|c| (2..=MAX_PARTS).contains(c));
         let token = message.get_field("token").and_then(|t| t.as_str());
-        let (Some(count), true) = (count, stripes_ok(peer)) else {
+        let (Some(count), Some(stripes)) = (count, stripes_of(peer)) else {
             self.offend(
                 peer,
                 &format!("a stripes frame without a count from 2 to {MAX_PARTS}, or not on tcp"),
@@ -178,8 +182,7 @@ impl NodeInner {
         };
         match (&peer.dialed, token) {
             (None, None) => {
-                let asked_first = peer.conn.stream().is_some_and(|s| s.stripes().ask());
-                if asked_first {
+                if stripes.ask() {
                     self.give_token(peer, count);
                 }
             }
@@ -188,15 +191,12 @@ impl NodeInner {
                     self.offend(peer, "a stripes frame whose token is not 32 hex digits");
                     return;
                 };
-                let Some(stream) = peer.conn.stream() else {
-                    return;
-                };
-                // Asked or not, the stripes are set up once.
-                stream.stripes().ask();
-                if stream.stripes().joined() > 0 || !self.reserve_stripes(stream, count - 1) {
+                // Asked for or not, the stripes are set up once.
+                stripes.ask();
+                if !self.reserve_stripes(stripes, count - 1) {
                     return;
                 }
-                stream.stripes().hub.expect(count);
+                stripes.hub.expect(count);
                 let (node, main, addr) = (self.me.clone(), Arc::downgrade(peer), addr.clone());
                 let ctx = self.context();
                 let spawned = std::thread::Builder::new()
@@ -216,8 +216,8 @@ impl NodeInner {
                             )
                             .map_err(|e| e.to_string())
                             .and_then(|conn| {
-                                let stream = main.conn.stream().expect("a tcp peer");
-                                stream.stripes().attach(
+                                let stripes = stripes_of(&main).ok_or("not a tcp peer")?;
+                                stripes.attach(
                                     conn,
                                     index,
                                     Arc::downgrade(&main.conn) as Weak<dyn Connection>,
@@ -230,7 +230,7 @@ impl NodeInner {
                         }
                     });
                 if spawned.is_err() {
-                    self.release_stripes(stream);
+                    self.release_stripes(peer);
                 }
             }
             _ => self.offend(
@@ -258,7 +258,7 @@ impl NodeInner {
             );
             return;
         };
-        let (Some(stream), Some(main_stream)) = (stripe.conn.stream(), main.conn.stream()) else {
+        let (Some(stream), Some(main_stripes)) = (stripe.conn.stream(), stripes_of(&main)) else {
             return;
         };
         if !stripe.mark_lost() {
@@ -274,7 +274,7 @@ impl NodeInner {
                     .map_err(|e| format!("answering it: {e}"))
             })
             .and_then(|()| {
-                main_stream.stripes().attach(
+                main_stripes.attach(
                     Arc::clone(&stripe.conn),
                     join.index,
                     Arc::downgrade(&main.conn) as Weak<dyn Connection>,

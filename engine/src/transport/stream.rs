@@ -92,8 +92,8 @@ pub(crate) struct StreamConn {
     closed: AtomicBool,
     /// Whether a begun frame keeps arriving.
     watch: Mutex<Watch>,
-    /// Its stripes (tcp), when it has some.
-    stripes: Stripes,
+    /// Its stripes: a link that carries frames (tcp, TLS) may have some.
+    stripes: Option<Stripes>,
 }
 
 /// How fast a begun frame must keep arriving: every `period`, at least
@@ -138,13 +138,13 @@ impl StreamConn {
         limits: Limits,
         router: Option<Router>,
     ) -> Self {
-        let stripes = Stripes::default();
+        let stripes = (link.carries() == Carry::Frames).then(Stripes::default);
         let mut assembler = Assembler::new(pool, limits);
         if let Some(router) = router {
             assembler = assembler.with_router(router);
         }
-        if link.label().starts_with("tcp://") {
-            assembler = assembler.with_stripes(std::sync::Arc::clone(&stripes.hub));
+        if let Some(s) = &stripes {
+            assembler = assembler.with_stripes(Arc::clone(&s.hub));
         }
         Self {
             link,
@@ -161,9 +161,9 @@ impl StreamConn {
         }
     }
 
-    /// Its stripes ([`stripe`]).
-    pub(crate) fn stripes(&self) -> &Stripes {
-        &self.stripes
+    /// Its stripes ([`stripe`](super::stripe)), when its link may have some.
+    pub(crate) fn stripes(&self) -> Option<&Stripes> {
+        self.stripes.as_ref()
     }
 
     /// Sends `frame` striped over `parts` connections when it can (see
@@ -174,7 +174,7 @@ impl StreamConn {
         lane: Option<Arc<Lane>>,
         parts: usize,
     ) -> Option<Result<(), String>> {
-        let sent = self.stripes.send(&self.out, frame, lane, parts)?;
+        let sent = self.stripes.as_ref()?.send(&self.out, frame, lane, parts)?;
         Some(sent.and_then(|()| self.pump()))
     }
 
@@ -258,7 +258,9 @@ impl StreamConn {
     /// Records the connection's place on its I/O thread.
     pub(crate) fn set_registration(&self, registration: Registration) {
         let _ = self.registration.set(registration);
-        self.stripes.hub.set_waker(self.waker());
+        if let Some(s) = &self.stripes {
+            s.hub.set_waker(self.waker());
+        }
     }
 
     /// A waker that asks the I/O thread to run the connection.
@@ -482,7 +484,9 @@ impl Connection for StreamConn {
     fn close(&self, why: &str) {
         self.out.close(why);
         self.link.shutdown();
-        self.stripes.close();
+        if let Some(s) = &self.stripes {
+            s.close();
+        }
     }
 
     fn stream(&self) -> Option<&StreamConn> {

@@ -68,7 +68,10 @@ pub(crate) fn parts_for(len: u64, setting: Option<usize>) -> usize {
     match setting {
         Some(n) => n.clamp(1, MAX_PARTS),
         None => {
-            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            // Read once: asking costs a system call or two.
+            static CORES: OnceLock<usize> = OnceLock::new();
+            let cores =
+                *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
             let by_size = usize::try_from(len / AUTO_PART_BYTES).unwrap_or(usize::MAX);
             by_size.clamp(1, cores.clamp(1, 4))
         }
@@ -632,23 +635,17 @@ impl Stripes {
         !self.asked.swap(true, Ordering::AcqRel)
     }
 
-    /// Records `n` stripe connections counted for this connection.
-    pub(crate) fn reserved(&self, n: usize) {
-        self.reserved.fetch_add(n, Ordering::AcqRel);
+    /// Records `n` stripe connections counted for this connection; `false`
+    /// when some were before (its stripes are set up once).
+    pub(crate) fn reserve(&self, n: usize) -> bool {
+        self.reserved
+            .compare_exchange(0, n, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// The stripe connections counted for it, now let go.
     pub(crate) fn take_reserved(&self) -> usize {
         self.reserved.swap(0, Ordering::AcqRel)
-    }
-
-    /// Stripes joined so far, counted from 1 without gaps.
-    pub(crate) fn joined(&self) -> usize {
-        self.lock()
-            .stripes
-            .iter()
-            .take_while(|s| s.is_some())
-            .count()
     }
 
     /// Makes `conn` stripe `index` of the connection `main`: a thread
@@ -731,6 +728,7 @@ impl Stripes {
             return None;
         }
         let mut side = self.lock();
+        // Stripes joined so far, counted from 1 without gaps.
         let joined = side.stripes.iter().take_while(|s| s.is_some()).count();
         let parts = parts.min(joined + 1);
         if parts < 2 {
