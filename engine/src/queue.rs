@@ -436,6 +436,11 @@ impl<T> Queue<T> {
         wake_all(&mut wakers);
     }
 
+    /// The most items it holds.
+    pub(crate) fn depth(&self) -> usize {
+        self.depth
+    }
+
     /// Items queued now.
     pub(crate) fn len(&self) -> usize {
         self.lock().items.len()

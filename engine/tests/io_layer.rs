@@ -402,3 +402,80 @@ fn a_tensor_in_shared_memory_outlives_its_node_while_the_sender_goes_on() {
         "the kept tensor's slot was written again"
     );
 }
+
+#[test]
+fn a_subscriber_that_stops_reading_its_shm_connection_hands_it_back_to_the_io_thread() {
+    // A subscriber reading its own shm connection keeps it between two
+    // `recv`s instead of waking the I/O thread. When it stops calling
+    // `recv`, what else comes on that connection (here: another channel,
+    // taken without ever reading the connection) must still be delivered,
+    // soon, and nothing of its own channel may be lost.
+    let name = format!("shm://tf-io-park-{}", std::process::id());
+    let server = Node::builder()
+        .name("server")
+        .listen(&name)
+        .build()
+        .expect("server");
+    let client = Node::builder().name("client").build().expect("client");
+    let reader = client.subscribe(&name, "/read").expect("subscribe");
+    let polled = client.subscribe(&name, "/polled").expect("subscribe");
+    let to_reader = server.publisher("/read");
+    let to_polled = server.publisher("/polled");
+    to_reader.wait_for_subscribers(1, WAIT).expect("subscriber");
+    to_polled.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (asked, ask) = std::sync::mpsc::channel::<()>();
+    let (took, taken) = std::sync::mpsc::channel::<u64>();
+    let reading = thread::spawn(move || {
+        // Each `recv` starts before its message is sent: the reader waits
+        // on the connection itself, reads the message there and keeps the
+        // connection when it returns.
+        while ask.recv().is_ok() {
+            let got = reader.recv_timeout(WAIT).expect("the reader's message");
+            let round = got.message.get_field("round").and_then(|v| v.as_u64());
+            took.send(round.expect("a round")).expect("report");
+        }
+        reader
+    });
+    for round in 0..20u64 {
+        asked.send(()).expect("ask");
+        thread::sleep(Duration::from_millis(20));
+        to_reader
+            .send(Message::new().field("round", round))
+            .expect("send");
+        assert_eq!(taken.recv_timeout(WAIT).expect("taken"), round);
+        // The reader stopped reading: the other channel's messages arrive
+        // all the same, through the I/O thread.
+        for k in 0..5u64 {
+            to_polled
+                .send(Message::new().field("k", round * 5 + k))
+                .expect("send");
+        }
+        let started = Instant::now();
+        for k in 0..5u64 {
+            let got = loop {
+                if let Some(got) = polled.try_recv().expect("open") {
+                    break got;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "round {round}: message {k} of a channel nobody reads stayed unread"
+                );
+                thread::sleep(Duration::from_micros(200));
+            };
+            assert_eq!(got.message.get_field("k"), Some(&(round * 5 + k).into()));
+        }
+    }
+    drop(asked);
+    let reader = reading.join().expect("reader");
+    // Messages for the reader that came while it did not read wait for it, in order.
+    for seq in 0..300u64 {
+        to_reader
+            .send(Message::new().field("late", seq))
+            .expect("send");
+    }
+    thread::sleep(Duration::from_millis(50));
+    for seq in 0..300u64 {
+        let got = reader.recv_timeout(WAIT).expect("a late message");
+        assert_eq!(got.message.get_field("late"), Some(&seq.into()));
+    }
+}

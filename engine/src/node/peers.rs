@@ -17,7 +17,6 @@ use crate::address::Address;
 use crate::error::Error;
 use crate::reactor::{Readiness, Ready, Registration, Watched};
 use crate::transport::shm::slots::MappedSlot;
-use crate::transport::stream::StreamConn;
 use crate::transport::{Connection, Lane, ReadStop, Reading};
 
 /// One connection of a node.
@@ -165,6 +164,12 @@ impl Watched for Driven {
         if !(why.readable || why.nudged) {
             return idle;
         }
+        // A subscriber keeps the connection and comes back to it: a nudge
+        // (its time not over yet) is not a reason to read it, unless a
+        // delivery waits for room.
+        if why.nudged && stream.parked(Instant::now()) && lock(&peer.stalled).is_none() {
+            return idle;
+        }
         // A delivery that waited for room goes before anything newer.
         if !node.retry_stalled(peer) {
             stream.unwatch();
@@ -215,7 +220,11 @@ impl Watched for Driven {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.0.conn.stream().and_then(StreamConn::watch_due)
+        let stream = self.0.conn.stream()?;
+        match (stream.watch_due(), stream.parked_until()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn has_work(&self) -> bool {

@@ -46,6 +46,14 @@ pub(crate) struct Led {
     /// Nothing can be there yet (a request just written): unless it spins,
     /// it waits before its first read.
     pub(crate) nothing_yet: bool,
+    /// Once done, how many more frames it may read while their bytes are
+    /// there already (zero: it stops at done). A subscriber takes what one
+    /// look at the link found, so the I/O thread is not handed bytes that
+    /// were already in reach, nor woken to read them.
+    pub(crate) read_on: usize,
+    /// When done, it keeps the connection for its next read
+    /// ([`Lead::park`]) instead of handing it back to the I/O thread.
+    pub(crate) park: bool,
 }
 
 /// What a stalled connection still has to deliver.
@@ -252,9 +260,16 @@ impl NodeInner {
         }
         let mut wait_first =
             how.nothing_yet && how.spin_until <= Instant::now() && !lead.holds_bytes();
+        let mut read_on = how.read_on;
         loop {
             if done() {
-                return true;
+                if read_on == 0 || !lead.has_more() {
+                    if how.park {
+                        lead.park();
+                    }
+                    return true;
+                }
+                read_on -= 1;
             }
             if std::mem::take(&mut wait_first) {
                 if let Err(e) = lead.wait_readable(how.deadline) {
@@ -280,6 +295,9 @@ impl NodeInner {
                         continue;
                     }
                     if !may_sleep() {
+                        if how.park {
+                            lead.park();
+                        }
                         return true;
                     }
                     if let Err(e) = lead.wait_readable(how.deadline) {

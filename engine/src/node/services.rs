@@ -413,6 +413,8 @@ impl NodeInner {
                     deadline,
                     spin_until,
                     nothing_yet: true,
+                    read_on: 0,
+                    park: false,
                 },
                 &mut || !slot.looks_empty(),
                 &mut || true,
@@ -572,6 +574,8 @@ impl NodeInner {
                     deadline: until,
                     spin_until: until,
                     nothing_yet: false,
+                    read_on: 0,
+                    park: false,
                 };
                 self.read_led(peer, lead, led, &mut || came(), &mut || false);
             }

@@ -48,6 +48,10 @@ pub(crate) fn local_sender() -> Arc<str> {
 /// (a lost peer).
 pub(crate) type SubQueue = Queue<Result<Received>>;
 
+/// Most frames a subscriber reading its own connection takes at once past
+/// the first, while their bytes are there already.
+const READ_ON: usize = 32;
+
 /// What a queued delivery weighs: its tensors' bytes.
 fn delivered_bytes(d: &Result<Received>) -> u64 {
     d.as_ref().map_or(0, |r| r.message.payload_bytes())
@@ -251,6 +255,11 @@ impl Subscription {
             deadline: until,
             spin_until: Instant::now(),
             nothing_yet: false,
+            // Half the queue at most: what it read fits, and no delivery stalls.
+            read_on: READ_ON.min(queue.depth() / 2),
+            // It comes back for the next message as soon as its caller has
+            // taken this one.
+            park: true,
         };
         // Nothing came when it stopped short with the queue still empty at
         // the deadline: the caller may lead again.

@@ -94,7 +94,15 @@ pub(crate) struct StreamConn {
     watch: Mutex<Watch>,
     /// Its stripes: a link that carries frames (tcp, TLS) may have some.
     stripes: Option<Stripes>,
+    /// A subscriber that read this connection itself comes back to it
+    /// before then ([`Lead::park`]): until then its I/O thread neither
+    /// reads it when nudged nor asks the peer to wake it.
+    parked: Mutex<Option<Instant>>,
 }
+
+/// How long a subscriber that read its connection itself keeps it between
+/// two reads ([`Lead::park`]); past it, the I/O thread reads it again.
+const PARK: Duration = Duration::from_millis(1);
 
 /// How fast a begun frame must keep arriving: every `period`, at least
 /// `min_bytes` more of it (or all it still lacks, when that is less).
@@ -158,6 +166,7 @@ impl StreamConn {
             watch: Mutex::new(Watch::default()),
             closed: AtomicBool::new(false),
             stripes,
+            parked: Mutex::new(None),
         }
     }
 
@@ -248,6 +257,25 @@ impl StreamConn {
     /// When the frame in flight is next judged, if one is watched.
     pub(crate) fn watch_due(&self) -> Option<Instant> {
         self.watch.lock().unwrap_or_else(|p| p.into_inner()).due
+    }
+
+    /// Until when a subscriber keeps this connection ([`Lead::park`]).
+    pub(crate) fn parked_until(&self) -> Option<Instant> {
+        *self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a subscriber keeps this connection at `now`; once its time
+    /// is over, `false` from then on (the I/O thread reads it again).
+    pub(crate) fn parked(&self, now: Instant) -> bool {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        match *parked {
+            Some(until) if until > now => true,
+            Some(_) => {
+                *parked = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// The bytes underneath.
@@ -456,6 +484,7 @@ impl StreamConn {
             conn: self,
             side: Some(side),
             paused,
+            park: false,
         })
     }
 }
@@ -500,6 +529,8 @@ pub(crate) struct Lead<'a> {
     conn: &'a StreamConn,
     side: Option<MutexGuard<'a, ReadSide>>,
     paused: bool,
+    /// Keep the connection when letting go ([`Lead::park`]).
+    park: bool,
 }
 
 impl Lead<'_> {
@@ -516,6 +547,25 @@ impl Lead<'_> {
             Ok(None) => Step::Pending,
             Err(end) => Step::Ended(end),
         }
+    }
+
+    /// Lets go of the read side but keeps the connection for a short while
+    /// ([`PARK`]): a subscriber that read what it needed and will be back
+    /// for more as soon as its caller has taken it. Meanwhile frames wait
+    /// in the link, the peer does not wake this side's I/O thread, and a
+    /// nudge does not make it read (a stalled delivery, an event the
+    /// transport reports, or another reader letting go still do); when
+    /// the time is over, the I/O thread reads the connection as before.
+    /// Links whose wait can be interrupted only (their peer wakes a
+    /// leader without the I/O thread).
+    pub(crate) fn park(mut self) {
+        self.park = self.conn.link.interruptible();
+    }
+
+    /// Whether more may be read at once: bytes read ahead that no frame
+    /// has taken, or bytes the link says are waiting.
+    pub(crate) fn has_more(&self) -> bool {
+        self.holds_bytes() || self.conn.link.has_input()
     }
 
     /// Whether bytes were read ahead that no frame has taken yet.
@@ -559,6 +609,20 @@ impl Drop for Lead<'_> {
                 r.resume();
             }
         }
+        let mut parked = self.conn.parked.lock().unwrap_or_else(|p| p.into_inner());
+        if self.park && !self.conn.missed.load(Ordering::SeqCst) {
+            // Parked: the I/O thread is told when to look again only when
+            // the connection was not parked already (a park renewed is seen
+            // when the last one's time comes).
+            if parked.replace(Instant::now() + PARK).is_none() {
+                drop(parked);
+                self.conn.nudge();
+            }
+            return;
+        }
+        // Any other reader letting go ends a park: what it left is read now.
+        *parked = None;
+        drop(parked);
         let pending = self.conn.link.idle_read();
         if holds || pending || self.conn.missed.swap(false, Ordering::SeqCst) {
             self.conn.nudge();
