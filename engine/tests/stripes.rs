@@ -277,3 +277,37 @@ fn a_striped_frame_that_stalls_holds_no_more_budget_than_a_whole_one() {
     assert!(grown < 192 << 20, "grew by {} MiB", grown >> 20);
     drop(raws);
 }
+
+#[test]
+fn a_publisher_that_flushes_and_leaves_has_sent_its_striped_messages_whole() {
+    // `flush` returns once every part of every message is written, the
+    // shares on the stripes included: a sender that leaves right after
+    // (as `tensorferry send` does) loses nothing.
+    let server = node("server", true, 3, false);
+    let addr = server.listen_addrs()[0].to_string();
+    let client = node("client", false, 3, false);
+    client.connect(&addr).expect("connect");
+    let sub = server.subscriber("/big");
+    let publisher = client.publisher("/big");
+    publisher
+        .wait_for_subscribers(1, WAIT)
+        .expect("a subscriber");
+    const BIG: usize = (8 << 20) + 4097;
+    publisher.send(message(0, BIG)).expect("publish");
+    // The first goes whole and sets the stripes up.
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 1..8u64 {
+        publisher.send(message(i, BIG)).expect("publish");
+    }
+    publisher.flush(WAIT).expect("flush");
+    let striped = client.stats().striped;
+    drop(publisher);
+    drop(client);
+    for i in 0..8u64 {
+        let got = sub
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("message {i} of 8 (the sender flushed, then left): {e}"));
+        check(&got.message, i, BIG);
+    }
+    assert!(striped >= 4, "only {striped} of 8 messages went striped");
+}

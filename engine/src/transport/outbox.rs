@@ -55,6 +55,11 @@ struct LaneState {
     queued: usize,
     /// Their bytes.
     bytes: u64,
+    /// Parts of its striped frames that wait on (or are being written to)
+    /// the connection's stripes: not counted as messages, but they take
+    /// places (a stripe slower than the connection slows its publisher
+    /// instead of piling up parts), and a flush waits for them too.
+    striping: usize,
     /// Threads blocked on `room` (a notify is a system call: made only for them).
     blocked: usize,
     /// The connection is gone: nothing more is taken.
@@ -78,6 +83,7 @@ impl Lane {
             overflow,
             state: Mutex::new(LaneState {
                 queued: 0,
+                striping: 0,
                 bytes: 0,
                 blocked: 0,
                 closed: false,
@@ -116,7 +122,7 @@ impl Lane {
     /// Whether one more message fits: a place is free, and (when bounded)
     /// bytes are, or the lane is empty (a single large frame passes).
     fn full(&self, s: &LaneState) -> bool {
-        s.queued >= self.depth
+        s.queued + s.striping >= self.depth
             || self
                 .max_bytes
                 .is_some_and(|max| s.queued > 0 && s.bytes >= max)
@@ -168,10 +174,11 @@ impl Lane {
         Poll::Pending
     }
 
-    /// Waits until nothing is queued, or `deadline` passes (`false`).
+    /// Waits until nothing is queued (nor waits on a stripe), or
+    /// `deadline` passes (`false`).
     pub(crate) fn wait_empty(&self, deadline: Instant) -> bool {
         let mut s = self.lock();
-        while !s.closed && s.queued > 0 {
+        while !s.closed && (s.queued > 0 || s.striping > 0) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -179,6 +186,18 @@ impl Lane {
             s = self.block(s, Some(left));
         }
         true
+    }
+
+    /// A part of a striped frame was handed to a stripe.
+    pub(crate) fn part_queued(&self) {
+        self.lock().striping += 1;
+    }
+
+    /// A part handed to a stripe was written, or given up with it.
+    pub(crate) fn part_done(&self) {
+        let mut s = self.lock();
+        s.striping = s.striping.saturating_sub(1);
+        self.released(s);
     }
 
     fn add(&self, bytes: u64) {
@@ -191,9 +210,15 @@ impl Lane {
         let mut s = self.lock();
         s.queued = s.queued.saturating_sub(1);
         s.bytes = s.bytes.saturating_sub(bytes);
+        self.released(s);
+    }
+
+    /// Something left the lane: wakes who waits for room (or for it to empty).
+    fn released(&self, mut s: MutexGuard<'_, LaneState>) {
         // Publishers waiting for room are woken once the lane has drained
         // to half its depth (and bytes), not at each message written.
-        if !crate::queue::half_drained(s.queued, self.depth, s.bytes, self.max_bytes) {
+        let items = s.queued + s.striping;
+        if !crate::queue::half_drained(items, self.depth, s.bytes, self.max_bytes) {
             return;
         }
         let wakers = std::mem::take(&mut s.wakers);
@@ -733,6 +758,28 @@ mod tests {
     use crate::Tensor;
     use std::os::fd::RawFd;
     use std::sync::Mutex;
+    use std::time::Duration;
+
+    #[test]
+    fn a_lane_counts_the_parts_on_stripes_until_they_are_written() {
+        // A striped frame's shares on stripes: a flush waits for them
+        // (a sender that flushed and left would otherwise cut them off),
+        // and they take places, so a slow stripe slows its publisher.
+        let lane = Arc::new(Lane::new(2, None, Overflow::Block));
+        lane.part_queued();
+        lane.part_queued();
+        assert!(!lane.wait_empty(Instant::now() + Duration::from_millis(20)));
+        assert!(!lane.wait_room(Some(Instant::now() + Duration::from_millis(20))));
+        let waiter = std::thread::spawn({
+            let lane = Arc::clone(&lane);
+            move || lane.wait_empty(Instant::now() + Duration::from_secs(20))
+        });
+        lane.part_done();
+        assert!(lane.wait_room(Some(Instant::now())), "half drained: room");
+        lane.part_done();
+        assert!(waiter.join().expect("waiter"), "emptied: the flush goes on");
+        assert_eq!(lane.queued(), 0, "parts are not counted as messages");
+    }
 
     /// A link that takes at most `room` bytes per call, then `WouldBlock`
     /// until `room` is refilled.

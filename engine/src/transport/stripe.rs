@@ -555,8 +555,23 @@ impl Hub {
 }
 
 struct SendQueue {
-    parts: VecDeque<FrameWriter>,
+    parts: VecDeque<Part>,
     closed: bool,
+}
+
+/// A frame's share for a stripe, counted in its subscriber's lane until
+/// it is written (or given up), so that a publisher's flush waits for it.
+struct Part {
+    writer: FrameWriter,
+    lane: Option<Arc<Lane>>,
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        if let Some(lane) = &self.lane {
+            lane.part_done();
+        }
+    }
 }
 
 /// What one stripe's writing thread writes, in order.
@@ -570,12 +585,12 @@ impl Sender {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, part: FrameWriter) {
+    fn push(&self, part: Part) {
         self.lock().parts.push_back(part);
         self.more.notify_one();
     }
 
-    fn next(&self) -> Option<FrameWriter> {
+    fn next(&self) -> Option<Part> {
         let mut q = self.lock();
         loop {
             if q.closed {
@@ -752,7 +767,7 @@ impl Stripes {
                 plan: plan.encode(),
                 end: cuts[1],
             },
-            lane,
+            lane.clone(),
         ) {
             return Some(Err(why));
         }
@@ -765,9 +780,13 @@ impl Stripes {
                 offset: range.start,
                 len: range.end - range.start,
             };
-            stripe
-                .sender
-                .push(FrameWriter::part(Arc::clone(frame), chunk.encode(), range));
+            if let Some(lane) = &lane {
+                lane.part_queued();
+            }
+            stripe.sender.push(Part {
+                writer: FrameWriter::part(Arc::clone(frame), chunk.encode(), range),
+                lane: lane.clone(),
+            });
         }
         Some(Ok(()))
     }
@@ -899,7 +918,7 @@ fn write_stripe(link: &dyn ByteLink, sender: &Sender) -> Result<(), String> {
     let closed = || sender.lock().closed;
     while let Some(mut part) = sender.next() {
         loop {
-            match part.write_some(&mut |bufs| link.write_now(bufs)) {
+            match part.writer.write_some(&mut |bufs| link.write_now(bufs)) {
                 Ok(true) => break,
                 Ok(false) => {
                     if closed() {
