@@ -279,9 +279,11 @@ impl NodeInner {
                 }
             }
             match lead.step(&mut |frame| self.on_frame(peer, frame, Wait::Stall)) {
+                // (A reader that is done looks at the clock no more: it
+                // stops, or reads on at most `read_on` frames.)
                 Step::Frame => {
-                    if Instant::now() >= how.deadline {
-                        return done();
+                    if !done() && Instant::now() >= how.deadline {
+                        return false;
                     }
                 }
                 Step::Stalled => return false,

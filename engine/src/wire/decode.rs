@@ -9,7 +9,7 @@ use tensorferry_device_map::Device;
 use tensorferry_kernels::cpu::{checksum, Checksum};
 use tensorferry_kernels::{element_count, DType, Layout};
 
-use super::header::{self, Header};
+use super::header::{self, Few, Header};
 use super::prelude::le_u64;
 use super::{align_up, FrameMeta, Limits, Prelude, TensorInfo};
 use crate::buffer::{HostBuffer, ALIGN};
@@ -73,7 +73,7 @@ fn head_parts<'b>(
     limits: &Limits,
     base: u64,
     whole: bool,
-) -> Result<(Prelude, Vec<Range<usize>>, Header<'b>)> {
+) -> Result<(Prelude, Few<Range<usize>>, Header<'b>)> {
     let p = Prelude::parse(bytes, limits, base)?;
     let needed = if whole { p.frame_len } else { p.data_start };
     if (bytes.len() as u64) < needed {
@@ -91,12 +91,13 @@ fn head_parts<'b>(
 
 /// Where each buffer lies, from the table, each checked against the frame's
 /// end; `bytes` holds at least the frame's head.
-fn buffer_ranges(bytes: &[u8], p: &Prelude, base: u64) -> Result<Vec<Range<usize>>> {
+fn buffer_ranges(bytes: &[u8], p: &Prelude, base: u64) -> Result<Few<Range<usize>>> {
     let frame = |at: u64, what: String| Error::Frame {
         offset: base + at,
         what,
     };
-    let mut ranges = Vec::with_capacity(p.buffer_count as usize);
+    // The prelude's count was checked against the head's length.
+    let mut ranges = Few::with_capacity(p.buffer_count as usize);
     let mut at = p.data_start;
     for i in 0..p.buffer_count as usize {
         let entry = p.table_start + 8 * i as u64;
@@ -191,7 +192,7 @@ pub fn plan_head(head: &[u8], limits: &Limits, base: u64) -> Result<HeadPlan> {
             id: header.id,
         },
         tensors,
-        buffers,
+        buffers: buffers.into_vec(),
     })
 }
 
@@ -223,7 +224,7 @@ pub fn decode_at(region: &HostBuffer, limits: &Limits, base: u64) -> Result<Fram
         });
     }
 
-    let mut used = vec![false; ranges.len()];
+    let mut used: Few<bool> = smallvec::smallvec![false; ranges.len()];
     let mut take = |name: &str, index: u64| -> Result<Range<usize>> {
         let i = usize::try_from(index)
             .ok()
