@@ -38,6 +38,17 @@ fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// A node named "server" listening on `shm://tf-io-TAG-PID`, and that address.
+fn shm_server(tag: &str) -> (Node, String) {
+    let name = format!("shm://tf-io-{tag}-{}", std::process::id());
+    let server = Node::builder()
+        .name("server")
+        .listen(&name)
+        .build()
+        .expect("server");
+    (server, name)
+}
+
 fn publisher_node(name: &str) -> (Node, String) {
     let node = Node::builder()
         .name(name)
@@ -109,12 +120,7 @@ fn a_full_queue_stalls_its_own_connection_and_the_io_thread_serves_the_others() 
 
 #[test]
 fn small_messages_through_shared_memory_all_arrive_when_the_subscriber_lags() {
-    let name = format!("shm://tf-io-lag-{}", std::process::id());
-    let server = Node::builder()
-        .name("server")
-        .listen(&name)
-        .build()
-        .expect("server");
+    let (server, name) = shm_server("lag");
     let client = Node::builder().name("client").build().expect("client");
     let sub = client.subscribe(&name, "/small").expect("subscribe");
     let publisher = server.publisher("/small");
@@ -320,18 +326,13 @@ fn queues_bounded_in_bytes_keep_the_newest_and_count_the_rest() {
 fn a_peer_that_sends_its_last_frame_and_closes_at_once_is_seen_to_go() {
     // The last frame and the end of the stream often reach the socket
     // together, in one readiness event: the reader must see both.
-    let shm = format!("shm://tf-io-last-{}", std::process::id());
     let (tcp_server, tcp) = publisher_node("server");
-    let shm_server = Node::builder()
-        .name("server")
-        .listen(&shm)
-        .build()
-        .expect("server");
+    let (shm_node, shm) = shm_server("last");
     for (server, addr, round) in (0..40).map(|round| {
         if round % 2 == 0 {
             (&tcp_server, &tcp, round)
         } else {
-            (&shm_server, &shm, round)
+            (&shm_node, &shm, round)
         }
     }) {
         let client = Node::builder().name("client").build().expect("node");
@@ -355,12 +356,7 @@ fn a_peer_that_sends_its_last_frame_and_closes_at_once_is_seen_to_go() {
 
 #[test]
 fn a_tensor_in_shared_memory_outlives_its_node_while_the_sender_goes_on() {
-    let name = format!("shm://tf-io-outlive-{}", std::process::id());
-    let server = Node::builder()
-        .name("server")
-        .listen(&name)
-        .build()
-        .expect("server");
+    let (server, name) = shm_server("outlive");
     let publisher = server.publisher("/x");
     let frame = |round: u64| {
         let t = pattern::tensor(DType::U8, &[64 << 10], 3, round, "x").expect("tensor");
@@ -410,12 +406,7 @@ fn a_subscriber_that_stops_reading_its_shm_connection_hands_it_back_to_the_io_th
     // `recv`, what else comes on that connection (here: another channel,
     // taken without ever reading the connection) must still be delivered,
     // soon, and nothing of its own channel may be lost.
-    let name = format!("shm://tf-io-park-{}", std::process::id());
-    let server = Node::builder()
-        .name("server")
-        .listen(&name)
-        .build()
-        .expect("server");
+    let (server, name) = shm_server("park");
     let client = Node::builder().name("client").build().expect("client");
     let reader = client.subscribe(&name, "/read").expect("subscribe");
     let polled = client.subscribe(&name, "/polled").expect("subscribe");

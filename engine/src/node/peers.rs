@@ -166,9 +166,12 @@ impl Watched for Driven {
         }
         // A subscriber keeps the connection and comes back to it: a nudge
         // (its time not over yet) is not a reason to read it, unless a
-        // delivery waits for room.
+        // delivery waits for room. Nor to spin on it, and a frame begun is
+        // the subscriber's to read, as a requester's that leads (its
+        // progress is judged again once the I/O thread reads).
         if why.nudged && stream.parked(Instant::now()) && lock(&peer.stalled).is_none() {
-            return idle;
+            stream.unwatch();
+            return Ready::Wait;
         }
         // A delivery that waited for room goes before anything newer.
         if !node.retry_stalled(peer) {

@@ -480,14 +480,18 @@ impl Publisher {
         for (_, lane) in self.node.subscribed_peers(&self.channel) {
             let Some(lane) = lane else { continue };
             if !lane.wait_empty(deadline) {
-                let queued: usize = self
-                    .node
-                    .subscribed_peers(&self.channel)
-                    .iter()
-                    .filter_map(|(_, l)| l.as_ref().map(|l| l.queued()))
-                    .sum();
+                let lanes = self.node.subscribed_peers(&self.channel);
+                let lanes = lanes.iter().filter_map(|(_, l)| l.as_ref());
+                let (queued, parts) = lanes.fold((0, 0), |(q, p), l| {
+                    (q + l.queued(), p + l.parts_on_stripes())
+                });
+                let parts = if parts > 0 {
+                    format!(" and {parts} share(s) of striped ones on their stripes")
+                } else {
+                    String::new()
+                };
                 return Err(Error::Timeout {
-                    what: format!("flushing {queued} message(s) of `{}`", self.channel),
+                    what: format!("flushing {queued} message(s){parts} of `{}`", self.channel),
                     ms: timeout.as_millis() as u64,
                 });
             }

@@ -255,7 +255,9 @@ impl Subscription {
             deadline: until,
             spin_until: Instant::now(),
             nothing_yet: false,
-            // Half the queue at most: what it read fits, and no delivery stalls.
+            // Half the queue at most, so what it reads for itself fits (a
+            // delivery that does not, to this queue or another, stalls and
+            // ends the read as it would for the I/O thread).
             read_on: READ_ON.min(queue.depth() / 2),
             // It comes back for the next message as soon as its caller has
             // taken this one.

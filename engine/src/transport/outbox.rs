@@ -104,6 +104,11 @@ impl Lane {
         self.lock().queued
     }
 
+    /// Shares of striped messages still to be written on stripes.
+    pub(crate) fn parts_on_stripes(&self) -> usize {
+        self.lock().striping
+    }
+
     /// Messages dropped under `drop_oldest`.
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

@@ -472,7 +472,13 @@ impl StreamConn {
 
     /// Takes the read side for a requester, unless someone holds it.
     pub(crate) fn lead(&self) -> Option<Lead<'_>> {
-        let side = self.try_read()?;
+        let Some(side) = self.try_read() else {
+            // Whoever holds it hands the connection back to the I/O thread
+            // when it lets go (it does not park it): this reader waits on
+            // what the connection brings.
+            self.missed.store(true, Ordering::SeqCst);
+            return None;
+        };
         self.link.lead();
         let paused = self.link.pause_while_led() && self.registration.get().is_some();
         if paused {

@@ -760,7 +760,13 @@ impl Stripes {
             frame_len: len,
         };
         // Under the lock: the main connection's plans and every stripe's
-        // chunks go in the same order.
+        // chunks go in the same order. The shares count in the lane before
+        // the first part does, so a flush never finds it empty between.
+        if let Some(lane) = &lane {
+            for _ in 1..parts {
+                lane.part_queued();
+            }
+        }
         if let Err(why) = out.push(
             Outgoing::Part {
                 frame: Arc::clone(frame),
@@ -769,6 +775,11 @@ impl Stripes {
             },
             lane.clone(),
         ) {
+            if let Some(lane) = &lane {
+                for _ in 1..parts {
+                    lane.part_done();
+                }
+            }
             return Some(Err(why));
         }
         side.next += 1;
@@ -780,9 +791,6 @@ impl Stripes {
                 offset: range.start,
                 len: range.end - range.start,
             };
-            if let Some(lane) = &lane {
-                lane.part_queued();
-            }
             stripe.sender.push(Part {
                 writer: FrameWriter::part(Arc::clone(frame), chunk.encode(), range),
                 lane: lane.clone(),
