@@ -614,6 +614,23 @@ impl Sender {
     }
 }
 
+/// Ends a stripe's writer: what is queued for it is dropped, and a writer
+/// that panicked fails its connection (a frame it carried lacks a share).
+struct WriterEnded {
+    sender: Arc<Sender>,
+    main: Weak<dyn Connection>,
+    what: String,
+}
+
+impl Drop for WriterEnded {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            fail(&self.main, &format!("{}: its writer failed", self.what));
+        }
+        self.sender.close();
+    }
+}
+
 /// A stripe joined to a connection.
 struct Stripe {
     conn: Arc<dyn Connection>,
@@ -712,9 +729,17 @@ impl Stripes {
         std::thread::Builder::new()
             .name(format!("tf-stripe{index}-out"))
             .spawn(move || {
+                // However the writer ends, the shares still queued for it
+                // are given up (their lanes let go of them) and, unless the
+                // stripes were closed, its connection fails with it.
+                let ended = WriterEnded {
+                    sender: Arc::clone(&wsender),
+                    main: main.clone(),
+                    what: format!("stripe {index} ({label})"),
+                };
                 let link = wconn.stream().expect("checked above").link();
                 if let Err(why) = write_stripe(link, &wsender) {
-                    fail(&main, &format!("stripe {index} ({label}): {why}"));
+                    fail(&main, &format!("{}: {why}", ended.what));
                 }
             })
             .map_err(|e| format!("starting a stripe's writer: {e}"))?;
