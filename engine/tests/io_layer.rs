@@ -470,3 +470,48 @@ fn a_subscriber_that_stops_reading_its_shm_connection_hands_it_back_to_the_io_th
         assert_eq!(got.message.get_field("late"), Some(&seq.into()));
     }
 }
+
+#[test]
+fn published_messages_that_come_fast_over_tcp_are_all_written_without_another_send() {
+    // Messages published hard on each other over tcp are left to the I/O
+    // thread, which writes what gathered: the last of a burst must go out
+    // although nothing is sent after it (no flush either), whatever the
+    // length of the burst and of the pause after it.
+    let (server, addr) = publisher_node("server");
+    let client = Node::builder().name("client").build().expect("client");
+    let sub = client.subscribe(&addr, "/burst").expect("subscribe");
+    let publisher = server.publisher("/burst");
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let mut seq = 0u64;
+    for round in 0..60u64 {
+        let burst = 1 + (round * 37) % 200;
+        let first = seq;
+        // Built first, so that they leave back to back.
+        let messages: Vec<Message> = (first..first + burst)
+            .map(|n| {
+                let t = pattern::tensor(DType::U8, &[4096], 4, n, "x").expect("tensor");
+                Message::new().field("n", n).tensor("x", t)
+            })
+            .collect();
+        for m in messages {
+            publisher.send(m).expect("send");
+            seq += 1;
+        }
+        for want in first..seq {
+            let got = sub
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("round {round}: message {want} of {seq}: {e}"));
+            assert_eq!(got.message.get_field("n"), Some(&want.into()));
+            if want + 1 == seq {
+                let bytes = got.message.get("x").expect("x").packed().expect("host");
+                assert_eq!(
+                    pattern::first_mismatch(DType::U8, 4, want, "x", bytes.as_slice()),
+                    None
+                );
+            }
+        }
+        // Pauses around the gap that decides who writes.
+        thread::sleep(Duration::from_micros((round % 5) * 30));
+    }
+    assert_eq!(publisher.dropped(), 0);
+}

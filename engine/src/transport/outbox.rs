@@ -353,6 +353,13 @@ impl Outbox {
     ///
     /// Why the connection takes nothing more, when it is closed.
     pub(crate) fn push(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> Result<(), String> {
+        self.enqueue(item, lane).map(|_| ())
+    }
+
+    /// [`push`](Self::push), saying whether a thread held the write turn
+    /// when the item was queued: that thread then writes it before it lets
+    /// go (it looks at the queue again under the same lock).
+    pub(crate) fn enqueue(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> Result<bool, String> {
         let mut s = self.lock();
         if let Some(why) = &s.closed {
             return Err(why.clone());
@@ -377,7 +384,7 @@ impl Outbox {
             lane.add(bytes);
         }
         s.queue.push_back(Queued { item, lane, bytes });
-        Ok(())
+        Ok(s.turn)
     }
 
     /// Writes what is queued, as far as `link` takes it now, unless another

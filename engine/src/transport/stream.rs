@@ -98,7 +98,15 @@ pub(crate) struct StreamConn {
     /// before then ([`Lead::park`]): until then its I/O thread neither
     /// reads it when nudged nor asks the peer to wake it.
     parked: Mutex<Option<Instant>>,
+    /// When the last published message was handed to it, in nanoseconds
+    /// since `born` (see [`StreamConn::send`]).
+    last_published: std::sync::atomic::AtomicU64,
+    born: Instant,
 }
+
+/// A published message sent less than this after the last one over a byte
+/// stream is written by the I/O thread ([`StreamConn::send`]).
+const BEHIND: Duration = Duration::from_micros(50);
 
 /// How long a subscriber that read its connection itself keeps it between
 /// two reads ([`Lead::park`]); past it, the I/O thread reads it again.
@@ -167,7 +175,21 @@ impl StreamConn {
             closed: AtomicBool::new(false),
             stripes,
             parked: Mutex::new(None),
+            last_published: std::sync::atomic::AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    /// Whether a published message handed over now is left to the I/O
+    /// thread: over a byte stream its thread drives, when the last one
+    /// came less than [`BEHIND`] ago.
+    fn write_behind(&self) -> bool {
+        if self.link.carries() != Carry::Frames || self.registration.get().is_none() {
+            return false;
+        }
+        let now = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let last = self.last_published.swap(now, Ordering::Relaxed);
+        last != 0 && now.saturating_sub(last) < BEHIND.as_nanos() as u64
     }
 
     /// Its stripes ([`stripe`](super::stripe)), when its link may have some.
@@ -504,9 +526,22 @@ impl Connection for StreamConn {
         self.link.carries()
     }
 
-    /// Queues `item` and writes what it can now, on this thread.
+    /// Queues `item` and writes what it can now, on this thread; but a
+    /// published message that comes hard on the last one ([`BEHIND`]) over
+    /// a byte stream (tcp, TLS) is left to the I/O thread, which writes
+    /// what gathered meanwhile in one vectored write: one system call for
+    /// a batch instead of one per message, and the publisher goes on
+    /// encoding while it is written. A sparse message, a request or a
+    /// reply is written at once.
     fn send(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> Result<(), String> {
-        self.out.push(item, lane)?;
+        let behind = lane.is_some() && self.write_behind();
+        let writer = self.out.enqueue(item, lane)?;
+        if behind {
+            if !writer {
+                self.nudge();
+            }
+            return Ok(());
+        }
         self.pump()
     }
 
