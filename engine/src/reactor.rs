@@ -371,8 +371,21 @@ impl Drop for Reactor {
     }
 }
 
+thread_local! {
+    /// Whether this thread is an I/O thread (see [`on_io_thread`]).
+    static IO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is one of the nodes' I/O threads: work handed
+/// to an I/O thread from one (an inline service's) may wait for it to
+/// return, so it is done there and then instead.
+pub(crate) fn on_io_thread() -> bool {
+    IO_THREAD.with(std::cell::Cell::get)
+}
+
 /// One I/O thread's loop.
 fn run(mut poll: Poll, shared: &Shared) {
+    IO_THREAD.with(|t| t.set(true));
     let mut events = Events::with_capacity(256);
     let mut state = Sources::default();
     // Until when the thread spins, while sources ask to.

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow, Pattern};
-use tensorferry_engine::{pattern, DType, Error, Message, Node, Service};
+use tensorferry_engine::{pattern, DType, Error, Message, Node, Service, ServiceError};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -514,4 +514,48 @@ fn published_messages_that_come_fast_over_tcp_are_all_written_without_another_se
         thread::sleep(Duration::from_micros((round % 5) * 30));
     }
     assert_eq!(publisher.dropped(), 0);
+}
+
+#[test]
+fn an_inline_service_that_publishes_a_burst_over_tcp_does_not_wait_on_its_own_io_thread() {
+    // An inline handler runs on the I/O thread. Messages it publishes fast
+    // must be written there and then: left for "the I/O thread" to write,
+    // they would fill their lane and the handler's next send would wait
+    // for the thread it runs on.
+    let (server, addr) = publisher_node("server");
+    let out = server.publisher("/out");
+    let burst = server.publisher("/out");
+    server
+        .serve(
+            "/burst",
+            Service::new(move |m: Message| {
+                // Built first, so that they leave back to back.
+                let t = pattern::tensor(DType::U8, &[4096], 6, 0, "x").expect("tensor");
+                let messages: Vec<Message> = (0..300u64)
+                    .map(|n| Message::new().field("n", n).tensor("x", t.clone()))
+                    .collect();
+                for message in messages {
+                    burst
+                        .send(message)
+                        .map_err(|e| ServiceError::new("send", e.to_string()))?;
+                }
+                Ok(m)
+            })
+            .inline(true),
+        )
+        .expect("serve");
+    let client = Node::builder().name("client").build().expect("client");
+    let sub = client.subscribe(&addr, "/out").expect("subscribe");
+    out.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let reading = thread::spawn(move || {
+        for n in 0..300u64 {
+            let got = sub.recv_timeout(WAIT).expect("a message of the burst");
+            assert_eq!(got.message.get_field("n"), Some(&n.into()));
+        }
+    });
+    let reply = client
+        .request(&addr, "/burst", Message::new(), Duration::from_secs(20))
+        .expect("the handler returns");
+    assert!(reply.tensors().next().is_none());
+    reading.join().expect("every message of the burst arrives");
 }

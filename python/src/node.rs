@@ -536,7 +536,8 @@ impl PyPublisher {
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
         let message = build(fields, tensors, kwargs)?;
-        // Usually written before `send` returns: the last hold on the
+        // Often written before `send` returns (not when a fast sender's
+        // messages are left to the I/O thread): the last hold on the
         // objects sent is then this copy, let go here, with the GIL.
         let keep = message.clone();
         let p = Arc::clone(self.publisher());

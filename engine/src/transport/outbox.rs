@@ -193,6 +193,15 @@ impl Lane {
         true
     }
 
+    /// Whether the lane is at most half full (items and bytes): a message
+    /// queued for its I/O thread to write then leaves room, so waiting for
+    /// that thread makes no publisher wait nor `drop_oldest` drop.
+    pub(crate) fn half_empty(&self) -> bool {
+        let s = self.lock();
+        let items = s.queued + s.striping;
+        items < self.depth / 2 && self.max_bytes.is_none_or(|max| s.bytes < max / 2)
+    }
+
     /// A part of a striped frame was handed to a stripe.
     pub(crate) fn part_queued(&self) {
         self.lock().striping += 1;
@@ -358,7 +367,8 @@ impl Outbox {
 
     /// [`push`](Self::push), saying whether a thread held the write turn
     /// when the item was queued: that thread then writes it before it lets
-    /// go (it looks at the queue again under the same lock).
+    /// go (it looks at the queue again under the same lock), or, when the
+    /// link is full, leaves it to the link's writability.
     pub(crate) fn enqueue(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> Result<bool, String> {
         let mut s = self.lock();
         if let Some(why) = &s.closed {

@@ -19,7 +19,7 @@ use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
 use super::assembler::{Assembler, Next, Router, Source};
-use super::outbox::{Lane, Outbox, Pumped};
+use super::outbox::{Lane, Outbox, Pumped, SMALL_FRAME_BYTES};
 use super::stripe::{Join, Stripes};
 use super::{ByteLink, Carry, Connection, Flow, Outgoing, ReadStop, Reading};
 use crate::pool::BufferPool;
@@ -102,6 +102,9 @@ pub(crate) struct StreamConn {
     /// since `born` (see [`StreamConn::send`]).
     last_published: std::sync::atomic::AtomicU64,
     born: Instant,
+    /// Its I/O thread was asked to write what waits and has not pumped
+    /// since.
+    write_asked: AtomicBool,
 }
 
 /// A published message sent less than this after the last one over a byte
@@ -177,6 +180,7 @@ impl StreamConn {
             parked: Mutex::new(None),
             last_published: std::sync::atomic::AtomicU64::new(0),
             born: Instant::now(),
+            write_asked: AtomicBool::new(false),
         }
     }
 
@@ -184,7 +188,10 @@ impl StreamConn {
     /// thread: over a byte stream its thread drives, when the last one
     /// came less than [`BEHIND`] ago.
     fn write_behind(&self) -> bool {
-        if self.link.carries() != Carry::Frames || self.registration.get().is_none() {
+        if self.link.carries() != Carry::Frames
+            || self.registration.get().is_none()
+            || crate::reactor::on_io_thread()
+        {
             return false;
         }
         let now = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -456,6 +463,9 @@ impl StreamConn {
     /// Why the connection failed; it is shut down (its read side then
     /// reports the end).
     pub(crate) fn pump(&self) -> Result<(), String> {
+        // Whatever was queued before this line is written by this pump (or
+        // left to the link's writability): a later deferred send asks anew.
+        self.write_asked.store(false, Ordering::SeqCst);
         let mut pumped = self.out.pump(&*self.link);
         if self.link.wants_writable() {
             if let Some(r) = self.registration.get() {
@@ -527,17 +537,32 @@ impl Connection for StreamConn {
     }
 
     /// Queues `item` and writes what it can now, on this thread; but a
-    /// published message that comes hard on the last one ([`BEHIND`]) over
-    /// a byte stream (tcp, TLS) is left to the I/O thread, which writes
-    /// what gathered meanwhile in one vectored write: one system call for
-    /// a batch instead of one per message, and the publisher goes on
-    /// encoding while it is written. A sparse message, a request or a
-    /// reply is written at once.
+    /// small published host frame that comes hard on the last one
+    /// ([`BEHIND`]) over a byte stream (tcp, TLS) is left to the I/O
+    /// thread, which writes what gathered meanwhile in one vectored write:
+    /// one system call for a batch instead of one per message, and the
+    /// publisher goes on encoding while it is written. It is not left
+    /// when its lane is half full or more (a publisher would wait, or
+    /// `drop_oldest` drop, for the I/O thread's wake-up alone), nor from an
+    /// I/O thread (an inline service's sends would wait for it to return).
+    /// A sparse message, a large one, a request or a reply is written at
+    /// once.
     fn send(&self, item: Outgoing, lane: Option<Arc<Lane>>) -> Result<(), String> {
-        let behind = lane.is_some() && self.write_behind();
+        let behind = match (&item, &lane) {
+            (Outgoing::Frame(frame), Some(lane)) => {
+                // Every published message moves the clock, deferred or not.
+                let fast = self.write_behind();
+                fast && frame.host_only()
+                    && frame.frame_len() <= SMALL_FRAME_BYTES
+                    && lane.half_empty()
+            }
+            _ => false,
+        };
         let writer = self.out.enqueue(item, lane)?;
         if behind {
-            if !writer {
+            // One nudge until the I/O thread pumps: what comes meanwhile
+            // is in the queue that pump reads.
+            if !writer && !self.write_asked.swap(true, Ordering::SeqCst) {
                 self.nudge();
             }
             return Ok(());
