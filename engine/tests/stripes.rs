@@ -41,6 +41,16 @@ fn node(name: &str, listen: bool, stripes: usize, secret: bool) -> Node {
     b.build().expect("node")
 }
 
+/// A listening server and a client that dialed it, both striping `/big`
+/// over `stripes` connections.
+fn dialed(stripes: usize, secret: bool) -> (Node, Node) {
+    let server = node("server", true, stripes, secret);
+    let addr = server.listen_addrs()[0].to_string();
+    let client = node("client", false, stripes, secret);
+    client.connect(&addr).expect("connect");
+    (server, client)
+}
+
 /// A message of one u8 tensor of `bytes` bytes, its content from `seq`.
 fn message(seq: u64, bytes: usize) -> Message {
     let t = pattern::tensor(DType::U8, &[bytes], 5, seq, "x").expect("tensor");
@@ -123,10 +133,7 @@ fn a_listener_stripes_large_messages_to_a_dialer_that_subscribed() {
 
 #[test]
 fn a_dialer_stripes_large_messages_to_a_listener_with_a_shared_secret() {
-    let server = node("server", true, 2, true);
-    let addr = server.listen_addrs()[0].to_string();
-    let client = node("client", false, 2, true);
-    client.connect(&addr).expect("connect");
+    let (server, client) = dialed(2, true);
     stream(&client, || server.subscriber("/big"));
     assert_eq!(server.stats().peers, 1);
     assert_eq!(client.stats().rejected + server.stats().rejected, 0);
@@ -283,10 +290,7 @@ fn a_publisher_that_flushes_and_leaves_has_sent_its_striped_messages_whole() {
     // `flush` returns once every part of every message is written, the
     // shares on the stripes included: a sender that leaves right after
     // (as `tensorferry send` does) loses nothing.
-    let server = node("server", true, 3, false);
-    let addr = server.listen_addrs()[0].to_string();
-    let client = node("client", false, 3, false);
-    client.connect(&addr).expect("connect");
+    let (server, client) = dialed(3, false);
     let sub = server.subscriber("/big");
     let publisher = client.publisher("/big");
     publisher

@@ -22,7 +22,7 @@ use crate::buffer::HostBuffer;
 use crate::delivery::{Delivery, Direction};
 use crate::error::{Error, Result};
 use crate::message::Message;
-use crate::transport::outbox::{LINK_ENCODING, SMALL_FRAME_BYTES};
+use crate::transport::outbox::{small_host_frame, LINK_ENCODING};
 use crate::transport::shm::slots::SlotUse;
 use crate::transport::{stripe, Carry, Lane, Outgoing};
 use crate::wire::{decode_at, encode, encode_staged, layout, Encoded, FrameMeta};
@@ -354,7 +354,7 @@ impl Publisher {
                             .as_ref()
                             .expect("a message is at hand when no slot is");
                         let frame = encode_once(m, &meta)?;
-                        if frame.frame_len() <= SMALL_FRAME_BYTES && frame.host_only() {
+                        if small_host_frame(&frame) {
                             // Small: through the ring itself, copied out by
                             // the reader; no slot to take, map and release
                             // (a release wakes the sender).

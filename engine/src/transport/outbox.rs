@@ -718,6 +718,12 @@ fn start(
 /// ring rather than in a shared slot — copying a few KiB costs less than
 /// what each frame costs on its own.
 pub(crate) const SMALL_FRAME_BYTES: u64 = 64 << 10;
+
+/// Whether `frame` is a small host frame: one that may share a vectored
+/// write with others, go through a shm ring, or be left to the I/O thread.
+pub(crate) fn small_host_frame(frame: &crate::wire::Encoded) -> bool {
+    frame.frame_len() <= SMALL_FRAME_BYTES && frame.host_only()
+}
 /// At most this many frames go in one vectored write.
 const BATCH_FRAMES: usize = 64;
 /// At most this many bytes go in one vectored write.
