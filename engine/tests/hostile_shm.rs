@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{announce, wait_until};
+use common::{announce, rss, wait_until};
 
 use std::fs::File;
 use std::io::{IoSlice, Write};
@@ -17,7 +17,9 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tensorferry_engine::wire::{encode, EncodeOptions, FrameMeta};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -250,4 +252,50 @@ fn a_peer_flooding_room_wake_ups_costs_work_in_proportion_to_its_bytes() {
     served(&name, &sub, 12);
     assert_eq!(node.stats().rejected, 0);
     println!("4 MiB of room wake-ups cost {spent:.3} s of CPU");
+}
+
+#[test]
+fn a_peer_that_stalls_a_frame_while_the_subscriber_reads_it_itself_is_dropped() {
+    // The node's only peer: a subscriber waiting in `recv` reads its ring
+    // itself and, after a message, keeps the connection between two
+    // `recv`s. A frame announced at 1 GiB that then stalls must still be
+    // dropped by the progress rule, cost no memory, and not keep the
+    // subscriber's thread busy.
+    let name = format!("tf-hostile-park-{}", std::process::id());
+    let (node, sub) = receiver(&name);
+    let mut peer = RawPeer::connect(&name, true);
+    wait_until("the peer is connected", WAIT, || node.stats().peers == 1);
+    let mut frame = Vec::new();
+    encode(
+        &Message::new().field("n", 1),
+        &FrameMeta::message("/data", 0),
+        EncodeOptions::default(),
+    )
+    .expect("encode")
+    .write_to(&mut frame)
+    .expect("write");
+    peer.put(&frame);
+    peer.publish();
+    let got = sub.recv_timeout(WAIT).expect("the real message");
+    assert_eq!(got.message.get_field("n"), Some(&1.into()));
+    let before = rss();
+    peer.put(&announce(1 << 30));
+    peer.publish();
+    // The subscriber keeps coming back, as a busy consumer does.
+    let started = Instant::now();
+    let mut waits = 0u32;
+    while !peer.closed_by_receiver(Duration::from_millis(1)) {
+        assert!(
+            started.elapsed() < WAIT,
+            "a stalled frame was not dropped while its subscriber read"
+        );
+        let _ = sub.recv_timeout(Duration::from_millis(20));
+        waits += 1;
+    }
+    assert!(waits > 0);
+    assert!(
+        rss().saturating_sub(before) < 256 << 20,
+        "the announced frame was allocated"
+    );
+    served(&name, &sub, 12);
 }

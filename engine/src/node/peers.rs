@@ -166,11 +166,10 @@ impl Watched for Driven {
         }
         // A subscriber keeps the connection and comes back to it: a nudge
         // (its time not over yet) is not a reason to read it, unless a
-        // delivery waits for room. Nor to spin on it, and a frame begun is
-        // the subscriber's to read, as a requester's that leads (its
-        // progress is judged again once the I/O thread reads).
+        // delivery waits for room. Nor to spin on it; a frame begun is
+        // judged once the I/O thread reads again.
         if why.nudged && stream.parked(Instant::now()) && lock(&peer.stalled).is_none() {
-            stream.unwatch();
+            stream.hold_watch(Instant::now());
             return Ready::Wait;
         }
         // A delivery that waited for room goes before anything newer.
@@ -203,7 +202,13 @@ impl Watched for Driven {
                 },
                 None => idle,
             },
-            ReadStop::Busy | ReadStop::Stalled => {
+            // Another thread reads: the frame in flight is still its
+            // peer's to finish.
+            ReadStop::Busy => {
+                stream.hold_watch(Instant::now());
+                idle
+            }
+            ReadStop::Stalled => {
                 stream.unwatch();
                 idle
             }

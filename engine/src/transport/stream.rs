@@ -19,7 +19,7 @@ use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
 use super::assembler::{Assembler, Next, Router, Source};
-use super::outbox::{Lane, Outbox, Pumped, SMALL_FRAME_BYTES};
+use super::outbox::{small_host_frame, Lane, Outbox, Pumped};
 use super::stripe::{Join, Stripes};
 use super::{ByteLink, Carry, Connection, Flow, Outgoing, ReadStop, Reading};
 use crate::pool::BufferPool;
@@ -110,6 +110,10 @@ pub(crate) struct StreamConn {
 /// A published message sent less than this after the last one over a byte
 /// stream is written by the I/O thread ([`StreamConn::send`]).
 const BEHIND: Duration = Duration::from_micros(50);
+
+/// How soon a progress judgement that fell due while another thread read
+/// the connection is looked at again ([`StreamConn::hold_watch`]).
+const RETRY_WATCH: Duration = Duration::from_millis(10);
 
 /// How long a subscriber that read its connection itself keeps it between
 /// two reads ([`Lead::park`]); past it, the I/O thread reads it again.
@@ -277,8 +281,20 @@ impl StreamConn {
         Ok(())
     }
 
+    /// Keeps judging the frame in flight while another thread reads the
+    /// connection (a requester or subscriber leading it, or holding it
+    /// parked): the frame still waits on its peer, but its progress can only
+    /// be measured once the read side is free, so a judgement that fell due
+    /// meanwhile is looked at again a little later ([`RETRY_WATCH`]).
+    pub(crate) fn hold_watch(&self, now: Instant) {
+        let mut watch = self.watch.lock().unwrap_or_else(|p| p.into_inner());
+        if watch.due.is_some_and(|due| due <= now) {
+            watch.due = Some(now + RETRY_WATCH);
+        }
+    }
+
     /// Stops judging the frame in flight: it waits on this side (a full
-    /// queue, the receive budget, a requester reading), not on its peer.
+    /// queue, the receive budget), not on its peer.
     pub(crate) fn unwatch(&self) {
         self.watch.lock().unwrap_or_else(|p| p.into_inner()).due = None;
     }
@@ -552,9 +568,7 @@ impl Connection for StreamConn {
             (Outgoing::Frame(frame), Some(lane)) => {
                 // Every published message moves the clock, deferred or not.
                 let fast = self.write_behind();
-                fast && frame.host_only()
-                    && frame.frame_len() <= SMALL_FRAME_BYTES
-                    && lane.half_empty()
+                fast && small_host_frame(frame) && lane.half_empty()
             }
             _ => false,
         };
