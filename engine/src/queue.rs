@@ -178,14 +178,15 @@ impl<T> Queue<T> {
                 .is_none_or(|(max, _)| s.bytes < max || s.items.is_empty())
     }
 
-    /// Whether producers waiting for room through a waker (a stalled
-    /// connection's I/O thread, an async producer) are woken now: once the
-    /// queue has drained to half its depth (and half its bytes), not at the
-    /// first free place, so that a connection kept at the limit is woken
-    /// once per half a queue, not once per item; or at the first item taken
-    /// after it waited [`ROOM_PATIENCE`]. A thread blocked in
-    /// [`push`](Self::push) is woken at each item taken: it waits on the
-    /// queue alone, so waking it costs no other thread a wake-up.
+    /// Whether producers waiting for room (a stalled connection's I/O
+    /// thread or an async producer through a waker, a thread blocked in
+    /// [`push`](Self::push)) are woken now: once the queue has drained to
+    /// half its depth (and half its bytes), not at the first free place, so
+    /// that a producer kept at the limit is woken once per half a queue, not
+    /// once per item (a sleep and a wake-up on each side per item); or at
+    /// the first item taken after the first of them waited
+    /// [`ROOM_PATIENCE`], so items that take long to consume keep no
+    /// producer waiting long.
     fn drained(&self, s: &State<T>) -> bool {
         half_drained(
             s.items.len(),
@@ -263,6 +264,7 @@ impl<T> Queue<T> {
                 continue;
             }
             s.waiting_room += 1;
+            s.room_waited_since.get_or_insert_with(Instant::now);
             let mut s = match deadline {
                 None => self.room_made.wait(s).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
@@ -318,20 +320,22 @@ impl<T> Queue<T> {
 
     fn took(&self, mut s: MutexGuard<'_, State<T>>) {
         self.queued.store(s.items.len(), Ordering::Release);
-        let blocked = s.waiting_room > 0;
+        if s.room_wakers.is_empty() && s.waiting_room == 0 {
+            return;
+        }
         let patience_over = || {
             s.room_waited_since
                 .is_some_and(|t| t.elapsed() >= self.room_patience)
         };
-        let mut wakers = if !s.room_wakers.is_empty() && (self.drained(&s) || patience_over()) {
-            s.room_waited_since = None;
-            std::mem::take(&mut s.room_wakers)
-        } else {
-            Vec::new()
-        };
+        if !(self.drained(&s) || patience_over()) {
+            return;
+        }
+        s.room_waited_since = None;
+        let blocked = s.waiting_room > 0;
+        let mut wakers = std::mem::take(&mut s.room_wakers);
         drop(s);
         if blocked {
-            self.room_made.notify_one();
+            self.room_made.notify_all();
         }
         wake_all(&mut wakers);
     }
@@ -566,6 +570,48 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(10);
         q.push(3, None).expect("room");
         assert!(matches!(q.push(4, Some(deadline)), Err(Offer::Full(4))));
+    }
+
+    #[test]
+    fn a_blocked_push_is_woken_when_half_the_queue_is_free_not_at_each_item() {
+        let q =
+            Arc::new(Queue::new(8, Overflow::Block).with_room_patience(Duration::from_secs(60)));
+        for i in 0..8 {
+            q.push(i, None).expect("room");
+        }
+        let producer = std::thread::spawn({
+            let q = Arc::clone(&q);
+            move || q.push(8, None).is_ok()
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        for taken in 0..3 {
+            assert!(matches!(q.try_pop(), Ok(Some(n)) if n == taken));
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(
+                q.len(),
+                7 - taken,
+                "the producer was woken with the queue over half full"
+            );
+        }
+        // The fourth item taken leaves half the queue free.
+        assert!(matches!(q.try_pop(), Ok(Some(3))));
+        assert!(producer.join().expect("producer"));
+        assert_eq!(q.len(), 5);
+
+        // Past its patience, the next item taken wakes it.
+        let q =
+            Arc::new(Queue::new(8, Overflow::Block).with_room_patience(Duration::from_millis(1)));
+        for i in 0..8 {
+            q.push(i, None).expect("room");
+        }
+        let producer = std::thread::spawn({
+            let q = Arc::clone(&q);
+            move || q.push(8, None).is_ok()
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(matches!(q.try_pop(), Ok(Some(0))));
+        assert!(producer.join().expect("producer"));
+        assert_eq!(q.len(), 8);
     }
 
     #[test]
