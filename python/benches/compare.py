@@ -7,7 +7,14 @@ host, over tcp (loopback) and over the same-host path each tool has:
   the median and p90 of ``--rounds`` round trips after a warm-up.
 * ``stream``: 64 MiB arrays sent one way; GB/s from the first send until
   the receiver says it has them all (it touches every message's first
-  and last element, so nothing is skipped).
+  and last element, so nothing is skipped). For tensorferry the receiver
+  also times itself the way ``tensorferry bench`` does (from the first
+  message's arrival to the last's: connecting, setting up stripes and
+  filling the pipeline left out), and with ``--rust-bench EXE`` each
+  tensorferry tcp row runs between two runs of ``EXE bench --transport tcp
+  --sizes 64MiB`` and is compared with their mean, measured the same way
+  (the mean of one run before and one after cancels this machine's drift
+  over minutes of load).
 * ``to-numpy``: how long ``np.from_dlpack`` takes on a received tensor, by
   size (a copy would grow with it).
 
@@ -30,6 +37,8 @@ Usage::
     python compare.py                 # everything, the default sizes
     python compare.py --quick         # fewer rounds and messages
     python compare.py --only tensorferry,pickle5 --cases rtt
+    python compare.py --only tensorferry,torch-rpc --cases stream \
+        --rust-bench target/release/tensorferry
 """
 
 from __future__ import annotations
@@ -97,10 +106,15 @@ def serve_tensorferry(case: str, transport: str, count: int) -> None:
         return
     sub = node.subscriber("/x")
     emit(address=node.address)
+    first = last = None
     for _ in range(count):
         x = np.from_dlpack(sub.recv(timeout=120)["x"])
         _ = x[0] + x[-1]
-    emit(done=True)
+        last = time.perf_counter()
+        first = first or last
+    # The messages after the first over the time they took to arrive.
+    steady = (count - 1) * STREAM_BYTES / (last - first) if last > first else None
+    emit(done=True, receiver_rate=steady)
     sys.stdin.read()
 
 
@@ -293,10 +307,26 @@ def stream_tensorferry(transport: str, count: int) -> float:
         t0 = time.perf_counter()
         for _ in range(count):
             pub.send(x=x)
-        child.line()
-        return count * STREAM_BYTES / (time.perf_counter() - t0)
+        done = child.line()
+        return Rate(count * STREAM_BYTES / (time.perf_counter() - t0), done.get("receiver_rate"))
     finally:
         child.close()
+
+
+class Rate(float):
+    """A sender's rate (bytes/s) with, where the receiver timed itself, its own."""
+
+    def __new__(cls, wall: float, receiver: float | None = None):
+        r = super().__new__(cls, wall)
+        r.receiver = receiver
+        return r
+
+
+def rust_bench_gbps(exe: str) -> float:
+    """`tensorferry bench`'s own figure for 64 MiB over tcp (GB/s)."""
+    out = subprocess.run([exe, "bench", "--transport", "tcp", "--sizes", "64MiB", "--duration", "3",
+                          "--json"], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["rows"][0]["gbps"]
 
 
 def rtt_zmq(transport: str, rounds: int) -> list[float]:
@@ -495,6 +525,10 @@ def main() -> None:
                          "draining the pipeline a large share; 6 quick)")
     ap.add_argument("--busy-poll-us", type=int, default=0,
                     help="also measure tensorferry round trips with both ends busy-polling this long (µs)")
+    ap.add_argument("--rust-bench", metavar="EXE",
+                    help="before and after each tensorferry tcp stream row, run `EXE bench --transport tcp "
+                         "--sizes 64MiB` (a tensorferry executable, e.g. target/release/tensorferry) "
+                         "and print the ratio to their mean")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     rounds = args.rounds or (300 if args.quick else 2000)
@@ -532,11 +566,24 @@ def main() -> None:
                 print(f"{peer:12} {transport:9} rtt 4 KiB    median {row['median_us']:8.1f} µs  "
                       f"p90 {row['p90_us']:8.1f} µs  ({rounds} rounds)", flush=True)
             if "stream" in cases and not transport.endswith("+poll"):
+                beside_rust = args.rust_bench and peer == "tensorferry" and transport == "tcp"
+                rust_before = rust_bench_gbps(args.rust_bench) if beside_rust else None
                 rate = stream(transport, count)
-                rows.append({"peer": peer, "case": "stream 64 MiB", "transport": transport,
-                             "gb_per_s": rate / 1e9, "messages": count})
+                row = {"peer": peer, "case": "stream 64 MiB", "transport": transport,
+                       "gb_per_s": rate / 1e9, "messages": count}
+                rows.append(row)
                 print(f"{peer:12} {transport:9} 64 MiB       {rate / 1e9:8.2f} GB/s  ({count} messages)",
                       flush=True)
+                receiver = getattr(rate, "receiver", None)
+                if receiver:
+                    row["receiver_gb_per_s"] = receiver / 1e9
+                    print(f"{'':22} as the receiver times it {receiver / 1e9:6.2f} GB/s", flush=True)
+                if receiver and beside_rust:
+                    rust_after = rust_bench_gbps(args.rust_bench)
+                    rust = (rust_before + rust_after) / 2
+                    row["rust_bench_gb_per_s"] = [rust_before, rust_after]
+                    print(f"{'':22} tensorferry bench tcp    {rust:6.2f} GB/s (before {rust_before:.2f}, "
+                          f"after {rust_after:.2f}): Python / Rust {receiver / 1e9 / rust:.2f}x", flush=True)
     if "to-numpy" in cases and "tensorferry" in peers:
         for n, s in to_numpy_times([4 << 10, 1 << 20, 64 << 20, 256 << 20], 21):
             rows.append({"peer": "tensorferry", "case": "np.from_dlpack", "bytes": n, "median_us": 1e6 * s})

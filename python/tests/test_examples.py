@@ -1,5 +1,6 @@
 """The examples in python/examples run and say what they did."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -38,3 +39,19 @@ def test_proxies_example():
     for step, line in enumerate(lines):
         assert line.startswith(f"step {step}: 4 MiB via proxy "), line
         assert f"sum {(step + 1) * 1024 * 1024} " in line, line
+
+
+def test_the_comparison_bench_runs_and_times_the_receiver(tmp_path):
+    out_json = tmp_path / "rows.json"
+    out = run(str(EXAMPLES.parent / "benches" / "compare.py"), "--only", "tensorferry",
+              "--cases", "rtt,stream", "--rounds", "20", "--count", "3", "--json", str(out_json))
+    assert "as the receiver times it" in out, out
+    rows = json.loads(out_json.read_text())
+    streams = [r for r in rows if r["case"] == "stream 64 MiB"]
+    assert {r["transport"] for r in streams} == {"tcp", "shm"}
+    for r in streams:
+        assert r["messages"] == 3
+        assert r["gb_per_s"] > 0 and r["receiver_gb_per_s"] > 0
+    rtts = [r for r in rows if r["case"] == "rtt 4 KiB"]
+    assert {r["transport"] for r in rtts} == {"tcp", "shm"}
+    assert all(r["median_us"] > 0 and r["rounds"] == 20 for r in rtts)
