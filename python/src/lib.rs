@@ -28,6 +28,13 @@ mod store;
 mod tensor;
 mod wait;
 
+/// The module's allocator, for the Rust side only (Python objects keep
+/// Python's). A message is often built on one thread and freed on another
+/// (the caller's, an I/O thread's, the release thread's); the system
+/// allocator then takes its slow path and an arena lock for most of them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::{Mutex, MutexGuard};
 
 use pyo3::prelude::*;
