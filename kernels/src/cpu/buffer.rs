@@ -64,6 +64,9 @@ impl Default for Storage {
 /// Buffers of at least this many bytes are mapped rather than allocated.
 const MAP_BYTES: usize = 1 << 20;
 
+/// Mapped buffers of at least this many bytes are offered huge pages.
+const HUGE_BYTES: usize = 4 << 20;
+
 impl Clone for AlignedBuffer {
     fn clone(&self) -> Self {
         let mut copy = Self::zeroed(self.len);
@@ -97,7 +100,13 @@ impl AlignedBuffer {
         let lines = len.div_ceil(HOST_ALIGN);
         let refused = || Error::HostMemory { bytes: len };
         let storage = if lines * HOST_ALIGN >= MAP_BYTES {
-            Storage::Map(memmap2::MmapMut::map_anon(lines * HOST_ALIGN).map_err(|_| refused())?)
+            let map = memmap2::MmapMut::map_anon(lines * HOST_ALIGN).map_err(|_| refused())?;
+            if map.len() >= HUGE_BYTES {
+                // Huge pages where the system allows them (advice, not a
+                // demand: refused, the buffer works as it is).
+                let _ = map.advise(memmap2::Advice::HugePage);
+            }
+            Storage::Map(map)
         } else {
             let mut v: Vec<Line> = Vec::new();
             v.try_reserve_exact(lines).map_err(|_| refused())?;
