@@ -572,10 +572,12 @@ mod tests {
         assert!(matches!(q.push(4, Some(deadline)), Err(Offer::Full(4))));
     }
 
-    #[test]
-    fn a_blocked_push_is_woken_when_half_the_queue_is_free_not_at_each_item() {
-        let q =
-            Arc::new(Queue::new(8, Overflow::Block).with_room_patience(Duration::from_secs(60)));
+    /// A queue of 8 holding 0..8, and a thread blocked pushing 8 into it
+    /// (given 20 ms to block).
+    fn full_with_a_blocked_producer(
+        patience: Duration,
+    ) -> (Arc<Queue<i32>>, std::thread::JoinHandle<bool>) {
+        let q = Arc::new(Queue::new(8, Overflow::Block).with_room_patience(patience));
         for i in 0..8 {
             q.push(i, None).expect("room");
         }
@@ -584,12 +586,18 @@ mod tests {
             move || q.push(8, None).is_ok()
         });
         std::thread::sleep(Duration::from_millis(20));
+        (q, producer)
+    }
+
+    #[test]
+    fn a_blocked_push_is_woken_when_half_the_queue_is_free_not_at_each_item() {
+        let (q, producer) = full_with_a_blocked_producer(Duration::from_secs(60));
         for taken in 0..3 {
             assert!(matches!(q.try_pop(), Ok(Some(n)) if n == taken));
             std::thread::sleep(Duration::from_millis(20));
             assert_eq!(
                 q.len(),
-                7 - taken,
+                7 - taken as usize,
                 "the producer was woken with the queue over half full"
             );
         }
@@ -599,16 +607,7 @@ mod tests {
         assert_eq!(q.len(), 5);
 
         // Past its patience, the next item taken wakes it.
-        let q =
-            Arc::new(Queue::new(8, Overflow::Block).with_room_patience(Duration::from_millis(1)));
-        for i in 0..8 {
-            q.push(i, None).expect("room");
-        }
-        let producer = std::thread::spawn({
-            let q = Arc::clone(&q);
-            move || q.push(8, None).is_ok()
-        });
-        std::thread::sleep(Duration::from_millis(20));
+        let (q, producer) = full_with_a_blocked_producer(Duration::from_millis(1));
         assert!(matches!(q.try_pop(), Ok(Some(0))));
         assert!(producer.join().expect("producer"));
         assert_eq!(q.len(), 8);
