@@ -129,8 +129,11 @@ impl BufferPool {
     ///
     /// When the memory cannot be allocated.
     pub fn get(&self, len: usize) -> PooledBuffer {
-        self.try_get(len)
-            .unwrap_or_else(|e| panic!("a receive buffer of {len} bytes: {e}"))
+        let buf = self
+            .try_get(len)
+            .unwrap_or_else(|e| panic!("a receive buffer of {len} bytes: {e}"));
+        buf.offer_huge_pages();
+        buf
     }
 
     /// A buffer for a frame of `len` bytes, its length reserved against the
@@ -158,6 +161,7 @@ impl BufferPool {
         match self.try_get(len) {
             Ok(mut buf) => {
                 buf.charged = want;
+                buf.offer_huge_pages();
                 Ok(Some(buf))
             }
             Err(e) => {
@@ -334,9 +338,20 @@ impl PooledBuffer {
         }
         self.charged += rest;
         *self.pool.lock_probation() -= std::mem::take(&mut self.probation);
+        // Its length is trusted now: the rest may come in huge pages.
+        self.offer_huge_pages();
         // Room among the frames on probation came back.
         self.pool.wake_all();
         true
+    }
+
+    /// See [`AlignedBuffer::offer_huge_pages`]: a frame on probation gets
+    /// them once admitted, so a peer that announces a large frame and
+    /// stalls holds no more than the bytes it sent.
+    fn offer_huge_pages(&self) {
+        if let Some(b) = &self.buf {
+            b.buf.offer_huge_pages();
+        }
     }
 
     /// Bytes of the buffer not yet reserved against the budget.
@@ -471,5 +486,48 @@ mod tests {
         drop(held);
         assert_eq!(pool.reserved_bytes(), 0, "everything came back");
         assert!(pool.reserve(100 << 20).expect("ok").is_some());
+    }
+
+    /// Whether the mapping holding `addr` was offered huge pages (its
+    /// `VmFlags` in `/proc/self/smaps` say `hg`).
+    fn offered_huge_pages(addr: usize) -> bool {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+            if let Some((Ok(start), Ok(end))) =
+                range.map(|(a, b)| (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)))
+            {
+                inside = (start..end).contains(&addr);
+            } else if inside && line.starts_with("VmFlags:") {
+                return line.split_whitespace().any(|f| f == "hg");
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
+
+    #[test]
+    fn a_frame_on_probation_gets_huge_pages_only_once_admitted() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            eprintln!("skipped: this kernel has no transparent huge pages to offer");
+            return;
+        }
+        let pool = BufferPool::with_budget(0, 1 << 30);
+        let addr = |b: &PooledBuffer| b.buf.as_ref().map_or(0, |b| b.as_slice().as_ptr() as usize);
+        // Announced 64 MiB, 4 MiB reserved: one byte written must not make
+        // 2 MiB resident.
+        let mut probation = pool
+            .reserve_on_probation(64 << 20, 4 << 20)
+            .expect("within the budget")
+            .expect("room");
+        assert!(!offered_huge_pages(addr(&probation)));
+        assert!(probation.admit());
+        assert!(offered_huge_pages(addr(&probation)));
+        // Reserved whole, or a length this process chose: at once.
+        let whole = pool.reserve(64 << 20).expect("ok").expect("room");
+        assert!(offered_huge_pages(addr(&whole)));
+        assert!(offered_huge_pages(addr(&pool.get(8 << 20))));
+        // Small buffers are left as they are.
+        assert!(!offered_huge_pages(addr(&pool.get(2 << 20))));
     }
 }

@@ -84,7 +84,9 @@ impl AlignedBuffer {
     /// When the memory cannot be had (see [`try_zeroed`](Self::try_zeroed)
     /// for lengths that come from outside).
     pub fn zeroed(len: usize) -> Self {
-        Self::try_zeroed(len).unwrap_or_else(|e| panic!("{e}"))
+        let b = Self::try_zeroed(len).unwrap_or_else(|e| panic!("{e}"));
+        b.offer_huge_pages();
+        b
     }
 
     /// `len` zero bytes, or an error when the memory cannot be had: for a
@@ -100,13 +102,7 @@ impl AlignedBuffer {
         let lines = len.div_ceil(HOST_ALIGN);
         let refused = || Error::HostMemory { bytes: len };
         let storage = if lines * HOST_ALIGN >= MAP_BYTES {
-            let map = memmap2::MmapMut::map_anon(lines * HOST_ALIGN).map_err(|_| refused())?;
-            if map.len() >= HUGE_BYTES {
-                // Huge pages where the system allows them (advice, not a
-                // demand: refused, the buffer works as it is).
-                let _ = map.advise(memmap2::Advice::HugePage);
-            }
-            Storage::Map(map)
+            Storage::Map(memmap2::MmapMut::map_anon(lines * HOST_ALIGN).map_err(|_| refused())?)
         } else {
             let mut v: Vec<Line> = Vec::new();
             v.try_reserve_exact(lines).map_err(|_| refused())?;
@@ -114,6 +110,21 @@ impl AlignedBuffer {
             Storage::Heap(v)
         };
         Ok(Self { storage, len })
+    }
+
+    /// Offers a buffer of at least 4 MiB huge pages, where the system allows
+    /// them (advice, not a demand: refused, the buffer works as it is):
+    /// pages touched from now on come 2 MiB at a time, fewer faults and TLB
+    /// misses while a stream fills it. [`zeroed`](Self::zeroed) does it;
+    /// [`try_zeroed`](Self::try_zeroed) leaves it to the caller, whose length
+    /// came from outside: a page is then 2 MiB resident for one byte
+    /// written, so it waits until the whole length is trusted.
+    pub fn offer_huge_pages(&self) {
+        if let Storage::Map(map) = &self.storage {
+            if map.len() >= HUGE_BYTES {
+                let _ = map.advise(memmap2::Advice::HugePage);
+            }
+        }
     }
 
     /// An aligned copy of `bytes`.
