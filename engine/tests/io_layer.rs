@@ -11,7 +11,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tensorferry_device_map::{ChannelConfig, ChannelSpec, Overflow, Pattern};
-use tensorferry_engine::{pattern, DType, Error, Message, Node, Service, ServiceError};
+use tensorferry_engine::{
+    pattern, DType, Error, Message, Node, Publisher, Service, ServiceError, Subscription,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -57,6 +59,16 @@ fn publisher_node(name: &str) -> (Node, String) {
         .expect("node");
     let addr = node.listen_addrs()[0].to_string();
     (node, addr)
+}
+
+/// A node named "client" subscribed to `channel` at `addr`, and `server`'s
+/// publisher of it once it reaches that subscriber.
+fn subscribed(server: &Node, addr: &str, channel: &str) -> (Node, Subscription, Publisher) {
+    let client = Node::builder().name("client").build().expect("client");
+    let sub = client.subscribe(addr, channel).expect("subscribe");
+    let publisher = server.publisher(channel);
+    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    (client, sub, publisher)
 }
 
 #[test]
@@ -121,10 +133,7 @@ fn a_full_queue_stalls_its_own_connection_and_the_io_thread_serves_the_others() 
 #[test]
 fn small_messages_through_shared_memory_all_arrive_when_the_subscriber_lags() {
     let (server, name) = shm_server("lag");
-    let client = Node::builder().name("client").build().expect("client");
-    let sub = client.subscribe(&name, "/small").expect("subscribe");
-    let publisher = server.publisher("/small");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (client, sub, publisher) = subscribed(&server, &name, "/small");
     const N: u64 = 20_000;
     let sender = thread::spawn(move || {
         for seq in 0..N {
@@ -229,10 +238,7 @@ fn async_waits_work_without_any_runtime_of_the_engine() {
 #[test]
 fn counters_say_what_a_node_sent_received_and_lost() {
     let (server, addr) = publisher_node("server");
-    let client = Node::builder().name("client").build().expect("client");
-    let sub = client.subscribe(&addr, "/count").expect("subscribe");
-    let publisher = server.publisher("/count");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (client, sub, publisher) = subscribed(&server, &addr, "/count");
     for seq in 0..5u64 {
         let t = pattern::tensor(DType::F32, &[100], 1, seq, "x").expect("tensor");
         publisher.send(Message::new().tensor("x", t)).expect("send");
@@ -260,10 +266,7 @@ fn counters_say_what_a_node_sent_received_and_lost() {
 #[test]
 fn a_publisher_learns_which_subscriber_was_lost_and_how_far_it_got() {
     let (server, addr) = publisher_node("server");
-    let client = Node::builder().name("client").build().expect("client");
-    let sub = client.subscribe(&addr, "/lost").expect("subscribe");
-    let publisher = server.publisher("/lost");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (client, sub, publisher) = subscribed(&server, &addr, "/lost");
     for n in 0..3u64 {
         publisher.send(Message::new().field("n", n)).expect("send");
     }
@@ -478,10 +481,7 @@ fn published_messages_that_come_fast_over_tcp_are_all_written_without_another_se
     // although nothing is sent after it (no flush either), whatever the
     // length of the burst and of the pause after it.
     let (server, addr) = publisher_node("server");
-    let client = Node::builder().name("client").build().expect("client");
-    let sub = client.subscribe(&addr, "/burst").expect("subscribe");
-    let publisher = server.publisher("/burst");
-    publisher.wait_for_subscribers(1, WAIT).expect("subscriber");
+    let (_client, sub, publisher) = subscribed(&server, &addr, "/burst");
     let mut seq = 0u64;
     for round in 0..60u64 {
         let burst = 1 + (round * 37) % 200;
